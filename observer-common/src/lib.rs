@@ -1,0 +1,282 @@
+//! Types shared by the kernel programs and the userspace daemon.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so the layout is the same for the
+//! `bpfel-unknown-none` target and the host; `layout` tests pin the sizes.
+#![no_std]
+
+/// Bumped whenever a pinned map's key or value layout changes, so a daemon never re-adopts maps
+/// written by an incompatible build.
+pub const ABI_VERSION: u32 = 1;
+
+pub const AF_INET: u8 = 4;
+pub const AF_INET6: u8 = 6;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Map names, shared so the loader and the programs cannot disagree.
+pub mod maps {
+    pub const CONNTRACK: &str = "OBS_CT";
+    pub const ENDPOINTS: &str = "OBS_ENDPOINTS";
+    pub const IPCACHE: &str = "OBS_IPCACHE";
+    pub const ATTACHED: &str = "OBS_ATTACHED";
+    pub const EVENTS: &str = "OBS_EVENTS";
+    pub const STATS: &str = "OBS_STATS";
+    pub const CONFIG: &str = "OBS_CONFIG";
+    pub const ALL: [&str; 7] = [CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG];
+}
+
+/// Program names (the function names in `observer-ebpf`).
+pub mod programs {
+    pub const FROM_POD: &str = "from_pod";
+    pub const TO_POD: &str = "to_pod";
+    pub const TC_EMPTY: &str = "tc_empty";
+}
+
+pub const CT_MAX_ENTRIES: u32 = 262_144;
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
+pub const IPCACHE_MAX_ENTRIES: u32 = 524_288;
+pub const ATTACHED_MAX_ENTRIES: u32 = 65_536;
+pub const EVENTS_RING_BYTES: u32 = 16 * 1024 * 1024;
+
+/// A connection key with the two endpoints in canonical order: `(addr_a, port_a)` is the smaller
+/// of the two `(address, port)` pairs, so both directions of a flow find the same entry with one
+/// lookup. Addresses are in network byte order; IPv4 uses `addr[0]` only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub addr_a: [u32; 4],
+    pub addr_b: [u32; 4],
+    /// Host byte order.
+    pub port_a: u16,
+    pub port_b: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `CtEntry::flags` bits.
+pub mod ct_flags {
+    /// The connection was opened by endpoint `a` of the key.
+    pub const ORIG_IS_A: u32 = 1 << 0;
+    /// A close event was emitted (RST, or FIN in both directions).
+    pub const CLOSED: u32 = 1 << 1;
+    pub const FIN_ORIG: u32 = 1 << 2;
+    pub const FIN_REPLY: u32 = 1 << 3;
+    pub const RST: u32 = 1 << 4;
+}
+
+/// Index into the per-direction arrays of [`CtEntry`] and [`FlowEvent`].
+pub const DIR_ORIG: usize = 0;
+pub const DIR_REPLY: usize = 1;
+
+/// Conntrack value. Counters are updated with atomic adds: both directions of a flow can be
+/// processed on different CPUs at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub last_report_ns: u64,
+    /// Packets and bytes (from the IP header on) per direction, `[orig, reply]`.
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    /// Ifindex of the host-side interface where the first packet was seen.
+    pub ifindex: u32,
+    /// [`ct_flags`] bits.
+    pub flags: u32,
+    /// TCP flags seen: bits 0-7 original direction, bits 8-15 reply direction.
+    pub tcp_flags: u32,
+    /// [`TrafficClass`] as u8.
+    pub class: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TrafficClass {
+    Unknown = 0,
+    PodToPodLocal = 1,
+    PodToPodRemote = 2,
+    PodToWorld = 3,
+    WorldToPod = 4,
+    NodeToPod = 5,
+    PodToNode = 6,
+}
+
+impl TrafficClass {
+    pub const fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::PodToPodLocal,
+            2 => Self::PodToPodRemote,
+            3 => Self::PodToWorld,
+            4 => Self::WorldToPod,
+            5 => Self::NodeToPod,
+            6 => Self::PodToNode,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::PodToPodLocal => "pod-to-pod-local",
+            Self::PodToPodRemote => "pod-to-pod-remote",
+            Self::PodToWorld => "pod-to-world",
+            Self::WorldToPod => "world-to-pod",
+            Self::NodeToPod => "node-to-pod",
+            Self::PodToNode => "pod-to-node",
+        }
+    }
+}
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    New = 1,
+    Report = 2,
+    Close = 3,
+}
+
+impl EventKind {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::New),
+            2 => Some(Self::Report),
+            3 => Some(Self::Close),
+            _ => None,
+        }
+    }
+}
+
+/// A connection-level event on the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub key: CtKey,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    pub ifindex: u32,
+    pub flags: u32,
+    pub tcp_flags: u32,
+    /// [`EventKind`] as u8.
+    pub kind: u8,
+    pub class: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the endpoints map: an address of a pod on this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `EndpointInfo::flags` bits, reserved for policy isolation and audit.
+pub mod ep_flags {
+    pub const HOST_NETWORK: u32 = 1 << 0;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointInfo {
+    pub id: u32,
+    pub flags: u32,
+}
+
+/// Key of the ipcache LPM trie. `data[0]` holds the address family (4 or 6) so one trie serves
+/// both families: the prefix length counts those 32 bits too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IpcacheKeyData {
+    pub data: [u32; 5],
+}
+
+/// What an address outside this node's pods is.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RemoteKind {
+    World = 0,
+    RemotePod = 1,
+    /// An address of this node itself.
+    Host = 2,
+    RemoteNode = 3,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IpcacheEntry {
+    pub identity: u32,
+    /// [`RemoteKind`] as u8.
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Runtime settings the daemon writes into the single-entry config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Emit a report event for a live connection at most this often (0: never).
+    pub report_interval_ns: u64,
+}
+
+/// Indexes of the per-CPU stats array. Every packet the programs could not fully account for,
+/// and every event they could not deliver, lands in one of these.
+pub mod stat {
+    pub const PACKETS: u32 = 0;
+    pub const EVENTS_LOST: u32 = 1;
+    pub const CT_INSERT_FAILED: u32 = 2;
+    pub const TRUNCATED: u32 = 3;
+    pub const NON_IP: u32 = 4;
+    pub const FRAGMENT: u32 = 5;
+    pub const UNKNOWN_L4: u32 = 6;
+    pub const IPV6_EXT_LIMIT: u32 = 7;
+    pub const COUNT: u32 = 8;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "packets",
+        "events_lost",
+        "ct_insert_failed",
+        "truncated",
+        "non_ip",
+        "fragment",
+        "unknown_l4",
+        "ipv6_ext_limit",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and made only of integers with explicit padding.
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for IpKey {}
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for IpcacheKeyData {}
+    unsafe impl aya::Pod for IpcacheEntry {}
+    unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod layout {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn sizes_are_fixed() {
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtEntry>(), 72);
+        assert_eq!(size_of::<FlowEvent>(), 104);
+        assert_eq!(size_of::<IpKey>(), 20);
+        assert_eq!(size_of::<IpcacheKeyData>(), 20);
+        assert_eq!(size_of::<IpcacheEntry>(), 8);
+    }
+}

@@ -1,0 +1,51 @@
+//! Every map the programs share with userspace. All are pinned by name so a restarted daemon
+//! re-adopts them and the kernel keeps counting while it is away.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use observer_common::{
+    Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData,
+    ATTACHED_MAX_ENTRIES, CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES,
+    IPCACHE_MAX_ENTRIES,
+};
+
+use crate::parse::{FragKey, FragPorts};
+
+#[map(name = "OBS_CT")]
+pub static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
+
+#[map(name = "OBS_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<IpKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX_ENTRIES, 0);
+
+// BPF_F_NO_PREALLOC is mandatory for LPM tries.
+#[map(name = "OBS_IPCACHE")]
+pub static IPCACHE: LpmTrie<IpcacheKeyData, IpcacheEntry> =
+    LpmTrie::pinned(IPCACHE_MAX_ENTRIES, 1);
+
+/// Ifindexes where `from_pod` is attached: a packet that entered through one of them was
+/// already counted, so `to_pod` leaves its counters alone.
+#[map(name = "OBS_ATTACHED")]
+pub static ATTACHED: HashMap<u32, u32> = HashMap::pinned(ATTACHED_MAX_ENTRIES, 0);
+
+#[map(name = "OBS_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+#[map(name = "OBS_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(observer_common::stat::COUNT, 0);
+
+#[map(name = "OBS_CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// Ports of IPv4/IPv6 first fragments, so later fragments (which carry no L4 header) are
+/// accounted to their flow.
+#[map(name = "OBS_FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(8192, 0);
+
+#[inline(always)]
+pub fn stat_inc(idx: u32) {
+    if let Some(p) = STATS.get_ptr_mut(idx) {
+        // Per-CPU slot: no other writer.
+        unsafe { *p += 1 };
+    }
+}

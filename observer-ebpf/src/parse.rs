@@ -1,0 +1,292 @@
+//! Packet parsing with direct packet access: Ethernet, up to two VLAN tags, IPv4 (options,
+//! fragments), IPv6 (extension headers, fragments), TCP, UDP, SCTP, ICMP and ICMPv6.
+use aya_ebpf::programs::TcContext;
+use observer_common::{
+    stat, AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP,
+};
+
+use crate::maps::FRAGS;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_NONE: u8 = 59;
+const NEXTHDR_DEST: u8 = 60;
+/// Extension headers walked before giving up; each costs one bounded loop iteration.
+const MAX_IPV6_EXT: usize = 6;
+/// Bytes pulled into the linear area when headers are not there yet.
+const PULL_LEN: u32 = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pub struct Packet {
+    pub family: u8,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Host byte order. For ICMP echo: the identifier as the requester's port.
+    pub sport: u16,
+    pub dport: u16,
+    /// Offset of the IP header: the counted length of a packet starts there.
+    pub l3_off: u32,
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, u32> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return Err(stat::TRUNCATED);
+    }
+    Ok((start + off) as *const T)
+}
+
+#[inline(always)]
+fn u8_at(ctx: &TcContext, off: usize) -> Result<u8, u32> {
+    Ok(unsafe { *ptr_at::<u8>(ctx, off)? })
+}
+
+#[inline(always)]
+fn be16_at(ctx: &TcContext, off: usize) -> Result<u16, u32> {
+    Ok(u16::from_be(unsafe { core::ptr::read_unaligned(ptr_at::<u16>(ctx, off)?) }))
+}
+
+#[inline(always)]
+fn raw32_at(ctx: &TcContext, off: usize) -> Result<u32, u32> {
+    Ok(unsafe { core::ptr::read_unaligned(ptr_at::<u32>(ctx, off)?) })
+}
+
+/// Parses the packet; on failure returns the stats index that accounts for it.
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
+    // GSO and some drivers leave headers outside the linear area: pull once, up front, so
+    // direct access sees them.
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    let len = ctx.len();
+    if linear < PULL_LEN && linear < len {
+        let want = if len < PULL_LEN { len } else { PULL_LEN };
+        let _ = ctx.pull_data(want);
+    }
+
+    let mut proto = be16_at(ctx, 12)?;
+    let mut off = ETH_HLEN;
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        proto = be16_at(ctx, off + 2)?;
+        off += 4;
+        if proto == ETH_P_8021Q {
+            proto = be16_at(ctx, off + 2)?;
+            off += 4;
+        }
+    }
+    match proto {
+        ETH_P_IP => parse_ipv4(ctx, off),
+        ETH_P_IPV6 => parse_ipv6(ctx, off),
+        _ => Err(stat::NON_IP),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
+    let vihl = u8_at(ctx, l3)?;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return Err(stat::TRUNCATED);
+    }
+    let frag = be16_at(ctx, l3 + 6)?;
+    let proto = u8_at(ctx, l3 + 9)?;
+    let mut pkt = Packet {
+        family: AF_INET,
+        proto,
+        tcp_flags: 0,
+        src: [raw32_at(ctx, l3 + 12)?, 0, 0, 0],
+        dst: [raw32_at(ctx, l3 + 16)?, 0, 0, 0],
+        sport: 0,
+        dport: 0,
+        l3_off: l3 as u32,
+    };
+    let more_frags = frag & 0x2000 != 0;
+    let frag_off = frag & 0x1fff;
+    let id = be16_at(ctx, l3 + 4)? as u32;
+    if frag_off != 0 {
+        return later_fragment(pkt, id);
+    }
+    parse_l4(ctx, &mut pkt, l3 + ihl)?;
+    if more_frags {
+        remember_fragment(&pkt, id);
+    }
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
+    if u8_at(ctx, l3)? >> 4 != 6 {
+        return Err(stat::TRUNCATED);
+    }
+    let mut nexthdr = u8_at(ctx, l3 + 6)?;
+    let mut pkt = Packet {
+        family: AF_INET6,
+        proto: 0,
+        tcp_flags: 0,
+        src: [
+            raw32_at(ctx, l3 + 8)?,
+            raw32_at(ctx, l3 + 12)?,
+            raw32_at(ctx, l3 + 16)?,
+            raw32_at(ctx, l3 + 20)?,
+        ],
+        dst: [
+            raw32_at(ctx, l3 + 24)?,
+            raw32_at(ctx, l3 + 28)?,
+            raw32_at(ctx, l3 + 32)?,
+            raw32_at(ctx, l3 + 36)?,
+        ],
+        sport: 0,
+        dport: 0,
+        l3_off: l3 as u32,
+    };
+    let mut off = l3 + 40;
+    let mut frag: Option<(u32, bool)> = None;
+    let mut done = false;
+    for _ in 0..MAX_IPV6_EXT {
+        match nexthdr {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let next = u8_at(ctx, off)?;
+                let len = (u8_at(ctx, off + 1)? as usize + 1) * 8;
+                nexthdr = next;
+                off += len;
+            }
+            NEXTHDR_AUTH => {
+                let next = u8_at(ctx, off)?;
+                let len = (u8_at(ctx, off + 1)? as usize + 2) * 4;
+                nexthdr = next;
+                off += len;
+            }
+            NEXTHDR_FRAGMENT => {
+                let next = u8_at(ctx, off)?;
+                let offlg = be16_at(ctx, off + 2)?;
+                let id = raw32_at(ctx, off + 4)?;
+                nexthdr = next;
+                off += 8;
+                if offlg & 0xfff8 != 0 {
+                    pkt.proto = nexthdr;
+                    return later_fragment(pkt, id);
+                }
+                if offlg & 1 != 0 {
+                    frag = Some((id, true));
+                }
+            }
+            _ => {
+                done = true;
+                break;
+            }
+        }
+        // Keeps the offset provably small for the verifier.
+        if off > 1024 {
+            return Err(stat::IPV6_EXT_LIMIT);
+        }
+    }
+    if !done {
+        return Err(stat::IPV6_EXT_LIMIT);
+    }
+    pkt.proto = nexthdr;
+    if nexthdr == NEXTHDR_NONE {
+        return Ok(pkt);
+    }
+    parse_l4(ctx, &mut pkt, off)?;
+    if let Some((id, true)) = frag {
+        remember_fragment(&pkt, id);
+    }
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, pkt: &mut Packet, l4: usize) -> Result<(), u32> {
+    if l4 > 1100 {
+        return Err(stat::TRUNCATED);
+    }
+    match pkt.proto {
+        IPPROTO_TCP => {
+            pkt.sport = be16_at(ctx, l4)?;
+            pkt.dport = be16_at(ctx, l4 + 2)?;
+            pkt.tcp_flags = u8_at(ctx, l4 + 13)?;
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            pkt.sport = be16_at(ctx, l4)?;
+            pkt.dport = be16_at(ctx, l4 + 2)?;
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let ty = u8_at(ctx, l4)?;
+            let code = u8_at(ctx, l4 + 1)?;
+            let (request, reply) = if pkt.proto == IPPROTO_ICMP { (8, 0) } else { (128, 129) };
+            if ty == request {
+                pkt.sport = be16_at(ctx, l4 + 4)?;
+            } else if ty == reply {
+                pkt.dport = be16_at(ctx, l4 + 4)?;
+            } else {
+                // Not a query: keep type and code visible in the flow key.
+                pkt.sport = ((ty as u16) << 8) | code as u16;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Packet, id: u32) -> FragKey {
+    FragKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        id,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+fn remember_fragment(pkt: &Packet, id: u32) {
+    let ports = FragPorts {
+        sport: pkt.sport,
+        dport: pkt.dport,
+    };
+    let _ = FRAGS.insert(&frag_key(pkt, id), &ports, 0);
+}
+
+/// A non-first fragment has no L4 header: it takes the ports its first fragment carried, or is
+/// reported as unattributable.
+#[inline(always)]
+fn later_fragment(mut pkt: Packet, id: u32) -> Result<Packet, u32> {
+    match unsafe { FRAGS.get(&frag_key(&pkt, id)) } {
+        Some(p) => {
+            pkt.sport = p.sport;
+            pkt.dport = p.dport;
+            Ok(pkt)
+        }
+        None => Err(stat::FRAGMENT),
+    }
+}
