@@ -1,6 +1,6 @@
 //! Our own connection tracking: one LRU entry per connection under a canonical key, with
 //! per-direction counters, TCP flags and timestamps.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use observer_common::{
     ct_flags, stat, CtEntry, CtKey, EventKind, TrafficClass, DIR_ORIG, DIR_REPLY, IPPROTO_TCP,
 };
@@ -89,7 +89,8 @@ pub fn account(
     class_of_new: impl FnOnce() -> TrafficClass,
 ) -> bool {
     let (key, from_a) = key_of(pkt);
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Coarse (jiffies) time is plenty for idle timeouts and reports, at a fraction of the cost.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let flags = pkt.tcp_flags;
     let is_tcp = pkt.proto == IPPROTO_TCP;
 

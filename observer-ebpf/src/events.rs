@@ -3,6 +3,12 @@ use observer_common::{stat, CtEntry, CtKey, EventKind, FlowEvent};
 
 use crate::maps::{stat_inc, EVENTS};
 
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// About 600 events.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+
 #[inline(always)]
 pub fn emit(kind: EventKind, key: &CtKey, e: &CtEntry) {
     match EVENTS.reserve::<FlowEvent>(0) {
@@ -21,7 +27,14 @@ pub fn emit(kind: EventKind, key: &CtKey, e: &CtEntry) {
                 _pad: [0; 2],
             };
             slot.write(ev);
-            slot.submit(0);
+            // Waking the reader costs an irq_work per event; the daemon also polls on a short
+            // timer, so wake it only once a batch worth reading has built up.
+            let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            slot.submit(flags);
         }
         None => stat_inc(stat::EVENTS_LOST),
     }

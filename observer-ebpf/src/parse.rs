@@ -56,29 +56,26 @@ pub struct Packet {
     pub l3_off: u32,
 }
 
+/// Bounds-checks a whole header at once and hands out a reference to it. One check per header
+/// keeps the verifier's view simple: every field read below is a constant offset from a pointer
+/// whose range it already knows.
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, u32> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
+fn hdr<const N: usize>(ctx: &TcContext, off: usize) -> Result<&[u8; N], u32> {
+    let p = ctx.data() + off;
+    if p + N > ctx.data_end() {
         return Err(stat::TRUNCATED);
     }
-    Ok((start + off) as *const T)
+    Ok(unsafe { &*(p as *const [u8; N]) })
 }
 
 #[inline(always)]
-fn u8_at(ctx: &TcContext, off: usize) -> Result<u8, u32> {
-    Ok(unsafe { *ptr_at::<u8>(ctx, off)? })
+fn be16(h: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([h[i], h[i + 1]])
 }
 
 #[inline(always)]
-fn be16_at(ctx: &TcContext, off: usize) -> Result<u16, u32> {
-    Ok(u16::from_be(unsafe { core::ptr::read_unaligned(ptr_at::<u16>(ctx, off)?) }))
-}
-
-#[inline(always)]
-fn raw32_at(ctx: &TcContext, off: usize) -> Result<u32, u32> {
-    Ok(unsafe { core::ptr::read_unaligned(ptr_at::<u32>(ctx, off)?) })
+fn raw32(h: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]])
 }
 
 /// Parses the packet; on failure returns the stats index that accounts for it.
@@ -93,13 +90,14 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         let _ = ctx.pull_data(want);
     }
 
-    let mut proto = be16_at(ctx, 12)?;
+    let eth = hdr::<ETH_HLEN>(ctx, 0)?;
+    let mut proto = be16(eth, 12);
     let mut off = ETH_HLEN;
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        proto = be16_at(ctx, off + 2)?;
+        proto = be16(hdr::<4>(ctx, off)?, 2);
         off += 4;
         if proto == ETH_P_8021Q {
-            proto = be16_at(ctx, off + 2)?;
+            proto = be16(hdr::<4>(ctx, off)?, 2);
             off += 4;
         }
     }
@@ -112,26 +110,26 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
-    let vihl = u8_at(ctx, l3)?;
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < 20 {
+    let ip = hdr::<20>(ctx, l3)?;
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 {
         return Err(stat::TRUNCATED);
     }
-    let frag = be16_at(ctx, l3 + 6)?;
-    let proto = u8_at(ctx, l3 + 9)?;
+    let frag = be16(ip, 6);
+    let proto = ip[9];
     let mut pkt = Packet {
         family: AF_INET,
         proto,
         tcp_flags: 0,
-        src: [raw32_at(ctx, l3 + 12)?, 0, 0, 0],
-        dst: [raw32_at(ctx, l3 + 16)?, 0, 0, 0],
+        src: [raw32(ip, 12), 0, 0, 0],
+        dst: [raw32(ip, 16), 0, 0, 0],
         sport: 0,
         dport: 0,
         l3_off: l3 as u32,
     };
     let more_frags = frag & 0x2000 != 0;
     let frag_off = frag & 0x1fff;
-    let id = be16_at(ctx, l3 + 4)? as u32;
+    let id = be16(ip, 4) as u32;
     if frag_off != 0 {
         return later_fragment(pkt, id);
     }
@@ -144,26 +142,17 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
-    if u8_at(ctx, l3)? >> 4 != 6 {
+    let ip = hdr::<40>(ctx, l3)?;
+    if ip[0] >> 4 != 6 {
         return Err(stat::TRUNCATED);
     }
-    let mut nexthdr = u8_at(ctx, l3 + 6)?;
+    let mut nexthdr = ip[6];
     let mut pkt = Packet {
         family: AF_INET6,
         proto: 0,
         tcp_flags: 0,
-        src: [
-            raw32_at(ctx, l3 + 8)?,
-            raw32_at(ctx, l3 + 12)?,
-            raw32_at(ctx, l3 + 16)?,
-            raw32_at(ctx, l3 + 20)?,
-        ],
-        dst: [
-            raw32_at(ctx, l3 + 24)?,
-            raw32_at(ctx, l3 + 28)?,
-            raw32_at(ctx, l3 + 32)?,
-            raw32_at(ctx, l3 + 36)?,
-        ],
+        src: [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)],
+        dst: [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)],
         sport: 0,
         dport: 0,
         l3_off: l3 as u32,
@@ -174,22 +163,20 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
     for _ in 0..MAX_IPV6_EXT {
         match nexthdr {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let next = u8_at(ctx, off)?;
-                let len = (u8_at(ctx, off + 1)? as usize + 1) * 8;
-                nexthdr = next;
-                off += len;
+                let h = hdr::<8>(ctx, off)?;
+                nexthdr = h[0];
+                off += (h[1] as usize + 1) * 8;
             }
             NEXTHDR_AUTH => {
-                let next = u8_at(ctx, off)?;
-                let len = (u8_at(ctx, off + 1)? as usize + 2) * 4;
-                nexthdr = next;
-                off += len;
+                let h = hdr::<8>(ctx, off)?;
+                nexthdr = h[0];
+                off += (h[1] as usize + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
-                let next = u8_at(ctx, off)?;
-                let offlg = be16_at(ctx, off + 2)?;
-                let id = raw32_at(ctx, off + 4)?;
-                nexthdr = next;
+                let h = hdr::<8>(ctx, off)?;
+                let offlg = be16(h, 2);
+                let id = raw32(h, 4);
+                nexthdr = h[0];
                 off += 8;
                 if offlg & 0xfff8 != 0 {
                     pkt.proto = nexthdr;
@@ -230,22 +217,29 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, l4: usize) -> Result<(), u32> {
     }
     match pkt.proto {
         IPPROTO_TCP => {
-            pkt.sport = be16_at(ctx, l4)?;
-            pkt.dport = be16_at(ctx, l4 + 2)?;
-            pkt.tcp_flags = u8_at(ctx, l4 + 13)?;
+            let h = hdr::<20>(ctx, l4)?;
+            pkt.sport = be16(h, 0);
+            pkt.dport = be16(h, 2);
+            pkt.tcp_flags = h[13];
         }
-        IPPROTO_UDP | IPPROTO_SCTP => {
-            pkt.sport = be16_at(ctx, l4)?;
-            pkt.dport = be16_at(ctx, l4 + 2)?;
+        IPPROTO_UDP => {
+            let h = hdr::<8>(ctx, l4)?;
+            pkt.sport = be16(h, 0);
+            pkt.dport = be16(h, 2);
+        }
+        IPPROTO_SCTP => {
+            let h = hdr::<12>(ctx, l4)?;
+            pkt.sport = be16(h, 0);
+            pkt.dport = be16(h, 2);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let ty = u8_at(ctx, l4)?;
-            let code = u8_at(ctx, l4 + 1)?;
+            let h = hdr::<8>(ctx, l4)?;
+            let (ty, code) = (h[0], h[1]);
             let (request, reply) = if pkt.proto == IPPROTO_ICMP { (8, 0) } else { (128, 129) };
             if ty == request {
-                pkt.sport = be16_at(ctx, l4 + 4)?;
+                pkt.sport = be16(h, 4);
             } else if ty == reply {
-                pkt.dport = be16_at(ctx, l4 + 4)?;
+                pkt.dport = be16(h, 4);
             } else {
                 // Not a query: keep type and code visible in the flow key.
                 pkt.sport = ((ty as u16) << 8) | code as u16;

@@ -1,2 +1,261 @@
-static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
-fn main(){ println!("{}", OBJ.len()); }
+use std::{
+    io::{BufRead, IsTerminal, Write},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use observer::{api::Status, client, daemon, flows::FlowRecord};
+
+const DEFAULT_SOCKET: &str = "/run/observer/observer.sock";
+
+/// observer: counts, classifies and explains pod traffic with eBPF.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent: load the kernel programs, attach to pod interfaces, serve flows.
+    Daemon(DaemonArgs),
+    /// Show flow records from the daemon's history, or follow them live.
+    Flows(FlowsArgs),
+    /// List the connections in the kernel's conntrack map with their current counters.
+    Conntrack(ClientArgs),
+    /// Show what the daemon is attached to, its kernel counters and its source's health.
+    Status(ClientArgs),
+    /// Measure the datapath with BPF_PROG_TEST_RUN.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// from_pod per-packet cost (conntrack hit and new connection) against an empty program.
+    Datapath {
+        /// One JSON object per measurement.
+        #[arg(long)]
+        json: bool,
+        /// Runs per BPF_PROG_TEST_RUN call for the conntrack-hit case.
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+        /// Rounds per case; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Single-packet runs per round for the new-connection case.
+        #[arg(long, default_value_t = 200_000)]
+        new_conn_runs: u32,
+    },
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// This node's name: pods with this `spec.nodeName` are local endpoints.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Where cluster state comes from: `dir:PATH[,PATH...]` (Kubernetes YAML files or folders,
+    /// re-read when they change) or `none`.
+    #[arg(long, default_value = "none")]
+    source: daemon::Source,
+    /// Run inside the named network namespace (`/run/netns/NAME`), e.g. a virtual node.
+    #[arg(long)]
+    netns: Option<String>,
+    /// bpffs directory where maps are pinned and re-adopted across restarts.
+    #[arg(long, default_value = observer::bpf::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Unix socket of the local API (flows, status, metrics).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Also serve /metrics, /healthz and /readyz on this TCP address.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Interfaces that are the node's uplinks, never pod interfaces (repeatable).
+    #[arg(long = "uplink", default_value = "eth0")]
+    uplinks: Vec<String>,
+    /// Report live connections this often (0 disables reports).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    report_interval: Duration,
+    /// Flow records kept for `observer flows`.
+    #[arg(long, default_value_t = 16_384)]
+    history: usize,
+    /// Idle TCP connections are forgotten after this long.
+    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    tcp_timeout: Duration,
+    /// Idle UDP, ICMP and other connections are forgotten after this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    other_timeout: Duration,
+    /// Wait this long after a TCP close before reporting it, so the final ACK is counted.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    close_grace: Duration,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "OBSERVER_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The daemon's API socket.
+    #[arg(long, env = "OBSERVER_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Compact)]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+struct FlowsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Show only the last N records.
+    #[arg(long)]
+    last: Option<usize>,
+    /// Keep printing new records as they arrive.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    /// One readable line per record.
+    Compact,
+    /// One JSON object per line.
+    Json,
+}
+
+fn enter_netns(name: &str) -> Result<()> {
+    let path = if name.contains('/') { PathBuf::from(name) } else { PathBuf::from("/run/netns").join(name) };
+    let f = std::fs::File::open(&path).with_context(|| format!("opening network namespace {}", path.display()))?;
+    use std::os::fd::AsRawFd;
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        anyhow::bail!("entering network namespace {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Daemon(a) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&a.log)?)
+                .with_writer(std::io::stderr)
+                .init();
+            // Before the runtime starts: threads inherit the namespace of their creator.
+            if let Some(ns) = &a.netns {
+                enter_netns(ns)?;
+            }
+            let node_name = match a.node_name {
+                Some(n) => n,
+                None => hostname()?,
+            };
+            let opts = daemon::Options {
+                node_name,
+                source: a.source,
+                pin_dir: a.pin_dir,
+                socket: a.socket,
+                metrics_addr: a.metrics_addr,
+                uplinks: a.uplinks,
+                report_interval: a.report_interval,
+                history: a.history,
+                tcp_timeout: a.tcp_timeout,
+                other_timeout: a.other_timeout,
+                close_grace: a.close_grace,
+                source_poll: Duration::from_secs(2),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(daemon::run(opts))
+        }
+        Cmd::Flows(a) => {
+            let mut q = String::from("/v1/flows?");
+            if let Some(n) = a.last {
+                q.push_str(&format!("last={n}&"));
+            }
+            if a.follow {
+                q.push_str("follow=true");
+            }
+            let r = client::get(&a.client.socket, &q)?;
+            print_records(r, a.client.output)
+        }
+        Cmd::Conntrack(a) => {
+            let r = client::get(&a.socket, "/v1/conntrack")?;
+            print_records(r, a.output)
+        }
+        Cmd::Status(a) => {
+            let body = client::get_string(&a.socket, "/v1/status")?;
+            if a.output == Output::Json {
+                println!("{}", body.trim());
+                return Ok(());
+            }
+            let s: Status = serde_json::from_str(&body)?;
+            println!("node:          {}", s.node);
+            println!("started:       {}", s.started);
+            println!("attach mode:   {}   pins: {}", s.attach_mode, s.pin_dir);
+            println!("interfaces:    {}", s.interfaces.iter().map(|(i, n)| format!("{n}({i})")).collect::<Vec<_>>().join(" "));
+            println!("conntrack:     {} entries   history: {} records", s.conntrack_entries, s.history);
+            println!("cluster:       {} pods, {} local endpoints, last sync {}", s.pods, s.local_endpoints, s.last_sync.as_deref().unwrap_or("never"));
+            println!("kernel:        {}", s.kernel.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
+            for e in &s.source_errors {
+                println!("source error:  {e}");
+            }
+            Ok(())
+        }
+        Cmd::Bench { what: BenchCmd::Datapath { json, repeat, rounds, new_conn_runs } } => {
+            let ms = observer::bench::datapath(repeat, rounds, new_conn_runs)?;
+            for m in ms {
+                if json {
+                    println!("{}", serde_json::to_string(&m)?);
+                } else {
+                    println!(
+                        "{:<36} {:>8.1} ns/pkt  baseline {:>6.1}  above {:>7.1}  ({})",
+                        m.case, m.ns_per_packet, m.baseline_ns_per_packet, m.ns_above_baseline, m.method
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn hostname() -> Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string())
+}
+
+fn print_records(r: impl BufRead, output: Output) -> Result<()> {
+    let stdout = std::io::stdout();
+    let color = stdout.is_terminal();
+    let mut out = stdout.lock();
+    for line in r.lines() {
+        let line = line?;
+        if line.is_empty() {
+            continue;
+        }
+        let res = match output {
+            Output::Json => writeln!(out, "{line}"),
+            Output::Compact => match serde_json::from_str::<FlowRecord>(&line) {
+                Ok(rec) => {
+                    let l = rec.compact();
+                    if color {
+                        let c = match rec.event.as_str() { "new" => "32", "close" => "90", _ => "0" };
+                        writeln!(out, "\x1b[{c}m{l}\x1b[0m")
+                    } else {
+                        writeln!(out, "{l}")
+                    }
+                }
+                Err(_) => writeln!(out, "{line}"),
+            },
+        };
+        if res.is_err() {
+            break; // closed pipe
+        }
+        if output == Output::Json || color {
+            let _ = out.flush();
+        }
+    }
+    Ok(())
+}

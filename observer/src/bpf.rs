@@ -1,0 +1,259 @@
+//! Loading the kernel programs, pinning and re-adopting their maps, attaching to interfaces.
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    mem::size_of,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapInfo, PerCpuArray, RingBuf},
+    programs::{
+        tc::{self, SchedClassifierLinkId, TcAttachOptions},
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use observer_common::{
+    maps, programs, stat, Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry,
+    IpcacheKeyData,
+};
+use tracing::{info, warn};
+
+/// The kernel object built by `build.rs`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/observer";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// How a program is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Tcx,
+    Clsact,
+}
+
+impl AttachMode {
+    pub fn detect() -> Self {
+        if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+            Self::Tcx
+        } else {
+            Self::Clsact
+        }
+    }
+}
+
+/// The loaded programs and maps.
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    pub pin_dir: PathBuf,
+    pub mode: AttachMode,
+    links: HashMap<u32, (SchedClassifierLinkId, SchedClassifierLinkId)>,
+}
+
+/// Sizes every pinned map must have to be re-adopted.
+fn expected_layout(name: &str) -> Option<(u32, u32)> {
+    Some(match name {
+        maps::CONNTRACK => (size_of::<CtKey>() as u32, size_of::<CtEntry>() as u32),
+        maps::ENDPOINTS => (size_of::<IpKey>() as u32, size_of::<EndpointInfo>() as u32),
+        maps::IPCACHE => (4 + size_of::<IpcacheKeyData>() as u32, size_of::<IpcacheEntry>() as u32),
+        maps::ATTACHED => (4, 4),
+        maps::STATS => (4, 8),
+        maps::CONFIG => (4, size_of::<Config>() as u32),
+        maps::EVENTS => (0, 0),
+        _ => return None,
+    })
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` when nothing is mounted there yet.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        std::fs::create_dir_all(root).ok();
+        let src = CString::new("bpf")?;
+        let target = CString::new("/sys/fs/bpf")?;
+        let rc = unsafe {
+            libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+        };
+        if rc != 0 {
+            bail!("mounting bpffs on /sys/fs/bpf: {}", std::io::Error::last_os_error());
+        }
+        info!("mounted bpffs on /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    if !is_bpffs(pin_dir) {
+        bail!("{} is not on a bpf filesystem", pin_dir.display());
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Removes pinned maps whose layout does not match this build, so they are recreated instead of
+/// being misread. Returns the names of the maps that will be re-adopted.
+fn check_pins(pin_dir: &Path) -> Result<Vec<String>> {
+    let mut adopted = Vec::new();
+    for name in maps::ALL {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let (key, value) = expected_layout(name).expect("every map has a layout");
+        let ok = match MapInfo::from_pin(&path) {
+            Ok(info) => (key == 0 && value == 0) || (info.key_size() == key && info.value_size() == value),
+            Err(_) => false,
+        };
+        if ok {
+            adopted.push(name.to_string());
+        } else {
+            warn!(map = name, "pinned map has another layout; recreating it");
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing stale pin {}", path.display()))?;
+        }
+    }
+    Ok(adopted)
+}
+
+impl Datapath {
+    /// Loads the programs, re-adopting maps pinned under `pin_dir` by an earlier daemon.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        let adopted = check_pins(pin_dir)?;
+        if !adopted.is_empty() {
+            info!(maps = ?adopted, "re-adopting pinned maps");
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)
+            .context("loading the kernel programs")?;
+        for name in [programs::FROM_POD, programs::TO_POD, programs::TC_EMPTY] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("verifying program {name}"))?;
+        }
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            mode: AttachMode::detect(),
+            links: HashMap::new(),
+        })
+    }
+
+    pub fn set_config(&mut self, cfg: Config) -> Result<()> {
+        let mut arr: Array<&mut MapData, Config> =
+            Array::try_from(self.ebpf.map_mut(maps::CONFIG).context("config map")?)?;
+        arr.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    /// Attaches `from_pod` (ingress) and `to_pod` (egress) to a host-side pod interface.
+    pub fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+        if self.links.contains_key(&ifindex) {
+            return Ok(());
+        }
+        if self.mode == AttachMode::Clsact {
+            match tc::qdisc_add_clsact(ifname) {
+                Ok(()) => {}
+                Err(e) if e.to_string().contains("exists") => {}
+                Err(e) => return Err(e).with_context(|| format!("adding clsact to {ifname}")),
+            }
+        }
+        let opts = || match self.mode {
+            AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            AttachMode::Clsact => TcAttachOptions::Netlink(Default::default()),
+        };
+        let (o1, o2) = (opts(), opts());
+        let ingress = self.prog(programs::FROM_POD)?.attach_with_options(ifname, TcAttachType::Ingress, o1)
+            .with_context(|| format!("attaching from_pod to {ifname}"))?;
+        let egress = match self.prog(programs::TO_POD)?.attach_with_options(ifname, TcAttachType::Egress, o2) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.prog(programs::FROM_POD)?.detach(ingress);
+                return Err(e).with_context(|| format!("attaching to_pod to {ifname}"));
+            }
+        };
+        self.links.insert(ifindex, (ingress, egress));
+        let mut attached: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut(maps::ATTACHED).context("attached map")?)?;
+        attached.insert(ifindex, 1, 0)?;
+        Ok(())
+    }
+
+    /// Forgets an interface; detaches if it still exists (a deleted interface took its links
+    /// with it).
+    pub fn detach(&mut self, ifindex: u32) {
+        if let Some((i, e)) = self.links.remove(&ifindex) {
+            if let Ok(p) = self.prog(programs::FROM_POD) {
+                if let Ok(link) = p.take_link(i) {
+                    drop(link);
+                }
+            }
+            if let Ok(p) = self.prog(programs::TO_POD) {
+                if let Ok(link) = p.take_link(e) {
+                    drop(link);
+                }
+            }
+        }
+        if let Some(m) = self.ebpf.map_mut(maps::ATTACHED) {
+            if let Ok(mut attached) = BpfHashMap::<&mut MapData, u32, u32>::try_from(m) {
+                let _ = attached.remove(&ifindex);
+            }
+        }
+    }
+
+    pub fn attached(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.links.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn prog(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name}"))?
+            .try_into()?)
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        Ok(RingBuf::try_from(self.ebpf.take_map(maps::EVENTS).context("events map")?)?)
+    }
+
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>> {
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(maps::STATS).context("stats map")?)?;
+        let mut out = Vec::new();
+        for (i, name) in stat::NAMES.iter().enumerate() {
+            let v = arr.get(&(i as u32), 0)?;
+            out.push((*name, v.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    pub fn conntrack(&self) -> Result<aya::maps::HashMap<&MapData, CtKey, CtEntry>> {
+        Ok(aya::maps::HashMap::try_from(self.ebpf.map(maps::CONNTRACK).context("ct map")?)?)
+    }
+
+    pub fn conntrack_mut(&mut self) -> Result<aya::maps::HashMap<&mut MapData, CtKey, CtEntry>> {
+        Ok(aya::maps::HashMap::try_from(self.ebpf.map_mut(maps::CONNTRACK).context("ct map")?)?)
+    }
+
+    pub fn endpoints_mut(&mut self) -> Result<BpfHashMap<&mut MapData, IpKey, EndpointInfo>> {
+        Ok(BpfHashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints map")?)?)
+    }
+
+    pub fn ipcache_mut(&mut self) -> Result<LpmTrie<&mut MapData, IpcacheKeyData, IpcacheEntry>> {
+        Ok(LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE).context("ipcache map")?)?)
+    }
+}

@@ -1,0 +1,399 @@
+//! The daemon's view of the cluster: namespaces, pods and nodes, whatever the source (YAML on
+//! disk now, the API server later), and what it means for the datapath maps.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use observer_common::{EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, RemoteKind};
+use serde::Deserialize;
+
+/// A pod as the datapath and the flow logs need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    /// `Kind/name` of the controlling owner, if any.
+    pub workload: Option<String>,
+    pub host_network: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub pods: Vec<PodInfo>,
+    pub nodes: Vec<NodeInfo>,
+    /// Objects that could not be used, each with the reason naming object and field.
+    pub errors: Vec<String>,
+}
+
+impl Cluster {
+    pub fn pod_by_ip(&self) -> HashMap<IpAddr, &PodInfo> {
+        let mut m = HashMap::new();
+        for p in &self.pods {
+            if p.host_network {
+                continue;
+            }
+            for ip in &p.ips {
+                m.insert(*ip, p);
+            }
+        }
+        m
+    }
+}
+
+pub fn pod_info(pod: &Pod) -> Result<PodInfo> {
+    let meta = &pod.metadata;
+    let name = meta.name.clone().context("metadata.name missing")?;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let mut ips = Vec::new();
+    if let Some(st) = status {
+        let listed = st.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+        for s in st.pod_ip.as_deref().into_iter().chain(listed) {
+            let ip: IpAddr = s
+                .parse()
+                .with_context(|| format!("pod {namespace}/{name}: status.podIP {s:?} is not an IP"))?;
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    let workload = meta.owner_references.iter().flatten().find(|o| o.controller == Some(true))
+        .map(|o| format!("{}/{}", o.kind, o.name));
+    Ok(PodInfo {
+        namespace,
+        name,
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        ips,
+        labels: meta.labels.clone().unwrap_or_default(),
+        workload,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+    })
+}
+
+pub fn node_info(node: &Node) -> Result<NodeInfo> {
+    let name = node.metadata.name.clone().context("Node metadata.name missing")?;
+    let mut addresses = Vec::new();
+    for a in node.status.iter().flat_map(|s| s.addresses.iter().flatten()) {
+        if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
+            let ip = a.address.parse().with_context(|| {
+                format!("node {name}: status.addresses {:?} is not an IP", a.address)
+            })?;
+            addresses.push(ip);
+        }
+    }
+    let mut pod_cidrs = Vec::new();
+    if let Some(spec) = &node.spec {
+        for c in spec.pod_cidr.iter().chain(spec.pod_cidrs.iter().flatten()) {
+            let net: IpNet = c
+                .parse()
+                .with_context(|| format!("node {name}: spec.podCIDR {c:?} is not a CIDR"))?;
+            if !pod_cidrs.contains(&net) {
+                pod_cidrs.push(net);
+            }
+        }
+    }
+    Ok(NodeInfo { name, addresses, pod_cidrs })
+}
+
+#[derive(Deserialize)]
+struct TypeMeta {
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct List {
+    items: Vec<serde_json::Value>,
+}
+
+fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value) {
+    let kind = match serde_json::from_value::<TypeMeta>(value.clone()) {
+        Ok(TypeMeta { kind: Some(k) }) => k,
+        _ => {
+            cluster.errors.push(format!("{origin}: object without a kind"));
+            return;
+        }
+    };
+    let result: Result<()> = (|| {
+        match kind.as_str() {
+            "List" | "PodList" | "NamespaceList" | "NodeList" | "NetworkPolicyList" => {
+                let list: List = serde_json::from_value(value)?;
+                for item in list.items {
+                    add_object(cluster, origin, item);
+                }
+            }
+            "Namespace" => {
+                let ns: Namespace = serde_json::from_value(value)?;
+                let name = ns.metadata.name.context("Namespace metadata.name missing")?;
+                cluster.namespaces.insert(name, ns.metadata.labels.unwrap_or_default());
+            }
+            "Pod" => {
+                let pod: Pod = serde_json::from_value(value)?;
+                cluster.pods.push(pod_info(&pod)?);
+            }
+            "Node" => {
+                let node: Node = serde_json::from_value(value)?;
+                cluster.nodes.push(node_info(&node)?);
+            }
+            // Policy objects are read by the policy engine.
+            "NetworkPolicy" => {}
+            other => bail!("kind {other} is not used by observer"),
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        cluster.errors.push(format!("{origin}: {e:#}"));
+    }
+}
+
+/// Every YAML/JSON document under `paths` (files or folders, recursively), as JSON values.
+pub fn read_documents(paths: &[PathBuf]) -> Result<Vec<(String, serde_json::Value)>> {
+    let mut files = Vec::new();
+    for p in paths {
+        collect_files(p, &mut files)?;
+    }
+    files.sort();
+    let mut docs = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
+            let origin = format!("{} (document {})", f.display(), i + 1);
+            let value = serde_json::Value::deserialize(de)
+                .with_context(|| format!("{origin}: not valid YAML"))?;
+            if value.is_null() {
+                continue;
+            }
+            docs.push((origin, value));
+        }
+    }
+    Ok(docs)
+}
+
+fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let meta = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(p)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                collect_files(&path, out)?;
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
+                out.push(path);
+            }
+        }
+    } else {
+        out.push(p.to_path_buf());
+    }
+    Ok(())
+}
+
+/// Reads a cluster from YAML on disk. Unusable objects are reported in `errors`; the rest loads.
+pub fn load_dir(paths: &[PathBuf]) -> Result<Cluster> {
+    let mut cluster = Cluster::default();
+    for (origin, value) in read_documents(paths)? {
+        add_object(&mut cluster, &origin, value);
+    }
+    Ok(cluster)
+}
+
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(v4) => IpKey {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            family: observer_common::AF_INET,
+            _pad: [0; 3],
+        },
+        IpAddr::V6(v6) => IpKey { addr: v6_words(&v6.octets()), family: observer_common::AF_INET6, _pad: [0; 3] },
+    }
+}
+
+fn v6_words(o: &[u8; 16]) -> [u32; 4] {
+    let mut w = [0u32; 4];
+    for (i, c) in o.chunks(4).enumerate() {
+        w[i] = u32::from_ne_bytes(c.try_into().unwrap());
+    }
+    w
+}
+
+/// Address from a key word array, as the kernel stored it (network byte order in memory).
+pub fn addr_from(family: u8, addr: &[u32; 4]) -> IpAddr {
+    if family == observer_common::AF_INET {
+        IpAddr::V4(std::net::Ipv4Addr::from(addr[0].to_ne_bytes()))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(std::net::Ipv6Addr::from(o))
+    }
+}
+
+/// An ipcache prefix: (prefix length including the 32-bit family tag, key data).
+pub fn ipcache_key(net: IpNet) -> (u32, IpcacheKeyData) {
+    let k = ip_key(net.network());
+    let fam = k.family as u32;
+    (32 + net.prefix_len() as u32, IpcacheKeyData { data: [fam, k.addr[0], k.addr[1], k.addr[2], k.addr[3]] })
+}
+
+/// The maps' contents that describe `cluster` as seen from node `node`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
+    pub ipcache: BTreeMap<IpNet, IpcacheEntry>,
+}
+
+pub fn desired(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], ids: &mut EndpointIds) -> Desired {
+    let mut d = Desired::default();
+    let entry = |kind: RemoteKind| IpcacheEntry { identity: 0, kind: kind as u8, _pad: [0; 3] };
+    for n in &cluster.nodes {
+        let (addr_kind, cidr_kind) = if n.name == node {
+            (RemoteKind::Host, None)
+        } else {
+            (RemoteKind::RemoteNode, Some(RemoteKind::RemotePod))
+        };
+        for a in &n.addresses {
+            d.ipcache.insert(IpNet::from(*a), entry(addr_kind));
+        }
+        if let Some(k) = cidr_kind {
+            for c in &n.pod_cidrs {
+                d.ipcache.insert(c.trunc(), entry(k));
+            }
+        }
+    }
+    for a in host_addrs {
+        d.ipcache.insert(IpNet::from(*a), entry(RemoteKind::Host));
+    }
+    for p in &cluster.pods {
+        if p.host_network {
+            continue;
+        }
+        if p.node == node {
+            let id = ids.get(&p.namespace, &p.name);
+            for ip in &p.ips {
+                d.endpoints.insert(*ip, EndpointInfo { id, flags: 0 });
+            }
+        } else {
+            for ip in &p.ips {
+                d.ipcache.insert(IpNet::from(*ip), entry(RemoteKind::RemotePod));
+            }
+        }
+    }
+    d
+}
+
+/// Stable endpoint ids for the life of the daemon.
+#[derive(Default)]
+pub struct EndpointIds {
+    ids: HashMap<(String, String), u32>,
+    next: u32,
+}
+
+impl EndpointIds {
+    pub fn get(&mut self, ns: &str, name: &str) -> u32 {
+        let next = &mut self.next;
+        *self.ids.entry((ns.into(), name.into())).or_insert_with(|| {
+            *next += 1;
+            *next
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {ns: x}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: a
+  namespace: x
+  labels: {pod: a}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: a-123, uid: u, controller: true}]
+spec: {nodeName: n1, containers: [{name: c, image: i}]}
+status: {podIP: 10.244.1.10, podIPs: [{ip: 10.244.1.10}, {ip: "fd00:10:244:1::a"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x}
+spec: {nodeName: n2, containers: [{name: c, image: i}]}
+status: {podIP: 10.244.2.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: broken, namespace: x}
+spec: {nodeName: n1, containers: [{name: c, image: i}]}
+status: {podIP: not-an-ip}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+spec: {podCIDR: 10.244.2.0/24}
+status: {addresses: [{type: InternalIP, address: 10.224.0.5}]}
+"#;
+
+    fn cluster() -> Cluster {
+        let dir = std::env::temp_dir().join(format!("observer-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("c.yaml"), YAML).unwrap();
+        let c = load_dir(&[dir.clone()]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        c
+    }
+
+    #[test]
+    fn loads_pods_with_both_families_and_reports_bad_objects() {
+        let c = cluster();
+        assert_eq!(c.pods.len(), 2);
+        let a = &c.pods[0];
+        assert_eq!(a.ips.len(), 2);
+        assert_eq!(a.workload.as_deref(), Some("ReplicaSet/a-123"));
+        assert_eq!(c.namespaces["x"]["ns"], "x");
+        assert_eq!(c.errors.len(), 1);
+        assert!(c.errors[0].contains("x/broken") && c.errors[0].contains("status.podIP"), "{}", c.errors[0]);
+    }
+
+    #[test]
+    fn desired_splits_local_endpoints_from_remote_identities() {
+        let c = cluster();
+        let mut ids = EndpointIds::default();
+        let d = desired(&c, "n1", &["10.224.0.4".parse().unwrap()], &mut ids);
+        assert_eq!(d.endpoints.len(), 2);
+        let kind = |s: &str| d.ipcache[&s.parse::<IpNet>().unwrap()].kind;
+        assert_eq!(kind("10.244.2.10/32"), RemoteKind::RemotePod as u8);
+        assert_eq!(kind("10.244.2.0/24"), RemoteKind::RemotePod as u8);
+        assert_eq!(kind("10.224.0.5/32"), RemoteKind::RemoteNode as u8);
+        assert_eq!(kind("10.224.0.4/32"), RemoteKind::Host as u8);
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        for s in ["10.1.2.3", "fd00::1:2"] {
+            let ip: IpAddr = s.parse().unwrap();
+            let k = ip_key(ip);
+            assert_eq!(addr_from(k.family, &k.addr), ip);
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! `observer daemon`: loads the datapath, follows interfaces and the cluster source, turns
+//! kernel events into flow records and serves them.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use observer_common::{ct_flags, Config, CtEntry, CtKey, EventKind, FlowEvent, IPPROTO_TCP};
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+
+use crate::{
+    bpf::Datapath,
+    cluster::{self, Cluster, Desired, EndpointIds, PodInfo},
+    flows::{self, FlowRecord},
+    netlink::{self, LinkEvent, LinkMonitor},
+};
+
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// No cluster state: flows carry addresses only.
+    None,
+    /// Kubernetes YAML files or folders, re-read when they change.
+    Dir(Vec<PathBuf>),
+}
+
+impl std::str::FromStr for Source {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "none" {
+            return Ok(Self::None);
+        }
+        if let Some(rest) = s.strip_prefix("dir:") {
+            let paths: Vec<PathBuf> = rest.split(',').filter(|p| !p.is_empty()).map(PathBuf::from).collect();
+            if paths.is_empty() {
+                bail!("--source dir: needs at least one path, e.g. dir:/etc/observer/cluster");
+            }
+            return Ok(Self::Dir(paths));
+        }
+        if s == "kube" {
+            bail!("--source kube is not available in this build yet; use dir:PATH");
+        }
+        bail!("unknown source {s:?}: expected dir:PATH[,PATH...] or none")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub node_name: String,
+    pub source: Source,
+    pub pin_dir: PathBuf,
+    pub socket: PathBuf,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Host-side interfaces that are never pod interfaces (the node's uplinks).
+    pub uplinks: Vec<String>,
+    pub report_interval: Duration,
+    pub history: usize,
+    pub tcp_timeout: Duration,
+    pub other_timeout: Duration,
+    pub close_grace: Duration,
+    pub source_poll: Duration,
+}
+
+/// Per-connection bookkeeping in userspace.
+struct Conn {
+    /// When the kernel reported the close; the record goes out after `close_grace`.
+    closed_at: Option<Instant>,
+    close_published: bool,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub records: HashMap<(String, String, String), u64>,
+    pub links_attached_total: u64,
+    pub attach_errors_total: u64,
+    pub map_sync_errors_total: u64,
+    pub source_errors: Vec<String>,
+    pub conntrack_expired_total: u64,
+}
+
+pub struct State {
+    pub cluster: Arc<Cluster>,
+    pub by_ip: HashMap<IpAddr, PodInfo>,
+    conns: HashMap<CtKey, Conn>,
+    pub history: VecDeque<Arc<FlowRecord>>,
+    pub metrics: Metrics,
+    pub last_sync: Option<std::time::SystemTime>,
+    pub interfaces: HashMap<u32, String>,
+}
+
+pub struct Shared {
+    pub opts: Options,
+    pub dp: Mutex<Datapath>,
+    pub state: Mutex<State>,
+    pub tx: broadcast::Sender<Arc<FlowRecord>>,
+    pub started: std::time::SystemTime,
+}
+
+impl Shared {
+    fn publish(&self, rec: FlowRecord) {
+        let rec = Arc::new(rec);
+        {
+            let mut st = self.state.lock().unwrap();
+            let k = (rec.event.clone(), rec.traffic_class.clone(), rec.l4.protocol.clone());
+            *st.metrics.records.entry(k).or_default() += 1;
+            if st.history.len() >= self.opts.history.max(1) {
+                st.history.pop_front();
+            }
+            st.history.push_back(rec.clone());
+        }
+        let _ = self.tx.send(rec);
+    }
+
+    fn make_record(&self, kind: EventKind, key: &CtKey, e: &CtEntry) -> FlowRecord {
+        let st = self.state.lock().unwrap();
+        flows::record(&self.opts.node_name, kind, key, e, |ip| st.by_ip.get(&ip))
+    }
+
+    /// Every conntrack entry with its current counters.
+    pub fn conntrack(&self) -> Result<Vec<FlowRecord>> {
+        let entries: Vec<(CtKey, CtEntry)> = {
+            let dp = self.dp.lock().unwrap();
+            let ct = dp.conntrack()?;
+            ct.iter().filter_map(|r| r.ok()).collect()
+        };
+        let st = self.state.lock().unwrap();
+        Ok(entries
+            .iter()
+            .map(|(k, e)| {
+                let kind = if e.flags & ct_flags::CLOSED != 0 { EventKind::Close } else { EventKind::Report };
+                flows::record(&self.opts.node_name, kind, k, e, |ip| st.by_ip.get(&ip))
+            })
+            .collect())
+    }
+}
+
+/// Local non-loopback addresses of this network namespace: the node's own IPs.
+pub fn host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            let fam = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            let ip = if fam == libc::AF_INET {
+                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                Some(IpAddr::from(sa.sin_addr.s_addr.to_ne_bytes()))
+            } else if fam == libc::AF_INET6 {
+                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                Some(IpAddr::from(sa.sin6_addr.s6_addr))
+            } else {
+                None
+            };
+            if let Some(ip) = ip {
+                let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                if !ip.is_loopback() && !link_local && !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
+/// Writes `want` into the endpoints and ipcache maps, touching only what differs.
+fn sync_maps(dp: &mut Datapath, want: &Desired) -> Result<(usize, usize)> {
+    let (mut written, mut removed) = (0, 0);
+    {
+        let mut eps = dp.endpoints_mut()?;
+        let have: HashMap<_, _> = eps.iter().filter_map(|r| r.ok()).collect();
+        let want_keys: HashMap<_, _> =
+            want.endpoints.iter().map(|(ip, v)| (cluster::ip_key(*ip), *v)).collect();
+        for (k, v) in &want_keys {
+            if have.get(k) != Some(v) {
+                eps.insert(k, v, 0).context("writing endpoints map")?;
+                written += 1;
+            }
+        }
+        for k in have.keys() {
+            if !want_keys.contains_key(k) {
+                eps.remove(k).context("removing from endpoints map")?;
+                removed += 1;
+            }
+        }
+    }
+    {
+        let mut ipc = dp.ipcache_mut()?;
+        let have: HashMap<(u32, [u32; 5]), observer_common::IpcacheEntry> = ipc
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| ((k.prefix_len(), k.data().data), v))
+            .collect();
+        let mut want_keys = HashMap::new();
+        for (net, v) in &want.ipcache {
+            let (plen, data) = cluster::ipcache_key(*net);
+            want_keys.insert((plen, data.data), *v);
+        }
+        for ((plen, data), v) in &want_keys {
+            if have.get(&(*plen, *data)) != Some(v) {
+                let key = aya::maps::lpm_trie::Key::new(*plen, observer_common::IpcacheKeyData { data: *data });
+                ipc.insert(&key, *v, 0).context("writing ipcache map")?;
+                written += 1;
+            }
+        }
+        for (plen, data) in have.keys() {
+            if !want_keys.contains_key(&(*plen, *data)) {
+                let key = aya::maps::lpm_trie::Key::new(*plen, observer_common::IpcacheKeyData { data: *data });
+                ipc.remove(&key).context("removing from ipcache map")?;
+                removed += 1;
+            }
+        }
+    }
+    Ok((written, removed))
+}
+
+fn is_pod_interface(link: &netlink::Link, uplinks: &[String]) -> bool {
+    link.kind == "veth" && !uplinks.iter().any(|u| u == &link.name)
+}
+
+pub async fn run(opts: Options) -> Result<()> {
+    let mut dp = Datapath::load(&opts.pin_dir)?;
+    info!(pin_dir = %opts.pin_dir.display(), mode = ?dp.mode, "kernel programs loaded");
+    dp.set_config(Config { report_interval_ns: opts.report_interval.as_nanos() as u64 })?;
+    let ring = dp.take_events()?;
+    let logger = match aya_log::EbpfLogger::init(&mut dp.ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("kernel log forwarding unavailable: {e}");
+            None
+        }
+    };
+
+    let (tx, _) = broadcast::channel(4096);
+    let shared = Arc::new(Shared {
+        opts: opts.clone(),
+        dp: Mutex::new(dp),
+        state: Mutex::new(State {
+            cluster: Arc::new(Cluster::default()),
+            by_ip: HashMap::new(),
+            conns: HashMap::new(),
+            history: VecDeque::new(),
+            metrics: Metrics::default(),
+            last_sync: None,
+            interfaces: HashMap::new(),
+        }),
+        tx,
+        started: std::time::SystemTime::now(),
+    });
+
+    // Cluster state before interfaces, so the first flows are already classified.
+    let mut ids = EndpointIds::default();
+    let mut last_desired = None;
+    reload_source(&shared, &mut ids, &mut last_desired);
+
+    let (monitor, links) = LinkMonitor::start().context("subscribing to link events")?;
+    {
+        let mut dp = shared.dp.lock().unwrap();
+        for l in &links {
+            apply_link(&shared, &mut dp, LinkEvent::New(l.clone()));
+        }
+        // Entries left by an earlier daemon for interfaces that are gone.
+        let live: Vec<u32> = dp.attached();
+        if let Some(m) = dp.ebpf.map_mut(observer_common::maps::ATTACHED) {
+            if let Ok(mut att) = aya::maps::HashMap::<&mut MapData, u32, u32>::try_from(m) {
+                let stale: Vec<u32> = att.keys().filter_map(|k| k.ok()).filter(|k| !live.contains(k)).collect();
+                for k in stale {
+                    let _ = att.remove(&k);
+                }
+            }
+        }
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(events_task(shared.clone(), ring));
+    tasks.spawn(links_task(shared.clone(), monitor));
+    tasks.spawn(gc_task(shared.clone()));
+    tasks.spawn(source_task(shared.clone(), ids, last_desired));
+    if let Some(l) = logger {
+        tasks.spawn(log_task(l));
+    }
+    let api = crate::api::serve(shared.clone()).await?;
+    tasks.spawn(api);
+    info!(socket = %opts.socket.display(), node = %opts.node_name, "observer daemon running");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted; shutting down"),
+        _ = term.recv() => info!("terminated; shutting down"),
+        Some(r) = tasks.join_next() => {
+            match r {
+                Ok(Ok(())) => bail!("a daemon task ended unexpectedly"),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => bail!("a daemon task failed: {e}"),
+            }
+        }
+    }
+    tasks.abort_all();
+    let _ = std::fs::remove_file(&opts.socket);
+    Ok(())
+}
+
+fn apply_link(shared: &Shared, dp: &mut Datapath, ev: LinkEvent) {
+    match ev {
+        LinkEvent::New(l) => {
+            if !is_pod_interface(&l, &shared.opts.uplinks) {
+                return;
+            }
+            if dp.attached().contains(&l.index) {
+                return;
+            }
+            match dp.attach(l.index, &l.name) {
+                Ok(()) => {
+                    info!(ifindex = l.index, ifname = %l.name, "attached to pod interface");
+                    let mut st = shared.state.lock().unwrap();
+                    st.metrics.links_attached_total += 1;
+                    st.interfaces.insert(l.index, l.name);
+                }
+                Err(e) => {
+                    // A veth can vanish between the event and the attach; the next event or
+                    // rescan retries.
+                    warn!(ifname = %l.name, "attach failed: {e:#}");
+                    shared.state.lock().unwrap().metrics.attach_errors_total += 1;
+                }
+            }
+        }
+        LinkEvent::Del(index) => {
+            if dp.attached().contains(&index) {
+                dp.detach(index);
+                let name = shared.state.lock().unwrap().interfaces.remove(&index);
+                info!(ifindex = index, ifname = ?name, "pod interface removed");
+            }
+        }
+    }
+}
+
+async fn links_task(shared: Arc<Shared>, mut monitor: LinkMonitor) -> Result<()> {
+    loop {
+        match monitor.next_batch().await {
+            Ok(events) => {
+                let mut dp = shared.dp.lock().unwrap();
+                for ev in events {
+                    apply_link(&shared, &mut dp, ev);
+                }
+            }
+            Err(e) => {
+                // Lost events (ENOBUFS): reconcile against a fresh dump.
+                warn!("link monitor: {e}; rescanning");
+                let links = netlink::dump_links()?;
+                let mut dp = shared.dp.lock().unwrap();
+                let present: Vec<u32> = links.iter().map(|l| l.index).collect();
+                for idx in dp.attached() {
+                    if !present.contains(&idx) {
+                        apply_link(&shared, &mut dp, LinkEvent::Del(idx));
+                    }
+                }
+                for l in links {
+                    apply_link(&shared, &mut dp, LinkEvent::New(l));
+                }
+            }
+        }
+    }
+}
+
+async fn events_task(shared: Arc<Shared>, ring: RingBuf<MapData>) -> Result<()> {
+    let mut fd = crate::netlink::readable(ring)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<FlowEvent>() {
+                let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                batch.push(ev);
+            }
+        }
+        guard.clear_ready();
+        for ev in batch {
+            handle_event(&shared, ev);
+        }
+    }
+}
+
+fn entry_of(ev: &FlowEvent) -> CtEntry {
+    CtEntry {
+        first_seen_ns: ev.first_seen_ns,
+        last_seen_ns: ev.last_seen_ns,
+        last_report_ns: ev.last_seen_ns,
+        packets: ev.packets,
+        bytes: ev.bytes,
+        ifindex: ev.ifindex,
+        flags: ev.flags,
+        tcp_flags: ev.tcp_flags,
+        class: ev.class,
+        _pad: [0; 3],
+    }
+}
+
+fn handle_event(shared: &Shared, ev: FlowEvent) {
+    let Some(kind) = EventKind::from_u8(ev.kind) else {
+        debug!(kind = ev.kind, "unknown event kind");
+        return;
+    };
+    let e = entry_of(&ev);
+    match kind {
+        EventKind::New => {
+            shared.state.lock().unwrap().conns.insert(ev.key, Conn { closed_at: None, close_published: false });
+            let rec = shared.make_record(kind, &ev.key, &e);
+            shared.publish(rec);
+        }
+        EventKind::Report => {
+            let rec = shared.make_record(kind, &ev.key, &e);
+            shared.publish(rec);
+        }
+        EventKind::Close => {
+            // Published after a grace period with the entry's final counters: the last ACK of
+            // a FIN exchange comes after the close.
+            let mut st = shared.state.lock().unwrap();
+            let c = st.conns.entry(ev.key).or_insert(Conn { closed_at: None, close_published: false });
+            c.closed_at = Some(Instant::now());
+        }
+    }
+}
+
+async fn gc_task(shared: Arc<Shared>) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        gc_once(&shared)?;
+    }
+}
+
+fn gc_once(shared: &Shared) -> Result<()> {
+    let now_ns = flows::mono_now_ns();
+    let opts = &shared.opts;
+    let entries: Vec<(CtKey, CtEntry)> = {
+        let dp = shared.dp.lock().unwrap();
+        let ct = dp.conntrack()?;
+        ct.iter().filter_map(|r| r.ok()).collect()
+    };
+    let mut publish = Vec::new();
+    let mut expire = Vec::new();
+    {
+        let mut st = shared.state.lock().unwrap();
+        for (k, e) in &entries {
+            let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
+            let closed = e.flags & ct_flags::CLOSED != 0;
+            let timeout = if closed {
+                opts.close_grace.max(Duration::from_secs(10))
+            } else if k.proto == IPPROTO_TCP {
+                opts.tcp_timeout
+            } else {
+                opts.other_timeout
+            };
+            let conn = st.conns.entry(*k).or_insert(Conn { closed_at: None, close_published: false });
+            if closed && conn.closed_at.is_none() {
+                conn.closed_at = Some(Instant::now());
+            }
+            let due = conn.closed_at.is_some_and(|t| t.elapsed() >= opts.close_grace);
+            if due && !conn.close_published {
+                conn.close_published = true;
+                publish.push((*k, *e));
+            }
+            if idle >= timeout {
+                if !conn.close_published {
+                    publish.push((*k, *e));
+                }
+                expire.push(*k);
+            }
+        }
+        let live: std::collections::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
+        st.conns.retain(|k, _| live.contains(k));
+        for k in &expire {
+            st.conns.remove(k);
+        }
+        st.metrics.conntrack_expired_total += expire.len() as u64;
+    }
+    if !expire.is_empty() {
+        let mut dp = shared.dp.lock().unwrap();
+        let mut ct = dp.conntrack_mut()?;
+        for k in &expire {
+            let _ = ct.remove(k);
+        }
+    }
+    for (k, e) in publish {
+        let rec = shared.make_record(EventKind::Close, &k, &e);
+        shared.publish(rec);
+    }
+    Ok(())
+}
+
+fn reload_source(shared: &Shared, ids: &mut EndpointIds, last: &mut Option<Desired>) {
+    let cluster = match &shared.opts.source {
+        Source::None => Cluster::default(),
+        Source::Dir(paths) => match cluster::load_dir(paths) {
+            Ok(c) => c,
+            Err(e) => {
+                // Keep what is enforced; report and retry at the next poll.
+                warn!("reading cluster source: {e:#}");
+                shared.state.lock().unwrap().metrics.source_errors = vec![format!("{e:#}")];
+                return;
+            }
+        },
+    };
+    let mut host = host_addresses();
+    for n in &cluster.nodes {
+        if n.name == shared.opts.node_name {
+            host.extend(n.addresses.iter().copied());
+        }
+    }
+    let want = cluster::desired(&cluster, &shared.opts.node_name, &host, ids);
+    if last.as_ref() != Some(&want) {
+        let mut dp = shared.dp.lock().unwrap();
+        match sync_maps(&mut dp, &want) {
+            Ok((w, r)) => {
+                info!(written = w, removed = r, endpoints = want.endpoints.len(), prefixes = want.ipcache.len(), "datapath maps synced");
+                *last = Some(want);
+            }
+            Err(e) => {
+                warn!("map sync: {e:#}");
+                shared.state.lock().unwrap().metrics.map_sync_errors_total += 1;
+            }
+        }
+    }
+    for err in &cluster.errors {
+        warn!("cluster source: {err}");
+    }
+    let by_ip: HashMap<IpAddr, PodInfo> =
+        cluster.pod_by_ip().into_iter().map(|(ip, p)| (ip, p.clone())).collect();
+    let mut st = shared.state.lock().unwrap();
+    st.metrics.source_errors = cluster.errors.clone();
+    st.by_ip = by_ip;
+    st.cluster = Arc::new(cluster);
+    st.last_sync = Some(std::time::SystemTime::now());
+}
+
+async fn source_task(shared: Arc<Shared>, mut ids: EndpointIds, mut last: Option<Desired>) -> Result<()> {
+    let mut tick = tokio::time::interval(shared.opts.source_poll);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        reload_source(&shared, &mut ids, &mut last);
+    }
+}
+
+async fn log_task(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
+    let mut fd = crate::netlink::readable(logger)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

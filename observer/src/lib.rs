@@ -1,0 +1,9 @@
+//! observer: an eBPF dataplane that counts and classifies pod traffic in the kernel.
+pub mod api;
+pub mod bench;
+pub mod bpf;
+pub mod client;
+pub mod cluster;
+pub mod daemon;
+pub mod flows;
+pub mod netlink;
