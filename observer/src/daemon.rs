@@ -372,21 +372,34 @@ async fn links_task(shared: Arc<Shared>, mut monitor: LinkMonitor) -> Result<()>
     }
 }
 
+/// The kernel wakes the reader only once a batch has built up (see `observer-ebpf/src/events.rs`);
+/// a short timer bounds the delay of the events in between.
+const EVENT_POLL: Duration = Duration::from_millis(100);
+
 async fn events_task(shared: Arc<Shared>, ring: RingBuf<MapData>) -> Result<()> {
     let mut fd = crate::netlink::readable(ring)?;
+    let mut tick = tokio::time::interval(EVENT_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
         let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<FlowEvent>() {
-                let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                batch.push(ev);
+        tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut batch);
+                guard.clear_ready();
             }
+            _ = tick.tick() => drain(fd.get_mut(), &mut batch),
         }
-        guard.clear_ready();
         for ev in batch {
             handle_event(&shared, ev);
+        }
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<FlowEvent>) {
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<FlowEvent>() {
+            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
         }
     }
 }

@@ -145,6 +145,7 @@ fn main() -> Result<()> {
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::try_new(&a.log)?)
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .init();
             // Before the runtime starts: threads inherit the namespace of their creator.
             if let Some(ns) = &a.netns {

@@ -1,0 +1,294 @@
+//! Exact per-flow counting on a virtual node: real kernel programs, real traffic between network
+//! namespaces, compared against independent nftables counters in the client pod and against
+//! the arithmetic of what was sent.
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use observer_tests::{in_netns, nft, nft_counter, spawn_in_netns, PodSpec, TestBed, EXT_IP, EXT_IP6};
+use serde_json::Value;
+
+const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
+const TCP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 9090;
+
+/// Serves one request per connection: an 8-byte reply size, then payload until EOF; answers
+/// with that many bytes and closes.
+fn tcp_server(listener: TcpListener, conns: usize) {
+    for _ in 0..conns {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut hdr = [0u8; 8];
+        s.read_exact(&mut hdr).unwrap();
+        let reply = u64::from_be_bytes(hdr) as usize;
+        let mut sink = Vec::new();
+        s.read_to_end(&mut sink).unwrap();
+        s.write_all(&vec![7u8; reply]).unwrap();
+    }
+}
+
+fn tcp_client(src: SocketAddr, dst: SocketAddr, send: usize, reply: usize) -> usize {
+    let sock = match src {
+        SocketAddr::V4(_) => socket2_like(libc::AF_INET),
+        SocketAddr::V6(_) => socket2_like(libc::AF_INET6),
+    };
+    bind_fd(sock, src);
+    let mut s = connect_fd(sock, dst);
+    let mut buf = (reply as u64).to_be_bytes().to_vec();
+    buf.resize(send, 1);
+    s.write_all(&buf).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    got.len()
+}
+
+// std has no bind-before-connect for TCP; a fixed source port makes the flow findable.
+fn socket2_like(family: i32) -> i32 {
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0);
+    let one: i32 = 1;
+    unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one as *const _ as *const _, 4);
+    }
+    fd
+}
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, u32) {
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_port = v4.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as u16;
+            sin6.sin6_port = v6.port().to_be();
+            sin6.sin6_addr.s6_addr = v6.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as u32)
+}
+
+fn bind_fd(fd: i32, a: SocketAddr) {
+    let (ss, len) = sockaddr(a);
+    let rc = unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) };
+    assert_eq!(rc, 0, "bind {a}: {}", std::io::Error::last_os_error());
+}
+
+fn connect_fd(fd: i32, a: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let (ss, len) = sockaddr(a);
+    let rc = unsafe { libc::connect(fd, &ss as *const _ as *const libc::sockaddr, len) };
+    assert_eq!(rc, 0, "connect {a}: {}", std::io::Error::last_os_error());
+    unsafe { TcpStream::from_raw_fd(fd) }
+}
+
+fn udp_echo(sock: UdpSocket, datagrams: usize) {
+    let mut buf = [0u8; 2048];
+    for _ in 0..datagrams {
+        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        sock.send_to(&buf[..n], from).unwrap();
+    }
+}
+
+fn udp_client(src: SocketAddr, dst: SocketAddr, count: usize, size: usize) -> usize {
+    let s = UdpSocket::bind(src).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut echoed = 0;
+    let mut buf = [0u8; 2048];
+    for _ in 0..count {
+        s.send_to(&vec![3u8; size], dst).unwrap();
+        let (n, _) = s.recv_from(&mut buf).unwrap();
+        assert_eq!(n, size);
+        echoed += 1;
+    }
+    echoed
+}
+
+struct Flow {
+    name: &'static str,
+    proto: &'static str,
+    src: IpAddr,
+    dst: IpAddr,
+    /// TCP/UDP ports; ICMP flows are matched by address and protocol.
+    sport: u16,
+    dport: u16,
+    class: &'static str,
+    dst_pod: Option<&'static str>,
+    /// Exact (packets, bytes) per direction when the arithmetic is known (UDP, ICMP).
+    expect: Option<((u64, u64), (u64, u64))>,
+}
+
+fn nft_rules(flows: &[Flow]) -> String {
+    let mut counters = String::new();
+    let (mut out, mut inn) = (String::new(), String::new());
+    for f in flows {
+        counters.push_str(&format!("counter {n}_out {{}}\ncounter {n}_in {{}}\n", n = f.name));
+        let (fam, daddr_o, saddr_i) = match f.dst {
+            IpAddr::V4(_) => ("ip", format!("ip daddr {}", f.dst), format!("ip saddr {}", f.dst)),
+            IpAddr::V6(_) => ("ip6", format!("ip6 daddr {}", f.dst), format!("ip6 saddr {}", f.dst)),
+        };
+        let _ = fam;
+        let (o, i) = match f.proto {
+            "TCP" | "UDP" => {
+                let p = f.proto.to_lowercase();
+                (
+                    format!("{daddr_o} {p} sport {} {p} dport {}", f.sport, f.dport),
+                    format!("{saddr_i} {p} sport {} {p} dport {}", f.dport, f.sport),
+                )
+            }
+            "ICMP" => (format!("{daddr_o} icmp type echo-request"), format!("{saddr_i} icmp type echo-reply")),
+            _ => (format!("{daddr_o} icmpv6 type echo-request"), format!("{saddr_i} icmpv6 type echo-reply")),
+        };
+        out.push_str(&format!("{o} counter name {}_out\n", f.name));
+        inn.push_str(&format!("{i} counter name {}_in\n", f.name));
+    }
+    format!(
+        "table inet ref {{\n{counters}chain out {{\ntype filter hook output priority 0; policy accept;\n{out}}}\n\
+         chain in {{\ntype filter hook input priority 0; policy accept;\n{inn}}}\n}}\n"
+    )
+}
+
+fn find<'a>(records: &'a [Value], f: &Flow) -> Option<&'a Value> {
+    records.iter().find(|r| {
+        r["l4"]["protocol"] == f.proto
+            && r["ip"]["src"] == f.src.to_string()
+            && r["ip"]["dst"] == f.dst.to_string()
+            && (f.proto.starts_with("ICMP") || (r["l4"]["src_port"] == f.sport && r["l4"]["dst_port"] == f.dport))
+    })
+}
+
+#[test]
+fn per_flow_packets_and_bytes_are_exact() {
+    let mut bed = TestBed::overlay("cnt").expect("test bed");
+    bed.add_pod(PodSpec { namespace: "x", name: "a", labels: &[("app", "client")], ports: &[] }).unwrap();
+    bed.add_pod(PodSpec { namespace: "y", name: "b", labels: &[("app", "server")], ports: &[("http", TCP_PORT, "TCP"), ("echo", UDP_PORT, "UDP")] }).unwrap();
+    let daemon = bed.start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"]).expect("daemon");
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let ext4: IpAddr = EXT_IP.parse().unwrap();
+    let ext6: IpAddr = EXT_IP6.parse().unwrap();
+
+    // UDP: 20 + 8 (+20 for IPv6's longer header) + payload per datagram, echoed back.
+    let udp4 = |n: u64, size: u64| Some(((n, n * (28 + size)), (n, n * (28 + size))));
+    let udp6 = |n: u64, size: u64| Some(((n, n * (48 + size)), (n, n * (48 + size))));
+    // ping: 56 bytes of data + 8 ICMP header + IP header, each way.
+    let ping4 = Some(((3, 3 * 84), (3, 3 * 84)));
+    let ping6 = Some(((3, 3 * 104), (3, 3 * 104)));
+    let flows = vec![
+        Flow { name: "tcp4_pod", proto: "TCP", src: a.ip4, dst: b.ip4, sport: 41001, dport: TCP_PORT, class: "pod-to-pod-local", dst_pod: Some("b"), expect: None },
+        Flow { name: "tcp6_pod", proto: "TCP", src: a.ip6, dst: b.ip6, sport: 41002, dport: TCP_PORT, class: "pod-to-pod-local", dst_pod: Some("b"), expect: None },
+        Flow { name: "tcp4_ext", proto: "TCP", src: a.ip4, dst: ext4, sport: 41003, dport: TCP_PORT, class: "pod-to-world", dst_pod: None, expect: None },
+        Flow { name: "tcp6_ext", proto: "TCP", src: a.ip6, dst: ext6, sport: 41004, dport: TCP_PORT, class: "pod-to-world", dst_pod: None, expect: None },
+        Flow { name: "udp4_pod", proto: "UDP", src: a.ip4, dst: b.ip4, sport: 42001, dport: UDP_PORT, class: "pod-to-pod-local", dst_pod: Some("b"), expect: udp4(10, 200) },
+        Flow { name: "udp6_pod", proto: "UDP", src: a.ip6, dst: b.ip6, sport: 42002, dport: UDP_PORT, class: "pod-to-pod-local", dst_pod: Some("b"), expect: udp6(10, 200) },
+        Flow { name: "udp4_ext", proto: "UDP", src: a.ip4, dst: ext4, sport: 42003, dport: UDP_PORT, class: "pod-to-world", dst_pod: None, expect: udp4(7, 500) },
+        Flow { name: "udp6_ext", proto: "UDP", src: a.ip6, dst: ext6, sport: 42004, dport: UDP_PORT, class: "pod-to-world", dst_pod: None, expect: udp6(7, 500) },
+        Flow { name: "ping4_pod", proto: "ICMP", src: a.ip4, dst: b.ip4, sport: 0, dport: 0, class: "pod-to-pod-local", dst_pod: Some("b"), expect: ping4 },
+        Flow { name: "ping6_ext", proto: "ICMPv6", src: a.ip6, dst: ext6, sport: 0, dport: 0, class: "pod-to-world", dst_pod: None, expect: ping6 },
+    ];
+    nft(&a.netns, &nft_rules(&flows)).expect("reference counters");
+
+    // Servers: pod b and the external host, dual-stack.
+    let mut servers = Vec::new();
+    for ns in [b.netns.clone(), bed.ext_ns.clone()] {
+        let is_pod = ns == b.netns;
+        let (tcp_conns, udp_dgrams) = if is_pod { (2, 20) } else { (2, 14) };
+        let tl = in_netns(&ns, || TcpListener::bind(("::", TCP_PORT)).unwrap()).unwrap();
+        let us = in_netns(&ns, || UdpSocket::bind(("::", UDP_PORT)).unwrap()).unwrap();
+        servers.push(std::thread::spawn(move || tcp_server(tl, tcp_conns)));
+        servers.push(std::thread::spawn(move || udp_echo(us, udp_dgrams)));
+    }
+
+    let sizes = [(100_000usize, 50_000usize), (64_000, 128_000), (30_000, 70_000), (12_345, 54_321)];
+    let mut clients = Vec::new();
+    for (i, f) in flows.iter().enumerate().filter(|(_, f)| f.proto == "TCP") {
+        let (send, reply) = sizes[i % 4];
+        let (src, dst) = (SocketAddr::new(f.src, f.sport), SocketAddr::new(f.dst, f.dport));
+        clients.push(spawn_in_netns(&a.netns, move || assert_eq!(tcp_client(src, dst, send, reply), reply)));
+    }
+    for c in clients.drain(..) {
+        c.join().unwrap().unwrap();
+    }
+    for f in flows.iter().filter(|f| f.proto == "UDP") {
+        let ((n, bytes), _) = f.expect.unwrap();
+        let hdr = if f.src.is_ipv4() { 28 } else { 48 };
+        let size = (bytes / n - hdr) as usize;
+        let (src, dst) = (SocketAddr::new(f.src, f.sport), SocketAddr::new(f.dst, f.dport));
+        in_netns(&a.netns, move || assert_eq!(udp_client(src, dst, n as usize, size), n as usize)).unwrap();
+    }
+    for f in flows.iter().filter(|f| f.proto.starts_with("ICMP")) {
+        let dst = f.dst.to_string();
+        observer_tests::ns_run(&a.netns, &["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "2", &dst]).unwrap();
+    }
+    for s in servers {
+        s.join().unwrap();
+    }
+    // Let TCP finish its FIN/ACK exchange and the daemon publish closes (1 s grace).
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let conntrack = daemon.get_lines("/v1/conntrack").unwrap();
+    let history = daemon.get_lines("/v1/flows").unwrap();
+    let mut failures = Vec::new();
+    for f in &flows {
+        let reference_out = nft_counter(&a.netns, "inet", "ref", &format!("{}_out", f.name)).unwrap();
+        let reference_in = nft_counter(&a.netns, "inet", "ref", &format!("{}_in", f.name)).unwrap();
+        let Some(r) = find(&conntrack, f) else {
+            failures.push(format!("{}: no conntrack record", f.name));
+            continue;
+        };
+        let c = &r["counters"];
+        let got_out = (c["packets_out"].as_u64().unwrap(), c["bytes_out"].as_u64().unwrap());
+        let got_in = (c["packets_in"].as_u64().unwrap(), c["bytes_in"].as_u64().unwrap());
+        eprintln!("{:<10} observer out {:?} in {:?} | nft out {:?} in {:?}", f.name, got_out, got_in, reference_out, reference_in);
+        if got_out != reference_out || got_in != reference_in {
+            failures.push(format!("{}: observer out {got_out:?} in {got_in:?}, nft out {reference_out:?} in {reference_in:?}", f.name));
+        }
+        if let Some((eo, ei)) = f.expect {
+            if got_out != eo || got_in != ei {
+                failures.push(format!("{}: observer out {got_out:?} in {got_in:?}, sent out {eo:?} in {ei:?}", f.name));
+            }
+        }
+        if got_out.0 == 0 || got_in.0 == 0 {
+            failures.push(format!("{}: a direction saw no packets", f.name));
+        }
+        if r["traffic_class"] != f.class {
+            failures.push(format!("{}: class {} want {}", f.name, r["traffic_class"], f.class));
+        }
+        if r["source"]["pod"] != "a" || r["source"]["namespace"] != "x" || r["source"]["labels"]["app"] != "client" {
+            failures.push(format!("{}: source not enriched: {}", f.name, r["source"]));
+        }
+        match f.dst_pod {
+            Some(p) if r["destination"]["pod"] != p => failures.push(format!("{}: destination {}", f.name, r["destination"])),
+            None if !r["destination"]["pod"].is_null() => failures.push(format!("{}: destination {}", f.name, r["destination"])),
+            _ => {}
+        }
+        if r["direction"] != "egress" {
+            failures.push(format!("{}: direction {}", f.name, r["direction"]));
+        }
+        // Every flow was announced when it started.
+        if !history.iter().any(|h| h["event"] == "new" && find(std::slice::from_ref(h), f).is_some()) {
+            failures.push(format!("{}: no 'new' record", f.name));
+        }
+        // TCP closes are published with the final counters.
+        if f.proto == "TCP" {
+            match history.iter().find(|h| h["event"] == "close" && find(std::slice::from_ref(h), f).is_some()) {
+                Some(h) if h["counters"] == r["counters"] => {}
+                Some(h) => failures.push(format!("{}: close record counters {} differ from final {}", f.name, h["counters"], r["counters"])),
+                None => failures.push(format!("{}: no 'close' record", f.name)),
+            }
+        }
+    }
+    let status: Value = serde_json::from_str(&daemon.get("/v1/status").unwrap()).unwrap();
+    let lost = status["kernel"].as_array().unwrap().iter().find(|kv| kv[0] == "events_lost").unwrap()[1].as_u64().unwrap();
+    if lost != 0 {
+        failures.push(format!("{lost} events lost"));
+    }
+    assert!(failures.is_empty(), "mismatches:\n{}\ndaemon log:\n{}", failures.join("\n"), daemon.log_text());
+}
