@@ -92,7 +92,11 @@ pub struct CtEntry {
     pub tcp_flags: u32,
     /// [`TrafficClass`] as u8.
     pub class: u8,
-    pub _pad: [u8; 3],
+    /// ICMP/ICMPv6 type and code of the first packet (0 for other protocols): tells an echo
+    /// flow, whose ports carry the identifier, from others, whose key carries type and code.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub _pad: u8,
 }
 
 #[repr(u8)]
@@ -167,7 +171,9 @@ pub struct FlowEvent {
     /// [`EventKind`] as u8.
     pub kind: u8,
     pub class: u8,
-    pub _pad: [u8; 2],
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub _pad: [u8; 4],
 }
 
 /// Key of the endpoints map: an address of a pod on this node.
@@ -238,7 +244,9 @@ pub mod stat {
     pub const FRAGMENT: u32 = 5;
     pub const UNKNOWN_L4: u32 = 6;
     pub const IPV6_EXT_LIMIT: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// IPv6 neighbour discovery (ICMPv6 133-137): counted here, not tracked as flows.
+    pub const ICMPV6_ND: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
         "events_lost",
@@ -248,6 +256,7 @@ pub mod stat {
         "fragment",
         "unknown_l4",
         "ipv6_ext_limit",
+        "icmpv6_nd",
     ];
 }
 
@@ -274,7 +283,7 @@ mod layout {
     fn sizes_are_fixed() {
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtEntry>(), 72);
-        assert_eq!(size_of::<FlowEvent>(), 104);
+        assert_eq!(size_of::<FlowEvent>(), 112);
         assert_eq!(size_of::<IpKey>(), 20);
         assert_eq!(size_of::<IpcacheKeyData>(), 20);
         assert_eq!(size_of::<IpcacheEntry>(), 8);

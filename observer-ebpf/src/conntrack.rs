@@ -105,7 +105,8 @@ pub fn account(
             return true;
         }
     }
-    create(&key, from_a, bytes, now, flags, is_tcp, ifindex, class_of_new())
+    let class = class_of_new();
+    create(&key, from_a, bytes, now, flags, is_tcp, ifindex, class, pkt.icmp_type, pkt.icmp_code)
 }
 
 #[inline(always)]
@@ -119,6 +120,8 @@ fn create(
     is_tcp: bool,
     ifindex: u32,
     class: TrafficClass,
+    icmp_type: u8,
+    icmp_code: u8,
 ) -> bool {
     // A SYN-ACK as the first packet seen means its receiver opened the connection.
     let first_is_reply = is_tcp && flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK);
@@ -134,7 +137,9 @@ fn create(
         flags: if orig_is_a { ct_flags::ORIG_IS_A } else { 0 },
         tcp_flags: (flags as u32) << (dir * 8),
         class: class as u8,
-        _pad: [0; 3],
+        icmp_type,
+        icmp_code,
+        _pad: 0,
     };
     e.packets[dir] = 1;
     e.bytes[dir] = bytes;

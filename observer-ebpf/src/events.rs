@@ -24,7 +24,9 @@ pub fn emit(kind: EventKind, key: &CtKey, e: &CtEntry) {
                 tcp_flags: e.tcp_flags,
                 kind: kind as u8,
                 class: e.class,
-                _pad: [0; 2],
+                icmp_type: e.icmp_type,
+                icmp_code: e.icmp_code,
+                _pad: [0; 4],
             };
             slot.write(ev);
             // Waking the reader costs an irq_work per event; the daemon also polls on a short

@@ -47,6 +47,8 @@ pub struct Packet {
     pub family: u8,
     pub proto: u8,
     pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
     pub src: [u32; 4],
     pub dst: [u32; 4],
     /// Host byte order. For ICMP echo: the identifier as the requester's port.
@@ -121,6 +123,8 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
         family: AF_INET,
         proto,
         tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
         src: [raw32(ip, 12), 0, 0, 0],
         dst: [raw32(ip, 16), 0, 0, 0],
         sport: 0,
@@ -151,6 +155,8 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
         family: AF_INET6,
         proto: 0,
         tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
         src: [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)],
         dst: [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)],
         sport: 0,
@@ -235,6 +241,11 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, l4: usize) -> Result<(), u32> {
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let h = hdr::<8>(ctx, l4)?;
             let (ty, code) = (h[0], h[1]);
+            pkt.icmp_type = ty;
+            pkt.icmp_code = code;
+            if pkt.proto == IPPROTO_ICMPV6 && (133..=137).contains(&ty) {
+                return Err(stat::ICMPV6_ND);
+            }
             let (request, reply) = if pkt.proto == IPPROTO_ICMP { (8, 0) } else { (128, 129) };
             if ty == request {
                 pkt.sport = be16(h, 4);

@@ -415,7 +415,9 @@ fn entry_of(ev: &FlowEvent) -> CtEntry {
         flags: ev.flags,
         tcp_flags: ev.tcp_flags,
         class: ev.class,
-        _pad: [0; 3],
+        icmp_type: ev.icmp_type,
+        icmp_code: ev.icmp_code,
+        _pad: 0,
     }
 }
 

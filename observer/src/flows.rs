@@ -25,6 +25,18 @@ pub struct L4Info {
     pub dst_port: u16,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tcp_flags: Vec<String>,
+    /// ICMP and ICMPv6 only: type and code of the first packet, and the echo identifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<IcmpInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IcmpInfo {
+    #[serde(rename = "type")]
+    pub icmp_type: u8,
+    pub code: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u16>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -147,6 +159,15 @@ pub fn record<'a>(
         _ => "egress",
     };
     let tcp = key.proto == observer_common::IPPROTO_TCP;
+    let icmp = key.proto == observer_common::IPPROTO_ICMP || key.proto == observer_common::IPPROTO_ICMPV6;
+    let echo = icmp && matches!(e.icmp_type, 0 | 8 | 128 | 129);
+    // ICMP keys carry the echo identifier (or type and code) where ports would be.
+    let (sport, dport, icmp_info) = if icmp {
+        let id = echo.then_some(sport.max(dport));
+        (0, 0, Some(IcmpInfo { icmp_type: e.icmp_type, code: e.icmp_code, id }))
+    } else {
+        (sport, dport, None)
+    };
     let flags = (e.tcp_flags & 0xff) as u8 | ((e.tcp_flags >> 8) & 0xff) as u8;
     FlowRecord {
         time: rfc3339(SystemTime::now()),
@@ -166,6 +187,7 @@ pub fn record<'a>(
             src_port: sport,
             dst_port: dport,
             tcp_flags: if tcp { tcp_flag_names(flags) } else { Vec::new() },
+            icmp: icmp_info,
         },
         source: peer(sip, sport, lookup(sip)),
         destination: peer(dip, dport, lookup(dip)),
@@ -184,7 +206,11 @@ pub fn record<'a>(
 impl FlowRecord {
     fn endpoint(p: &Peer) -> String {
         let ip = p.ip.map(|i| i.to_string()).unwrap_or_default();
-        let addr = if ip.contains(':') { format!("[{ip}]:{}", p.port) } else { format!("{ip}:{}", p.port) };
+        let addr = match (p.port, ip.contains(':')) {
+            (0, _) => ip,
+            (port, true) => format!("[{ip}]:{port}"),
+            (port, false) => format!("{ip}:{port}"),
+        };
         match (&p.namespace, &p.pod) {
             (Some(ns), Some(pod)) => format!("{ns}/{pod} ({addr})"),
             _ => addr,
@@ -203,7 +229,10 @@ impl FlowRecord {
             self.l4.protocol,
             self.traffic_class,
             self.verdict.to_uppercase(),
-            if self.l4.tcp_flags.is_empty() { String::new() } else { self.l4.tcp_flags.join(",") },
+            match &self.l4.icmp {
+                Some(i) => format!("type {} code {}{}", i.icmp_type, i.code, i.id.map(|id| format!(" id {id}")).unwrap_or_default()),
+                None => self.l4.tcp_flags.join(","),
+            },
             c.packets_out,
             c.bytes_out,
             c.packets_in,

@@ -297,8 +297,14 @@ impl TestBed {
 
     /// Starts `observer daemon` inside the node namespace. The process is killed on drop.
     pub fn start_daemon(&mut self, observer_bin: &Path, extra: &[&str]) -> Result<Daemon> {
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/observer-test-{}", self.prefix));
         let socket = self.dir.join("observer.sock");
+        self.start_daemon_at(observer_bin, &socket, extra)
+    }
+
+    /// Like [`TestBed::start_daemon`], with the API socket at `socket`.
+    pub fn start_daemon_at(&mut self, observer_bin: &Path, socket: &Path, extra: &[&str]) -> Result<Daemon> {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/observer-test-{}", self.prefix));
+        let socket = socket.to_path_buf();
         let log = self.dir.join("daemon.log");
         let logf = std::fs::File::create(&log)?;
         let mut cmd = Command::new(observer_bin);

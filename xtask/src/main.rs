@@ -1,1 +1,119 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | test | demo | bench`.
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "observer's build, test, demo and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (apt packages, bpf-linker, the eBPF toolchain).
+    Setup,
+    /// Setup, unit tests, then the privileged end-to-end tests on virtual nodes.
+    Test {
+        /// Only the unit tests.
+        #[arg(long)]
+        unit_only: bool,
+    },
+    /// Run a virtual node with example pods and traffic, and print live flows.
+    Demo {
+        /// Stop by itself after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Benchmarks; results belong in BENCHMARKS.md.
+    Bench {
+        /// What to measure: `datapath`.
+        what: String,
+        /// One JSON object per measurement.
+        #[arg(long)]
+        json: bool,
+        /// Extra arguments for `observer bench <what>`.
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
+}
+
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("+ cargo {}", args.join(" "));
+    let st = Command::new(cargo).args(args).status()?;
+    if !st.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn observer_bin() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|| workspace_root().join("target"));
+    target.join("debug").join("observer")
+}
+
+/// End-to-end test targets of the `observer` package: `observer/tests/e2e_*.rs`.
+fn e2e_targets() -> Result<Vec<String>> {
+    let mut v: Vec<String> = std::fs::read_dir(workspace_root().join("observer/tests"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("e2e_") && n.ends_with(".rs"))
+        .map(|n| n.trim_end_matches(".rs").to_string())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    std::env::set_current_dir(workspace_root())?;
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { unit_only } => {
+            setup::run()?;
+            cargo(&["test", "-p", "observer-common", "-p", "observer-tests", "-p", "xtask", "-p", "observer", "--lib", "--bins"])?;
+            if unit_only {
+                return Ok(());
+            }
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("the end-to-end tests need root (network namespaces and eBPF); rerun as root or pass --unit-only");
+            }
+            let targets = e2e_targets()?;
+            let mut args = vec!["test", "-p", "observer"];
+            for t in &targets {
+                args.push("--test");
+                args.push(t);
+            }
+            cargo(&args)
+        }
+        Cmd::Demo { duration } => {
+            setup::run()?;
+            cargo(&["build", "-p", "observer"])?;
+            demo::run(duration)
+        }
+        Cmd::Bench { what, json, rest } => {
+            setup::run()?;
+            cargo(&["build", "-p", "observer"])?;
+            let mut cmd = Command::new(observer_bin());
+            cmd.args(["bench", &what]);
+            if json {
+                cmd.arg("--json");
+            }
+            cmd.args(&rest);
+            if !cmd.status()?.success() {
+                bail!("observer bench {what} failed");
+            }
+            Ok(())
+        }
+    }
+}
