@@ -93,6 +93,9 @@ struct DaemonArgs {
     /// Wait this long after a TCP close before reporting it, so the final ACK is counted.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     close_grace: Duration,
+    /// How often a `dir:` source is re-read.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    source_poll: Duration,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "OBSERVER_LOG", default_value = "info")]
     log: String,
@@ -167,7 +170,7 @@ fn main() -> Result<()> {
                 tcp_timeout: a.tcp_timeout,
                 other_timeout: a.other_timeout,
                 close_grace: a.close_grace,
-                source_poll: Duration::from_secs(2),
+                source_poll: a.source_poll,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(daemon::run(opts))
