@@ -292,3 +292,35 @@ fn per_flow_packets_and_bytes_are_exact() {
     }
     assert!(failures.is_empty(), "mismatches:\n{}\ndaemon log:\n{}", failures.join("\n"), daemon.log_text());
 }
+
+#[test]
+fn inbound_flows_from_the_node_and_the_world_are_classified_and_counted() {
+    let mut bed = TestBed::overlay("inb").expect("test bed");
+    bed.add_pod(PodSpec { namespace: "y", name: "b", labels: &[("app", "server")], ports: &[] }).unwrap();
+    let daemon = bed.start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"]).expect("daemon");
+    let b = bed.pod("b").clone();
+    let node_ns = bed.node_ns.clone();
+    let ext_ns = bed.ext_ns.clone();
+    observer_tests::ns_run(&node_ns, &["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "2", &b.ip4.to_string()]).unwrap();
+    observer_tests::ns_run(&ext_ns, &["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "2", &b.ip4.to_string()]).unwrap();
+    observer_tests::ns_run(&ext_ns, &["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "2", &b.ip6.to_string()]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let ct = daemon.get_lines("/v1/conntrack").unwrap();
+    let cases = [
+        (observer_tests::NODE_IP, b.ip4.to_string(), "ICMP", "node-to-pod", 3u64, 84u64),
+        (EXT_IP, b.ip4.to_string(), "ICMP", "world-to-pod", 2, 84),
+        (EXT_IP6, b.ip6.to_string(), "ICMPv6", "world-to-pod", 2, 104),
+    ];
+    for (src, dst, proto, class, n, size) in cases {
+        let r = ct
+            .iter()
+            .find(|r| r["ip"]["src"] == src && r["ip"]["dst"] == dst.as_str() && r["l4"]["protocol"] == proto)
+            .unwrap_or_else(|| panic!("no {proto} flow {src} -> {dst} in {ct:#?}"));
+        assert_eq!(r["traffic_class"], class, "{src} -> {dst}");
+        assert_eq!(r["direction"], "ingress", "{src} -> {dst}");
+        assert_eq!(r["destination"]["pod"], "b");
+        let c = &r["counters"];
+        assert_eq!((c["packets_out"].as_u64(), c["bytes_out"].as_u64()), (Some(n), Some(n * size)), "{src} -> {dst}");
+        assert_eq!((c["packets_in"].as_u64(), c["bytes_in"].as_u64()), (Some(n), Some(n * size)), "{src} -> {dst}");
+    }
+}

@@ -173,6 +173,9 @@ impl TestBed {
             (&rtr, vec!["ip", "addr", "add", "2001:db8:113::1/64", "dev", "wan0", "nodad"]),
             (&rtr, vec!["ip", "link", "set", "vnet0", "up"]),
             (&rtr, vec!["ip", "link", "set", "wan0", "up"]),
+            // kubenet-style user-defined routes: the VNet routes each node's pod CIDR to it.
+            (&rtr, vec!["ip", "route", "add", "10.244.1.0/24", "via", "10.224.0.4"]),
+            (&rtr, vec!["ip", "-6", "route", "add", "fd00:10:244:1::/64", "via", "fd00:224::4"]),
             (&ext, vec!["ip", "addr", "add", "203.0.113.10/24", "dev", "eth0"]),
             (&ext, vec!["ip", "addr", "add", "2001:db8:113::10/64", "dev", "eth0", "nodad"]),
             (&ext, vec!["ip", "link", "set", "eth0", "up"]),
