@@ -85,6 +85,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+fn measurement(case: String, subject: Vec<f64>, baseline: Vec<f64>, method: String) -> Measurement {
+    let (s, b) = (median(subject), median(baseline));
+    Measurement {
+        bench: "datapath",
+        case,
+        ns_per_packet: s,
+        baseline_ns_per_packet: b,
+        ns_above_baseline: s - b,
+        method,
+    }
+}
+
 /// Fills the maps the way a node with `identities` remote prefixes would look.
 fn populate(dp: &mut Datapath, identities: u32) -> Result<()> {
     let mut eps = dp.endpoints_mut()?;
@@ -135,15 +147,12 @@ pub fn datapath(repeat: u32, rounds: usize, new_conn_runs: u32) -> Result<Vec<Me
             base.push(run(&mut dp, programs::TC_EMPTY, &pkt, repeat)?);
             subj.push(run(&mut dp, programs::FROM_POD, &pkt, repeat)?);
         }
-        let (s, b) = (median(subj), median(base));
-        out.push(Measurement {
-            bench: "datapath",
-            case: format!("from_pod/{name}/conntrack_hit"),
-            ns_per_packet: s,
-            baseline_ns_per_packet: b,
-            ns_above_baseline: s - b,
-            method: format!("repeat={repeat}, median of {rounds} rounds"),
-        });
+        out.push(measurement(
+            format!("from_pod/{name}/conntrack_hit"),
+            subj,
+            base,
+            format!("repeat={repeat}, median of {rounds} rounds"),
+        ));
 
         // New connection: the entry is removed before every run, so each run takes the
         // create path (miss, classify, insert, event). One packet per syscall; the baseline
@@ -165,15 +174,12 @@ pub fn datapath(repeat: u32, rounds: usize, new_conn_runs: u32) -> Result<Vec<Me
             subj.push(s_sum / new_conn_runs as f64);
             base.push(b_sum / new_conn_runs as f64);
         }
-        let (s, b) = (median(subj), median(base));
-        out.push(Measurement {
-            bench: "datapath",
-            case: format!("from_pod/{name}/new_connection"),
-            ns_per_packet: s,
-            baseline_ns_per_packet: b,
-            ns_above_baseline: s - b,
-            method: format!("{new_conn_runs} single runs per round, median of {rounds} rounds"),
-        });
+        out.push(measurement(
+            format!("from_pod/{name}/new_connection"),
+            subj,
+            base,
+            format!("{new_conn_runs} single runs per round, median of {rounds} rounds"),
+        ));
     }
     stop.store(true, Ordering::Relaxed);
     let _ = drainer.join();

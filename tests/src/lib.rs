@@ -61,15 +61,7 @@ pub fn ns_run(ns: &str, args: &[&str]) -> Result<String> {
 
 /// Runs `f` on a thread that has entered network namespace `ns`: sockets it creates live there.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let path = PathBuf::from("/run/netns").join(ns);
-    let h = std::thread::spawn(move || -> Result<T> {
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
-        }
-        Ok(f())
-    });
-    h.join().map_err(|_| anyhow::anyhow!("thread in netns {ns} panicked"))?
+    spawn_in_netns(ns, f).join().map_err(|_| anyhow::anyhow!("thread in netns {ns} panicked"))?
 }
 
 /// Spawns `f` on a thread inside `ns` without waiting for it.
@@ -80,6 +72,7 @@ pub fn spawn_in_netns<T: Send + 'static>(
     let path = PathBuf::from("/run/netns").join(ns);
     std::thread::spawn(move || -> Result<T> {
         let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        // Only this thread moves; the namespace is released when the thread ends.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
         }
