@@ -34,6 +34,9 @@ pub mod programs {
     pub const FROM_POD: &str = "from_pod";
     pub const TO_POD: &str = "to_pod";
     pub const TC_EMPTY: &str = "tc_empty";
+    /// Benchmark only: `from_pod` on a new connection every run, and its rewrite-only baseline.
+    pub const BENCH_NEW_CONN: &str = "bench_new_conn";
+    pub const BENCH_REWRITE: &str = "bench_rewrite";
 }
 
 pub const CT_MAX_ENTRIES: u32 = 262_144;

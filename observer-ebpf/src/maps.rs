@@ -49,3 +49,7 @@ pub fn stat_inc(idx: u32) {
         unsafe { *p += 1 };
     }
 }
+
+/// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
+#[map(name = "OBS_BENCH_SEQ")]
+pub static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

@@ -126,16 +126,31 @@ fn check_pins(pin_dir: &Path) -> Result<Vec<String>> {
 impl Datapath {
     /// Loads the programs, re-adopting maps pinned under `pin_dir` by an earlier daemon.
     pub fn load(pin_dir: &Path) -> Result<Self> {
+        Self::load_sized(pin_dir, None)
+    }
+
+    /// Like [`Datapath::load`], with the conntrack table sized to `ct_entries` (new maps only).
+    pub fn load_sized(pin_dir: &Path, ct_entries: Option<u32>) -> Result<Self> {
         ensure_bpffs(pin_dir)?;
         let adopted = check_pins(pin_dir)?;
         if !adopted.is_empty() {
             info!(maps = ?adopted, "re-adopting pinned maps");
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        if let Some(n) = ct_entries {
+            loader.map_max_entries(maps::CONNTRACK, n);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .context("loading the kernel programs")?;
-        for name in [programs::FROM_POD, programs::TO_POD, programs::TC_EMPTY] {
+        for name in [
+            programs::FROM_POD,
+            programs::TO_POD,
+            programs::TC_EMPTY,
+            programs::BENCH_NEW_CONN,
+            programs::BENCH_REWRITE,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?

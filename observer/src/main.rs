@@ -42,15 +42,12 @@ enum BenchCmd {
         /// One JSON object per measurement.
         #[arg(long)]
         json: bool,
-        /// Runs per BPF_PROG_TEST_RUN call for the conntrack-hit case.
+        /// Runs per BPF_PROG_TEST_RUN call.
         #[arg(long, default_value_t = 1_000_000)]
         repeat: u32,
         /// Rounds per case; the median is reported.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Single-packet runs per round for the new-connection case.
-        #[arg(long, default_value_t = 200_000)]
-        new_conn_runs: u32,
     },
 }
 
@@ -209,8 +206,8 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { what: BenchCmd::Datapath { json, repeat, rounds, new_conn_runs } } => {
-            let ms = observer::bench::datapath(repeat, rounds, new_conn_runs)?;
+        Cmd::Bench { what: BenchCmd::Datapath { json, repeat, rounds } } => {
+            let ms = observer::bench::datapath(repeat, rounds)?;
             for m in ms {
                 if json {
                     println!("{}", serde_json::to_string(&m)?);
