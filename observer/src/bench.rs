@@ -187,6 +187,9 @@ fn with_datapath<T>(ct_entries: Option<u32>, f: impl FnOnce(&mut Datapath) -> Re
     let _ = std::fs::remove_dir_all(&pin);
     let _guard = scopeguard(pin.clone());
     let mut dp = Datapath::load_sized(&pin, ct_entries)?;
+    for p in [programs::TC_EMPTY, programs::BENCH_NEW_CONN, programs::BENCH_REWRITE] {
+        dp.load_program(p)?;
+    }
     dp.set_config(Config { report_interval_ns: 0 })?;
     populate(&mut dp, 1000)?;
     let mut ring = dp.take_events()?;

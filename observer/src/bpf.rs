@@ -141,28 +141,30 @@ impl Datapath {
         if let Some(n) = ct_entries {
             loader.map_max_entries(maps::CONNTRACK, n);
         }
-        let mut ebpf = loader
+        let ebpf = loader
             .load(OBJECT)
             .context("loading the kernel programs")?;
-        for name in [
-            programs::FROM_POD,
-            programs::TO_POD,
-            programs::TC_EMPTY,
-            programs::BENCH_NEW_CONN,
-            programs::BENCH_REWRITE,
-        ] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            prog.load().with_context(|| format!("verifying program {name}"))?;
-        }
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             mode: AttachMode::detect(),
             links: HashMap::new(),
-        })
+        };
+        for name in [programs::FROM_POD, programs::TO_POD] {
+            dp.load_program(name)?;
+        }
+        Ok(dp)
+    }
+
+    /// Verifies and loads one program of the object (the datapath's two are loaded by `load`;
+    /// benchmarks load their own).
+    pub fn load_program(&mut self, name: &str) -> Result<()> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("verifying program {name}"))
     }
 
     pub fn set_config(&mut self, cfg: Config) -> Result<()> {
