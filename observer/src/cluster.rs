@@ -12,6 +12,8 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use observer_common::{EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, RemoteKind};
 use serde::Deserialize;
 
+use crate::policy::{model, Policy, Protocol};
+
 /// A pod as the datapath and the flow logs need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
@@ -23,6 +25,8 @@ pub struct PodInfo {
     /// `Kind/name` of the controlling owner, if any.
     pub workload: Option<String>,
     pub host_network: bool,
+    /// Container ports: (name, number, protocol), for named ports in policies.
+    pub ports: Vec<(String, u16, Protocol)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +41,9 @@ pub struct Cluster {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub pods: Vec<PodInfo>,
     pub nodes: Vec<NodeInfo>,
+    pub policies: Vec<Policy>,
+    /// Namespaces annotated `observer.dev/audit: "true"`: their policies are in audit mode.
+    pub audit_namespaces: std::collections::BTreeSet<String>,
     /// Objects that could not be used, each with the reason naming object and field.
     pub errors: Vec<String>,
 }
@@ -74,6 +81,21 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo> {
             }
         }
     }
+    let mut ports = Vec::new();
+    for (ci, c) in spec.map(|s| s.containers.as_slice()).unwrap_or_default().iter().enumerate() {
+        for (pi, p) in c.ports.iter().flatten().enumerate() {
+            let proto = match p.protocol.as_deref() {
+                None => Protocol::Tcp,
+                Some(s) => Protocol::parse(s).with_context(|| {
+                    format!("pod {namespace}/{name}: spec.containers[{ci}].ports[{pi}].protocol {s:?} is not TCP, UDP or SCTP")
+                })?,
+            };
+            let number = u16::try_from(p.container_port).ok().filter(|n| *n > 0).with_context(|| {
+                format!("pod {namespace}/{name}: spec.containers[{ci}].ports[{pi}].containerPort {} is not a port", p.container_port)
+            })?;
+            ports.push((p.name.clone().unwrap_or_default(), number, proto));
+        }
+    }
     let workload = meta.owner_references.iter().flatten().find(|o| o.controller == Some(true))
         .map(|o| format!("{}/{}", o.kind, o.name));
     Ok(PodInfo {
@@ -84,6 +106,7 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo> {
         labels: meta.labels.clone().unwrap_or_default(),
         workload,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        ports,
     })
 }
 
@@ -141,6 +164,10 @@ fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value) {
             "Namespace" => {
                 let ns: Namespace = serde_json::from_value(value)?;
                 let name = ns.metadata.name.context("Namespace metadata.name missing")?;
+                let audit = ns.metadata.annotations.as_ref().and_then(|a| a.get(model::AUDIT_ANNOTATION));
+                if audit.is_some_and(|v| v == "true") {
+                    cluster.audit_namespaces.insert(name.clone());
+                }
                 cluster.namespaces.insert(name, ns.metadata.labels.unwrap_or_default());
             }
             "Pod" => {
@@ -151,8 +178,14 @@ fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value) {
                 let node: Node = serde_json::from_value(value)?;
                 cluster.nodes.push(node_info(&node)?);
             }
-            // Policy objects are read by the policy engine.
-            "NetworkPolicy" => {}
+            "NetworkPolicy" => {
+                let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(value)?;
+                let p = model::compile(&np);
+                for e in &p.errors {
+                    cluster.errors.push(format!("{origin}: {e}"));
+                }
+                cluster.policies.push(p);
+            }
             other => bail!("kind {other} is not used by observer"),
         }
         Ok(())

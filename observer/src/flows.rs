@@ -267,6 +267,7 @@ mod tests {
             labels: Default::default(),
             workload: None,
             host_network: false,
+            ports: vec![],
         };
         let r = record("n1", EventKind::New, &key, &e, |ip| (ip == pod.ips[0]).then_some(&pod));
         assert_eq!(r.source.ip, Some("203.0.113.10".parse().unwrap()));

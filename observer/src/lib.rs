@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod daemon;
 pub mod flows;
 pub mod netlink;
+pub mod policy;

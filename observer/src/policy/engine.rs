@@ -1,0 +1,272 @@
+//! The reference semantics engine: pure Rust, no kernel. Decides whether a connection from a
+//! source to a destination on (protocol, port) is allowed by the cluster's NetworkPolicies, and
+//! says why.
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use serde::Serialize;
+
+use super::model::{PeerSpec, Policy, PortSpec, Protocol, Rule};
+use crate::cluster::{Cluster, PodInfo};
+
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Whether ipBlock peers match pod IPs. Upstream leaves it to the implementation; the default
+    /// (false) treats ipBlock as the cluster-external addresses it is meant for, as Cilium does:
+    /// pods are selected by labels.
+    pub ipblock_matches_pods: bool,
+    /// Every would-be drop passes and is reported as `audit`.
+    pub audit_all: bool,
+}
+
+/// One side of a connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Peer<'a> {
+    Pod(&'a PodInfo),
+    /// An address that is not a pod of the cluster.
+    External(IpAddr),
+}
+
+impl Peer<'_> {
+    fn pod(&self) -> Option<&PodInfo> {
+        match self {
+            Peer::Pod(p) => Some(p),
+            Peer::External(_) => None,
+        }
+    }
+
+    fn ip(&self) -> Option<IpAddr> {
+        match self {
+            Peer::Pod(p) => p.ips.first().copied(),
+            Peer::External(ip) => Some(*ip),
+        }
+    }
+}
+
+impl fmt::Display for Peer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Pod(p) => write!(f, "{}/{}", p.namespace, p.name),
+            Peer::External(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    /// Denied by policy, but every isolating policy is in audit mode: the traffic passes.
+    Audit,
+}
+
+impl Verdict {
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+/// The outcome in one direction (egress at the source, ingress at the destination).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Side {
+    /// The endpoint is not a pod of the cluster: nothing to enforce there.
+    NotApplicable,
+    /// No policy selects the pod in this direction.
+    NotIsolated,
+    /// A pod talking to itself.
+    Loopback,
+    Allowed { policy: String, rule: usize },
+    Denied { isolated_by: Vec<String>, invalid: Vec<String>, audit: bool },
+}
+
+impl Side {
+    /// Whether traffic gets through in this direction (audited drops do).
+    fn passes(&self) -> bool {
+        !matches!(self, Side::Denied { .. })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub egress: Side,
+    pub ingress: Side,
+}
+
+impl Decision {
+    /// One line naming the cause, for matrices and flow logs.
+    pub fn reason(&self) -> String {
+        let side = |dir: &str, s: &Side| match s {
+            Side::Allowed { policy, rule } => Some(format!("{dir} allowed by {policy} rule {rule}")),
+            Side::Denied { isolated_by, invalid, audit } => {
+                let mut r = format!("{dir} denied: isolated by {} and no rule matches", isolated_by.join(", "));
+                if !invalid.is_empty() {
+                    r.push_str(&format!(" (invalid, allowing nothing: {})", invalid.join(", ")));
+                }
+                if *audit {
+                    r.push_str(" [audit]");
+                }
+                Some(r)
+            }
+            Side::Loopback => Some("a pod talking to itself is always allowed".into()),
+            _ => None,
+        };
+        let mut parts: Vec<String> = [side("egress", &self.egress), side("ingress", &self.ingress)].into_iter().flatten().collect();
+        if parts.is_empty() {
+            parts.push("no policy isolates either side".into());
+        }
+        parts.dedup();
+        parts.join("; ")
+    }
+}
+
+pub struct Engine<'a> {
+    pub cluster: &'a Cluster,
+    pub opts: Options,
+    empty: BTreeMap<String, String>,
+}
+
+enum Dir {
+    Ingress,
+    Egress,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(cluster: &'a Cluster, opts: Options) -> Self {
+        Self { cluster, opts, empty: BTreeMap::new() }
+    }
+
+    fn ns_labels(&self, ns: &str) -> &BTreeMap<String, String> {
+        self.cluster.namespaces.get(ns).unwrap_or(&self.empty)
+    }
+
+    /// Policies that select `pod` and isolate it in `dir`, in name order.
+    pub fn isolating(&self, pod: &PodInfo, ingress: bool) -> Vec<&'a Policy> {
+        let mut v: Vec<&Policy> = self
+            .cluster
+            .policies
+            .iter()
+            .filter(|p| p.namespace == pod.namespace)
+            .filter(|p| if ingress { p.ingress_isolates } else { p.egress_isolates })
+            // An unusable podSelector selects the whole namespace: fail closed.
+            .filter(|p| p.pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels)))
+            .collect();
+        v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        v
+    }
+
+    fn peer_matches(&self, policy: &Policy, spec: &PeerSpec, remote: &Peer<'_>) -> bool {
+        match spec {
+            PeerSpec::Pods(sel) => remote.pod().is_some_and(|p| p.namespace == policy.namespace && sel.matches(&p.labels)),
+            PeerSpec::Namespaces(ns) => remote.pod().is_some_and(|p| ns.matches(self.ns_labels(&p.namespace))),
+            PeerSpec::PodsInNamespaces { namespaces, pods } => remote
+                .pod()
+                .is_some_and(|p| namespaces.matches(self.ns_labels(&p.namespace)) && pods.matches(&p.labels)),
+            PeerSpec::IpBlock { cidr, except } => {
+                if remote.pod().is_some() && !self.opts.ipblock_matches_pods {
+                    return false;
+                }
+                remote.ip().is_some_and(|ip| cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip)))
+            }
+        }
+    }
+
+    fn port_matches(rule: &Rule, dst: &Peer<'_>, proto: Protocol, port: u16) -> bool {
+        rule.ports.is_empty()
+            || rule.ports.iter().any(|pr| {
+                pr.protocol == proto
+                    && match &pr.port {
+                        PortSpec::Any => true,
+                        PortSpec::Range(lo, hi) => (*lo..=*hi).contains(&port),
+                        // Resolved against the destination pod's container ports, for ingress
+                        // and egress alike.
+                        PortSpec::Named(name) => dst
+                            .pod()
+                            .is_some_and(|p| p.ports.iter().any(|(n, pn, pp)| n == name && *pn == port && *pp == proto)),
+                    }
+            })
+    }
+
+    fn audited(&self, p: &Policy) -> bool {
+        self.opts.audit_all || p.audit || self.cluster.audit_namespaces.contains(&p.namespace)
+    }
+
+    /// The outcome in one direction, counting only the policies `include` keeps.
+    fn side(
+        &self,
+        dir: &Dir,
+        local: &PodInfo,
+        remote: &Peer<'_>,
+        dst: &Peer<'_>,
+        proto: Protocol,
+        port: u16,
+        include: impl Fn(&Policy) -> bool,
+    ) -> Side {
+        let ingress = matches!(dir, Dir::Ingress);
+        let isolating: Vec<&Policy> = self.isolating(local, ingress).into_iter().filter(|p| include(p)).collect();
+        if isolating.is_empty() {
+            return Side::NotIsolated;
+        }
+        for p in &isolating {
+            let rules = if ingress { &p.ingress } else { &p.egress };
+            for (i, r) in rules.iter().enumerate() {
+                let peer_ok = r.peers.is_empty() || r.peers.iter().any(|s| self.peer_matches(p, s, remote));
+                if peer_ok && Self::port_matches(r, dst, proto, port) {
+                    return Side::Allowed { policy: p.id(), rule: i };
+                }
+            }
+        }
+        Side::Denied {
+            isolated_by: isolating.iter().map(|p| p.id()).collect(),
+            invalid: isolating.iter().filter(|p| !p.valid()).map(|p| p.id()).collect(),
+            audit: false,
+        }
+    }
+
+    /// Enforcement counts only policies not in audit mode; audit mode reports what the audited
+    /// policies would have dropped. So an audited policy never changes what passes: neither its
+    /// isolation nor its allow rules.
+    fn direction(&self, dir: Dir, local: &PodInfo, remote: &Peer<'_>, dst: &Peer<'_>, proto: Protocol, port: u16) -> Side {
+        let enforced = self.side(&dir, local, remote, dst, proto, port, |p| !self.audited(p));
+        if !enforced.passes() {
+            return enforced;
+        }
+        match self.side(&dir, local, remote, dst, proto, port, |_| true) {
+            Side::Denied { isolated_by, invalid, .. } => Side::Denied { isolated_by, invalid, audit: true },
+            all => match enforced {
+                Side::Allowed { .. } => enforced,
+                _ => all,
+            },
+        }
+    }
+
+    pub fn decide(&self, src: Peer<'_>, dst: Peer<'_>, proto: Protocol, port: u16) -> Decision {
+        if let (Peer::Pod(a), Peer::Pod(b)) = (&src, &dst) {
+            if a.namespace == b.namespace && a.name == b.name {
+                return Decision { verdict: Verdict::Allowed, egress: Side::Loopback, ingress: Side::Loopback };
+            }
+        }
+        let egress = match src.pod() {
+            Some(s) => self.direction(Dir::Egress, s, &dst, &dst, proto, port),
+            None => Side::NotApplicable,
+        };
+        let ingress = match dst.pod() {
+            Some(d) => self.direction(Dir::Ingress, d, &src, &dst, proto, port),
+            None => Side::NotApplicable,
+        };
+        let enforced_deny = |s: &Side| matches!(s, Side::Denied { audit: false, .. });
+        let verdict = if enforced_deny(&egress) || enforced_deny(&ingress) {
+            Verdict::Denied
+        } else if egress.passes() && ingress.passes() {
+            Verdict::Allowed
+        } else {
+            Verdict::Audit
+        };
+        Decision { verdict, egress, ingress }
+    }
+}
