@@ -145,7 +145,8 @@ struct List {
     items: Vec<serde_json::Value>,
 }
 
-fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value) {
+/// Adds one Kubernetes object (or List) to the cluster; problems land in `cluster.errors`.
+pub fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value) {
     let kind = match serde_json::from_value::<TypeMeta>(value.clone()) {
         Ok(TypeMeta { kind: Some(k) }) => k,
         _ => {

@@ -28,11 +28,79 @@ enum Cmd {
     Conntrack(ClientArgs),
     /// Show what the daemon is attached to, its kernel counters and its source's health.
     Status(ClientArgs),
+    /// NetworkPolicy verdicts: a reachability matrix, or why one connection is allowed or not.
+    Policy {
+        #[command(subcommand)]
+        what: PolicyCmd,
+    },
     /// Measure the datapath with BPF_PROG_TEST_RUN.
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
     },
+}
+
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// Kubernetes YAML files or folders (Namespace, Pod with labels, container ports and
+    /// status.podIP, NetworkPolicy). Repeatable.
+    #[arg(long, required = true, num_args = 1..)]
+    cluster: Vec<PathBuf>,
+    /// Let ipBlock peers match pod IPs (default: ipBlock selects only non-pod addresses).
+    #[arg(long)]
+    ipblock_matches_pods: bool,
+    /// Treat every policy as audited: would-be drops show as `audit`.
+    #[arg(long)]
+    audit: bool,
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// The verdict for every ordered pair of distinct pods on each protocol and port.
+    Matrix {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Protocols to probe (default: those of the ports probed).
+        #[arg(long = "protocol")]
+        protocols: Vec<String>,
+        /// Ports to probe (default: every port any pod serves).
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        /// `table`: upstream-style truth tables; `json`: one object per pair and port.
+        #[arg(short, long, default_value = "table")]
+        output: MatrixOutput,
+    },
+    /// Explain one connection: isolation on each side, and the rule that allows it or why none does.
+    Explain {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Source: namespace/pod or an IP address.
+        #[arg(long)]
+        from: String,
+        /// Destination: namespace/pod or an IP address.
+        #[arg(long)]
+        to: String,
+        /// Destination port, `N` or `N/PROTO` (TCP by default).
+        #[arg(long)]
+        port: String,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum MatrixOutput {
+    Table,
+    Json,
+}
+
+fn load_cluster(a: &ClusterArgs) -> Result<(observer::cluster::Cluster, observer::policy::Options)> {
+    let c = observer::cluster::load_dir(&a.cluster)?;
+    for e in &c.errors {
+        eprintln!("warning: {e}");
+    }
+    Ok((c, observer::policy::Options { ipblock_matches_pods: a.ipblock_matches_pods, audit_all: a.audit }))
 }
 
 #[derive(Subcommand)]
@@ -138,7 +206,19 @@ fn enter_netns(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn main() {
+    match run() {
+        Ok(()) => {}
+        // A closed pipe (`observer flows | head`) is a normal end, as for any Unix filter.
+        Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => {}
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Daemon(a) => {
@@ -203,6 +283,52 @@ fn main() -> Result<()> {
             println!("kernel:        {}", s.kernel.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
             for e in &s.source_errors {
                 println!("source error:  {e}");
+            }
+            Ok(())
+        }
+        Cmd::Policy { what: PolicyCmd::Matrix { cluster, protocols, ports, output } } => {
+            use observer::policy::{matrix, Engine, Protocol};
+            let (c, opts) = load_cluster(&cluster)?;
+            let engine = Engine::new(&c, opts);
+            let mut protos = Vec::new();
+            for p in &protocols {
+                protos.push(Protocol::parse(p).with_context(|| format!("--protocol {p:?}: expected TCP, UDP or SCTP"))?);
+            }
+            let probes: Vec<(Protocol, u16)> = if ports.is_empty() {
+                matrix::served_ports(&c).into_iter().filter(|(pr, _)| protos.is_empty() || protos.contains(pr)).collect()
+            } else {
+                let protos = if protos.is_empty() { vec![Protocol::Tcp] } else { protos };
+                protos.iter().flat_map(|pr| ports.iter().map(move |p| (*pr, *p))).collect()
+            };
+            if probes.is_empty() {
+                anyhow::bail!("no ports to probe: no pod declares container ports; pass --port");
+            }
+            let cells = matrix::matrix(&engine, &probes);
+            match output {
+                MatrixOutput::Json => {
+                    let mut out = std::io::stdout().lock();
+                    for cell in &cells {
+                        writeln!(out, "{}", serde_json::to_string(cell)?)?;
+                    }
+                }
+                MatrixOutput::Table => {
+                    let pods: Vec<String> = matrix::pods_sorted(&c).iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+                    print!("{}", matrix::render_table(&cells, &pods));
+                }
+            }
+            Ok(())
+        }
+        Cmd::Policy { what: PolicyCmd::Explain { cluster, from, to, port, json } } => {
+            use observer::policy::{matrix, Engine};
+            let (c, opts) = load_cluster(&cluster)?;
+            let engine = Engine::new(&c, opts);
+            let (src, dst) = (matrix::peer(&c, &from)?, matrix::peer(&c, &to)?);
+            let (proto, port) = matrix::parse_port(&port)?;
+            let d = engine.decide(src, dst, proto, port);
+            if json {
+                println!("{}", serde_json::to_string(&d)?);
+            } else {
+                print!("{}", matrix::explain(&engine, src, dst, proto, port, &d));
             }
             Ok(())
         }

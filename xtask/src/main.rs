@@ -82,6 +82,8 @@ fn main() -> Result<()> {
         Cmd::Test { unit_only } => {
             setup::run()?;
             cargo(&["test", "-p", "observer-common", "-p", "observer-tests", "-p", "xtask", "-p", "observer", "--lib", "--bins"])?;
+            // Unprivileged integration tests: NetworkPolicy truth tables through the reference engine.
+            cargo(&["test", "-p", "observer", "--test", "policy_cases"])?;
             if unit_only {
                 return Ok(());
             }

@@ -270,3 +270,168 @@ impl<'a> Engine<'a> {
         Decision { verdict, egress, ingress }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster;
+
+    fn cluster_with(policies: &str) -> Cluster {
+        let mut c = Cluster::default();
+        let base = r#"
+- {apiVersion: v1, kind: Namespace, metadata: {name: x, labels: {ns: x}}}
+- {apiVersion: v1, kind: Pod, metadata: {name: a, namespace: x, labels: {pod: a}}, spec: {containers: [{name: c, image: i, ports: [{name: http, containerPort: 8080}]}]}, status: {podIP: 10.0.0.1}}
+- {apiVersion: v1, kind: Pod, metadata: {name: b, namespace: x, labels: {pod: b}}, spec: {containers: [{name: c, image: i}]}, status: {podIP: 10.0.0.2}}
+- {apiVersion: v1, kind: Pod, metadata: {name: c, namespace: x, labels: {pod: c}}, spec: {containers: [{name: c, image: i}]}, status: {podIP: 10.0.0.3}}
+"#;
+        for src in [base, policies] {
+            let v: Vec<serde_json::Value> = serde_norway::from_str(src).unwrap();
+            for o in v {
+                cluster::add_object(&mut c, "test", o);
+            }
+        }
+        c
+    }
+
+    fn pod<'a>(c: &'a Cluster, name: &str) -> Peer<'a> {
+        Peer::Pod(c.pods.iter().find(|p| p.name == name).unwrap())
+    }
+
+    #[test]
+    fn invalid_policy_names_its_field_and_fails_closed_without_hiding_valid_allows() {
+        let c = cluster_with(
+            r#"
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: broken, namespace: x}
+  spec:
+    podSelector: {matchLabels: {pod: a}}
+    ingress: [{from: [{podSelector: {matchExpressions: [{key: pod, operator: Within, values: [c]}]}}]}]
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: from-b, namespace: x}
+  spec:
+    podSelector: {matchLabels: {pod: a}}
+    ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]
+"#,
+        );
+        assert_eq!(c.errors.len(), 1);
+        assert!(c.errors[0].contains("x/broken") && c.errors[0].contains("spec.ingress[0].from[0].podSelector.matchExpressions[0].operator"), "{}", c.errors[0]);
+        let e = Engine::new(&c, Options::default());
+        // The broken rule would have allowed c; it allows nothing.
+        let d = e.decide(pod(&c, "c"), pod(&c, "a"), Protocol::Tcp, 8080);
+        assert_eq!(d.verdict, Verdict::Denied);
+        assert!(d.reason().contains("invalid"), "{}", d.reason());
+        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 8080).verdict, Verdict::Allowed);
+    }
+
+    #[test]
+    fn unusable_pod_selector_isolates_the_whole_namespace() {
+        let c = cluster_with(
+            r#"
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: bad-selector, namespace: x}
+  spec:
+    podSelector: {matchExpressions: [{key: pod, operator: In}]}
+    ingress: [{}]
+"#,
+        );
+        assert!(c.errors[0].contains("spec.podSelector.matchExpressions[0].values"), "{:?}", c.errors);
+        let e = Engine::new(&c, Options::default());
+        for (s, d) in [("a", "b"), ("b", "c"), ("c", "a")] {
+            assert_eq!(e.decide(pod(&c, s), pod(&c, d), Protocol::Tcp, 80).verdict, Verdict::Denied, "{s}->{d}");
+        }
+    }
+
+    #[test]
+    fn port_errors_name_the_field() {
+        let c = cluster_with(
+            r#"
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: ports, namespace: x}
+  spec:
+    podSelector: {}
+    ingress:
+    - ports: [{endPort: 90}, {port: http, endPort: 90}, {port: 90, endPort: 80}, {port: 80, protocol: ICMP}]
+"#,
+        );
+        let fields: Vec<&str> = c.errors.iter().map(|e| e.split(": ").nth(2).unwrap_or("")).collect();
+        assert_eq!(
+            fields,
+            ["spec.ingress[0].ports[0].endPort", "spec.ingress[0].ports[1].endPort", "spec.ingress[0].ports[2].endPort", "spec.ingress[0].ports[3].protocol"],
+            "{:?}",
+            c.errors
+        );
+    }
+
+    #[test]
+    fn named_ports_resolve_on_the_destination_pod() {
+        let c = cluster_with(
+            r#"
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: http-only, namespace: x}
+  spec:
+    podSelector: {}
+    ingress: [{ports: [{port: http}]}]
+"#,
+        );
+        let e = Engine::new(&c, Options::default());
+        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 8080).verdict, Verdict::Allowed);
+        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 8081).verdict, Verdict::Denied);
+        // c declares no port named http.
+        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "c"), Protocol::Tcp, 8080).verdict, Verdict::Denied);
+        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Udp, 8080).verdict, Verdict::Denied);
+    }
+
+    #[test]
+    fn audit_reports_would_be_drops_and_never_changes_what_passes() {
+        let c = cluster_with(
+            r#"
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: audited, namespace: x, annotations: {observer.dev/audit: "true"}}
+  spec:
+    podSelector: {matchLabels: {pod: a}}
+    ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: enforced, namespace: x}
+  spec:
+    podSelector: {matchLabels: {pod: c}}
+    ingress: []
+"#,
+        );
+        let e = Engine::new(&c, Options::default());
+        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 80).verdict, Verdict::Allowed);
+        assert_eq!(e.decide(pod(&c, "c"), pod(&c, "a"), Protocol::Tcp, 80).verdict, Verdict::Audit);
+        // The enforced deny stays a deny.
+        assert_eq!(e.decide(pod(&c, "a"), pod(&c, "c"), Protocol::Tcp, 80).verdict, Verdict::Denied);
+        // Global audit turns it into audit too.
+        let all = Engine::new(&c, Options { audit_all: true, ..Default::default() });
+        assert_eq!(all.decide(pod(&c, "a"), pod(&c, "c"), Protocol::Tcp, 80).verdict, Verdict::Audit);
+    }
+
+    #[test]
+    fn loopback_and_external_peers() {
+        let c = cluster_with(
+            r#"
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: egress-cidr, namespace: x}
+  spec:
+    podSelector: {matchLabels: {pod: a}}
+    policyTypes: [Ingress, Egress]
+    egress: [{to: [{ipBlock: {cidr: 192.0.2.0/24, except: [192.0.2.128/25]}}]}]
+"#,
+        );
+        let e = Engine::new(&c, Options::default());
+        assert_eq!(e.decide(pod(&c, "a"), pod(&c, "a"), Protocol::Tcp, 80).verdict, Verdict::Allowed);
+        let ext = |s: &str| Peer::External(s.parse().unwrap());
+        assert_eq!(e.decide(pod(&c, "a"), ext("192.0.2.10"), Protocol::Tcp, 443).verdict, Verdict::Allowed);
+        assert_eq!(e.decide(pod(&c, "a"), ext("192.0.2.200"), Protocol::Tcp, 443).verdict, Verdict::Denied);
+        assert_eq!(e.decide(ext("192.0.2.10"), pod(&c, "a"), Protocol::Tcp, 80).verdict, Verdict::Denied);
+    }
+}

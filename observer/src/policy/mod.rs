@@ -7,6 +7,7 @@
 //! namespace. Either way an invalid policy can only make traffic that valid policies allow be
 //! denied, never the reverse: the failure is closed, and visible in `explain` and the logs.
 pub mod engine;
+pub mod matrix;
 pub mod model;
 
 pub use engine::{Decision, Engine, Options, Peer as EnginePeer, Verdict};

@@ -1,0 +1,157 @@
+//! `observer policy matrix` and `observer policy explain` over a cluster's state.
+use std::{collections::BTreeSet, fmt::Write as _};
+
+use anyhow::{bail, Context as _, Result};
+use serde::Serialize;
+
+use super::{
+    engine::{Decision, Engine, Peer, Side},
+    Protocol,
+};
+use crate::cluster::{Cluster, PodInfo};
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct Cell {
+    pub from: String,
+    pub to: String,
+    pub protocol: String,
+    pub port: u16,
+    pub verdict: String,
+    pub reason: String,
+}
+
+/// Every (protocol, port) any pod serves, in order.
+pub fn served_ports(cluster: &Cluster) -> Vec<(Protocol, u16)> {
+    let set: BTreeSet<(Protocol, u16)> =
+        cluster.pods.iter().flat_map(|p| p.ports.iter().map(|(_, n, pr)| (*pr, *n))).collect();
+    set.into_iter().collect()
+}
+
+pub fn pods_sorted(cluster: &Cluster) -> Vec<&PodInfo> {
+    let mut v: Vec<&PodInfo> = cluster.pods.iter().filter(|p| !p.host_network).collect();
+    v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    v
+}
+
+/// The verdict for every ordered pair of distinct pods on every probe.
+pub fn matrix(engine: &Engine<'_>, probes: &[(Protocol, u16)]) -> Vec<Cell> {
+    let pods = pods_sorted(engine.cluster);
+    let mut out = Vec::new();
+    for (proto, port) in probes {
+        for a in &pods {
+            for b in &pods {
+                if a.namespace == b.namespace && a.name == b.name {
+                    continue;
+                }
+                let d = engine.decide(Peer::Pod(a), Peer::Pod(b), *proto, *port);
+                out.push(Cell {
+                    from: format!("{}/{}", a.namespace, a.name),
+                    to: format!("{}/{}", b.namespace, b.name),
+                    protocol: proto.to_string(),
+                    port: *port,
+                    verdict: d.verdict.as_str().to_string(),
+                    reason: d.reason(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Upstream-style truth tables: one per probe, `.` allowed, `X` denied, `A` audit (would be
+/// denied), `-` the pod itself.
+pub fn render_table(cells: &[Cell], pods: &[String]) -> String {
+    let mut out = String::new();
+    let mut probes: Vec<(String, u16)> = cells.iter().map(|c| (c.protocol.clone(), c.port)).collect();
+    probes.dedup();
+    let w = pods.iter().map(|p| p.len()).max().unwrap_or(4).max(4);
+    for (proto, port) in probes {
+        let _ = writeln!(out, "{proto}/{port}  (rows: from, columns: to; . allowed, X denied, A audit)");
+        let _ = write!(out, "{:w$}", "");
+        for (i, _) in pods.iter().enumerate() {
+            let _ = write!(out, " {:>3}", i + 1);
+        }
+        out.push('\n');
+        for (i, from) in pods.iter().enumerate() {
+            let _ = write!(out, "{from:w$}");
+            for to in pods {
+                let mark = if from == to {
+                    "-"
+                } else {
+                    match cells.iter().find(|c| c.protocol == proto && c.port == port && &c.from == from && &c.to == to) {
+                        Some(c) if c.verdict == "allowed" => ".",
+                        Some(c) if c.verdict == "audit" => "A",
+                        Some(_) => "X",
+                        None => "?",
+                    }
+                };
+                let _ = write!(out, " {mark:>3}");
+            }
+            let _ = writeln!(out, "   {}", i + 1);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Resolves `ns/pod` or an IP address to a peer.
+pub fn peer<'a>(cluster: &'a Cluster, s: &str) -> Result<Peer<'a>> {
+    if let Ok(ip) = s.parse() {
+        return Ok(match cluster.pods.iter().find(|p| !p.host_network && p.ips.contains(&ip)) {
+            Some(p) => Peer::Pod(p),
+            None => Peer::External(ip),
+        });
+    }
+    let Some((ns, name)) = s.split_once('/') else {
+        bail!("{s:?}: expected namespace/pod or an IP address");
+    };
+    cluster
+        .pods
+        .iter()
+        .find(|p| p.namespace == ns && p.name == name)
+        .map(Peer::Pod)
+        .with_context(|| format!("no pod {ns}/{name} in the cluster"))
+}
+
+/// `N`, `N/PROTO` or `PROTO/N` (default TCP).
+pub fn parse_port(s: &str) -> Result<(Protocol, u16)> {
+    let (n, proto) = match s.split_once('/') {
+        Some((a, b)) if Protocol::parse(a).is_some() => (b, Protocol::parse(a).unwrap()),
+        Some((n, p)) => (n, Protocol::parse(p).with_context(|| format!("{p:?} is not TCP, UDP or SCTP"))?),
+        None => (s, Protocol::Tcp),
+    };
+    let port: u16 = n.parse().ok().filter(|p| *p > 0).with_context(|| format!("{n:?} is not a port"))?;
+    Ok((proto, port))
+}
+
+/// The human explanation of one decision.
+pub fn explain(engine: &Engine<'_>, src: Peer<'_>, dst: Peer<'_>, proto: Protocol, port: u16, d: &Decision) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{src} -> {dst} {proto}/{port}: {}", d.verdict.as_str().to_uppercase());
+    let mut side = |title: &str, pod: Option<&PodInfo>, s: &Side, ingress: bool| {
+        let _ = write!(out, "  {title}: ");
+        let _ = match s {
+            Side::NotApplicable => writeln!(out, "not a pod of the cluster, nothing enforced there"),
+            Side::NotIsolated => writeln!(out, "not isolated (no policy selects {} for {})", pod.map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default(), if ingress { "ingress" } else { "egress" }),
+            Side::Loopback => writeln!(out, "a pod talking to itself is always allowed"),
+            Side::Allowed { policy, rule } => writeln!(out, "allowed by {policy}, {} rule {rule}", if ingress { "ingress" } else { "egress" }),
+            Side::Denied { isolated_by, invalid, audit } => {
+                let _ = writeln!(out, "{}: isolated by {} and no rule allows it", if *audit { "would be denied (audit)" } else { "denied" }, isolated_by.join(", "));
+                if !invalid.is_empty() {
+                    let _ = writeln!(out, "    invalid policies among them allow nothing: {}", invalid.join(", "));
+                }
+                Ok(())
+            }
+        };
+        if let Some(p) = pod {
+            let iso = engine.isolating(p, ingress);
+            if !iso.is_empty() {
+                let _ = writeln!(out, "    isolating policies: {}", iso.iter().map(|p| p.id()).collect::<Vec<_>>().join(", "));
+            }
+        }
+    };
+    let (sp, dp) = (match src { Peer::Pod(p) => Some(p), _ => None }, match dst { Peer::Pod(p) => Some(p), _ => None });
+    side("egress at source", sp, &d.egress, false);
+    side("ingress at destination", dp, &d.ingress, true);
+    out
+}
