@@ -6,7 +6,7 @@
 
 /// Bumped whenever a pinned map's key or value layout changes, so a daemon never re-adopts maps
 /// written by an incompatible build.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 pub const AF_INET: u8 = 4;
 pub const AF_INET6: u8 = 6;
@@ -26,7 +26,8 @@ pub mod maps {
     pub const EVENTS: &str = "OBS_EVENTS";
     pub const STATS: &str = "OBS_STATS";
     pub const CONFIG: &str = "OBS_CONFIG";
-    pub const ALL: [&str; 7] = [CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG];
+    pub const POLICY: &str = "OBS_POLICY";
+    pub const ALL: [&str; 8] = [CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG, POLICY];
 }
 
 /// Program names (the function names in `observer-ebpf`).
@@ -44,6 +45,7 @@ pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
 pub const IPCACHE_MAX_ENTRIES: u32 = 524_288;
 pub const ATTACHED_MAX_ENTRIES: u32 = 65_536;
 pub const EVENTS_RING_BYTES: u32 = 16 * 1024 * 1024;
+pub const POLICY_MAX_ENTRIES: u32 = 1_048_576;
 
 /// A connection key with the two endpoints in canonical order: `(addr_a, port_a)` is the smaller
 /// of the two `(address, port)` pairs, so both directions of a flow find the same entry with one
@@ -70,6 +72,15 @@ pub mod ct_flags {
     pub const FIN_ORIG: u32 = 1 << 2;
     pub const FIN_REPLY: u32 = 1 << 3;
     pub const RST: u32 = 1 << 4;
+    /// Egress policy of the source endpoint was evaluated for this connection.
+    pub const EGRESS_DONE: u32 = 1 << 5;
+    pub const EGRESS_DENIED: u32 = 1 << 6;
+    /// Ingress policy of the destination endpoint was evaluated for this connection.
+    pub const INGRESS_DONE: u32 = 1 << 7;
+    pub const INGRESS_DENIED: u32 = 1 << 8;
+    /// Passed only because the policies that would drop it are in audit mode.
+    pub const AUDIT: u32 = 1 << 9;
+    pub const DENIED: u32 = EGRESS_DENIED | INGRESS_DENIED;
 }
 
 /// Index into the per-direction arrays of [`CtEntry`] and [`FlowEvent`].
@@ -100,6 +111,12 @@ pub struct CtEntry {
     pub icmp_type: u8,
     pub icmp_code: u8,
     pub _pad: u8,
+    /// Rule ids that allowed the connection (0: none needed or none found).
+    pub egress_rule: u32,
+    pub ingress_rule: u32,
+    /// `Config::policy_gen` when the verdicts were taken; a newer policy re-evaluates them.
+    pub policy_gen: u32,
+    pub _pad2: u32,
 }
 
 #[repr(u8)]
@@ -146,6 +163,8 @@ pub enum EventKind {
     New = 1,
     Report = 2,
     Close = 3,
+    /// The connection was denied by policy (emitted once per connection).
+    Drop = 4,
 }
 
 impl EventKind {
@@ -154,6 +173,7 @@ impl EventKind {
             1 => Some(Self::New),
             2 => Some(Self::Report),
             3 => Some(Self::Close),
+            4 => Some(Self::Drop),
             _ => None,
         }
     }
@@ -176,7 +196,9 @@ pub struct FlowEvent {
     pub class: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
-    pub _pad: [u8; 4],
+    pub egress_rule: u32,
+    pub ingress_rule: u32,
+    pub _pad: u32,
 }
 
 /// Key of the endpoints map: an address of a pod on this node.
@@ -191,6 +213,63 @@ pub struct IpKey {
 /// `EndpointInfo::flags` bits, reserved for policy isolation and audit.
 pub mod ep_flags {
     pub const HOST_NETWORK: u32 = 1 << 0;
+    /// Some enforced (non-audit) policy isolates the endpoint for ingress / egress.
+    pub const INGRESS_ISOLATED: u32 = 1 << 1;
+    pub const EGRESS_ISOLATED: u32 = 1 << 2;
+    /// Some audited policy isolates it: would-be drops are reported, not enforced.
+    pub const INGRESS_AUDIT: u32 = 1 << 3;
+    pub const EGRESS_AUDIT: u32 = 1 << 4;
+}
+
+/// Reserved identities; allocated ones start at [`identity::FIRST_ALLOCATED`].
+pub mod identity {
+    /// In a policy key: any peer.
+    pub const ANY: u32 = 0;
+    pub const HOST: u32 = 1;
+    pub const WORLD: u32 = 2;
+    pub const REMOTE_NODE: u32 = 3;
+    /// An address in another node's pod CIDR whose pod is not known (yet).
+    pub const UNKNOWN_POD: u32 = 4;
+    pub const FIRST_ALLOCATED: u32 = 256;
+}
+
+pub const DIR_INGRESS: u8 = 1;
+pub const DIR_EGRESS: u8 = 2;
+
+/// Policy LPM key data, most significant first: endpoint id, direction, remote identity,
+/// protocol (0 in an entry: any), destination port in network order. Wildcards are shorter
+/// prefixes: 72 bits match any protocol and port, 80 any port of the protocol, 80 + n a port
+/// prefix. "Any peer" is identity [`identity::ANY`], a second lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PolicyKeyData {
+    pub data: [u8; 12],
+}
+
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+impl PolicyKeyData {
+    pub const fn new(endpoint: u32, dir: u8, identity: u32, proto: u8, port: u16) -> Self {
+        let e = endpoint.to_be_bytes();
+        let i = identity.to_be_bytes();
+        let p = port.to_be_bytes();
+        Self { data: [e[0], e[1], e[2], e[3], dir, i[0], i[1], i[2], i[3], proto, p[0], p[1]] }
+    }
+}
+
+/// `PolicyEntry::flags` bits.
+pub mod policy_flags {
+    /// Only audited policies allow this: enforcement ignores it.
+    pub const AUDIT_ONLY: u32 = 1 << 0;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyEntry {
+    pub rule: u32,
+    pub flags: u32,
 }
 
 #[repr(C)]
@@ -217,6 +296,8 @@ pub enum RemoteKind {
     /// An address of this node itself.
     Host = 2,
     RemoteNode = 3,
+    /// A pod of this node (its identity for policy; classification uses the endpoints map).
+    LocalPod = 4,
 }
 
 #[repr(C)]
@@ -234,6 +315,11 @@ pub struct IpcacheEntry {
 pub struct Config {
     /// Emit a report event for a live connection at most this often (0: never).
     pub report_interval_ns: u64,
+    /// Bumped by the daemon whenever policy maps change: connections re-evaluate their next
+    /// original-direction packet.
+    pub policy_gen: u32,
+    /// 1: enforce (drop denied traffic); 0: observe only, verdicts are still reported.
+    pub enforce: u32,
 }
 
 /// Indexes of the per-CPU stats array. Every packet the programs could not fully account for,
@@ -249,7 +335,13 @@ pub mod stat {
     pub const IPV6_EXT_LIMIT: u32 = 7;
     /// IPv6 neighbour discovery (ICMPv6 133-137): counted here, not tracked as flows.
     pub const ICMPV6_ND: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Packets dropped by policy.
+    pub const POLICY_DENIED: u32 = 9;
+    /// Packets dropped because they could not be parsed for an isolated endpoint (fail closed).
+    pub const UNPARSED_DENIED: u32 = 10;
+    /// Packets that passed only because the policies denying them are audited.
+    pub const AUDIT_PASSED: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
         "events_lost",
@@ -260,6 +352,9 @@ pub mod stat {
         "unknown_l4",
         "ipv6_ext_limit",
         "icmpv6_nd",
+        "policy_denied",
+        "unparsed_denied",
+        "audit_passed",
     ];
 }
 
@@ -275,6 +370,8 @@ mod pod {
     unsafe impl aya::Pod for IpcacheKeyData {}
     unsafe impl aya::Pod for IpcacheEntry {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for PolicyKeyData {}
+    unsafe impl aya::Pod for PolicyEntry {}
 }
 
 #[cfg(test)]
@@ -285,8 +382,10 @@ mod layout {
     #[test]
     fn sizes_are_fixed() {
         assert_eq!(size_of::<CtKey>(), 40);
-        assert_eq!(size_of::<CtEntry>(), 72);
-        assert_eq!(size_of::<FlowEvent>(), 112);
+        assert_eq!(size_of::<CtEntry>(), 88);
+        assert_eq!(size_of::<FlowEvent>(), 120);
+        assert_eq!(size_of::<PolicyKeyData>(), 12);
+        assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<IpKey>(), 20);
         assert_eq!(size_of::<IpcacheKeyData>(), 20);
         assert_eq!(size_of::<IpcacheEntry>(), 8);

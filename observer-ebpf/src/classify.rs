@@ -1,5 +1,5 @@
 //! Traffic class of a new connection, from the endpoints map and the ipcache.
-use observer_common::{EndpointInfo, IpKey, IpcacheKeyData, RemoteKind, TrafficClass};
+use observer_common::{EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, RemoteKind, TrafficClass};
 use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::maps::{ENDPOINTS, IPCACHE};
@@ -14,15 +14,21 @@ pub fn endpoint(family: u8, addr: &[u32; 4]) -> Option<&'static EndpointInfo> {
     unsafe { ENDPOINTS.get(&key) }
 }
 
+/// The ipcache entry of an address: its identity and what it is.
 #[inline(always)]
-fn remote_kind(family: u8, addr: &[u32; 4]) -> u8 {
+pub fn remote(family: u8, addr: &[u32; 4]) -> Option<&'static IpcacheEntry> {
     let key = Key::new(
         if family == observer_common::AF_INET { 64 } else { 160 },
         IpcacheKeyData {
             data: [family as u32, addr[0], addr[1], addr[2], addr[3]],
         },
     );
-    match IPCACHE.get(&key) {
+    IPCACHE.get(&key)
+}
+
+#[inline(always)]
+fn remote_kind(family: u8, addr: &[u32; 4]) -> u8 {
+    match remote(family, addr) {
         Some(e) => e.kind,
         None => RemoteKind::World as u8,
     }

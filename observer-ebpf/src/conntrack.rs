@@ -2,13 +2,16 @@
 //! per-direction counters, TCP flags and timestamps.
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use observer_common::{
-    ct_flags, stat, CtEntry, CtKey, EventKind, TrafficClass, DIR_ORIG, DIR_REPLY, IPPROTO_TCP,
+    ct_flags, stat, Config, CtEntry, CtKey, EventKind, TrafficClass, DIR_EGRESS, DIR_INGRESS,
+    DIR_ORIG, DIR_REPLY, IPPROTO_TCP,
 };
 
 use crate::{
+    classify,
     events::emit,
     maps::{stat_inc, CONFIG, CT},
     parse::Packet,
+    policy,
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -71,28 +74,79 @@ fn add(p: *mut u64, v: u64) {
     };
 }
 
+/// Where a packet is being processed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// Host side of a pod veth, ingress: the source is the local pod (egress policy).
+    FromPod,
+    /// Host side of a pod veth, egress: the destination is the local pod (ingress policy).
+    ToPod,
+}
+
+/// What to do with the packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pass,
+    Drop,
+}
+
 #[inline(always)]
-fn report_interval() -> u64 {
+fn config() -> Config {
     match CONFIG.get(0) {
-        Some(c) => c.report_interval_ns,
-        None => 0,
+        Some(c) => *c,
+        None => Config { report_interval_ns: 0, policy_gen: 0, enforce: 0, },
     }
 }
 
-/// Accounts one packet of `bytes` to its connection, creating it with `class` when new.
+/// Takes the policy verdict this hook owes the connection, if it has not been taken yet:
+/// egress of the source pod at `FromPod`, ingress of the destination pod at `ToPod`. Only the
+/// original direction is judged; replies of an allowed connection pass.
 #[inline(always)]
-/// Returns false when a new connection could not be recorded (counted in the stats).
-pub fn account(
+fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
+    let (done, denied, dir) = match hook {
+        Hook::FromPod => (ct_flags::EGRESS_DONE, ct_flags::EGRESS_DENIED, DIR_EGRESS),
+        Hook::ToPod => (ct_flags::INGRESS_DONE, ct_flags::INGRESS_DENIED, DIR_INGRESS),
+    };
+    if e.flags & done != 0 {
+        return;
+    }
+    e.flags |= done;
+    // The local pod is the source at FromPod and the destination at ToPod.
+    let local_is_a = from_a == (hook == Hook::FromPod);
+    let (local, remote) = if local_is_a { (&key.addr_a, &key.addr_b) } else { (&key.addr_b, &key.addr_a) };
+    let Some(ep) = classify::endpoint(key.family, local) else {
+        return;
+    };
+    let v = policy::evaluate(ep, dir, key.family, remote, key.proto, dport);
+    if v.denied {
+        e.flags |= denied;
+    }
+    if v.audit {
+        e.flags |= ct_flags::AUDIT;
+    }
+    match hook {
+        Hook::FromPod => e.egress_rule = v.rule,
+        Hook::ToPod => e.ingress_rule = v.rule,
+    }
+}
+
+/// Accounts one packet of `bytes` to its connection (unless `count` is false: another hook on
+/// this node already counted it), creating the connection when new, and enforces policy.
+#[inline(always)]
+pub fn process(
     pkt: &Packet,
     bytes: u64,
     ifindex: u32,
+    hook: Hook,
+    count: bool,
     class_of_new: impl FnOnce() -> TrafficClass,
-) -> bool {
+) -> Action {
     let (key, from_a) = key_of(pkt);
     // Coarse (jiffies) time is plenty for idle timeouts and reports, at a fraction of the cost.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let flags = pkt.tcp_flags;
     let is_tcp = pkt.proto == IPPROTO_TCP;
+    let cfg = config();
 
     if let Some(e) = CT.get_ptr_mut(&key) {
         let e = unsafe { &mut *e };
@@ -101,12 +155,44 @@ pub fn account(
             && e.flags & ct_flags::CLOSED != 0
             && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if !reopened {
-            update(&key, e, from_a, bytes, now, flags, is_tcp);
-            return true;
+            let orig = from_a == (e.flags & ct_flags::ORIG_IS_A != 0);
+            if orig {
+                // Policy changed since the verdicts were taken: take them again.
+                if e.policy_gen != cfg.policy_gen {
+                    e.flags &= !(ct_flags::EGRESS_DONE
+                        | ct_flags::EGRESS_DENIED
+                        | ct_flags::INGRESS_DONE
+                        | ct_flags::INGRESS_DENIED
+                        | ct_flags::AUDIT);
+                    e.policy_gen = cfg.policy_gen;
+                }
+                let before = e.flags & ct_flags::DENIED;
+                judge(e, &key, hook, from_a, pkt.dport);
+                if before == 0 && e.flags & ct_flags::DENIED != 0 {
+                    emit(EventKind::Drop, &key, e);
+                }
+            }
+            if count {
+                update(&key, e, from_a, bytes, now, flags, is_tcp, cfg.report_interval_ns);
+            }
+            return verdict(e.flags, cfg.enforce);
         }
     }
     let class = class_of_new();
-    create(&key, from_a, bytes, now, flags, is_tcp, ifindex, class, pkt.icmp_type, pkt.icmp_code)
+    create(&key, from_a, bytes, now, pkt, ifindex, class, hook, count, &cfg)
+}
+
+#[inline(always)]
+fn verdict(flags: u32, enforce: u32) -> Action {
+    if flags & ct_flags::DENIED != 0 {
+        if enforce != 0 {
+            stat_inc(stat::POLICY_DENIED);
+            return Action::Drop;
+        }
+    } else if flags & ct_flags::AUDIT != 0 {
+        stat_inc(stat::AUDIT_PASSED);
+    }
+    Action::Pass
 }
 
 #[inline(always)]
@@ -116,13 +202,15 @@ fn create(
     from_a: bool,
     bytes: u64,
     now: u64,
-    flags: u8,
-    is_tcp: bool,
+    pkt: &Packet,
     ifindex: u32,
     class: TrafficClass,
-    icmp_type: u8,
-    icmp_code: u8,
-) -> bool {
+    hook: Hook,
+    count: bool,
+    cfg: &Config,
+) -> Action {
+    let flags = pkt.tcp_flags;
+    let is_tcp = pkt.proto == IPPROTO_TCP;
     // A SYN-ACK as the first packet seen means its receiver opened the connection.
     let first_is_reply = is_tcp && flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK);
     let orig_is_a = from_a != first_is_reply;
@@ -137,19 +225,31 @@ fn create(
         flags: if orig_is_a { ct_flags::ORIG_IS_A } else { 0 },
         tcp_flags: (flags as u32) << (dir * 8),
         class: class as u8,
-        icmp_type,
-        icmp_code,
+        icmp_type: pkt.icmp_type,
+        icmp_code: pkt.icmp_code,
         _pad: 0,
+        egress_rule: 0,
+        ingress_rule: 0,
+        policy_gen: cfg.policy_gen,
+        _pad2: 0,
     };
-    e.packets[dir] = 1;
-    e.bytes[dir] = bytes;
+    if count {
+        e.packets[dir] = 1;
+        e.bytes[dir] = bytes;
+    }
     if is_tcp && flags & TCP_RST != 0 {
         e.flags |= ct_flags::RST;
     }
+    // A connection picked up from its reply side is judged when its next original packet
+    // comes by; replies pass.
+    if !first_is_reply {
+        judge(&mut e, key, hook, from_a, pkt.dport);
+    }
     match CT.insert(key, &e, BPF_NOEXIST) {
         Ok(()) => {
-            emit(EventKind::New, key, &e);
-            true
+            let kind = if e.flags & ct_flags::DENIED != 0 { EventKind::Drop } else { EventKind::New };
+            emit(kind, key, &e);
+            verdict(e.flags, cfg.enforce)
         }
         Err(_) => match CT.get_ptr_mut(key) {
             // Another CPU created it first: count the packet there.
@@ -158,27 +258,40 @@ fn create(
                 if existing.flags & ct_flags::CLOSED != 0 {
                     // Reopened tuple: replace the closed entry.
                     if CT.insert(key, &e, 0).is_ok() {
-                        emit(EventKind::New, key, &e);
-                        return true;
+                        let kind = if e.flags & ct_flags::DENIED != 0 { EventKind::Drop } else { EventKind::New };
+                        emit(kind, key, &e);
+                        return verdict(e.flags, cfg.enforce);
                     }
                     stat_inc(stat::CT_INSERT_FAILED);
-                    false
+                    // Fail closed: the verdict taken above still applies.
+                    verdict(e.flags, cfg.enforce)
                 } else {
-                    update(key, existing, from_a, bytes, now, flags, is_tcp);
-                    true
+                    if count {
+                        update(key, existing, from_a, bytes, now, flags, is_tcp, cfg.report_interval_ns);
+                    }
+                    verdict(existing.flags | (e.flags & ct_flags::DENIED), cfg.enforce)
                 }
             }
             None => {
                 stat_inc(stat::CT_INSERT_FAILED);
-                false
+                verdict(e.flags, cfg.enforce)
             }
         },
     }
 }
 
 #[inline(always)]
-fn update(key: &CtKey, e: &mut CtEntry, from_a: bool, bytes: u64, now: u64, flags: u8, is_tcp: bool) {
-    let orig_is_a = e.flags & ct_flags::ORIG_IS_A != 0;
+#[allow(clippy::too_many_arguments)]
+fn update(
+    key: &CtKey,
+    e: &mut CtEntry,
+    from_a: bool,
+    bytes: u64,
+    now: u64,
+    flags: u8,
+    is_tcp: bool,
+    interval: u64,
+) {    let orig_is_a = e.flags & ct_flags::ORIG_IS_A != 0;
     let dir = if from_a == orig_is_a { DIR_ORIG } else { DIR_REPLY };
     add(&mut e.packets[dir] as *mut u64, 1);
     add(&mut e.bytes[dir] as *mut u64, bytes);
@@ -205,7 +318,6 @@ fn update(key: &CtKey, e: &mut CtEntry, from_a: bool, bytes: u64, now: u64, flag
             }
         }
     }
-    let interval = report_interval();
     if interval != 0 && now - e.last_report_ns >= interval {
         e.last_report_ns = now;
         emit(EventKind::Report, key, e);

@@ -1,17 +1,61 @@
-//! The tc entry points. Observation never changes a packet's fate: every path returns
-//! `TC_ACT_UNSPEC` (`TCX_NEXT`), so other programs on the hook still run.
+//! The tc entry points. Allowed traffic returns `TC_ACT_UNSPEC` (`TCX_NEXT`), so other programs
+//! on the hook still decide; traffic denied by policy is dropped with `TC_ACT_SHOT`.
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::error;
-use observer_common::stat;
+use observer_common::{ep_flags, stat, AF_INET, AF_INET6};
 
 use crate::{
     classify,
-    conntrack::account,
-    maps::{stat_inc, ATTACHED, BENCH_SEQ},
-    parse::parse,
+    conntrack::{process, Action, Hook},
+    maps::{stat_inc, ATTACHED, BENCH_SEQ, CONFIG},
+    parse::{ip_addrs, parse},
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
+
+#[inline(always)]
+fn act(a: Action) -> i32 {
+    match a {
+        Action::Pass => TC_ACT_UNSPEC,
+        Action::Drop => TC_ACT_SHOT,
+    }
+}
+
+/// A packet that could not be parsed far enough to be judged (truncated L4, a fragment whose
+/// first fragment was not seen, too many IPv6 extension headers) is dropped when the local pod
+/// is isolated in that direction: it must never slip past a port rule.
+#[inline(always)]
+fn unparsed(ctx: &TcContext, reason: u32, hook: Hook) -> i32 {
+    stat_inc(reason);
+    if reason != stat::TRUNCATED && reason != stat::FRAGMENT && reason != stat::IPV6_EXT_LIMIT {
+        return TC_ACT_UNSPEC;
+    }
+    let enforce = match CONFIG.get(0) {
+        Some(c) => c.enforce,
+        None => 0,
+    };
+    if enforce == 0 {
+        return TC_ACT_UNSPEC;
+    }
+    let Some((family, src, dst)) = ip_addrs(ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    if family != AF_INET && family != AF_INET6 {
+        return TC_ACT_UNSPEC;
+    }
+    let (local, isolated) = match hook {
+        Hook::FromPod => (&src, ep_flags::EGRESS_ISOLATED),
+        Hook::ToPod => (&dst, ep_flags::INGRESS_ISOLATED),
+    };
+    match classify::endpoint(family, local) {
+        Some(ep) if ep.flags & isolated != 0 => {
+            stat_inc(stat::UNPARSED_DENIED);
+            TC_ACT_SHOT
+        }
+        _ => TC_ACT_UNSPEC,
+    }
+}
 
 /// Host side of a pod veth, ingress: packets the pod sends.
 #[classifier]
@@ -26,35 +70,34 @@ fn observe_from_pod(ctx: &TcContext) -> i32 {
         Ok(pkt) => {
             let bytes = (ctx.len() - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            if !account(&pkt, bytes, ifindex, || classify::from_pod(pkt.family, &pkt.dst)) {
-                error!(ctx, "conntrack insert failed on ifindex {}", ifindex);
-            }
+            act(process(&pkt, bytes, ifindex, Hook::FromPod, true, || {
+                classify::from_pod(pkt.family, &pkt.dst)
+            }))
         }
-        Err(reason) => stat_inc(reason),
+        Err(reason) => unparsed(ctx, reason, Hook::FromPod),
     }
-    TC_ACT_UNSPEC
 }
 
 /// Host side of a pod veth, egress: packets delivered to the pod.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    // Forwarded from another observed pod: `from_pod` already counted it there.
+    // Forwarded from another observed pod: `from_pod` already counted it there, but the
+    // destination's ingress policy is judged here.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if iif != 0 && unsafe { ATTACHED.get(&iif) }.is_some() {
-        return TC_ACT_UNSPEC;
+    let count = !(iif != 0 && unsafe { ATTACHED.get(&iif) }.is_some());
+    if count {
+        stat_inc(stat::PACKETS);
     }
-    stat_inc(stat::PACKETS);
     match parse(&ctx) {
         Ok(pkt) => {
             let bytes = (ctx.len() - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            if !account(&pkt, bytes, ifindex, || classify::to_pod(pkt.family, &pkt.src)) {
-                error!(&ctx, "conntrack insert failed on ifindex {}", ifindex);
-            }
+            act(process(&pkt, bytes, ifindex, Hook::ToPod, count, || {
+                classify::to_pod(pkt.family, &pkt.src)
+            }))
         }
-        Err(reason) => stat_inc(reason),
+        Err(reason) => unparsed(&ctx, reason, Hook::ToPod),
     }
-    TC_ACT_UNSPEC
 }
 
 /// Baseline for benchmarks: the cost of running any tc program at all.
@@ -96,4 +139,9 @@ pub fn bench_new_conn(ctx: TcContext) -> i32 {
 pub fn bench_rewrite(ctx: TcContext) -> i32 {
     next_ports(&ctx);
     TC_ACT_UNSPEC
+}
+
+#[allow(dead_code)]
+fn log_insert_failure(ctx: &TcContext, ifindex: u32) {
+    error!(ctx, "conntrack insert failed on ifindex {}", ifindex);
 }

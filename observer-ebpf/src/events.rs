@@ -26,7 +26,9 @@ pub fn emit(kind: EventKind, key: &CtKey, e: &CtEntry) {
                 class: e.class,
                 icmp_type: e.icmp_type,
                 icmp_code: e.icmp_code,
-                _pad: [0; 4],
+                egress_rule: e.egress_rule,
+                ingress_rule: e.ingress_rule,
+                _pad: 0,
             };
             slot.write(ev);
             // Waking the reader costs an irq_work per event; the daemon also polls on a short

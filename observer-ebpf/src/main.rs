@@ -17,6 +17,8 @@ mod events;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod policy;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -5,9 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData,
-    ATTACHED_MAX_ENTRIES, CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES,
-    IPCACHE_MAX_ENTRIES,
+    Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, PolicyEntry,
+    PolicyKeyData, ATTACHED_MAX_ENTRIES, CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES,
+    IPCACHE_MAX_ENTRIES, POLICY_MAX_ENTRIES,
 };
 
 use crate::parse::{FragKey, FragPorts};
@@ -27,6 +27,10 @@ pub static IPCACHE: LpmTrie<IpcacheKeyData, IpcacheEntry> =
 /// already counted, so `to_pod` leaves its counters alone.
 #[map(name = "OBS_ATTACHED")]
 pub static ATTACHED: HashMap<u32, u32> = HashMap::pinned(ATTACHED_MAX_ENTRIES, 0);
+
+/// Per endpoint and direction: (remote identity, protocol, port prefix) -> rule.
+#[map(name = "OBS_POLICY")]
+pub static POLICY: LpmTrie<PolicyKeyData, PolicyEntry> = LpmTrie::pinned(POLICY_MAX_ENTRIES, 1);
 
 #[map(name = "OBS_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);

@@ -295,3 +295,33 @@ fn later_fragment(mut pkt: Packet, id: u32) -> Result<Packet, u32> {
         None => Err(stat::FRAGMENT),
     }
 }
+
+/// Family and addresses of an IP packet whose header is intact, for packets whose L4 could not
+/// be parsed. `None` for non-IP frames or a broken IP header.
+#[inline(always)]
+pub fn ip_addrs(ctx: &TcContext) -> Option<(u8, [u32; 4], [u32; 4])> {
+    let eth = hdr::<ETH_HLEN>(ctx, 0).ok()?;
+    let mut proto = be16(eth, 12);
+    let mut off = ETH_HLEN;
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        proto = be16(hdr::<4>(ctx, off).ok()?, 2);
+        off += 4;
+        if proto == ETH_P_8021Q {
+            proto = be16(hdr::<4>(ctx, off).ok()?, 2);
+            off += 4;
+        }
+    }
+    if proto == ETH_P_IP {
+        let ip = hdr::<20>(ctx, off).ok()?;
+        Some((AF_INET, [raw32(ip, 12), 0, 0, 0], [raw32(ip, 16), 0, 0, 0]))
+    } else if proto == ETH_P_IPV6 {
+        let ip = hdr::<40>(ctx, off).ok()?;
+        Some((
+            AF_INET6,
+            [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)],
+            [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)],
+        ))
+    } else {
+        None
+    }
+}

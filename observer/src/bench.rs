@@ -190,7 +190,7 @@ fn with_datapath<T>(ct_entries: Option<u32>, f: impl FnOnce(&mut Datapath) -> Re
     for p in [programs::TC_EMPTY, programs::BENCH_NEW_CONN, programs::BENCH_REWRITE] {
         dp.load_program(p)?;
     }
-    dp.set_config(Config { report_interval_ns: 0 })?;
+    dp.set_config(Config { report_interval_ns: 0, policy_gen: 0, enforce: 1 })?;
     populate(&mut dp, 1000)?;
     let mut ring = dp.take_events()?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -18,7 +18,7 @@ use aya::{
 };
 use observer_common::{
     maps, programs, stat, Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry,
-    IpcacheKeyData,
+    IpcacheKeyData, PolicyEntry, PolicyKeyData,
 };
 use tracing::{info, warn};
 
@@ -63,6 +63,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         maps::STATS => (4, 8),
         maps::CONFIG => (4, size_of::<Config>() as u32),
         maps::EVENTS => (0, 0),
+        maps::POLICY => (4 + size_of::<PolicyKeyData>() as u32, size_of::<PolicyEntry>() as u32),
         _ => return None,
     })
 }

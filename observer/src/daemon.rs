@@ -64,6 +64,8 @@ pub struct Options {
     pub other_timeout: Duration,
     pub close_grace: Duration,
     pub source_poll: Duration,
+    /// Drop what policy denies (otherwise verdicts are only reported).
+    pub enforce: bool,
 }
 
 /// Per-connection bookkeeping in userspace.
@@ -231,7 +233,11 @@ fn is_pod_interface(link: &netlink::Link, uplinks: &[String]) -> bool {
 pub async fn run(opts: Options) -> Result<()> {
     let mut dp = Datapath::load(&opts.pin_dir)?;
     info!(pin_dir = %opts.pin_dir.display(), mode = ?dp.mode, "kernel programs loaded");
-    dp.set_config(Config { report_interval_ns: opts.report_interval.as_nanos() as u64 })?;
+    dp.set_config(Config {
+        report_interval_ns: opts.report_interval.as_nanos() as u64,
+        policy_gen: 0,
+        enforce: u32::from(opts.enforce),
+    })?;
     let ring = dp.take_events()?;
     let logger = match aya_log::EbpfLogger::init(&mut dp.ebpf) {
         Ok(l) => Some(l),
@@ -418,6 +424,10 @@ fn entry_of(ev: &FlowEvent) -> CtEntry {
         icmp_type: ev.icmp_type,
         icmp_code: ev.icmp_code,
         _pad: 0,
+        egress_rule: ev.egress_rule,
+        ingress_rule: ev.ingress_rule,
+        policy_gen: 0,
+        _pad2: 0,
     }
 }
 
@@ -428,7 +438,7 @@ fn handle_event(shared: &Shared, ev: FlowEvent) {
     };
     let e = entry_of(&ev);
     match kind {
-        EventKind::New => {
+        EventKind::New | EventKind::Drop => {
             shared.state.lock().unwrap().conns.insert(ev.key, Conn { closed_at: None, close_published: false });
             let rec = shared.make_record(kind, &ev.key, &e);
             shared.publish(rec);

@@ -69,6 +69,8 @@ pub struct FlowRecord {
     pub node: String,
     pub event: String,
     pub verdict: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_reason: Option<String>,
     pub direction: String,
     pub traffic_class: String,
     pub ip: IpInfo,
@@ -176,9 +178,18 @@ pub fn record<'a>(
             EventKind::New => "new",
             EventKind::Report => "report",
             EventKind::Close => "close",
+            EventKind::Drop => "drop",
         }
         .into(),
-        verdict: "forwarded".into(),
+        verdict: if e.flags & ct_flags::DENIED != 0 {
+            "dropped"
+        } else if e.flags & ct_flags::AUDIT != 0 {
+            "audit"
+        } else {
+            "forwarded"
+        }
+        .into(),
+        drop_reason: (e.flags & ct_flags::DENIED != 0).then(|| "policy-denied".to_string()),
         direction: direction.into(),
         traffic_class: class.as_str().into(),
         ip: IpInfo { version: key.family, src: sip, dst: dip },

@@ -158,6 +158,9 @@ struct DaemonArgs {
     /// Wait this long after a TCP close before reporting it, so the final ACK is counted.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     close_grace: Duration,
+    /// Observe only: report what policy would drop, drop nothing.
+    #[arg(long)]
+    no_enforce: bool,
     /// How often a `dir:` source is re-read.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     source_poll: Duration,
@@ -248,6 +251,7 @@ fn run() -> Result<()> {
                 other_timeout: a.other_timeout,
                 close_grace: a.close_grace,
                 source_poll: a.source_poll,
+                enforce: !a.no_enforce,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(daemon::run(opts))
