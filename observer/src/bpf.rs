@@ -168,6 +168,21 @@ impl Datapath {
         prog.load().with_context(|| format!("verifying program {name}"))
     }
 
+    pub fn config(&self) -> Result<Config> {
+        let arr: Array<&MapData, Config> = Array::try_from(self.ebpf.map(maps::CONFIG).context("config map")?)?;
+        Ok(arr.get(&0, 0)?)
+    }
+
+    pub fn bump_policy_gen(&mut self) -> Result<()> {
+        let mut c = self.config()?;
+        c.policy_gen = c.policy_gen.wrapping_add(1);
+        self.set_config(c)
+    }
+
+    pub fn policy_mut(&mut self) -> Result<LpmTrie<&mut MapData, PolicyKeyData, PolicyEntry>> {
+        Ok(LpmTrie::try_from(self.ebpf.map_mut(maps::POLICY).context("policy map")?)?)
+    }
+
     pub fn set_config(&mut self, cfg: Config) -> Result<()> {
         let mut arr: Array<&mut MapData, Config> =
             Array::try_from(self.ebpf.map_mut(maps::CONFIG).context("config map")?)?;

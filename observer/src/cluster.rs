@@ -9,7 +9,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use observer_common::{EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, RemoteKind};
+use observer_common::{IpKey, IpcacheKeyData};
 use serde::Deserialize;
 
 use crate::policy::{model, Policy, Protocol};
@@ -287,72 +287,10 @@ pub fn ipcache_key(net: IpNet) -> (u32, IpcacheKeyData) {
     (32 + net.prefix_len() as u32, IpcacheKeyData { data: [fam, k.addr[0], k.addr[1], k.addr[2], k.addr[3]] })
 }
 
-/// The maps' contents that describe `cluster` as seen from node `node`.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Desired {
-    pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
-    pub ipcache: BTreeMap<IpNet, IpcacheEntry>,
-}
-
-pub fn desired(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], ids: &mut EndpointIds) -> Desired {
-    let mut d = Desired::default();
-    let entry = |kind: RemoteKind| IpcacheEntry { identity: 0, kind: kind as u8, _pad: [0; 3] };
-    for n in &cluster.nodes {
-        let (addr_kind, cidr_kind) = if n.name == node {
-            (RemoteKind::Host, None)
-        } else {
-            (RemoteKind::RemoteNode, Some(RemoteKind::RemotePod))
-        };
-        for a in &n.addresses {
-            d.ipcache.insert(IpNet::from(*a), entry(addr_kind));
-        }
-        if let Some(k) = cidr_kind {
-            for c in &n.pod_cidrs {
-                d.ipcache.insert(c.trunc(), entry(k));
-            }
-        }
-    }
-    for a in host_addrs {
-        d.ipcache.insert(IpNet::from(*a), entry(RemoteKind::Host));
-    }
-    for p in &cluster.pods {
-        if p.host_network {
-            continue;
-        }
-        if p.node == node {
-            let id = ids.get(&p.namespace, &p.name);
-            for ip in &p.ips {
-                d.endpoints.insert(*ip, EndpointInfo { id, flags: 0 });
-            }
-        } else {
-            for ip in &p.ips {
-                d.ipcache.insert(IpNet::from(*ip), entry(RemoteKind::RemotePod));
-            }
-        }
-    }
-    d
-}
-
-/// Stable endpoint ids for the life of the daemon.
-#[derive(Default)]
-pub struct EndpointIds {
-    ids: HashMap<(String, String), u32>,
-    next: u32,
-}
-
-impl EndpointIds {
-    pub fn get(&mut self, ns: &str, name: &str) -> u32 {
-        let next = &mut self.next;
-        *self.ids.entry((ns.into(), name.into())).or_insert_with(|| {
-            *next += 1;
-            *next
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use observer_common::RemoteKind;
 
     const YAML: &str = r#"
 apiVersion: v1
@@ -389,7 +327,9 @@ status: {addresses: [{type: InternalIP, address: 10.224.0.5}]}
 "#;
 
     fn cluster() -> Cluster {
-        let dir = std::env::temp_dir().join(format!("observer-cluster-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("observer-cluster-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("c.yaml"), YAML).unwrap();
         let c = load_dir(&[dir.clone()]).unwrap();
@@ -410,14 +350,16 @@ status: {addresses: [{type: InternalIP, address: 10.224.0.5}]}
     }
 
     #[test]
-    fn desired_splits_local_endpoints_from_remote_identities() {
+    fn compile_splits_local_endpoints_from_remote_identities() {
         let c = cluster();
-        let mut ids = EndpointIds::default();
-        let d = desired(&c, "n1", &["10.224.0.4".parse().unwrap()], &mut ids);
+        let mut alloc = crate::policy::compile::Allocator::default();
+        let d = crate::policy::compile::compile(&c, "n1", &["10.224.0.4".parse().unwrap()], &Default::default(), &mut alloc);
         assert_eq!(d.endpoints.len(), 2);
         let kind = |s: &str| d.ipcache[&s.parse::<IpNet>().unwrap()].kind;
         assert_eq!(kind("10.244.2.10/32"), RemoteKind::RemotePod as u8);
         assert_eq!(kind("10.244.2.0/24"), RemoteKind::RemotePod as u8);
+        assert_eq!(kind("10.244.1.10/32"), RemoteKind::LocalPod as u8);
+        assert_eq!(kind("0.0.0.0/0"), RemoteKind::World as u8);
         assert_eq!(kind("10.224.0.5/32"), RemoteKind::RemoteNode as u8);
         assert_eq!(kind("10.224.0.4/32"), RemoteKind::Host as u8);
     }

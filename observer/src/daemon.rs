@@ -16,7 +16,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     bpf::Datapath,
-    cluster::{self, Cluster, Desired, EndpointIds, PodInfo},
+    cluster::{self, Cluster, PodInfo},
+    policy::compile::{self, Allocator, Desired, RuleRef},
     flows::{self, FlowRecord},
     netlink::{self, LinkEvent, LinkMonitor},
 };
@@ -66,6 +67,7 @@ pub struct Options {
     pub source_poll: Duration,
     /// Drop what policy denies (otherwise verdicts are only reported).
     pub enforce: bool,
+    pub policy: crate::policy::Options,
 }
 
 /// Per-connection bookkeeping in userspace.
@@ -93,6 +95,8 @@ pub struct State {
     pub metrics: Metrics,
     pub last_sync: Option<std::time::SystemTime>,
     pub interfaces: HashMap<u32, String>,
+    /// Rule id -> the policy rule it stands for.
+    pub rules: HashMap<u32, RuleRef>,
 }
 
 pub struct Shared {
@@ -120,7 +124,7 @@ impl Shared {
 
     fn make_record(&self, kind: EventKind, key: &CtKey, e: &CtEntry) -> FlowRecord {
         let st = self.state.lock().unwrap();
-        flows::record(&self.opts.node_name, kind, key, e, |ip| st.by_ip.get(&ip))
+        flows::record(&self.opts.node_name, kind, key, e, |ip| st.by_ip.get(&ip), |id| st.rules.get(&id).cloned())
     }
 
     /// Every conntrack entry with its current counters.
@@ -135,7 +139,7 @@ impl Shared {
             .iter()
             .map(|(k, e)| {
                 let kind = if e.flags & ct_flags::CLOSED != 0 { EventKind::Close } else { EventKind::Report };
-                flows::record(&self.opts.node_name, kind, k, e, |ip| st.by_ip.get(&ip))
+                flows::record(&self.opts.node_name, kind, k, e, |ip| st.by_ip.get(&ip), |id| st.rules.get(&id).cloned())
             })
             .collect())
     }
@@ -223,6 +227,26 @@ fn sync_maps(dp: &mut Datapath, want: &Desired) -> Result<(usize, usize)> {
             }
         }
     }
+    {
+        let mut pol = dp.policy_mut()?;
+        let have: HashMap<(u32, observer_common::PolicyKeyData), observer_common::PolicyEntry> = pol
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+            .collect();
+        for (k, v) in &want.policy {
+            if have.get(k) != Some(v) {
+                pol.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), *v, 0).context("writing policy map")?;
+                written += 1;
+            }
+        }
+        for k in have.keys() {
+            if !want.policy.contains_key(k) {
+                pol.remove(&aya::maps::lpm_trie::Key::new(k.0, k.1)).context("removing from policy map")?;
+                removed += 1;
+            }
+        }
+    }
     Ok((written, removed))
 }
 
@@ -259,13 +283,14 @@ pub async fn run(opts: Options) -> Result<()> {
             metrics: Metrics::default(),
             last_sync: None,
             interfaces: HashMap::new(),
+            rules: HashMap::new(),
         }),
         tx,
         started: std::time::SystemTime::now(),
     });
 
     // Cluster state before interfaces, so the first flows are already classified.
-    let mut ids = EndpointIds::default();
+    let mut ids = Allocator::default();
     let mut last_desired = None;
     reload_source(&shared, &mut ids, &mut last_desired);
 
@@ -524,7 +549,7 @@ fn gc_once(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-fn reload_source(shared: &Shared, ids: &mut EndpointIds, last: &mut Option<Desired>) {
+fn reload_source(shared: &Shared, ids: &mut Allocator, last: &mut Option<Desired>) {
     let cluster = match &shared.opts.source {
         Source::None => Cluster::default(),
         Source::Dir(paths) => match cluster::load_dir(paths) {
@@ -543,11 +568,17 @@ fn reload_source(shared: &Shared, ids: &mut EndpointIds, last: &mut Option<Desir
             host.extend(n.addresses.iter().copied());
         }
     }
-    let want = cluster::desired(&cluster, &shared.opts.node_name, &host, ids);
+    let want = compile::compile(&cluster, &shared.opts.node_name, &host, &shared.opts.policy, ids);
     if last.as_ref() != Some(&want) {
         let mut dp = shared.dp.lock().unwrap();
         match sync_maps(&mut dp, &want) {
             Ok((w, r)) => {
+                if w + r > 0 {
+                    // Connections take their verdicts again on their next packet.
+                    if let Err(e) = dp.bump_policy_gen() {
+                        warn!("policy generation: {e:#}");
+                    }
+                }
                 info!(written = w, removed = r, endpoints = want.endpoints.len(), prefixes = want.ipcache.len(), "datapath maps synced");
                 *last = Some(want);
             }
@@ -563,13 +594,14 @@ fn reload_source(shared: &Shared, ids: &mut EndpointIds, last: &mut Option<Desir
     let by_ip: HashMap<IpAddr, PodInfo> =
         cluster.pod_by_ip().into_iter().map(|(ip, p)| (ip, p.clone())).collect();
     let mut st = shared.state.lock().unwrap();
+    st.rules = ids.rule_table();
     st.metrics.source_errors = cluster.errors.clone();
     st.by_ip = by_ip;
     st.cluster = Arc::new(cluster);
     st.last_sync = Some(std::time::SystemTime::now());
 }
 
-async fn source_task(shared: Arc<Shared>, mut ids: EndpointIds, mut last: Option<Desired>) -> Result<()> {
+async fn source_task(shared: Arc<Shared>, mut ids: Allocator, mut last: Option<Desired>) -> Result<()> {
     let mut tick = tokio::time::interval(shared.opts.source_poll);
     tick.tick().await;
     loop {

@@ -9,7 +9,10 @@ use std::{
 use observer_common::{ct_flags, CtEntry, CtKey, EventKind, TrafficClass, DIR_ORIG, DIR_REPLY};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{addr_from, PodInfo};
+use crate::{
+    cluster::{addr_from, PodInfo},
+    policy::compile::RuleRef,
+};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IpInfo {
@@ -71,6 +74,10 @@ pub struct FlowRecord {
     pub verdict: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_reason: Option<String>,
+    /// The policy rules that allowed the connection (egress at the source, ingress at the
+    /// destination), when a policy isolates that side.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy: Vec<RuleRef>,
     pub direction: String,
     pub traffic_class: String,
     pub ip: IpInfo,
@@ -151,6 +158,7 @@ pub fn record<'a>(
     key: &CtKey,
     e: &CtEntry,
     lookup: impl Fn(IpAddr) -> Option<&'a PodInfo>,
+    rules: impl Fn(u32) -> Option<RuleRef>,
 ) -> FlowRecord {
     let ((sip, sport), (dip, dport)) = orient(key, e.flags);
     let class = TrafficClass::from_u8(e.class);
@@ -190,6 +198,7 @@ pub fn record<'a>(
         }
         .into(),
         drop_reason: (e.flags & ct_flags::DENIED != 0).then(|| "policy-denied".to_string()),
+        policy: [e.egress_rule, e.ingress_rule].into_iter().filter(|r| *r != 0).filter_map(&rules).collect(),
         direction: direction.into(),
         traffic_class: class.as_str().into(),
         ip: IpInfo { version: key.family, src: sip, dst: dip },
@@ -280,7 +289,7 @@ mod tests {
             host_network: false,
             ports: vec![],
         };
-        let r = record("n1", EventKind::New, &key, &e, |ip| (ip == pod.ips[0]).then_some(&pod));
+        let r = record("n1", EventKind::New, &key, &e, |ip| (ip == pod.ips[0]).then_some(&pod), |_| None);
         assert_eq!(r.source.ip, Some("203.0.113.10".parse().unwrap()));
         assert_eq!(r.source.port, 80);
         assert_eq!(r.destination.pod.as_deref(), Some("a"));

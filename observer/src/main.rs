@@ -161,6 +161,12 @@ struct DaemonArgs {
     /// Observe only: report what policy would drop, drop nothing.
     #[arg(long)]
     no_enforce: bool,
+    /// Let ipBlock peers match pod IPs (default: ipBlock selects only non-pod addresses).
+    #[arg(long)]
+    ipblock_matches_pods: bool,
+    /// Audit every policy: would-be drops pass and are reported with verdict `audit`.
+    #[arg(long)]
+    audit: bool,
     /// How often a `dir:` source is re-read.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     source_poll: Duration,
@@ -252,6 +258,7 @@ fn run() -> Result<()> {
                 close_grace: a.close_grace,
                 source_poll: a.source_poll,
                 enforce: !a.no_enforce,
+                policy: observer::policy::Options { ipblock_matches_pods: a.ipblock_matches_pods, audit_all: a.audit },
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(daemon::run(opts))

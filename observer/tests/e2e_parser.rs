@@ -255,7 +255,7 @@ fn icmp_echo_request_and_reply_pair_by_identifier() {
     let (k, e) = b.only_flow();
     assert_eq!(e.packets, [1, 1]);
     assert_eq!(e.icmp_type, 8);
-    let rec = observer::flows::record("n", observer_common::EventKind::New, &k, &e, |_| None);
+    let rec = observer::flows::record("n", observer_common::EventKind::New, &k, &e, |_| None, |_| None);
     assert_eq!(rec.l4.icmp.unwrap().id, Some(0x1234));
 }
 

@@ -6,6 +6,7 @@
 //! the directions it declares. If even its `podSelector` is unusable it isolates every pod of its
 //! namespace. Either way an invalid policy can only make traffic that valid policies allow be
 //! denied, never the reverse: the failure is closed, and visible in `explain` and the logs.
+pub mod compile;
 pub mod engine;
 pub mod matrix;
 pub mod model;

@@ -1,0 +1,396 @@
+//! Compiles the cluster (pods, nodes, policies) into the datapath's maps as seen from one node:
+//! ipcache identities, local endpoints with isolation flags, and per-endpoint policy entries
+//! carrying rule ids. Identities, endpoint ids and rule ids are stable for the life of the
+//! [`Allocator`], so recompiling after a change yields the same numbers and the map writer only
+//! writes differences.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use observer_common::{
+    ep_flags, identity, policy_flags, EndpointInfo, IpcacheEntry, PolicyEntry, PolicyKeyData,
+    RemoteKind, DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO,
+};
+use serde::Serialize;
+
+use super::{
+    engine::Options,
+    model::{PeerSpec, Policy, PortSpec, Protocol, Rule},
+};
+use crate::cluster::{Cluster, PodInfo};
+
+/// Where a rule id comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize, PartialOrd, Ord)]
+pub struct RuleRef {
+    pub namespace: String,
+    pub name: String,
+    pub direction: String,
+    pub rule: usize,
+}
+
+/// Stable numbering across recompiles.
+#[derive(Default, Debug)]
+pub struct Allocator {
+    identities: HashMap<String, u32>,
+    endpoints: HashMap<(String, String), u32>,
+    rules: HashMap<RuleRef, u32>,
+}
+
+impl Allocator {
+    fn identity(&mut self, key: String) -> u32 {
+        let next = identity::FIRST_ALLOCATED + self.identities.len() as u32;
+        *self.identities.entry(key).or_insert(next)
+    }
+
+    pub fn endpoint(&mut self, ns: &str, name: &str) -> u32 {
+        let next = 1 + self.endpoints.len() as u32;
+        *self.endpoints.entry((ns.to_string(), name.to_string())).or_insert(next)
+    }
+
+    fn rule(&mut self, r: RuleRef) -> u32 {
+        let next = 1 + self.rules.len() as u32;
+        *self.rules.entry(r).or_insert(next)
+    }
+
+    /// Rule id -> where it comes from.
+    pub fn rule_table(&self) -> HashMap<u32, RuleRef> {
+        self.rules.iter().map(|(r, id)| (*id, r.clone())).collect()
+    }
+}
+
+/// Everything the maps should hold.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
+    pub ipcache: BTreeMap<IpNet, IpcacheEntry>,
+    /// (prefix length, key data) -> entry.
+    pub policy: BTreeMap<(u32, PolicyKeyData), PolicyEntry>,
+}
+
+fn pod_identity_key(p: &PodInfo) -> String {
+    let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("pod:{}:{}", p.namespace, labels.join(","))
+}
+
+fn entry(identity: u32, kind: RemoteKind) -> IpcacheEntry {
+    IpcacheEntry { identity, kind: kind as u8, _pad: [0; 3] }
+}
+
+/// Splits `lo..=hi` into aligned prefixes: (value, prefix bits of the 16-bit port).
+pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (lo as u32, hi as u32);
+    while lo <= hi {
+        let mut size = if lo == 0 { 1 << 16 } else { 1u32 << lo.trailing_zeros().min(16) };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        out.push((lo as u16, 16 - size.trailing_zeros()));
+        lo += size;
+    }
+    out
+}
+
+struct Ctx<'a> {
+    cluster: &'a Cluster,
+    opts: &'a Options,
+    /// Identity of each pod, by (namespace, name).
+    pod_ids: HashMap<(&'a str, &'a str), u32>,
+    /// Every ipcache prefix with its identity, for ipBlock containment.
+    prefixes: Vec<(IpNet, u32, RemoteKind)>,
+}
+
+impl Ctx<'_> {
+    fn ns_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        self.cluster.namespaces.get(ns).cloned().unwrap_or_default()
+    }
+
+    fn pods_matching(&self, policy: &Policy, peer: &PeerSpec) -> Vec<&PodInfo> {
+        self.cluster
+            .pods
+            .iter()
+            .filter(|p| !p.host_network && !p.ips.is_empty())
+            .filter(|p| match peer {
+                PeerSpec::Pods(sel) => p.namespace == policy.namespace && sel.matches(&p.labels),
+                PeerSpec::Namespaces(ns) => ns.matches(&self.ns_labels(&p.namespace)),
+                PeerSpec::PodsInNamespaces { namespaces, pods } => {
+                    namespaces.matches(&self.ns_labels(&p.namespace)) && pods.matches(&p.labels)
+                }
+                PeerSpec::IpBlock { .. } => false,
+            })
+            .collect()
+    }
+
+    /// Identities a peer stands for.
+    fn peer_identities(&self, policy: &Policy, peer: &PeerSpec) -> BTreeSet<u32> {
+        match peer {
+            PeerSpec::IpBlock { cidr, except } => {
+                let inside = |n: &IpNet| cidr.contains(n) && !except.iter().any(|e| e.contains(n));
+                let mut ids: BTreeSet<u32> = self
+                    .prefixes
+                    .iter()
+                    .filter(|(n, _, kind)| {
+                        let pod = matches!(kind, RemoteKind::RemotePod | RemoteKind::LocalPod) && n.prefix_len() == n.max_prefix_len();
+                        !pod && inside(n)
+                    })
+                    .map(|(_, id, _)| *id)
+                    .collect();
+                if self.opts.ipblock_matches_pods {
+                    // A pod identity is shared by every pod with the same labels: it is included
+                    // only when all of those pods' addresses are inside the block.
+                    let mut by_id: HashMap<u32, bool> = HashMap::new();
+                    for p in self.cluster.pods.iter().filter(|p| !p.host_network) {
+                        if let Some(id) = self.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())) {
+                            let all_in = p.ips.iter().all(|ip| inside(&IpNet::from(*ip)));
+                            let e = by_id.entry(*id).or_insert(true);
+                            *e &= all_in;
+                        }
+                    }
+                    ids.extend(by_id.into_iter().filter(|(_, ok)| *ok).map(|(id, _)| id));
+                }
+                ids
+            }
+            _ => self
+                .pods_matching(policy, peer)
+                .iter()
+                .filter_map(|p| self.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())).copied())
+                .collect(),
+        }
+    }
+}
+
+/// (prefix length, protocol, port) entries a rule's ports stand for, towards `dst_pods`
+/// (named ports resolve on the destination pods). `None`: any protocol and port.
+fn port_keys(rule: &Rule, dst_ports: &[(String, u16, Protocol)]) -> Option<Vec<(u32, u8, u16)>> {
+    if rule.ports.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for pr in &rule.ports {
+        let proto = pr.protocol.number();
+        match &pr.port {
+            PortSpec::Any => out.push((POLICY_PREFIX_ANY_PORT, proto, 0)),
+            PortSpec::Range(lo, hi) => {
+                for (v, bits) in port_prefixes(*lo, *hi) {
+                    out.push((POLICY_PREFIX_ANY_PORT + bits, proto, v));
+                }
+            }
+            PortSpec::Named(name) => {
+                for (n, num, p) in dst_ports {
+                    if n == name && *p == pr.protocol {
+                        out.push((POLICY_PREFIX_ANY_PORT + 16, proto, *num));
+                    }
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+fn key(ep: u32, dir: u8, ident: u32, plen: u32, proto: u8, port: u16) -> (u32, PolicyKeyData) {
+    // Bits past the prefix are zero in the key, as the trie compares only the prefix.
+    let mut k = PolicyKeyData::new(ep, dir, ident, proto, port);
+    let keep = plen as usize;
+    for (i, b) in k.data.iter_mut().enumerate() {
+        let bit0 = i * 8;
+        if bit0 >= keep {
+            *b = 0;
+        } else if bit0 + 8 > keep {
+            *b &= 0xffu8 << (8 - (keep - bit0));
+        }
+    }
+    (plen, k)
+}
+
+/// Compiles the maps' contents for node `node` whose own addresses are `host_addrs`.
+pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Options, alloc: &mut Allocator) -> Desired {
+    let mut d = Desired::default();
+    d.ipcache.insert("0.0.0.0/0".parse().unwrap(), entry(identity::WORLD, RemoteKind::World));
+    d.ipcache.insert("::/0".parse().unwrap(), entry(identity::WORLD, RemoteKind::World));
+    for n in &cluster.nodes {
+        let local = n.name == node;
+        for a in &n.addresses {
+            let kind = if local { RemoteKind::Host } else { RemoteKind::RemoteNode };
+            d.ipcache.insert(IpNet::from(*a), entry(alloc.identity(format!("node:{a}")), kind));
+        }
+        if !local {
+            for c in &n.pod_cidrs {
+                d.ipcache.insert(c.trunc(), entry(identity::UNKNOWN_POD, RemoteKind::RemotePod));
+            }
+        }
+    }
+    for a in host_addrs {
+        d.ipcache.insert(IpNet::from(*a), entry(alloc.identity(format!("node:{a}")), RemoteKind::Host));
+    }
+    let mut pod_ids = HashMap::new();
+    for p in cluster.pods.iter().filter(|p| !p.host_network) {
+        let id = alloc.identity(pod_identity_key(p));
+        pod_ids.insert((p.namespace.as_str(), p.name.as_str()), id);
+        let local = p.node == node;
+        for ip in &p.ips {
+            let kind = if local { RemoteKind::LocalPod } else { RemoteKind::RemotePod };
+            d.ipcache.insert(IpNet::from(*ip), entry(id, kind));
+        }
+    }
+    // Every ipBlock prefix gets an identity of its own, without displacing pods or nodes.
+    for p in cluster.policies.iter().filter(|p| p.valid()) {
+        for r in p.ingress.iter().chain(&p.egress) {
+            for peer in &r.peers {
+                if let PeerSpec::IpBlock { cidr, except } = peer {
+                    for net in std::iter::once(cidr).chain(except) {
+                        let net = net.trunc();
+                        if !d.ipcache.contains_key(&net) {
+                            d.ipcache.insert(net, entry(alloc.identity(format!("cidr:{net}")), RemoteKind::World));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let cx = Ctx {
+        cluster,
+        opts,
+        pod_ids,
+        prefixes: d.ipcache.iter().map(|(n, e)| (*n, e.identity, kind_of(e.kind))).collect(),
+    };
+
+    let mut sorted: Vec<&Policy> = cluster.policies.iter().collect();
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    for pod in cluster.pods.iter().filter(|p| p.node == node && !p.host_network) {
+        let ep = alloc.endpoint(&pod.namespace, &pod.name);
+        let mut flags = 0;
+        let mut entries: BTreeMap<(u32, PolicyKeyData), PolicyEntry> = BTreeMap::new();
+        for (dir, dir_name) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
+            let ingress = dir == DIR_INGRESS;
+            for pol in &sorted {
+                let selects = pol.namespace == pod.namespace
+                    && (if ingress { pol.ingress_isolates } else { pol.egress_isolates })
+                    && pol.pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels));
+                if !selects {
+                    continue;
+                }
+                let audited = opts.audit_all || pol.audit || cluster.audit_namespaces.contains(&pol.namespace);
+                flags |= match (ingress, audited) {
+                    (true, false) => ep_flags::INGRESS_ISOLATED,
+                    (true, true) => ep_flags::INGRESS_AUDIT,
+                    (false, false) => ep_flags::EGRESS_ISOLATED,
+                    (false, true) => ep_flags::EGRESS_AUDIT,
+                };
+                let rules = if ingress { &pol.ingress } else { &pol.egress };
+                for (i, rule) in rules.iter().enumerate() {
+                    let id = alloc.rule(RuleRef { namespace: pol.namespace.clone(), name: pol.name.clone(), direction: dir_name.into(), rule: i });
+                    let value = PolicyEntry { rule: id, flags: if audited { policy_flags::AUDIT_ONLY } else { 0 } };
+                    // (identity, destination ports for named-port resolution)
+                    let mut targets: Vec<(u32, Vec<(String, u16, Protocol)>)> = Vec::new();
+                    let named = rule.ports.iter().any(|p| matches!(p.port, PortSpec::Named(_)));
+                    if rule.peers.is_empty() {
+                        if ingress || !named {
+                            targets.push((identity::ANY, pod.ports.clone()));
+                        } else {
+                            // Egress to any peer on a named port: only pods declaring it.
+                            for p in cluster.pods.iter().filter(|p| !p.host_network) {
+                                if let Some(id) = cx.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())) {
+                                    targets.push((*id, p.ports.clone()));
+                                }
+                            }
+                        }
+                    } else {
+                        for peer in &rule.peers {
+                            let ids = cx.peer_identities(pol, peer);
+                            if ingress || !named {
+                                targets.extend(ids.into_iter().map(|id| (id, pod.ports.clone())));
+                            } else {
+                                let pods = cx.pods_matching(pol, peer);
+                                for id in ids {
+                                    let ports: Vec<_> = pods
+                                        .iter()
+                                        .filter(|p| cx.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())) == Some(&id))
+                                        .flat_map(|p| p.ports.clone())
+                                        .collect();
+                                    targets.push((id, ports));
+                                }
+                            }
+                        }
+                    }
+                    for (ident, dst_ports) in targets {
+                        let keys = match port_keys(rule, &dst_ports) {
+                            None => vec![key(ep, dir, ident, POLICY_PREFIX_ANY_PROTO, 0, 0)],
+                            Some(v) => v.into_iter().map(|(plen, proto, port)| key(ep, dir, ident, plen, proto, port)).collect(),
+                        };
+                        for k in keys {
+                            match entries.get(&k) {
+                                // Keep the enforced entry over an audit-only one, else the first.
+                                Some(old) if old.flags & policy_flags::AUDIT_ONLY == 0 || value.flags & policy_flags::AUDIT_ONLY != 0 => {}
+                                _ => {
+                                    entries.insert(k, value);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        shadow_audit(&mut entries);
+        d.policy.extend(entries);
+        for ip in &pod.ips {
+            d.endpoints.insert(*ip, EndpointInfo { id: ep, flags });
+        }
+    }
+    d
+}
+
+/// An audit-only entry inside an enforced one's prefix (same endpoint, direction and identity)
+/// would hide the enforced allow from the longest-prefix lookup: it takes the enforced value.
+fn shadow_audit(entries: &mut BTreeMap<(u32, PolicyKeyData), PolicyEntry>) {
+    let enforced: Vec<((u32, PolicyKeyData), PolicyEntry)> =
+        entries.iter().filter(|(_, v)| v.flags & policy_flags::AUDIT_ONLY == 0).map(|(k, v)| (*k, *v)).collect();
+    for ((plen, k), v) in entries.iter_mut() {
+        if v.flags & policy_flags::AUDIT_ONLY == 0 {
+            continue;
+        }
+        let covering = enforced.iter().filter(|((eplen, ek), _)| *eplen < *plen && covers(*eplen, ek, k)).max_by_key(|((eplen, _), _)| *eplen);
+        if let Some((_, ev)) = covering {
+            *v = *ev;
+        }
+    }
+}
+
+fn covers(plen: u32, outer: &PolicyKeyData, inner: &PolicyKeyData) -> bool {
+    (0..plen as usize).all(|bit| {
+        let (i, m) = (bit / 8, 0x80u8 >> (bit % 8));
+        outer.data[i] & m == inner.data[i] & m
+    })
+}
+
+fn kind_of(k: u8) -> RemoteKind {
+    match k {
+        1 => RemoteKind::RemotePod,
+        2 => RemoteKind::Host,
+        3 => RemoteKind::RemoteNode,
+        4 => RemoteKind::LocalPod,
+        _ => RemoteKind::World,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_become_exact_prefix_covers() {
+        assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(port_prefixes(80, 81), vec![(80, 15)]);
+        assert_eq!(port_prefixes(1, 65535).len(), 16);
+        for (lo, hi) in [(80u16, 81u16), (1000, 2000), (32768, 65535), (5, 5), (1, 65535), (8080, 8443)] {
+            let mut covered = Vec::new();
+            for (v, bits) in port_prefixes(lo, hi) {
+                let size = 1u32 << (16 - bits);
+                assert_eq!(v as u32 % size, 0, "aligned");
+                covered.extend((v as u32..v as u32 + size).map(|p| p as u16));
+            }
+            assert_eq!(covered, (lo..=hi).collect::<Vec<_>>(), "{lo}-{hi}");
+        }
+    }
+}
