@@ -179,77 +179,6 @@ pub fn host_addresses() -> Vec<IpAddr> {
     out
 }
 
-/// Writes `want` into the endpoints and ipcache maps, touching only what differs.
-fn sync_maps(dp: &mut Datapath, want: &Desired) -> Result<(usize, usize)> {
-    let (mut written, mut removed) = (0, 0);
-    {
-        let mut eps = dp.endpoints_mut()?;
-        let have: HashMap<_, _> = eps.iter().filter_map(|r| r.ok()).collect();
-        let want_keys: HashMap<_, _> =
-            want.endpoints.iter().map(|(ip, v)| (cluster::ip_key(*ip), *v)).collect();
-        for (k, v) in &want_keys {
-            if have.get(k) != Some(v) {
-                eps.insert(k, v, 0).context("writing endpoints map")?;
-                written += 1;
-            }
-        }
-        for k in have.keys() {
-            if !want_keys.contains_key(k) {
-                eps.remove(k).context("removing from endpoints map")?;
-                removed += 1;
-            }
-        }
-    }
-    {
-        let mut ipc = dp.ipcache_mut()?;
-        let have: HashMap<(u32, [u32; 5]), observer_common::IpcacheEntry> = ipc
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| ((k.prefix_len(), k.data().data), v))
-            .collect();
-        let mut want_keys = HashMap::new();
-        for (net, v) in &want.ipcache {
-            let (plen, data) = cluster::ipcache_key(*net);
-            want_keys.insert((plen, data.data), *v);
-        }
-        for ((plen, data), v) in &want_keys {
-            if have.get(&(*plen, *data)) != Some(v) {
-                let key = aya::maps::lpm_trie::Key::new(*plen, observer_common::IpcacheKeyData { data: *data });
-                ipc.insert(&key, *v, 0).context("writing ipcache map")?;
-                written += 1;
-            }
-        }
-        for (plen, data) in have.keys() {
-            if !want_keys.contains_key(&(*plen, *data)) {
-                let key = aya::maps::lpm_trie::Key::new(*plen, observer_common::IpcacheKeyData { data: *data });
-                ipc.remove(&key).context("removing from ipcache map")?;
-                removed += 1;
-            }
-        }
-    }
-    {
-        let mut pol = dp.policy_mut()?;
-        let have: HashMap<(u32, observer_common::PolicyKeyData), observer_common::PolicyEntry> = pol
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| ((k.prefix_len(), k.data()), v))
-            .collect();
-        for (k, v) in &want.policy {
-            if have.get(k) != Some(v) {
-                pol.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), *v, 0).context("writing policy map")?;
-                written += 1;
-            }
-        }
-        for k in have.keys() {
-            if !want.policy.contains_key(k) {
-                pol.remove(&aya::maps::lpm_trie::Key::new(k.0, k.1)).context("removing from policy map")?;
-                removed += 1;
-            }
-        }
-    }
-    Ok((written, removed))
-}
-
 fn is_pod_interface(link: &netlink::Link, uplinks: &[String]) -> bool {
     link.kind == "veth" && !uplinks.iter().any(|u| u == &link.name)
 }
@@ -571,7 +500,7 @@ fn reload_source(shared: &Shared, ids: &mut Allocator, last: &mut Option<Desired
     let want = compile::compile(&cluster, &shared.opts.node_name, &host, &shared.opts.policy, ids);
     if last.as_ref() != Some(&want) {
         let mut dp = shared.dp.lock().unwrap();
-        match sync_maps(&mut dp, &want) {
+        match dp.apply(&want) {
             Ok((w, r)) => {
                 if w + r > 0 {
                     // Connections take their verdicts again on their next packet.

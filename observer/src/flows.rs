@@ -129,6 +129,17 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
 
+/// The conntrack key the kernel uses for a packet from `src` to `dst`: the smaller
+/// (address, port) pair first, addresses compared as big-endian numbers.
+pub fn ct_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> CtKey {
+    let (s, d) = (crate::cluster::ip_key(src), crate::cluster::ip_key(dst));
+    let sb: Vec<u32> = s.addr.iter().map(|w| u32::from_be(*w)).collect();
+    let db: Vec<u32> = d.addr.iter().map(|w| u32::from_be(*w)).collect();
+    let src_first = (sb, sport) <= (db, dport);
+    let ((a, pa), (b, pb)) = if src_first { ((s, sport), (d, dport)) } else { ((d, dport), (s, sport)) };
+    CtKey { addr_a: a.addr, addr_b: b.addr, port_a: pa, port_b: pb, proto, family: s.family, _pad: [0; 2] }
+}
+
 /// The originating and answering sides of a conntrack key.
 pub fn orient(key: &CtKey, flags: u32) -> ((IpAddr, u16), (IpAddr, u16)) {
     let a = (addr_from(key.family, &key.addr_a), key.port_a);

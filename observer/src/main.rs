@@ -69,6 +69,10 @@ enum PolicyCmd {
         /// `table`: upstream-style truth tables; `json`: one object per pair and port.
         #[arg(short, long, default_value = "table")]
         output: MatrixOutput,
+        /// `reference`: the semantics engine; `kernel`: the real programs on BPF_PROG_TEST_RUN
+        /// with maps filled by the compiler (needs root).
+        #[arg(long, default_value = "reference")]
+        engine: EngineKind,
     },
     /// Explain one connection: isolation on each side, and the rule that allows it or why none does.
     Explain {
@@ -87,6 +91,12 @@ enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum EngineKind {
+    Reference,
+    Kernel,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -297,7 +307,7 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Policy { what: PolicyCmd::Matrix { cluster, protocols, ports, output } } => {
+        Cmd::Policy { what: PolicyCmd::Matrix { cluster, protocols, ports, output, engine: engine_kind } } => {
             use observer::policy::{matrix, Engine, Protocol};
             let (c, opts) = load_cluster(&cluster)?;
             let engine = Engine::new(&c, opts);
@@ -314,7 +324,10 @@ fn run() -> Result<()> {
             if probes.is_empty() {
                 anyhow::bail!("no ports to probe: no pod declares container ports; pass --port");
             }
-            let cells = matrix::matrix(&engine, &probes);
+            let cells = match engine_kind {
+                EngineKind::Reference => matrix::matrix(&engine, &probes),
+                EngineKind::Kernel => observer::policy::kernel::matrix(&c, &engine.opts, &probes)?,
+            };
             match output {
                 MatrixOutput::Json => {
                     let mut out = std::io::stdout().lock();

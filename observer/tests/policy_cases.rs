@@ -1,110 +1,11 @@
 //! The upstream e2e network-policy cases (`tests/policy/cases`) through the reference engine.
-use std::{collections::BTreeMap, path::PathBuf};
+mod cases;
 
-use observer::{
-    cluster,
-    policy::{matrix, Engine, Options},
-};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    #[serde(default)]
-    options: CaseOptions,
-    policies: Vec<serde_json::Value>,
-    expect: Vec<Probe>,
-}
-
-#[derive(Deserialize, Default)]
-struct CaseOptions {
-    #[serde(default)]
-    ipblock_matches_pods: bool,
-}
-
-#[derive(Deserialize)]
-struct Probe {
-    probe: String,
-    rules: Vec<String>,
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/policy")
-}
-
-fn glob(pattern: &str, s: &str) -> bool {
-    let (pn, pp) = pattern.split_once('/').expect("ns/pod pattern");
-    let (sn, sp) = s.split_once('/').unwrap();
-    (pn == "*" || pn == sn) && (pp == "*" || pp == sp)
-}
-
-/// Expected verdicts: everything allowed, then each rule in order.
-fn expected(pods: &[String], rules: &[String]) -> BTreeMap<(String, String), bool> {
-    let mut m = BTreeMap::new();
-    for a in pods {
-        for b in pods {
-            if a != b {
-                m.insert((a.clone(), b.clone()), true);
-            }
-        }
-    }
-    for r in rules {
-        let parts: Vec<&str> = r.split_whitespace().collect();
-        assert_eq!(parts.len(), 3, "rule {r:?}: expected `allow|deny FROM TO`");
-        let allow = match parts[0] {
-            "allow" => true,
-            "deny" => false,
-            other => panic!("rule {r:?}: {other:?} is not allow or deny"),
-        };
-        for ((a, b), v) in m.iter_mut() {
-            if glob(parts[1], a) && glob(parts[2], b) {
-                *v = allow;
-            }
-        }
-    }
-    m
-}
-
-pub fn run_case(path: &std::path::Path) -> Vec<String> {
-    let case: Case = serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let mut c = cluster::load_dir(&[root().join("model.yaml")]).unwrap();
-    assert!(c.errors.is_empty(), "{:?}", c.errors);
-    for (i, p) in case.policies.into_iter().enumerate() {
-        cluster::add_object(&mut c, &format!("{} policy {i}", case.name), p);
-    }
-    assert!(c.errors.is_empty(), "{}: {:?}", case.name, c.errors);
-    let engine = Engine::new(&c, Options { ipblock_matches_pods: case.options.ipblock_matches_pods, audit_all: false });
-    let pods: Vec<String> = matrix::pods_sorted(&c).iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
-    let mut failures = Vec::new();
-    for probe in &case.expect {
-        let (proto, port) = matrix::parse_port(&probe.probe).unwrap();
-        let cells = matrix::matrix(&engine, &[(proto, port)]);
-        let want = expected(&pods, &probe.rules);
-        for cell in &cells {
-            let w = want[&(cell.from.clone(), cell.to.clone())];
-            let got = cell.verdict == "allowed";
-            if w != got {
-                failures.push(format!(
-                    "{} {}: {} -> {} expected {} got {} ({})",
-                    case.name,
-                    probe.probe,
-                    cell.from,
-                    cell.to,
-                    if w { "allowed" } else { "denied" },
-                    cell.verdict,
-                    cell.reason
-                ));
-            }
-        }
-    }
-    failures
-}
+use observer::policy::{matrix, Engine};
 
 #[test]
 fn upstream_cases_match_the_reference_engine() {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("cases")).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
-    assert!(files.len() >= 15, "cases missing");
-    let failures: Vec<String> = files.iter().flat_map(|f| run_case(f)).collect();
+    let engine = |c: &_, o: &observer::policy::Options, probes: &[_]| matrix::matrix(&Engine::new(c, o.clone()), probes);
+    let failures: Vec<String> = cases::case_files().iter().flat_map(|f| cases::run_case(f, &engine)).collect();
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }

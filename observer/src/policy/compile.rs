@@ -143,7 +143,12 @@ impl Ctx<'_> {
                     let mut by_id: HashMap<u32, bool> = HashMap::new();
                     for p in self.cluster.pods.iter().filter(|p| !p.host_network) {
                         if let Some(id) = self.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())) {
-                            let all_in = p.ips.iter().all(|ip| inside(&IpNet::from(*ip)));
+                            // Only addresses of the block's family can be inside it.
+                            let all_in = p
+                                .ips
+                                .iter()
+                                .filter(|ip| ip.is_ipv4() == cidr.addr().is_ipv4())
+                                .all(|ip| inside(&IpNet::from(*ip)));
                             let e = by_id.entry(*id).or_insert(true);
                             *e &= all_in;
                         }

@@ -1,0 +1,158 @@
+//! The kernel engine: decides a matrix by running the real programs on connection-opening
+//! packets through BPF_PROG_TEST_RUN, with maps filled by the compiler. `from_pod` plays the
+//! source pod's veth, `to_pod` the destination's, on one conntrack entry, as on a node.
+use std::{net::IpAddr, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+use aya::programs::{TestRun, TestRunOptions};
+use observer_common::{ct_flags, programs, Config};
+
+use super::{
+    compile::{self, Allocator, RuleRef},
+    engine::Options,
+    matrix::{pods_sorted, Cell},
+    Protocol,
+};
+use crate::{bpf::Datapath, cluster::Cluster};
+
+const TC_ACT_SHOT: u32 = 2;
+const NODE: &str = "kernel-engine";
+
+/// Builds an Ethernet frame opening a connection: TCP SYN, a UDP datagram or an SCTP INIT.
+pub fn opening_packet(src: IpAddr, dst: IpAddr, proto: Protocol, sport: u16, dport: u16) -> Vec<u8> {
+    let mut l4 = match proto {
+        Protocol::Tcp => {
+            let mut t = vec![0u8; 20];
+            t[12] = 5 << 4;
+            t[13] = 0x02;
+            t
+        }
+        Protocol::Udp => vec![0u8; 8],
+        // Common header + an INIT chunk header.
+        Protocol::Sctp => {
+            let mut s = vec![0u8; 12 + 20];
+            s[12] = 1;
+            s
+        }
+    };
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    let mut p = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1];
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            p.extend_from_slice(&0x0800u16.to_be_bytes());
+            let mut ip = vec![0x45, 0];
+            ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&[0, 1, 0x40, 0, 64, proto.number(), 0, 0]);
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            p.extend(ip);
+        }
+        (s, d) => {
+            let to6 = |a: IpAddr| match a {
+                IpAddr::V6(v) => v,
+                IpAddr::V4(v) => v.to_ipv6_mapped(),
+            };
+            p.extend_from_slice(&0x86DDu16.to_be_bytes());
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            ip.extend_from_slice(&[proto.number(), 64]);
+            ip.extend_from_slice(&to6(s).octets());
+            ip.extend_from_slice(&to6(d).octets());
+            p.extend(ip);
+        }
+    }
+    p.extend(l4);
+    p
+}
+
+struct Pin(PathBuf);
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The verdict for every ordered pair of distinct pods on every probe, from the kernel.
+pub fn matrix(cluster: &Cluster, opts: &Options, probes: &[(Protocol, u16)]) -> Result<Vec<Cell>> {
+    // Every pod is an endpoint of one virtual node, so both sides of each pair are enforced.
+    let mut local = cluster.clone();
+    for p in &mut local.pods {
+        p.node = NODE.into();
+    }
+    let mut alloc = Allocator::default();
+    let want = compile::compile(&local, NODE, &[], opts, &mut alloc);
+    let rules = alloc.rule_table();
+    let pin = Pin(PathBuf::from(format!("/sys/fs/bpf/observer-kernel-engine-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&pin.0);
+    let mut dp = Datapath::load(&pin.0).context("loading the kernel programs (needs root)")?;
+    dp.set_config(Config { report_interval_ns: 0, policy_gen: 1, enforce: 1 })?;
+    dp.apply(&want)?;
+    let _events = dp.take_events()?;
+
+    let engine = super::Engine::new(&local, opts.clone());
+    let pods = pods_sorted(&local);
+    let mut out = Vec::new();
+    let mut sport: u16 = 20000;
+    for (proto, port) in probes {
+        for a in &pods {
+            for b in &pods {
+                if a.namespace == b.namespace && a.name == b.name {
+                    continue;
+                }
+                let (Some(src), Some(dst)) = (a.ips.first(), b.ips.iter().find(|ip| ip.is_ipv4() == a.ips[0].is_ipv4())) else {
+                    continue;
+                };
+                sport = if sport >= 60000 { 20000 } else { sport + 1 };
+                let pkt = opening_packet(*src, *dst, *proto, sport, *port);
+                let run = |dp: &mut Datapath, prog: &str| -> Result<u32> {
+                    let mut o = TestRunOptions::new();
+                    o.data_in = Some(&pkt);
+                    Ok(dp.prog(prog)?.test_run(o).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))?.return_value)
+                };
+                let egress_shot = run(&mut dp, programs::FROM_POD)? == TC_ACT_SHOT;
+                let ingress_shot = !egress_shot && run(&mut dp, programs::TO_POD)? == TC_ACT_SHOT;
+                let key = crate::flows::ct_key(*src, sport, *dst, *port, proto.number());
+                let entry = dp.conntrack()?.get(&key, 0).ok();
+                let flags = entry.map(|e| e.flags).unwrap_or(0);
+                let verdict = if egress_shot || ingress_shot {
+                    "denied"
+                } else if flags & ct_flags::AUDIT != 0 {
+                    "audit"
+                } else {
+                    "allowed"
+                };
+                let name = |r: u32| rules.get(&r).map(|r: &RuleRef| format!("{}/{} {} rule {}", r.namespace, r.name, r.direction, r.rule));
+                let mut reason = Vec::new();
+                if let Some(e) = entry {
+                    if let Some(n) = name(e.egress_rule) {
+                        reason.push(format!("egress allowed by {n}"));
+                    }
+                    if let Some(n) = name(e.ingress_rule) {
+                        reason.push(format!("ingress allowed by {n}"));
+                    }
+                }
+                let iso = |pod, ingress| engine.isolating(pod, ingress).iter().map(|p| p.id()).collect::<Vec<_>>().join(", ");
+                if egress_shot {
+                    reason.push(format!("egress denied: isolated by {}", iso(a, false)));
+                }
+                if ingress_shot {
+                    reason.push(format!("ingress denied: isolated by {}", iso(b, true)));
+                }
+                if reason.is_empty() {
+                    reason.push(if flags & ct_flags::AUDIT != 0 { "passed in audit mode".into() } else { "no policy isolates either side".into() });
+                }
+                out.push(Cell {
+                    from: format!("{}/{}", a.namespace, a.name),
+                    to: format!("{}/{}", b.namespace, b.name),
+                    protocol: proto.to_string(),
+                    port: *port,
+                    verdict: verdict.into(),
+                    reason: reason.join("; "),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
