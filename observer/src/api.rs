@@ -41,6 +41,9 @@ pub struct Status {
     pub pods: usize,
     pub local_endpoints: usize,
     pub source_errors: Vec<String>,
+    /// NetworkPolicies in force, `namespace/name`, sorted.
+    #[serde(default)]
+    pub policies: Vec<String>,
     pub last_sync: Option<String>,
     pub started: String,
 }
@@ -158,6 +161,11 @@ pub fn status_of(shared: &Shared) -> Status {
         pods: st.cluster.pods.len(),
         local_endpoints: st.cluster.pods.iter().filter(|p| p.node == shared.opts.node_name && !p.host_network).count(),
         source_errors: st.metrics.source_errors.clone(),
+        policies: {
+            let mut v: Vec<String> = st.cluster.policies.iter().map(|p| p.id()).collect();
+            v.sort();
+            v
+        },
         last_sync: st.last_sync.map(crate::flows::rfc3339),
         started: crate::flows::rfc3339(shared.started),
     }

@@ -113,6 +113,8 @@ pub struct TestBed {
     namespaces: Vec<String>,
     children: Vec<Child>,
     pin_dirs: Vec<PathBuf>,
+    /// Extra labels per Kubernetes namespace, written into the cluster YAML.
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl TestBed {
@@ -132,6 +134,7 @@ impl TestBed {
             namespaces: Vec::new(),
             children: Vec::new(),
             pin_dirs: Vec::new(),
+            namespace_labels: BTreeMap::new(),
         };
         bed.build().context("building the virtual node")?;
         bed.write_cluster()?;
@@ -253,10 +256,11 @@ impl TestBed {
         namespaces.sort();
         namespaces.dedup();
         for ns in namespaces {
-            let _ = write!(
-                y,
-                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    kubernetes.io/metadata.name: {ns}\n---\n"
-            );
+            let _ = write!(y, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    kubernetes.io/metadata.name: {ns}\n");
+            for (k, v) in self.namespace_labels.get(ns).into_iter().flatten() {
+                let _ = writeln!(y, "    {k}: \"{v}\"");
+            }
+            y.push_str("---\n");
         }
         let _ = write!(
             y,

@@ -10,24 +10,24 @@ use observer::{
 use serde::Deserialize;
 
 #[derive(Deserialize)]
-struct Case {
-    name: String,
+pub struct Case {
+    pub name: String,
     #[serde(default)]
-    options: CaseOptions,
-    policies: Vec<serde_json::Value>,
-    expect: Vec<Probe>,
+    pub options: CaseOptions,
+    pub policies: Vec<serde_json::Value>,
+    pub expect: Vec<Probe>,
 }
 
 #[derive(Deserialize, Default)]
-struct CaseOptions {
+pub struct CaseOptions {
     #[serde(default)]
-    ipblock_matches_pods: bool,
+    pub ipblock_matches_pods: bool,
 }
 
 #[derive(Deserialize)]
-struct Probe {
-    probe: String,
-    rules: Vec<String>,
+pub struct Probe {
+    pub probe: String,
+    pub rules: Vec<String>,
 }
 
 fn root() -> PathBuf {
@@ -41,7 +41,7 @@ fn glob(pattern: &str, s: &str) -> bool {
 }
 
 /// Expected verdicts: everything allowed, then each rule in order.
-fn expected(pods: &[String], rules: &[String]) -> BTreeMap<(String, String), bool> {
+pub fn expected(pods: &[String], rules: &[String]) -> BTreeMap<(String, String), bool> {
     let mut m = BTreeMap::new();
     for a in pods {
         for b in pods {
@@ -67,6 +67,10 @@ fn expected(pods: &[String], rules: &[String]) -> BTreeMap<(String, String), boo
     m
 }
 
+pub fn load_case(path: &std::path::Path) -> Case {
+    serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 pub type EngineFn<'a> = &'a dyn Fn(&Cluster, &Options, &[(Protocol, u16)]) -> Vec<Cell>;
 
 pub fn case_files() -> Vec<PathBuf> {
@@ -78,7 +82,7 @@ pub fn case_files() -> Vec<PathBuf> {
 
 /// Runs one case through `engine`; returns every mismatch with the expected truth table.
 pub fn run_case(path: &std::path::Path, engine: EngineFn<'_>) -> Vec<String> {
-    let case: Case = serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let case = load_case(path);
     let mut c = cluster::load_dir(&[root().join("model.yaml")]).unwrap();
     assert!(c.errors.is_empty(), "{:?}", c.errors);
     for (i, p) in case.policies.into_iter().enumerate() {
