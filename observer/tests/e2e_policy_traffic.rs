@@ -94,6 +94,19 @@ fn upstream_cases_hold_for_real_connections() {
     let names: Vec<String> = bed.pods.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
     let policy_file = bed.cluster_dir().join("policies.json");
 
+    // Without policy every pair connects (this also settles neighbour discovery).
+    let mut baseline = Vec::new();
+    for a in &bed.pods {
+        for b in &bed.pods {
+            if a.netns != b.netns {
+                baseline.push((format!("{} -> {}", a.name, b.ip4), probe(&a.netns, SocketAddr::new(b.ip4, 80), Protocol::Tcp)));
+            }
+        }
+    }
+    for (what, j) in baseline {
+        assert!(j.join().unwrap().unwrap(), "no policy, yet {what} failed");
+    }
+
     let mut failures = Vec::new();
     let mut ran = 0;
     for file in cases::case_files() {

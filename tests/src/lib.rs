@@ -210,6 +210,8 @@ impl TestBed {
         let (s4, s6) = (format!("{ip4}/32"), format!("{ip6}/128"));
         let (r4, r6) = (ip4.to_string(), ip6.to_string());
         let proxy_arp = format!("net.ipv4.conf.{host_if}.proxy_arp=1");
+        // Proxy ARP answers after up to 0.8 s by default; pods should not wait on the node.
+        let proxy_delay = format!("net.ipv4.neigh.{host_if}.proxy_delay=0");
         let cmds: Vec<(&str, Vec<&str>)> = vec![
             (&netns, vec!["ip", "addr", "add", &s4, "dev", "eth0"]),
             (&netns, vec!["ip", "addr", "add", &s6, "dev", "eth0", "nodad"]),
@@ -220,6 +222,7 @@ impl TestBed {
             (&node, vec!["ip", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"]),
             (&node, vec!["ip", "link", "set", &host_if, "up"]),
             (&node, vec!["sysctl", "-qw", &proxy_arp]),
+            (&node, vec!["sysctl", "-qw", &proxy_delay]),
             (&node, vec!["ip", "route", "add", &r4, "dev", &host_if]),
             (&node, vec!["ip", "-6", "route", "add", &r6, "dev", &host_if]),
         ];
