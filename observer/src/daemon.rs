@@ -124,7 +124,11 @@ impl Shared {
 
     fn make_record(&self, kind: EventKind, key: &CtKey, e: &CtEntry) -> FlowRecord {
         let st = self.state.lock().unwrap();
-        flows::record(&self.opts.node_name, kind, key, e, |ip| st.by_ip.get(&ip), |id| st.rules.get(&id).cloned())
+        let mut rec = flows::record(&self.opts.node_name, kind, key, e, |ip| st.by_ip.get(&ip), |id| st.rules.get(&id).cloned());
+        if e.flags & ct_flags::DENIED != 0 {
+            rec.isolated_by = isolated_by(&st, &self.opts, &rec, e.flags);
+        }
+        rec
     }
 
     /// Every conntrack entry with its current counters.
@@ -143,6 +147,29 @@ impl Shared {
             })
             .collect())
     }
+}
+
+/// The policies that isolate the side that denied a connection: default-deny drops name them.
+fn isolated_by(st: &State, opts: &Options, rec: &FlowRecord, flags: u32) -> Vec<flows::PolicyName> {
+    let engine = crate::policy::Engine::new(&st.cluster, opts.policy.clone());
+    let mut out = Vec::new();
+    let mut add = |ip: Option<IpAddr>, ingress: bool| {
+        if let Some(pod) = ip.and_then(|ip| st.by_ip.get(&ip)) {
+            for p in engine.isolating(pod, ingress) {
+                let n = flows::PolicyName { namespace: p.namespace.clone(), name: p.name.clone() };
+                if !out.contains(&n) {
+                    out.push(n);
+                }
+            }
+        }
+    };
+    if flags & ct_flags::EGRESS_DENIED != 0 {
+        add(rec.source.ip, false);
+    }
+    if flags & ct_flags::INGRESS_DENIED != 0 {
+        add(rec.destination.ip, true);
+    }
+    out
 }
 
 /// Local non-loopback addresses of this network namespace: the node's own IPs.

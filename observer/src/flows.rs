@@ -34,6 +34,12 @@ pub struct L4Info {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyName {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IcmpInfo {
     #[serde(rename = "type")]
     pub icmp_type: u8,
@@ -78,6 +84,9 @@ pub struct FlowRecord {
     /// destination), when a policy isolates that side.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policy: Vec<RuleRef>,
+    /// For connections denied by policy: the policies that isolate the denying side.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isolated_by: Vec<PolicyName>,
     pub direction: String,
     pub traffic_class: String,
     pub ip: IpInfo,
@@ -210,6 +219,7 @@ pub fn record<'a>(
         .into(),
         drop_reason: (e.flags & ct_flags::DENIED != 0).then(|| "policy-denied".to_string()),
         policy: [e.egress_rule, e.ingress_rule].into_iter().filter(|r| *r != 0).filter_map(&rules).collect(),
+        isolated_by: Vec::new(),
         direction: direction.into(),
         traffic_class: class.as_str().into(),
         ip: IpInfo { version: key.family, src: sip, dst: dip },
@@ -251,8 +261,17 @@ impl FlowRecord {
     /// One readable line, `hubble observe` style.
     pub fn compact(&self) -> String {
         let c = &self.counters;
+        let cause = if !self.isolated_by.is_empty() {
+            let names: Vec<String> = self.isolated_by.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+            format!(" by {}", names.join(","))
+        } else if !self.policy.is_empty() {
+            let names: Vec<String> = self.policy.iter().map(|r| format!("{}/{}[{} {}]", r.namespace, r.name, r.direction, r.rule)).collect();
+            format!(" by {}", names.join(","))
+        } else {
+            String::new()
+        };
         format!(
-            "{} {:<6} {} -> {} {} {} {} {} out {}p/{}B in {}p/{}B",
+            "{} {:<6} {} -> {} {} {} {}{} {} out {}p/{}B in {}p/{}B",
             self.time.get(11..23).unwrap_or(&self.time),
             self.event,
             Self::endpoint(&self.source),
@@ -260,6 +279,7 @@ impl FlowRecord {
             self.l4.protocol,
             self.traffic_class,
             self.verdict.to_uppercase(),
+            cause,
             match &self.l4.icmp {
                 Some(i) => format!("type {} code {}{}", i.icmp_type, i.code, i.id.map(|id| format!(" id {id}")).unwrap_or_default()),
                 None => self.l4.tcp_flags.join(","),

@@ -20,8 +20,8 @@ extern "C" fn on_signal(_: i32) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-const SAMPLE_POLICY: &str = r#"# Only the api may reach the database. Observer reports the web -> db connection today;
-# it is the connection this policy denies once enforcement is on.
+const SAMPLE_POLICY: &str = r#"# Only the api may reach the database: the demo's web -> db connections are dropped, and
+# their flow records name this policy.
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
@@ -149,7 +149,7 @@ pub fn run(duration: Option<u64>) -> Result<()> {
         let mut jobs = vec![
             spawn_in_netns(&web.netns, move || tcp_request(api4, 300)),
             spawn_in_netns(&api.netns, move || tcp_request(db4, 120)),
-            // Denied by db-allow-api-only once policy is enforced.
+            // Denied by shop/db-allow-api-only.
             spawn_in_netns(&web.netns, move || tcp_request(db4, 64)),
             spawn_in_netns(&web.netns, move || udp_request(dns)),
             spawn_in_netns(&prom.netns, move || tcp_request(api6, 80)),
