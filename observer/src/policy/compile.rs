@@ -69,9 +69,15 @@ pub struct Desired {
     pub policy: BTreeMap<(u32, PolicyKeyData), PolicyEntry>,
 }
 
+/// Pods share an identity when they share namespace, labels and named container ports: the
+/// ports are part of it because a named port in a policy resolves per destination pod, and the
+/// datapath only sees the identity. Identities are node-local numbers, so this costs nothing on
+/// the wire.
 fn pod_identity_key(p: &PodInfo) -> String {
     let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!("pod:{}:{}", p.namespace, labels.join(","))
+    let mut ports: Vec<String> = p.ports.iter().filter(|(n, _, _)| !n.is_empty()).map(|(n, num, pr)| format!("{n}={num}/{pr}")).collect();
+    ports.sort();
+    format!("pod:{}:{}:{}", p.namespace, labels.join(","), ports.join(","))
 }
 
 fn entry(identity: u32, kind: RemoteKind) -> IpcacheEntry {
@@ -287,40 +293,16 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
                 for (i, rule) in rules.iter().enumerate() {
                     let id = alloc.rule(RuleRef { namespace: pol.namespace.clone(), name: pol.name.clone(), direction: dir_name.into(), rule: i });
                     let value = PolicyEntry { rule: id, flags: if audited { policy_flags::AUDIT_ONLY } else { 0 } };
-                    // (identity, destination ports for named-port resolution)
-                    let mut targets: Vec<(u32, Vec<(String, u16, Protocol)>)> = Vec::new();
+                    // Numbered ports
+                    // apply to the rule's peers as they are; a named port on egress resolves on
+                    // each destination pod, so it needs the pods' identities even for "any peer".
                     let named = rule.ports.iter().any(|p| matches!(p.port, PortSpec::Named(_)));
-                    if rule.peers.is_empty() {
-                        if ingress || !named {
-                            targets.push((identity::ANY, pod.ports.clone()));
-                        } else {
-                            // Egress to any peer on a named port: only pods declaring it.
-                            for p in cluster.pods.iter().filter(|p| !p.host_network) {
-                                if let Some(id) = cx.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())) {
-                                    targets.push((*id, p.ports.clone()));
-                                }
-                            }
-                        }
-                    } else {
-                        for peer in &rule.peers {
-                            let ids = cx.peer_identities(pol, peer);
-                            if ingress || !named {
-                                targets.extend(ids.into_iter().map(|id| (id, pod.ports.clone())));
-                            } else {
-                                let pods = cx.pods_matching(pol, peer);
-                                for id in ids {
-                                    let ports: Vec<_> = pods
-                                        .iter()
-                                        .filter(|p| cx.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())) == Some(&id))
-                                        .flat_map(|p| p.ports.clone())
-                                        .collect();
-                                    targets.push((id, ports));
-                                }
-                            }
-                        }
-                    }
-                    for (ident, dst_ports) in targets {
-                        let keys = match port_keys(rule, &dst_ports) {
+                    let numbered = Rule { peers: Vec::new(), ports: rule.ports.iter().filter(|p| !matches!(p.port, PortSpec::Named(_))).cloned().collect() };
+                    let named_only = Rule { peers: Vec::new(), ports: rule.ports.iter().filter(|p| matches!(p.port, PortSpec::Named(_))).cloned().collect() };
+                    let peer_ids: Option<BTreeSet<u32>> = (!rule.peers.is_empty())
+                        .then(|| rule.peers.iter().flat_map(|peer| cx.peer_identities(pol, peer)).collect());
+                    let mut emit = |ident: u32, r: &Rule, dst_ports: &[(String, u16, Protocol)]| {
+                        let keys = match port_keys(r, dst_ports) {
                             None => vec![key(ep, dir, ident, POLICY_PREFIX_ANY_PROTO, 0, 0)],
                             Some(v) => v.into_iter().map(|(plen, proto, port)| key(ep, dir, ident, plen, proto, port)).collect(),
                         };
@@ -330,6 +312,29 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
                                 Some(old) if old.flags & policy_flags::AUDIT_ONLY == 0 || value.flags & policy_flags::AUDIT_ONLY != 0 => {}
                                 _ => {
                                     entries.insert(k, value);
+                                }
+                            }
+                        }
+                    };
+                    if rule.ports.is_empty() || !numbered.ports.is_empty() {
+                        let r = if rule.ports.is_empty() { rule } else { &numbered };
+                        match &peer_ids {
+                            None => emit(identity::ANY, r, &[]),
+                            Some(ids) => ids.iter().for_each(|id| emit(*id, r, &[])),
+                        }
+                    }
+                    if named {
+                        if ingress {
+                            // Resolved on this pod, the destination.
+                            match &peer_ids {
+                                None => emit(identity::ANY, &named_only, &pod.ports),
+                                Some(ids) => ids.iter().for_each(|id| emit(*id, &named_only, &pod.ports)),
+                            }
+                        } else {
+                            for p in cluster.pods.iter().filter(|p| !p.host_network) {
+                                let Some(id) = cx.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())) else { continue };
+                                if peer_ids.as_ref().is_none_or(|ids| ids.contains(id)) {
+                                    emit(*id, &named_only, &p.ports);
                                 }
                             }
                         }

@@ -1,11 +1,11 @@
 //! The kernel engine: decides a matrix by running the real programs on connection-opening
 //! packets through BPF_PROG_TEST_RUN, with maps filled by the compiler. `from_pod` plays the
 //! source pod's veth, `to_pod` the destination's, on one conntrack entry, as on a node.
-use std::{net::IpAddr, path::PathBuf};
+use std::{collections::HashMap, net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions};
-use observer_common::{ct_flags, programs, Config};
+use observer_common::{ct_flags, programs, Config, CtEntry};
 
 use super::{
     compile::{self, Allocator, RuleRef},
@@ -73,27 +73,81 @@ impl Drop for Pin {
     }
 }
 
+/// The real programs with their own maps, reusable across clusters.
+pub struct KernelEngine {
+    dp: Datapath,
+    alloc: Allocator,
+    sport: u16,
+    _pin: Pin,
+}
+
+impl KernelEngine {
+    pub fn new() -> Result<Self> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin = Pin(PathBuf::from(format!("/sys/fs/bpf/observer-kernel-engine-{}-{n}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&pin.0);
+        let mut dp = Datapath::load(&pin.0).context("loading the kernel programs (needs root)")?;
+        dp.set_config(Config { report_interval_ns: 0, policy_gen: 1, enforce: 1 })?;
+        // Nobody reads events here: reserves that fail are counted and change nothing else.
+        drop(dp.take_events()?);
+        Ok(Self { dp, alloc: Allocator::default(), sport: 20000, _pin: pin })
+    }
+
+    /// Loads `cluster` with every pod an endpoint of one virtual node, so both sides of each
+    /// pair are enforced. Returns the cluster as loaded and the rule table.
+    pub fn load(&mut self, cluster: &Cluster, opts: &Options) -> Result<(Cluster, HashMap<u32, RuleRef>)> {
+        let mut local = cluster.clone();
+        for p in &mut local.pods {
+            p.node = NODE.into();
+        }
+        let want = compile::compile(&local, NODE, &[], opts, &mut self.alloc);
+        self.dp.apply(&want)?;
+        // Fresh connections only: forget every verdict taken for an earlier cluster.
+        let keys: Vec<_> = self.dp.conntrack()?.keys().filter_map(|k| k.ok()).collect();
+        let mut ct = self.dp.conntrack_mut()?;
+        for k in keys {
+            let _ = ct.remove(&k);
+        }
+        Ok((local, self.alloc.rule_table()))
+    }
+
+    /// Runs one connection-opening packet: through `from_pod` if the source is a local pod,
+    /// then `to_pod` if the destination is. Returns (egress dropped, ingress dropped, entry).
+    pub fn run(&mut self, src: IpAddr, src_is_pod: bool, dst: IpAddr, dst_is_pod: bool, proto: Protocol, port: u16) -> Result<(bool, bool, Option<CtEntry>)> {
+        self.sport = if self.sport >= 60000 { 20000 } else { self.sport + 1 };
+        let sport = self.sport;
+        let pkt = opening_packet(src, dst, proto, sport, port);
+        let mut run = |prog: &str| -> Result<u32> {
+            let mut o = TestRunOptions::new();
+            o.data_in = Some(&pkt);
+            Ok(self.dp.prog(prog)?.test_run(o).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))?.return_value)
+        };
+        let egress = src_is_pod && run(programs::FROM_POD)? == TC_ACT_SHOT;
+        let ingress = !egress && dst_is_pod && run(programs::TO_POD)? == TC_ACT_SHOT;
+        let key = crate::flows::ct_key(src, sport, dst, port, proto.number());
+        Ok((egress, ingress, self.dp.conntrack()?.get(&key, 0).ok()))
+    }
+}
+
+/// "allowed", "denied" or "audit" from one run.
+pub fn verdict_of(egress: bool, ingress: bool, entry: Option<&CtEntry>) -> &'static str {
+    if egress || ingress {
+        "denied"
+    } else if entry.is_some_and(|e| e.flags & ct_flags::AUDIT != 0) {
+        "audit"
+    } else {
+        "allowed"
+    }
+}
+
 /// The verdict for every ordered pair of distinct pods on every probe, from the kernel.
 pub fn matrix(cluster: &Cluster, opts: &Options, probes: &[(Protocol, u16)]) -> Result<Vec<Cell>> {
-    // Every pod is an endpoint of one virtual node, so both sides of each pair are enforced.
-    let mut local = cluster.clone();
-    for p in &mut local.pods {
-        p.node = NODE.into();
-    }
-    let mut alloc = Allocator::default();
-    let want = compile::compile(&local, NODE, &[], opts, &mut alloc);
-    let rules = alloc.rule_table();
-    let pin = Pin(PathBuf::from(format!("/sys/fs/bpf/observer-kernel-engine-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&pin.0);
-    let mut dp = Datapath::load(&pin.0).context("loading the kernel programs (needs root)")?;
-    dp.set_config(Config { report_interval_ns: 0, policy_gen: 1, enforce: 1 })?;
-    dp.apply(&want)?;
-    let _events = dp.take_events()?;
-
+    let mut k = KernelEngine::new()?;
+    let (local, rules) = k.load(cluster, opts)?;
     let engine = super::Engine::new(&local, opts.clone());
     let pods = pods_sorted(&local);
     let mut out = Vec::new();
-    let mut sport: u16 = 20000;
     for (proto, port) in probes {
         for a in &pods {
             for b in &pods {
@@ -103,25 +157,8 @@ pub fn matrix(cluster: &Cluster, opts: &Options, probes: &[(Protocol, u16)]) -> 
                 let (Some(src), Some(dst)) = (a.ips.first(), b.ips.iter().find(|ip| ip.is_ipv4() == a.ips[0].is_ipv4())) else {
                     continue;
                 };
-                sport = if sport >= 60000 { 20000 } else { sport + 1 };
-                let pkt = opening_packet(*src, *dst, *proto, sport, *port);
-                let run = |dp: &mut Datapath, prog: &str| -> Result<u32> {
-                    let mut o = TestRunOptions::new();
-                    o.data_in = Some(&pkt);
-                    Ok(dp.prog(prog)?.test_run(o).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))?.return_value)
-                };
-                let egress_shot = run(&mut dp, programs::FROM_POD)? == TC_ACT_SHOT;
-                let ingress_shot = !egress_shot && run(&mut dp, programs::TO_POD)? == TC_ACT_SHOT;
-                let key = crate::flows::ct_key(*src, sport, *dst, *port, proto.number());
-                let entry = dp.conntrack()?.get(&key, 0).ok();
-                let flags = entry.map(|e| e.flags).unwrap_or(0);
-                let verdict = if egress_shot || ingress_shot {
-                    "denied"
-                } else if flags & ct_flags::AUDIT != 0 {
-                    "audit"
-                } else {
-                    "allowed"
-                };
+                let (egress_shot, ingress_shot, entry) = k.run(*src, true, *dst, true, *proto, *port)?;
+                let verdict = verdict_of(egress_shot, ingress_shot, entry.as_ref());
                 let name = |r: u32| rules.get(&r).map(|r: &RuleRef| format!("{}/{} {} rule {}", r.namespace, r.name, r.direction, r.rule));
                 let mut reason = Vec::new();
                 if let Some(e) = entry {
@@ -140,7 +177,7 @@ pub fn matrix(cluster: &Cluster, opts: &Options, probes: &[(Protocol, u16)]) -> 
                     reason.push(format!("ingress denied: isolated by {}", iso(b, true)));
                 }
                 if reason.is_empty() {
-                    reason.push(if flags & ct_flags::AUDIT != 0 { "passed in audit mode".into() } else { "no policy isolates either side".into() });
+                    reason.push(if verdict == "audit" { "passed in audit mode".into() } else { "no policy isolates either side".into() });
                 }
                 out.push(Cell {
                     from: format!("{}/{}", a.namespace, a.name),
@@ -155,4 +192,3 @@ pub fn matrix(cluster: &Cluster, opts: &Options, probes: &[(Protocol, u16)]) -> 
     }
     Ok(out)
 }
-
