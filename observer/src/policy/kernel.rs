@@ -112,6 +112,13 @@ impl KernelEngine {
         Ok((local, self.alloc.rule_table()))
     }
 
+    /// Runs an arbitrary frame through one program; returns the program's return code.
+    pub fn test_run(&mut self, prog: &str, pkt: &[u8]) -> Result<u32> {
+        let mut o = TestRunOptions::new();
+        o.data_in = Some(pkt);
+        Ok(self.dp.prog(prog)?.test_run(o).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))?.return_value)
+    }
+
     /// Runs one connection-opening packet: through `from_pod` if the source is a local pod,
     /// then `to_pod` if the destination is. Returns (egress dropped, ingress dropped, entry).
     pub fn run(&mut self, src: IpAddr, src_is_pod: bool, dst: IpAddr, dst_is_pod: bool, proto: Protocol, port: u16) -> Result<(bool, bool, Option<CtEntry>)> {
