@@ -81,6 +81,11 @@ fn observe_from_pod(ctx: &TcContext) -> i32 {
 /// Host side of a pod veth, egress: packets delivered to the pod.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
+    observe_to_pod(&ctx)
+}
+
+#[inline(always)]
+fn observe_to_pod(ctx: &TcContext) -> i32 {
     // Forwarded from another observed pod: `from_pod` already counted it there, but the
     // destination's ingress policy is judged here.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
@@ -88,7 +93,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     if count {
         stat_inc(stat::PACKETS);
     }
-    match parse(&ctx) {
+    match parse(ctx) {
         Ok(pkt) => {
             let bytes = (ctx.len() - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -96,7 +101,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
                 classify::to_pod(pkt.family, &pkt.src)
             }))
         }
-        Err(reason) => unparsed(&ctx, reason, Hook::ToPod),
+        Err(reason) => unparsed(ctx, reason, Hook::ToPod),
     }
 }
 
@@ -132,6 +137,44 @@ pub fn bench_new_conn(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     observe_from_pod(&ctx)
+}
+
+/// Benchmark support: a new source port (1024-65535) per run, keeping the destination port, so
+/// policy rules on that port keep matching.
+#[inline(always)]
+fn next_sport(ctx: &TcContext) -> bool {
+    let Some(n) = BENCH_SEQ.get_ptr_mut(0) else {
+        return false;
+    };
+    let seq = unsafe {
+        *n += 1;
+        *n
+    };
+    let port = (1024 + seq % 64000) as u16;
+    let p = ctx.data() + 34;
+    if p + 2 > ctx.data_end() {
+        return false;
+    }
+    unsafe { core::ptr::write_unaligned(p as *mut u16, port.to_be()) };
+    true
+}
+
+/// Benchmark: `from_pod` (egress policy) on a new connection per run, destination port kept.
+#[classifier]
+pub fn bench_new_conn_out(ctx: TcContext) -> i32 {
+    if !next_sport(&ctx) {
+        return TC_ACT_UNSPEC;
+    }
+    observe_from_pod(&ctx)
+}
+
+/// Benchmark: `to_pod` (ingress policy) on a new connection per run, destination port kept.
+#[classifier]
+pub fn bench_new_conn_in(ctx: TcContext) -> i32 {
+    if !next_sport(&ctx) {
+        return TC_ACT_UNSPEC;
+    }
+    observe_to_pod(&ctx)
 }
 
 /// Benchmark baseline for `bench_new_conn`: the port rewrite alone.

@@ -44,6 +44,11 @@ fn checksum(data: &[u8]) -> u16 {
 
 /// A 64-byte Ethernet frame carrying IPv4 and TCP (`tcp_flags`) or UDP.
 pub fn packet64(proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
+    packet64_to(DST, proto, sport, dport, tcp_flags)
+}
+
+/// Like [`packet64`], to `dst`.
+pub fn packet64_to(dst: [u8; 4], proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
     let mut p = vec![0u8; 64];
     p[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
     p[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
@@ -55,7 +60,7 @@ pub fn packet64(proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
     ip[8] = 64;
     ip[9] = proto;
     ip[12..16].copy_from_slice(&SRC);
-    ip[16..20].copy_from_slice(&DST);
+    ip[16..20].copy_from_slice(&dst);
     let c = checksum(ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     let l4 = &mut p[34..];
@@ -86,9 +91,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn measurement(case: String, subject: Vec<f64>, baseline: Vec<f64>, method: String) -> Measurement {
+    named_measurement("datapath", case, subject, baseline, method)
+}
+
+fn named_measurement(bench: &'static str, case: String, subject: Vec<f64>, baseline: Vec<f64>, method: String) -> Measurement {
     let (s, b) = (median(subject), median(baseline));
     Measurement {
-        bench: "datapath",
+        bench,
         case,
         ns_per_packet: s,
         baseline_ns_per_packet: b,
@@ -221,4 +230,198 @@ impl Drop for PinGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+// ---- policy ------------------------------------------------------------------------------------
+
+use crate::{
+    cluster::{add_object, Cluster},
+    policy::{compile, Options},
+};
+use serde_json::json;
+
+/// A cluster with two local pods (src 10.244.1.10, dst 10.244.1.11) and 1,000 remote pods of
+/// distinct labels (1,000 identities). src's egress and dst's ingress each carry `rules` rules:
+/// rule j admits remote identity j % 1000 on port 1000 + j / 1000, and one more admits the other
+/// local pod on TCP 80, the port the benchmark connects to.
+pub fn policy_cluster(rules: usize) -> Cluster {
+    let mut c = Cluster::default();
+    add_object(&mut c, "bench", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench", "labels": {"team": "bench"}}}));
+    for (name, ip) in [("src", "10.244.1.10"), ("dst", "10.244.1.11")] {
+        add_object(&mut c, "bench", json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "bench", "labels": {"role": name}},
+            "spec": {"nodeName": "bench-node", "containers": [{"name": "c", "image": "i"}]},
+            "status": {"podIP": ip}}));
+    }
+    for i in 0..1000u32 {
+        add_object(&mut c, "bench", json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("r{i}"), "namespace": "bench", "labels": {"id": i.to_string()}},
+            "spec": {"nodeName": "other", "containers": [{"name": "c", "image": "i"}]},
+            "status": {"podIP": format!("10.245.{}.{}", i / 250, 1 + i % 250)}}));
+    }
+    for (dir, key, selector, other) in [("Egress", "to", "src", "dst"), ("Ingress", "from", "dst", "src")] {
+        let mut rs = vec![json!({key: [{"podSelector": {"matchLabels": {"role": other}}}], "ports": [{"port": 80}]})];
+        for j in 1..rules {
+            rs.push(json!({key: [{"podSelector": {"matchLabels": {"id": (j % 1000).to_string()}}}], "ports": [{"port": 1000 + j / 1000}]}));
+        }
+        let field = if dir == "Egress" { "egress" } else { "ingress" };
+        add_object(&mut c, "bench", json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": format!("{selector}-{field}"), "namespace": "bench"},
+            "spec": {"podSelector": {"matchLabels": {"role": selector}}, "policyTypes": [dir], field: rs}}));
+    }
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+    c
+}
+
+/// New connections through `from_pod` (egress policy) and `to_pod` (ingress policy) with 1, 100
+/// and 10,000 rules over 1,000 identities.
+pub fn policy(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
+    let mut out = Vec::new();
+    let repeat = repeat.min(60_000); // distinct source ports available per round
+    let pkt = packet64_to([10, 244, 1, 11], 6, 40000, 80, 0x02);
+    for rules in [1usize, 100, 10_000] {
+        let c = policy_cluster(rules);
+        let (mut out_s, mut in_s, mut base) = (Vec::new(), Vec::new(), Vec::new());
+        let mut entries = 0;
+        for _ in 0..rounds {
+            let (o, i, b, n) = with_policy_datapath(&c, |dp| {
+                let b = run(dp, programs::TC_EMPTY, &pkt, repeat)?;
+                let o = run(dp, programs::BENCH_NEW_CONN_OUT, &pkt, repeat)?;
+                // The same connections arrive at the destination's veth.
+                let i = run(dp, programs::BENCH_NEW_CONN_IN, &pkt, repeat)?;
+                Ok((o, i, b))
+            })?;
+            out_s.push(o);
+            in_s.push(i);
+            base.push(b);
+            entries = n;
+        }
+        let method = format!("repeat={repeat} new connections, median of {rounds} rounds, {entries} policy entries, 1,000 identities");
+        out.push(named_measurement("policy", format!("from_pod/egress/{rules}_rules"), out_s, base.clone(), method.clone()));
+        out.push(named_measurement("policy", format!("to_pod/ingress/{rules}_rules"), in_s, base, method));
+    }
+    Ok(out)
+}
+
+fn with_policy_datapath(c: &Cluster, f: impl FnOnce(&mut Datapath) -> Result<(f64, f64, f64)>) -> Result<(f64, f64, f64, usize)> {
+    let pin = PathBuf::from(format!("/sys/fs/bpf/observer-bench-policy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin);
+    let _guard = scopeguard(pin.clone());
+    let mut dp = Datapath::load(&pin)?;
+    for p in [programs::TC_EMPTY, programs::BENCH_NEW_CONN_OUT, programs::BENCH_NEW_CONN_IN] {
+        dp.load_program(p)?;
+    }
+    dp.set_config(Config { report_interval_ns: 0, policy_gen: 1, enforce: 1 })?;
+    let want = compile::compile(c, "bench-node", &[], &Options::default(), &mut compile::Allocator::default());
+    let entries = want.policy.len();
+    dp.apply(&want)?;
+    let mut ring = dp.take_events()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let drainer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                while ring.next().is_some() {}
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        })
+    };
+    let r = f(&mut dp);
+    stop.store(true, Ordering::Relaxed);
+    let _ = drainer.join();
+    let denied = dp.stats()?.into_iter().find(|(k, _)| *k == "policy_denied").map(|(_, v)| v).unwrap_or(0);
+    anyhow::ensure!(denied == 0, "{denied} benchmark packets were denied: the measured path must be the allowed one");
+    let (a, b, c) = r?;
+    Ok((a, b, c, entries))
+}
+
+/// A cluster of `pods` pods in `pods / 100` namespaces and `policies` policies; node `node-0`
+/// hosts 100 of the pods.
+pub fn compile_cluster(pods: usize, policies: usize) -> Cluster {
+    let mut c = Cluster::default();
+    let namespaces = (pods / 100).max(1);
+    for n in 0..namespaces {
+        add_object(&mut c, "bench", json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": format!("ns{n}"), "labels": {"team": format!("t{}", n % 10)}}}));
+    }
+    for i in 0..pods {
+        let ns = i % namespaces;
+        add_object(&mut c, "bench", json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("p{i}"), "namespace": format!("ns{ns}"),
+                "labels": {"app": format!("app{}", i % 20), "tier": if i % 2 == 0 { "fe" } else { "be" }}},
+            "spec": {"nodeName": if i < 100 { "node-0".to_string() } else { format!("node-{}", 1 + i / 100) },
+                "containers": [{"name": "c", "image": "i", "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"podIP": format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256)}}));
+    }
+    for j in 0..policies {
+        let ns = j % namespaces;
+        add_object(&mut c, "bench", json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": format!("pol{j}"), "namespace": format!("ns{ns}")},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": format!("app{}", j % 20)}},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"tier": "fe"}}},
+                                      {"namespaceSelector": {"matchLabels": {"team": format!("t{}", j % 10)}}}],
+                             "ports": [{"port": "http"}, {"port": 443}]}],
+                "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("app{}", (j + 1) % 20)}}}],
+                            "ports": [{"port": 8080}]},
+                           {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]}]}}));
+    }
+    assert!(c.errors.is_empty(), "{:?}", c.errors.first());
+    c
+}
+
+/// Full compile of 1,000 policies over 10,000 pods, and one pod label change to maps updated.
+pub fn compile_bench(rounds: usize) -> Result<Vec<Measurement>> {
+    let c = compile_cluster(10_000, 1_000);
+    let opts = Options::default();
+    let mut full = Vec::new();
+    let mut desired = None;
+    for _ in 0..rounds {
+        let t = std::time::Instant::now();
+        let d = compile::compile(&c, "node-0", &[], &opts, &mut compile::Allocator::default());
+        full.push(t.elapsed().as_secs_f64() * 1e9);
+        desired = Some(d);
+    }
+    let d = desired.context("no rounds")?;
+    let entries = d.policy.len();
+    let mut out = vec![Measurement {
+        bench: "policy",
+        case: "compile/1000_policies_10000_pods".into(),
+        ns_per_packet: median(full.clone()),
+        baseline_ns_per_packet: 0.0,
+        ns_above_baseline: median(full),
+        method: format!("full compile for node-0 (100 local pods), {entries} policy entries, median of {rounds}"),
+    }];
+
+    // One label change: recompile, diff against the maps, write the difference.
+    let pin = PathBuf::from(format!("/sys/fs/bpf/observer-bench-compile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin);
+    let _guard = scopeguard(pin.clone());
+    let mut dp = Datapath::load(&pin)?;
+    let mut alloc = compile::Allocator::default();
+    let mut last = compile::compile(&c, "node-0", &[], &opts, &mut alloc);
+    dp.apply(&last)?;
+    let mut changed = c.clone();
+    let mut times = Vec::new();
+    for r in 0..rounds.max(3) {
+        // A local pod moves to another app: its own isolation and its peers' entries change.
+        let pod = changed.pods.iter_mut().find(|p| p.name == "p7").context("pod p7")?;
+        pod.labels.insert("app".into(), format!("app{}", (r + 8) % 20));
+        let t = std::time::Instant::now();
+        let want = compile::compile(&changed, "node-0", &[], &opts, &mut alloc);
+        let (w, rm) = dp.apply_diff(&last, &want)?;
+        last = want;
+        times.push(t.elapsed().as_secs_f64() * 1e9);
+        anyhow::ensure!(w + rm > 0, "the label change wrote nothing");
+    }
+    out.push(Measurement {
+        bench: "policy",
+        case: "label_change_to_maps_updated".into(),
+        ns_per_packet: median(times.clone()),
+        baseline_ns_per_packet: 0.0,
+        ns_above_baseline: median(times),
+        method: format!("full recompile + in-memory diff + map writes, median of {}", rounds.max(3)),
+    });
+    Ok(out)
 }

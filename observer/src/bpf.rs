@@ -291,7 +291,56 @@ impl Datapath {
     pub fn ipcache_mut(&mut self) -> Result<LpmTrie<&mut MapData, IpcacheKeyData, IpcacheEntry>> {
         Ok(LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE).context("ipcache map")?)?)
     }
-    /// Writes `want` into the endpoints, ipcache and policy maps, touching only what differs.
+    /// Moves the maps from `old` (what this process wrote last) to `want` without reading them
+    /// back: new and changed entries first, then removals.
+    pub fn apply_diff(&mut self, old: &Desired, want: &Desired) -> Result<(usize, usize)> {
+        let (mut written, mut removed) = (0, 0);
+        {
+            let mut eps = self.endpoints_mut()?;
+            for (ip, v) in &want.endpoints {
+                if old.endpoints.get(ip) != Some(v) {
+                    eps.insert(crate::cluster::ip_key(*ip), *v, 0).context("writing endpoints map")?;
+                    written += 1;
+                }
+            }
+            for ip in old.endpoints.keys().filter(|ip| !want.endpoints.contains_key(ip)) {
+                let _ = eps.remove(&crate::cluster::ip_key(*ip));
+                removed += 1;
+            }
+        }
+        {
+            let mut ipc = self.ipcache_mut()?;
+            for (net, v) in &want.ipcache {
+                if old.ipcache.get(net) != Some(v) {
+                    let (plen, data) = crate::cluster::ipcache_key(*net);
+                    ipc.insert(&aya::maps::lpm_trie::Key::new(plen, data), *v, 0).context("writing ipcache map")?;
+                    written += 1;
+                }
+            }
+            for net in old.ipcache.keys().filter(|n| !want.ipcache.contains_key(n)) {
+                let (plen, data) = crate::cluster::ipcache_key(*net);
+                let _ = ipc.remove(&aya::maps::lpm_trie::Key::new(plen, data));
+                removed += 1;
+            }
+        }
+        {
+            let mut pol = self.policy_mut()?;
+            for (k, v) in &want.policy {
+                if old.policy.get(k) != Some(v) {
+                    pol.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), *v, 0).context("writing policy map")?;
+                    written += 1;
+                }
+            }
+            for k in old.policy.keys().filter(|k| !want.policy.contains_key(k)) {
+                let _ = pol.remove(&aya::maps::lpm_trie::Key::new(k.0, k.1));
+                removed += 1;
+            }
+        }
+        Ok((written, removed))
+    }
+
+    /// Writes `want` into the endpoints, ipcache and policy maps, touching only what differs
+    /// from what they hold (used at start, when the maps may come from an earlier daemon).
     /// New entries go in before stale ones go out.
     pub fn apply(&mut self, want: &Desired) -> Result<(usize, usize)> {
         let dp = self;

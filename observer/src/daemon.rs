@@ -527,7 +527,12 @@ fn reload_source(shared: &Shared, ids: &mut Allocator, last: &mut Option<Desired
     let want = compile::compile(&cluster, &shared.opts.node_name, &host, &shared.opts.policy, ids);
     if last.as_ref() != Some(&want) {
         let mut dp = shared.dp.lock().unwrap();
-        match dp.apply(&want) {
+        // Diff against what this process wrote last; read the maps back only the first time.
+        let res = match last.as_ref() {
+            Some(old) => dp.apply_diff(old, &want),
+            None => dp.apply(&want),
+        };
+        match res {
             Ok((w, r)) => {
                 if w + r > 0 {
                     // Connections take their verdicts again on their next packet.

@@ -99,75 +99,63 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
     out
 }
 
+/// Pods sharing one identity (namespace, labels, named ports).
+struct Group<'a> {
+    labels: &'a BTreeMap<String, String>,
+    ports: &'a [(String, u16, Protocol)],
+    pods: Vec<&'a PodInfo>,
+}
+
 struct Ctx<'a> {
     cluster: &'a Cluster,
     opts: &'a Options,
-    /// Identity of each pod, by (namespace, name).
-    pod_ids: HashMap<(&'a str, &'a str), u32>,
-    /// Every ipcache prefix with its identity, for ipBlock containment.
-    prefixes: Vec<(IpNet, u32, RemoteKind)>,
+    /// Identity -> its pods; selectors are evaluated once per identity, not once per pod.
+    groups: BTreeMap<u32, Group<'a>>,
+    /// Namespace -> identities of its pods.
+    by_ns: HashMap<&'a str, Vec<u32>>,
+    /// Every ipcache prefix that is not a pod address, with its identity, for ipBlock containment.
+    prefixes: Vec<(IpNet, u32)>,
 }
 
 impl Ctx<'_> {
-    fn ns_labels(&self, ns: &str) -> BTreeMap<String, String> {
-        self.cluster.namespaces.get(ns).cloned().unwrap_or_default()
-    }
-
-    fn pods_matching(&self, policy: &Policy, peer: &PeerSpec) -> Vec<&PodInfo> {
-        self.cluster
-            .pods
-            .iter()
-            .filter(|p| !p.host_network && !p.ips.is_empty())
-            .filter(|p| match peer {
-                PeerSpec::Pods(sel) => p.namespace == policy.namespace && sel.matches(&p.labels),
-                PeerSpec::Namespaces(ns) => ns.matches(&self.ns_labels(&p.namespace)),
-                PeerSpec::PodsInNamespaces { namespaces, pods } => {
-                    namespaces.matches(&self.ns_labels(&p.namespace)) && pods.matches(&p.labels)
-                }
-                PeerSpec::IpBlock { .. } => false,
-            })
-            .collect()
+    fn ns_labels(&self, ns: &str) -> &BTreeMap<String, String> {
+        static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+        self.cluster.namespaces.get(ns).unwrap_or(&EMPTY)
     }
 
     /// Identities a peer stands for.
     fn peer_identities(&self, policy: &Policy, peer: &PeerSpec) -> BTreeSet<u32> {
+        let in_ns = |ns: &str| self.by_ns.get(ns).into_iter().flatten().copied();
         match peer {
+            PeerSpec::Pods(sel) => in_ns(&policy.namespace).filter(|id| sel.matches(self.groups[id].labels)).collect(),
+            PeerSpec::Namespaces(nsel) => self
+                .by_ns
+                .iter()
+                .filter(|(ns, _)| nsel.matches(self.ns_labels(ns)))
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .collect(),
+            PeerSpec::PodsInNamespaces { namespaces, pods } => self
+                .by_ns
+                .iter()
+                .filter(|(ns, _)| namespaces.matches(self.ns_labels(ns)))
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .filter(|id| pods.matches(self.groups[id].labels))
+                .collect(),
             PeerSpec::IpBlock { cidr, except } => {
                 let inside = |n: &IpNet| cidr.contains(n) && !except.iter().any(|e| e.contains(n));
-                let mut ids: BTreeSet<u32> = self
-                    .prefixes
-                    .iter()
-                    .filter(|(n, _, kind)| {
-                        let pod = matches!(kind, RemoteKind::RemotePod | RemoteKind::LocalPod) && n.prefix_len() == n.max_prefix_len();
-                        !pod && inside(n)
-                    })
-                    .map(|(_, id, _)| *id)
-                    .collect();
+                let mut ids: BTreeSet<u32> = self.prefixes.iter().filter(|(n, _)| inside(n)).map(|(_, id)| *id).collect();
                 if self.opts.ipblock_matches_pods {
-                    // A pod identity is shared by every pod with the same labels: it is included
-                    // only when all of those pods' addresses are inside the block.
-                    let mut by_id: HashMap<u32, bool> = HashMap::new();
-                    for p in self.cluster.pods.iter().filter(|p| !p.host_network) {
-                        if let Some(id) = self.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())) {
-                            // Only addresses of the block's family can be inside it.
-                            let all_in = p
-                                .ips
-                                .iter()
-                                .filter(|ip| ip.is_ipv4() == cidr.addr().is_ipv4())
-                                .all(|ip| inside(&IpNet::from(*ip)));
-                            let e = by_id.entry(*id).or_insert(true);
-                            *e &= all_in;
+                    // An identity stands for all its pods: it is included only when every one of
+                    // their addresses of the block's family is inside the block.
+                    for (id, g) in &self.groups {
+                        let all_in = g.pods.iter().flat_map(|p| p.ips.iter()).filter(|ip| ip.is_ipv4() == cidr.addr().is_ipv4()).all(|ip| inside(&IpNet::from(*ip)));
+                        if all_in {
+                            ids.insert(*id);
                         }
                     }
-                    ids.extend(by_id.into_iter().filter(|(_, ok)| *ok).map(|(id, _)| id));
                 }
                 ids
             }
-            _ => self
-                .pods_matching(policy, peer)
-                .iter()
-                .filter_map(|p| self.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())).copied())
-                .collect(),
         }
     }
 }
@@ -235,10 +223,18 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
     for a in host_addrs {
         d.ipcache.insert(IpNet::from(*a), entry(alloc.identity(format!("node:{a}")), RemoteKind::Host));
     }
-    let mut pod_ids = HashMap::new();
-    for p in cluster.pods.iter().filter(|p| !p.host_network) {
+    let mut groups: BTreeMap<u32, Group<'_>> = BTreeMap::new();
+    let mut by_ns: HashMap<&str, Vec<u32>> = HashMap::new();
+    for p in cluster.pods.iter().filter(|p| !p.host_network && !p.ips.is_empty()) {
         let id = alloc.identity(pod_identity_key(p));
-        pod_ids.insert((p.namespace.as_str(), p.name.as_str()), id);
+        groups
+            .entry(id)
+            .or_insert_with(|| {
+                by_ns.entry(p.namespace.as_str()).or_default().push(id);
+                Group { labels: &p.labels, ports: &p.ports, pods: Vec::new() }
+            })
+            .pods
+            .push(p);
         let local = p.node == node;
         for ip in &p.ips {
             let kind = if local { RemoteKind::LocalPod } else { RemoteKind::RemotePod };
@@ -260,22 +256,32 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
             }
         }
     }
+    let pod_kinds = [RemoteKind::RemotePod as u8, RemoteKind::LocalPod as u8];
     let cx = Ctx {
         cluster,
         opts,
-        pod_ids,
-        prefixes: d.ipcache.iter().map(|(n, e)| (*n, e.identity, kind_of(e.kind))).collect(),
+        groups,
+        by_ns,
+        prefixes: d
+            .ipcache
+            .iter()
+            .filter(|(n, e)| !(pod_kinds.contains(&e.kind) && n.prefix_len() == n.max_prefix_len()))
+            .map(|(n, e)| (*n, e.identity))
+            .collect(),
     };
 
     let mut sorted: Vec<&Policy> = cluster.policies.iter().collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    // What a rule's peers stand for does not depend on the local pod: computed once per rule.
+    let mut peer_cache: HashMap<(usize, bool, usize), Option<BTreeSet<u32>>> = HashMap::new();
+    let mut named_cache: HashMap<(usize, bool, usize), Vec<(u32, Vec<(String, u16, Protocol)>)>> = HashMap::new();
     for pod in cluster.pods.iter().filter(|p| p.node == node && !p.host_network) {
         let ep = alloc.endpoint(&pod.namespace, &pod.name);
         let mut flags = 0;
         let mut entries: BTreeMap<(u32, PolicyKeyData), PolicyEntry> = BTreeMap::new();
         for (dir, dir_name) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
             let ingress = dir == DIR_INGRESS;
-            for pol in &sorted {
+            for (pi, pol) in sorted.iter().enumerate() {
                 let selects = pol.namespace == pod.namespace
                     && (if ingress { pol.ingress_isolates } else { pol.egress_isolates })
                     && pol.pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels));
@@ -299,8 +305,9 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
                     let named = rule.ports.iter().any(|p| matches!(p.port, PortSpec::Named(_)));
                     let numbered = Rule { peers: Vec::new(), ports: rule.ports.iter().filter(|p| !matches!(p.port, PortSpec::Named(_))).cloned().collect() };
                     let named_only = Rule { peers: Vec::new(), ports: rule.ports.iter().filter(|p| matches!(p.port, PortSpec::Named(_))).cloned().collect() };
-                    let peer_ids: Option<BTreeSet<u32>> = (!rule.peers.is_empty())
-                        .then(|| rule.peers.iter().flat_map(|peer| cx.peer_identities(pol, peer)).collect());
+                    let peer_ids: &Option<BTreeSet<u32>> = peer_cache.entry((pi, ingress, i)).or_insert_with(|| {
+                        (!rule.peers.is_empty()).then(|| rule.peers.iter().flat_map(|peer| cx.peer_identities(pol, peer)).collect())
+                    });
                     let mut emit = |ident: u32, r: &Rule, dst_ports: &[(String, u16, Protocol)]| {
                         let keys = match port_keys(r, dst_ports) {
                             None => vec![key(ep, dir, ident, POLICY_PREFIX_ANY_PROTO, 0, 0)],
@@ -318,7 +325,7 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
                     };
                     if rule.ports.is_empty() || !numbered.ports.is_empty() {
                         let r = if rule.ports.is_empty() { rule } else { &numbered };
-                        match &peer_ids {
+                        match peer_ids {
                             None => emit(identity::ANY, r, &[]),
                             Some(ids) => ids.iter().for_each(|id| emit(*id, r, &[])),
                         }
@@ -326,16 +333,22 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
                     if named {
                         if ingress {
                             // Resolved on this pod, the destination.
-                            match &peer_ids {
+                            match peer_ids {
                                 None => emit(identity::ANY, &named_only, &pod.ports),
                                 Some(ids) => ids.iter().for_each(|id| emit(*id, &named_only, &pod.ports)),
                             }
                         } else {
-                            for p in cluster.pods.iter().filter(|p| !p.host_network) {
-                                let Some(id) = cx.pod_ids.get(&(p.namespace.as_str(), p.name.as_str())) else { continue };
-                                if peer_ids.as_ref().is_none_or(|ids| ids.contains(id)) {
-                                    emit(*id, &named_only, &p.ports);
-                                }
+                            // One (identity, ports) per distinct destination: pods sharing an
+                            // identity share their named ports.
+                            let targets = named_cache.entry((pi, ingress, i)).or_insert_with(|| {
+                                cx.groups
+                                    .iter()
+                                    .filter(|(id, _)| peer_ids.as_ref().is_none_or(|ids| ids.contains(id)))
+                                    .map(|(id, g)| (*id, g.ports.to_vec()))
+                                    .collect()
+                            });
+                            for (id, ports) in targets.iter() {
+                                emit(*id, &named_only, ports);
                             }
                         }
                     }
@@ -372,16 +385,6 @@ fn covers(plen: u32, outer: &PolicyKeyData, inner: &PolicyKeyData) -> bool {
         let (i, m) = (bit / 8, 0x80u8 >> (bit % 8));
         outer.data[i] & m == inner.data[i] & m
     })
-}
-
-fn kind_of(k: u8) -> RemoteKind {
-    match k {
-        1 => RemoteKind::RemotePod,
-        2 => RemoteKind::Host,
-        3 => RemoteKind::RemoteNode,
-        4 => RemoteKind::LocalPod,
-        _ => RemoteKind::World,
-    }
 }
 
 #[cfg(test)]
