@@ -201,25 +201,40 @@ fn with_datapath<T>(ct_entries: Option<u32>, f: impl FnOnce(&mut Datapath) -> Re
     }
     dp.set_config(Config { report_interval_ns: 0, policy_gen: 0, enforce: 1 })?;
     populate(&mut dp, 1000)?;
-    let mut ring = dp.take_events()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let drainer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                while ring.next().is_some() {}
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        })
-    };
+    let drainer = Drainer::start(&mut dp)?;
     let r = f(&mut dp);
-    stop.store(true, Ordering::Relaxed);
-    let _ = drainer.join();
+    drainer.stop();
     let lost = dp.stats()?.into_iter().find(|(k, _)| *k == "events_lost").map(|(_, v)| v).unwrap_or(0);
     if lost > 0 {
         eprintln!("note: {lost} events found the ring buffer full during this case (counted as lost, as in the daemon)");
     }
     r
+}
+
+/// Reads the event ring on a thread while a benchmark runs, as the daemon would.
+struct Drainer {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Drainer {
+    fn start(dp: &mut Datapath) -> Result<Self> {
+        let mut ring = dp.take_events()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                while ring.next().is_some() {}
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        Ok(Self { stop, handle })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.handle.join();
+    }
 }
 
 struct PinGuard(PathBuf);
@@ -315,20 +330,9 @@ fn with_policy_datapath(c: &Cluster, f: impl FnOnce(&mut Datapath) -> Result<(f6
     let want = compile::compile(c, "bench-node", &[], &Options::default(), &mut compile::Allocator::default());
     let entries = want.policy.len();
     dp.apply(&want)?;
-    let mut ring = dp.take_events()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let drainer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                while ring.next().is_some() {}
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        })
-    };
+    let drainer = Drainer::start(&mut dp)?;
     let r = f(&mut dp);
-    stop.store(true, Ordering::Relaxed);
-    let _ = drainer.join();
+    drainer.stop();
     let denied = dp.stats()?.into_iter().find(|(k, _)| *k == "policy_denied").map(|(_, v)| v).unwrap_or(0);
     anyhow::ensure!(denied == 0, "{denied} benchmark packets were denied: the measured path must be the allowed one");
     let (a, b, c) = r?;

@@ -19,7 +19,13 @@ const TC_ACT_SHOT: u32 = 2;
 const NODE: &str = "kernel-engine";
 
 /// Builds an Ethernet frame opening a connection: TCP SYN, a UDP datagram or an SCTP INIT.
-pub fn opening_packet(src: IpAddr, dst: IpAddr, proto: Protocol, sport: u16, dport: u16) -> Vec<u8> {
+pub fn opening_packet(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: Protocol,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
     let mut l4 = match proto {
         Protocol::Tcp => {
             let mut t = vec![0u8; 20];
@@ -85,18 +91,34 @@ impl KernelEngine {
     pub fn new() -> Result<Self> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pin = Pin(PathBuf::from(format!("/sys/fs/bpf/observer-kernel-engine-{}-{n}", std::process::id())));
+        let pin = Pin(PathBuf::from(format!(
+            "/sys/fs/bpf/observer-kernel-engine-{}-{n}",
+            std::process::id()
+        )));
         let _ = std::fs::remove_dir_all(&pin.0);
         let mut dp = Datapath::load(&pin.0).context("loading the kernel programs (needs root)")?;
-        dp.set_config(Config { report_interval_ns: 0, policy_gen: 1, enforce: 1 })?;
+        dp.set_config(Config {
+            report_interval_ns: 0,
+            policy_gen: 1,
+            enforce: 1,
+        })?;
         // Nobody reads events here: reserves that fail are counted and change nothing else.
         drop(dp.take_events()?);
-        Ok(Self { dp, alloc: Allocator::default(), sport: 20000, _pin: pin })
+        Ok(Self {
+            dp,
+            alloc: Allocator::default(),
+            sport: 20000,
+            _pin: pin,
+        })
     }
 
     /// Loads `cluster` with every pod an endpoint of one virtual node, so both sides of each
     /// pair are enforced. Returns the cluster as loaded and the rule table.
-    pub fn load(&mut self, cluster: &Cluster, opts: &Options) -> Result<(Cluster, HashMap<u32, RuleRef>)> {
+    pub fn load(
+        &mut self,
+        cluster: &Cluster,
+        opts: &Options,
+    ) -> Result<(Cluster, HashMap<u32, RuleRef>)> {
         let mut local = cluster.clone();
         for p in &mut local.pods {
             p.node = NODE.into();
@@ -116,22 +138,34 @@ impl KernelEngine {
     pub fn test_run(&mut self, prog: &str, pkt: &[u8]) -> Result<u32> {
         let mut o = TestRunOptions::new();
         o.data_in = Some(pkt);
-        Ok(self.dp.prog(prog)?.test_run(o).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))?.return_value)
+        Ok(self
+            .dp
+            .prog(prog)?
+            .test_run(o)
+            .with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))?
+            .return_value)
     }
 
     /// Runs one connection-opening packet: through `from_pod` if the source is a local pod,
     /// then `to_pod` if the destination is. Returns (egress dropped, ingress dropped, entry).
-    pub fn run(&mut self, src: IpAddr, src_is_pod: bool, dst: IpAddr, dst_is_pod: bool, proto: Protocol, port: u16) -> Result<(bool, bool, Option<CtEntry>)> {
-        self.sport = if self.sport >= 60000 { 20000 } else { self.sport + 1 };
+    pub fn run(
+        &mut self,
+        src: IpAddr,
+        src_is_pod: bool,
+        dst: IpAddr,
+        dst_is_pod: bool,
+        proto: Protocol,
+        port: u16,
+    ) -> Result<(bool, bool, Option<CtEntry>)> {
+        self.sport = if self.sport >= 60000 {
+            20000
+        } else {
+            self.sport + 1
+        };
         let sport = self.sport;
         let pkt = opening_packet(src, dst, proto, sport, port);
-        let mut run = |prog: &str| -> Result<u32> {
-            let mut o = TestRunOptions::new();
-            o.data_in = Some(&pkt);
-            Ok(self.dp.prog(prog)?.test_run(o).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))?.return_value)
-        };
-        let egress = src_is_pod && run(programs::FROM_POD)? == TC_ACT_SHOT;
-        let ingress = !egress && dst_is_pod && run(programs::TO_POD)? == TC_ACT_SHOT;
+        let egress = src_is_pod && self.test_run(programs::FROM_POD, &pkt)? == TC_ACT_SHOT;
+        let ingress = !egress && dst_is_pod && self.test_run(programs::TO_POD, &pkt)? == TC_ACT_SHOT;
         let key = crate::flows::ct_key(src, sport, dst, port, proto.number());
         Ok((egress, ingress, self.dp.conntrack()?.get(&key, 0).ok()))
     }
@@ -149,53 +183,69 @@ pub fn verdict_of(egress: bool, ingress: bool, entry: Option<&CtEntry>) -> &'sta
 }
 
 /// The verdict for every ordered pair of distinct pods on every probe, from the kernel.
-pub fn matrix(cluster: &Cluster, opts: &Options, probes: &[(Protocol, u16)]) -> Result<Vec<Cell>> {
+pub fn matrix(
+    cluster: &Cluster,
+    opts: &Options,
+    probe_list: &[(Protocol, u16)],
+) -> Result<Vec<Cell>> {
     let mut k = KernelEngine::new()?;
     let (local, rules) = k.load(cluster, opts)?;
     let engine = super::Engine::new(&local, opts.clone());
     let pods = pods_sorted(&local);
     let mut out = Vec::new();
-    for (proto, port) in probes {
-        for a in &pods {
-            for b in &pods {
-                if a.namespace == b.namespace && a.name == b.name {
-                    continue;
-                }
-                let (Some(src), Some(dst)) = (a.ips.first(), b.ips.iter().find(|ip| ip.is_ipv4() == a.ips[0].is_ipv4())) else {
-                    continue;
-                };
-                let (egress_shot, ingress_shot, entry) = k.run(*src, true, *dst, true, *proto, *port)?;
-                let verdict = verdict_of(egress_shot, ingress_shot, entry.as_ref());
-                let name = |r: u32| rules.get(&r).map(|r: &RuleRef| format!("{}/{} {} rule {}", r.namespace, r.name, r.direction, r.rule));
-                let mut reason = Vec::new();
-                if let Some(e) = entry {
-                    if let Some(n) = name(e.egress_rule) {
-                        reason.push(format!("egress allowed by {n}"));
-                    }
-                    if let Some(n) = name(e.ingress_rule) {
-                        reason.push(format!("ingress allowed by {n}"));
-                    }
-                }
-                let iso = |pod, ingress| engine.isolating(pod, ingress).iter().map(|p| p.id()).collect::<Vec<_>>().join(", ");
-                if egress_shot {
-                    reason.push(format!("egress denied: isolated by {}", iso(a, false)));
-                }
-                if ingress_shot {
-                    reason.push(format!("ingress denied: isolated by {}", iso(b, true)));
-                }
-                if reason.is_empty() {
-                    reason.push(if verdict == "audit" { "passed in audit mode".into() } else { "no policy isolates either side".into() });
-                }
-                out.push(Cell {
-                    from: format!("{}/{}", a.namespace, a.name),
-                    to: format!("{}/{}", b.namespace, b.name),
-                    protocol: proto.to_string(),
-                    port: *port,
-                    verdict: verdict.into(),
-                    reason: reason.join("; "),
-                });
+    for (proto, port, a, b) in super::matrix::probes(&pods, probe_list) {
+        let (proto, port) = (&proto, &port);
+        let (Some(src), Some(dst)) = (
+            a.ips.first(),
+            b.ips.iter().find(|ip| ip.is_ipv4() == a.ips[0].is_ipv4()),
+        ) else {
+            continue;
+        };
+        let (egress_shot, ingress_shot, entry) = k.run(*src, true, *dst, true, *proto, *port)?;
+        let verdict = verdict_of(egress_shot, ingress_shot, entry.as_ref());
+        let name = |r: u32| {
+            rules.get(&r).map(|r: &RuleRef| {
+                format!("{}/{} {} rule {}", r.namespace, r.name, r.direction, r.rule)
+            })
+        };
+        let mut reason = Vec::new();
+        if let Some(e) = entry {
+            if let Some(n) = name(e.egress_rule) {
+                reason.push(format!("egress allowed by {n}"));
+            }
+            if let Some(n) = name(e.ingress_rule) {
+                reason.push(format!("ingress allowed by {n}"));
             }
         }
+        let iso = |pod, ingress| {
+            engine
+                .isolating(pod, ingress)
+                .iter()
+                .map(|p| p.id())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if egress_shot {
+            reason.push(format!("egress denied: isolated by {}", iso(a, false)));
+        }
+        if ingress_shot {
+            reason.push(format!("ingress denied: isolated by {}", iso(b, true)));
+        }
+        if reason.is_empty() {
+            reason.push(if verdict == "audit" {
+                "passed in audit mode".into()
+            } else {
+                "no policy isolates either side".into()
+            });
+        }
+        out.push(Cell {
+            from: format!("{}/{}", a.namespace, a.name),
+            to: format!("{}/{}", b.namespace, b.name),
+            protocol: proto.to_string(),
+            port: *port,
+            verdict: verdict.into(),
+            reason: reason.join("; "),
+        });
     }
     Ok(out)
 }

@@ -22,8 +22,11 @@ pub struct Cell {
 
 /// Every (protocol, port) any pod serves, in order.
 pub fn served_ports(cluster: &Cluster) -> Vec<(Protocol, u16)> {
-    let set: BTreeSet<(Protocol, u16)> =
-        cluster.pods.iter().flat_map(|p| p.ports.iter().map(|(_, n, pr)| (*pr, *n))).collect();
+    let set: BTreeSet<(Protocol, u16)> = cluster
+        .pods
+        .iter()
+        .flat_map(|p| p.ports.iter().map(|(_, n, pr)| (*pr, *n)))
+        .collect();
     set.into_iter().collect()
 }
 
@@ -33,27 +36,35 @@ pub fn pods_sorted(cluster: &Cluster) -> Vec<&PodInfo> {
     v
 }
 
+/// Every probe for every ordered pair of distinct pods, in matrix order.
+pub fn probes<'a>(
+    pods: &'a [&'a PodInfo],
+    probes: &'a [(Protocol, u16)],
+) -> impl Iterator<Item = (Protocol, u16, &'a PodInfo, &'a PodInfo)> + 'a {
+    probes.iter().flat_map(move |(proto, port)| {
+        pods.iter().flat_map(move |a| {
+            pods.iter()
+                .filter(move |b| !(a.namespace == b.namespace && a.name == b.name))
+                .map(move |b| (*proto, *port, *a, *b))
+        })
+    })
+}
+
 /// The verdict for every ordered pair of distinct pods on every probe.
-pub fn matrix(engine: &Engine<'_>, probes: &[(Protocol, u16)]) -> Vec<Cell> {
+pub fn matrix(engine: &Engine<'_>, probe_list: &[(Protocol, u16)]) -> Vec<Cell> {
     let pods = pods_sorted(engine.cluster);
     let mut out = Vec::new();
-    for (proto, port) in probes {
-        for a in &pods {
-            for b in &pods {
-                if a.namespace == b.namespace && a.name == b.name {
-                    continue;
-                }
-                let d = engine.decide(Peer::Pod(a), Peer::Pod(b), *proto, *port);
-                out.push(Cell {
-                    from: format!("{}/{}", a.namespace, a.name),
-                    to: format!("{}/{}", b.namespace, b.name),
-                    protocol: proto.to_string(),
-                    port: *port,
-                    verdict: d.verdict.as_str().to_string(),
-                    reason: d.reason(),
-                });
-            }
-        }
+    for (proto, port, a, b) in probes(&pods, probe_list) {
+        let (proto, port) = (&proto, &port);
+        let d = engine.decide(Peer::Pod(a), Peer::Pod(b), *proto, *port);
+        out.push(Cell {
+            from: format!("{}/{}", a.namespace, a.name),
+            to: format!("{}/{}", b.namespace, b.name),
+            protocol: proto.to_string(),
+            port: *port,
+            verdict: d.verdict.as_str().to_string(),
+            reason: d.reason(),
+        });
     }
     out
 }
@@ -62,11 +73,15 @@ pub fn matrix(engine: &Engine<'_>, probes: &[(Protocol, u16)]) -> Vec<Cell> {
 /// denied), `-` the pod itself.
 pub fn render_table(cells: &[Cell], pods: &[String]) -> String {
     let mut out = String::new();
-    let mut probes: Vec<(String, u16)> = cells.iter().map(|c| (c.protocol.clone(), c.port)).collect();
+    let mut probes: Vec<(String, u16)> =
+        cells.iter().map(|c| (c.protocol.clone(), c.port)).collect();
     probes.dedup();
     let w = pods.iter().map(|p| p.len()).max().unwrap_or(4).max(4);
     for (proto, port) in probes {
-        let _ = writeln!(out, "{proto}/{port}  (rows: from, columns: to; . allowed, X denied, A audit)");
+        let _ = writeln!(
+            out,
+            "{proto}/{port}  (rows: from, columns: to; . allowed, X denied, A audit)"
+        );
         let _ = write!(out, "{:w$}", "");
         for (i, _) in pods.iter().enumerate() {
             let _ = write!(out, " {:>3}", i + 1);
@@ -78,7 +93,9 @@ pub fn render_table(cells: &[Cell], pods: &[String]) -> String {
                 let mark = if from == to {
                     "-"
                 } else {
-                    match cells.iter().find(|c| c.protocol == proto && c.port == port && &c.from == from && &c.to == to) {
+                    match cells.iter().find(|c| {
+                        c.protocol == proto && c.port == port && &c.from == from && &c.to == to
+                    }) {
                         Some(c) if c.verdict == "allowed" => ".",
                         Some(c) if c.verdict == "audit" => "A",
                         Some(_) => "X",
@@ -97,10 +114,16 @@ pub fn render_table(cells: &[Cell], pods: &[String]) -> String {
 /// Resolves `ns/pod` or an IP address to a peer.
 pub fn peer<'a>(cluster: &'a Cluster, s: &str) -> Result<Peer<'a>> {
     if let Ok(ip) = s.parse() {
-        return Ok(match cluster.pods.iter().find(|p| !p.host_network && p.ips.contains(&ip)) {
-            Some(p) => Peer::Pod(p),
-            None => Peer::External(ip),
-        });
+        return Ok(
+            match cluster
+                .pods
+                .iter()
+                .find(|p| !p.host_network && p.ips.contains(&ip))
+            {
+                Some(p) => Peer::Pod(p),
+                None => Peer::External(ip),
+            },
+        );
     }
     let Some((ns, name)) = s.split_once('/') else {
         bail!("{s:?}: expected namespace/pod or an IP address");
@@ -117,28 +140,75 @@ pub fn peer<'a>(cluster: &'a Cluster, s: &str) -> Result<Peer<'a>> {
 pub fn parse_port(s: &str) -> Result<(Protocol, u16)> {
     let (n, proto) = match s.split_once('/') {
         Some((a, b)) if Protocol::parse(a).is_some() => (b, Protocol::parse(a).unwrap()),
-        Some((n, p)) => (n, Protocol::parse(p).with_context(|| format!("{p:?} is not TCP, UDP or SCTP"))?),
+        Some((n, p)) => (
+            n,
+            Protocol::parse(p).with_context(|| format!("{p:?} is not TCP, UDP or SCTP"))?,
+        ),
         None => (s, Protocol::Tcp),
     };
-    let port: u16 = n.parse().ok().filter(|p| *p > 0).with_context(|| format!("{n:?} is not a port"))?;
+    let port: u16 = n
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .with_context(|| format!("{n:?} is not a port"))?;
     Ok((proto, port))
 }
 
 /// The human explanation of one decision.
-pub fn explain(engine: &Engine<'_>, src: Peer<'_>, dst: Peer<'_>, proto: Protocol, port: u16, d: &Decision) -> String {
+pub fn explain(
+    engine: &Engine<'_>,
+    src: Peer<'_>,
+    dst: Peer<'_>,
+    proto: Protocol,
+    port: u16,
+    d: &Decision,
+) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{src} -> {dst} {proto}/{port}: {}", d.verdict.as_str().to_uppercase());
+    let _ = writeln!(
+        out,
+        "{src} -> {dst} {proto}/{port}: {}",
+        d.verdict.as_str().to_uppercase()
+    );
     let mut side = |title: &str, pod: Option<&PodInfo>, s: &Side, ingress: bool| {
         let _ = write!(out, "  {title}: ");
         let _ = match s {
-            Side::NotApplicable => writeln!(out, "not a pod of the cluster, nothing enforced there"),
-            Side::NotIsolated => writeln!(out, "not isolated (no policy selects {} for {})", pod.map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default(), if ingress { "ingress" } else { "egress" }),
+            Side::NotApplicable => {
+                writeln!(out, "not a pod of the cluster, nothing enforced there")
+            }
+            Side::NotIsolated => writeln!(
+                out,
+                "not isolated (no policy selects {} for {})",
+                pod.map(|p| format!("{}/{}", p.namespace, p.name))
+                    .unwrap_or_default(),
+                if ingress { "ingress" } else { "egress" }
+            ),
             Side::Loopback => writeln!(out, "a pod talking to itself is always allowed"),
-            Side::Allowed { policy, rule } => writeln!(out, "allowed by {policy}, {} rule {rule}", if ingress { "ingress" } else { "egress" }),
-            Side::Denied { isolated_by, invalid, audit } => {
-                let _ = writeln!(out, "{}: isolated by {} and no rule allows it", if *audit { "would be denied (audit)" } else { "denied" }, isolated_by.join(", "));
+            Side::Allowed { policy, rule } => writeln!(
+                out,
+                "allowed by {policy}, {} rule {rule}",
+                if ingress { "ingress" } else { "egress" }
+            ),
+            Side::Denied {
+                isolated_by,
+                invalid,
+                audit,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "{}: isolated by {} and no rule allows it",
+                    if *audit {
+                        "would be denied (audit)"
+                    } else {
+                        "denied"
+                    },
+                    isolated_by.join(", ")
+                );
                 if !invalid.is_empty() {
-                    let _ = writeln!(out, "    invalid policies among them allow nothing: {}", invalid.join(", "));
+                    let _ = writeln!(
+                        out,
+                        "    invalid policies among them allow nothing: {}",
+                        invalid.join(", ")
+                    );
                 }
                 Ok(())
             }
@@ -146,11 +216,24 @@ pub fn explain(engine: &Engine<'_>, src: Peer<'_>, dst: Peer<'_>, proto: Protoco
         if let Some(p) = pod {
             let iso = engine.isolating(p, ingress);
             if !iso.is_empty() {
-                let _ = writeln!(out, "    isolating policies: {}", iso.iter().map(|p| p.id()).collect::<Vec<_>>().join(", "));
+                let _ = writeln!(
+                    out,
+                    "    isolating policies: {}",
+                    iso.iter().map(|p| p.id()).collect::<Vec<_>>().join(", ")
+                );
             }
         }
     };
-    let (sp, dp) = (match src { Peer::Pod(p) => Some(p), _ => None }, match dst { Peer::Pod(p) => Some(p), _ => None });
+    let (sp, dp) = (
+        match src {
+            Peer::Pod(p) => Some(p),
+            _ => None,
+        },
+        match dst {
+            Peer::Pod(p) => Some(p),
+            _ => None,
+        },
+    );
     side("egress at source", sp, &d.egress, false);
     side("ingress at destination", dp, &d.ingress, true);
     out
