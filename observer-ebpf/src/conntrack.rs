@@ -130,6 +130,17 @@ fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
     }
 }
 
+/// The verdicts a hook owes: at `FromPod` the destination's ingress too when it is a pod of
+/// this node, so the connection's first event already carries its full verdict and a denied
+/// packet dies at the source's veth.
+#[inline(always)]
+fn judge_all(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
+    judge(e, key, hook, from_a, dport);
+    if hook == Hook::FromPod && e.flags & ct_flags::DENIED == 0 {
+        judge(e, key, Hook::ToPod, from_a, dport);
+    }
+}
+
 /// Accounts one packet of `bytes` to its connection (unless `count` is false: another hook on
 /// this node already counted it), creating the connection when new, and enforces policy.
 #[inline(always)]
@@ -167,7 +178,7 @@ pub fn process(
                     e.policy_gen = cfg.policy_gen;
                 }
                 let before = e.flags & ct_flags::DENIED;
-                judge(e, &key, hook, from_a, pkt.dport);
+                judge_all(e, &key, hook, from_a, pkt.dport);
                 if before == 0 && e.flags & ct_flags::DENIED != 0 {
                     emit(EventKind::Drop, &key, e);
                 }
@@ -243,7 +254,7 @@ fn create(
     // A connection picked up from its reply side is judged when its next original packet
     // comes by; replies pass.
     if !first_is_reply {
-        judge(&mut e, key, hook, from_a, pkt.dport);
+        judge_all(&mut e, key, hook, from_a, pkt.dport);
     }
     match CT.insert(key, &e, BPF_NOEXIST) {
         Ok(()) => {

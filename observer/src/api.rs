@@ -27,6 +27,8 @@ pub struct FlowQuery {
     pub last: Option<usize>,
     #[serde(default)]
     pub follow: bool,
+    /// JSON array of [`crate::filter::Filter`].
+    pub filter: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -108,25 +110,35 @@ fn ndjson<T: Serialize>(items: impl IntoIterator<Item = T>) -> String {
 }
 
 async fn flows(State(shared): State<Arc<Shared>>, Query(q): Query<FlowQuery>) -> Response {
+    let filters: Vec<crate::filter::Filter> = match q.filter.as_deref().map(serde_json::from_str).transpose() {
+        Ok(f) => f.unwrap_or_default(),
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("filter: {e}\n")).into_response(),
+    };
     // Subscribe before reading history so nothing falls in between.
     let rx = shared.tx.subscribe();
     let backlog: Vec<_> = {
         let st = shared.state.lock().unwrap();
-        let n = q.last.unwrap_or(if q.follow { 0 } else { st.history.len() });
-        let skip = st.history.len().saturating_sub(n);
-        st.history.iter().skip(skip).cloned().collect()
+        let matching: Vec<_> = st.history.iter().filter(|r| crate::filter::accepts(&filters, r)).cloned().collect();
+        let n = q.last.unwrap_or(if q.follow { 0 } else { matching.len() });
+        let skip = matching.len().saturating_sub(n);
+        matching.into_iter().skip(skip).collect()
     };
     let head = ndjson(backlog.iter().map(|r| r.as_ref()));
     if !q.follow {
         return ([(header::CONTENT_TYPE, "application/x-ndjson")], head).into_response();
     }
-    let live = BroadcastStream::new(rx).filter_map(|r| async move {
+    let filters = Arc::new(filters);
+    let live = BroadcastStream::new(rx).filter_map(move |r| {
+        let filters = filters.clone();
+        async move {
         match r {
+            Ok(rec) if !crate::filter::accepts(&filters, &rec) => None,
             Ok(rec) => Some(Ok::<_, Infallible>(format!("{}\n", serde_json::to_string(rec.as_ref()).unwrap_or_default()))),
             // A slow reader skipped records: say so in-band rather than silently.
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
                 Some(Ok(format!("{{\"lost_records\":{n}}}\n")))
             }
+        }
         }
     });
     let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(head) }).chain(live);

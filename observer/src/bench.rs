@@ -49,6 +49,11 @@ pub fn packet64(proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
 
 /// Like [`packet64`], to `dst`.
 pub fn packet64_to(dst: [u8; 4], proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
+    packet64_between(SRC, dst, proto, sport, dport, tcp_flags)
+}
+
+/// Like [`packet64`], from `src` to `dst`.
+pub fn packet64_between(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
     let mut p = vec![0u8; 64];
     p[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
     p[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
@@ -59,7 +64,7 @@ pub fn packet64_to(dst: [u8; 4], proto: u8, sport: u16, dport: u16, tcp_flags: u
     ip[6] = 0x40;
     ip[8] = 64;
     ip[9] = proto;
-    ip[12..16].copy_from_slice(&SRC);
+    ip[12..16].copy_from_slice(&src);
     ip[16..20].copy_from_slice(&dst);
     let c = checksum(ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
@@ -275,7 +280,7 @@ pub fn policy_cluster(rules: usize) -> Cluster {
             "status": {"podIP": format!("10.245.{}.{}", i / 250, 1 + i % 250)}}));
     }
     for (dir, key, selector, other) in [("Egress", "to", "src", "dst"), ("Ingress", "from", "dst", "src")] {
-        let mut rs = vec![json!({key: [{"podSelector": {"matchLabels": {"role": other}}}], "ports": [{"port": 80}]})];
+        let mut rs = vec![json!({key: [{"podSelector": {"matchLabels": {"role": other}}}, {"podSelector": {"matchLabels": {"id": "0"}}}], "ports": [{"port": 80}]})];
         for j in 1..rules {
             rs.push(json!({key: [{"podSelector": {"matchLabels": {"id": (j % 1000).to_string()}}}], "ports": [{"port": 1000 + j / 1000}]}));
         }
@@ -288,12 +293,14 @@ pub fn policy_cluster(rules: usize) -> Cluster {
     c
 }
 
-/// New connections through `from_pod` (egress policy) and `to_pod` (ingress policy) with 1, 100
-/// and 10,000 rules over 1,000 identities.
+/// New connections through `from_pod` (src -> dst on this node: src's egress and dst's ingress
+/// policy, both judged where the packet leaves src) and `to_pod` (remote pod r0 -> dst: dst's
+/// ingress policy) with 1, 100 and 10,000 rules over 1,000 identities.
 pub fn policy(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
     let mut out = Vec::new();
     let repeat = repeat.min(60_000); // distinct source ports available per round
     let pkt = packet64_to([10, 244, 1, 11], 6, 40000, 80, 0x02);
+    let inbound = packet64_between([10, 245, 0, 1], [10, 244, 1, 11], 6, 40000, 80, 0x02);
     for rules in [1usize, 100, 10_000] {
         let c = policy_cluster(rules);
         let (mut out_s, mut in_s, mut base) = (Vec::new(), Vec::new(), Vec::new());
@@ -302,8 +309,7 @@ pub fn policy(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
             let (o, i, b, n) = with_policy_datapath(&c, |dp| {
                 let b = run(dp, programs::TC_EMPTY, &pkt, repeat)?;
                 let o = run(dp, programs::BENCH_NEW_CONN_OUT, &pkt, repeat)?;
-                // The same connections arrive at the destination's veth.
-                let i = run(dp, programs::BENCH_NEW_CONN_IN, &pkt, repeat)?;
+                let i = run(dp, programs::BENCH_NEW_CONN_IN, &inbound, repeat)?;
                 Ok((o, i, b))
             })?;
             out_s.push(o);
@@ -312,7 +318,7 @@ pub fn policy(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
             entries = n;
         }
         let method = format!("repeat={repeat} new connections, median of {rounds} rounds, {entries} policy entries, 1,000 identities");
-        out.push(named_measurement("policy", format!("from_pod/egress/{rules}_rules"), out_s, base.clone(), method.clone()));
+        out.push(named_measurement("policy", format!("from_pod/egress+ingress/{rules}_rules"), out_s, base.clone(), method.clone()));
         out.push(named_measurement("policy", format!("to_pod/ingress/{rules}_rules"), in_s, base, method));
     }
     Ok(out)

@@ -5,6 +5,7 @@ pub mod bpf;
 pub mod client;
 pub mod cluster;
 pub mod daemon;
+pub mod filter;
 pub mod flows;
 pub mod netlink;
 pub mod policy;

@@ -24,6 +24,12 @@ enum Cmd {
     Daemon(DaemonArgs),
     /// Show flow records from the daemon's history, or follow them live.
     Flows(FlowsArgs),
+    /// `observer flows --follow`.
+    FlowTail(FlowsArgs),
+    /// Print a shell completion script: `observer completion bash > /etc/bash_completion.d/observer`.
+    Completion {
+        shell: clap_complete::Shell,
+    },
     /// List the connections in the kernel's conntrack map with their current counters.
     Conntrack(ClientArgs),
     /// Show what the daemon is attached to, its kernel counters and its source's health.
@@ -209,12 +215,116 @@ struct ClientArgs {
 struct FlowsArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// Show only the last N records.
+    /// Show only the last N records (after filtering).
     #[arg(long)]
     last: Option<usize>,
     /// Keep printing new records as they arrive.
     #[arg(short, long)]
     follow: bool,
+    /// Only records at or after this time: RFC 3339, or a duration ago (`5m`, `1h`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only records before this time: RFC 3339, or a duration ago.
+    #[arg(long)]
+    until: Option<String>,
+    #[command(flatten)]
+    filters: FilterArgs,
+}
+
+/// Filters: repeated flags of one kind are alternatives (OR); different kinds must all hold
+/// (AND); `--not` negates the filter that follows it.
+#[derive(clap::Args, Default)]
+#[command(next_help_heading = "Filters")]
+struct FilterArgs {
+    /// Negate the next filter.
+    #[arg(long, action = clap::ArgAction::Count)]
+    not: u8,
+    /// Either side in this namespace.
+    #[arg(long)]
+    namespace: Vec<String>,
+    /// Either side is this pod: `[namespace/]pod`.
+    #[arg(long)]
+    pod: Vec<String>,
+    /// The source (the side that opened the connection) is this pod.
+    #[arg(long)]
+    from_pod: Vec<String>,
+    /// The destination is this pod.
+    #[arg(long)]
+    to_pod: Vec<String>,
+    #[arg(long)]
+    from_namespace: Vec<String>,
+    #[arg(long)]
+    to_namespace: Vec<String>,
+    /// Either side's pod has this label: `key=value` or `key`.
+    #[arg(long)]
+    label: Vec<String>,
+    /// Either side's address is in this CIDR (or is this IP).
+    #[arg(long)]
+    ip: Vec<String>,
+    #[arg(long)]
+    from_ip: Vec<String>,
+    #[arg(long)]
+    to_ip: Vec<String>,
+    /// Either side's port.
+    #[arg(long)]
+    port: Vec<String>,
+    /// TCP, UDP, SCTP, ICMP or ICMPv6.
+    #[arg(long)]
+    protocol: Vec<String>,
+    /// forwarded, dropped or audit.
+    #[arg(long)]
+    verdict: Vec<String>,
+    /// e.g. policy-denied.
+    #[arg(long)]
+    drop_reason: Vec<String>,
+    /// A policy (`namespace/name`) that allowed or isolated the flow.
+    #[arg(long)]
+    policy: Vec<String>,
+    /// Event type: new, report, close or drop.
+    #[arg(long = "type")]
+    event_type: Vec<String>,
+    /// pod-to-pod-local, pod-to-pod-remote, pod-to-world, world-to-pod, node-to-pod, pod-to-node.
+    #[arg(long)]
+    traffic_class: Vec<String>,
+}
+
+const FILTER_FLAGS: [&str; 18] = [
+    "not", "namespace", "pod", "from-pod", "to-pod", "from-namespace", "to-namespace", "label", "ip", "from-ip",
+    "to-ip", "port", "protocol", "verdict", "drop-reason", "policy", "type", "traffic-class",
+];
+
+/// Filter flags in the order given, so `--not` binds to the flag after it.
+fn ordered_filter_args(argv: &[String]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < argv.len() {
+        if let Some(flag) = argv[i].strip_prefix("--") {
+            let (name, inline) = match flag.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (flag, None),
+            };
+            if FILTER_FLAGS.contains(&name) {
+                if name == "not" {
+                    out.push(("not".into(), String::new()));
+                } else if let Some(v) = inline {
+                    out.push((name.into(), v));
+                } else if let Some(v) = argv.get(i + 1) {
+                    out.push((name.into(), v.clone()));
+                    i += 1;
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+fn parse_when(s: &str) -> Result<std::time::SystemTime> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    let d = humantime::parse_duration(s).with_context(|| format!("{s:?}: expected RFC 3339 time or a duration like 5m"))?;
+    Ok(std::time::SystemTime::now() - d)
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -223,6 +333,8 @@ enum Output {
     Compact,
     /// One JSON object per line.
     Json,
+    /// Aligned columns.
+    Table,
 }
 
 fn enter_netns(name: &str) -> Result<()> {
@@ -283,16 +395,48 @@ fn run() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(daemon::run(opts))
         }
-        Cmd::Flows(a) => {
+        Cmd::Completion { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "observer", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Flows(a) | Cmd::FlowTail(a) => {
+            let follow = a.follow || std::env::args().nth(1).as_deref() == Some("flow-tail");
+            let argv: Vec<String> = std::env::args().collect();
+            let filters = observer::filter::from_args(&ordered_filter_args(&argv))?;
+            let _ = &a.filters;
+            let since = a.since.as_deref().map(parse_when).transpose()?;
+            let until = a.until.as_deref().map(parse_when).transpose()?;
             let mut q = String::from("/v1/flows?");
-            if let Some(n) = a.last {
+            // With a time window the last N are counted inside it, on this side.
+            if let (Some(n), None, None) = (a.last, since, until) {
                 q.push_str(&format!("last={n}&"));
             }
-            if a.follow {
-                q.push_str("follow=true");
+            if follow {
+                q.push_str("follow=true&");
+            }
+            if !filters.is_empty() {
+                q.push_str(&format!("filter={}", observer::filter::encode(&serde_json::to_string(&filters)?)));
             }
             let r = client::get(&a.client.socket, &q)?;
-            print_records(r, a.client.output)
+            if since.is_none() && until.is_none() {
+                return print_records(r, a.client.output);
+            }
+            let keep = |rec: &FlowRecord| {
+                let t = humantime::parse_rfc3339_weak(&rec.time).ok();
+                t.is_some_and(|t| since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u))
+            };
+            let mut lines: Vec<String> = Vec::new();
+            for line in r.lines() {
+                let line = line?;
+                if serde_json::from_str::<FlowRecord>(&line).is_ok_and(|rec| keep(&rec)) {
+                    lines.push(line);
+                }
+            }
+            if let Some(n) = a.last {
+                let skip = lines.len().saturating_sub(n);
+                lines.drain(..skip);
+            }
+            print_records(std::io::Cursor::new(lines.join("\n")), a.client.output)
         }
         Cmd::Conntrack(a) => {
             let r = client::get(&a.socket, "/v1/conntrack")?;
@@ -407,6 +551,9 @@ fn print_records(r: impl BufRead, output: Output) -> Result<()> {
     let stdout = std::io::stdout();
     let color = stdout.is_terminal();
     let mut out = stdout.lock();
+    if output == Output::Table {
+        writeln!(out, "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16}", "TIME", "EVENT", "SOURCE", "DESTINATION", "PROTO", "VERDICT", "OUT pkts/bytes", "IN pkts/bytes")?;
+    }
     for line in r.lines() {
         let line = line?;
         if line.is_empty() {
@@ -414,6 +561,28 @@ fn print_records(r: impl BufRead, output: Output) -> Result<()> {
         }
         let res = match output {
             Output::Json => writeln!(out, "{line}"),
+            Output::Table => match serde_json::from_str::<FlowRecord>(&line) {
+                Ok(rec) => {
+                    let side = |p: &observer::flows::Peer| match (&p.namespace, &p.pod) {
+                        (Some(ns), Some(pod)) => format!("{ns}/{pod}:{}", p.port),
+                        _ => format!("{}:{}", p.ip.map(|i| i.to_string()).unwrap_or_default(), p.port),
+                    };
+                    let c = &rec.counters;
+                    writeln!(
+                        out,
+                        "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16}",
+                        rec.time.get(11..23).unwrap_or(&rec.time),
+                        rec.event,
+                        side(&rec.source),
+                        side(&rec.destination),
+                        rec.l4.protocol,
+                        rec.verdict,
+                        format!("{}/{}", c.packets_out, c.bytes_out),
+                        format!("{}/{}", c.packets_in, c.bytes_in)
+                    )
+                }
+                Err(_) => writeln!(out, "{line}"),
+            },
             Output::Compact => match serde_json::from_str::<FlowRecord>(&line) {
                 Ok(rec) => {
                     let l = rec.compact();
