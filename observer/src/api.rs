@@ -43,6 +43,9 @@ pub struct Status {
     pub pods: usize,
     pub local_endpoints: usize,
     pub source_errors: Vec<String>,
+    /// Flow records shed by the node-wide record budget.
+    #[serde(default)]
+    pub records_rate_limited: u64,
     /// NetworkPolicies in force, `namespace/name`, sorted.
     #[serde(default)]
     pub policies: Vec<String>,
@@ -173,6 +176,7 @@ pub fn status_of(shared: &Shared) -> Status {
         pods: st.cluster.pods.len(),
         local_endpoints: st.cluster.pods.iter().filter(|p| p.node == shared.opts.node_name && !p.host_network).count(),
         source_errors: st.metrics.source_errors.clone(),
+        records_rate_limited: st.metrics.records_rate_limited_total,
         policies: {
             let mut v: Vec<String> = st.cluster.policies.iter().map(|p| p.id()).collect();
             v.sort();
@@ -206,8 +210,29 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let _ = writeln!(out, "# TYPE observer_flow_records_total counter");
     let mut recs: Vec<_> = st.metrics.records.iter().collect();
     recs.sort();
-    for ((ev, class, proto), n) in recs {
-        let _ = writeln!(out, "observer_flow_records_total{{event=\"{ev}\",traffic_class=\"{class}\",protocol=\"{proto}\"}} {n}");
+    for ((ev, class, proto, verdict), n) in recs {
+        let _ = writeln!(out, "observer_flow_records_total{{event=\"{ev}\",traffic_class=\"{class}\",protocol=\"{proto}\",verdict=\"{verdict}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP observer_policy_verdicts_total Flow records by the policy that allowed (direction set) or isolated (direction empty) them.");
+    let _ = writeln!(out, "# TYPE observer_policy_verdicts_total counter");
+    let mut pv: Vec<_> = st.metrics.policy_verdicts.iter().collect();
+    pv.sort();
+    for ((policy, dir, verdict), n) in pv {
+        let _ = writeln!(out, "observer_policy_verdicts_total{{policy=\"{policy}\",direction=\"{dir}\",verdict=\"{verdict}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP observer_records_rate_limited_total Flow records not produced because of the node-wide record budget.");
+    let _ = writeln!(out, "# TYPE observer_records_rate_limited_total counter");
+    let _ = writeln!(out, "observer_records_rate_limited_total {}", st.metrics.records_rate_limited_total);
+    let _ = writeln!(out, "# HELP observer_flow_log_errors_total Records that could not be written to the flow log.");
+    let _ = writeln!(out, "# TYPE observer_flow_log_errors_total counter");
+    let _ = writeln!(out, "observer_flow_log_errors_total {}", st.metrics.flow_log_errors_total);
+    let _ = writeln!(out, "# HELP observer_conntrack_capacity Size of the kernel conntrack map.");
+    let _ = writeln!(out, "# TYPE observer_conntrack_capacity gauge");
+    let _ = writeln!(out, "observer_conntrack_capacity {}", observer_common::CT_MAX_ENTRIES);
+    if let Some(t) = st.last_sync {
+        let _ = writeln!(out, "# HELP observer_source_sync_age_seconds Time since the cluster source was last applied to the maps.");
+        let _ = writeln!(out, "# TYPE observer_source_sync_age_seconds gauge");
+        let _ = writeln!(out, "observer_source_sync_age_seconds {:.3}", t.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0));
     }
     let _ = writeln!(out, "# HELP observer_attach_errors_total Failed attach attempts on pod interfaces.");
     let _ = writeln!(out, "# TYPE observer_attach_errors_total counter");

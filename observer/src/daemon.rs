@@ -68,6 +68,9 @@ pub struct Options {
     /// Drop what policy denies (otherwise verdicts are only reported).
     pub enforce: bool,
     pub policy: crate::policy::Options,
+    pub flow_log: Option<crate::flowlog::Config>,
+    /// Node-wide budget of flow records per second (0: unlimited).
+    pub max_records_per_second: u64,
 }
 
 /// Per-connection bookkeeping in userspace.
@@ -79,7 +82,12 @@ struct Conn {
 
 #[derive(Default)]
 pub struct Metrics {
-    pub records: HashMap<(String, String, String), u64>,
+    /// (event, traffic class, protocol, verdict) -> records.
+    pub records: HashMap<(String, String, String, String), u64>,
+    /// (policy, direction or "" for isolation, verdict) -> records.
+    pub policy_verdicts: HashMap<(String, String, String), u64>,
+    pub records_rate_limited_total: u64,
+    pub flow_log_errors_total: u64,
     pub links_attached_total: u64,
     pub attach_errors_total: u64,
     pub map_sync_errors_total: u64,
@@ -97,10 +105,13 @@ pub struct State {
     pub interfaces: HashMap<u32, String>,
     /// Rule id -> the policy rule it stands for.
     pub rules: HashMap<u32, RuleRef>,
+    bucket: f64,
+    bucket_at: Instant,
 }
 
 pub struct Shared {
     pub opts: Options,
+    pub flow_log: Option<Mutex<crate::flowlog::FlowLog>>,
     pub dp: Mutex<Datapath>,
     pub state: Mutex<State>,
     pub tx: broadcast::Sender<Arc<FlowRecord>>,
@@ -112,12 +123,38 @@ impl Shared {
         let rec = Arc::new(rec);
         {
             let mut st = self.state.lock().unwrap();
-            let k = (rec.event.clone(), rec.traffic_class.clone(), rec.l4.protocol.clone());
+            // Node-wide record budget: what exceeds it is counted, never silently lost. The
+            // kernel's counters are unaffected; only records are shed.
+            if self.opts.max_records_per_second > 0 {
+                let now = Instant::now();
+                let rate = self.opts.max_records_per_second as f64;
+                let elapsed = now.duration_since(st.bucket_at).as_secs_f64();
+                st.bucket = (st.bucket + elapsed * rate).min(rate);
+                st.bucket_at = now;
+                if st.bucket < 1.0 {
+                    st.metrics.records_rate_limited_total += 1;
+                    return;
+                }
+                st.bucket -= 1.0;
+            }
+            let k = (rec.event.clone(), rec.traffic_class.clone(), rec.l4.protocol.clone(), rec.verdict.clone());
             *st.metrics.records.entry(k).or_default() += 1;
+            for p in &rec.policy {
+                *st.metrics.policy_verdicts.entry((format!("{}/{}", p.namespace, p.name), p.direction.clone(), rec.verdict.clone())).or_default() += 1;
+            }
+            for p in &rec.isolated_by {
+                *st.metrics.policy_verdicts.entry((format!("{}/{}", p.namespace, p.name), String::new(), rec.verdict.clone())).or_default() += 1;
+            }
             if st.history.len() >= self.opts.history.max(1) {
                 st.history.pop_front();
             }
             st.history.push_back(rec.clone());
+        }
+        if let Some(log) = &self.flow_log {
+            if let Err(e) = log.lock().unwrap().write(&rec) {
+                warn!("flow log: {e:#}");
+                self.state.lock().unwrap().metrics.flow_log_errors_total += 1;
+            }
         }
         let _ = self.tx.send(rec);
     }
@@ -228,7 +265,12 @@ pub async fn run(opts: Options) -> Result<()> {
     };
 
     let (tx, _) = broadcast::channel(4096);
+    let flow_log = match &opts.flow_log {
+        Some(cfg) => Some(Mutex::new(crate::flowlog::FlowLog::open(cfg.clone())?)),
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        flow_log,
         opts: opts.clone(),
         dp: Mutex::new(dp),
         state: Mutex::new(State {
@@ -240,6 +282,8 @@ pub async fn run(opts: Options) -> Result<()> {
             last_sync: None,
             interfaces: HashMap::new(),
             rules: HashMap::new(),
+            bucket: opts.max_records_per_second as f64,
+            bucket_at: Instant::now(),
         }),
         tx,
         started: std::time::SystemTime::now(),

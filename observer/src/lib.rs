@@ -6,6 +6,7 @@ pub mod client;
 pub mod cluster;
 pub mod daemon;
 pub mod filter;
+pub mod flowlog;
 pub mod flows;
 pub mod netlink;
 pub mod policy;

@@ -193,6 +193,25 @@ struct DaemonArgs {
     /// Audit every policy: would-be drops pass and are reported with verdict `audit`.
     #[arg(long)]
     audit: bool,
+    /// Also write flow records to this file as JSON lines.
+    #[arg(long)]
+    flow_log: Option<PathBuf>,
+    /// Rotate the flow log when it would exceed this many bytes.
+    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    flow_log_max_bytes: u64,
+    /// Rotated flow log files kept (FILE.1 newest).
+    #[arg(long, default_value_t = 5)]
+    flow_log_max_files: usize,
+    /// Only log records matching FILTER=VALUE (repeatable; e.g. verdict=dropped).
+    #[arg(long)]
+    flow_log_include: Vec<String>,
+    /// Leave out records matching FILTER=VALUE (repeatable; e.g. namespace=kube-system).
+    #[arg(long)]
+    flow_log_exclude: Vec<String>,
+    /// Node-wide budget of flow records per second; what exceeds it is counted
+    /// (`observer status`, metrics), not produced. 0: unlimited.
+    #[arg(long, default_value_t = 50_000)]
+    max_records_per_second: u64,
     /// How often a `dir:` source is re-read.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     source_poll: Duration,
@@ -391,6 +410,17 @@ fn run() -> Result<()> {
                 source_poll: a.source_poll,
                 enforce: !a.no_enforce,
                 policy: observer::policy::Options { ipblock_matches_pods: a.ipblock_matches_pods, audit_all: a.audit },
+                flow_log: match &a.flow_log {
+                    Some(path) => Some(observer::flowlog::Config {
+                        path: path.clone(),
+                        max_bytes: a.flow_log_max_bytes,
+                        max_files: a.flow_log_max_files,
+                        include: a.flow_log_include.iter().map(|s| observer::flowlog::parse_spec(s)).collect::<Result<_>>()?,
+                        exclude: a.flow_log_exclude.iter().map(|s| observer::flowlog::parse_spec(s)).collect::<Result<_>>()?,
+                    }),
+                    None => None,
+                },
+                max_records_per_second: a.max_records_per_second,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(daemon::run(opts))
@@ -456,6 +486,8 @@ fn run() -> Result<()> {
             println!("conntrack:     {} entries   history: {} records", s.conntrack_entries, s.history);
             println!("cluster:       {} pods, {} local endpoints, last sync {}", s.pods, s.local_endpoints, s.last_sync.as_deref().unwrap_or("never"));
             println!("kernel:        {}", s.kernel.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
+            println!("policies:      {}", if s.policies.is_empty() { "none".to_string() } else { s.policies.join(" ") });
+            println!("records shed:  {} (node-wide record budget)", s.records_rate_limited);
             for e in &s.source_errors {
                 println!("source error:  {e}");
             }

@@ -30,7 +30,11 @@ fn flows_filters_outputs_and_metrics() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-http, namespace: y}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{ports: [{port: 80}]}]\n",
     )
     .unwrap();
-    let daemon = bed.start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"]).unwrap();
+    let flow_log = bed.dir.join("log").join("flows.jsonl");
+    let flow_log_arg = flow_log.display().to_string();
+    let daemon = bed
+        .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0", "--flow-log", &flow_log_arg, "--flow-log-include", "verdict=dropped"])
+        .unwrap();
     let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
     for port in [80u16, 81] {
         let l = in_netns(&b.netns, move || TcpListener::bind(("::", port)).unwrap()).unwrap();
@@ -76,6 +80,11 @@ fn flows_filters_outputs_and_metrics() {
     assert!(out.contains("x/a") && out.contains("DROPPED by y/b-http"), "{out}");
     let (ok, _, err) = cli(&sock, &["--verdict", "maybe"]);
     assert!(!ok && err.contains("--verdict"), "{err}");
+
+    // The flow log holds exactly the dropped records the API reports.
+    let logged = json_lines(&std::fs::read_to_string(&flow_log).unwrap());
+    assert_eq!(logged.len(), dropped.len(), "flow log: {logged:?}");
+    assert!(logged.iter().all(|r| r["verdict"] == "dropped"));
 
     let metrics = daemon.get("/metrics").unwrap();
     let denied_line = metrics.lines().find(|l| l.starts_with("observer_datapath_total{kind=\"policy_denied\"}")).expect("policy_denied metric");
