@@ -27,7 +27,9 @@ pub mod maps {
     pub const STATS: &str = "OBS_STATS";
     pub const CONFIG: &str = "OBS_CONFIG";
     pub const POLICY: &str = "OBS_POLICY";
-    pub const ALL: [&str; 8] = [CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG, POLICY];
+    pub const ALL: [&str; 8] = [
+        CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG, POLICY,
+    ];
 }
 
 /// Program names (the function names in `observer-ebpf`).
@@ -258,7 +260,11 @@ impl PolicyKeyData {
         let e = endpoint.to_be_bytes();
         let i = identity.to_be_bytes();
         let p = port.to_be_bytes();
-        Self { data: [e[0], e[1], e[2], e[3], dir, i[0], i[1], i[2], i[3], proto, p[0], p[1]] }
+        Self {
+            data: [
+                e[0], e[1], e[2], e[3], dir, i[0], i[1], i[2], i[3], proto, p[0], p[1],
+            ],
+        }
     }
 }
 

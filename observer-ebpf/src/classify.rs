@@ -1,6 +1,8 @@
 //! Traffic class of a new connection, from the endpoints map and the ipcache.
-use observer_common::{EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, RemoteKind, TrafficClass};
 use aya_ebpf::maps::lpm_trie::Key;
+use observer_common::{
+    EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, RemoteKind, TrafficClass,
+};
 
 use crate::maps::{ENDPOINTS, IPCACHE};
 
@@ -18,7 +20,11 @@ pub fn endpoint(family: u8, addr: &[u32; 4]) -> Option<&'static EndpointInfo> {
 #[inline(always)]
 pub fn remote(family: u8, addr: &[u32; 4]) -> Option<&'static IpcacheEntry> {
     let key = Key::new(
-        if family == observer_common::AF_INET { 64 } else { 160 },
+        if family == observer_common::AF_INET {
+            64
+        } else {
+            160
+        },
         IpcacheKeyData {
             data: [family as u32, addr[0], addr[1], addr[2], addr[3]],
         },

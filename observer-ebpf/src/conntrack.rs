@@ -1,6 +1,7 @@
 //! Our own connection tracking: one LRU entry per connection under a canonical key, with
 //! per-direction counters, TCP flags and timestamps.
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_log_ebpf::error;
 use observer_common::{
     ct_flags, stat, Config, CtEntry, CtKey, EventKind, TrafficClass, DIR_EGRESS, DIR_INGRESS,
     DIR_ORIG, DIR_REPLY, IPPROTO_TCP,
@@ -94,7 +95,11 @@ pub enum Action {
 fn config() -> Config {
     match CONFIG.get(0) {
         Some(c) => *c,
-        None => Config { report_interval_ns: 0, policy_gen: 0, enforce: 0, },
+        None => Config {
+            report_interval_ns: 0,
+            policy_gen: 0,
+            enforce: 0,
+        },
     }
 }
 
@@ -105,7 +110,11 @@ fn config() -> Config {
 fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
     let (done, denied, dir) = match hook {
         Hook::FromPod => (ct_flags::EGRESS_DONE, ct_flags::EGRESS_DENIED, DIR_EGRESS),
-        Hook::ToPod => (ct_flags::INGRESS_DONE, ct_flags::INGRESS_DENIED, DIR_INGRESS),
+        Hook::ToPod => (
+            ct_flags::INGRESS_DONE,
+            ct_flags::INGRESS_DENIED,
+            DIR_INGRESS,
+        ),
     };
     if e.flags & done != 0 {
         return;
@@ -113,7 +122,11 @@ fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
     e.flags |= done;
     // The local pod is the source at FromPod and the destination at ToPod.
     let local_is_a = from_a == (hook == Hook::FromPod);
-    let (local, remote) = if local_is_a { (&key.addr_a, &key.addr_b) } else { (&key.addr_b, &key.addr_a) };
+    let (local, remote) = if local_is_a {
+        (&key.addr_a, &key.addr_b)
+    } else {
+        (&key.addr_b, &key.addr_a)
+    };
     let Some(ep) = classify::endpoint(key.family, local) else {
         return;
     };
@@ -145,6 +158,7 @@ fn judge_all(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16)
 /// this node already counted it), creating the connection when new, and enforces policy.
 #[inline(always)]
 pub fn process(
+    ctx: &TcContext,
     pkt: &Packet,
     bytes: u64,
     ifindex: u32,
@@ -162,9 +176,8 @@ pub fn process(
     if let Some(e) = CT.get_ptr_mut(&key) {
         let e = unsafe { &mut *e };
         // A fresh SYN on a closed connection is the tuple being reused: start over.
-        let reopened = is_tcp
-            && e.flags & ct_flags::CLOSED != 0
-            && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let reopened =
+            is_tcp && e.flags & ct_flags::CLOSED != 0 && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if !reopened {
             let orig = from_a == (e.flags & ct_flags::ORIG_IS_A != 0);
             if orig {
@@ -184,13 +197,31 @@ pub fn process(
                 }
             }
             if count {
-                update(&key, e, from_a, bytes, now, flags, is_tcp, cfg.report_interval_ns);
+                update(
+                    &key,
+                    e,
+                    from_a,
+                    bytes,
+                    now,
+                    flags,
+                    is_tcp,
+                    cfg.report_interval_ns,
+                );
             }
             return verdict(e.flags, cfg.enforce);
         }
     }
     let class = class_of_new();
-    create(&key, from_a, bytes, now, pkt, ifindex, class, hook, count, &cfg)
+    create(
+        ctx, &key, from_a, bytes, now, pkt, ifindex, class, hook, count, &cfg,
+    )
+}
+
+/// Rare (the LRU map makes room by evicting): counted, and logged through aya-log.
+#[inline(never)]
+fn insert_failed(ctx: &TcContext, ifindex: u32) {
+    stat_inc(stat::CT_INSERT_FAILED);
+    error!(ctx, "conntrack insert failed on ifindex {}", ifindex);
 }
 
 #[inline(always)]
@@ -209,6 +240,7 @@ fn verdict(flags: u32, enforce: u32) -> Action {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn create(
+    ctx: &TcContext,
     key: &CtKey,
     from_a: bool,
     bytes: u64,
@@ -258,7 +290,11 @@ fn create(
     }
     match CT.insert(key, &e, BPF_NOEXIST) {
         Ok(()) => {
-            let kind = if e.flags & ct_flags::DENIED != 0 { EventKind::Drop } else { EventKind::New };
+            let kind = if e.flags & ct_flags::DENIED != 0 {
+                EventKind::Drop
+            } else {
+                EventKind::New
+            };
             emit(kind, key, &e);
             verdict(e.flags, cfg.enforce)
         }
@@ -269,22 +305,35 @@ fn create(
                 if existing.flags & ct_flags::CLOSED != 0 {
                     // Reopened tuple: replace the closed entry.
                     if CT.insert(key, &e, 0).is_ok() {
-                        let kind = if e.flags & ct_flags::DENIED != 0 { EventKind::Drop } else { EventKind::New };
+                        let kind = if e.flags & ct_flags::DENIED != 0 {
+                            EventKind::Drop
+                        } else {
+                            EventKind::New
+                        };
                         emit(kind, key, &e);
                         return verdict(e.flags, cfg.enforce);
                     }
-                    stat_inc(stat::CT_INSERT_FAILED);
+                    insert_failed(ctx, ifindex);
                     // Fail closed: the verdict taken above still applies.
                     verdict(e.flags, cfg.enforce)
                 } else {
                     if count {
-                        update(key, existing, from_a, bytes, now, flags, is_tcp, cfg.report_interval_ns);
+                        update(
+                            key,
+                            existing,
+                            from_a,
+                            bytes,
+                            now,
+                            flags,
+                            is_tcp,
+                            cfg.report_interval_ns,
+                        );
                     }
                     verdict(existing.flags | (e.flags & ct_flags::DENIED), cfg.enforce)
                 }
             }
             None => {
-                stat_inc(stat::CT_INSERT_FAILED);
+                insert_failed(ctx, ifindex);
                 verdict(e.flags, cfg.enforce)
             }
         },
@@ -302,8 +351,13 @@ fn update(
     flags: u8,
     is_tcp: bool,
     interval: u64,
-) {    let orig_is_a = e.flags & ct_flags::ORIG_IS_A != 0;
-    let dir = if from_a == orig_is_a { DIR_ORIG } else { DIR_REPLY };
+) {
+    let orig_is_a = e.flags & ct_flags::ORIG_IS_A != 0;
+    let dir = if from_a == orig_is_a {
+        DIR_ORIG
+    } else {
+        DIR_REPLY
+    };
     add(&mut e.packets[dir] as *mut u64, 1);
     add(&mut e.bytes[dir] as *mut u64, bytes);
     e.last_seen_ns = now;
@@ -317,7 +371,11 @@ fn update(
             closing |= ct_flags::RST;
         }
         if flags & TCP_FIN != 0 {
-            closing |= if dir == DIR_ORIG { ct_flags::FIN_ORIG } else { ct_flags::FIN_REPLY };
+            closing |= if dir == DIR_ORIG {
+                ct_flags::FIN_ORIG
+            } else {
+                ct_flags::FIN_REPLY
+            };
         }
         if closing != 0 && e.flags & ct_flags::CLOSED == 0 {
             e.flags |= closing;

@@ -1,7 +1,6 @@
 //! The tc entry points. Allowed traffic returns `TC_ACT_UNSPEC` (`TCX_NEXT`), so other programs
 //! on the hook still decide; traffic denied by policy is dropped with `TC_ACT_SHOT`.
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use aya_log_ebpf::error;
 use observer_common::{ep_flags, stat, AF_INET, AF_INET6};
 
 use crate::{
@@ -70,9 +69,15 @@ fn observe_from_pod(ctx: &TcContext) -> i32 {
         Ok(pkt) => {
             let bytes = (ctx.len() - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            act(process(&pkt, bytes, ifindex, Hook::FromPod, true, || {
-                classify::from_pod(pkt.family, &pkt.dst)
-            }))
+            act(process(
+                ctx,
+                &pkt,
+                bytes,
+                ifindex,
+                Hook::FromPod,
+                true,
+                || classify::from_pod(pkt.family, &pkt.dst),
+            ))
         }
         Err(reason) => unparsed(ctx, reason, Hook::FromPod),
     }
@@ -97,9 +102,15 @@ fn observe_to_pod(ctx: &TcContext) -> i32 {
         Ok(pkt) => {
             let bytes = (ctx.len() - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            act(process(&pkt, bytes, ifindex, Hook::ToPod, count, || {
-                classify::to_pod(pkt.family, &pkt.src)
-            }))
+            act(process(
+                ctx,
+                &pkt,
+                bytes,
+                ifindex,
+                Hook::ToPod,
+                count,
+                || classify::to_pod(pkt.family, &pkt.src),
+            ))
         }
         Err(reason) => unparsed(ctx, reason, Hook::ToPod),
     }
@@ -114,13 +125,19 @@ pub fn tc_empty(_ctx: TcContext) -> i32 {
 /// Benchmark support: rewrites the ports of an untagged IPv4 frame with a per-CPU counter, so a
 /// repeated BPF_PROG_TEST_RUN presents a new connection on every run. Never attached.
 #[inline(always)]
-fn next_ports(ctx: &TcContext) -> bool {
-    let Some(n) = BENCH_SEQ.get_ptr_mut(0) else {
-        return false;
-    };
-    let seq = unsafe {
+fn next_seq() -> Option<u32> {
+    let n = BENCH_SEQ.get_ptr_mut(0)?;
+    // Per-CPU slot: no other writer.
+    unsafe {
         *n += 1;
-        *n
+        Some(*n)
+    }
+}
+
+#[inline(always)]
+fn next_ports(ctx: &TcContext) -> bool {
+    let Some(seq) = next_seq() else {
+        return false;
     };
     let p = ctx.data() + 34;
     if p + 4 > ctx.data_end() {
@@ -143,12 +160,8 @@ pub fn bench_new_conn(ctx: TcContext) -> i32 {
 /// policy rules on that port keep matching.
 #[inline(always)]
 fn next_sport(ctx: &TcContext) -> bool {
-    let Some(n) = BENCH_SEQ.get_ptr_mut(0) else {
+    let Some(seq) = next_seq() else {
         return false;
-    };
-    let seq = unsafe {
-        *n += 1;
-        *n
     };
     let port = (1024 + seq % 64000) as u16;
     let p = ctx.data() + 34;
@@ -182,9 +195,4 @@ pub fn bench_new_conn_in(ctx: TcContext) -> i32 {
 pub fn bench_rewrite(ctx: TcContext) -> i32 {
     next_ports(&ctx);
     TC_ACT_UNSPEC
-}
-
-#[allow(dead_code)]
-fn log_insert_failure(ctx: &TcContext, ifindex: u32) {
-    error!(ctx, "conntrack insert failed on ifindex {}", ifindex);
 }

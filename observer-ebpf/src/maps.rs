@@ -20,8 +20,7 @@ pub static ENDPOINTS: HashMap<IpKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_M
 
 // BPF_F_NO_PREALLOC is mandatory for LPM tries.
 #[map(name = "OBS_IPCACHE")]
-pub static IPCACHE: LpmTrie<IpcacheKeyData, IpcacheEntry> =
-    LpmTrie::pinned(IPCACHE_MAX_ENTRIES, 1);
+pub static IPCACHE: LpmTrie<IpcacheKeyData, IpcacheEntry> = LpmTrie::pinned(IPCACHE_MAX_ENTRIES, 1);
 
 /// Ifindexes where `from_pod` is attached: a packet that entered through one of them was
 /// already counted, so `to_pod` leaves its counters alone.

@@ -2,8 +2,7 @@
 //! fragments), IPv6 (extension headers, fragments), TCP, UDP, SCTP, ICMP and ICMPv6.
 use aya_ebpf::programs::TcContext;
 use observer_common::{
-    stat, AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP,
+    stat, AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::maps::FRAGS;
@@ -92,6 +91,17 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         let _ = ctx.pull_data(want);
     }
 
+    let (proto, off) = l2(ctx)?;
+    match proto {
+        ETH_P_IP => parse_ipv4(ctx, off),
+        ETH_P_IPV6 => parse_ipv6(ctx, off),
+        _ => Err(stat::NON_IP),
+    }
+}
+
+/// Ethernet and up to two VLAN tags: the network protocol and the offset of its header.
+#[inline(always)]
+fn l2(ctx: &TcContext) -> Result<(u16, usize), u32> {
     let eth = hdr::<ETH_HLEN>(ctx, 0)?;
     let mut proto = be16(eth, 12);
     let mut off = ETH_HLEN;
@@ -103,11 +113,7 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
             off += 4;
         }
     }
-    match proto {
-        ETH_P_IP => parse_ipv4(ctx, off),
-        ETH_P_IPV6 => parse_ipv6(ctx, off),
-        _ => Err(stat::NON_IP),
-    }
+    Ok((proto, off))
 }
 
 #[inline(always)]
@@ -246,7 +252,11 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, l4: usize) -> Result<(), u32> {
             if pkt.proto == IPPROTO_ICMPV6 && (133..=137).contains(&ty) {
                 return Err(stat::ICMPV6_ND);
             }
-            let (request, reply) = if pkt.proto == IPPROTO_ICMP { (8, 0) } else { (128, 129) };
+            let (request, reply) = if pkt.proto == IPPROTO_ICMP {
+                (8, 0)
+            } else {
+                (128, 129)
+            };
             if ty == request {
                 pkt.sport = be16(h, 4);
             } else if ty == reply {
@@ -300,17 +310,7 @@ fn later_fragment(mut pkt: Packet, id: u32) -> Result<Packet, u32> {
 /// be parsed. `None` for non-IP frames or a broken IP header.
 #[inline(always)]
 pub fn ip_addrs(ctx: &TcContext) -> Option<(u8, [u32; 4], [u32; 4])> {
-    let eth = hdr::<ETH_HLEN>(ctx, 0).ok()?;
-    let mut proto = be16(eth, 12);
-    let mut off = ETH_HLEN;
-    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        proto = be16(hdr::<4>(ctx, off).ok()?, 2);
-        off += 4;
-        if proto == ETH_P_8021Q {
-            proto = be16(hdr::<4>(ctx, off).ok()?, 2);
-            off += 4;
-        }
-    }
+    let (proto, off) = l2(ctx).ok()?;
     if proto == ETH_P_IP {
         let ip = hdr::<20>(ctx, off).ok()?;
         Some((AF_INET, [raw32(ip, 12), 0, 0, 0], [raw32(ip, 16), 0, 0, 0]))

@@ -18,21 +18,41 @@ pub struct Verdict {
     pub rule: u32,
 }
 
-const ALLOW: Verdict = Verdict { denied: false, audit: false, rule: 0 };
+const ALLOW: Verdict = Verdict {
+    denied: false,
+    audit: false,
+    rule: 0,
+};
 
 #[inline(always)]
 fn lookup(ep: u32, dir: u8, ident: u32, proto: u8, port: u16) -> Option<&'static PolicyEntry> {
-    let key = Key::new(POLICY_PREFIX_FULL, PolicyKeyData::new(ep, dir, ident, proto, port));
+    let key = Key::new(
+        POLICY_PREFIX_FULL,
+        PolicyKeyData::new(ep, dir, ident, proto, port),
+    );
     POLICY.get(&key)
 }
 
 /// The verdict for `ep` in direction `dir` towards or from `remote` (family, address).
 #[inline(always)]
-pub fn evaluate(ep: &EndpointInfo, dir: u8, family: u8, remote: &[u32; 4], proto: u8, port: u16) -> Verdict {
+pub fn evaluate(
+    ep: &EndpointInfo,
+    dir: u8,
+    family: u8,
+    remote: &[u32; 4],
+    proto: u8,
+    port: u16,
+) -> Verdict {
     let (iso, aud) = if dir == DIR_INGRESS {
-        (ep.flags & ep_flags::INGRESS_ISOLATED, ep.flags & ep_flags::INGRESS_AUDIT)
+        (
+            ep.flags & ep_flags::INGRESS_ISOLATED,
+            ep.flags & ep_flags::INGRESS_AUDIT,
+        )
     } else {
-        (ep.flags & ep_flags::EGRESS_ISOLATED, ep.flags & ep_flags::EGRESS_AUDIT)
+        (
+            ep.flags & ep_flags::EGRESS_ISOLATED,
+            ep.flags & ep_flags::EGRESS_AUDIT,
+        )
     };
     if iso == 0 && aud == 0 {
         return ALLOW;
@@ -44,21 +64,41 @@ pub fn evaluate(ep: &EndpointInfo, dir: u8, family: u8, remote: &[u32; 4], proto
     let exact = lookup(ep.id, dir, ident, proto, port);
     if let Some(e) = exact {
         if e.flags & policy_flags::AUDIT_ONLY == 0 {
-            return Verdict { denied: false, audit: false, rule: e.rule };
+            return Verdict {
+                denied: false,
+                audit: false,
+                rule: e.rule,
+            };
         }
     }
     let any = lookup(ep.id, dir, identity::ANY, proto, port);
     if let Some(e) = any {
         if e.flags & policy_flags::AUDIT_ONLY == 0 {
-            return Verdict { denied: false, audit: false, rule: e.rule };
+            return Verdict {
+                denied: false,
+                audit: false,
+                rule: e.rule,
+            };
         }
     }
     if iso != 0 {
-        return Verdict { denied: true, audit: false, rule: 0 };
+        return Verdict {
+            denied: true,
+            audit: false,
+            rule: 0,
+        };
     }
     // Isolated only by audited policies: their allows still say which rule would admit it.
     match exact.or(any) {
-        Some(e) => Verdict { denied: false, audit: false, rule: e.rule },
-        None => Verdict { denied: false, audit: true, rule: 0 },
+        Some(e) => Verdict {
+            denied: false,
+            audit: false,
+            rule: e.rule,
+        },
+        None => Verdict {
+            denied: false,
+            audit: true,
+            rule: 0,
+        },
     }
 }

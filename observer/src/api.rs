@@ -1,11 +1,6 @@
 //! The daemon's local API: HTTP on a unix socket (flows, conntrack, status, metrics, health),
 //! optionally the metrics and health endpoints on a TCP address too.
-use std::{
-    convert::Infallible,
-    fmt::Write as _,
-    os::unix::fs::PermissionsExt,
-    sync::Arc,
-};
+use std::{convert::Infallible, fmt::Write as _, os::unix::fs::PermissionsExt, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use axum::{
@@ -113,15 +108,21 @@ fn ndjson<T: Serialize>(items: impl IntoIterator<Item = T>) -> String {
 }
 
 async fn flows(State(shared): State<Arc<Shared>>, Query(q): Query<FlowQuery>) -> Response {
-    let filters: Vec<crate::filter::Filter> = match q.filter.as_deref().map(serde_json::from_str).transpose() {
-        Ok(f) => f.unwrap_or_default(),
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("filter: {e}\n")).into_response(),
-    };
+    let filters: Vec<crate::filter::Filter> =
+        match q.filter.as_deref().map(serde_json::from_str).transpose() {
+            Ok(f) => f.unwrap_or_default(),
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("filter: {e}\n")).into_response(),
+        };
     // Subscribe before reading history so nothing falls in between.
     let rx = shared.tx.subscribe();
     let backlog: Vec<_> = {
         let st = shared.state.lock().unwrap();
-        let matching: Vec<_> = st.history.iter().filter(|r| crate::filter::accepts(&filters, r)).cloned().collect();
+        let matching: Vec<_> = st
+            .history
+            .iter()
+            .filter(|r| crate::filter::accepts(&filters, r))
+            .cloned()
+            .collect();
         let n = q.last.unwrap_or(if q.follow { 0 } else { matching.len() });
         let skip = matching.len().saturating_sub(n);
         matching.into_iter().skip(skip).collect()
@@ -134,36 +135,53 @@ async fn flows(State(shared): State<Arc<Shared>>, Query(q): Query<FlowQuery>) ->
     let live = BroadcastStream::new(rx).filter_map(move |r| {
         let filters = filters.clone();
         async move {
-        match r {
-            Ok(rec) if !crate::filter::accepts(&filters, &rec) => None,
-            Ok(rec) => Some(Ok::<_, Infallible>(format!("{}\n", serde_json::to_string(rec.as_ref()).unwrap_or_default()))),
-            // A slow reader skipped records: say so in-band rather than silently.
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                Some(Ok(format!("{{\"lost_records\":{n}}}\n")))
+            match r {
+                Ok(rec) if !crate::filter::accepts(&filters, &rec) => None,
+                Ok(rec) => Some(Ok::<_, Infallible>(format!(
+                    "{}\n",
+                    serde_json::to_string(rec.as_ref()).unwrap_or_default()
+                ))),
+                // A slow reader skipped records: say so in-band rather than silently.
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    Some(Ok(format!("{{\"lost_records\":{n}}}\n")))
+                }
             }
-        }
         }
     });
     let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(head) }).chain(live);
-    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn conntrack(State(shared): State<Arc<Shared>>) -> Response {
     match shared.conntrack() {
-        Ok(recs) => ([(header::CONTENT_TYPE, "application/x-ndjson")], ndjson(recs)).into_response(),
+        Ok(recs) => (
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            ndjson(recs),
+        )
+            .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
     }
 }
 
 pub fn status_of(shared: &Shared) -> Status {
-    let (kernel, ct, mode, mut interfaces) = {
+    let (kernel, ct, mode) = {
         let dp = shared.dp.lock().unwrap();
-        let kernel = dp.stats().unwrap_or_default().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let kernel = dp
+            .stats()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         let ct = dp.conntrack().map(|m| m.keys().count()).unwrap_or(0);
-        (kernel, ct, format!("{:?}", dp.mode).to_lowercase(), Vec::new())
+        (kernel, ct, format!("{:?}", dp.mode).to_lowercase())
     };
     let st = shared.state.lock().unwrap();
-    interfaces.extend(st.interfaces.iter().map(|(i, n)| (*i, n.clone())));
+    let mut interfaces: Vec<(u32, String)> =
+        st.interfaces.iter().map(|(i, n)| (*i, n.clone())).collect();
     interfaces.sort();
     Status {
         node: shared.opts.node_name.clone(),
@@ -174,7 +192,12 @@ pub fn status_of(shared: &Shared) -> Status {
         history: st.history.len(),
         kernel,
         pods: st.cluster.pods.len(),
-        local_endpoints: st.cluster.pods.iter().filter(|p| p.node == shared.opts.node_name && !p.host_network).count(),
+        local_endpoints: st
+            .cluster
+            .pods
+            .iter()
+            .filter(|p| p.node == shared.opts.node_name && !p.host_network)
+            .count(),
         source_errors: st.metrics.source_errors.clone(),
         records_rate_limited: st.metrics.records_rate_limited_total,
         policies: {
@@ -191,57 +214,129 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(status_of(&shared)).into_response()
 }
 
+/// Prometheus text exposition, one metric family at a time.
+#[derive(Default)]
+struct Prom(String);
+
+impl Prom {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        if labels.is_empty() {
+            let _ = writeln!(self.0, "{name} {value}");
+        } else {
+            let _ = writeln!(self.0, "{name}{{{}}} {value}", labels.join(","));
+        }
+    }
+
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+}
+
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let s = status_of(&shared);
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP observer_datapath_total Kernel datapath counters by kind (packets seen, and every packet or event not fully accounted).");
-    let _ = writeln!(out, "# TYPE observer_datapath_total counter");
+    let mut p = Prom::default();
+    p.family(
+        "observer_datapath_total",
+        "counter",
+        "Kernel datapath counters by kind (packets seen, and every packet or event not fully accounted).",
+    );
     for (k, v) in &s.kernel {
-        let _ = writeln!(out, "observer_datapath_total{{kind=\"{k}\"}} {v}");
+        p.sample("observer_datapath_total", &[("kind", k)], v);
     }
-    let _ = writeln!(out, "# HELP observer_conntrack_entries Connections in the kernel conntrack map.");
-    let _ = writeln!(out, "# TYPE observer_conntrack_entries gauge");
-    let _ = writeln!(out, "observer_conntrack_entries {}", s.conntrack_entries);
-    let _ = writeln!(out, "# HELP observer_attached_interfaces Pod interfaces the programs are attached to.");
-    let _ = writeln!(out, "# TYPE observer_attached_interfaces gauge");
-    let _ = writeln!(out, "observer_attached_interfaces {}", s.interfaces.len());
+    p.single(
+        "observer_conntrack_entries",
+        "gauge",
+        "Connections in the kernel conntrack map.",
+        s.conntrack_entries,
+    );
+    p.single(
+        "observer_attached_interfaces",
+        "gauge",
+        "Pod interfaces the programs are attached to.",
+        s.interfaces.len(),
+    );
     let st = shared.state.lock().unwrap();
-    let _ = writeln!(out, "# HELP observer_flow_records_total Flow records produced, by event, traffic class and protocol.");
-    let _ = writeln!(out, "# TYPE observer_flow_records_total counter");
+    p.family(
+        "observer_flow_records_total",
+        "counter",
+        "Flow records produced, by event, traffic class, protocol and verdict.",
+    );
     let mut recs: Vec<_> = st.metrics.records.iter().collect();
     recs.sort();
     for ((ev, class, proto, verdict), n) in recs {
-        let _ = writeln!(out, "observer_flow_records_total{{event=\"{ev}\",traffic_class=\"{class}\",protocol=\"{proto}\",verdict=\"{verdict}\"}} {n}");
+        let labels = [
+            ("event", ev.as_str()),
+            ("traffic_class", class),
+            ("protocol", proto),
+            ("verdict", verdict),
+        ];
+        p.sample("observer_flow_records_total", &labels, n);
     }
-    let _ = writeln!(out, "# HELP observer_policy_verdicts_total Flow records by the policy that allowed (direction set) or isolated (direction empty) them.");
-    let _ = writeln!(out, "# TYPE observer_policy_verdicts_total counter");
+    p.family(
+        "observer_policy_verdicts_total",
+        "counter",
+        "Flow records by the policy that allowed (direction set) or isolated (direction empty) them.",
+    );
     let mut pv: Vec<_> = st.metrics.policy_verdicts.iter().collect();
     pv.sort();
     for ((policy, dir, verdict), n) in pv {
-        let _ = writeln!(out, "observer_policy_verdicts_total{{policy=\"{policy}\",direction=\"{dir}\",verdict=\"{verdict}\"}} {n}");
+        let labels = [
+            ("policy", policy.as_str()),
+            ("direction", dir),
+            ("verdict", verdict),
+        ];
+        p.sample("observer_policy_verdicts_total", &labels, n);
     }
-    let _ = writeln!(out, "# HELP observer_records_rate_limited_total Flow records not produced because of the node-wide record budget.");
-    let _ = writeln!(out, "# TYPE observer_records_rate_limited_total counter");
-    let _ = writeln!(out, "observer_records_rate_limited_total {}", st.metrics.records_rate_limited_total);
-    let _ = writeln!(out, "# HELP observer_flow_log_errors_total Records that could not be written to the flow log.");
-    let _ = writeln!(out, "# TYPE observer_flow_log_errors_total counter");
-    let _ = writeln!(out, "observer_flow_log_errors_total {}", st.metrics.flow_log_errors_total);
-    let _ = writeln!(out, "# HELP observer_conntrack_capacity Size of the kernel conntrack map.");
-    let _ = writeln!(out, "# TYPE observer_conntrack_capacity gauge");
-    let _ = writeln!(out, "observer_conntrack_capacity {}", observer_common::CT_MAX_ENTRIES);
+    p.single(
+        "observer_records_rate_limited_total",
+        "counter",
+        "Flow records not produced because of the node-wide record budget.",
+        st.metrics.records_rate_limited_total,
+    );
+    p.single(
+        "observer_flow_log_errors_total",
+        "counter",
+        "Records that could not be written to the flow log.",
+        st.metrics.flow_log_errors_total,
+    );
+    p.single(
+        "observer_conntrack_capacity",
+        "gauge",
+        "Size of the kernel conntrack map.",
+        observer_common::CT_MAX_ENTRIES,
+    );
     if let Some(t) = st.last_sync {
-        let _ = writeln!(out, "# HELP observer_source_sync_age_seconds Time since the cluster source was last applied to the maps.");
-        let _ = writeln!(out, "# TYPE observer_source_sync_age_seconds gauge");
-        let _ = writeln!(out, "observer_source_sync_age_seconds {:.3}", t.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0));
+        let age = t.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        p.single(
+            "observer_source_sync_age_seconds",
+            "gauge",
+            "Time since the cluster source was last applied to the maps.",
+            format!("{age:.3}"),
+        );
     }
-    let _ = writeln!(out, "# HELP observer_attach_errors_total Failed attach attempts on pod interfaces.");
-    let _ = writeln!(out, "# TYPE observer_attach_errors_total counter");
-    let _ = writeln!(out, "observer_attach_errors_total {}", st.metrics.attach_errors_total);
-    let _ = writeln!(out, "# HELP observer_conntrack_expired_total Idle connections removed by the daemon.");
-    let _ = writeln!(out, "# TYPE observer_conntrack_expired_total counter");
-    let _ = writeln!(out, "observer_conntrack_expired_total {}", st.metrics.conntrack_expired_total);
-    let _ = writeln!(out, "# HELP observer_source_errors Objects in the cluster source that could not be used.");
-    let _ = writeln!(out, "# TYPE observer_source_errors gauge");
-    let _ = writeln!(out, "observer_source_errors {}", st.metrics.source_errors.len());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    p.single(
+        "observer_attach_errors_total",
+        "counter",
+        "Failed attach attempts on pod interfaces.",
+        st.metrics.attach_errors_total,
+    );
+    p.single(
+        "observer_conntrack_expired_total",
+        "counter",
+        "Idle connections removed by the daemon.",
+        st.metrics.conntrack_expired_total,
+    );
+    p.single(
+        "observer_source_errors",
+        "gauge",
+        "Objects in the cluster source that could not be used.",
+        st.metrics.source_errors.len(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], p.0).into_response()
 }

@@ -1,7 +1,6 @@
 //! `observer bench datapath`: the kernel programs' cost per packet through BPF_PROG_TEST_RUN,
 //! each case against the empty tc program measured in the same run.
 use std::{
-    path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -14,7 +13,10 @@ use aya::programs::{TestRun, TestRunOptions};
 use observer_common::{programs, Config, EndpointInfo, IpcacheEntry, RemoteKind};
 use serde::Serialize;
 
-use crate::{bpf::Datapath, cluster};
+use crate::{
+    bpf::{Datapath, ScratchPins},
+    cluster,
+};
 
 #[derive(Serialize, Debug, Clone)]
 pub struct Measurement {
@@ -53,7 +55,14 @@ pub fn packet64_to(dst: [u8; 4], proto: u8, sport: u16, dport: u16, tcp_flags: u
 }
 
 /// Like [`packet64`], from `src` to `dst`.
-pub fn packet64_between(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
+pub fn packet64_between(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+) -> Vec<u8> {
     let mut p = vec![0u8; 64];
     p[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
     p[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
@@ -86,7 +95,9 @@ fn run(dp: &mut Datapath, prog: &str, pkt: &[u8], repeat: u32) -> Result<f64> {
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(pkt);
     opts.repeat = repeat;
-    let r = p.test_run(opts).with_context(|| format!("BPF_PROG_TEST_RUN on {prog}"))?;
+    let r = p
+        .test_run(opts)
+        .with_context(|| format!("BPF_PROG_TEST_RUN on {prog}"))?;
     Ok(r.duration.as_nanos() as f64)
 }
 
@@ -99,7 +110,13 @@ fn measurement(case: String, subject: Vec<f64>, baseline: Vec<f64>, method: Stri
     named_measurement("datapath", case, subject, baseline, method)
 }
 
-fn named_measurement(bench: &'static str, case: String, subject: Vec<f64>, baseline: Vec<f64>, method: String) -> Measurement {
+fn named_measurement(
+    bench: &'static str,
+    case: String,
+    subject: Vec<f64>,
+    baseline: Vec<f64>,
+    method: String,
+) -> Measurement {
     let (s, b) = (median(subject), median(baseline));
     Measurement {
         bench,
@@ -114,13 +131,25 @@ fn named_measurement(bench: &'static str, case: String, subject: Vec<f64>, basel
 /// Fills the maps the way a node with `identities` remote prefixes would look.
 fn populate(dp: &mut Datapath, identities: u32) -> Result<()> {
     let mut eps = dp.endpoints_mut()?;
-    eps.insert(cluster::ip_key(std::net::IpAddr::from(SRC)), EndpointInfo { id: 1, flags: 0 }, 0)?;
+    eps.insert(
+        cluster::ip_key(std::net::IpAddr::from(SRC)),
+        EndpointInfo { id: 1, flags: 0 },
+        0,
+    )?;
     let mut ipc = dp.ipcache_mut()?;
     for i in 0..identities {
         let net: ipnet::IpNet = format!("10.{}.{}.0/24", 100 + (i >> 8) % 100, i & 0xff).parse()?;
         let (plen, data) = cluster::ipcache_key(net);
         let kind = RemoteKind::RemotePod as u8;
-        ipc.insert(&aya::maps::lpm_trie::Key::new(plen, data), IpcacheEntry { identity: i, kind, _pad: [0; 3] }, 0)?;
+        ipc.insert(
+            &aya::maps::lpm_trie::Key::new(plen, data),
+            IpcacheEntry {
+                identity: i,
+                kind,
+                _pad: [0; 3],
+            },
+            0,
+        )?;
     }
     Ok(())
 }
@@ -196,20 +225,34 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
 
 /// Loads the programs on fresh maps (the benchmark's own pin directory, removed afterwards),
 /// fills them like a node, drains the event ring as the daemon does, and runs `f`.
-fn with_datapath<T>(ct_entries: Option<u32>, f: impl FnOnce(&mut Datapath) -> Result<T>) -> Result<T> {
-    let pin = PathBuf::from(format!("/sys/fs/bpf/observer-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&pin);
-    let _guard = scopeguard(pin.clone());
-    let mut dp = Datapath::load_sized(&pin, ct_entries)?;
-    for p in [programs::TC_EMPTY, programs::BENCH_NEW_CONN, programs::BENCH_REWRITE] {
+fn with_datapath<T>(
+    ct_entries: Option<u32>,
+    f: impl FnOnce(&mut Datapath) -> Result<T>,
+) -> Result<T> {
+    let pins = ScratchPins::new("bench");
+    let mut dp = Datapath::load_sized(pins.path(), ct_entries)?;
+    for p in [
+        programs::TC_EMPTY,
+        programs::BENCH_NEW_CONN,
+        programs::BENCH_REWRITE,
+    ] {
         dp.load_program(p)?;
     }
-    dp.set_config(Config { report_interval_ns: 0, policy_gen: 0, enforce: 1 })?;
+    dp.set_config(Config {
+        report_interval_ns: 0,
+        policy_gen: 0,
+        enforce: 1,
+    })?;
     populate(&mut dp, 1000)?;
     let drainer = Drainer::start(&mut dp)?;
     let r = f(&mut dp);
     drainer.stop();
-    let lost = dp.stats()?.into_iter().find(|(k, _)| *k == "events_lost").map(|(_, v)| v).unwrap_or(0);
+    let lost = dp
+        .stats()?
+        .into_iter()
+        .find(|(k, _)| *k == "events_lost")
+        .map(|(_, v)| v)
+        .unwrap_or(0);
     if lost > 0 {
         eprintln!("note: {lost} events found the ring buffer full during this case (counted as lost, as in the daemon)");
     }
@@ -242,16 +285,6 @@ impl Drainer {
     }
 }
 
-struct PinGuard(PathBuf);
-fn scopeguard(p: PathBuf) -> PinGuard {
-    PinGuard(p)
-}
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 // ---- policy ------------------------------------------------------------------------------------
 
 use crate::{
@@ -266,28 +299,49 @@ use serde_json::json;
 /// local pod on TCP 80, the port the benchmark connects to.
 pub fn policy_cluster(rules: usize) -> Cluster {
     let mut c = Cluster::default();
-    add_object(&mut c, "bench", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench", "labels": {"team": "bench"}}}));
+    add_object(
+        &mut c,
+        "bench",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench", "labels": {"team": "bench"}}}),
+    );
     for (name, ip) in [("src", "10.244.1.10"), ("dst", "10.244.1.11")] {
-        add_object(&mut c, "bench", json!({"apiVersion": "v1", "kind": "Pod",
+        add_object(
+            &mut c,
+            "bench",
+            json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "bench", "labels": {"role": name}},
             "spec": {"nodeName": "bench-node", "containers": [{"name": "c", "image": "i"}]},
-            "status": {"podIP": ip}}));
+            "status": {"podIP": ip}}),
+        );
     }
     for i in 0..1000u32 {
-        add_object(&mut c, "bench", json!({"apiVersion": "v1", "kind": "Pod",
+        add_object(
+            &mut c,
+            "bench",
+            json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("r{i}"), "namespace": "bench", "labels": {"id": i.to_string()}},
             "spec": {"nodeName": "other", "containers": [{"name": "c", "image": "i"}]},
-            "status": {"podIP": format!("10.245.{}.{}", i / 250, 1 + i % 250)}}));
+            "status": {"podIP": format!("10.245.{}.{}", i / 250, 1 + i % 250)}}),
+        );
     }
-    for (dir, key, selector, other) in [("Egress", "to", "src", "dst"), ("Ingress", "from", "dst", "src")] {
-        let mut rs = vec![json!({key: [{"podSelector": {"matchLabels": {"role": other}}}, {"podSelector": {"matchLabels": {"id": "0"}}}], "ports": [{"port": 80}]})];
+    for (dir, key, selector, other) in [
+        ("Egress", "to", "src", "dst"),
+        ("Ingress", "from", "dst", "src"),
+    ] {
+        let mut rs = vec![
+            json!({key: [{"podSelector": {"matchLabels": {"role": other}}}, {"podSelector": {"matchLabels": {"id": "0"}}}], "ports": [{"port": 80}]}),
+        ];
         for j in 1..rules {
             rs.push(json!({key: [{"podSelector": {"matchLabels": {"id": (j % 1000).to_string()}}}], "ports": [{"port": 1000 + j / 1000}]}));
         }
         let field = if dir == "Egress" { "egress" } else { "ingress" };
-        add_object(&mut c, "bench", json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        add_object(
+            &mut c,
+            "bench",
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": format!("{selector}-{field}"), "namespace": "bench"},
-            "spec": {"podSelector": {"matchLabels": {"role": selector}}, "policyTypes": [dir], field: rs}}));
+            "spec": {"podSelector": {"matchLabels": {"role": selector}}, "policyTypes": [dir], field: rs}}),
+        );
     }
     assert!(c.errors.is_empty(), "{:?}", c.errors);
     c
@@ -318,29 +372,64 @@ pub fn policy(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
             entries = n;
         }
         let method = format!("repeat={repeat} new connections, median of {rounds} rounds, {entries} policy entries, 1,000 identities");
-        out.push(named_measurement("policy", format!("from_pod/egress+ingress/{rules}_rules"), out_s, base.clone(), method.clone()));
-        out.push(named_measurement("policy", format!("to_pod/ingress/{rules}_rules"), in_s, base, method));
+        out.push(named_measurement(
+            "policy",
+            format!("from_pod/egress+ingress/{rules}_rules"),
+            out_s,
+            base.clone(),
+            method.clone(),
+        ));
+        out.push(named_measurement(
+            "policy",
+            format!("to_pod/ingress/{rules}_rules"),
+            in_s,
+            base,
+            method,
+        ));
     }
     Ok(out)
 }
 
-fn with_policy_datapath(c: &Cluster, f: impl FnOnce(&mut Datapath) -> Result<(f64, f64, f64)>) -> Result<(f64, f64, f64, usize)> {
-    let pin = PathBuf::from(format!("/sys/fs/bpf/observer-bench-policy-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&pin);
-    let _guard = scopeguard(pin.clone());
-    let mut dp = Datapath::load(&pin)?;
-    for p in [programs::TC_EMPTY, programs::BENCH_NEW_CONN_OUT, programs::BENCH_NEW_CONN_IN] {
+fn with_policy_datapath(
+    c: &Cluster,
+    f: impl FnOnce(&mut Datapath) -> Result<(f64, f64, f64)>,
+) -> Result<(f64, f64, f64, usize)> {
+    let pins = ScratchPins::new("bench-policy");
+    let mut dp = Datapath::load(pins.path())?;
+    for p in [
+        programs::TC_EMPTY,
+        programs::BENCH_NEW_CONN_OUT,
+        programs::BENCH_NEW_CONN_IN,
+    ] {
         dp.load_program(p)?;
     }
-    dp.set_config(Config { report_interval_ns: 0, policy_gen: 1, enforce: 1 })?;
-    let want = compile::compile(c, "bench-node", &[], &Options::default(), &mut compile::Allocator::default());
+    dp.set_config(Config {
+        report_interval_ns: 0,
+        policy_gen: 1,
+        enforce: 1,
+    })?;
+    let want = compile::compile(
+        c,
+        "bench-node",
+        &[],
+        &Options::default(),
+        &mut compile::Allocator::default(),
+    );
     let entries = want.policy.len();
     dp.apply(&want)?;
     let drainer = Drainer::start(&mut dp)?;
     let r = f(&mut dp);
     drainer.stop();
-    let denied = dp.stats()?.into_iter().find(|(k, _)| *k == "policy_denied").map(|(_, v)| v).unwrap_or(0);
-    anyhow::ensure!(denied == 0, "{denied} benchmark packets were denied: the measured path must be the allowed one");
+    let denied = dp
+        .stats()?
+        .into_iter()
+        .find(|(k, _)| *k == "policy_denied")
+        .map(|(_, v)| v)
+        .unwrap_or(0);
+    anyhow::ensure!(
+        denied == 0,
+        "{denied} benchmark packets were denied: the measured path must be the allowed one"
+    );
     let (a, b, c) = r?;
     Ok((a, b, c, entries))
 }
@@ -351,21 +440,32 @@ pub fn compile_cluster(pods: usize, policies: usize) -> Cluster {
     let mut c = Cluster::default();
     let namespaces = (pods / 100).max(1);
     for n in 0..namespaces {
-        add_object(&mut c, "bench", json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": format!("ns{n}"), "labels": {"team": format!("t{}", n % 10)}}}));
+        add_object(
+            &mut c,
+            "bench",
+            json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": format!("ns{n}"), "labels": {"team": format!("t{}", n % 10)}}}),
+        );
     }
     for i in 0..pods {
         let ns = i % namespaces;
-        add_object(&mut c, "bench", json!({"apiVersion": "v1", "kind": "Pod",
+        add_object(
+            &mut c,
+            "bench",
+            json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("p{i}"), "namespace": format!("ns{ns}"),
                 "labels": {"app": format!("app{}", i % 20), "tier": if i % 2 == 0 { "fe" } else { "be" }}},
             "spec": {"nodeName": if i < 100 { "node-0".to_string() } else { format!("node-{}", 1 + i / 100) },
                 "containers": [{"name": "c", "image": "i", "ports": [{"name": "http", "containerPort": 8080}]}]},
-            "status": {"podIP": format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256)}}));
+            "status": {"podIP": format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256)}}),
+        );
     }
     for j in 0..policies {
         let ns = j % namespaces;
-        add_object(&mut c, "bench", json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        add_object(
+            &mut c,
+            "bench",
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": format!("pol{j}"), "namespace": format!("ns{ns}")},
             "spec": {
                 "podSelector": {"matchLabels": {"app": format!("app{}", j % 20)}},
@@ -375,7 +475,8 @@ pub fn compile_cluster(pods: usize, policies: usize) -> Cluster {
                              "ports": [{"port": "http"}, {"port": 443}]}],
                 "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("app{}", (j + 1) % 20)}}}],
                             "ports": [{"port": 8080}]},
-                           {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]}]}}));
+                           {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]}]}}),
+        );
     }
     assert!(c.errors.is_empty(), "{:?}", c.errors.first());
     c
@@ -395,20 +496,18 @@ pub fn compile_bench(rounds: usize) -> Result<Vec<Measurement>> {
     }
     let d = desired.context("no rounds")?;
     let entries = d.policy.len();
-    let mut out = vec![Measurement {
-        bench: "policy",
-        case: "compile/1000_policies_10000_pods".into(),
-        ns_per_packet: median(full.clone()),
-        baseline_ns_per_packet: 0.0,
-        ns_above_baseline: median(full),
-        method: format!("full compile for node-0 (100 local pods), {entries} policy entries, median of {rounds}"),
-    }];
+    // Wall-clock operations have no baseline program: reported against zero.
+    let mut out = vec![named_measurement(
+        "policy",
+        "compile/1000_policies_10000_pods".into(),
+        full,
+        vec![0.0],
+        format!("full compile for node-0 (100 local pods), {entries} policy entries, median of {rounds}"),
+    )];
 
     // One label change: recompile, diff against the maps, write the difference.
-    let pin = PathBuf::from(format!("/sys/fs/bpf/observer-bench-compile-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&pin);
-    let _guard = scopeguard(pin.clone());
-    let mut dp = Datapath::load(&pin)?;
+    let pins = ScratchPins::new("bench-compile");
+    let mut dp = Datapath::load(pins.path())?;
     let mut alloc = compile::Allocator::default();
     let mut last = compile::compile(&c, "node-0", &[], &opts, &mut alloc);
     dp.apply(&last)?;
@@ -416,8 +515,13 @@ pub fn compile_bench(rounds: usize) -> Result<Vec<Measurement>> {
     let mut times = Vec::new();
     for r in 0..rounds.max(3) {
         // A local pod moves to another app: its own isolation and its peers' entries change.
-        let pod = changed.pods.iter_mut().find(|p| p.name == "p7").context("pod p7")?;
-        pod.labels.insert("app".into(), format!("app{}", (r + 8) % 20));
+        let pod = changed
+            .pods
+            .iter_mut()
+            .find(|p| p.name == "p7")
+            .context("pod p7")?;
+        pod.labels
+            .insert("app".into(), format!("app{}", (r + 8) % 20));
         let t = std::time::Instant::now();
         let want = compile::compile(&changed, "node-0", &[], &opts, &mut alloc);
         let (w, rm) = dp.apply_diff(&last, &want)?;
@@ -425,13 +529,15 @@ pub fn compile_bench(rounds: usize) -> Result<Vec<Measurement>> {
         times.push(t.elapsed().as_secs_f64() * 1e9);
         anyhow::ensure!(w + rm > 0, "the label change wrote nothing");
     }
-    out.push(Measurement {
-        bench: "policy",
-        case: "label_change_to_maps_updated".into(),
-        ns_per_packet: median(times.clone()),
-        baseline_ns_per_packet: 0.0,
-        ns_above_baseline: median(times),
-        method: format!("full recompile + in-memory diff + map writes, median of {}", rounds.max(3)),
-    });
+    out.push(named_measurement(
+        "policy",
+        "label_change_to_maps_updated".into(),
+        times,
+        vec![0.0],
+        format!(
+            "full recompile + in-memory diff + map writes, median of {}",
+            rounds.max(3)
+        ),
+    ));
     Ok(out)
 }

@@ -30,6 +30,33 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/observer";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
+/// A bpffs pin directory private to this process (benchmarks, the kernel engine, tests),
+/// unique per call and removed on drop.
+pub struct ScratchPins(PathBuf);
+
+impl ScratchPins {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/observer-{tag}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// How a program is attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -60,12 +87,18 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
     Some(match name {
         maps::CONNTRACK => (size_of::<CtKey>() as u32, size_of::<CtEntry>() as u32),
         maps::ENDPOINTS => (size_of::<IpKey>() as u32, size_of::<EndpointInfo>() as u32),
-        maps::IPCACHE => (4 + size_of::<IpcacheKeyData>() as u32, size_of::<IpcacheEntry>() as u32),
+        maps::IPCACHE => (
+            4 + size_of::<IpcacheKeyData>() as u32,
+            size_of::<IpcacheEntry>() as u32,
+        ),
         maps::ATTACHED => (4, 4),
         maps::STATS => (4, 8),
         maps::CONFIG => (4, size_of::<Config>() as u32),
         maps::EVENTS => (0, 0),
-        maps::POLICY => (4 + size_of::<PolicyKeyData>() as u32, size_of::<PolicyEntry>() as u32),
+        maps::POLICY => (
+            4 + size_of::<PolicyKeyData>() as u32,
+            size_of::<PolicyEntry>() as u32,
+        ),
         _ => return None,
     })
 }
@@ -78,10 +111,19 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
         let src = CString::new("bpf")?;
         let target = CString::new("/sys/fs/bpf")?;
         let rc = unsafe {
-            libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         if rc != 0 {
-            bail!("mounting bpffs on /sys/fs/bpf: {}", std::io::Error::last_os_error());
+            bail!(
+                "mounting bpffs on /sys/fs/bpf: {}",
+                std::io::Error::last_os_error()
+            );
         }
         info!("mounted bpffs on /sys/fs/bpf");
     }
@@ -112,7 +154,9 @@ fn check_pins(pin_dir: &Path) -> Result<Vec<String>> {
         }
         let (key, value) = expected_layout(name).expect("every map has a layout");
         let ok = match MapInfo::from_pin(&path) {
-            Ok(info) => (key == 0 && value == 0) || (info.key_size() == key && info.value_size() == value),
+            Ok(info) => {
+                (key == 0 && value == 0) || (info.key_size() == key && info.value_size() == value)
+            }
             Err(_) => false,
         };
         if ok {
@@ -144,9 +188,7 @@ impl Datapath {
         if let Some(n) = ct_entries {
             loader.map_max_entries(maps::CONNTRACK, n);
         }
-        let ebpf = loader
-            .load(OBJECT)
-            .context("loading the kernel programs")?;
+        let ebpf = loader.load(OBJECT).context("loading the kernel programs")?;
         let mut dp = Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -167,11 +209,13 @@ impl Datapath {
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()?;
-        prog.load().with_context(|| format!("verifying program {name}"))
+        prog.load()
+            .with_context(|| format!("verifying program {name}"))
     }
 
     pub fn config(&self) -> Result<Config> {
-        let arr: Array<&MapData, Config> = Array::try_from(self.ebpf.map(maps::CONFIG).context("config map")?)?;
+        let arr: Array<&MapData, Config> =
+            Array::try_from(self.ebpf.map(maps::CONFIG).context("config map")?)?;
         Ok(arr.get(&0, 0)?)
     }
 
@@ -182,7 +226,9 @@ impl Datapath {
     }
 
     pub fn policy_mut(&mut self) -> Result<LpmTrie<&mut MapData, PolicyKeyData, PolicyEntry>> {
-        Ok(LpmTrie::try_from(self.ebpf.map_mut(maps::POLICY).context("policy map")?)?)
+        Ok(LpmTrie::try_from(
+            self.ebpf.map_mut(maps::POLICY).context("policy map")?,
+        )?)
     }
 
     pub fn set_config(&mut self, cfg: Config) -> Result<()> {
@@ -209,15 +255,21 @@ impl Datapath {
             AttachMode::Clsact => TcAttachOptions::Netlink(Default::default()),
         };
         let (o1, o2) = (opts(), opts());
-        let ingress = self.prog(programs::FROM_POD)?.attach_with_options(ifname, TcAttachType::Ingress, o1)
+        let ingress = self
+            .prog(programs::FROM_POD)?
+            .attach_with_options(ifname, TcAttachType::Ingress, o1)
             .with_context(|| format!("attaching from_pod to {ifname}"))?;
-        let egress = match self.prog(programs::TO_POD)?.attach_with_options(ifname, TcAttachType::Egress, o2) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = self.prog(programs::FROM_POD)?.detach(ingress);
-                return Err(e).with_context(|| format!("attaching to_pod to {ifname}"));
-            }
-        };
+        let egress =
+            match self
+                .prog(programs::TO_POD)?
+                .attach_with_options(ifname, TcAttachType::Egress, o2)
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = self.prog(programs::FROM_POD)?.detach(ingress);
+                    return Err(e).with_context(|| format!("attaching to_pod to {ifname}"));
+                }
+            };
         self.links.insert(ifindex, (ingress, egress));
         let mut attached: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut(maps::ATTACHED).context("attached map")?)?;
@@ -262,7 +314,9 @@ impl Datapath {
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        Ok(RingBuf::try_from(self.ebpf.take_map(maps::EVENTS).context("events map")?)?)
+        Ok(RingBuf::try_from(
+            self.ebpf.take_map(maps::EVENTS).context("events map")?,
+        )?)
     }
 
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>> {
@@ -277,19 +331,29 @@ impl Datapath {
     }
 
     pub fn conntrack(&self) -> Result<aya::maps::HashMap<&MapData, CtKey, CtEntry>> {
-        Ok(aya::maps::HashMap::try_from(self.ebpf.map(maps::CONNTRACK).context("ct map")?)?)
+        Ok(aya::maps::HashMap::try_from(
+            self.ebpf.map(maps::CONNTRACK).context("ct map")?,
+        )?)
     }
 
     pub fn conntrack_mut(&mut self) -> Result<aya::maps::HashMap<&mut MapData, CtKey, CtEntry>> {
-        Ok(aya::maps::HashMap::try_from(self.ebpf.map_mut(maps::CONNTRACK).context("ct map")?)?)
+        Ok(aya::maps::HashMap::try_from(
+            self.ebpf.map_mut(maps::CONNTRACK).context("ct map")?,
+        )?)
     }
 
     pub fn endpoints_mut(&mut self) -> Result<BpfHashMap<&mut MapData, IpKey, EndpointInfo>> {
-        Ok(BpfHashMap::try_from(self.ebpf.map_mut(maps::ENDPOINTS).context("endpoints map")?)?)
+        Ok(BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(maps::ENDPOINTS)
+                .context("endpoints map")?,
+        )?)
     }
 
     pub fn ipcache_mut(&mut self) -> Result<LpmTrie<&mut MapData, IpcacheKeyData, IpcacheEntry>> {
-        Ok(LpmTrie::try_from(self.ebpf.map_mut(maps::IPCACHE).context("ipcache map")?)?)
+        Ok(LpmTrie::try_from(
+            self.ebpf.map_mut(maps::IPCACHE).context("ipcache map")?,
+        )?)
     }
     /// Moves the maps from `old` (what this process wrote last) to `want` without reading them
     /// back: new and changed entries first, then removals.
@@ -299,11 +363,16 @@ impl Datapath {
             let mut eps = self.endpoints_mut()?;
             for (ip, v) in &want.endpoints {
                 if old.endpoints.get(ip) != Some(v) {
-                    eps.insert(crate::cluster::ip_key(*ip), *v, 0).context("writing endpoints map")?;
+                    eps.insert(crate::cluster::ip_key(*ip), *v, 0)
+                        .context("writing endpoints map")?;
                     written += 1;
                 }
             }
-            for ip in old.endpoints.keys().filter(|ip| !want.endpoints.contains_key(ip)) {
+            for ip in old
+                .endpoints
+                .keys()
+                .filter(|ip| !want.endpoints.contains_key(ip))
+            {
                 let _ = eps.remove(&crate::cluster::ip_key(*ip));
                 removed += 1;
             }
@@ -313,7 +382,8 @@ impl Datapath {
             for (net, v) in &want.ipcache {
                 if old.ipcache.get(net) != Some(v) {
                     let (plen, data) = crate::cluster::ipcache_key(*net);
-                    ipc.insert(&aya::maps::lpm_trie::Key::new(plen, data), *v, 0).context("writing ipcache map")?;
+                    ipc.insert(&aya::maps::lpm_trie::Key::new(plen, data), *v, 0)
+                        .context("writing ipcache map")?;
                     written += 1;
                 }
             }
@@ -327,7 +397,8 @@ impl Datapath {
             let mut pol = self.policy_mut()?;
             for (k, v) in &want.policy {
                 if old.policy.get(k) != Some(v) {
-                    pol.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), *v, 0).context("writing policy map")?;
+                    pol.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), *v, 0)
+                        .context("writing policy map")?;
                     written += 1;
                 }
             }
@@ -348,8 +419,11 @@ impl Datapath {
         {
             let mut eps = dp.endpoints_mut()?;
             let have: HashMap<_, _> = eps.iter().filter_map(|r| r.ok()).collect();
-            let want_keys: HashMap<_, _> =
-                want.endpoints.iter().map(|(ip, v)| (crate::cluster::ip_key(*ip), *v)).collect();
+            let want_keys: HashMap<_, _> = want
+                .endpoints
+                .iter()
+                .map(|(ip, v)| (crate::cluster::ip_key(*ip), *v))
+                .collect();
             for (k, v) in &want_keys {
                 if have.get(k) != Some(v) {
                     eps.insert(k, v, 0).context("writing endpoints map")?;
@@ -377,14 +451,20 @@ impl Datapath {
             }
             for ((plen, data), v) in &want_keys {
                 if have.get(&(*plen, *data)) != Some(v) {
-                    let key = aya::maps::lpm_trie::Key::new(*plen, observer_common::IpcacheKeyData { data: *data });
+                    let key = aya::maps::lpm_trie::Key::new(
+                        *plen,
+                        observer_common::IpcacheKeyData { data: *data },
+                    );
                     ipc.insert(&key, *v, 0).context("writing ipcache map")?;
                     written += 1;
                 }
             }
             for (plen, data) in have.keys() {
                 if !want_keys.contains_key(&(*plen, *data)) {
-                    let key = aya::maps::lpm_trie::Key::new(*plen, observer_common::IpcacheKeyData { data: *data });
+                    let key = aya::maps::lpm_trie::Key::new(
+                        *plen,
+                        observer_common::IpcacheKeyData { data: *data },
+                    );
                     ipc.remove(&key).context("removing from ipcache map")?;
                     removed += 1;
                 }
@@ -392,25 +472,26 @@ impl Datapath {
         }
         {
             let mut pol = dp.policy_mut()?;
-            let have: HashMap<(u32, observer_common::PolicyKeyData), observer_common::PolicyEntry> = pol
-                .iter()
-                .filter_map(|r| r.ok())
-                .map(|(k, v)| ((k.prefix_len(), k.data()), v))
-                .collect();
+            let have: HashMap<(u32, observer_common::PolicyKeyData), observer_common::PolicyEntry> =
+                pol.iter()
+                    .filter_map(|r| r.ok())
+                    .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+                    .collect();
             for (k, v) in &want.policy {
                 if have.get(k) != Some(v) {
-                    pol.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), *v, 0).context("writing policy map")?;
+                    pol.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), *v, 0)
+                        .context("writing policy map")?;
                     written += 1;
                 }
             }
             for k in have.keys() {
                 if !want.policy.contains_key(k) {
-                    pol.remove(&aya::maps::lpm_trie::Key::new(k.0, k.1)).context("removing from policy map")?;
+                    pol.remove(&aya::maps::lpm_trie::Key::new(k.0, k.1))
+                        .context("removing from policy map")?;
                     removed += 1;
                 }
             }
         }
         Ok((written, removed))
     }
-
 }

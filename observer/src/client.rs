@@ -14,16 +14,25 @@ pub fn get(socket: &Path, path: &str) -> Result<BufReader<UnixStream>> {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 "is the daemon running? (`observer daemon`, or --socket for another path)"
             }
-            std::io::ErrorKind::PermissionDenied => "the socket is readable by root and its group only",
+            std::io::ErrorKind::PermissionDenied => {
+                "the socket is readable by root and its group only"
+            }
             _ => "",
         };
-        anyhow::anyhow!("cannot reach the observer daemon at {}: {e}. {hint}", socket.display())
+        anyhow::anyhow!(
+            "cannot reach the observer daemon at {}: {e}. {hint}",
+            socket.display()
+        )
     })?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: observer\r\n\r\n")?;
     let mut r = BufReader::new(s);
     let mut status = String::new();
     r.read_line(&mut status).context("reading response")?;
-    let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let code: u16 = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     loop {
         let mut line = String::new();
         if r.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {

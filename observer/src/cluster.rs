@@ -73,16 +73,21 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo> {
     if let Some(st) = status {
         let listed = st.pod_ips.iter().flatten().map(|p| p.ip.as_str());
         for s in st.pod_ip.as_deref().into_iter().chain(listed) {
-            let ip: IpAddr = s
-                .parse()
-                .with_context(|| format!("pod {namespace}/{name}: status.podIP {s:?} is not an IP"))?;
+            let ip: IpAddr = s.parse().with_context(|| {
+                format!("pod {namespace}/{name}: status.podIP {s:?} is not an IP")
+            })?;
             if !ips.contains(&ip) {
                 ips.push(ip);
             }
         }
     }
     let mut ports = Vec::new();
-    for (ci, c) in spec.map(|s| s.containers.as_slice()).unwrap_or_default().iter().enumerate() {
+    for (ci, c) in spec
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         for (pi, p) in c.ports.iter().flatten().enumerate() {
             let proto = match p.protocol.as_deref() {
                 None => Protocol::Tcp,
@@ -96,7 +101,11 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo> {
             ports.push((p.name.clone().unwrap_or_default(), number, proto));
         }
     }
-    let workload = meta.owner_references.iter().flatten().find(|o| o.controller == Some(true))
+    let workload = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
         .map(|o| format!("{}/{}", o.kind, o.name));
     Ok(PodInfo {
         namespace,
@@ -111,9 +120,17 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo> {
 }
 
 pub fn node_info(node: &Node) -> Result<NodeInfo> {
-    let name = node.metadata.name.clone().context("Node metadata.name missing")?;
+    let name = node
+        .metadata
+        .name
+        .clone()
+        .context("Node metadata.name missing")?;
     let mut addresses = Vec::new();
-    for a in node.status.iter().flat_map(|s| s.addresses.iter().flatten()) {
+    for a in node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+    {
         if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
             let ip = a.address.parse().with_context(|| {
                 format!("node {name}: status.addresses {:?} is not an IP", a.address)
@@ -132,7 +149,11 @@ pub fn node_info(node: &Node) -> Result<NodeInfo> {
             }
         }
     }
-    Ok(NodeInfo { name, addresses, pod_cidrs })
+    Ok(NodeInfo {
+        name,
+        addresses,
+        pod_cidrs,
+    })
 }
 
 #[derive(Deserialize)]
@@ -150,7 +171,9 @@ pub fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value)
     let kind = match serde_json::from_value::<TypeMeta>(value.clone()) {
         Ok(TypeMeta { kind: Some(k) }) => k,
         _ => {
-            cluster.errors.push(format!("{origin}: object without a kind"));
+            cluster
+                .errors
+                .push(format!("{origin}: object without a kind"));
             return;
         }
     };
@@ -164,12 +187,21 @@ pub fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value)
             }
             "Namespace" => {
                 let ns: Namespace = serde_json::from_value(value)?;
-                let name = ns.metadata.name.context("Namespace metadata.name missing")?;
-                let audit = ns.metadata.annotations.as_ref().and_then(|a| a.get(model::AUDIT_ANNOTATION));
+                let name = ns
+                    .metadata
+                    .name
+                    .context("Namespace metadata.name missing")?;
+                let audit = ns
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(model::AUDIT_ANNOTATION));
                 if audit.is_some_and(|v| v == "true") {
                     cluster.audit_namespaces.insert(name.clone());
                 }
-                cluster.namespaces.insert(name, ns.metadata.labels.unwrap_or_default());
+                cluster
+                    .namespaces
+                    .insert(name, ns.metadata.labels.unwrap_or_default());
             }
             "Pod" => {
                 let pod: Pod = serde_json::from_value(value)?;
@@ -180,7 +212,8 @@ pub fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value)
                 cluster.nodes.push(node_info(&node)?);
             }
             "NetworkPolicy" => {
-                let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(value)?;
+                let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+                    serde_json::from_value(value)?;
                 let p = model::compile(&np);
                 for e in &p.errors {
                     cluster.errors.push(format!("{origin}: {e}"));
@@ -205,7 +238,8 @@ pub fn read_documents(paths: &[PathBuf]) -> Result<Vec<(String, serde_json::Valu
     files.sort();
     let mut docs = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
             let origin = format!("{} (document {})", f.display(), i + 1);
             let value = serde_json::Value::deserialize(de)
@@ -239,6 +273,23 @@ fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// What the source's files look like now (path, modification time, size): unchanged files need
+/// not be parsed and compiled again.
+pub fn fingerprint(paths: &[PathBuf]) -> Result<Vec<(PathBuf, std::time::SystemTime, u64)>> {
+    let mut files = Vec::new();
+    for p in paths {
+        collect_files(p, &mut files)?;
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let m = std::fs::metadata(&f).with_context(|| format!("reading {}", f.display()))?;
+            Ok((f, m.modified()?, m.len()))
+        })
+        .collect()
+}
+
 /// Reads a cluster from YAML on disk. Unusable objects are reported in `errors`; the rest loads.
 pub fn load_dir(paths: &[PathBuf]) -> Result<Cluster> {
     let mut cluster = Cluster::default();
@@ -255,7 +306,11 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
             family: observer_common::AF_INET,
             _pad: [0; 3],
         },
-        IpAddr::V6(v6) => IpKey { addr: v6_words(&v6.octets()), family: observer_common::AF_INET6, _pad: [0; 3] },
+        IpAddr::V6(v6) => IpKey {
+            addr: v6_words(&v6.octets()),
+            family: observer_common::AF_INET6,
+            _pad: [0; 3],
+        },
     }
 }
 
@@ -284,7 +339,12 @@ pub fn addr_from(family: u8, addr: &[u32; 4]) -> IpAddr {
 pub fn ipcache_key(net: IpNet) -> (u32, IpcacheKeyData) {
     let k = ip_key(net.network());
     let fam = k.family as u32;
-    (32 + net.prefix_len() as u32, IpcacheKeyData { data: [fam, k.addr[0], k.addr[1], k.addr[2], k.addr[3]] })
+    (
+        32 + net.prefix_len() as u32,
+        IpcacheKeyData {
+            data: [fam, k.addr[0], k.addr[1], k.addr[2], k.addr[3]],
+        },
+    )
 }
 
 #[cfg(test)]
@@ -346,14 +406,24 @@ status: {addresses: [{type: InternalIP, address: 10.224.0.5}]}
         assert_eq!(a.workload.as_deref(), Some("ReplicaSet/a-123"));
         assert_eq!(c.namespaces["x"]["ns"], "x");
         assert_eq!(c.errors.len(), 1);
-        assert!(c.errors[0].contains("x/broken") && c.errors[0].contains("status.podIP"), "{}", c.errors[0]);
+        assert!(
+            c.errors[0].contains("x/broken") && c.errors[0].contains("status.podIP"),
+            "{}",
+            c.errors[0]
+        );
     }
 
     #[test]
     fn compile_splits_local_endpoints_from_remote_identities() {
         let c = cluster();
         let mut alloc = crate::policy::compile::Allocator::default();
-        let d = crate::policy::compile::compile(&c, "n1", &["10.224.0.4".parse().unwrap()], &Default::default(), &mut alloc);
+        let d = crate::policy::compile::compile(
+            &c,
+            "n1",
+            &["10.224.0.4".parse().unwrap()],
+            &Default::default(),
+            &mut alloc,
+        );
         assert_eq!(d.endpoints.len(), 2);
         let kind = |s: &str| d.ipcache[&s.parse::<IpNet>().unwrap()].kind;
         assert_eq!(kind("10.244.2.10/32"), RemoteKind::RemotePod as u8);

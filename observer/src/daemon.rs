@@ -17,9 +17,9 @@ use tracing::{debug, info, warn};
 use crate::{
     bpf::Datapath,
     cluster::{self, Cluster, PodInfo},
-    policy::compile::{self, Allocator, Desired, RuleRef},
     flows::{self, FlowRecord},
     netlink::{self, LinkEvent, LinkMonitor},
+    policy::compile::{self, Allocator, Desired, RuleRef},
 };
 
 #[derive(Clone, Debug)]
@@ -37,7 +37,11 @@ impl std::str::FromStr for Source {
             return Ok(Self::None);
         }
         if let Some(rest) = s.strip_prefix("dir:") {
-            let paths: Vec<PathBuf> = rest.split(',').filter(|p| !p.is_empty()).map(PathBuf::from).collect();
+            let paths: Vec<PathBuf> = rest
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect();
             if paths.is_empty() {
                 bail!("--source dir: needs at least one path, e.g. dir:/etc/observer/cluster");
             }
@@ -137,13 +141,32 @@ impl Shared {
                 }
                 st.bucket -= 1.0;
             }
-            let k = (rec.event.clone(), rec.traffic_class.clone(), rec.l4.protocol.clone(), rec.verdict.clone());
+            let k = (
+                rec.event.clone(),
+                rec.traffic_class.clone(),
+                rec.l4.protocol.clone(),
+                rec.verdict.clone(),
+            );
             *st.metrics.records.entry(k).or_default() += 1;
             for p in &rec.policy {
-                *st.metrics.policy_verdicts.entry((format!("{}/{}", p.namespace, p.name), p.direction.clone(), rec.verdict.clone())).or_default() += 1;
+                *st.metrics
+                    .policy_verdicts
+                    .entry((
+                        format!("{}/{}", p.namespace, p.name),
+                        p.direction.clone(),
+                        rec.verdict.clone(),
+                    ))
+                    .or_default() += 1;
             }
             for p in &rec.isolated_by {
-                *st.metrics.policy_verdicts.entry((format!("{}/{}", p.namespace, p.name), String::new(), rec.verdict.clone())).or_default() += 1;
+                *st.metrics
+                    .policy_verdicts
+                    .entry((
+                        format!("{}/{}", p.namespace, p.name),
+                        String::new(),
+                        rec.verdict.clone(),
+                    ))
+                    .or_default() += 1;
             }
             if st.history.len() >= self.opts.history.max(1) {
                 st.history.pop_front();
@@ -161,7 +184,14 @@ impl Shared {
 
     fn make_record(&self, kind: EventKind, key: &CtKey, e: &CtEntry) -> FlowRecord {
         let st = self.state.lock().unwrap();
-        let mut rec = flows::record(&self.opts.node_name, kind, key, e, |ip| st.by_ip.get(&ip), |id| st.rules.get(&id).cloned());
+        let mut rec = flows::record(
+            &self.opts.node_name,
+            kind,
+            key,
+            e,
+            |ip| st.by_ip.get(&ip),
+            |id| st.rules.get(&id).cloned(),
+        );
         if e.flags & ct_flags::DENIED != 0 {
             rec.isolated_by = isolated_by(&st, &self.opts, &rec, e.flags);
         }
@@ -179,8 +209,19 @@ impl Shared {
         Ok(entries
             .iter()
             .map(|(k, e)| {
-                let kind = if e.flags & ct_flags::CLOSED != 0 { EventKind::Close } else { EventKind::Report };
-                flows::record(&self.opts.node_name, kind, k, e, |ip| st.by_ip.get(&ip), |id| st.rules.get(&id).cloned())
+                let kind = if e.flags & ct_flags::CLOSED != 0 {
+                    EventKind::Close
+                } else {
+                    EventKind::Report
+                };
+                flows::record(
+                    &self.opts.node_name,
+                    kind,
+                    k,
+                    e,
+                    |ip| st.by_ip.get(&ip),
+                    |id| st.rules.get(&id).cloned(),
+                )
             })
             .collect())
     }
@@ -193,7 +234,10 @@ fn isolated_by(st: &State, opts: &Options, rec: &FlowRecord, flags: u32) -> Vec<
     let mut add = |ip: Option<IpAddr>, ingress: bool| {
         if let Some(pod) = ip.and_then(|ip| st.by_ip.get(&ip)) {
             for p in engine.isolating(pod, ingress) {
-                let n = flows::PolicyName { namespace: p.namespace.clone(), name: p.name.clone() };
+                let n = flows::PolicyName {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                };
                 if !out.contains(&n) {
                     out.push(n);
                 }
@@ -231,7 +275,8 @@ pub fn host_addresses() -> Vec<IpAddr> {
                 None
             };
             if let Some(ip) = ip {
-                let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                let link_local =
+                    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
                 if !ip.is_loopback() && !link_local && !out.contains(&ip) {
                     out.push(ip);
                 }
@@ -290,9 +335,8 @@ pub async fn run(opts: Options) -> Result<()> {
     });
 
     // Cluster state before interfaces, so the first flows are already classified.
-    let mut ids = Allocator::default();
-    let mut last_desired = None;
-    reload_source(&shared, &mut ids, &mut last_desired);
+    let mut source = SourceState::default();
+    reload_source(&shared, &mut source);
 
     let (monitor, links) = LinkMonitor::start().context("subscribing to link events")?;
     {
@@ -304,7 +348,11 @@ pub async fn run(opts: Options) -> Result<()> {
         let live: Vec<u32> = dp.attached();
         if let Some(m) = dp.ebpf.map_mut(observer_common::maps::ATTACHED) {
             if let Ok(mut att) = aya::maps::HashMap::<&mut MapData, u32, u32>::try_from(m) {
-                let stale: Vec<u32> = att.keys().filter_map(|k| k.ok()).filter(|k| !live.contains(k)).collect();
+                let stale: Vec<u32> = att
+                    .keys()
+                    .filter_map(|k| k.ok())
+                    .filter(|k| !live.contains(k))
+                    .collect();
                 for k in stale {
                     let _ = att.remove(&k);
                 }
@@ -316,7 +364,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.spawn(events_task(shared.clone(), ring));
     tasks.spawn(links_task(shared.clone(), monitor));
     tasks.spawn(gc_task(shared.clone()));
-    tasks.spawn(source_task(shared.clone(), ids, last_desired));
+    tasks.spawn(source_task(shared.clone(), source));
     if let Some(l) = logger {
         tasks.spawn(log_task(l));
     }
@@ -464,7 +512,13 @@ fn handle_event(shared: &Shared, ev: FlowEvent) {
     let e = entry_of(&ev);
     match kind {
         EventKind::New | EventKind::Drop => {
-            shared.state.lock().unwrap().conns.insert(ev.key, Conn { closed_at: None, close_published: false });
+            shared.state.lock().unwrap().conns.insert(
+                ev.key,
+                Conn {
+                    closed_at: None,
+                    close_published: false,
+                },
+            );
             let rec = shared.make_record(kind, &ev.key, &e);
             shared.publish(rec);
         }
@@ -476,7 +530,10 @@ fn handle_event(shared: &Shared, ev: FlowEvent) {
             // Published after a grace period with the entry's final counters: the last ACK of
             // a FIN exchange comes after the close.
             let mut st = shared.state.lock().unwrap();
-            let c = st.conns.entry(ev.key).or_insert(Conn { closed_at: None, close_published: false });
+            let c = st.conns.entry(ev.key).or_insert(Conn {
+                closed_at: None,
+                close_published: false,
+            });
             c.closed_at = Some(Instant::now());
         }
     }
@@ -512,11 +569,16 @@ fn gc_once(shared: &Shared) -> Result<()> {
             } else {
                 opts.other_timeout
             };
-            let conn = st.conns.entry(*k).or_insert(Conn { closed_at: None, close_published: false });
+            let conn = st.conns.entry(*k).or_insert(Conn {
+                closed_at: None,
+                close_published: false,
+            });
             if closed && conn.closed_at.is_none() {
                 conn.closed_at = Some(Instant::now());
             }
-            let due = conn.closed_at.is_some_and(|t| t.elapsed() >= opts.close_grace);
+            let due = conn
+                .closed_at
+                .is_some_and(|t| t.elapsed() >= opts.close_grace);
             if due && !conn.close_published {
                 conn.close_published = true;
                 publish.push((*k, *e));
@@ -549,7 +611,29 @@ fn gc_once(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-fn reload_source(shared: &Shared, ids: &mut Allocator, last: &mut Option<Desired>) {
+type Fingerprint = (Vec<(PathBuf, std::time::SystemTime, u64)>, Vec<IpAddr>);
+
+/// What the source task carries from one poll to the next.
+#[derive(Default)]
+struct SourceState {
+    alloc: Allocator,
+    /// What this process last wrote to the maps.
+    applied: Option<Desired>,
+    /// The source's files and the node's addresses when `applied` was written.
+    seen: Option<Fingerprint>,
+}
+
+fn reload_source(shared: &Shared, src: &mut SourceState) {
+    let files = match &shared.opts.source {
+        Source::None => Ok(Vec::new()),
+        Source::Dir(paths) => cluster::fingerprint(paths),
+    };
+    let now: Option<Fingerprint> = files.ok().map(|f| (f, host_addresses()));
+    if now.is_some() && now == src.seen {
+        shared.state.lock().unwrap().last_sync = Some(std::time::SystemTime::now());
+        return;
+    }
+    let (ids, last) = (&mut src.alloc, &mut src.applied);
     let cluster = match &shared.opts.source {
         Source::None => Cluster::default(),
         Source::Dir(paths) => match cluster::load_dir(paths) {
@@ -562,13 +646,22 @@ fn reload_source(shared: &Shared, ids: &mut Allocator, last: &mut Option<Desired
             }
         },
     };
-    let mut host = host_addresses();
+    let mut host = now
+        .as_ref()
+        .map(|(_, h)| h.clone())
+        .unwrap_or_else(host_addresses);
     for n in &cluster.nodes {
         if n.name == shared.opts.node_name {
             host.extend(n.addresses.iter().copied());
         }
     }
-    let want = compile::compile(&cluster, &shared.opts.node_name, &host, &shared.opts.policy, ids);
+    let want = compile::compile(
+        &cluster,
+        &shared.opts.node_name,
+        &host,
+        &shared.opts.policy,
+        ids,
+    );
     if last.as_ref() != Some(&want) {
         let mut dp = shared.dp.lock().unwrap();
         // Diff against what this process wrote last; read the maps back only the first time.
@@ -584,34 +677,46 @@ fn reload_source(shared: &Shared, ids: &mut Allocator, last: &mut Option<Desired
                         warn!("policy generation: {e:#}");
                     }
                 }
-                info!(written = w, removed = r, endpoints = want.endpoints.len(), prefixes = want.ipcache.len(), "datapath maps synced");
+                info!(
+                    written = w,
+                    removed = r,
+                    endpoints = want.endpoints.len(),
+                    prefixes = want.ipcache.len(),
+                    "datapath maps synced"
+                );
                 *last = Some(want);
             }
             Err(e) => {
+                // `seen` stays as it was, so the next poll tries again.
                 warn!("map sync: {e:#}");
                 shared.state.lock().unwrap().metrics.map_sync_errors_total += 1;
+                return;
             }
         }
     }
+    src.seen = now;
     for err in &cluster.errors {
         warn!("cluster source: {err}");
     }
-    let by_ip: HashMap<IpAddr, PodInfo> =
-        cluster.pod_by_ip().into_iter().map(|(ip, p)| (ip, p.clone())).collect();
+    let by_ip: HashMap<IpAddr, PodInfo> = cluster
+        .pod_by_ip()
+        .into_iter()
+        .map(|(ip, p)| (ip, p.clone()))
+        .collect();
     let mut st = shared.state.lock().unwrap();
-    st.rules = ids.rule_table();
+    st.rules = src.alloc.rule_table();
     st.metrics.source_errors = cluster.errors.clone();
     st.by_ip = by_ip;
     st.cluster = Arc::new(cluster);
     st.last_sync = Some(std::time::SystemTime::now());
 }
 
-async fn source_task(shared: Arc<Shared>, mut ids: Allocator, mut last: Option<Desired>) -> Result<()> {
+async fn source_task(shared: Arc<Shared>, mut source: SourceState) -> Result<()> {
     let mut tick = tokio::time::interval(shared.opts.source_poll);
     tick.tick().await;
     loop {
         tick.tick().await;
-        reload_source(&shared, &mut ids, &mut last);
+        reload_source(&shared, &mut source);
     }
 }
 

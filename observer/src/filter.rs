@@ -69,7 +69,9 @@ impl Match {
         let (s, d) = (&r.source, &r.destination);
         let eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
         match self {
-            Match::Namespace(ns) => s.namespace.as_deref() == Some(ns) || d.namespace.as_deref() == Some(ns),
+            Match::Namespace(ns) => {
+                s.namespace.as_deref() == Some(ns) || d.namespace.as_deref() == Some(ns)
+            }
             Match::FromNamespace(ns) => s.namespace.as_deref() == Some(ns),
             Match::ToNamespace(ns) => d.namespace.as_deref() == Some(ns),
             Match::Pod(p) => pod_is(s, p) || pod_is(d, p),
@@ -84,8 +86,12 @@ impl Match {
             Match::Verdict(v) => eq(&r.verdict, v),
             Match::DropReason(x) => r.drop_reason.as_deref().is_some_and(|d| eq(d, x)),
             Match::Policy(p) => {
-                r.policy.iter().any(|x| format!("{}/{}", x.namespace, x.name) == *p)
-                    || r.isolated_by.iter().any(|x| format!("{}/{}", x.namespace, x.name) == *p)
+                r.policy
+                    .iter()
+                    .any(|x| format!("{}/{}", x.namespace, x.name) == *p)
+                    || r.isolated_by
+                        .iter()
+                        .any(|x| format!("{}/{}", x.namespace, x.name) == *p)
             }
             Match::Type(t) => eq(&r.event, t),
             Match::TrafficClass(c) => eq(&r.traffic_class, c),
@@ -95,7 +101,8 @@ impl Match {
 
 /// Whether a record passes every kind of filter given (OR within a kind, AND across kinds).
 pub fn accepts(filters: &[Filter], r: &FlowRecord) -> bool {
-    let mut kinds: Vec<std::mem::Discriminant<Match>> = filters.iter().map(|f| kind(&f.m)).collect();
+    let mut kinds: Vec<std::mem::Discriminant<Match>> =
+        filters.iter().map(|f| kind(&f.m)).collect();
     kinds.dedup();
     kinds.sort_by_key(|k| format!("{k:?}"));
     kinds.dedup();
@@ -103,7 +110,8 @@ pub fn accepts(filters: &[Filter], r: &FlowRecord) -> bool {
         let of_kind: Vec<&Filter> = filters.iter().filter(|f| kind(&f.m) == *k).collect();
         let positives: Vec<&&Filter> = of_kind.iter().filter(|f| !f.negate).collect();
         let negatives: Vec<&&Filter> = of_kind.iter().filter(|f| f.negate).collect();
-        (positives.is_empty() || positives.iter().any(|f| f.m.matches(r))) && negatives.iter().all(|f| !f.m.matches(r))
+        (positives.is_empty() || positives.iter().any(|f| f.m.matches(r)))
+            && negatives.iter().all(|f| !f.m.matches(r))
     })
 }
 
@@ -113,7 +121,9 @@ pub fn parse(flag: &str, value: &str) -> Result<Match> {
         if let Ok(n) = v.parse::<IpNet>() {
             return Ok(n);
         }
-        let ip: IpAddr = v.parse().with_context(|| format!("--{flag} {v:?}: expected an IP address or CIDR"))?;
+        let ip: IpAddr = v
+            .parse()
+            .with_context(|| format!("--{flag} {v:?}: expected an IP address or CIDR"))?;
         Ok(IpNet::from(ip))
     };
     Ok(match flag {
@@ -127,7 +137,11 @@ pub fn parse(flag: &str, value: &str) -> Result<Match> {
         "ip" => Match::Ip(net(value)?),
         "from-ip" => Match::FromIp(net(value)?),
         "to-ip" => Match::ToIp(net(value)?),
-        "port" => Match::Port(value.parse().with_context(|| format!("--port {value:?}: expected a port number"))?),
+        "port" => Match::Port(
+            value
+                .parse()
+                .with_context(|| format!("--port {value:?}: expected a port number"))?,
+        ),
         "protocol" => {
             let p = value.to_ascii_uppercase();
             if !["TCP", "UDP", "SCTP", "ICMP", "ICMPV6"].contains(&p.as_str()) {
@@ -169,7 +183,10 @@ pub fn from_args(args: &[(String, String)]) -> Result<Vec<Filter>> {
             negate = true;
             continue;
         }
-        out.push(Filter { negate, m: parse(flag, value)? });
+        out.push(Filter {
+            negate,
+            m: parse(flag, value)?,
+        });
         negate = false;
     }
     if negate {
@@ -182,7 +199,9 @@ pub fn from_args(args: &[(String, String)]) -> Result<Vec<Filter>> {
 pub fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -212,8 +231,18 @@ mod tests {
             isolated_by: vec![],
             direction: "egress".into(),
             traffic_class: "pod-to-pod-local".into(),
-            ip: IpInfo { version: 4, src: "10.0.0.1".parse().unwrap(), dst: "10.0.0.2".parse().unwrap() },
-            l4: L4Info { protocol: "TCP".into(), src_port: 40000, dst_port: port, tcp_flags: vec![], icmp: None },
+            ip: IpInfo {
+                version: 4,
+                src: "10.0.0.1".parse().unwrap(),
+                dst: "10.0.0.2".parse().unwrap(),
+            },
+            l4: L4Info {
+                protocol: "TCP".into(),
+                src_port: 40000,
+                dst_port: port,
+                tcp_flags: vec![],
+                icmp: None,
+            },
             source: peer("x", src_pod, "10.0.0.1", 40000),
             destination: peer(dst_ns, "db", "10.0.0.2", port),
             counters: Counters::default(),
@@ -224,17 +253,39 @@ mod tests {
     }
 
     fn f(args: &[(&str, &str)]) -> Vec<Filter> {
-        from_args(&args.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>()).unwrap()
+        from_args(
+            &args
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn same_kind_ors_different_kinds_and() {
         let r = rec("web", "y", "dropped", 5432);
-        assert!(accepts(&f(&[("from-pod", "x/web"), ("from-pod", "x/api")]), &r));
+        assert!(accepts(
+            &f(&[("from-pod", "x/web"), ("from-pod", "x/api")]),
+            &r
+        ));
         assert!(!accepts(&f(&[("from-pod", "x/api")]), &r));
-        assert!(accepts(&f(&[("from-pod", "web"), ("verdict", "dropped")]), &r));
-        assert!(!accepts(&f(&[("from-pod", "web"), ("verdict", "forwarded")]), &r));
-        assert!(accepts(&f(&[("to-namespace", "y"), ("port", "5432"), ("ip", "10.0.0.0/24")]), &r));
+        assert!(accepts(
+            &f(&[("from-pod", "web"), ("verdict", "dropped")]),
+            &r
+        ));
+        assert!(!accepts(
+            &f(&[("from-pod", "web"), ("verdict", "forwarded")]),
+            &r
+        ));
+        assert!(accepts(
+            &f(&[
+                ("to-namespace", "y"),
+                ("port", "5432"),
+                ("ip", "10.0.0.0/24")
+            ]),
+            &r
+        ));
         assert!(accepts(&f(&[("label", "app=db"), ("protocol", "tcp")]), &r));
         assert!(accepts(&f(&[("drop-reason", "policy-denied")]), &r));
     }
@@ -243,14 +294,26 @@ mod tests {
     fn not_negates_only_the_next_filter() {
         let r = rec("web", "y", "forwarded", 80);
         assert!(!accepts(&f(&[("not", ""), ("from-pod", "web")]), &r));
-        assert!(accepts(&f(&[("not", ""), ("from-pod", "api"), ("to-namespace", "y")]), &r));
+        assert!(accepts(
+            &f(&[("not", ""), ("from-pod", "api"), ("to-namespace", "y")]),
+            &r
+        ));
         assert!(from_args(&[("not".into(), "".into())]).is_err());
     }
 
     #[test]
     fn bad_values_name_the_flag() {
-        assert!(parse("verdict", "maybe").unwrap_err().to_string().contains("--verdict"));
-        assert!(parse("from-ip", "nope").unwrap_err().to_string().contains("--from-ip"));
-        assert!(parse("port", "http").unwrap_err().to_string().contains("--port"));
+        assert!(parse("verdict", "maybe")
+            .unwrap_err()
+            .to_string()
+            .contains("--verdict"));
+        assert!(parse("from-ip", "nope")
+            .unwrap_err()
+            .to_string()
+            .contains("--from-ip"));
+        assert!(parse("port", "http")
+            .unwrap_err()
+            .to_string()
+            .contains("--port"));
     }
 }

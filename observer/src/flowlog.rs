@@ -33,8 +33,13 @@ pub struct FlowLog {
 
 /// `FLAG=VALUE` (for example `verdict=dropped`, `namespace=kube-system`) as a filter.
 pub fn parse_spec(spec: &str) -> Result<Filter> {
-    let (flag, value) = spec.split_once('=').with_context(|| format!("{spec:?}: expected FILTER=VALUE, e.g. verdict=dropped"))?;
-    Ok(Filter { negate: false, m: filter::parse(flag, value)? })
+    let (flag, value) = spec
+        .split_once('=')
+        .with_context(|| format!("{spec:?}: expected FILTER=VALUE, e.g. verdict=dropped"))?;
+    Ok(Filter {
+        negate: false,
+        m: filter::parse(flag, value)?,
+    })
 }
 
 impl FlowLog {
@@ -42,9 +47,17 @@ impl FlowLog {
         if let Some(dir) = cfg.path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let f = OpenOptions::new().create(true).append(true).open(&cfg.path).with_context(|| format!("opening flow log {}", cfg.path.display()))?;
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cfg.path)
+            .with_context(|| format!("opening flow log {}", cfg.path.display()))?;
         let size = f.metadata()?.len();
-        Ok(Self { cfg, out: BufWriter::new(f), size })
+        Ok(Self {
+            cfg,
+            out: BufWriter::new(f),
+            size,
+        })
     }
 
     pub fn wants(&self, r: &FlowRecord) -> bool {
@@ -83,7 +96,10 @@ impl FlowLog {
             }
             std::fs::rename(&self.cfg.path, name(1))?;
         }
-        let f = OpenOptions::new().create(true).append(true).open(&self.cfg.path)?;
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.cfg.path)?;
         self.out = BufWriter::new(f);
         self.size = 0;
         Ok(())
@@ -117,17 +133,34 @@ mod tests {
             log.write(&dropped).unwrap();
             log.write(&udp).unwrap();
         }
-        let lines = |p: &std::path::Path| std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0);
-        let rotated = [path.clone(), dir.join("flows.jsonl.1"), dir.join("flows.jsonl.2")];
+        let lines = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .map(|s| s.lines().count())
+                .unwrap_or(0)
+        };
+        let rotated = [
+            path.clone(),
+            dir.join("flows.jsonl.1"),
+            dir.join("flows.jsonl.2"),
+        ];
         let total: usize = rotated.iter().map(|p| lines(p)).sum();
         assert!(rotated.iter().all(|p| p.exists()), "rotated files present");
-        assert!(!dir.join("flows.jsonl.3").exists(), "at most 2 rotated files kept");
-        assert!(total < 30 && total > 0, "oldest records rotated away, {total} kept");
+        assert!(
+            !dir.join("flows.jsonl.3").exists(),
+            "at most 2 rotated files kept"
+        );
+        assert!(
+            total < 30 && total > 0,
+            "oldest records rotated away, {total} kept"
+        );
         for p in &rotated {
             assert!(std::fs::metadata(p).unwrap().len() <= 2000);
             for l in std::fs::read_to_string(p).unwrap().lines() {
                 let r: FlowRecord = serde_json::from_str(l).unwrap();
-                assert_eq!((r.l4.protocol.as_str(), r.verdict.as_str()), ("TCP", "forwarded"));
+                assert_eq!(
+                    (r.l4.protocol.as_str(), r.verdict.as_str()),
+                    ("TCP", "forwarded")
+                );
             }
         }
         std::fs::remove_dir_all(&dir).unwrap();

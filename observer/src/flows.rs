@@ -112,12 +112,18 @@ pub fn protocol_name(p: u8) -> String {
 
 pub fn tcp_flag_names(bits: u8) -> Vec<String> {
     const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    (0..8).filter(|i| bits & (1 << i) != 0).map(|i| NAMES[i].to_string()).collect()
+    (0..8)
+        .filter(|i| bits & (1 << i) != 0)
+        .map(|i| NAMES[i].to_string())
+        .collect()
 }
 
 /// Converts `CLOCK_MONOTONIC` nanoseconds (what `bpf_ktime_get_ns` returns) to wall time.
 pub fn mono_to_wall(ns: u64) -> SystemTime {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     let now_mono = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
     let now = SystemTime::now();
@@ -129,7 +135,10 @@ pub fn mono_to_wall(ns: u64) -> SystemTime {
 }
 
 pub fn mono_now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -145,8 +154,20 @@ pub fn ct_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> Ct
     let sb: Vec<u32> = s.addr.iter().map(|w| u32::from_be(*w)).collect();
     let db: Vec<u32> = d.addr.iter().map(|w| u32::from_be(*w)).collect();
     let src_first = (sb, sport) <= (db, dport);
-    let ((a, pa), (b, pb)) = if src_first { ((s, sport), (d, dport)) } else { ((d, dport), (s, sport)) };
-    CtKey { addr_a: a.addr, addr_b: b.addr, port_a: pa, port_b: pb, proto, family: s.family, _pad: [0; 2] }
+    let ((a, pa), (b, pb)) = if src_first {
+        ((s, sport), (d, dport))
+    } else {
+        ((d, dport), (s, sport))
+    };
+    CtKey {
+        addr_a: a.addr,
+        addr_b: b.addr,
+        port_a: pa,
+        port_b: pb,
+        proto,
+        family: s.family,
+        _pad: [0; 2],
+    }
 }
 
 /// The originating and answering sides of a conntrack key.
@@ -189,12 +210,21 @@ pub fn record<'a>(
         _ => "egress",
     };
     let tcp = key.proto == observer_common::IPPROTO_TCP;
-    let icmp = key.proto == observer_common::IPPROTO_ICMP || key.proto == observer_common::IPPROTO_ICMPV6;
+    let icmp =
+        key.proto == observer_common::IPPROTO_ICMP || key.proto == observer_common::IPPROTO_ICMPV6;
     let echo = icmp && matches!(e.icmp_type, 0 | 8 | 128 | 129);
     // ICMP keys carry the echo identifier (or type and code) where ports would be.
     let (sport, dport, icmp_info) = if icmp {
         let id = echo.then_some(sport.max(dport));
-        (0, 0, Some(IcmpInfo { icmp_type: e.icmp_type, code: e.icmp_code, id }))
+        (
+            0,
+            0,
+            Some(IcmpInfo {
+                icmp_type: e.icmp_type,
+                code: e.icmp_code,
+                id,
+            }),
+        )
     } else {
         (sport, dport, None)
     };
@@ -218,16 +248,28 @@ pub fn record<'a>(
         }
         .into(),
         drop_reason: (e.flags & ct_flags::DENIED != 0).then(|| "policy-denied".to_string()),
-        policy: [e.egress_rule, e.ingress_rule].into_iter().filter(|r| *r != 0).filter_map(&rules).collect(),
+        policy: [e.egress_rule, e.ingress_rule]
+            .into_iter()
+            .filter(|r| *r != 0)
+            .filter_map(&rules)
+            .collect(),
         isolated_by: Vec::new(),
         direction: direction.into(),
         traffic_class: class.as_str().into(),
-        ip: IpInfo { version: key.family, src: sip, dst: dip },
+        ip: IpInfo {
+            version: key.family,
+            src: sip,
+            dst: dip,
+        },
         l4: L4Info {
             protocol: protocol_name(key.proto),
             src_port: sport,
             dst_port: dport,
-            tcp_flags: if tcp { tcp_flag_names(flags) } else { Vec::new() },
+            tcp_flags: if tcp {
+                tcp_flag_names(flags)
+            } else {
+                Vec::new()
+            },
             icmp: icmp_info,
         },
         source: peer(sip, sport, lookup(sip)),
@@ -262,10 +304,18 @@ impl FlowRecord {
     pub fn compact(&self) -> String {
         let c = &self.counters;
         let cause = if !self.isolated_by.is_empty() {
-            let names: Vec<String> = self.isolated_by.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+            let names: Vec<String> = self
+                .isolated_by
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
             format!(" by {}", names.join(","))
         } else if !self.policy.is_empty() {
-            let names: Vec<String> = self.policy.iter().map(|r| format!("{}/{}[{} {}]", r.namespace, r.name, r.direction, r.rule)).collect();
+            let names: Vec<String> = self
+                .policy
+                .iter()
+                .map(|r| format!("{}/{}[{} {}]", r.namespace, r.name, r.direction, r.rule))
+                .collect();
             format!(" by {}", names.join(","))
         } else {
             String::new()
@@ -281,7 +331,12 @@ impl FlowRecord {
             self.verdict.to_uppercase(),
             cause,
             match &self.l4.icmp {
-                Some(i) => format!("type {} code {}{}", i.icmp_type, i.code, i.id.map(|id| format!(" id {id}")).unwrap_or_default()),
+                Some(i) => format!(
+                    "type {} code {}{}",
+                    i.icmp_type,
+                    i.code,
+                    i.id.map(|id| format!(" id {id}")).unwrap_or_default()
+                ),
                 None => self.l4.tcp_flags.join(","),
             },
             c.packets_out,
@@ -301,7 +356,15 @@ mod tests {
     fn record_orients_by_originator_and_names_pods() {
         let a = ip_key("10.244.1.10".parse().unwrap());
         let b = ip_key("203.0.113.10".parse().unwrap());
-        let key = CtKey { addr_a: a.addr, addr_b: b.addr, port_a: 40000, port_b: 80, proto: 6, family: 4, _pad: [0; 2] };
+        let key = CtKey {
+            addr_a: a.addr,
+            addr_b: b.addr,
+            port_a: 40000,
+            port_b: 80,
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        };
         let e = CtEntry {
             packets: [3, 2],
             bytes: [180, 120],
@@ -320,12 +383,27 @@ mod tests {
             host_network: false,
             ports: vec![],
         };
-        let r = record("n1", EventKind::New, &key, &e, |ip| (ip == pod.ips[0]).then_some(&pod), |_| None);
+        let r = record(
+            "n1",
+            EventKind::New,
+            &key,
+            &e,
+            |ip| (ip == pod.ips[0]).then_some(&pod),
+            |_| None,
+        );
         assert_eq!(r.source.ip, Some("203.0.113.10".parse().unwrap()));
         assert_eq!(r.source.port, 80);
         assert_eq!(r.destination.pod.as_deref(), Some("a"));
         assert_eq!(r.direction, "ingress");
-        assert_eq!(r.counters, Counters { packets_out: 3, bytes_out: 180, packets_in: 2, bytes_in: 120 });
+        assert_eq!(
+            r.counters,
+            Counters {
+                packets_out: 3,
+                bytes_out: 180,
+                packets_in: 2,
+                bytes_in: 120
+            }
+        );
         assert_eq!(r.l4.tcp_flags, vec!["SYN", "ACK"]);
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"traffic_class\":\"world-to-pod\""));

@@ -27,9 +27,7 @@ enum Cmd {
     /// `observer flows --follow`.
     FlowTail(FlowsArgs),
     /// Print a shell completion script: `observer completion bash > /etc/bash_completion.d/observer`.
-    Completion {
-        shell: clap_complete::Shell,
-    },
+    Completion { shell: clap_complete::Shell },
     /// List the connections in the kernel's conntrack map with their current counters.
     Conntrack(ClientArgs),
     /// Show what the daemon is attached to, its kernel counters and its source's health.
@@ -111,12 +109,20 @@ enum MatrixOutput {
     Json,
 }
 
-fn load_cluster(a: &ClusterArgs) -> Result<(observer::cluster::Cluster, observer::policy::Options)> {
+fn load_cluster(
+    a: &ClusterArgs,
+) -> Result<(observer::cluster::Cluster, observer::policy::Options)> {
     let c = observer::cluster::load_dir(&a.cluster)?;
     for e in &c.errors {
         eprintln!("warning: {e}");
     }
-    Ok((c, observer::policy::Options { ipblock_matches_pods: a.ipblock_matches_pods, audit_all: a.audit }))
+    Ok((
+        c,
+        observer::policy::Options {
+            ipblock_matches_pods: a.ipblock_matches_pods,
+            audit_all: a.audit,
+        },
+    ))
 }
 
 #[derive(Subcommand)]
@@ -246,6 +252,8 @@ struct FlowsArgs {
     /// Only records before this time: RFC 3339, or a duration ago.
     #[arg(long)]
     until: Option<String>,
+    /// Declared for parsing and `--help`; the filters are read back from the command line in
+    /// order (see `ordered_filter_args`), since `--not` depends on position.
     #[command(flatten)]
     filters: FilterArgs,
 }
@@ -308,8 +316,24 @@ struct FilterArgs {
 }
 
 const FILTER_FLAGS: [&str; 18] = [
-    "not", "namespace", "pod", "from-pod", "to-pod", "from-namespace", "to-namespace", "label", "ip", "from-ip",
-    "to-ip", "port", "protocol", "verdict", "drop-reason", "policy", "type", "traffic-class",
+    "not",
+    "namespace",
+    "pod",
+    "from-pod",
+    "to-pod",
+    "from-namespace",
+    "to-namespace",
+    "label",
+    "ip",
+    "from-ip",
+    "to-ip",
+    "port",
+    "protocol",
+    "verdict",
+    "drop-reason",
+    "policy",
+    "type",
+    "traffic-class",
 ];
 
 /// Filter flags in the order given, so `--not` binds to the flag after it.
@@ -342,7 +366,8 @@ fn parse_when(s: &str) -> Result<std::time::SystemTime> {
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t);
     }
-    let d = humantime::parse_duration(s).with_context(|| format!("{s:?}: expected RFC 3339 time or a duration like 5m"))?;
+    let d = humantime::parse_duration(s)
+        .with_context(|| format!("{s:?}: expected RFC 3339 time or a duration like 5m"))?;
     Ok(std::time::SystemTime::now() - d)
 }
 
@@ -357,11 +382,20 @@ enum Output {
 }
 
 fn enter_netns(name: &str) -> Result<()> {
-    let path = if name.contains('/') { PathBuf::from(name) } else { PathBuf::from("/run/netns").join(name) };
-    let f = std::fs::File::open(&path).with_context(|| format!("opening network namespace {}", path.display()))?;
+    let path = if name.contains('/') {
+        PathBuf::from(name)
+    } else {
+        PathBuf::from("/run/netns").join(name)
+    };
+    let f = std::fs::File::open(&path)
+        .with_context(|| format!("opening network namespace {}", path.display()))?;
     use std::os::fd::AsRawFd;
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        anyhow::bail!("entering network namespace {}: {}", path.display(), std::io::Error::last_os_error());
+        anyhow::bail!(
+            "entering network namespace {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -370,7 +404,11 @@ fn main() {
     match run() {
         Ok(()) => {}
         // A closed pipe (`observer flows | head`) is a normal end, as for any Unix filter.
-        Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => {}
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) => {}
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::exit(1);
@@ -409,31 +447,48 @@ fn run() -> Result<()> {
                 close_grace: a.close_grace,
                 source_poll: a.source_poll,
                 enforce: !a.no_enforce,
-                policy: observer::policy::Options { ipblock_matches_pods: a.ipblock_matches_pods, audit_all: a.audit },
+                policy: observer::policy::Options {
+                    ipblock_matches_pods: a.ipblock_matches_pods,
+                    audit_all: a.audit,
+                },
                 flow_log: match &a.flow_log {
                     Some(path) => Some(observer::flowlog::Config {
                         path: path.clone(),
                         max_bytes: a.flow_log_max_bytes,
                         max_files: a.flow_log_max_files,
-                        include: a.flow_log_include.iter().map(|s| observer::flowlog::parse_spec(s)).collect::<Result<_>>()?,
-                        exclude: a.flow_log_exclude.iter().map(|s| observer::flowlog::parse_spec(s)).collect::<Result<_>>()?,
+                        include: a
+                            .flow_log_include
+                            .iter()
+                            .map(|s| observer::flowlog::parse_spec(s))
+                            .collect::<Result<_>>()?,
+                        exclude: a
+                            .flow_log_exclude
+                            .iter()
+                            .map(|s| observer::flowlog::parse_spec(s))
+                            .collect::<Result<_>>()?,
                     }),
                     None => None,
                 },
                 max_records_per_second: a.max_records_per_second,
             };
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(daemon::run(opts))
         }
         Cmd::Completion { shell } => {
-            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "observer", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "observer",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
         Cmd::Flows(a) | Cmd::FlowTail(a) => {
             let follow = a.follow || std::env::args().nth(1).as_deref() == Some("flow-tail");
             let argv: Vec<String> = std::env::args().collect();
             let filters = observer::filter::from_args(&ordered_filter_args(&argv))?;
-            let _ = &a.filters;
             let since = a.since.as_deref().map(parse_when).transpose()?;
             let until = a.until.as_deref().map(parse_when).transpose()?;
             let mut q = String::from("/v1/flows?");
@@ -445,7 +500,10 @@ fn run() -> Result<()> {
                 q.push_str("follow=true&");
             }
             if !filters.is_empty() {
-                q.push_str(&format!("filter={}", observer::filter::encode(&serde_json::to_string(&filters)?)));
+                q.push_str(&format!(
+                    "filter={}",
+                    observer::filter::encode(&serde_json::to_string(&filters)?)
+                ));
             }
             let r = client::get(&a.client.socket, &q)?;
             if since.is_none() && until.is_none() {
@@ -482,30 +540,84 @@ fn run() -> Result<()> {
             println!("node:          {}", s.node);
             println!("started:       {}", s.started);
             println!("attach mode:   {}   pins: {}", s.attach_mode, s.pin_dir);
-            println!("interfaces:    {}", s.interfaces.iter().map(|(i, n)| format!("{n}({i})")).collect::<Vec<_>>().join(" "));
-            println!("conntrack:     {} entries   history: {} records", s.conntrack_entries, s.history);
-            println!("cluster:       {} pods, {} local endpoints, last sync {}", s.pods, s.local_endpoints, s.last_sync.as_deref().unwrap_or("never"));
-            println!("kernel:        {}", s.kernel.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
-            println!("policies:      {}", if s.policies.is_empty() { "none".to_string() } else { s.policies.join(" ") });
-            println!("records shed:  {} (node-wide record budget)", s.records_rate_limited);
+            println!(
+                "interfaces:    {}",
+                s.interfaces
+                    .iter()
+                    .map(|(i, n)| format!("{n}({i})"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            println!(
+                "conntrack:     {} entries   history: {} records",
+                s.conntrack_entries, s.history
+            );
+            println!(
+                "cluster:       {} pods, {} local endpoints, last sync {}",
+                s.pods,
+                s.local_endpoints,
+                s.last_sync.as_deref().unwrap_or("never")
+            );
+            println!(
+                "kernel:        {}",
+                s.kernel
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            println!(
+                "policies:      {}",
+                if s.policies.is_empty() {
+                    "none".to_string()
+                } else {
+                    s.policies.join(" ")
+                }
+            );
+            println!(
+                "records shed:  {} (node-wide record budget)",
+                s.records_rate_limited
+            );
             for e in &s.source_errors {
                 println!("source error:  {e}");
             }
             Ok(())
         }
-        Cmd::Policy { what: PolicyCmd::Matrix { cluster, protocols, ports, output, engine: engine_kind } } => {
+        Cmd::Policy {
+            what:
+                PolicyCmd::Matrix {
+                    cluster,
+                    protocols,
+                    ports,
+                    output,
+                    engine: engine_kind,
+                },
+        } => {
             use observer::policy::{matrix, Engine, Protocol};
             let (c, opts) = load_cluster(&cluster)?;
             let engine = Engine::new(&c, opts);
             let mut protos = Vec::new();
             for p in &protocols {
-                protos.push(Protocol::parse(p).with_context(|| format!("--protocol {p:?}: expected TCP, UDP or SCTP"))?);
+                protos.push(
+                    Protocol::parse(p)
+                        .with_context(|| format!("--protocol {p:?}: expected TCP, UDP or SCTP"))?,
+                );
             }
             let probes: Vec<(Protocol, u16)> = if ports.is_empty() {
-                matrix::served_ports(&c).into_iter().filter(|(pr, _)| protos.is_empty() || protos.contains(pr)).collect()
+                matrix::served_ports(&c)
+                    .into_iter()
+                    .filter(|(pr, _)| protos.is_empty() || protos.contains(pr))
+                    .collect()
             } else {
-                let protos = if protos.is_empty() { vec![Protocol::Tcp] } else { protos };
-                protos.iter().flat_map(|pr| ports.iter().map(move |p| (*pr, *p))).collect()
+                let protos = if protos.is_empty() {
+                    vec![Protocol::Tcp]
+                } else {
+                    protos
+                };
+                protos
+                    .iter()
+                    .flat_map(|pr| ports.iter().map(move |p| (*pr, *p)))
+                    .collect()
             };
             if probes.is_empty() {
                 anyhow::bail!("no ports to probe: no pod declares container ports; pass --port");
@@ -522,13 +634,25 @@ fn run() -> Result<()> {
                     }
                 }
                 MatrixOutput::Table => {
-                    let pods: Vec<String> = matrix::pods_sorted(&c).iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+                    let pods: Vec<String> = matrix::pods_sorted(&c)
+                        .iter()
+                        .map(|p| format!("{}/{}", p.namespace, p.name))
+                        .collect();
                     print!("{}", matrix::render_table(&cells, &pods));
                 }
             }
             Ok(())
         }
-        Cmd::Policy { what: PolicyCmd::Explain { cluster, from, to, port, json } } => {
+        Cmd::Policy {
+            what:
+                PolicyCmd::Explain {
+                    cluster,
+                    from,
+                    to,
+                    port,
+                    json,
+                },
+        } => {
             use observer::policy::{matrix, Engine};
             let (c, opts) = load_cluster(&cluster)?;
             let engine = Engine::new(&c, opts);
@@ -542,12 +666,26 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { what: BenchCmd::Policy { json, repeat, rounds } } => {
+        Cmd::Bench {
+            what:
+                BenchCmd::Policy {
+                    json,
+                    repeat,
+                    rounds,
+                },
+        } => {
             let mut ms = observer::bench::policy(repeat, rounds)?;
             ms.extend(observer::bench::compile_bench(rounds)?);
             print_measurements(&ms, json)
         }
-        Cmd::Bench { what: BenchCmd::Datapath { json, repeat, rounds } } => {
+        Cmd::Bench {
+            what:
+                BenchCmd::Datapath {
+                    json,
+                    repeat,
+                    rounds,
+                },
+        } => {
             let ms = observer::bench::datapath(repeat, rounds)?;
             for m in ms {
                 if json {
@@ -555,7 +693,11 @@ fn run() -> Result<()> {
                 } else {
                     println!(
                         "{:<36} {:>8.1} ns/pkt  baseline {:>6.1}  above {:>7.1}  ({})",
-                        m.case, m.ns_per_packet, m.baseline_ns_per_packet, m.ns_above_baseline, m.method
+                        m.case,
+                        m.ns_per_packet,
+                        m.baseline_ns_per_packet,
+                        m.ns_above_baseline,
+                        m.method
                     );
                 }
             }
@@ -569,14 +711,19 @@ fn print_measurements(ms: &[observer::bench::Measurement], json: bool) -> Result
         if json {
             println!("{}", serde_json::to_string(m)?);
         } else {
-            println!("{:<36} {:>12.1} ns  baseline {:>6.1}  above {:>12.1}  ({})", m.case, m.ns_per_packet, m.baseline_ns_per_packet, m.ns_above_baseline, m.method);
+            println!(
+                "{:<36} {:>12.1} ns  baseline {:>6.1}  above {:>12.1}  ({})",
+                m.case, m.ns_per_packet, m.baseline_ns_per_packet, m.ns_above_baseline, m.method
+            );
         }
     }
     Ok(())
 }
 
 fn hostname() -> Result<String> {
-    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string())
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?
+        .trim()
+        .to_string())
 }
 
 fn print_records(r: impl BufRead, output: Output) -> Result<()> {
@@ -584,7 +731,18 @@ fn print_records(r: impl BufRead, output: Output) -> Result<()> {
     let color = stdout.is_terminal();
     let mut out = stdout.lock();
     if output == Output::Table {
-        writeln!(out, "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16}", "TIME", "EVENT", "SOURCE", "DESTINATION", "PROTO", "VERDICT", "OUT pkts/bytes", "IN pkts/bytes")?;
+        writeln!(
+            out,
+            "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16}",
+            "TIME",
+            "EVENT",
+            "SOURCE",
+            "DESTINATION",
+            "PROTO",
+            "VERDICT",
+            "OUT pkts/bytes",
+            "IN pkts/bytes"
+        )?;
     }
     for line in r.lines() {
         let line = line?;
@@ -597,7 +755,11 @@ fn print_records(r: impl BufRead, output: Output) -> Result<()> {
                 Ok(rec) => {
                     let side = |p: &observer::flows::Peer| match (&p.namespace, &p.pod) {
                         (Some(ns), Some(pod)) => format!("{ns}/{pod}:{}", p.port),
-                        _ => format!("{}:{}", p.ip.map(|i| i.to_string()).unwrap_or_default(), p.port),
+                        _ => format!(
+                            "{}:{}",
+                            p.ip.map(|i| i.to_string()).unwrap_or_default(),
+                            p.port
+                        ),
                     };
                     let c = &rec.counters;
                     writeln!(
@@ -619,7 +781,11 @@ fn print_records(r: impl BufRead, output: Output) -> Result<()> {
                 Ok(rec) => {
                     let l = rec.compact();
                     if color {
-                        let c = match rec.event.as_str() { "new" => "32", "close" => "90", _ => "0" };
+                        let c = match rec.event.as_str() {
+                            "new" => "32",
+                            "close" => "90",
+                            _ => "0",
+                        };
                         writeln!(out, "\x1b[{c}m{l}\x1b[0m")
                     } else {
                         writeln!(out, "{l}")

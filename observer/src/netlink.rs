@@ -212,9 +212,16 @@ pub fn dump_links() -> io::Result<Vec<Link>> {
     let mut links = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         if unsafe { libc::poll(&mut pfd, 1, 5000) } <= 0 {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "netlink link dump timed out"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "netlink link dump timed out",
+            ));
         }
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {

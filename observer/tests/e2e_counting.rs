@@ -7,7 +7,9 @@ use std::{
     time::Duration,
 };
 
-use observer_tests::{in_netns, nft, nft_counter, spawn_in_netns, PodSpec, TestBed, EXT_IP, EXT_IP6};
+use observer_tests::{
+    in_netns, nft, nft_counter, spawn_in_netns, PodSpec, TestBed, EXT_IP, EXT_IP6,
+};
 use serde_json::Value;
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
@@ -50,7 +52,13 @@ fn socket2_like(family: i32) -> i32 {
     assert!(fd >= 0);
     let one: i32 = 1;
     unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one as *const _ as *const _, 4);
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const _,
+            4,
+        );
     }
     fd
 }
@@ -130,10 +138,21 @@ fn nft_rules(flows: &[Flow]) -> String {
     let mut counters = String::new();
     let (mut out, mut inn) = (String::new(), String::new());
     for f in flows {
-        counters.push_str(&format!("counter {n}_out {{}}\ncounter {n}_in {{}}\n", n = f.name));
+        counters.push_str(&format!(
+            "counter {n}_out {{}}\ncounter {n}_in {{}}\n",
+            n = f.name
+        ));
         let (fam, daddr_o, saddr_i) = match f.dst {
-            IpAddr::V4(_) => ("ip", format!("ip daddr {}", f.dst), format!("ip saddr {}", f.dst)),
-            IpAddr::V6(_) => ("ip6", format!("ip6 daddr {}", f.dst), format!("ip6 saddr {}", f.dst)),
+            IpAddr::V4(_) => (
+                "ip",
+                format!("ip daddr {}", f.dst),
+                format!("ip saddr {}", f.dst),
+            ),
+            IpAddr::V6(_) => (
+                "ip6",
+                format!("ip6 daddr {}", f.dst),
+                format!("ip6 saddr {}", f.dst),
+            ),
         };
         let _ = fam;
         let (o, i) = match f.proto {
@@ -144,8 +163,14 @@ fn nft_rules(flows: &[Flow]) -> String {
                     format!("{saddr_i} {p} sport {} {p} dport {}", f.dport, f.sport),
                 )
             }
-            "ICMP" => (format!("{daddr_o} icmp type echo-request"), format!("{saddr_i} icmp type echo-reply")),
-            _ => (format!("{daddr_o} icmpv6 type echo-request"), format!("{saddr_i} icmpv6 type echo-reply")),
+            "ICMP" => (
+                format!("{daddr_o} icmp type echo-request"),
+                format!("{saddr_i} icmp type echo-reply"),
+            ),
+            _ => (
+                format!("{daddr_o} icmpv6 type echo-request"),
+                format!("{saddr_i} icmpv6 type echo-reply"),
+            ),
         };
         out.push_str(&format!("{o} counter name {}_out\n", f.name));
         inn.push_str(&format!("{i} counter name {}_in\n", f.name));
@@ -161,16 +186,31 @@ fn find<'a>(records: &'a [Value], f: &Flow) -> Option<&'a Value> {
         r["l4"]["protocol"] == f.proto
             && r["ip"]["src"] == f.src.to_string()
             && r["ip"]["dst"] == f.dst.to_string()
-            && (f.proto.starts_with("ICMP") || (r["l4"]["src_port"] == f.sport && r["l4"]["dst_port"] == f.dport))
+            && (f.proto.starts_with("ICMP")
+                || (r["l4"]["src_port"] == f.sport && r["l4"]["dst_port"] == f.dport))
     })
 }
 
 #[test]
 fn per_flow_packets_and_bytes_are_exact() {
     let mut bed = TestBed::overlay("cnt").expect("test bed");
-    bed.add_pod(PodSpec { namespace: "x", name: "a", labels: &[("app", "client")], ports: &[] }).unwrap();
-    bed.add_pod(PodSpec { namespace: "y", name: "b", labels: &[("app", "server")], ports: &[("http", TCP_PORT, "TCP"), ("echo", UDP_PORT, "UDP")] }).unwrap();
-    let daemon = bed.start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"]).expect("daemon");
+    bed.add_pod(PodSpec {
+        namespace: "x",
+        name: "a",
+        labels: &[("app", "client")],
+        ports: &[],
+    })
+    .unwrap();
+    bed.add_pod(PodSpec {
+        namespace: "y",
+        name: "b",
+        labels: &[("app", "server")],
+        ports: &[("http", TCP_PORT, "TCP"), ("echo", UDP_PORT, "UDP")],
+    })
+    .unwrap();
+    let daemon = bed
+        .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"])
+        .expect("daemon");
     let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
     let ext4: IpAddr = EXT_IP.parse().unwrap();
     let ext6: IpAddr = EXT_IP6.parse().unwrap();
@@ -182,16 +222,116 @@ fn per_flow_packets_and_bytes_are_exact() {
     let ping4 = Some(((3, 3 * 84), (3, 3 * 84)));
     let ping6 = Some(((3, 3 * 104), (3, 3 * 104)));
     let flows = vec![
-        Flow { name: "tcp4_pod", proto: "TCP", src: a.ip4, dst: b.ip4, sport: 41001, dport: TCP_PORT, class: "pod-to-pod-local", dst_pod: Some("b"), expect: None },
-        Flow { name: "tcp6_pod", proto: "TCP", src: a.ip6, dst: b.ip6, sport: 41002, dport: TCP_PORT, class: "pod-to-pod-local", dst_pod: Some("b"), expect: None },
-        Flow { name: "tcp4_ext", proto: "TCP", src: a.ip4, dst: ext4, sport: 41003, dport: TCP_PORT, class: "pod-to-world", dst_pod: None, expect: None },
-        Flow { name: "tcp6_ext", proto: "TCP", src: a.ip6, dst: ext6, sport: 41004, dport: TCP_PORT, class: "pod-to-world", dst_pod: None, expect: None },
-        Flow { name: "udp4_pod", proto: "UDP", src: a.ip4, dst: b.ip4, sport: 42001, dport: UDP_PORT, class: "pod-to-pod-local", dst_pod: Some("b"), expect: udp4(10, 200) },
-        Flow { name: "udp6_pod", proto: "UDP", src: a.ip6, dst: b.ip6, sport: 42002, dport: UDP_PORT, class: "pod-to-pod-local", dst_pod: Some("b"), expect: udp6(10, 200) },
-        Flow { name: "udp4_ext", proto: "UDP", src: a.ip4, dst: ext4, sport: 42003, dport: UDP_PORT, class: "pod-to-world", dst_pod: None, expect: udp4(7, 500) },
-        Flow { name: "udp6_ext", proto: "UDP", src: a.ip6, dst: ext6, sport: 42004, dport: UDP_PORT, class: "pod-to-world", dst_pod: None, expect: udp6(7, 500) },
-        Flow { name: "ping4_pod", proto: "ICMP", src: a.ip4, dst: b.ip4, sport: 0, dport: 0, class: "pod-to-pod-local", dst_pod: Some("b"), expect: ping4 },
-        Flow { name: "ping6_ext", proto: "ICMPv6", src: a.ip6, dst: ext6, sport: 0, dport: 0, class: "pod-to-world", dst_pod: None, expect: ping6 },
+        Flow {
+            name: "tcp4_pod",
+            proto: "TCP",
+            src: a.ip4,
+            dst: b.ip4,
+            sport: 41001,
+            dport: TCP_PORT,
+            class: "pod-to-pod-local",
+            dst_pod: Some("b"),
+            expect: None,
+        },
+        Flow {
+            name: "tcp6_pod",
+            proto: "TCP",
+            src: a.ip6,
+            dst: b.ip6,
+            sport: 41002,
+            dport: TCP_PORT,
+            class: "pod-to-pod-local",
+            dst_pod: Some("b"),
+            expect: None,
+        },
+        Flow {
+            name: "tcp4_ext",
+            proto: "TCP",
+            src: a.ip4,
+            dst: ext4,
+            sport: 41003,
+            dport: TCP_PORT,
+            class: "pod-to-world",
+            dst_pod: None,
+            expect: None,
+        },
+        Flow {
+            name: "tcp6_ext",
+            proto: "TCP",
+            src: a.ip6,
+            dst: ext6,
+            sport: 41004,
+            dport: TCP_PORT,
+            class: "pod-to-world",
+            dst_pod: None,
+            expect: None,
+        },
+        Flow {
+            name: "udp4_pod",
+            proto: "UDP",
+            src: a.ip4,
+            dst: b.ip4,
+            sport: 42001,
+            dport: UDP_PORT,
+            class: "pod-to-pod-local",
+            dst_pod: Some("b"),
+            expect: udp4(10, 200),
+        },
+        Flow {
+            name: "udp6_pod",
+            proto: "UDP",
+            src: a.ip6,
+            dst: b.ip6,
+            sport: 42002,
+            dport: UDP_PORT,
+            class: "pod-to-pod-local",
+            dst_pod: Some("b"),
+            expect: udp6(10, 200),
+        },
+        Flow {
+            name: "udp4_ext",
+            proto: "UDP",
+            src: a.ip4,
+            dst: ext4,
+            sport: 42003,
+            dport: UDP_PORT,
+            class: "pod-to-world",
+            dst_pod: None,
+            expect: udp4(7, 500),
+        },
+        Flow {
+            name: "udp6_ext",
+            proto: "UDP",
+            src: a.ip6,
+            dst: ext6,
+            sport: 42004,
+            dport: UDP_PORT,
+            class: "pod-to-world",
+            dst_pod: None,
+            expect: udp6(7, 500),
+        },
+        Flow {
+            name: "ping4_pod",
+            proto: "ICMP",
+            src: a.ip4,
+            dst: b.ip4,
+            sport: 0,
+            dport: 0,
+            class: "pod-to-pod-local",
+            dst_pod: Some("b"),
+            expect: ping4,
+        },
+        Flow {
+            name: "ping6_ext",
+            proto: "ICMPv6",
+            src: a.ip6,
+            dst: ext6,
+            sport: 0,
+            dport: 0,
+            class: "pod-to-world",
+            dst_pod: None,
+            expect: ping6,
+        },
     ];
     nft(&a.netns, &nft_rules(&flows)).expect("reference counters");
 
@@ -206,12 +346,22 @@ fn per_flow_packets_and_bytes_are_exact() {
         servers.push(std::thread::spawn(move || udp_echo(us, udp_dgrams)));
     }
 
-    let sizes = [(100_000usize, 50_000usize), (64_000, 128_000), (30_000, 70_000), (12_345, 54_321)];
+    let sizes = [
+        (100_000usize, 50_000usize),
+        (64_000, 128_000),
+        (30_000, 70_000),
+        (12_345, 54_321),
+    ];
     let mut clients = Vec::new();
     for (i, f) in flows.iter().enumerate().filter(|(_, f)| f.proto == "TCP") {
         let (send, reply) = sizes[i % 4];
-        let (src, dst) = (SocketAddr::new(f.src, f.sport), SocketAddr::new(f.dst, f.dport));
-        clients.push(spawn_in_netns(&a.netns, move || assert_eq!(tcp_client(src, dst, send, reply), reply)));
+        let (src, dst) = (
+            SocketAddr::new(f.src, f.sport),
+            SocketAddr::new(f.dst, f.dport),
+        );
+        clients.push(spawn_in_netns(&a.netns, move || {
+            assert_eq!(tcp_client(src, dst, send, reply), reply)
+        }));
     }
     for c in clients.drain(..) {
         c.join().unwrap().unwrap();
@@ -220,12 +370,22 @@ fn per_flow_packets_and_bytes_are_exact() {
         let ((n, bytes), _) = f.expect.unwrap();
         let hdr = if f.src.is_ipv4() { 28 } else { 48 };
         let size = (bytes / n - hdr) as usize;
-        let (src, dst) = (SocketAddr::new(f.src, f.sport), SocketAddr::new(f.dst, f.dport));
-        in_netns(&a.netns, move || assert_eq!(udp_client(src, dst, n as usize, size), n as usize)).unwrap();
+        let (src, dst) = (
+            SocketAddr::new(f.src, f.sport),
+            SocketAddr::new(f.dst, f.dport),
+        );
+        in_netns(&a.netns, move || {
+            assert_eq!(udp_client(src, dst, n as usize, size), n as usize)
+        })
+        .unwrap();
     }
     for f in flows.iter().filter(|f| f.proto.starts_with("ICMP")) {
         let dst = f.dst.to_string();
-        observer_tests::ns_run(&a.netns, &["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "2", &dst]).unwrap();
+        observer_tests::ns_run(
+            &a.netns,
+            &["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "2", &dst],
+        )
+        .unwrap();
     }
     for s in servers {
         s.join().unwrap();
@@ -237,90 +397,206 @@ fn per_flow_packets_and_bytes_are_exact() {
     let history = daemon.get_lines("/v1/flows").unwrap();
     let mut failures = Vec::new();
     for f in &flows {
-        let reference_out = nft_counter(&a.netns, "inet", "ref", &format!("{}_out", f.name)).unwrap();
+        let reference_out =
+            nft_counter(&a.netns, "inet", "ref", &format!("{}_out", f.name)).unwrap();
         let reference_in = nft_counter(&a.netns, "inet", "ref", &format!("{}_in", f.name)).unwrap();
         let Some(r) = find(&conntrack, f) else {
             failures.push(format!("{}: no conntrack record", f.name));
             continue;
         };
         let c = &r["counters"];
-        let got_out = (c["packets_out"].as_u64().unwrap(), c["bytes_out"].as_u64().unwrap());
-        let got_in = (c["packets_in"].as_u64().unwrap(), c["bytes_in"].as_u64().unwrap());
-        eprintln!("{:<10} observer out {:?} in {:?} | nft out {:?} in {:?}", f.name, got_out, got_in, reference_out, reference_in);
+        let got_out = (
+            c["packets_out"].as_u64().unwrap(),
+            c["bytes_out"].as_u64().unwrap(),
+        );
+        let got_in = (
+            c["packets_in"].as_u64().unwrap(),
+            c["bytes_in"].as_u64().unwrap(),
+        );
+        eprintln!(
+            "{:<10} observer out {:?} in {:?} | nft out {:?} in {:?}",
+            f.name, got_out, got_in, reference_out, reference_in
+        );
         if got_out != reference_out || got_in != reference_in {
             failures.push(format!("{}: observer out {got_out:?} in {got_in:?}, nft out {reference_out:?} in {reference_in:?}", f.name));
         }
         if let Some((eo, ei)) = f.expect {
             if got_out != eo || got_in != ei {
-                failures.push(format!("{}: observer out {got_out:?} in {got_in:?}, sent out {eo:?} in {ei:?}", f.name));
+                failures.push(format!(
+                    "{}: observer out {got_out:?} in {got_in:?}, sent out {eo:?} in {ei:?}",
+                    f.name
+                ));
             }
         }
         if got_out.0 == 0 || got_in.0 == 0 {
             failures.push(format!("{}: a direction saw no packets", f.name));
         }
         if r["traffic_class"] != f.class {
-            failures.push(format!("{}: class {} want {}", f.name, r["traffic_class"], f.class));
+            failures.push(format!(
+                "{}: class {} want {}",
+                f.name, r["traffic_class"], f.class
+            ));
         }
-        if r["source"]["pod"] != "a" || r["source"]["namespace"] != "x" || r["source"]["labels"]["app"] != "client" {
+        if r["source"]["pod"] != "a"
+            || r["source"]["namespace"] != "x"
+            || r["source"]["labels"]["app"] != "client"
+        {
             failures.push(format!("{}: source not enriched: {}", f.name, r["source"]));
         }
         match f.dst_pod {
-            Some(p) if r["destination"]["pod"] != p => failures.push(format!("{}: destination {}", f.name, r["destination"])),
-            None if !r["destination"]["pod"].is_null() => failures.push(format!("{}: destination {}", f.name, r["destination"])),
+            Some(p) if r["destination"]["pod"] != p => {
+                failures.push(format!("{}: destination {}", f.name, r["destination"]))
+            }
+            None if !r["destination"]["pod"].is_null() => {
+                failures.push(format!("{}: destination {}", f.name, r["destination"]))
+            }
             _ => {}
         }
         if r["direction"] != "egress" {
             failures.push(format!("{}: direction {}", f.name, r["direction"]));
         }
         // Every flow was announced when it started.
-        if !history.iter().any(|h| h["event"] == "new" && find(std::slice::from_ref(h), f).is_some()) {
+        if !history
+            .iter()
+            .any(|h| h["event"] == "new" && find(std::slice::from_ref(h), f).is_some())
+        {
             failures.push(format!("{}: no 'new' record", f.name));
         }
         // TCP closes are published with the final counters.
         if f.proto == "TCP" {
-            match history.iter().find(|h| h["event"] == "close" && find(std::slice::from_ref(h), f).is_some()) {
+            match history
+                .iter()
+                .find(|h| h["event"] == "close" && find(std::slice::from_ref(h), f).is_some())
+            {
                 Some(h) if h["counters"] == r["counters"] => {}
-                Some(h) => failures.push(format!("{}: close record counters {} differ from final {}", f.name, h["counters"], r["counters"])),
+                Some(h) => failures.push(format!(
+                    "{}: close record counters {} differ from final {}",
+                    f.name, h["counters"], r["counters"]
+                )),
                 None => failures.push(format!("{}: no 'close' record", f.name)),
             }
         }
     }
     let status: Value = serde_json::from_str(&daemon.get("/v1/status").unwrap()).unwrap();
-    let lost = status["kernel"].as_array().unwrap().iter().find(|kv| kv[0] == "events_lost").unwrap()[1].as_u64().unwrap();
+    let lost = status["kernel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|kv| kv[0] == "events_lost")
+        .unwrap()[1]
+        .as_u64()
+        .unwrap();
     if lost != 0 {
         failures.push(format!("{lost} events lost"));
     }
-    assert!(failures.is_empty(), "mismatches:\n{}\ndaemon log:\n{}", failures.join("\n"), daemon.log_text());
+    assert!(
+        failures.is_empty(),
+        "mismatches:\n{}\ndaemon log:\n{}",
+        failures.join("\n"),
+        daemon.log_text()
+    );
 }
 
 #[test]
 fn inbound_flows_from_the_node_and_the_world_are_classified_and_counted() {
     let mut bed = TestBed::overlay("inb").expect("test bed");
-    bed.add_pod(PodSpec { namespace: "y", name: "b", labels: &[("app", "server")], ports: &[] }).unwrap();
-    let daemon = bed.start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"]).expect("daemon");
+    bed.add_pod(PodSpec {
+        namespace: "y",
+        name: "b",
+        labels: &[("app", "server")],
+        ports: &[],
+    })
+    .unwrap();
+    let daemon = bed
+        .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"])
+        .expect("daemon");
     let b = bed.pod("b").clone();
     let node_ns = bed.node_ns.clone();
     let ext_ns = bed.ext_ns.clone();
-    observer_tests::ns_run(&node_ns, &["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "2", &b.ip4.to_string()]).unwrap();
-    observer_tests::ns_run(&ext_ns, &["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "2", &b.ip4.to_string()]).unwrap();
-    observer_tests::ns_run(&ext_ns, &["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "2", &b.ip6.to_string()]).unwrap();
+    observer_tests::ns_run(
+        &node_ns,
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &b.ip4.to_string(),
+        ],
+    )
+    .unwrap();
+    observer_tests::ns_run(
+        &ext_ns,
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &b.ip4.to_string(),
+        ],
+    )
+    .unwrap();
+    observer_tests::ns_run(
+        &ext_ns,
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &b.ip6.to_string(),
+        ],
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let ct = daemon.get_lines("/v1/conntrack").unwrap();
     let cases = [
-        (observer_tests::NODE_IP, b.ip4.to_string(), "ICMP", "node-to-pod", 3u64, 84u64),
+        (
+            observer_tests::NODE_IP,
+            b.ip4.to_string(),
+            "ICMP",
+            "node-to-pod",
+            3u64,
+            84u64,
+        ),
         (EXT_IP, b.ip4.to_string(), "ICMP", "world-to-pod", 2, 84),
         (EXT_IP6, b.ip6.to_string(), "ICMPv6", "world-to-pod", 2, 104),
     ];
     for (src, dst, proto, class, n, size) in cases {
         let r = ct
             .iter()
-            .find(|r| r["ip"]["src"] == src && r["ip"]["dst"] == dst.as_str() && r["l4"]["protocol"] == proto)
+            .find(|r| {
+                r["ip"]["src"] == src
+                    && r["ip"]["dst"] == dst.as_str()
+                    && r["l4"]["protocol"] == proto
+            })
             .unwrap_or_else(|| panic!("no {proto} flow {src} -> {dst} in {ct:#?}"));
         assert_eq!(r["traffic_class"], class, "{src} -> {dst}");
         assert_eq!(r["direction"], "ingress", "{src} -> {dst}");
         assert_eq!(r["destination"]["pod"], "b");
         let c = &r["counters"];
-        assert_eq!((c["packets_out"].as_u64(), c["bytes_out"].as_u64()), (Some(n), Some(n * size)), "{src} -> {dst}");
-        assert_eq!((c["packets_in"].as_u64(), c["bytes_in"].as_u64()), (Some(n), Some(n * size)), "{src} -> {dst}");
+        assert_eq!(
+            (c["packets_out"].as_u64(), c["bytes_out"].as_u64()),
+            (Some(n), Some(n * size)),
+            "{src} -> {dst}"
+        );
+        assert_eq!(
+            (c["packets_in"].as_u64(), c["bytes_in"].as_u64()),
+            (Some(n), Some(n * size)),
+            "{src} -> {dst}"
+        );
     }
 }

@@ -12,19 +12,44 @@ use serde_json::Value;
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 
 fn cli(socket: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(OBSERVER).arg("flows").arg("--socket").arg(socket).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(OBSERVER)
+        .arg("flows")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn json_lines(s: &str) -> Vec<Value> {
-    s.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+    s.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
 fn flows_filters_outputs_and_metrics() {
     let mut bed = TestBed::overlay("cli").unwrap();
-    bed.add_pod(PodSpec { namespace: "x", name: "a", labels: &[("app", "client")], ports: &[] }).unwrap();
-    bed.add_pod(PodSpec { namespace: "y", name: "b", labels: &[("app", "server")], ports: &[("http", 80, "TCP")] }).unwrap();
+    bed.add_pod(PodSpec {
+        namespace: "x",
+        name: "a",
+        labels: &[("app", "client")],
+        ports: &[],
+    })
+    .unwrap();
+    bed.add_pod(PodSpec {
+        namespace: "y",
+        name: "b",
+        labels: &[("app", "server")],
+        ports: &[("http", 80, "TCP")],
+    })
+    .unwrap();
     std::fs::write(
         bed.cluster_dir().join("policy.yaml"),
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-http, namespace: y}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{ports: [{port: 80}]}]\n",
@@ -33,16 +58,34 @@ fn flows_filters_outputs_and_metrics() {
     let flow_log = bed.dir.join("log").join("flows.jsonl");
     let flow_log_arg = flow_log.display().to_string();
     let daemon = bed
-        .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0", "--flow-log", &flow_log_arg, "--flow-log-include", "verdict=dropped"])
+        .start_daemon(
+            OBSERVER.as_ref(),
+            &[
+                "--report-interval",
+                "0",
+                "--flow-log",
+                &flow_log_arg,
+                "--flow-log-include",
+                "verdict=dropped",
+            ],
+        )
         .unwrap();
     let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
     for port in [80u16, 81] {
         let l = in_netns(&b.netns, move || TcpListener::bind(("::", port)).unwrap()).unwrap();
-        std::thread::spawn(move || for s in l.incoming() { drop(s) });
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                drop(s)
+            }
+        });
     }
-    let ok = spawn_in_netns(&a.netns, move || TcpStream::connect_timeout(&SocketAddr::new(b.ip4, 80), Duration::from_secs(2)).is_ok());
+    let ok = spawn_in_netns(&a.netns, move || {
+        TcpStream::connect_timeout(&SocketAddr::new(b.ip4, 80), Duration::from_secs(2)).is_ok()
+    });
     assert!(ok.join().unwrap().unwrap(), "port 80 is allowed");
-    let denied = spawn_in_netns(&a.netns, move || TcpStream::connect_timeout(&SocketAddr::new(b.ip4, 81), Duration::from_millis(500)).is_ok());
+    let denied = spawn_in_netns(&a.netns, move || {
+        TcpStream::connect_timeout(&SocketAddr::new(b.ip4, 81), Duration::from_millis(500)).is_ok()
+    });
     assert!(!denied.join().unwrap().unwrap(), "port 81 is denied");
     std::thread::sleep(Duration::from_millis(1800));
 
@@ -58,7 +101,21 @@ fn flows_filters_outputs_and_metrics() {
         assert_eq!(r["isolated_by"][0]["name"], "b-http", "{r}");
     }
 
-    let (_, out, _) = cli(&sock, &["-o", "json", "--from-pod", "x/a", "--to-pod", "y/b", "--port", "80", "--type", "close"]);
+    let (_, out, _) = cli(
+        &sock,
+        &[
+            "-o",
+            "json",
+            "--from-pod",
+            "x/a",
+            "--to-pod",
+            "y/b",
+            "--port",
+            "80",
+            "--type",
+            "close",
+        ],
+    );
     let closes = json_lines(&out);
     assert_eq!(closes.len(), 1, "{out}");
     assert_eq!(closes[0]["policy"][0]["name"], "b-http");
@@ -66,18 +123,41 @@ fn flows_filters_outputs_and_metrics() {
     assert!(closes[0]["counters"]["packets_in"].as_u64().unwrap() > 0);
 
     // --not binds to the next filter only.
-    let (_, out, _) = cli(&sock, &["-o", "json", "--to-pod", "y/b", "--not", "--verdict", "dropped"]);
+    let (_, out, _) = cli(
+        &sock,
+        &[
+            "-o",
+            "json",
+            "--to-pod",
+            "y/b",
+            "--not",
+            "--verdict",
+            "dropped",
+        ],
+    );
     let rest = json_lines(&out);
-    assert!(!rest.is_empty() && rest.iter().all(|r| r["verdict"] == "forwarded" && r["destination"]["port"] == 80), "{out}");
+    assert!(
+        !rest.is_empty()
+            && rest
+                .iter()
+                .all(|r| r["verdict"] == "forwarded" && r["destination"]["port"] == 80),
+        "{out}"
+    );
 
     let (_, out, _) = cli(&sock, &["-o", "json", "--namespace", "nowhere"]);
     assert!(out.trim().is_empty(), "{out}");
     let (_, out, _) = cli(&sock, &["-o", "json", "--last", "1"]);
     assert_eq!(json_lines(&out).len(), 1);
     let (_, out, _) = cli(&sock, &["-o", "table", "--to-pod", "y/b"]);
-    assert!(out.starts_with("TIME") && out.contains("y/b:81") && out.contains("dropped"), "{out}");
+    assert!(
+        out.starts_with("TIME") && out.contains("y/b:81") && out.contains("dropped"),
+        "{out}"
+    );
     let (_, out, _) = cli(&sock, &["--since", "1h", "--from-ip", &a.ip4.to_string()]);
-    assert!(out.contains("x/a") && out.contains("DROPPED by y/b-http"), "{out}");
+    assert!(
+        out.contains("x/a") && out.contains("DROPPED by y/b-http"),
+        "{out}"
+    );
     let (ok, _, err) = cli(&sock, &["--verdict", "maybe"]);
     assert!(!ok && err.contains("--verdict"), "{err}");
 
@@ -87,9 +167,24 @@ fn flows_filters_outputs_and_metrics() {
     assert!(logged.iter().all(|r| r["verdict"] == "dropped"));
 
     let metrics = daemon.get("/metrics").unwrap();
-    let denied_line = metrics.lines().find(|l| l.starts_with("observer_datapath_total{kind=\"policy_denied\"}")).expect("policy_denied metric");
-    assert!(denied_line.split_whitespace().last().unwrap().parse::<u64>().unwrap() >= 1, "{denied_line}");
-    assert!(metrics.contains("observer_flow_records_total{event=\"drop\""), "{metrics}");
+    let denied_line = metrics
+        .lines()
+        .find(|l| l.starts_with("observer_datapath_total{kind=\"policy_denied\"}"))
+        .expect("policy_denied metric");
+    assert!(
+        denied_line
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1,
+        "{denied_line}"
+    );
+    assert!(
+        metrics.contains("observer_flow_records_total{event=\"drop\""),
+        "{metrics}"
+    );
 
     // No daemon: a clear error, non-zero exit.
     let (ok, _, err) = cli(&bed.dir.join("absent.sock"), &[]);

@@ -12,23 +12,42 @@ const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 
 fn attached(d: &observer_tests::Daemon) -> Vec<String> {
     let s: Value = serde_json::from_str(&d.get("/v1/status").unwrap()).unwrap();
-    s["interfaces"].as_array().unwrap().iter().map(|i| i[1].as_str().unwrap().to_string()).collect()
+    s["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i[1].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn flow<'a>(records: &'a [Value], proto: &str, src: &str, dst: &str) -> Option<&'a Value> {
-    records.iter().find(|r| r["l4"]["protocol"] == proto && r["ip"]["src"] == src && r["ip"]["dst"] == dst)
+    records
+        .iter()
+        .find(|r| r["l4"]["protocol"] == proto && r["ip"]["src"] == src && r["ip"]["dst"] == dst)
 }
 
 #[test]
 fn a_pod_created_after_start_is_attached_counted_and_released() {
     let mut bed = TestBed::overlay("lnk").unwrap();
-    bed.add_pod(PodSpec { namespace: "x", name: "a", labels: &[], ports: &[] }).unwrap();
+    bed.add_pod(PodSpec {
+        namespace: "x",
+        name: "a",
+        labels: &[],
+        ports: &[],
+    })
+    .unwrap();
     let daemon = bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
     assert_eq!(attached(&daemon), vec!["lxc0"]);
 
     // The bare veth first, to time the attach from the kernel's announcement.
     let t0 = Instant::now();
-    ns_run(&bed.node_ns, &["ip", "link", "add", "lxcprobe", "type", "veth", "peer", "name", "probe0"]).unwrap();
+    ns_run(
+        &bed.node_ns,
+        &[
+            "ip", "link", "add", "lxcprobe", "type", "veth", "peer", "name", "probe0",
+        ],
+    )
+    .unwrap();
     let created = t0.elapsed();
     let mut latency = None;
     while t0.elapsed() < Duration::from_secs(5) {
@@ -43,12 +62,21 @@ fn a_pod_created_after_start_is_attached_counted_and_released() {
     ns_run(&bed.node_ns, &["ip", "link", "del", "lxcprobe"]).unwrap();
     let t1 = Instant::now();
     while attached(&daemon).iter().any(|n| n == "lxcprobe") {
-        assert!(t1.elapsed() < Duration::from_secs(5), "deleted veth still listed");
+        assert!(
+            t1.elapsed() < Duration::from_secs(5),
+            "deleted veth still listed"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 
     // A real pod: its first packets are counted, exactly.
-    bed.add_pod(PodSpec { namespace: "x", name: "late", labels: &[], ports: &[] }).unwrap();
+    bed.add_pod(PodSpec {
+        namespace: "x",
+        name: "late",
+        labels: &[],
+        ports: &[],
+    })
+    .unwrap();
     let late = bed.pod("late").clone();
     // The dir source re-reads its folder about once a second, as a watch would deliver the pod.
     let t2 = Instant::now();
@@ -57,17 +85,40 @@ fn a_pod_created_after_start_is_attached_counted_and_released() {
         if s["pods"] == 2 {
             break;
         }
-        assert!(t2.elapsed() < Duration::from_secs(10), "new pod never read from the source");
+        assert!(
+            t2.elapsed() < Duration::from_secs(10),
+            "new pod never read from the source"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let a = bed.pod("a").clone();
-    ns_run(&late.netns, &["ping", "-n", "-q", "-c", "4", "-i", "0.2", "-W", "2", &a.ip4.to_string()]).unwrap();
+    ns_run(
+        &late.netns,
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "4",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &a.ip4.to_string(),
+        ],
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let ct = daemon.get_lines("/v1/conntrack").unwrap();
-    let r = flow(&ct, "ICMP", &late.ip4.to_string(), &a.ip4.to_string()).expect("late pod's ping tracked");
+    let r = flow(&ct, "ICMP", &late.ip4.to_string(), &a.ip4.to_string())
+        .expect("late pod's ping tracked");
     assert_eq!(r["counters"]["packets_out"], 4);
     assert_eq!(r["counters"]["packets_in"], 4);
-    assert_eq!(r["source"]["pod"], "late", "pod YAML picked up by the dir source: {}", r["source"]);
+    assert_eq!(
+        r["source"]["pod"], "late",
+        "pod YAML picked up by the dir source: {}",
+        r["source"]
+    );
 }
 
 fn udp_round(ns: &str, src: SocketAddr, dst: SocketAddr, n: usize) {
@@ -86,8 +137,20 @@ fn udp_round(ns: &str, src: SocketAddr, dst: SocketAddr, n: usize) {
 #[test]
 fn a_restarted_daemon_readopts_pinned_maps_and_counters_continue() {
     let mut bed = TestBed::overlay("rst").unwrap();
-    bed.add_pod(PodSpec { namespace: "x", name: "a", labels: &[], ports: &[] }).unwrap();
-    bed.add_pod(PodSpec { namespace: "x", name: "b", labels: &[], ports: &[] }).unwrap();
+    bed.add_pod(PodSpec {
+        namespace: "x",
+        name: "a",
+        labels: &[],
+        ports: &[],
+    })
+    .unwrap();
+    bed.add_pod(PodSpec {
+        namespace: "x",
+        name: "b",
+        labels: &[],
+        ports: &[],
+    })
+    .unwrap();
     let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
     let echo = in_netns(&b.netns, || UdpSocket::bind(("::", 7007)).unwrap()).unwrap();
     let server = std::thread::spawn(move || {
@@ -105,15 +168,23 @@ fn a_restarted_daemon_readopts_pinned_maps_and_counters_continue() {
     // SIGKILL: no chance to clean up.
     unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
     bed.stop_daemon(&first);
-    assert!(first.pin_dir.join("OBS_CT").exists(), "conntrack map pinned");
+    assert!(
+        first.pin_dir.join("OBS_CT").exists(),
+        "conntrack map pinned"
+    );
 
     let second = bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
-    assert!(second.log_text().contains("re-adopting pinned maps"), "{}", second.log_text());
+    assert!(
+        second.log_text().contains("re-adopting pinned maps"),
+        "{}",
+        second.log_text()
+    );
     udp_round(&a.netns, src, dst, 6);
     server.join().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let ct = second.get_lines("/v1/conntrack").unwrap();
-    let r = flow(&ct, "UDP", &a.ip4.to_string(), &b.ip4.to_string()).expect("flow survives the restart");
+    let r = flow(&ct, "UDP", &a.ip4.to_string(), &b.ip4.to_string())
+        .expect("flow survives the restart");
     // 4 before and 6 after the restart, one entry: 20 + 8 + 100 bytes each.
     assert_eq!(r["counters"]["packets_out"], 10);
     assert_eq!(r["counters"]["packets_in"], 10);

@@ -1,29 +1,25 @@
 //! The kernel parser on crafted packets, run through BPF_PROG_TEST_RUN in the real kernel:
 //! VLAN tags, IPv4 options and fragments, IPv6 extension headers and fragments, SCTP, ICMP,
 //! truncated and non-IP frames. Each case checks what lands in conntrack and the stats.
-use std::{net::IpAddr, path::PathBuf};
+use std::net::IpAddr;
 
 use aya::programs::{TestRun, TestRunOptions};
-use observer::{bpf::Datapath, cluster::addr_from};
+use observer::{
+    bpf::{Datapath, ScratchPins},
+    cluster::addr_from,
+};
 use observer_common::{programs, CtEntry, CtKey};
 
 struct Bpf {
     dp: Datapath,
-    pin: PathBuf,
-}
-
-impl Drop for Bpf {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin);
-    }
+    _pins: ScratchPins,
 }
 
 fn load(tag: &str) -> Bpf {
     observer_tests::ensure_root().unwrap();
-    let pin = PathBuf::from(format!("/sys/fs/bpf/observer-test-parser-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&pin);
-    let dp = Datapath::load(&pin).expect("load programs");
-    Bpf { dp, pin }
+    let pins = ScratchPins::new(&format!("test-parser-{tag}"));
+    let dp = Datapath::load(pins.path()).expect("load programs");
+    Bpf { dp, _pins: pins }
 }
 
 impl Bpf {
@@ -37,11 +33,22 @@ impl Bpf {
     }
 
     fn flows(&self) -> Vec<(CtKey, CtEntry)> {
-        self.dp.conntrack().unwrap().iter().map(|r| r.unwrap()).collect()
+        self.dp
+            .conntrack()
+            .unwrap()
+            .iter()
+            .map(|r| r.unwrap())
+            .collect()
     }
 
     fn stat(&self, name: &str) -> u64 {
-        self.dp.stats().unwrap().into_iter().find(|(k, _)| *k == name).unwrap().1
+        self.dp
+            .stats()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| *k == name)
+            .unwrap()
+            .1
     }
 
     fn only_flow(&self) -> (CtKey, CtEntry) {
@@ -56,7 +63,10 @@ fn ports(k: &CtKey) -> (u16, u16) {
 }
 
 fn addrs(k: &CtKey) -> Vec<IpAddr> {
-    let mut v = vec![addr_from(k.family, &k.addr_a), addr_from(k.family, &k.addr_b)];
+    let mut v = vec![
+        addr_from(k.family, &k.addr_a),
+        addr_from(k.family, &k.addr_b),
+    ];
     v.sort();
     v
 }
@@ -76,7 +86,15 @@ fn eth(ethertype: u16, vlans: &[(u16, u16)], payload: &[u8]) -> Vec<u8> {
     p
 }
 
-fn ipv4(proto: u8, src: [u8; 4], dst: [u8; 4], options: &[u8], id: u16, frag: u16, l4: &[u8]) -> Vec<u8> {
+fn ipv4(
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    options: &[u8],
+    id: u16,
+    frag: u16,
+    l4: &[u8],
+) -> Vec<u8> {
     assert_eq!(options.len() % 4, 0);
     let ihl = 5 + options.len() / 4;
     let total = ihl * 4 + l4.len();
@@ -142,7 +160,11 @@ fn vlan_tagged_ipv4_udp_counts_from_the_ip_header() {
     let (k, e) = b.only_flow();
     assert_eq!((k.proto, ports(&k)), (17, (53, 5000)));
     assert_eq!(e.packets, [1, 0]);
-    assert_eq!(e.bytes[0], ip.len() as u64, "bytes start at the IP header, after the tag");
+    assert_eq!(
+        e.bytes[0],
+        ip.len() as u64,
+        "bytes start at the IP header, after the tag"
+    );
 }
 
 #[test]
@@ -154,7 +176,11 @@ fn qinq_ipv6_tcp_and_reply_share_one_entry() {
     b.run(&eth(0x86DD, &[(0x88A8, 7), (0x8100, 42)], &back));
     let (k, e) = b.only_flow();
     assert_eq!((k.proto, ports(&k)), (6, (443, 40000)));
-    assert_eq!(e.packets, [1, 1], "SYN counted as original, SYN-ACK as reply");
+    assert_eq!(
+        e.packets,
+        [1, 1],
+        "SYN counted as original, SYN-ACK as reply"
+    );
     assert_eq!(e.tcp_flags & 0xff, 0x02);
     assert_eq!((e.tcp_flags >> 8) & 0xff, 0x12);
 }
@@ -163,7 +189,11 @@ fn qinq_ipv6_tcp_and_reply_share_one_entry() {
 fn ipv4_options_are_skipped_to_reach_the_ports() {
     let mut b = load("opts");
     let options = [0x94, 0x04, 0, 0, 0x01, 0x01, 0x01, 0x00]; // router alert, NOPs, EOL
-    b.run(&eth(0x0800, &[], &ipv4(6, A, B, &options, 1, 0, &tcp(41000, 8080, 0x02, 0))));
+    b.run(&eth(
+        0x0800,
+        &[],
+        &ipv4(6, A, B, &options, 1, 0, &tcp(41000, 8080, 0x02, 0)),
+    ));
     let (k, _) = b.only_flow();
     assert_eq!(ports(&k), (8080, 41000));
 }
@@ -172,14 +202,26 @@ fn ipv4_options_are_skipped_to_reach_the_ports() {
 fn ipv4_later_fragments_join_their_flow_and_orphans_are_counted() {
     let mut b = load("frag4");
     // First fragment: MF set, offset 0, carries the UDP header.
-    b.run(&eth(0x0800, &[], &ipv4(17, A, B, &[], 0x77, 0x2000, &udp(5000, 53, 64))));
+    b.run(&eth(
+        0x0800,
+        &[],
+        &ipv4(17, A, B, &[], 0x77, 0x2000, &udp(5000, 53, 64)),
+    ));
     // Later fragment: offset 9 (72 bytes), no L4 header; its first bytes look like other ports.
-    b.run(&eth(0x0800, &[], &ipv4(17, A, B, &[], 0x77, 9, &udp(1111, 2222, 20))));
+    b.run(&eth(
+        0x0800,
+        &[],
+        &ipv4(17, A, B, &[], 0x77, 9, &udp(1111, 2222, 20)),
+    ));
     let (k, e) = b.only_flow();
     assert_eq!(ports(&k), (53, 5000));
     assert_eq!(e.packets, [2, 0]);
     // A later fragment whose first fragment was never seen cannot be attributed: counted.
-    b.run(&eth(0x0800, &[], &ipv4(17, A, B, &[], 0x99, 9, &udp(1, 2, 20))));
+    b.run(&eth(
+        0x0800,
+        &[],
+        &ipv4(17, A, B, &[], 0x99, 9, &udp(1, 2, 20)),
+    ));
     assert_eq!(b.flows().len(), 1);
     assert_eq!(b.stat("fragment"), 1);
 }
@@ -195,7 +237,10 @@ fn ipv6_extension_headers_are_walked() {
     b.run(&eth(0x86DD, &[], &ipv6(0, A6, B6, &rest)));
     let (k, _) = b.only_flow();
     assert_eq!((k.proto, ports(&k)), (6, (80, 40001)));
-    assert_eq!(addrs(&k), vec![A6.parse::<IpAddr>().unwrap(), B6.parse().unwrap()]);
+    assert_eq!(
+        addrs(&k),
+        vec![A6.parse::<IpAddr>().unwrap(), B6.parse().unwrap()]
+    );
 }
 
 #[test]
@@ -255,7 +300,14 @@ fn icmp_echo_request_and_reply_pair_by_identifier() {
     let (k, e) = b.only_flow();
     assert_eq!(e.packets, [1, 1]);
     assert_eq!(e.icmp_type, 8);
-    let rec = observer::flows::record("n", observer_common::EventKind::New, &k, &e, |_| None, |_| None);
+    let rec = observer::flows::record(
+        "n",
+        observer_common::EventKind::New,
+        &k,
+        &e,
+        |_| None,
+        |_| None,
+    );
     assert_eq!(rec.l4.icmp.unwrap().id, Some(0x1234));
 }
 
@@ -269,7 +321,11 @@ fn truncated_non_ip_and_neighbour_discovery_are_counted_not_tracked() {
     // ARP.
     b.run(&eth(0x0806, &[], &[0u8; 28]));
     // ICMPv6 neighbour solicitation.
-    b.run(&eth(0x86DD, &[], &ipv6(58, A6, "ff02::1:ff00:b", &[135, 0, 0, 0, 0, 0, 0, 0])));
+    b.run(&eth(
+        0x86DD,
+        &[],
+        &ipv6(58, A6, "ff02::1:ff00:b", &[135, 0, 0, 0, 0, 0, 0, 0]),
+    ));
     assert!(b.flows().is_empty());
     assert_eq!(b.stat("truncated"), 1);
     assert_eq!(b.stat("non_ip"), 1);

@@ -8,7 +8,17 @@ use observer::policy::kernel;
 #[test]
 fn upstream_cases_match_the_kernel_engine() {
     observer_tests::ensure_root().unwrap();
-    let engine = |c: &_, o: &observer::policy::Options, probes: &[_]| kernel::matrix(c, o, probes).expect("kernel engine");
-    let failures: Vec<String> = cases::case_files().iter().flat_map(|f| cases::run_case(f, &engine)).collect();
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    let engine = |c: &_, o: &observer::policy::Options, probes: &[_]| {
+        kernel::matrix(c, o, probes).expect("kernel engine")
+    };
+    let failures: Vec<String> = cases::case_files()
+        .iter()
+        .flat_map(|f| cases::run_case(f, &engine))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

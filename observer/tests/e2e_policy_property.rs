@@ -4,7 +4,10 @@ use std::net::IpAddr;
 
 use observer::{
     cluster::{self, Cluster},
-    policy::{kernel::{verdict_of, KernelEngine}, Engine, EnginePeer, Options, Protocol},
+    policy::{
+        kernel::{verdict_of, KernelEngine},
+        Engine, EnginePeer, Options, Protocol,
+    },
 };
 use serde_json::{json, Value};
 
@@ -36,9 +39,15 @@ fn selector(r: &mut Rng) -> Value {
     match r.below(5) {
         0 => json!({}),
         1 => json!({"matchLabels": {"app": r.pick(&APPS)}}),
-        2 => json!({"matchExpressions": [{"key": "app", "operator": "In", "values": [r.pick(&APPS), r.pick(&APPS)]}]}),
-        3 => json!({"matchExpressions": [{"key": "tier", "operator": if r.chance(50) { "Exists" } else { "DoesNotExist" }}]}),
-        _ => json!({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": [r.pick(&APPS)]}]}),
+        2 => {
+            json!({"matchExpressions": [{"key": "app", "operator": "In", "values": [r.pick(&APPS), r.pick(&APPS)]}]})
+        }
+        3 => {
+            json!({"matchExpressions": [{"key": "tier", "operator": if r.chance(50) { "Exists" } else { "DoesNotExist" }}]})
+        }
+        _ => {
+            json!({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": [r.pick(&APPS)]}]})
+        }
     }
 }
 
@@ -46,7 +55,9 @@ fn ns_selector(r: &mut Rng) -> Value {
     match r.below(3) {
         0 => json!({}),
         1 => json!({"matchLabels": {"team": if r.chance(50) { "a" } else { "b" }}}),
-        _ => json!({"matchExpressions": [{"key": "env", "operator": if r.chance(50) { "Exists" } else { "DoesNotExist" }}]}),
+        _ => {
+            json!({"matchExpressions": [{"key": "env", "operator": if r.chance(50) { "Exists" } else { "DoesNotExist" }}]})
+        }
     }
 }
 
@@ -99,7 +110,11 @@ fn random_cluster(r: &mut Rng) -> Cluster {
         if r.chance(50) {
             labels.insert("env".into(), json!("prod"));
         }
-        cluster::add_object(&mut c, "gen", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}));
+        cluster::add_object(
+            &mut c,
+            "gen",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}),
+        );
         for p in 0..2 + r.below(3) {
             let mut pl = serde_json::Map::new();
             pl.insert("app".into(), json!(r.pick(&APPS)));
@@ -108,17 +123,23 @@ fn random_cluster(r: &mut Rng) -> Cluster {
             }
             let mut ports = Vec::new();
             if r.chance(70) {
-                ports.push(json!({"name": "http", "containerPort": if r.chance(70) { 80 } else { 8080 }}));
+                ports.push(
+                    json!({"name": "http", "containerPort": if r.chance(70) { 80 } else { 8080 }}),
+                );
             }
             if r.chance(50) {
                 ports.push(json!({"name": "dns", "containerPort": 53, "protocol": "UDP"}));
             }
-            cluster::add_object(&mut c, "gen", json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": format!("p{p}"), "namespace": ns, "labels": pl},
-                "spec": {"containers": [{"name": "c", "image": "i", "ports": ports}]},
-                "status": {"podIP": format!("10.244.1.{ip}")}
-            }));
+            cluster::add_object(
+                &mut c,
+                "gen",
+                json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": format!("p{p}"), "namespace": ns, "labels": pl},
+                    "spec": {"containers": [{"name": "c", "image": "i", "ports": ports}]},
+                    "status": {"podIP": format!("10.244.1.{ip}")}
+                }),
+            );
             ip += 1;
         }
     }
@@ -127,9 +148,15 @@ fn random_cluster(r: &mut Rng) -> Cluster {
         spec.insert("podSelector".into(), selector(r));
         match r.below(4) {
             0 => {}
-            1 => { spec.insert("policyTypes".into(), json!(["Ingress"])); }
-            2 => { spec.insert("policyTypes".into(), json!(["Egress"])); }
-            _ => { spec.insert("policyTypes".into(), json!(["Ingress", "Egress"])); }
+            1 => {
+                spec.insert("policyTypes".into(), json!(["Ingress"]));
+            }
+            2 => {
+                spec.insert("policyTypes".into(), json!(["Egress"]));
+            }
+            _ => {
+                spec.insert("policyTypes".into(), json!(["Ingress", "Egress"]));
+            }
         }
         if r.chance(80) {
             spec.insert("ingress".into(), rules(r, "from"));
@@ -137,30 +164,57 @@ fn random_cluster(r: &mut Rng) -> Cluster {
         if r.chance(60) {
             spec.insert("egress".into(), rules(r, "to"));
         }
-        let mut meta = json!({"name": format!("pol{i}"), "namespace": format!("n{}", r.below(n_ns))});
+        let mut meta =
+            json!({"name": format!("pol{i}"), "namespace": format!("n{}", r.below(n_ns))});
         if r.chance(15) {
             meta["annotations"] = json!({"observer.dev/audit": "true"});
         }
-        cluster::add_object(&mut c, "gen", json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta, "spec": spec}));
+        cluster::add_object(
+            &mut c,
+            "gen",
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta, "spec": spec}),
+        );
     }
-    assert!(c.errors.is_empty(), "generator produced invalid objects: {:?}", c.errors);
+    assert!(
+        c.errors.is_empty(),
+        "generator produced invalid objects: {:?}",
+        c.errors
+    );
     c
 }
 
 #[test]
 fn kernel_verdicts_equal_reference_verdicts_on_random_clusters() {
     observer_tests::ensure_root().unwrap();
-    let clusters: u64 = std::env::var("OBSERVER_PROPERTY_CLUSTERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let seed: u64 = std::env::var("OBSERVER_PROPERTY_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_0b5e);
+    let clusters: u64 = std::env::var("OBSERVER_PROPERTY_CLUSTERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let seed: u64 = std::env::var("OBSERVER_PROPERTY_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed_0b5e);
     let mut r = Rng(seed);
     let mut k = KernelEngine::new().unwrap();
-    let probes = [(Protocol::Tcp, 80), (Protocol::Udp, 53), (Protocol::Tcp, 8080), (Protocol::Tcp, 8050), (Protocol::Udp, 5353)];
-    let externals: [IpAddr; 2] = ["203.0.113.10".parse().unwrap(), "203.0.113.200".parse().unwrap()];
+    let probes = [
+        (Protocol::Tcp, 80),
+        (Protocol::Udp, 53),
+        (Protocol::Tcp, 8080),
+        (Protocol::Tcp, 8050),
+        (Protocol::Udp, 5353),
+    ];
+    let externals: [IpAddr; 2] = [
+        "203.0.113.10".parse().unwrap(),
+        "203.0.113.200".parse().unwrap(),
+    ];
     let (mut checked, mut denied, mut audit) = (0u64, 0u64, 0u64);
     let mut failures = Vec::new();
     for n in 0..clusters {
         let c = random_cluster(&mut r);
-        let opts = Options { ipblock_matches_pods: false, audit_all: false };
+        let opts = Options {
+            ipblock_matches_pods: false,
+            audit_all: false,
+        };
         let (local, _) = k.load(&c, &opts).unwrap();
         let engine = Engine::new(&local, opts.clone());
         let pods: Vec<_> = local.pods.iter().collect();
@@ -190,7 +244,10 @@ fn kernel_verdicts_equal_reference_verdicts_on_random_clusters() {
                 denied += u64::from(got == "denied");
                 audit += u64::from(got == "audit");
                 if got != want.verdict.as_str() && failures.is_empty() {
-                    eprintln!("first failing cluster {n}: pods {:#?}\nnamespaces {:?}\npolicies {:#?}", local.pods, local.namespaces, local.policies);
+                    eprintln!(
+                        "first failing cluster {n}: pods {:#?}\nnamespaces {:?}\npolicies {:#?}",
+                        local.pods, local.namespaces, local.policies
+                    );
                 }
                 if got != want.verdict.as_str() && failures.len() < 20 {
                     failures.push(format!("cluster {n}: {src} -> {dst} {proto}/{port}: kernel {got}, reference {} ({})", want.verdict.as_str(), want.reason()));
@@ -199,6 +256,13 @@ fn kernel_verdicts_equal_reference_verdicts_on_random_clusters() {
         }
     }
     eprintln!("{clusters} clusters, {checked} packets: {denied} denied, {audit} audit");
-    assert!(denied > checked / 20, "too few denials for a meaningful comparison: {denied}/{checked}");
-    assert!(failures.is_empty(), "kernel and reference disagree (seed {seed:#x}):\n{}", failures.join("\n"));
+    assert!(
+        denied > checked / 20,
+        "too few denials for a meaningful comparison: {denied}/{checked}"
+    );
+    assert!(
+        failures.is_empty(),
+        "kernel and reference disagree (seed {seed:#x}):\n{}",
+        failures.join("\n")
+    );
 }

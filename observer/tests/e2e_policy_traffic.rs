@@ -50,7 +50,11 @@ fn serve(ns: &str, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
 }
 
 /// Whether a real connection from `ns` to `dst` gets through.
-fn probe(ns: &str, dst: SocketAddr, proto: Protocol) -> std::thread::JoinHandle<anyhow::Result<bool>> {
+fn probe(
+    ns: &str,
+    dst: SocketAddr,
+    proto: Protocol,
+) -> std::thread::JoinHandle<anyhow::Result<bool>> {
     spawn_in_netns(ns, move || match proto {
         Protocol::Tcp => TcpStream::connect_timeout(&dst, PROBE_TIMEOUT).is_ok(),
         _ => {
@@ -67,11 +71,19 @@ fn wait_policies(d: &observer_tests::Daemon, want: &[String]) {
     let t = Instant::now();
     loop {
         let s: Value = serde_json::from_str(&d.get("/v1/status").unwrap()).unwrap();
-        let have: Vec<String> = s["policies"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        let have: Vec<String> = s["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
         if have == want {
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(15), "daemon never loaded policies {want:?} (has {have:?})");
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "daemon never loaded policies {want:?} (has {have:?})"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -80,18 +92,37 @@ fn wait_policies(d: &observer_tests::Daemon, want: &[String]) {
 fn upstream_cases_hold_for_real_connections() {
     let mut bed = TestBed::overlay("pol").unwrap();
     for ns in ["x", "y", "z"] {
-        bed.namespace_labels.insert(ns.into(), [("ns".to_string(), ns.to_string())].into());
+        bed.namespace_labels
+            .insert(ns.into(), [("ns".to_string(), ns.to_string())].into());
         for pod in ["a", "b", "c"] {
-            bed.add_pod(PodSpec { namespace: ns, name: pod, labels: &[("pod", pod)], ports: &[
-                ("serve-80-tcp", 80, "TCP"), ("serve-81-tcp", 81, "TCP"),
-                ("serve-80-udp", 80, "UDP"), ("serve-81-udp", 81, "UDP"),
-            ] }).unwrap();
+            bed.add_pod(PodSpec {
+                namespace: ns,
+                name: pod,
+                labels: &[("pod", pod)],
+                ports: &[
+                    ("serve-80-tcp", 80, "TCP"),
+                    ("serve-81-tcp", 81, "TCP"),
+                    ("serve-80-udp", 80, "UDP"),
+                    ("serve-81-udp", 81, "UDP"),
+                ],
+            })
+            .unwrap();
         }
     }
-    let daemon = bed.start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"]).unwrap();
+    let daemon = bed
+        .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"])
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let servers: Vec<_> = bed.pods.iter().flat_map(|p| serve(&p.netns, stop.clone())).collect();
-    let names: Vec<String> = bed.pods.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+    let servers: Vec<_> = bed
+        .pods
+        .iter()
+        .flat_map(|p| serve(&p.netns, stop.clone()))
+        .collect();
+    let names: Vec<String> = bed
+        .pods
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
     let policy_file = bed.cluster_dir().join("policies.json");
 
     // Without policy every pair connects (this also settles neighbour discovery).
@@ -99,7 +130,10 @@ fn upstream_cases_hold_for_real_connections() {
     for a in &bed.pods {
         for b in &bed.pods {
             if a.netns != b.netns {
-                baseline.push((format!("{} -> {}", a.name, b.ip4), probe(&a.netns, SocketAddr::new(b.ip4, 80), Protocol::Tcp)));
+                baseline.push((
+                    format!("{} -> {}", a.name, b.ip4),
+                    probe(&a.netns, SocketAddr::new(b.ip4, 80), Protocol::Tcp),
+                ));
             }
         }
     }
@@ -120,7 +154,13 @@ fn upstream_cases_hold_for_real_connections() {
         let mut ids: Vec<String> = case
             .policies
             .iter()
-            .map(|p| format!("{}/{}", p["metadata"]["namespace"].as_str().unwrap(), p["metadata"]["name"].as_str().unwrap()))
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p["metadata"]["namespace"].as_str().unwrap(),
+                    p["metadata"]["name"].as_str().unwrap()
+                )
+            })
             .collect();
         ids.sort();
         wait_policies(&daemon, &ids);
@@ -136,7 +176,10 @@ fn upstream_cases_hold_for_real_connections() {
                     if a.netns == b.netns {
                         continue;
                     }
-                    let key = (format!("{}/{}", a.namespace, a.name), format!("{}/{}", b.namespace, b.name));
+                    let key = (
+                        format!("{}/{}", a.namespace, a.name),
+                        format!("{}/{}", b.namespace, b.name),
+                    );
                     jobs.push((key, probe(&a.netns, SocketAddr::new(b.ip4, port), proto)));
                 }
             }
@@ -144,8 +187,13 @@ fn upstream_cases_hold_for_real_connections() {
                 let got = j.join().unwrap().unwrap();
                 let w = want[&(from.clone(), to.clone())];
                 if got != w {
-                    failures.push(format!("{} {}: {from} -> {to} expected {} got {}", case.name, probe_spec.probe,
-                        if w { "allowed" } else { "denied" }, if got { "allowed" } else { "denied" }));
+                    failures.push(format!(
+                        "{} {}: {from} -> {to} expected {} got {}",
+                        case.name,
+                        probe_spec.probe,
+                        if w { "allowed" } else { "denied" },
+                        if got { "allowed" } else { "denied" }
+                    ));
                 }
             }
         }
@@ -159,7 +207,20 @@ fn upstream_cases_hold_for_real_connections() {
     }
     assert!(ran >= 10, "only {ran} cases ran");
     let status: Value = serde_json::from_str(&daemon.get("/v1/status").unwrap()).unwrap();
-    let denied = status["kernel"].as_array().unwrap().iter().find(|kv| kv[0] == "policy_denied").unwrap()[1].as_u64().unwrap();
+    let denied = status["kernel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|kv| kv[0] == "policy_denied")
+        .unwrap()[1]
+        .as_u64()
+        .unwrap();
     assert!(denied > 0, "nothing was dropped by policy");
-    assert!(failures.is_empty(), "{} mismatches:\n{}\ndaemon log:\n{}", failures.len(), failures.join("\n"), daemon.log_text());
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}\ndaemon log:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        daemon.log_text()
+    );
 }

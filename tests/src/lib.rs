@@ -47,7 +47,11 @@ pub fn run(args: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("running {}", args.join(" ")))?;
     if !out.status.success() {
-        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -61,7 +65,9 @@ pub fn ns_run(ns: &str, args: &[&str]) -> Result<String> {
 
 /// Runs `f` on a thread that has entered network namespace `ns`: sockets it creates live there.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    spawn_in_netns(ns, f).join().map_err(|_| anyhow::anyhow!("thread in netns {ns} panicked"))?
+    spawn_in_netns(ns, f)
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns {ns} panicked"))?
 }
 
 /// Spawns `f` on a thread inside `ns` without waiting for it.
@@ -71,10 +77,15 @@ pub fn spawn_in_netns<T: Send + 'static>(
 ) -> std::thread::JoinHandle<Result<T>> {
     let path = PathBuf::from("/run/netns").join(ns);
     std::thread::spawn(move || -> Result<T> {
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let file =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         // Only this thread moves; the namespace is released when the thread ends.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "setns {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         Ok(f())
     })
@@ -149,34 +160,134 @@ impl TestBed {
     }
 
     fn build(&mut self) -> Result<()> {
-        let (node, rtr, ext) = (self.node_ns.clone(), self.router_ns.clone(), self.ext_ns.clone());
+        let (node, rtr, ext) = (
+            self.node_ns.clone(),
+            self.router_ns.clone(),
+            self.ext_ns.clone(),
+        );
         for ns in [&node, &rtr, &ext] {
             self.add_ns(ns)?;
         }
         // VNet link: node eth0 <-> router vnet0.
-        run(&["ip", "-n", &node, "link", "add", "eth0", "type", "veth", "peer", "name", "vnet0", "netns", &rtr])?;
+        run(&[
+            "ip", "-n", &node, "link", "add", "eth0", "type", "veth", "peer", "name", "vnet0",
+            "netns", &rtr,
+        ])?;
         // WAN link: router wan0 <-> external host eth0.
-        run(&["ip", "-n", &rtr, "link", "add", "wan0", "type", "veth", "peer", "name", "eth0", "netns", &ext])?;
+        run(&[
+            "ip", "-n", &rtr, "link", "add", "wan0", "type", "veth", "peer", "name", "eth0",
+            "netns", &ext,
+        ])?;
         let cmds: Vec<(&str, Vec<&str>)> = vec![
-            (&node, vec!["ip", "addr", "add", "10.224.0.4/16", "dev", "eth0"]),
-            (&node, vec!["ip", "addr", "add", "fd00:224::4/64", "dev", "eth0", "nodad"]),
+            (
+                &node,
+                vec!["ip", "addr", "add", "10.224.0.4/16", "dev", "eth0"],
+            ),
+            (
+                &node,
+                vec![
+                    "ip",
+                    "addr",
+                    "add",
+                    "fd00:224::4/64",
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            ),
             (&node, vec!["ip", "link", "set", "eth0", "up"]),
-            (&node, vec!["ip", "route", "add", "default", "via", "10.224.0.1"]),
-            (&node, vec!["ip", "-6", "route", "add", "default", "via", "fd00:224::1"]),
-            (&rtr, vec!["ip", "addr", "add", "10.224.0.1/16", "dev", "vnet0"]),
-            (&rtr, vec!["ip", "addr", "add", "fd00:224::1/64", "dev", "vnet0", "nodad"]),
-            (&rtr, vec!["ip", "addr", "add", "203.0.113.1/24", "dev", "wan0"]),
-            (&rtr, vec!["ip", "addr", "add", "2001:db8:113::1/64", "dev", "wan0", "nodad"]),
+            (
+                &node,
+                vec!["ip", "route", "add", "default", "via", "10.224.0.1"],
+            ),
+            (
+                &node,
+                vec!["ip", "-6", "route", "add", "default", "via", "fd00:224::1"],
+            ),
+            (
+                &rtr,
+                vec!["ip", "addr", "add", "10.224.0.1/16", "dev", "vnet0"],
+            ),
+            (
+                &rtr,
+                vec![
+                    "ip",
+                    "addr",
+                    "add",
+                    "fd00:224::1/64",
+                    "dev",
+                    "vnet0",
+                    "nodad",
+                ],
+            ),
+            (
+                &rtr,
+                vec!["ip", "addr", "add", "203.0.113.1/24", "dev", "wan0"],
+            ),
+            (
+                &rtr,
+                vec![
+                    "ip",
+                    "addr",
+                    "add",
+                    "2001:db8:113::1/64",
+                    "dev",
+                    "wan0",
+                    "nodad",
+                ],
+            ),
             (&rtr, vec!["ip", "link", "set", "vnet0", "up"]),
             (&rtr, vec!["ip", "link", "set", "wan0", "up"]),
             // kubenet-style user-defined routes: the VNet routes each node's pod CIDR to it.
-            (&rtr, vec!["ip", "route", "add", "10.244.1.0/24", "via", "10.224.0.4"]),
-            (&rtr, vec!["ip", "-6", "route", "add", "fd00:10:244:1::/64", "via", "fd00:224::4"]),
-            (&ext, vec!["ip", "addr", "add", "203.0.113.10/24", "dev", "eth0"]),
-            (&ext, vec!["ip", "addr", "add", "2001:db8:113::10/64", "dev", "eth0", "nodad"]),
+            (
+                &rtr,
+                vec!["ip", "route", "add", "10.244.1.0/24", "via", "10.224.0.4"],
+            ),
+            (
+                &rtr,
+                vec![
+                    "ip",
+                    "-6",
+                    "route",
+                    "add",
+                    "fd00:10:244:1::/64",
+                    "via",
+                    "fd00:224::4",
+                ],
+            ),
+            (
+                &ext,
+                vec!["ip", "addr", "add", "203.0.113.10/24", "dev", "eth0"],
+            ),
+            (
+                &ext,
+                vec![
+                    "ip",
+                    "addr",
+                    "add",
+                    "2001:db8:113::10/64",
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            ),
             (&ext, vec!["ip", "link", "set", "eth0", "up"]),
-            (&ext, vec!["ip", "route", "add", "default", "via", "203.0.113.1"]),
-            (&ext, vec!["ip", "-6", "route", "add", "default", "via", "2001:db8:113::1"]),
+            (
+                &ext,
+                vec!["ip", "route", "add", "default", "via", "203.0.113.1"],
+            ),
+            (
+                &ext,
+                vec![
+                    "ip",
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "2001:db8:113::1",
+                ],
+            ),
         ];
         for (ns, c) in cmds {
             ns_run(ns, &c)?;
@@ -206,7 +317,10 @@ impl TestBed {
         let ip4: IpAddr = format!("10.244.1.{host}").parse()?;
         let ip6: IpAddr = format!("fd00:10:244:1::{host:x}").parse()?;
         let node = self.node_ns.clone();
-        run(&["ip", "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        run(&[
+            "ip", "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ])?;
         let (s4, s6) = (format!("{ip4}/32"), format!("{ip6}/128"));
         let (r4, r6) = (ip4.to_string(), ip6.to_string());
         let proxy_arp = format!("net.ipv4.conf.{host_if}.proxy_arp=1");
@@ -214,17 +328,55 @@ impl TestBed {
         let proxy_delay = format!("net.ipv4.neigh.{host_if}.proxy_delay=0");
         let cmds: Vec<(&str, Vec<&str>)> = vec![
             (&netns, vec!["ip", "addr", "add", &s4, "dev", "eth0"]),
-            (&netns, vec!["ip", "addr", "add", &s6, "dev", "eth0", "nodad"]),
+            (
+                &netns,
+                vec!["ip", "addr", "add", &s6, "dev", "eth0", "nodad"],
+            ),
             (&netns, vec!["ip", "link", "set", "eth0", "up"]),
-            (&netns, vec!["ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]),
-            (&netns, vec!["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]),
-            (&netns, vec!["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]),
-            (&node, vec!["ip", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"]),
+            (
+                &netns,
+                vec![
+                    "ip",
+                    "route",
+                    "add",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                    "scope",
+                    "link",
+                ],
+            ),
+            (
+                &netns,
+                vec![
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                ],
+            ),
+            (
+                &netns,
+                vec![
+                    "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+                ],
+            ),
+            (
+                &node,
+                vec!["ip", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"],
+            ),
             (&node, vec!["ip", "link", "set", &host_if, "up"]),
             (&node, vec!["sysctl", "-qw", &proxy_arp]),
             (&node, vec!["sysctl", "-qw", &proxy_delay]),
             (&node, vec!["ip", "route", "add", &r4, "dev", &host_if]),
-            (&node, vec!["ip", "-6", "route", "add", &r6, "dev", &host_if]),
+            (
+                &node,
+                vec!["ip", "-6", "route", "add", &r6, "dev", &host_if],
+            ),
         ];
         for (ns, c) in cmds {
             ns_run(ns, &c)?;
@@ -232,8 +384,16 @@ impl TestBed {
         self.pods.push(Pod {
             namespace: spec.namespace.into(),
             name: spec.name.into(),
-            labels: spec.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            ports: spec.ports.iter().map(|(n, p, pr)| (n.to_string(), *p, pr.to_string())).collect(),
+            labels: spec
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ports: spec
+                .ports
+                .iter()
+                .map(|(n, p, pr)| (n.to_string(), *p, pr.to_string()))
+                .collect(),
             netns,
             host_if,
             ip4,
@@ -244,7 +404,10 @@ impl TestBed {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// Folder of Kubernetes YAML describing the node and its pods (`--source dir:`).
@@ -271,7 +434,11 @@ impl TestBed {
              apiVersion: v1\nkind: Node\nmetadata:\n  name: node-2\nspec:\n  podCIDR: 10.244.2.0/24\n  podCIDRs: [10.244.2.0/24, \"fd00:10:244:2::/64\"]\nstatus:\n  addresses:\n  - {{type: InternalIP, address: 10.224.0.5}}\n---\n"
         );
         for p in &self.pods {
-            let _ = write!(y, "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n", p.name, p.namespace);
+            let _ = write!(
+                y,
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n",
+                p.name, p.namespace
+            );
             if p.labels.is_empty() {
                 y.truncate(y.len() - "  labels:\n".len());
             }
@@ -282,7 +449,10 @@ impl TestBed {
             if !p.ports.is_empty() {
                 y.push_str("    ports:\n");
                 for (n, port, proto) in &p.ports {
-                    let _ = writeln!(y, "    - {{name: {n}, containerPort: {port}, protocol: {proto}}}");
+                    let _ = writeln!(
+                        y,
+                        "    - {{name: {n}, containerPort: {port}, protocol: {proto}}}"
+                    );
                 }
             }
             let _ = write!(
@@ -305,7 +475,12 @@ impl TestBed {
     }
 
     /// Like [`TestBed::start_daemon`], with the API socket at `socket`.
-    pub fn start_daemon_at(&mut self, observer_bin: &Path, socket: &Path, extra: &[&str]) -> Result<Daemon> {
+    pub fn start_daemon_at(
+        &mut self,
+        observer_bin: &Path,
+        socket: &Path,
+        extra: &[&str],
+    ) -> Result<Daemon> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/observer-test-{}", self.prefix));
         let socket = socket.to_path_buf();
         let log = self.dir.join("daemon.log");
@@ -327,7 +502,12 @@ impl TestBed {
         let pid = child.id();
         self.children.push(child);
         self.pin_dirs.push(pin_dir.clone());
-        let d = Daemon { pid, socket, log, pin_dir };
+        let d = Daemon {
+            pid,
+            socket,
+            log,
+            pin_dir,
+        };
         d.wait_ready(Duration::from_secs(20), self.pods.len())?;
         Ok(d)
     }
@@ -408,7 +588,10 @@ impl Daemon {
                 }
             }
             if Instant::now() > deadline {
-                bail!("daemon not ready after {timeout:?}; log:\n{}", self.log_text());
+                bail!(
+                    "daemon not ready after {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -461,7 +644,10 @@ pub fn nft(ns: &str, rules: &str) -> Result<()> {
     child.stdin.take().unwrap().write_all(rules.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("nft in {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "nft in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -472,7 +658,10 @@ pub fn nft_counter(ns: &str, family: &str, table: &str, name: &str) -> Result<(u
     let v: serde_json::Value = serde_json::from_str(&out)?;
     for item in v["nftables"].as_array().into_iter().flatten() {
         if let Some(c) = item.get("counter") {
-            return Ok((c["packets"].as_u64().unwrap_or(0), c["bytes"].as_u64().unwrap_or(0)));
+            return Ok((
+                c["packets"].as_u64().unwrap_or(0),
+                c["bytes"].as_u64().unwrap_or(0),
+            ));
         }
     }
     bail!("counter {family} {table} {name} not found in {ns}")

@@ -76,7 +76,11 @@ fn tcp_request(dst: SocketAddr, bytes: usize) {
 }
 
 fn udp_request(dst: SocketAddr) {
-    let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
     if let Ok(u) = UdpSocket::bind(bind) {
         u.set_read_timeout(Some(Duration::from_millis(500))).ok();
         let _ = u.send_to(b"query example.internal", dst);
@@ -98,7 +102,12 @@ pub fn run(duration: Option<u64>) -> Result<()> {
         ("monitoring", "prometheus", "prometheus", vec![]),
     ];
     for (ns, name, app, ports) in &pods {
-        bed.add_pod(PodSpec { namespace: ns, name, labels: &[("app", app)], ports })?;
+        bed.add_pod(PodSpec {
+            namespace: ns,
+            name,
+            labels: &[("app", app)],
+            ports,
+        })?;
     }
     std::fs::write(bed.cluster_dir().join("policy.yaml"), SAMPLE_POLICY)?;
 
@@ -113,9 +122,20 @@ pub fn run(duration: Option<u64>) -> Result<()> {
     let bin = crate::observer_bin();
     let daemon = bed.start_daemon_at(&bin, &socket, &["--report-interval", "5s"])?;
     println!("virtual node {} is up: pods shop/web, shop/api, shop/db, monitoring/prometheus; external host {EXT_IP}", bed.node_ns);
-    println!("from another shell: {} flows -f --socket {}", bin.display(), socket.display());
-    println!("                    {} status --socket {}", bin.display(), socket.display());
-    println!("                    curl --unix-socket {} http://observer/metrics", socket.display());
+    println!(
+        "from another shell: {} flows -f --socket {}",
+        bin.display(),
+        socket.display()
+    );
+    println!(
+        "                    {} status --socket {}",
+        bin.display(),
+        socket.display()
+    );
+    println!(
+        "                    curl --unix-socket {} http://observer/metrics",
+        socket.display()
+    );
     println!("---- live flows (Ctrl-C to stop) ----");
 
     let mut tail = Command::new(&bin)
@@ -127,8 +147,17 @@ pub fn run(duration: Option<u64>) -> Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
-    let (web, api, db, prom) = (bed.pod("web").clone(), bed.pod("api").clone(), bed.pod("db").clone(), bed.pod("prometheus").clone());
-    for (ns, port) in [(api.netns.clone(), 8080u16), (db.netns.clone(), 5432), (bed.ext_ns.clone(), 80)] {
+    let (web, api, db, prom) = (
+        bed.pod("web").clone(),
+        bed.pod("api").clone(),
+        bed.pod("db").clone(),
+        bed.pod("prometheus").clone(),
+    );
+    for (ns, port) in [
+        (api.netns.clone(), 8080u16),
+        (db.netns.clone(), 5432),
+        (bed.ext_ns.clone(), 80),
+    ] {
         let l = in_netns(&ns, move || TcpListener::bind(("::", port)))??;
         let st = stop.clone();
         threads.push(std::thread::spawn(move || serve_tcp(l, st)));
@@ -142,7 +171,9 @@ pub fn run(duration: Option<u64>) -> Result<()> {
     let dns: SocketAddr = format!("{EXT_IP}:53").parse()?;
     let started = Instant::now();
     let mut round = 0u64;
-    while !STOP.load(Ordering::SeqCst) && duration.is_none_or(|d| started.elapsed() < Duration::from_secs(d)) {
+    while !STOP.load(Ordering::SeqCst)
+        && duration.is_none_or(|d| started.elapsed() < Duration::from_secs(d))
+    {
         let api4 = SocketAddr::new(api.ip4, 8080);
         let api6 = SocketAddr::new(api.ip6, 8080);
         let db4 = SocketAddr::new(db.ip4, 5432);
@@ -163,7 +194,10 @@ pub fn run(duration: Option<u64>) -> Result<()> {
             let _ = j.join();
         }
         if round % 3 == 0 {
-            let _ = observer_tests::ns_run(&web.netns, &["ping", "-n", "-q", "-c", "1", "-W", "1", EXT_IP]);
+            let _ = observer_tests::ns_run(
+                &web.netns,
+                &["ping", "-n", "-q", "-c", "1", "-W", "1", EXT_IP],
+            );
         }
         round += 1;
         let pause = Instant::now();
@@ -179,7 +213,10 @@ pub fn run(duration: Option<u64>) -> Result<()> {
     std::thread::sleep(Duration::from_millis(1200));
     unsafe { libc::kill(tail.id() as i32, libc::SIGTERM) };
     let _ = tail.wait();
-    println!("---- stopping: {} rounds of traffic; tearing down {} ----", round, bed.prefix);
+    println!(
+        "---- stopping: {} rounds of traffic; tearing down {} ----",
+        round, bed.prefix
+    );
     bed.stop_daemon(&daemon);
     drop(bed);
     Ok(())

@@ -54,11 +54,16 @@ pub fn cargo(args: &[&str]) -> Result<()> {
 }
 
 pub fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn observer_bin() -> std::path::PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|| workspace_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| workspace_root().join("target"));
     target.join("debug").join("observer")
 }
 
@@ -81,7 +86,19 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Test { unit_only } => {
             setup::run()?;
-            cargo(&["test", "-p", "observer-common", "-p", "observer-tests", "-p", "xtask", "-p", "observer", "--lib", "--bins"])?;
+            cargo(&[
+                "test",
+                "-p",
+                "observer-common",
+                "-p",
+                "observer-tests",
+                "-p",
+                "xtask",
+                "-p",
+                "observer",
+                "--lib",
+                "--bins",
+            ])?;
             // Unprivileged integration tests: NetworkPolicy truth tables through the reference engine.
             cargo(&["test", "-p", "observer", "--test", "policy_cases"])?;
             if unit_only {
@@ -107,7 +124,15 @@ fn main() -> Result<()> {
             setup::run()?;
             // Optimized userspace: compile and sync timings mean nothing in a debug build.
             cargo(&["build", "--release", "-p", "observer"])?;
-            let mut cmd = Command::new(observer_bin().parent().unwrap().parent().unwrap().join("release").join("observer"));
+            let mut cmd = Command::new(
+                observer_bin()
+                    .parent()
+                    .unwrap()
+                    .parent()
+                    .unwrap()
+                    .join("release")
+                    .join("observer"),
+            );
             cmd.args(["bench", &what]);
             if json {
                 cmd.arg("--json");

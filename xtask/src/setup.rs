@@ -48,7 +48,10 @@ fn apt_install(pkgs: &[&str]) -> Result<()> {
         bail!("missing packages {missing:?}: run `cargo xtask setup` as root");
     }
     eprintln!("setup: installing {}", missing.join(" "));
-    let st = Command::new("apt-get").args(["update", "-qq"]).status().context("apt-get update")?;
+    let st = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .context("apt-get update")?;
     if !st.success() {
         bail!("apt-get update failed");
     }
@@ -69,7 +72,9 @@ fn bpf_linker_ok() -> bool {
         .arg("--version")
         .stderr(Stdio::null())
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
         .unwrap_or(false)
 }
 
@@ -80,14 +85,25 @@ pub fn run() -> Result<()> {
     } else {
         apt_install(APT_EBPF_TOOLCHAIN)?;
         if !std::path::Path::new("/usr/lib/rustlib/src/rust/library/core").exists() {
-            bail!("rust-web-src is installed but /usr/lib/rustlib/src/rust/library/core is missing");
+            bail!(
+                "rust-web-src is installed but /usr/lib/rustlib/src/rust/library/core is missing"
+            );
         }
     }
     if !bpf_linker_ok() {
-        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)");
+        eprintln!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"
+        );
         let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
         let st = Command::new("cargo")
-            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("PATH", path)
             .status()
             .context("cargo install bpf-linker")?;

@@ -46,7 +46,10 @@ impl Allocator {
 
     pub fn endpoint(&mut self, ns: &str, name: &str) -> u32 {
         let next = 1 + self.endpoints.len() as u32;
-        *self.endpoints.entry((ns.to_string(), name.to_string())).or_insert(next)
+        *self
+            .endpoints
+            .entry((ns.to_string(), name.to_string()))
+            .or_insert(next)
     }
 
     fn rule(&mut self, r: RuleRef) -> u32 {
@@ -75,13 +78,27 @@ pub struct Desired {
 /// the wire.
 fn pod_identity_key(p: &PodInfo) -> String {
     let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let mut ports: Vec<String> = p.ports.iter().filter(|(n, _, _)| !n.is_empty()).map(|(n, num, pr)| format!("{n}={num}/{pr}")).collect();
+    let mut ports: Vec<String> = p
+        .ports
+        .iter()
+        .filter(|(n, _, _)| !n.is_empty())
+        .map(|(n, num, pr)| format!("{n}={num}/{pr}"))
+        .collect();
     ports.sort();
-    format!("pod:{}:{}:{}", p.namespace, labels.join(","), ports.join(","))
+    format!(
+        "pod:{}:{}:{}",
+        p.namespace,
+        labels.join(","),
+        ports.join(",")
+    )
 }
 
 fn entry(identity: u32, kind: RemoteKind) -> IpcacheEntry {
-    IpcacheEntry { identity, kind: kind as u8, _pad: [0; 3] }
+    IpcacheEntry {
+        identity,
+        kind: kind as u8,
+        _pad: [0; 3],
+    }
 }
 
 /// Splits `lo..=hi` into aligned prefixes: (value, prefix bits of the 16-bit port).
@@ -89,7 +106,11 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
     let mut out = Vec::new();
     let (mut lo, hi) = (lo as u32, hi as u32);
     while lo <= hi {
-        let mut size = if lo == 0 { 1 << 16 } else { 1u32 << lo.trailing_zeros().min(16) };
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros().min(16)
+        };
         while lo + size - 1 > hi {
             size >>= 1;
         }
@@ -127,7 +148,9 @@ impl Ctx<'_> {
     fn peer_identities(&self, policy: &Policy, peer: &PeerSpec) -> BTreeSet<u32> {
         let in_ns = |ns: &str| self.by_ns.get(ns).into_iter().flatten().copied();
         match peer {
-            PeerSpec::Pods(sel) => in_ns(&policy.namespace).filter(|id| sel.matches(self.groups[id].labels)).collect(),
+            PeerSpec::Pods(sel) => in_ns(&policy.namespace)
+                .filter(|id| sel.matches(self.groups[id].labels))
+                .collect(),
             PeerSpec::Namespaces(nsel) => self
                 .by_ns
                 .iter()
@@ -143,12 +166,22 @@ impl Ctx<'_> {
                 .collect(),
             PeerSpec::IpBlock { cidr, except } => {
                 let inside = |n: &IpNet| cidr.contains(n) && !except.iter().any(|e| e.contains(n));
-                let mut ids: BTreeSet<u32> = self.prefixes.iter().filter(|(n, _)| inside(n)).map(|(_, id)| *id).collect();
+                let mut ids: BTreeSet<u32> = self
+                    .prefixes
+                    .iter()
+                    .filter(|(n, _)| inside(n))
+                    .map(|(_, id)| *id)
+                    .collect();
                 if self.opts.ipblock_matches_pods {
                     // An identity stands for all its pods: it is included only when every one of
                     // their addresses of the block's family is inside the block.
                     for (id, g) in &self.groups {
-                        let all_in = g.pods.iter().flat_map(|p| p.ips.iter()).filter(|ip| ip.is_ipv4() == cidr.addr().is_ipv4()).all(|ip| inside(&IpNet::from(*ip)));
+                        let all_in = g
+                            .pods
+                            .iter()
+                            .flat_map(|p| p.ips.iter())
+                            .filter(|ip| ip.is_ipv4() == cidr.addr().is_ipv4())
+                            .all(|ip| inside(&IpNet::from(*ip)));
                         if all_in {
                             ids.insert(*id);
                         }
@@ -204,40 +237,77 @@ fn key(ep: u32, dir: u8, ident: u32, plen: u32, proto: u8, port: u16) -> (u32, P
 }
 
 /// Compiles the maps' contents for node `node` whose own addresses are `host_addrs`.
-pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Options, alloc: &mut Allocator) -> Desired {
+pub fn compile(
+    cluster: &Cluster,
+    node: &str,
+    host_addrs: &[IpAddr],
+    opts: &Options,
+    alloc: &mut Allocator,
+) -> Desired {
     let mut d = Desired::default();
-    d.ipcache.insert("0.0.0.0/0".parse().unwrap(), entry(identity::WORLD, RemoteKind::World));
-    d.ipcache.insert("::/0".parse().unwrap(), entry(identity::WORLD, RemoteKind::World));
+    d.ipcache.insert(
+        "0.0.0.0/0".parse().unwrap(),
+        entry(identity::WORLD, RemoteKind::World),
+    );
+    d.ipcache.insert(
+        "::/0".parse().unwrap(),
+        entry(identity::WORLD, RemoteKind::World),
+    );
     for n in &cluster.nodes {
         let local = n.name == node;
         for a in &n.addresses {
-            let kind = if local { RemoteKind::Host } else { RemoteKind::RemoteNode };
-            d.ipcache.insert(IpNet::from(*a), entry(alloc.identity(format!("node:{a}")), kind));
+            let kind = if local {
+                RemoteKind::Host
+            } else {
+                RemoteKind::RemoteNode
+            };
+            d.ipcache.insert(
+                IpNet::from(*a),
+                entry(alloc.identity(format!("node:{a}")), kind),
+            );
         }
         if !local {
             for c in &n.pod_cidrs {
-                d.ipcache.insert(c.trunc(), entry(identity::UNKNOWN_POD, RemoteKind::RemotePod));
+                d.ipcache.insert(
+                    c.trunc(),
+                    entry(identity::UNKNOWN_POD, RemoteKind::RemotePod),
+                );
             }
         }
     }
     for a in host_addrs {
-        d.ipcache.insert(IpNet::from(*a), entry(alloc.identity(format!("node:{a}")), RemoteKind::Host));
+        d.ipcache.insert(
+            IpNet::from(*a),
+            entry(alloc.identity(format!("node:{a}")), RemoteKind::Host),
+        );
     }
     let mut groups: BTreeMap<u32, Group<'_>> = BTreeMap::new();
     let mut by_ns: HashMap<&str, Vec<u32>> = HashMap::new();
-    for p in cluster.pods.iter().filter(|p| !p.host_network && !p.ips.is_empty()) {
+    for p in cluster
+        .pods
+        .iter()
+        .filter(|p| !p.host_network && !p.ips.is_empty())
+    {
         let id = alloc.identity(pod_identity_key(p));
         groups
             .entry(id)
             .or_insert_with(|| {
                 by_ns.entry(p.namespace.as_str()).or_default().push(id);
-                Group { labels: &p.labels, ports: &p.ports, pods: Vec::new() }
+                Group {
+                    labels: &p.labels,
+                    ports: &p.ports,
+                    pods: Vec::new(),
+                }
             })
             .pods
             .push(p);
         let local = p.node == node;
         for ip in &p.ips {
-            let kind = if local { RemoteKind::LocalPod } else { RemoteKind::RemotePod };
+            let kind = if local {
+                RemoteKind::LocalPod
+            } else {
+                RemoteKind::RemotePod
+            };
             d.ipcache.insert(IpNet::from(*ip), entry(id, kind));
         }
     }
@@ -249,7 +319,10 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
                     for net in std::iter::once(cidr).chain(except) {
                         let net = net.trunc();
                         if !d.ipcache.contains_key(&net) {
-                            d.ipcache.insert(net, entry(alloc.identity(format!("cidr:{net}")), RemoteKind::World));
+                            d.ipcache.insert(
+                                net,
+                                entry(alloc.identity(format!("cidr:{net}")), RemoteKind::World),
+                            );
                         }
                     }
                 }
@@ -274,8 +347,13 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     // What a rule's peers stand for does not depend on the local pod: computed once per rule.
     let mut peer_cache: HashMap<(usize, bool, usize), Option<BTreeSet<u32>>> = HashMap::new();
-    let mut named_cache: HashMap<(usize, bool, usize), Vec<(u32, Vec<(String, u16, Protocol)>)>> = HashMap::new();
-    for pod in cluster.pods.iter().filter(|p| p.node == node && !p.host_network) {
+    let mut named_cache: HashMap<(usize, bool, usize), Vec<(u32, Vec<(String, u16, Protocol)>)>> =
+        HashMap::new();
+    for pod in cluster
+        .pods
+        .iter()
+        .filter(|p| p.node == node && !p.host_network)
+    {
         let ep = alloc.endpoint(&pod.namespace, &pod.name);
         let mut flags = 0;
         let mut entries: BTreeMap<(u32, PolicyKeyData), PolicyEntry> = BTreeMap::new();
@@ -283,12 +361,21 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
             let ingress = dir == DIR_INGRESS;
             for (pi, pol) in sorted.iter().enumerate() {
                 let selects = pol.namespace == pod.namespace
-                    && (if ingress { pol.ingress_isolates } else { pol.egress_isolates })
-                    && pol.pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels));
+                    && (if ingress {
+                        pol.ingress_isolates
+                    } else {
+                        pol.egress_isolates
+                    })
+                    && pol
+                        .pod_selector
+                        .as_ref()
+                        .is_none_or(|s| s.matches(&pod.labels));
                 if !selects {
                     continue;
                 }
-                let audited = opts.audit_all || pol.audit || cluster.audit_namespaces.contains(&pol.namespace);
+                let audited = opts.audit_all
+                    || pol.audit
+                    || cluster.audit_namespaces.contains(&pol.namespace);
                 flags |= match (ingress, audited) {
                     (true, false) => ep_flags::INGRESS_ISOLATED,
                     (true, true) => ep_flags::INGRESS_AUDIT,
@@ -297,26 +384,64 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
                 };
                 let rules = if ingress { &pol.ingress } else { &pol.egress };
                 for (i, rule) in rules.iter().enumerate() {
-                    let id = alloc.rule(RuleRef { namespace: pol.namespace.clone(), name: pol.name.clone(), direction: dir_name.into(), rule: i });
-                    let value = PolicyEntry { rule: id, flags: if audited { policy_flags::AUDIT_ONLY } else { 0 } };
+                    let id = alloc.rule(RuleRef {
+                        namespace: pol.namespace.clone(),
+                        name: pol.name.clone(),
+                        direction: dir_name.into(),
+                        rule: i,
+                    });
+                    let value = PolicyEntry {
+                        rule: id,
+                        flags: if audited { policy_flags::AUDIT_ONLY } else { 0 },
+                    };
                     // Numbered ports
                     // apply to the rule's peers as they are; a named port on egress resolves on
                     // each destination pod, so it needs the pods' identities even for "any peer".
-                    let named = rule.ports.iter().any(|p| matches!(p.port, PortSpec::Named(_)));
-                    let numbered = Rule { peers: Vec::new(), ports: rule.ports.iter().filter(|p| !matches!(p.port, PortSpec::Named(_))).cloned().collect() };
-                    let named_only = Rule { peers: Vec::new(), ports: rule.ports.iter().filter(|p| matches!(p.port, PortSpec::Named(_))).cloned().collect() };
-                    let peer_ids: &Option<BTreeSet<u32>> = peer_cache.entry((pi, ingress, i)).or_insert_with(|| {
-                        (!rule.peers.is_empty()).then(|| rule.peers.iter().flat_map(|peer| cx.peer_identities(pol, peer)).collect())
-                    });
+                    let named = rule
+                        .ports
+                        .iter()
+                        .any(|p| matches!(p.port, PortSpec::Named(_)));
+                    let numbered = Rule {
+                        peers: Vec::new(),
+                        ports: rule
+                            .ports
+                            .iter()
+                            .filter(|p| !matches!(p.port, PortSpec::Named(_)))
+                            .cloned()
+                            .collect(),
+                    };
+                    let named_only = Rule {
+                        peers: Vec::new(),
+                        ports: rule
+                            .ports
+                            .iter()
+                            .filter(|p| matches!(p.port, PortSpec::Named(_)))
+                            .cloned()
+                            .collect(),
+                    };
+                    let peer_ids: &Option<BTreeSet<u32>> =
+                        peer_cache.entry((pi, ingress, i)).or_insert_with(|| {
+                            (!rule.peers.is_empty()).then(|| {
+                                rule.peers
+                                    .iter()
+                                    .flat_map(|peer| cx.peer_identities(pol, peer))
+                                    .collect()
+                            })
+                        });
                     let mut emit = |ident: u32, r: &Rule, dst_ports: &[(String, u16, Protocol)]| {
                         let keys = match port_keys(r, dst_ports) {
                             None => vec![key(ep, dir, ident, POLICY_PREFIX_ANY_PROTO, 0, 0)],
-                            Some(v) => v.into_iter().map(|(plen, proto, port)| key(ep, dir, ident, plen, proto, port)).collect(),
+                            Some(v) => v
+                                .into_iter()
+                                .map(|(plen, proto, port)| key(ep, dir, ident, plen, proto, port))
+                                .collect(),
                         };
                         for k in keys {
                             match entries.get(&k) {
                                 // Keep the enforced entry over an audit-only one, else the first.
-                                Some(old) if old.flags & policy_flags::AUDIT_ONLY == 0 || value.flags & policy_flags::AUDIT_ONLY != 0 => {}
+                                Some(old)
+                                    if old.flags & policy_flags::AUDIT_ONLY == 0
+                                        || value.flags & policy_flags::AUDIT_ONLY != 0 => {}
                                 _ => {
                                     entries.insert(k, value);
                                 }
@@ -324,7 +449,11 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
                         }
                     };
                     if rule.ports.is_empty() || !numbered.ports.is_empty() {
-                        let r = if rule.ports.is_empty() { rule } else { &numbered };
+                        let r = if rule.ports.is_empty() {
+                            rule
+                        } else {
+                            &numbered
+                        };
                         match peer_ids {
                             None => emit(identity::ANY, r, &[]),
                             Some(ids) => ids.iter().for_each(|id| emit(*id, r, &[])),
@@ -335,18 +464,23 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
                             // Resolved on this pod, the destination.
                             match peer_ids {
                                 None => emit(identity::ANY, &named_only, &pod.ports),
-                                Some(ids) => ids.iter().for_each(|id| emit(*id, &named_only, &pod.ports)),
+                                Some(ids) => {
+                                    ids.iter().for_each(|id| emit(*id, &named_only, &pod.ports))
+                                }
                             }
                         } else {
                             // One (identity, ports) per distinct destination: pods sharing an
                             // identity share their named ports.
-                            let targets = named_cache.entry((pi, ingress, i)).or_insert_with(|| {
-                                cx.groups
-                                    .iter()
-                                    .filter(|(id, _)| peer_ids.as_ref().is_none_or(|ids| ids.contains(id)))
-                                    .map(|(id, g)| (*id, g.ports.to_vec()))
-                                    .collect()
-                            });
+                            let targets =
+                                named_cache.entry((pi, ingress, i)).or_insert_with(|| {
+                                    cx.groups
+                                        .iter()
+                                        .filter(|(id, _)| {
+                                            peer_ids.as_ref().is_none_or(|ids| ids.contains(id))
+                                        })
+                                        .map(|(id, g)| (*id, g.ports.to_vec()))
+                                        .collect()
+                                });
                             for (id, ports) in targets.iter() {
                                 emit(*id, &named_only, ports);
                             }
@@ -367,13 +501,19 @@ pub fn compile(cluster: &Cluster, node: &str, host_addrs: &[IpAddr], opts: &Opti
 /// An audit-only entry inside an enforced one's prefix (same endpoint, direction and identity)
 /// would hide the enforced allow from the longest-prefix lookup: it takes the enforced value.
 fn shadow_audit(entries: &mut BTreeMap<(u32, PolicyKeyData), PolicyEntry>) {
-    let enforced: Vec<((u32, PolicyKeyData), PolicyEntry)> =
-        entries.iter().filter(|(_, v)| v.flags & policy_flags::AUDIT_ONLY == 0).map(|(k, v)| (*k, *v)).collect();
+    let enforced: Vec<((u32, PolicyKeyData), PolicyEntry)> = entries
+        .iter()
+        .filter(|(_, v)| v.flags & policy_flags::AUDIT_ONLY == 0)
+        .map(|(k, v)| (*k, *v))
+        .collect();
     for ((plen, k), v) in entries.iter_mut() {
         if v.flags & policy_flags::AUDIT_ONLY == 0 {
             continue;
         }
-        let covering = enforced.iter().filter(|((eplen, ek), _)| *eplen < *plen && covers(*eplen, ek, k)).max_by_key(|((eplen, _), _)| *eplen);
+        let covering = enforced
+            .iter()
+            .filter(|((eplen, ek), _)| *eplen < *plen && covers(*eplen, ek, k))
+            .max_by_key(|((eplen, _), _)| *eplen);
         if let Some((_, ev)) = covering {
             *v = *ev;
         }
@@ -396,7 +536,14 @@ mod tests {
         assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
         assert_eq!(port_prefixes(80, 81), vec![(80, 15)]);
         assert_eq!(port_prefixes(1, 65535).len(), 16);
-        for (lo, hi) in [(80u16, 81u16), (1000, 2000), (32768, 65535), (5, 5), (1, 65535), (8080, 8443)] {
+        for (lo, hi) in [
+            (80u16, 81u16),
+            (1000, 2000),
+            (32768, 65535),
+            (5, 5),
+            (1, 65535),
+            (8080, 8443),
+        ] {
             let mut covered = Vec::new();
             for (v, bits) in port_prefixes(lo, hi) {
                 let size = 1u32 << (16 - bits);

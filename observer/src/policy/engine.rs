@@ -80,8 +80,15 @@ pub enum Side {
     NotIsolated,
     /// A pod talking to itself.
     Loopback,
-    Allowed { policy: String, rule: usize },
-    Denied { isolated_by: Vec<String>, invalid: Vec<String>, audit: bool },
+    Allowed {
+        policy: String,
+        rule: usize,
+    },
+    Denied {
+        isolated_by: Vec<String>,
+        invalid: Vec<String>,
+        audit: bool,
+    },
 }
 
 impl Side {
@@ -102,11 +109,23 @@ impl Decision {
     /// One line naming the cause, for matrices and flow logs.
     pub fn reason(&self) -> String {
         let side = |dir: &str, s: &Side| match s {
-            Side::Allowed { policy, rule } => Some(format!("{dir} allowed by {policy} rule {rule}")),
-            Side::Denied { isolated_by, invalid, audit } => {
-                let mut r = format!("{dir} denied: isolated by {} and no rule matches", isolated_by.join(", "));
+            Side::Allowed { policy, rule } => {
+                Some(format!("{dir} allowed by {policy} rule {rule}"))
+            }
+            Side::Denied {
+                isolated_by,
+                invalid,
+                audit,
+            } => {
+                let mut r = format!(
+                    "{dir} denied: isolated by {} and no rule matches",
+                    isolated_by.join(", ")
+                );
                 if !invalid.is_empty() {
-                    r.push_str(&format!(" (invalid, allowing nothing: {})", invalid.join(", ")));
+                    r.push_str(&format!(
+                        " (invalid, allowing nothing: {})",
+                        invalid.join(", ")
+                    ));
                 }
                 if *audit {
                     r.push_str(" [audit]");
@@ -116,7 +135,10 @@ impl Decision {
             Side::Loopback => Some("a pod talking to itself is always allowed".into()),
             _ => None,
         };
-        let mut parts: Vec<String> = [side("egress", &self.egress), side("ingress", &self.ingress)].into_iter().flatten().collect();
+        let mut parts: Vec<String> = [side("egress", &self.egress), side("ingress", &self.ingress)]
+            .into_iter()
+            .flatten()
+            .collect();
         if parts.is_empty() {
             parts.push("no policy isolates either side".into());
         }
@@ -138,7 +160,11 @@ enum Dir {
 
 impl<'a> Engine<'a> {
     pub fn new(cluster: &'a Cluster, opts: Options) -> Self {
-        Self { cluster, opts, empty: BTreeMap::new() }
+        Self {
+            cluster,
+            opts,
+            empty: BTreeMap::new(),
+        }
     }
 
     fn ns_labels(&self, ns: &str) -> &BTreeMap<String, String> {
@@ -152,9 +178,19 @@ impl<'a> Engine<'a> {
             .policies
             .iter()
             .filter(|p| p.namespace == pod.namespace)
-            .filter(|p| if ingress { p.ingress_isolates } else { p.egress_isolates })
+            .filter(|p| {
+                if ingress {
+                    p.ingress_isolates
+                } else {
+                    p.egress_isolates
+                }
+            })
             // An unusable podSelector selects the whole namespace: fail closed.
-            .filter(|p| p.pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels)))
+            .filter(|p| {
+                p.pod_selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&pod.labels))
+            })
             .collect();
         v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         v
@@ -162,16 +198,22 @@ impl<'a> Engine<'a> {
 
     fn peer_matches(&self, policy: &Policy, spec: &PeerSpec, remote: &Peer<'_>) -> bool {
         match spec {
-            PeerSpec::Pods(sel) => remote.pod().is_some_and(|p| p.namespace == policy.namespace && sel.matches(&p.labels)),
-            PeerSpec::Namespaces(ns) => remote.pod().is_some_and(|p| ns.matches(self.ns_labels(&p.namespace))),
-            PeerSpec::PodsInNamespaces { namespaces, pods } => remote
+            PeerSpec::Pods(sel) => remote
                 .pod()
-                .is_some_and(|p| namespaces.matches(self.ns_labels(&p.namespace)) && pods.matches(&p.labels)),
+                .is_some_and(|p| p.namespace == policy.namespace && sel.matches(&p.labels)),
+            PeerSpec::Namespaces(ns) => remote
+                .pod()
+                .is_some_and(|p| ns.matches(self.ns_labels(&p.namespace))),
+            PeerSpec::PodsInNamespaces { namespaces, pods } => remote.pod().is_some_and(|p| {
+                namespaces.matches(self.ns_labels(&p.namespace)) && pods.matches(&p.labels)
+            }),
             PeerSpec::IpBlock { cidr, except } => {
                 if remote.pod().is_some() && !self.opts.ipblock_matches_pods {
                     return false;
                 }
-                remote.ip().is_some_and(|ip| cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip)))
+                remote
+                    .ip()
+                    .is_some_and(|ip| cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip)))
             }
         }
     }
@@ -185,9 +227,11 @@ impl<'a> Engine<'a> {
                         PortSpec::Range(lo, hi) => (*lo..=*hi).contains(&port),
                         // Resolved against the destination pod's container ports, for ingress
                         // and egress alike.
-                        PortSpec::Named(name) => dst
-                            .pod()
-                            .is_some_and(|p| p.ports.iter().any(|(n, pn, pp)| n == name && *pn == port && *pp == proto)),
+                        PortSpec::Named(name) => dst.pod().is_some_and(|p| {
+                            p.ports
+                                .iter()
+                                .any(|(n, pn, pp)| n == name && *pn == port && *pp == proto)
+                        }),
                     }
             })
     }
@@ -208,22 +252,34 @@ impl<'a> Engine<'a> {
         include: impl Fn(&Policy) -> bool,
     ) -> Side {
         let ingress = matches!(dir, Dir::Ingress);
-        let isolating: Vec<&Policy> = self.isolating(local, ingress).into_iter().filter(|p| include(p)).collect();
+        let isolating: Vec<&Policy> = self
+            .isolating(local, ingress)
+            .into_iter()
+            .filter(|p| include(p))
+            .collect();
         if isolating.is_empty() {
             return Side::NotIsolated;
         }
         for p in &isolating {
             let rules = if ingress { &p.ingress } else { &p.egress };
             for (i, r) in rules.iter().enumerate() {
-                let peer_ok = r.peers.is_empty() || r.peers.iter().any(|s| self.peer_matches(p, s, remote));
+                let peer_ok =
+                    r.peers.is_empty() || r.peers.iter().any(|s| self.peer_matches(p, s, remote));
                 if peer_ok && Self::port_matches(r, dst, proto, port) {
-                    return Side::Allowed { policy: p.id(), rule: i };
+                    return Side::Allowed {
+                        policy: p.id(),
+                        rule: i,
+                    };
                 }
             }
         }
         Side::Denied {
             isolated_by: isolating.iter().map(|p| p.id()).collect(),
-            invalid: isolating.iter().filter(|p| !p.valid()).map(|p| p.id()).collect(),
+            invalid: isolating
+                .iter()
+                .filter(|p| !p.valid())
+                .map(|p| p.id())
+                .collect(),
             audit: false,
         }
     }
@@ -231,13 +287,29 @@ impl<'a> Engine<'a> {
     /// Enforcement counts only policies not in audit mode; audit mode reports what the audited
     /// policies would have dropped. So an audited policy never changes what passes: neither its
     /// isolation nor its allow rules.
-    fn direction(&self, dir: Dir, local: &PodInfo, remote: &Peer<'_>, dst: &Peer<'_>, proto: Protocol, port: u16) -> Side {
+    fn direction(
+        &self,
+        dir: Dir,
+        local: &PodInfo,
+        remote: &Peer<'_>,
+        dst: &Peer<'_>,
+        proto: Protocol,
+        port: u16,
+    ) -> Side {
         let enforced = self.side(&dir, local, remote, dst, proto, port, |p| !self.audited(p));
         if !enforced.passes() {
             return enforced;
         }
         match self.side(&dir, local, remote, dst, proto, port, |_| true) {
-            Side::Denied { isolated_by, invalid, .. } => Side::Denied { isolated_by, invalid, audit: true },
+            Side::Denied {
+                isolated_by,
+                invalid,
+                ..
+            } => Side::Denied {
+                isolated_by,
+                invalid,
+                audit: true,
+            },
             all => match enforced {
                 Side::Allowed { .. } => enforced,
                 _ => all,
@@ -248,7 +320,11 @@ impl<'a> Engine<'a> {
     pub fn decide(&self, src: Peer<'_>, dst: Peer<'_>, proto: Protocol, port: u16) -> Decision {
         if let (Peer::Pod(a), Peer::Pod(b)) = (&src, &dst) {
             if a.namespace == b.namespace && a.name == b.name {
-                return Decision { verdict: Verdict::Allowed, egress: Side::Loopback, ingress: Side::Loopback };
+                return Decision {
+                    verdict: Verdict::Allowed,
+                    egress: Side::Loopback,
+                    ingress: Side::Loopback,
+                };
             }
         }
         let egress = match src.pod() {
@@ -267,7 +343,11 @@ impl<'a> Engine<'a> {
         } else {
             Verdict::Audit
         };
-        Decision { verdict, egress, ingress }
+        Decision {
+            verdict,
+            egress,
+            ingress,
+        }
     }
 }
 
@@ -316,13 +396,23 @@ mod tests {
 "#,
         );
         assert_eq!(c.errors.len(), 1);
-        assert!(c.errors[0].contains("x/broken") && c.errors[0].contains("spec.ingress[0].from[0].podSelector.matchExpressions[0].operator"), "{}", c.errors[0]);
+        assert!(
+            c.errors[0].contains("x/broken")
+                && c.errors[0]
+                    .contains("spec.ingress[0].from[0].podSelector.matchExpressions[0].operator"),
+            "{}",
+            c.errors[0]
+        );
         let e = Engine::new(&c, Options::default());
         // The broken rule would have allowed c; it allows nothing.
         let d = e.decide(pod(&c, "c"), pod(&c, "a"), Protocol::Tcp, 8080);
         assert_eq!(d.verdict, Verdict::Denied);
         assert!(d.reason().contains("invalid"), "{}", d.reason());
-        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 8080).verdict, Verdict::Allowed);
+        assert_eq!(
+            e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 8080)
+                .verdict,
+            Verdict::Allowed
+        );
     }
 
     #[test]
@@ -337,10 +427,18 @@ mod tests {
     ingress: [{}]
 "#,
         );
-        assert!(c.errors[0].contains("spec.podSelector.matchExpressions[0].values"), "{:?}", c.errors);
+        assert!(
+            c.errors[0].contains("spec.podSelector.matchExpressions[0].values"),
+            "{:?}",
+            c.errors
+        );
         let e = Engine::new(&c, Options::default());
         for (s, d) in [("a", "b"), ("b", "c"), ("c", "a")] {
-            assert_eq!(e.decide(pod(&c, s), pod(&c, d), Protocol::Tcp, 80).verdict, Verdict::Denied, "{s}->{d}");
+            assert_eq!(
+                e.decide(pod(&c, s), pod(&c, d), Protocol::Tcp, 80).verdict,
+                Verdict::Denied,
+                "{s}->{d}"
+            );
         }
     }
 
@@ -357,10 +455,19 @@ mod tests {
     - ports: [{endPort: 90}, {port: http, endPort: 90}, {port: 90, endPort: 80}, {port: 80, protocol: ICMP}]
 "#,
         );
-        let fields: Vec<&str> = c.errors.iter().map(|e| e.split(": ").nth(2).unwrap_or("")).collect();
+        let fields: Vec<&str> = c
+            .errors
+            .iter()
+            .map(|e| e.split(": ").nth(2).unwrap_or(""))
+            .collect();
         assert_eq!(
             fields,
-            ["spec.ingress[0].ports[0].endPort", "spec.ingress[0].ports[1].endPort", "spec.ingress[0].ports[2].endPort", "spec.ingress[0].ports[3].protocol"],
+            [
+                "spec.ingress[0].ports[0].endPort",
+                "spec.ingress[0].ports[1].endPort",
+                "spec.ingress[0].ports[2].endPort",
+                "spec.ingress[0].ports[3].protocol"
+            ],
             "{:?}",
             c.errors
         );
@@ -379,11 +486,27 @@ mod tests {
 "#,
         );
         let e = Engine::new(&c, Options::default());
-        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 8080).verdict, Verdict::Allowed);
-        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 8081).verdict, Verdict::Denied);
+        assert_eq!(
+            e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 8080)
+                .verdict,
+            Verdict::Allowed
+        );
+        assert_eq!(
+            e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 8081)
+                .verdict,
+            Verdict::Denied
+        );
         // c declares no port named http.
-        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "c"), Protocol::Tcp, 8080).verdict, Verdict::Denied);
-        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Udp, 8080).verdict, Verdict::Denied);
+        assert_eq!(
+            e.decide(pod(&c, "b"), pod(&c, "c"), Protocol::Tcp, 8080)
+                .verdict,
+            Verdict::Denied
+        );
+        assert_eq!(
+            e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Udp, 8080)
+                .verdict,
+            Verdict::Denied
+        );
     }
 
     #[test]
@@ -405,13 +528,35 @@ mod tests {
 "#,
         );
         let e = Engine::new(&c, Options::default());
-        assert_eq!(e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 80).verdict, Verdict::Allowed);
-        assert_eq!(e.decide(pod(&c, "c"), pod(&c, "a"), Protocol::Tcp, 80).verdict, Verdict::Audit);
+        assert_eq!(
+            e.decide(pod(&c, "b"), pod(&c, "a"), Protocol::Tcp, 80)
+                .verdict,
+            Verdict::Allowed
+        );
+        assert_eq!(
+            e.decide(pod(&c, "c"), pod(&c, "a"), Protocol::Tcp, 80)
+                .verdict,
+            Verdict::Audit
+        );
         // The enforced deny stays a deny.
-        assert_eq!(e.decide(pod(&c, "a"), pod(&c, "c"), Protocol::Tcp, 80).verdict, Verdict::Denied);
+        assert_eq!(
+            e.decide(pod(&c, "a"), pod(&c, "c"), Protocol::Tcp, 80)
+                .verdict,
+            Verdict::Denied
+        );
         // Global audit turns it into audit too.
-        let all = Engine::new(&c, Options { audit_all: true, ..Default::default() });
-        assert_eq!(all.decide(pod(&c, "a"), pod(&c, "c"), Protocol::Tcp, 80).verdict, Verdict::Audit);
+        let all = Engine::new(
+            &c,
+            Options {
+                audit_all: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            all.decide(pod(&c, "a"), pod(&c, "c"), Protocol::Tcp, 80)
+                .verdict,
+            Verdict::Audit
+        );
     }
 
     #[test]
@@ -428,10 +573,26 @@ mod tests {
 "#,
         );
         let e = Engine::new(&c, Options::default());
-        assert_eq!(e.decide(pod(&c, "a"), pod(&c, "a"), Protocol::Tcp, 80).verdict, Verdict::Allowed);
+        assert_eq!(
+            e.decide(pod(&c, "a"), pod(&c, "a"), Protocol::Tcp, 80)
+                .verdict,
+            Verdict::Allowed
+        );
         let ext = |s: &str| Peer::External(s.parse().unwrap());
-        assert_eq!(e.decide(pod(&c, "a"), ext("192.0.2.10"), Protocol::Tcp, 443).verdict, Verdict::Allowed);
-        assert_eq!(e.decide(pod(&c, "a"), ext("192.0.2.200"), Protocol::Tcp, 443).verdict, Verdict::Denied);
-        assert_eq!(e.decide(ext("192.0.2.10"), pod(&c, "a"), Protocol::Tcp, 80).verdict, Verdict::Denied);
+        assert_eq!(
+            e.decide(pod(&c, "a"), ext("192.0.2.10"), Protocol::Tcp, 443)
+                .verdict,
+            Verdict::Allowed
+        );
+        assert_eq!(
+            e.decide(pod(&c, "a"), ext("192.0.2.200"), Protocol::Tcp, 443)
+                .verdict,
+            Verdict::Denied
+        );
+        assert_eq!(
+            e.decide(ext("192.0.2.10"), pod(&c, "a"), Protocol::Tcp, 80)
+                .verdict,
+            Verdict::Denied
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The kernel engine: decides a matrix by running the real programs on connection-opening
 //! packets through BPF_PROG_TEST_RUN, with maps filled by the compiler. `from_pod` plays the
 //! source pod's veth, `to_pod` the destination's, on one conntrack entry, as on a node.
-use std::{collections::HashMap, net::IpAddr, path::PathBuf};
+use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions};
@@ -13,7 +13,10 @@ use super::{
     matrix::{pods_sorted, Cell},
     Protocol,
 };
-use crate::{bpf::Datapath, cluster::Cluster};
+use crate::{
+    bpf::{Datapath, ScratchPins},
+    cluster::Cluster,
+};
 
 const TC_ACT_SHOT: u32 = 2;
 const NODE: &str = "kernel-engine";
@@ -72,31 +75,20 @@ pub fn opening_packet(
     p
 }
 
-struct Pin(PathBuf);
-impl Drop for Pin {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The real programs with their own maps, reusable across clusters.
 pub struct KernelEngine {
     dp: Datapath,
     alloc: Allocator,
     sport: u16,
-    _pin: Pin,
+    // Dropped after `dp` (fields drop in order): the pins outlive the maps' users.
+    _pins: ScratchPins,
 }
 
 impl KernelEngine {
     pub fn new() -> Result<Self> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pin = Pin(PathBuf::from(format!(
-            "/sys/fs/bpf/observer-kernel-engine-{}-{n}",
-            std::process::id()
-        )));
-        let _ = std::fs::remove_dir_all(&pin.0);
-        let mut dp = Datapath::load(&pin.0).context("loading the kernel programs (needs root)")?;
+        let pins = ScratchPins::new("kernel-engine");
+        let mut dp =
+            Datapath::load(pins.path()).context("loading the kernel programs (needs root)")?;
         dp.set_config(Config {
             report_interval_ns: 0,
             policy_gen: 1,
@@ -108,7 +100,7 @@ impl KernelEngine {
             dp,
             alloc: Allocator::default(),
             sport: 20000,
-            _pin: pin,
+            _pins: pins,
         })
     }
 
@@ -165,7 +157,8 @@ impl KernelEngine {
         let sport = self.sport;
         let pkt = opening_packet(src, dst, proto, sport, port);
         let egress = src_is_pod && self.test_run(programs::FROM_POD, &pkt)? == TC_ACT_SHOT;
-        let ingress = !egress && dst_is_pod && self.test_run(programs::TO_POD, &pkt)? == TC_ACT_SHOT;
+        let ingress =
+            !egress && dst_is_pod && self.test_run(programs::TO_POD, &pkt)? == TC_ACT_SHOT;
         let key = crate::flows::ct_key(src, sport, dst, port, proto.number());
         Ok((egress, ingress, self.dp.conntrack()?.get(&key, 0).ok()))
     }

@@ -57,7 +57,11 @@ pub struct PolicyError {
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NetworkPolicy {}/{}: {}: {}", self.namespace, self.name, self.field, self.message)
+        write!(
+            f,
+            "NetworkPolicy {}/{}: {}: {}",
+            self.namespace, self.name, self.field, self.message
+        )
     }
 }
 
@@ -97,7 +101,11 @@ impl fmt::Display for Selector {
         if self.is_empty() {
             return f.write_str("{}");
         }
-        let mut parts: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut parts: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         for (k, op) in &self.exprs {
             parts.push(match op {
                 Op::In(v) => format!("{k} in ({})", v.join(",")),
@@ -117,7 +125,10 @@ pub enum PeerSpec {
     /// All pods of namespaces matching the selector.
     Namespaces(Selector),
     /// Pods matching `pods` in namespaces matching `namespaces` (one peer, both selectors: AND).
-    PodsInNamespaces { namespaces: Selector, pods: Selector },
+    PodsInNamespaces {
+        namespaces: Selector,
+        pods: Selector,
+    },
     /// Addresses in `cidr` but not in any of `except`.
     IpBlock { cidr: IpNet, except: Vec<IpNet> },
 }
@@ -193,28 +204,40 @@ impl Ctx<'_> {
 }
 
 fn selector(cx: &mut Ctx<'_>, field: &str, s: &LabelSelector) -> Option<Selector> {
-    let mut out = Selector { labels: s.match_labels.clone().unwrap_or_default(), exprs: Vec::new() };
+    let mut out = Selector {
+        labels: s.match_labels.clone().unwrap_or_default(),
+        exprs: Vec::new(),
+    };
     let mut ok = true;
     for (i, e) in s.match_expressions.iter().flatten().enumerate() {
         let f = format!("{field}.matchExpressions[{i}]");
         let values = e.values.clone().unwrap_or_default();
         let op = match e.operator.as_str() {
             "In" | "NotIn" if values.is_empty() => {
-                cx.err(format!("{f}.values"), format!("operator {} needs at least one value", e.operator));
+                cx.err(
+                    format!("{f}.values"),
+                    format!("operator {} needs at least one value", e.operator),
+                );
                 ok = false;
                 continue;
             }
             "In" => Op::In(values),
             "NotIn" => Op::NotIn(values),
             "Exists" | "DoesNotExist" if !values.is_empty() => {
-                cx.err(format!("{f}.values"), format!("operator {} takes no values", e.operator));
+                cx.err(
+                    format!("{f}.values"),
+                    format!("operator {} takes no values", e.operator),
+                );
                 ok = false;
                 continue;
             }
             "Exists" => Op::Exists,
             "DoesNotExist" => Op::DoesNotExist,
             other => {
-                cx.err(format!("{f}.operator"), format!("unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)"));
+                cx.err(
+                    format!("{f}.operator"),
+                    format!("unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)"),
+                );
                 ok = false;
                 continue;
             }
@@ -234,7 +257,11 @@ fn cidr(cx: &mut Ctx<'_>, field: &str, s: &str) -> Option<IpNet> {
         Ok(n) => Some(n),
         Err(_) => {
             // A bare address is not a CIDR in the API either.
-            let hint = if s.parse::<IpAddr>().is_ok() { " (add a prefix length, e.g. /32)" } else { "" };
+            let hint = if s.parse::<IpAddr>().is_ok() {
+                " (add a prefix length, e.g. /32)"
+            } else {
+                ""
+            };
             cx.err(field, format!("{s:?} is not a CIDR{hint}"));
             None
         }
@@ -244,7 +271,10 @@ fn cidr(cx: &mut Ctx<'_>, field: &str, s: &str) -> Option<IpNet> {
 fn peer(cx: &mut Ctx<'_>, field: &str, p: &NetworkPolicyPeer) -> Option<PeerSpec> {
     match (&p.pod_selector, &p.namespace_selector, &p.ip_block) {
         (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
-            cx.err(field, "ipBlock cannot be combined with podSelector or namespaceSelector in one peer");
+            cx.err(
+                field,
+                "ipBlock cannot be combined with podSelector or namespaceSelector in one peer",
+            );
             None
         }
         (None, None, Some(ip)) => {
@@ -261,14 +291,25 @@ fn peer(cx: &mut Ctx<'_>, field: &str, p: &NetworkPolicyPeer) -> Option<PeerSpec
             }
             Some(PeerSpec::IpBlock { cidr: net, except })
         }
-        (Some(ps), None, None) => Some(PeerSpec::Pods(selector(cx, &format!("{field}.podSelector"), ps)?)),
-        (None, Some(ns), None) => Some(PeerSpec::Namespaces(selector(cx, &format!("{field}.namespaceSelector"), ns)?)),
+        (Some(ps), None, None) => Some(PeerSpec::Pods(selector(
+            cx,
+            &format!("{field}.podSelector"),
+            ps,
+        )?)),
+        (None, Some(ns), None) => Some(PeerSpec::Namespaces(selector(
+            cx,
+            &format!("{field}.namespaceSelector"),
+            ns,
+        )?)),
         (Some(ps), Some(ns), None) => Some(PeerSpec::PodsInNamespaces {
             namespaces: selector(cx, &format!("{field}.namespaceSelector"), ns)?,
             pods: selector(cx, &format!("{field}.podSelector"), ps)?,
         }),
         (None, None, None) => {
-            cx.err(field, "a peer needs podSelector, namespaceSelector or ipBlock");
+            cx.err(
+                field,
+                "a peer needs podSelector, namespaceSelector or ipBlock",
+            );
             None
         }
     }
@@ -280,7 +321,10 @@ fn port(cx: &mut Ctx<'_>, field: &str, p: &NetworkPolicyPort) -> Option<PortRule
         Some(s) => match Protocol::parse(s) {
             Some(pr) => pr,
             None => {
-                cx.err(format!("{field}.protocol"), format!("unsupported protocol {s:?} (TCP, UDP, SCTP)"));
+                cx.err(
+                    format!("{field}.protocol"),
+                    format!("unsupported protocol {s:?} (TCP, UDP, SCTP)"),
+                );
                 return None;
             }
         },
@@ -293,42 +337,65 @@ fn port(cx: &mut Ctx<'_>, field: &str, p: &NetworkPolicyPort) -> Option<PortRule
         }
         (Some(IntOrString::Int(n)), end) => {
             if !(1..=65535).contains(n) {
-                cx.err(format!("{field}.port"), format!("{n} is not a port (1-65535)"));
+                cx.err(
+                    format!("{field}.port"),
+                    format!("{n} is not a port (1-65535)"),
+                );
                 return None;
             }
             let end = end.unwrap_or(*n);
             if end < *n || end > 65535 {
-                cx.err(format!("{field}.endPort"), format!("{end} must be between port {n} and 65535"));
+                cx.err(
+                    format!("{field}.endPort"),
+                    format!("{end} must be between port {n} and 65535"),
+                );
                 return None;
             }
             PortSpec::Range(*n as u16, end as u16)
         }
         (Some(IntOrString::String(s)), end) => {
             if end.is_some() {
-                cx.err(format!("{field}.endPort"), "endPort cannot be used with a named port");
+                cx.err(
+                    format!("{field}.endPort"),
+                    "endPort cannot be used with a named port",
+                );
                 return None;
             }
             // Numbers written as strings are names in the API: a container port name must
             // contain a letter.
             if s.is_empty() || s.len() > 15 || !s.chars().any(|c| c.is_ascii_alphabetic()) {
-                cx.err(format!("{field}.port"), format!("{s:?} is not a valid port name"));
+                cx.err(
+                    format!("{field}.port"),
+                    format!("{s:?} is not a valid port name"),
+                );
                 return None;
             }
             PortSpec::Named(s.clone())
         }
     };
-    Some(PortRule { protocol, port: spec })
+    Some(PortRule {
+        protocol,
+        port: spec,
+    })
 }
 
 fn rules(
     cx: &mut Ctx<'_>,
     dir: &str,
     peer_field: &str,
-    items: impl Iterator<Item = (Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>)>,
+    items: impl Iterator<
+        Item = (
+            Option<Vec<NetworkPolicyPeer>>,
+            Option<Vec<NetworkPolicyPort>>,
+        ),
+    >,
 ) -> Vec<Rule> {
     let mut out = Vec::new();
     for (i, (peers, ports)) in items.enumerate() {
-        let mut rule = Rule { peers: Vec::new(), ports: Vec::new() };
+        let mut rule = Rule {
+            peers: Vec::new(),
+            ports: Vec::new(),
+        };
         let mut ok = true;
         for (j, p) in peers.iter().flatten().enumerate() {
             match peer(cx, &format!("spec.{dir}[{i}].{peer_field}[{j}]"), p) {
@@ -351,9 +418,17 @@ fn rules(
 
 /// Validates a NetworkPolicy. Always returns a policy; an invalid one has `errors` and no rules.
 pub fn compile(np: &NetworkPolicy) -> Policy {
-    let namespace = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = np
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let name = np.metadata.name.clone().unwrap_or_default();
-    let mut cx = Ctx { ns: &namespace, name: &name, errors: Vec::new() };
+    let mut cx = Ctx {
+        ns: &namespace,
+        name: &name,
+        errors: Vec::new(),
+    };
     if name.is_empty() {
         cx.err("metadata.name", "missing");
     }
@@ -372,17 +447,39 @@ pub fn compile(np: &NetworkPolicy) -> Policy {
     for (i, t) in spec.policy_types.iter().flatten().enumerate() {
         match t.as_str() {
             "Ingress" | "Egress" => types.push(t.clone()),
-            other => cx.err(format!("spec.policyTypes[{i}]"), format!("unknown policy type {other:?} (Ingress, Egress)")),
+            other => cx.err(
+                format!("spec.policyTypes[{i}]"),
+                format!("unknown policy type {other:?} (Ingress, Egress)"),
+            ),
         }
     }
     // Defaulting: Ingress always; Egress when the spec has an egress section.
     let (ingress_isolates, egress_isolates) = if spec.policy_types.is_none() {
         (true, spec.egress.is_some())
     } else {
-        (types.iter().any(|t| t == "Ingress"), types.iter().any(|t| t == "Egress"))
+        (
+            types.iter().any(|t| t == "Ingress"),
+            types.iter().any(|t| t == "Egress"),
+        )
     };
-    let ingress = rules(&mut cx, "ingress", "from", spec.ingress.iter().flatten().map(|r| (r.from.clone(), r.ports.clone())));
-    let egress = rules(&mut cx, "egress", "to", spec.egress.iter().flatten().map(|r| (r.to.clone(), r.ports.clone())));
+    let ingress = rules(
+        &mut cx,
+        "ingress",
+        "from",
+        spec.ingress
+            .iter()
+            .flatten()
+            .map(|r| (r.from.clone(), r.ports.clone())),
+    );
+    let egress = rules(
+        &mut cx,
+        "egress",
+        "to",
+        spec.egress
+            .iter()
+            .flatten()
+            .map(|r| (r.to.clone(), r.ports.clone())),
+    );
     let errors = cx.errors;
     let valid = errors.is_empty();
     Policy {
@@ -390,8 +487,10 @@ pub fn compile(np: &NetworkPolicy) -> Policy {
         name: name.clone(),
         pod_selector,
         // An invalid policy that fails to parse its types still isolates in both directions.
-        ingress_isolates: ingress_isolates || (!valid && types.is_empty() && spec.policy_types.is_some()),
-        egress_isolates: egress_isolates || (!valid && types.is_empty() && spec.policy_types.is_some()),
+        ingress_isolates: ingress_isolates
+            || (!valid && types.is_empty() && spec.policy_types.is_some()),
+        egress_isolates: egress_isolates
+            || (!valid && types.is_empty() && spec.policy_types.is_some()),
         ingress: if valid { ingress } else { Vec::new() },
         egress: if valid { egress } else { Vec::new() },
         errors,

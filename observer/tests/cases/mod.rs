@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use observer::{
     cluster::{self, Cluster},
-    policy::{matrix::{self, Cell}, Options, Protocol},
+    policy::{
+        matrix::{self, Cell},
+        Options, Protocol,
+    },
 };
 use serde::Deserialize;
 
@@ -74,7 +77,10 @@ pub fn load_case(path: &std::path::Path) -> Case {
 pub type EngineFn<'a> = &'a dyn Fn(&Cluster, &Options, &[(Protocol, u16)]) -> Vec<Cell>;
 
 pub fn case_files() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("cases")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("cases"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     assert!(files.len() >= 15, "cases missing");
     files
@@ -89,15 +95,33 @@ pub fn run_case(path: &std::path::Path, engine: EngineFn<'_>) -> Vec<String> {
         cluster::add_object(&mut c, &format!("{} policy {i}", case.name), p);
     }
     assert!(c.errors.is_empty(), "{}: {:?}", case.name, c.errors);
-    let opts = Options { ipblock_matches_pods: case.options.ipblock_matches_pods, audit_all: false };
-    let pods: Vec<String> = matrix::pods_sorted(&c).iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+    let opts = Options {
+        ipblock_matches_pods: case.options.ipblock_matches_pods,
+        audit_all: false,
+    };
+    let pods: Vec<String> = matrix::pods_sorted(&c)
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
     let mut failures = Vec::new();
-    let probes: Vec<(Protocol, u16)> = case.expect.iter().map(|p| matrix::parse_port(&p.probe).unwrap()).collect();
+    let probes: Vec<(Protocol, u16)> = case
+        .expect
+        .iter()
+        .map(|p| matrix::parse_port(&p.probe).unwrap())
+        .collect();
     // One engine run per case: the kernel engine loads the programs once for all probes.
     let all = engine(&c, &opts, &probes);
     for (probe, (proto, port)) in case.expect.iter().zip(&probes) {
-        let cells: Vec<&Cell> = all.iter().filter(|c| c.protocol == proto.as_str() && c.port == *port).collect();
-        assert_eq!(cells.len(), pods.len() * (pods.len() - 1), "{}: every pair probed", case.name);
+        let cells: Vec<&Cell> = all
+            .iter()
+            .filter(|c| c.protocol == proto.as_str() && c.port == *port)
+            .collect();
+        assert_eq!(
+            cells.len(),
+            pods.len() * (pods.len() - 1),
+            "{}: every pair probed",
+            case.name
+        );
         let want = expected(&pods, &probe.rules);
         for cell in &cells {
             let w = want[&(cell.from.clone(), cell.to.clone())];
@@ -118,4 +142,3 @@ pub fn run_case(path: &std::path::Path, engine: EngineFn<'_>) -> Vec<String> {
     }
     failures
 }
-
