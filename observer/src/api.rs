@@ -46,6 +46,19 @@ pub struct Status {
     pub policies: Vec<String>,
     pub last_sync: Option<String>,
     pub started: String,
+    /// The API server watch, with `--source kube`.
+    #[serde(default)]
+    pub kube: Option<KubeStatus>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct KubeStatus {
+    /// Every resource has been listed and the result written to the maps.
+    pub synced: bool,
+    /// Since when some watch is down (the maps keep the last known state meanwhile).
+    pub stale_since: Option<String>,
+    pub stale_seconds: Option<f64>,
+    pub resources: Vec<crate::k8s::ResourceStatus>,
 }
 
 fn router(shared: Arc<Shared>) -> Router {
@@ -55,7 +68,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(readyz))
         .with_state(shared)
 }
 
@@ -82,7 +95,7 @@ pub async fn serve(shared: Arc<Shared>) -> Result<impl std::future::Future<Outpu
     let metrics_app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(readyz))
         .with_state(shared);
     Ok(async move {
         let unix = axum::serve(uds, app);
@@ -207,6 +220,29 @@ pub fn status_of(shared: &Shared) -> Status {
         },
         last_sync: st.last_sync.map(crate::flows::rfc3339),
         started: crate::flows::rfc3339(shared.started),
+        kube: shared.kube.as_ref().map(|k| {
+            let stale = k.stale_since();
+            KubeStatus {
+                synced: k.all_synced() && st.last_sync.is_some(),
+                stale_since: stale.map(crate::flows::rfc3339),
+                stale_seconds: stale.map(|t| t.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0)),
+                resources: k.status(),
+            }
+        }),
+    }
+}
+
+/// Ready once the cluster source has been written to the maps: before that, a fresh node would
+/// not enforce its policies yet.
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.state.lock().unwrap().last_sync.is_some() {
+        "ready\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the cluster source has not been written to the maps yet\n",
+        )
+            .into_response()
     }
 }
 
@@ -338,5 +374,49 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         "Objects in the cluster source that could not be used.",
         st.metrics.source_errors.len(),
     );
+    let h = &st.metrics.sync_latency;
+    if h.count > 0 {
+        p.family(
+            "observer_kube_sync_latency_seconds",
+            "histogram",
+            "From an API server event to the maps written.",
+        );
+        for (b, n) in h.bounds.iter().zip(&h.counts) {
+            p.sample(
+                "observer_kube_sync_latency_seconds_bucket",
+                &[("le", &b.to_string())],
+                n,
+            );
+        }
+        p.sample(
+            "observer_kube_sync_latency_seconds_bucket",
+            &[("le", "+Inf")],
+            h.count,
+        );
+        p.sample("observer_kube_sync_latency_seconds_sum", &[], h.sum);
+        p.sample("observer_kube_sync_latency_seconds_count", &[], h.count);
+    }
+    drop(st);
+    if let Some(k) = &s.kube {
+        p.single(
+            "observer_kube_stale_seconds",
+            "gauge",
+            "How long some API server watch has been down (0: all up).",
+            format!("{:.3}", k.stale_seconds.unwrap_or(0.0)),
+        );
+        let fams: [(&str, &str, &str, fn(&crate::k8s::ResourceStatus) -> u64); 5] = [
+            ("observer_kube_watch_up", "gauge", "1 while the watch of a resource is up.", |r| u64::from(r.connected)),
+            ("observer_kube_objects", "gauge", "Objects of a resource known to the daemon.", |r| r.objects as u64),
+            ("observer_kube_events_total", "counter", "Watch events received, by resource.", |r| r.events),
+            ("observer_kube_lists_total", "counter", "Complete lists of a resource (initial, and relists after 410 Gone or lost watches).", |r| r.lists),
+            ("observer_kube_watch_errors_total", "counter", "Watch errors (disconnects, timeouts, API errors), by resource.", |r| r.errors),
+        ];
+        for (name, kind, help, f) in fams {
+            p.family(name, kind, help);
+            for r in &k.resources {
+                p.sample(name, &[("resource", &r.resource)], f(r));
+            }
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], p.0).into_response()
 }

@@ -28,6 +28,8 @@ pub enum Source {
     None,
     /// Kubernetes YAML files or folders, re-read when they change.
     Dir(Vec<PathBuf>),
+    /// The Kubernetes API server, watched.
+    Kube(crate::k8s::Connection),
 }
 
 impl std::str::FromStr for Source {
@@ -48,9 +50,9 @@ impl std::str::FromStr for Source {
             return Ok(Self::Dir(paths));
         }
         if s == "kube" {
-            bail!("--source kube is not available in this build yet; use dir:PATH");
+            return Ok(Self::Kube(Default::default()));
         }
-        bail!("unknown source {s:?}: expected dir:PATH[,PATH...] or none")
+        bail!("unknown source {s:?}: expected kube, dir:PATH[,PATH...] or none")
     }
 }
 
@@ -60,6 +62,8 @@ pub struct Options {
     pub source: Source,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
+    /// What must survive the daemon's restarts (identity numbering).
+    pub state_dir: PathBuf,
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Host-side interfaces that are never pod interfaces (the node's uplinks).
     pub uplinks: Vec<String>,
@@ -97,6 +101,44 @@ pub struct Metrics {
     pub map_sync_errors_total: u64,
     pub source_errors: Vec<String>,
     pub conntrack_expired_total: u64,
+    /// API event to maps written, with `--source kube`.
+    pub sync_latency: Histogram,
+}
+
+/// A Prometheus histogram with fixed buckets (seconds).
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    pub bounds: &'static [f64],
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        const B: &[f64] = &[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ];
+        Self {
+            bounds: B,
+            counts: vec![0; B.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, d: Duration) {
+        let v = d.as_secs_f64();
+        for (i, b) in self.bounds.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
 }
 
 pub struct State {
@@ -115,6 +157,8 @@ pub struct State {
 
 pub struct Shared {
     pub opts: Options,
+    /// The API server watchers, with `--source kube`.
+    pub kube: Option<Arc<crate::k8s::Kube>>,
     pub flow_log: Option<Mutex<crate::flowlog::FlowLog>>,
     pub dp: Mutex<Datapath>,
     pub state: Mutex<State>,
@@ -295,9 +339,11 @@ fn is_pod_interface(link: &netlink::Link, uplinks: &[String]) -> bool {
 pub async fn run(opts: Options) -> Result<()> {
     let mut dp = Datapath::load(&opts.pin_dir)?;
     info!(pin_dir = %opts.pin_dir.display(), mode = ?dp.mode, "kernel programs loaded");
+    // A re-adopted config map keeps its generation: connections already judged stay judged.
+    let policy_gen = dp.config().map(|c| c.policy_gen).unwrap_or(0);
     dp.set_config(Config {
         report_interval_ns: opts.report_interval.as_nanos() as u64,
-        policy_gen: 0,
+        policy_gen,
         enforce: u32::from(opts.enforce),
     })?;
     let ring = dp.take_events()?;
@@ -314,7 +360,17 @@ pub async fn run(opts: Options) -> Result<()> {
         Some(cfg) => Some(Mutex::new(crate::flowlog::FlowLog::open(cfg.clone())?)),
         None => None,
     };
+    let kube = match &opts.source {
+        Source::Kube(conn) => {
+            let client = conn.client().await.context("--source kube")?;
+            let kube = Arc::new(crate::k8s::Kube::default());
+            kube.start(client);
+            Some(kube)
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared {
+        kube,
         flow_log,
         opts: opts.clone(),
         dp: Mutex::new(dp),
@@ -335,8 +391,21 @@ pub async fn run(opts: Options) -> Result<()> {
     });
 
     // Cluster state before interfaces, so the first flows are already classified.
-    let mut source = SourceState::default();
-    reload_source(&shared, &mut source);
+    let mut source = SourceState::load(&opts.state_dir);
+    match (&opts.source, &shared.kube) {
+        (Source::Kube(_), Some(kube)) => {
+            let t0 = Instant::now();
+            while !kube.all_synced() && t0.elapsed() < KUBE_INITIAL_WAIT {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if kube_sync(&shared, &mut source, kube).await {
+                info!(elapsed = ?t0.elapsed(), "initial sync from the API server written");
+            } else {
+                warn!("API server not synced yet; the maps keep what they enforce until it is");
+            }
+        }
+        _ => reload_source(&shared, &mut source),
+    }
 
     let (monitor, links) = LinkMonitor::start().context("subscribing to link events")?;
     {
@@ -364,7 +433,10 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.spawn(events_task(shared.clone(), ring));
     tasks.spawn(links_task(shared.clone(), monitor));
     tasks.spawn(gc_task(shared.clone()));
-    tasks.spawn(source_task(shared.clone(), source));
+    match shared.kube.clone() {
+        Some(kube) => tasks.spawn(kube_task(shared.clone(), source, kube)),
+        None => tasks.spawn(source_task(shared.clone(), source)),
+    };
     if let Some(l) = logger {
         tasks.spawn(log_task(l));
     }
@@ -613,7 +685,7 @@ fn gc_once(shared: &Shared) -> Result<()> {
 
 type Fingerprint = (Vec<(PathBuf, std::time::SystemTime, u64)>, Vec<IpAddr>);
 
-/// What the source task carries from one poll to the next.
+/// What the source task carries from one sync to the next.
 #[derive(Default)]
 struct SourceState {
     alloc: Allocator,
@@ -621,21 +693,76 @@ struct SourceState {
     applied: Option<Desired>,
     /// The source's files and the node's addresses when `applied` was written.
     seen: Option<Fingerprint>,
+    /// The node's addresses when `applied` was written.
+    host: Vec<IpAddr>,
+    /// Where the numbering is saved; its size when last saved.
+    state_file: Option<PathBuf>,
+    saved_len: usize,
 }
 
+const ALLOCATOR_FILE: &str = "allocator.json";
+
+impl SourceState {
+    /// Picks up the numbering an earlier daemon saved, so the maps it left keep their meaning
+    /// and a restart writes only what changed in the cluster.
+    fn load(state_dir: &std::path::Path) -> Self {
+        let path = state_dir.join(ALLOCATOR_FILE);
+        let alloc = match std::fs::read(&path) {
+            Ok(bytes) => match Allocator::from_json(&bytes) {
+                Ok(a) => {
+                    info!(path = %path.display(), "re-using the identity numbering of the previous run");
+                    a
+                }
+                Err(e) => {
+                    warn!(path = %path.display(), "ignoring saved identity numbering: {e:#}");
+                    Allocator::default()
+                }
+            },
+            Err(_) => Allocator::default(),
+        };
+        Self {
+            saved_len: alloc.len(),
+            alloc,
+            state_file: Some(path),
+            ..Default::default()
+        }
+    }
+
+    fn save(&mut self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        if self.alloc.len() == self.saved_len && path.exists() {
+            return;
+        }
+        let res = (|| -> Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, self.alloc.to_json()?)?;
+            std::fs::rename(&tmp, path)?;
+            Ok(())
+        })();
+        match res {
+            Ok(()) => self.saved_len = self.alloc.len(),
+            Err(e) => warn!(path = %path.display(), "saving identity numbering: {e:#}"),
+        }
+    }
+}
+
+/// Re-reads a `dir:` source (or none) when its files or the node's addresses changed.
 fn reload_source(shared: &Shared, src: &mut SourceState) {
     let files = match &shared.opts.source {
-        Source::None => Ok(Vec::new()),
         Source::Dir(paths) => cluster::fingerprint(paths),
+        _ => Ok(Vec::new()),
     };
     let now: Option<Fingerprint> = files.ok().map(|f| (f, host_addresses()));
     if now.is_some() && now == src.seen {
         shared.state.lock().unwrap().last_sync = Some(std::time::SystemTime::now());
         return;
     }
-    let (ids, last) = (&mut src.alloc, &mut src.applied);
     let cluster = match &shared.opts.source {
-        Source::None => Cluster::default(),
         Source::Dir(paths) => match cluster::load_dir(paths) {
             Ok(c) => c,
             Err(e) => {
@@ -645,27 +772,42 @@ fn reload_source(shared: &Shared, src: &mut SourceState) {
                 return;
             }
         },
+        _ => Cluster::default(),
     };
-    let mut host = now
+    let host = now
         .as_ref()
         .map(|(_, h)| h.clone())
         .unwrap_or_else(host_addresses);
+    if apply_cluster(shared, src, cluster, host) {
+        src.seen = now;
+    }
+}
+
+/// Compiles `cluster` for this node and writes the differences to the maps. On failure what is
+/// enforced stays as it is and `false` asks the caller to try again.
+fn apply_cluster(
+    shared: &Shared,
+    src: &mut SourceState,
+    cluster: Cluster,
+    host: Vec<IpAddr>,
+) -> bool {
+    let mut addrs = host.clone();
     for n in &cluster.nodes {
         if n.name == shared.opts.node_name {
-            host.extend(n.addresses.iter().copied());
+            addrs.extend(n.addresses.iter().copied());
         }
     }
     let want = compile::compile(
         &cluster,
         &shared.opts.node_name,
-        &host,
+        &addrs,
         &shared.opts.policy,
-        ids,
+        &mut src.alloc,
     );
-    if last.as_ref() != Some(&want) {
+    if src.applied.as_ref() != Some(&want) {
         let mut dp = shared.dp.lock().unwrap();
         // Diff against what this process wrote last; read the maps back only the first time.
-        let res = match last.as_ref() {
+        let res = match src.applied.as_ref() {
             Some(old) => dp.apply_diff(old, &want),
             None => dp.apply(&want),
         };
@@ -684,17 +826,17 @@ fn reload_source(shared: &Shared, src: &mut SourceState) {
                     prefixes = want.ipcache.len(),
                     "datapath maps synced"
                 );
-                *last = Some(want);
+                src.applied = Some(want);
             }
             Err(e) => {
-                // `seen` stays as it was, so the next poll tries again.
                 warn!("map sync: {e:#}");
                 shared.state.lock().unwrap().metrics.map_sync_errors_total += 1;
-                return;
+                return false;
             }
         }
     }
-    src.seen = now;
+    src.host = host;
+    src.save();
     for err in &cluster.errors {
         warn!("cluster source: {err}");
     }
@@ -709,6 +851,7 @@ fn reload_source(shared: &Shared, src: &mut SourceState) {
     st.by_ip = by_ip;
     st.cluster = Arc::new(cluster);
     st.last_sync = Some(std::time::SystemTime::now());
+    true
 }
 
 async fn source_task(shared: Arc<Shared>, mut source: SourceState) -> Result<()> {
@@ -717,6 +860,63 @@ async fn source_task(shared: Arc<Shared>, mut source: SourceState) -> Result<()>
     loop {
         tick.tick().await;
         reload_source(&shared, &mut source);
+    }
+}
+
+/// How long a burst of API events (a rollout touches many pods at once) is gathered before the
+/// maps are written: bounds the added latency of a single change.
+const KUBE_DEBOUNCE: Duration = Duration::from_millis(5);
+
+/// How long a starting daemon waits for the first complete lists before attaching to
+/// interfaces; the maps pinned by an earlier run keep enforcing meanwhile.
+const KUBE_INITIAL_WAIT: Duration = Duration::from_secs(5);
+
+async fn kube_sync(shared: &Shared, src: &mut SourceState, kube: &crate::k8s::Kube) -> bool {
+    if !kube.all_synced() {
+        kube.take_pending();
+        return false;
+    }
+    let since = kube.take_pending();
+    let cluster = kube.caches.lock().unwrap().cluster();
+    let ok = apply_cluster(shared, src, cluster, host_addresses());
+    if ok {
+        if let Some(t) = since {
+            shared
+                .state
+                .lock()
+                .unwrap()
+                .metrics
+                .sync_latency
+                .observe(t.elapsed());
+        }
+    }
+    ok
+}
+
+async fn kube_task(
+    shared: Arc<Shared>,
+    mut src: SourceState,
+    kube: Arc<crate::k8s::Kube>,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(shared.opts.source_poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = false;
+    loop {
+        tokio::select! {
+            _ = kube.changed() => {
+                tokio::time::sleep(KUBE_DEBOUNCE).await;
+            }
+            _ = tick.tick() => {
+                // The node's own addresses come from its interfaces as well as its Node object.
+                if !retry && host_addresses() == src.host {
+                    if kube.all_synced() && kube.stale_since().is_none() && src.applied.is_some() {
+                        shared.state.lock().unwrap().last_sync = Some(std::time::SystemTime::now());
+                    }
+                    continue;
+                }
+            }
+        }
+        retry = !kube_sync(&shared, &mut src, &kube).await && kube.all_synced();
     }
 }
 

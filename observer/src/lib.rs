@@ -8,5 +8,6 @@ pub mod daemon;
 pub mod filter;
 pub mod flowlog;
 pub mod flows;
+pub mod k8s;
 pub mod netlink;
 pub mod policy;

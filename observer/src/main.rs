@@ -45,11 +45,19 @@ enum Cmd {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("state").required(true).args(["cluster", "kubeconfig"])))]
 struct ClusterArgs {
     /// Kubernetes YAML files or folders (Namespace, Pod with labels, container ports and
     /// status.podIP, NetworkPolicy). Repeatable.
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, num_args = 1..)]
     cluster: Vec<PathBuf>,
+    /// Read the live cluster instead: Pods, Namespaces, Nodes and NetworkPolicies listed from
+    /// the API server of this kubeconfig.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context (default: its current context).
+    #[arg(long, requires = "kubeconfig")]
+    context: Option<String>,
     /// Let ipBlock peers match pod IPs (default: ipBlock selects only non-pod addresses).
     #[arg(long)]
     ipblock_matches_pods: bool,
@@ -112,7 +120,20 @@ enum MatrixOutput {
 fn load_cluster(
     a: &ClusterArgs,
 ) -> Result<(observer::cluster::Cluster, observer::policy::Options)> {
-    let c = observer::cluster::load_dir(&a.cluster)?;
+    let c = match &a.kubeconfig {
+        Some(path) => {
+            let conn = observer::k8s::Connection {
+                kubeconfig: Some(path.clone()),
+                context: a.context.clone(),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async { observer::k8s::snapshot(conn.client().await?).await })
+                .with_context(|| format!("reading the cluster through {}", path.display()))?
+        }
+        None => observer::cluster::load_dir(&a.cluster)?,
+    };
     for e in &c.errors {
         eprintln!("warning: {e}");
     }
@@ -156,70 +177,96 @@ struct DaemonArgs {
     /// This node's name: pods with this `spec.nodeName` are local endpoints.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// Where cluster state comes from: `dir:PATH[,PATH...]` (Kubernetes YAML files or folders,
-    /// re-read when they change) or `none`.
-    #[arg(long, default_value = "none")]
-    source: daemon::Source,
+    /// Where cluster state comes from: `kube` (the API server: in-cluster credentials, or
+    /// `--kubeconfig`), `dir:PATH[,PATH...]` (Kubernetes YAML files or folders, re-read when they
+    /// change) or `none`. Default: `kube` inside a pod (KUBERNETES_SERVICE_HOST is set) or with
+    /// `--kubeconfig`, otherwise `none`.
+    #[arg(long, env = "OBSERVER_SOURCE")]
+    source: Option<daemon::Source>,
+    /// Kubeconfig for `--source kube` outside a pod (default: in-cluster, then $KUBECONFIG or
+    /// ~/.kube/config).
+    #[arg(long, env = "OBSERVER_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context (default: its current context).
+    #[arg(long, env = "OBSERVER_CONTEXT")]
+    context: Option<String>,
+    /// Where the daemon keeps what must survive its own restarts (identity numbering); keep it on
+    /// a tmpfs such as /run so it lives exactly as long as the pinned maps.
+    #[arg(
+        long,
+        env = "OBSERVER_STATE_DIR",
+        default_value = "/run/observer/state"
+    )]
+    state_dir: PathBuf,
     /// Run inside the named network namespace (`/run/netns/NAME`), e.g. a virtual node.
     #[arg(long)]
     netns: Option<String>,
     /// bpffs directory where maps are pinned and re-adopted across restarts.
-    #[arg(long, default_value = observer::bpf::DEFAULT_PIN_DIR)]
+    #[arg(long, env = "OBSERVER_PIN_DIR", default_value = observer::bpf::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Unix socket of the local API (flows, status, metrics).
-    #[arg(long, default_value = DEFAULT_SOCKET)]
+    #[arg(long, env = "OBSERVER_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Also serve /metrics, /healthz and /readyz on this TCP address.
-    #[arg(long)]
+    #[arg(long, env = "OBSERVER_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
     /// Interfaces that are the node's uplinks, never pod interfaces (repeatable).
-    #[arg(long = "uplink", default_value = "eth0")]
+    #[arg(
+        long = "uplink",
+        env = "OBSERVER_UPLINKS",
+        value_delimiter = ',',
+        default_value = "eth0"
+    )]
     uplinks: Vec<String>,
     /// Report live connections this often (0 disables reports).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "OBSERVER_REPORT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     report_interval: Duration,
     /// Flow records kept for `observer flows`.
-    #[arg(long, default_value_t = 16_384)]
+    #[arg(long, env = "OBSERVER_HISTORY", default_value_t = 16_384)]
     history: usize,
     /// Idle TCP connections are forgotten after this long.
-    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "OBSERVER_TCP_TIMEOUT", default_value = "6h", value_parser = humantime::parse_duration)]
     tcp_timeout: Duration,
     /// Idle UDP, ICMP and other connections are forgotten after this long.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "OBSERVER_OTHER_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     other_timeout: Duration,
     /// Wait this long after a TCP close before reporting it, so the final ACK is counted.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "OBSERVER_CLOSE_GRACE", default_value = "1s", value_parser = humantime::parse_duration)]
     close_grace: Duration,
     /// Observe only: report what policy would drop, drop nothing.
-    #[arg(long)]
+    #[arg(long, env = "OBSERVER_NO_ENFORCE")]
     no_enforce: bool,
     /// Let ipBlock peers match pod IPs (default: ipBlock selects only non-pod addresses).
-    #[arg(long)]
+    #[arg(long, env = "OBSERVER_IPBLOCK_MATCHES_PODS")]
     ipblock_matches_pods: bool,
     /// Audit every policy: would-be drops pass and are reported with verdict `audit`.
-    #[arg(long)]
+    #[arg(long, env = "OBSERVER_AUDIT")]
     audit: bool,
     /// Also write flow records to this file as JSON lines.
-    #[arg(long)]
+    #[arg(long, env = "OBSERVER_FLOW_LOG")]
     flow_log: Option<PathBuf>,
     /// Rotate the flow log when it would exceed this many bytes.
-    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    #[arg(long, env = "OBSERVER_FLOW_LOG_MAX_BYTES", default_value_t = 100 * 1024 * 1024)]
     flow_log_max_bytes: u64,
     /// Rotated flow log files kept (FILE.1 newest).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "OBSERVER_FLOW_LOG_MAX_FILES", default_value_t = 5)]
     flow_log_max_files: usize,
     /// Only log records matching FILTER=VALUE (repeatable; e.g. verdict=dropped).
-    #[arg(long)]
+    #[arg(long, env = "OBSERVER_FLOW_LOG_INCLUDE")]
     flow_log_include: Vec<String>,
     /// Leave out records matching FILTER=VALUE (repeatable; e.g. namespace=kube-system).
-    #[arg(long)]
+    #[arg(long, env = "OBSERVER_FLOW_LOG_EXCLUDE")]
     flow_log_exclude: Vec<String>,
     /// Node-wide budget of flow records per second; what exceeds it is counted
     /// (`observer status`, metrics), not produced. 0: unlimited.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(
+        long,
+        env = "OBSERVER_MAX_RECORDS_PER_SECOND",
+        default_value_t = 50_000
+    )]
     max_records_per_second: u64,
     /// How often a `dir:` source is re-read.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "OBSERVER_SOURCE_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     source_poll: Duration,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "OBSERVER_LOG", default_value = "info")]
@@ -433,11 +480,25 @@ fn run() -> Result<()> {
                 Some(n) => n,
                 None => hostname()?,
             };
+            let kube_conn = observer::k8s::Connection {
+                kubeconfig: a.kubeconfig.clone(),
+                context: a.context.clone(),
+            };
             let opts = daemon::Options {
                 node_name,
-                source: a.source,
+                source: match a.source {
+                    Some(daemon::Source::Kube(_)) => daemon::Source::Kube(kube_conn.clone()),
+                    Some(s) => s,
+                    None if kube_conn.kubeconfig.is_some()
+                        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() =>
+                    {
+                        daemon::Source::Kube(kube_conn.clone())
+                    }
+                    None => daemon::Source::None,
+                },
                 pin_dir: a.pin_dir,
                 socket: a.socket,
+                state_dir: a.state_dir,
                 metrics_addr: a.metrics_addr,
                 uplinks: a.uplinks,
                 report_interval: a.report_interval,
@@ -578,6 +639,32 @@ fn run() -> Result<()> {
                 "records shed:  {} (node-wide record budget)",
                 s.records_rate_limited
             );
+            if let Some(k) = &s.kube {
+                let state = match (&k.stale_since, k.synced) {
+                    (Some(t), _) => format!(
+                        "STALE since {t} ({:.0}s): the last known state stays enforced",
+                        k.stale_seconds.unwrap_or(0.0)
+                    ),
+                    (None, true) => "in sync".to_string(),
+                    (None, false) => "initial list in progress".to_string(),
+                };
+                println!("api server:    {state}");
+                for r in &k.resources {
+                    println!(
+                        "  {:<16} {:<5} {:>6} objects  {} events  {} lists  {} errors{}",
+                        r.resource,
+                        if r.connected { "up" } else { "DOWN" },
+                        r.objects,
+                        r.events,
+                        r.lists,
+                        r.errors,
+                        r.last_error
+                            .as_deref()
+                            .map(|e| format!("  last error: {e}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
             for e in &s.source_errors {
                 println!("source error:  {e}");
             }

@@ -57,10 +57,77 @@ impl Allocator {
         *self.rules.entry(r).or_insert(next)
     }
 
+    /// Numbers handed out so far.
+    pub fn len(&self) -> usize {
+        self.identities.len() + self.endpoints.len() + self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The numbering as JSON, to survive a daemon restart.
+    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        let mut f = AllocatorFile {
+            identities: self
+                .identities
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|((ns, n), v)| (ns.clone(), n.clone(), *v))
+                .collect(),
+            rules: self.rules.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        };
+        f.identities.sort_by_key(|e| e.1);
+        f.endpoints.sort_by_key(|e| e.2);
+        f.rules.sort_by_key(|e| e.1);
+        serde_json::to_vec(&f)
+    }
+
+    /// Reads [`Allocator::to_json`]; refuses numbering that is not dense, since new numbers are
+    /// handed out after the highest.
+    pub fn from_json(bytes: &[u8]) -> anyhow::Result<Self> {
+        let f: AllocatorFile = serde_json::from_slice(bytes)?;
+        let a = Self {
+            identities: f.identities.into_iter().collect(),
+            endpoints: f
+                .endpoints
+                .into_iter()
+                .map(|(ns, n, v)| ((ns, n), v))
+                .collect(),
+            rules: f.rules.into_iter().collect(),
+        };
+        let dense = |mut ids: Vec<u32>, first: u32| {
+            ids.sort_unstable();
+            ids.iter()
+                .enumerate()
+                .all(|(i, id)| *id == first + i as u32)
+        };
+        if !dense(
+            a.identities.values().copied().collect(),
+            identity::FIRST_ALLOCATED,
+        ) || !dense(a.endpoints.values().copied().collect(), 1)
+            || !dense(a.rules.values().copied().collect(), 1)
+        {
+            anyhow::bail!("numbering is not dense");
+        }
+        Ok(a)
+    }
+
     /// Rule id -> where it comes from.
     pub fn rule_table(&self) -> HashMap<u32, RuleRef> {
         self.rules.iter().map(|(r, id)| (*id, r.clone())).collect()
     }
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct AllocatorFile {
+    identities: Vec<(String, u32)>,
+    endpoints: Vec<(String, String, u32)>,
+    rules: Vec<(RuleRef, u32)>,
 }
 
 /// Everything the maps should hold.

@@ -1,0 +1,565 @@
+//! Live cluster state from the Kubernetes API server: one watcher per resource kind, objects
+//! converted on arrival into the small records the compiler needs, and a debounced sync that
+//! writes only the differences to the maps.
+
+/// One resource the daemon watches: RBAC must grant exactly these, with [`VERBS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watched {
+    /// API group ("" for the core group).
+    pub group: &'static str,
+    pub version: &'static str,
+    /// Plural resource name as RBAC spells it.
+    pub resource: &'static str,
+    pub kind: &'static str,
+}
+
+/// What the daemon reads from the API server, all cluster-wide: every pod (remote identities
+/// need their labels), namespaces (namespaceSelector and the audit annotation), nodes (node
+/// addresses and pod CIDRs) and NetworkPolicies.
+pub const WATCHED: &[Watched] = &[
+    Watched {
+        group: "",
+        version: "v1",
+        resource: "pods",
+        kind: "Pod",
+    },
+    Watched {
+        group: "",
+        version: "v1",
+        resource: "namespaces",
+        kind: "Namespace",
+    },
+    Watched {
+        group: "",
+        version: "v1",
+        resource: "nodes",
+        kind: "Node",
+    },
+    Watched {
+        group: "networking.k8s.io",
+        version: "v1",
+        resource: "networkpolicies",
+        kind: "NetworkPolicy",
+    },
+];
+
+/// Verbs the daemon uses on each watched resource: `list` and `watch` by the watchers, `get` by
+/// `observer policy matrix --kubeconfig` style one-shot reads.
+pub const VERBS: &[&str] = &["get", "list", "watch"];
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Debug,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use futures_util::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    api::{Api, ListParams},
+    runtime::{watcher, WatchStreamExt as _},
+    Client, Resource,
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::{
+    cluster::{self, Cluster, NodeInfo, PodInfo},
+    policy::{model, Policy},
+};
+
+/// How to reach the API server.
+#[derive(Clone, Debug, Default)]
+pub struct Connection {
+    /// `None`: in-cluster credentials, then `$KUBECONFIG` or `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+}
+
+impl Connection {
+    pub async fn client(&self) -> Result<Client> {
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                let opts = kube::config::KubeConfigOptions {
+                    context: self.context.clone(),
+                    ..Default::default()
+                };
+                kube::Config::from_custom_kubeconfig(kc, &opts)
+                    .await
+                    .with_context(|| format!("kubeconfig {}", path.display()))?
+            }
+            None if self.context.is_some() => {
+                let opts = kube::config::KubeConfigOptions {
+                    context: self.context.clone(),
+                    ..Default::default()
+                };
+                kube::Config::from_kubeconfig(&opts)
+                    .await
+                    .context("loading kubeconfig")?
+            }
+            None => kube::Config::infer()
+                .await
+                .context("no in-cluster credentials and no usable kubeconfig")?,
+        };
+        Client::try_from(config).context("building the Kubernetes client")
+    }
+}
+
+/// Namespace facts the compiler needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NsInfo {
+    pub labels: BTreeMap<String, String>,
+    pub audit: bool,
+}
+
+/// (namespace or "" for cluster-scoped objects, name).
+pub type ObjKey = (String, String);
+
+/// One kind's converted objects. Raw API objects are never kept: a 10,000-pod cluster would
+/// cost hundreds of megabytes as `Pod`s and a few as [`PodInfo`]s.
+#[derive(Debug)]
+pub struct KindCache<V> {
+    items: HashMap<ObjKey, V>,
+    /// Objects that could not be converted, with the reason naming object and field.
+    errors: HashMap<ObjKey, String>,
+    /// A relist in progress: replaces `items` atomically when complete, so a relist never
+    /// flushes what is enforced.
+    relist: Option<(HashMap<ObjKey, V>, HashMap<ObjKey, String>)>,
+}
+
+impl<V> Default for KindCache<V> {
+    fn default() -> Self {
+        Self {
+            items: HashMap::new(),
+            errors: HashMap::new(),
+            relist: None,
+        }
+    }
+}
+
+impl<V> KindCache<V> {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Everything the watchers have seen.
+#[derive(Default, Debug)]
+pub struct Caches {
+    pub pods: KindCache<PodInfo>,
+    pub namespaces: KindCache<NsInfo>,
+    pub nodes: KindCache<NodeInfo>,
+    pub policies: KindCache<Policy>,
+}
+
+impl Caches {
+    /// The cluster as the compiler takes it, in a stable order.
+    pub fn cluster(&self) -> Cluster {
+        let mut c = Cluster::default();
+        for ((_, name), ns) in &self.namespaces.items {
+            c.namespaces.insert(name.clone(), ns.labels.clone());
+            if ns.audit {
+                c.audit_namespaces.insert(name.clone());
+            }
+        }
+        let mut pods: Vec<(&ObjKey, &PodInfo)> = self.pods.items.iter().collect();
+        pods.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        c.pods = pods.into_iter().map(|(_, p)| p.clone()).collect();
+        let mut nodes: Vec<(&ObjKey, &NodeInfo)> = self.nodes.items.iter().collect();
+        nodes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        c.nodes = nodes.into_iter().map(|(_, n)| n.clone()).collect();
+        let mut pols: Vec<(&ObjKey, &Policy)> = self.policies.items.iter().collect();
+        pols.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (_, p) in pols {
+            for e in &p.errors {
+                c.errors.push(format!("NetworkPolicy {}: {e}", p.id()));
+            }
+            c.policies.push(p.clone());
+        }
+        let mut errors: Vec<String> = [
+            &self.pods.errors,
+            &self.namespaces.errors,
+            &self.nodes.errors,
+            &self.policies.errors,
+        ]
+        .iter()
+        .flat_map(|m| m.values().cloned())
+        .collect();
+        errors.sort();
+        c.errors.extend(errors);
+        c
+    }
+}
+
+/// A watched kind: how its objects become cache entries.
+pub trait Watch:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
+{
+    type Info: Clone + Send + 'static;
+    const KIND: &'static str;
+    /// Index into [`WATCHED`] and the status table.
+    const INDEX: usize;
+    /// `Ok(None)`: the object exists but plays no part (a finished pod).
+    fn info(&self) -> Result<Option<Self::Info>>;
+    fn cache(c: &mut Caches) -> &mut KindCache<Self::Info>;
+}
+
+impl Watch for Pod {
+    type Info = PodInfo;
+    const KIND: &'static str = "Pod";
+    const INDEX: usize = 0;
+    fn info(&self) -> Result<Option<PodInfo>> {
+        // A finished pod's IP goes back to the pool and may already belong to a new pod.
+        let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            return Ok(None);
+        }
+        cluster::pod_info(self).map(Some)
+    }
+    fn cache(c: &mut Caches) -> &mut KindCache<PodInfo> {
+        &mut c.pods
+    }
+}
+
+impl Watch for Namespace {
+    type Info = NsInfo;
+    const KIND: &'static str = "Namespace";
+    const INDEX: usize = 1;
+    fn info(&self) -> Result<Option<NsInfo>> {
+        let audit = self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(model::AUDIT_ANNOTATION))
+            .is_some_and(|v| v == "true");
+        Ok(Some(NsInfo {
+            labels: self.metadata.labels.clone().unwrap_or_default(),
+            audit,
+        }))
+    }
+    fn cache(c: &mut Caches) -> &mut KindCache<NsInfo> {
+        &mut c.namespaces
+    }
+}
+
+impl Watch for Node {
+    type Info = NodeInfo;
+    const KIND: &'static str = "Node";
+    const INDEX: usize = 2;
+    fn info(&self) -> Result<Option<NodeInfo>> {
+        cluster::node_info(self).map(Some)
+    }
+    fn cache(c: &mut Caches) -> &mut KindCache<NodeInfo> {
+        &mut c.nodes
+    }
+}
+
+impl Watch for NetworkPolicy {
+    type Info = Policy;
+    const KIND: &'static str = "NetworkPolicy";
+    const INDEX: usize = 3;
+    fn info(&self) -> Result<Option<Policy>> {
+        // Invalid policies are kept: they isolate and allow nothing (fail closed).
+        Ok(Some(model::compile(self)))
+    }
+    fn cache(c: &mut Caches) -> &mut KindCache<Policy> {
+        &mut c.policies
+    }
+}
+
+fn key_of<K: Resource>(obj: &K) -> ObjKey {
+    (
+        obj.meta().namespace.clone().unwrap_or_default(),
+        obj.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+fn describe(kind: &str, key: &ObjKey) -> String {
+    if key.0.is_empty() {
+        format!("{kind} {}", key.1)
+    } else {
+        format!("{kind} {}/{}", key.0, key.1)
+    }
+}
+
+/// Health of one watched kind, for `observer status` and metrics.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ResourceStatus {
+    pub resource: String,
+    /// The first complete list has arrived.
+    pub synced: bool,
+    /// The watch is up: its last outcome was an event, not an error.
+    pub connected: bool,
+    pub objects: usize,
+    pub events: u64,
+    /// Complete lists received (the first one, then one after every 410 Gone or reconnect that
+    /// could not resume).
+    pub lists: u64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+    /// Since when the watch is down (RFC 3339).
+    pub disconnected_since: Option<String>,
+    #[serde(skip)]
+    down_since: Option<SystemTime>,
+}
+
+/// Shared between the watchers and the sync loop.
+pub struct Kube {
+    pub caches: Mutex<Caches>,
+    status: Mutex<Vec<ResourceStatus>>,
+    changed: Notify,
+    /// When the oldest change not yet written to the maps arrived.
+    pending_since: Mutex<Option<Instant>>,
+}
+
+impl Default for Kube {
+    fn default() -> Self {
+        Self {
+            caches: Mutex::new(Caches::default()),
+            status: Mutex::new(
+                WATCHED
+                    .iter()
+                    .map(|w| ResourceStatus {
+                        resource: w.resource.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            changed: Notify::new(),
+            pending_since: Mutex::new(None),
+        }
+    }
+}
+
+impl Kube {
+    /// Starts one watcher per kind on the runtime; they run until the process ends.
+    pub fn start(self: &Arc<Self>, client: Client) {
+        tokio::spawn(run_watch::<Pod>(self.clone(), Api::all(client.clone())));
+        tokio::spawn(run_watch::<Namespace>(
+            self.clone(),
+            Api::all(client.clone()),
+        ));
+        tokio::spawn(run_watch::<Node>(self.clone(), Api::all(client.clone())));
+        tokio::spawn(run_watch::<NetworkPolicy>(self.clone(), Api::all(client)));
+    }
+
+    /// Every kind has been listed completely at least once: before that, the cluster is partial
+    /// and compiling it could loosen what the pinned maps enforce.
+    pub fn all_synced(&self) -> bool {
+        self.status.lock().unwrap().iter().all(|s| s.synced)
+    }
+
+    pub fn status(&self) -> Vec<ResourceStatus> {
+        self.status.lock().unwrap().clone()
+    }
+
+    /// Since when some watch is down, if any is.
+    pub fn stale_since(&self) -> Option<SystemTime> {
+        self.status
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s.down_since)
+            .min()
+    }
+
+    /// Waits for a change; returns when the oldest unwritten change arrived.
+    pub async fn changed(&self) -> Instant {
+        loop {
+            let notified = self.changed.notified();
+            if let Some(t) = *self.pending_since.lock().unwrap() {
+                return t;
+            }
+            notified.await;
+        }
+    }
+
+    /// Takes the pending changes: call right before reading the caches for a sync.
+    pub fn take_pending(&self) -> Option<Instant> {
+        self.pending_since.lock().unwrap().take()
+    }
+
+    fn mark_changed(&self) {
+        let mut p = self.pending_since.lock().unwrap();
+        if p.is_none() {
+            *p = Some(Instant::now());
+        }
+        drop(p);
+        self.changed.notify_one();
+    }
+
+    fn on_event<K: Watch>(&self, ev: watcher::Event<K>) {
+        let mut changed = false;
+        {
+            let mut caches = self.caches.lock().unwrap();
+            let cache = K::cache(&mut caches);
+            match ev {
+                watcher::Event::Init => {
+                    cache.relist = Some((HashMap::new(), HashMap::new()));
+                }
+                watcher::Event::InitApply(obj) => {
+                    let key = key_of(&obj);
+                    let (items, errors) = cache
+                        .relist
+                        .get_or_insert_with(|| (HashMap::new(), HashMap::new()));
+                    match obj.info() {
+                        Ok(Some(v)) => {
+                            items.insert(key, v);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            // Keep what was enforced for it; report the object and field.
+                            if let Some(old) = cache.items.get(&key) {
+                                items.insert(key.clone(), old.clone());
+                            }
+                            errors
+                                .insert(key.clone(), format!("{}: {e:#}", describe(K::KIND, &key)));
+                        }
+                    }
+                }
+                watcher::Event::InitDone => {
+                    if let Some((items, errors)) = cache.relist.take() {
+                        cache.items = items;
+                        cache.errors = errors;
+                    }
+                    changed = true;
+                }
+                watcher::Event::Apply(obj) => {
+                    let key = key_of(&obj);
+                    match obj.info() {
+                        Ok(Some(v)) => {
+                            cache.items.insert(key.clone(), v);
+                            cache.errors.remove(&key);
+                        }
+                        Ok(None) => {
+                            cache.items.remove(&key);
+                            cache.errors.remove(&key);
+                        }
+                        Err(e) => {
+                            cache
+                                .errors
+                                .insert(key.clone(), format!("{}: {e:#}", describe(K::KIND, &key)));
+                        }
+                    }
+                    changed = true;
+                }
+                watcher::Event::Delete(obj) => {
+                    let key = key_of(&obj);
+                    cache.items.remove(&key);
+                    cache.errors.remove(&key);
+                    changed = true;
+                }
+            }
+            let n = cache.items.len();
+            let mut st = self.status.lock().unwrap();
+            let s = &mut st[K::INDEX];
+            s.events += 1;
+            s.objects = n;
+            if changed && !s.synced {
+                s.synced = true;
+                info!(
+                    resource = WATCHED[K::INDEX].resource,
+                    objects = n,
+                    "initial list complete"
+                );
+            }
+            if changed && s.disconnected_since.is_some() {
+                info!(resource = WATCHED[K::INDEX].resource, "watch recovered");
+            }
+            if matches!(s.down_since, Some(_)) {
+                s.down_since = None;
+                s.disconnected_since = None;
+            }
+            s.connected = true;
+        }
+        if changed {
+            self.mark_changed();
+        }
+    }
+
+    fn on_error(&self, index: usize, e: &watcher::Error) {
+        let mut st = self.status.lock().unwrap();
+        let s = &mut st[index];
+        s.errors += 1;
+        s.connected = false;
+        s.last_error = Some(format!("{e}"));
+        if s.down_since.is_none() {
+            let now = SystemTime::now();
+            s.down_since = Some(now);
+            s.disconnected_since = Some(crate::flows::rfc3339(now));
+            warn!(
+                resource = WATCHED[index].resource,
+                "watch failed: {e}; keeping the last known state enforced and retrying"
+            );
+        }
+    }
+}
+
+async fn run_watch<K: Watch>(kube: Arc<Kube>, api: Api<K>) {
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(ev) => {
+                if matches!(ev, watcher::Event::Init) {
+                    kube.status.lock().unwrap()[K::INDEX].lists += 1;
+                }
+                kube.on_event(ev)
+            }
+            Err(e) => kube.on_error(K::INDEX, &e),
+        }
+    }
+}
+
+/// Lists the four kinds once: `observer policy matrix --kubeconfig`.
+pub async fn snapshot(client: Client) -> Result<Cluster> {
+    async fn list<K: Watch>(client: &Client, caches: &mut Caches) -> Result<()> {
+        let api: Api<K> = Api::all(client.clone());
+        let mut lp = ListParams::default().limit(500);
+        loop {
+            let page = api
+                .list(&lp)
+                .await
+                .with_context(|| format!("listing {}", WATCHED[K::INDEX].resource))?;
+            let cache = K::cache(caches);
+            for obj in &page.items {
+                let key = key_of(obj);
+                match obj.info() {
+                    Ok(Some(v)) => {
+                        cache.items.insert(key, v);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        cache
+                            .errors
+                            .insert(key.clone(), format!("{}: {e:#}", describe(K::KIND, &key)));
+                    }
+                }
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp = lp.continue_token(&c),
+                None => return Ok(()),
+            }
+        }
+    }
+    let mut caches = Caches::default();
+    list::<Namespace>(&client, &mut caches).await?;
+    list::<Pod>(&client, &mut caches).await?;
+    list::<Node>(&client, &mut caches).await?;
+    list::<NetworkPolicy>(&client, &mut caches).await?;
+    Ok(caches.cluster())
+}
