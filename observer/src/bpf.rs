@@ -12,7 +12,8 @@ use crate::policy::compile::Desired;
 use aya::{
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapInfo, PerCpuArray, RingBuf},
     programs::{
-        tc::{self, SchedClassifierLinkId, TcAttachOptions},
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
         LinkOrder, SchedClassifier, TcAttachType,
     },
     util::KernelVersion,
@@ -79,8 +80,25 @@ pub struct Datapath {
     pub ebpf: Ebpf,
     pub pin_dir: PathBuf,
     pub mode: AttachMode,
-    links: HashMap<u32, (SchedClassifierLinkId, SchedClassifierLinkId)>,
+    links: HashMap<u32, [Kept; 2]>,
 }
+
+/// An attachment that outlives the daemon: a kill -9 or a restart never leaves a pod
+/// interface without its programs.
+enum Kept {
+    /// TCX: the link is pinned under `pin_dir/links`; the pin holds it, not this process.
+    Pinned { _link: FdLink, pin: PathBuf },
+    /// clsact: netlink filters belong to the qdisc, not to a file descriptor.
+    Filter,
+}
+
+/// clsact filters are created at a fixed priority and handle so a restarted daemon can replace
+/// its predecessor's program in place.
+const FILTER_PRIORITY: u16 = 0x4f42;
+const FILTER_HANDLE: u32 = 1;
+
+/// Directory of pinned TCX links under the pin dir.
+pub const LINKS_DIR: &str = "links";
 
 /// Sizes every pinned map must have to be re-adopted.
 fn expected_layout(name: &str) -> Option<(u32, u32)> {
@@ -101,6 +119,59 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         ),
         _ => return None,
     })
+}
+
+fn release(k: Kept, ifname: &str, t: TcAttachType) {
+    match k {
+        Kept::Pinned { pin, .. } => {
+            let _ = std::fs::remove_file(pin);
+        }
+        Kept::Filter => {
+            if !ifname.is_empty() {
+                if let Ok(link) =
+                    SchedClassifierLink::attached(ifname, t, FILTER_PRIORITY, FILTER_HANDLE.into(), None)
+                {
+                    let _ = link_detach(link);
+                }
+            }
+        }
+    }
+}
+
+fn link_detach(link: SchedClassifierLink) -> Result<()> {
+    use aya::programs::links::Link as _;
+    link.detach()?;
+    Ok(())
+}
+
+/// Takes observer off the node: detaches its programs from every interface of this network
+/// namespace and removes its pins. Enforcement stops. Returns what was removed.
+pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let links = pin_dir.join(LINKS_DIR);
+    if let Ok(rd) = std::fs::read_dir(&links) {
+        for e in rd.flatten() {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            out.push(format!("link {}", e.file_name().to_string_lossy()));
+        }
+    }
+    for l in crate::netlink::dump_links().unwrap_or_default() {
+        for (t, name) in [
+            (TcAttachType::Ingress, programs::FROM_POD),
+            (TcAttachType::Egress, programs::TO_POD),
+        ] {
+            if tc::qdisc_detach_program(&l.name, t, name).is_ok() {
+                out.push(format!("clsact filter {name} on {}", l.name));
+            }
+        }
+    }
+    if pin_dir.exists() {
+        std::fs::remove_dir_all(pin_dir)
+            .with_context(|| format!("removing {}", pin_dir.display()))?;
+        out.push(format!("pins {}", pin_dir.display()));
+    }
+    Ok(out)
 }
 
 /// Mounts bpffs on `/sys/fs/bpf` when nothing is mounted there yet.
@@ -238,7 +309,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches `from_pod` (ingress) and `to_pod` (egress) to a host-side pod interface.
+    /// Attaches `from_pod` (ingress) and `to_pod` (egress) to a host-side pod interface. An
+    /// attachment left by an earlier daemon is taken over by swapping the program inside it
+    /// (`BPF_LINK_UPDATE` for TCX, an in-place filter change for clsact): the interface is never
+    /// without a program, not even for one packet.
     pub fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
         if self.links.contains_key(&ifindex) {
             return Ok(());
@@ -250,53 +324,131 @@ impl Datapath {
                 Err(e) => return Err(e).with_context(|| format!("adding clsact to {ifname}")),
             }
         }
-        let opts = || match self.mode {
-            AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
-            AttachMode::Clsact => TcAttachOptions::Netlink(Default::default()),
-        };
-        let (o1, o2) = (opts(), opts());
         let ingress = self
-            .prog(programs::FROM_POD)?
-            .attach_with_options(ifname, TcAttachType::Ingress, o1)
+            .attach_one(programs::FROM_POD, ifindex, ifname, TcAttachType::Ingress)
             .with_context(|| format!("attaching from_pod to {ifname}"))?;
         let egress =
-            match self
-                .prog(programs::TO_POD)?
-                .attach_with_options(ifname, TcAttachType::Egress, o2)
-            {
-                Ok(l) => l,
+            match self.attach_one(programs::TO_POD, ifindex, ifname, TcAttachType::Egress) {
+                Ok(k) => k,
                 Err(e) => {
-                    let _ = self.prog(programs::FROM_POD)?.detach(ingress);
+                    release(ingress, ifname, TcAttachType::Ingress);
                     return Err(e).with_context(|| format!("attaching to_pod to {ifname}"));
                 }
             };
-        self.links.insert(ifindex, (ingress, egress));
+        self.links.insert(ifindex, [ingress, egress]);
         let mut attached: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut(maps::ATTACHED).context("attached map")?)?;
         attached.insert(ifindex, 1, 0)?;
         Ok(())
     }
 
-    /// Forgets an interface; detaches if it still exists (a deleted interface took its links
-    /// with it).
+    fn link_pin(&self, ifindex: u32, t: TcAttachType) -> PathBuf {
+        let dir = match t {
+            TcAttachType::Ingress => "ingress",
+            _ => "egress",
+        };
+        self.pin_dir.join(LINKS_DIR).join(format!("{ifindex}-{dir}"))
+    }
+
+    fn attach_one(
+        &mut self,
+        name: &str,
+        ifindex: u32,
+        ifname: &str,
+        t: TcAttachType,
+    ) -> Result<Kept> {
+        match self.mode {
+            AttachMode::Tcx => {
+                let pin = self.link_pin(ifindex, t);
+                let prog = self.prog(name)?;
+                let (id, adopted) = match PinnedLink::from_pin(&pin) {
+                    Ok(old) => {
+                        let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+                        (prog.attach_to_link(link)?, true)
+                    }
+                    Err(_) => (
+                        prog.attach_with_options(
+                            ifname,
+                            t,
+                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        )?,
+                        false,
+                    ),
+                };
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                if adopted {
+                    return Ok(Kept::Pinned { _link: link, pin });
+                }
+                if let Some(dir) = pin.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let _ = std::fs::remove_file(&pin);
+                let pinned = link
+                    .pin(&pin)
+                    .with_context(|| format!("pinning link {}", pin.display()))?;
+                Ok(Kept::Pinned {
+                    _link: FdLink::from(pinned),
+                    pin,
+                })
+            }
+            AttachMode::Clsact => {
+                let prog = self.prog(name)?;
+                let replaced = SchedClassifierLink::attached(ifname, t, FILTER_PRIORITY, FILTER_HANDLE.into(), None)
+                    .ok()
+                    .and_then(|old| prog.attach_to_link(old).ok());
+                let id = match replaced {
+                    Some(id) => id,
+                    None => prog.attach_with_options(
+                        ifname,
+                        t,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: FILTER_PRIORITY,
+                            handle: FILTER_HANDLE.into(),
+                            ..Default::default()
+                        }),
+                    )?,
+                };
+                // Dropping the link object would delete the filter; the qdisc owns it now.
+                std::mem::forget(prog.take_link(id)?);
+                Ok(Kept::Filter)
+            }
+        }
+    }
+
+    /// Forgets an interface and releases its attachments (a deleted interface took its
+    /// programs with it; the pins go too).
     pub fn detach(&mut self, ifindex: u32) {
-        if let Some((i, e)) = self.links.remove(&ifindex) {
-            if let Ok(p) = self.prog(programs::FROM_POD) {
-                if let Ok(link) = p.take_link(i) {
-                    drop(link);
-                }
-            }
-            if let Ok(p) = self.prog(programs::TO_POD) {
-                if let Ok(link) = p.take_link(e) {
-                    drop(link);
-                }
-            }
+        if let Some([i, e]) = self.links.remove(&ifindex) {
+            let name = crate::netlink::ifname(ifindex);
+            release(i, name.as_deref().unwrap_or(""), TcAttachType::Ingress);
+            release(e, name.as_deref().unwrap_or(""), TcAttachType::Egress);
         }
         if let Some(m) = self.ebpf.map_mut(maps::ATTACHED) {
             if let Ok(mut attached) = BpfHashMap::<&mut MapData, u32, u32>::try_from(m) {
                 let _ = attached.remove(&ifindex);
             }
         }
+    }
+
+    /// Releases pinned attachments of interfaces this daemon did not take over (gone, or no
+    /// longer pod interfaces). Call after the first scan of interfaces.
+    pub fn prune_link_pins(&self) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        let dir = self.pin_dir.join(LINKS_DIR);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return removed;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let ifindex = name.split('-').next().and_then(|i| i.parse::<u32>().ok());
+            if ifindex.is_some_and(|i| self.links.contains_key(&i)) {
+                continue;
+            }
+            if std::fs::remove_file(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+        removed
     }
 
     pub fn attached(&self) -> Vec<u32> {

@@ -413,7 +413,10 @@ pub async fn run(opts: Options) -> Result<()> {
         for l in &links {
             apply_link(&shared, &mut dp, LinkEvent::New(l.clone()));
         }
-        // Entries left by an earlier daemon for interfaces that are gone.
+        // Attachments and entries left by an earlier daemon for interfaces that are gone.
+        for pin in dp.prune_link_pins() {
+            info!(pin = %pin.display(), "released the attachment of a vanished interface");
+        }
         let live: Vec<u32> = dp.attached();
         if let Some(m) = dp.ebpf.map_mut(observer_common::maps::ATTACHED) {
             if let Ok(mut att) = aya::maps::HashMap::<&mut MapData, u32, u32>::try_from(m) {

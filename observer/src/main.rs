@@ -37,6 +37,17 @@ enum Cmd {
         #[command(subcommand)]
         what: PolicyCmd,
     },
+    /// Take observer off this node: detach its programs from every interface and remove its
+    /// pinned links and maps. Enforcement stops. (A stopped or killed daemon leaves its
+    /// programs enforcing on purpose: restarts never fail open.)
+    Uninstall {
+        /// bpffs directory of the pins.
+        #[arg(long, env = "OBSERVER_PIN_DIR", default_value = observer::bpf::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Also remove the daemon's state directory.
+        #[arg(long, env = "OBSERVER_STATE_DIR", default_value = "/run/observer/state")]
+        state_dir: PathBuf,
+    },
     /// Measure the datapath with BPF_PROG_TEST_RUN.
     Bench {
         #[command(subcommand)]
@@ -536,6 +547,17 @@ fn run() -> Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(daemon::run(opts))
+        }
+        Cmd::Uninstall { pin_dir, state_dir } => {
+            for what in observer::bpf::uninstall(&pin_dir)? {
+                println!("removed {what}");
+            }
+            if state_dir.exists() {
+                std::fs::remove_dir_all(&state_dir)
+                    .with_context(|| format!("removing {}", state_dir.display()))?;
+                println!("removed state {}", state_dir.display());
+            }
+            Ok(())
         }
         Cmd::Completion { shell } => {
             clap_complete::generate(
