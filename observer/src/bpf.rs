@@ -128,9 +128,13 @@ fn release(k: Kept, ifname: &str, t: TcAttachType) {
         }
         Kept::Filter => {
             if !ifname.is_empty() {
-                if let Ok(link) =
-                    SchedClassifierLink::attached(ifname, t, FILTER_PRIORITY, FILTER_HANDLE.into(), None)
-                {
+                if let Ok(link) = SchedClassifierLink::attached(
+                    ifname,
+                    t,
+                    FILTER_PRIORITY,
+                    FILTER_HANDLE.into(),
+                    None,
+                ) {
                     let _ = link_detach(link);
                 }
             }
@@ -327,14 +331,14 @@ impl Datapath {
         let ingress = self
             .attach_one(programs::FROM_POD, ifindex, ifname, TcAttachType::Ingress)
             .with_context(|| format!("attaching from_pod to {ifname}"))?;
-        let egress =
-            match self.attach_one(programs::TO_POD, ifindex, ifname, TcAttachType::Egress) {
-                Ok(k) => k,
-                Err(e) => {
-                    release(ingress, ifname, TcAttachType::Ingress);
-                    return Err(e).with_context(|| format!("attaching to_pod to {ifname}"));
-                }
-            };
+        let egress = match self.attach_one(programs::TO_POD, ifindex, ifname, TcAttachType::Egress)
+        {
+            Ok(k) => k,
+            Err(e) => {
+                release(ingress, ifname, TcAttachType::Ingress);
+                return Err(e).with_context(|| format!("attaching to_pod to {ifname}"));
+            }
+        };
         self.links.insert(ifindex, [ingress, egress]);
         let mut attached: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut(maps::ATTACHED).context("attached map")?)?;
@@ -347,7 +351,9 @@ impl Datapath {
             TcAttachType::Ingress => "ingress",
             _ => "egress",
         };
-        self.pin_dir.join(LINKS_DIR).join(format!("{ifindex}-{dir}"))
+        self.pin_dir
+            .join(LINKS_DIR)
+            .join(format!("{ifindex}-{dir}"))
     }
 
     fn attach_one(
@@ -393,9 +399,15 @@ impl Datapath {
             }
             AttachMode::Clsact => {
                 let prog = self.prog(name)?;
-                let replaced = SchedClassifierLink::attached(ifname, t, FILTER_PRIORITY, FILTER_HANDLE.into(), None)
-                    .ok()
-                    .and_then(|old| prog.attach_to_link(old).ok());
+                let replaced = SchedClassifierLink::attached(
+                    ifname,
+                    t,
+                    FILTER_PRIORITY,
+                    FILTER_HANDLE.into(),
+                    None,
+                )
+                .ok()
+                .and_then(|old| prog.attach_to_link(old).ok());
                 let id = match replaced {
                     Some(id) => id,
                     None => prog.attach_with_options(
@@ -646,4 +658,72 @@ impl Datapath {
         }
         Ok((written, removed))
     }
+}
+
+/// Differences between the maps pinned under `pin_dir` and `want`, one line each; empty when
+/// the kernel holds exactly what the compiler says. Opens the pins read-only: a check, not a
+/// writer.
+pub fn diff_pinned(pin_dir: &Path, want: &Desired) -> Result<Vec<String>> {
+    use aya::maps::Map;
+    let open = |name: &str| {
+        MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening pinned {name}"))
+    };
+    let mut out = Vec::new();
+    let eps: BpfHashMap<MapData, IpKey, EndpointInfo> =
+        BpfHashMap::try_from(Map::HashMap(open(maps::ENDPOINTS)?))?;
+    let have: HashMap<IpKey, EndpointInfo> = eps.iter().filter_map(|r| r.ok()).collect();
+    let mut want_eps = HashMap::new();
+    for (ip, v) in &want.endpoints {
+        let k = crate::cluster::ip_key(*ip);
+        want_eps.insert(k, *v);
+        if have.get(&k) != Some(v) {
+            out.push(format!(
+                "endpoints {ip}: kernel {:?}, want {v:?}",
+                have.get(&k)
+            ));
+        }
+    }
+    for k in have.keys().filter(|k| !want_eps.contains_key(*k)) {
+        out.push(format!("endpoints: stale entry {k:?}"));
+    }
+    let ipc: LpmTrie<MapData, IpcacheKeyData, IpcacheEntry> =
+        LpmTrie::try_from(Map::LpmTrie(open(maps::IPCACHE)?))?;
+    let have: HashMap<(u32, [u32; 5]), IpcacheEntry> = ipc
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| ((k.prefix_len(), k.data().data), v))
+        .collect();
+    let mut want_ipc = HashMap::new();
+    for (net, v) in &want.ipcache {
+        let (plen, data) = crate::cluster::ipcache_key(*net);
+        want_ipc.insert((plen, data.data), *v);
+        if have.get(&(plen, data.data)) != Some(v) {
+            out.push(format!(
+                "ipcache {net}: kernel {:?}, want {v:?}",
+                have.get(&(plen, data.data))
+            ));
+        }
+    }
+    for k in have.keys().filter(|k| !want_ipc.contains_key(*k)) {
+        out.push(format!("ipcache: stale entry {k:?}"));
+    }
+    let pol: LpmTrie<MapData, PolicyKeyData, PolicyEntry> =
+        LpmTrie::try_from(Map::LpmTrie(open(maps::POLICY)?))?;
+    let have: HashMap<(u32, PolicyKeyData), PolicyEntry> = pol
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+        .collect();
+    for (k, v) in &want.policy {
+        if have.get(k) != Some(v) {
+            out.push(format!(
+                "policy {k:?}: kernel {:?}, want {v:?}",
+                have.get(k)
+            ));
+        }
+    }
+    for k in have.keys().filter(|k| !want.policy.contains_key(*k)) {
+        out.push(format!("policy: stale entry {k:?}"));
+    }
+    Ok(out)
 }

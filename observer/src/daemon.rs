@@ -703,7 +703,8 @@ struct SourceState {
     saved_len: usize,
 }
 
-const ALLOCATOR_FILE: &str = "allocator.json";
+/// The identity numbering in the state directory.
+pub const ALLOCATOR_FILE: &str = "allocator.json";
 
 impl SourceState {
     /// Picks up the numbering an earlier daemon saved, so the maps it left keep their meaning
@@ -786,6 +787,24 @@ fn reload_source(shared: &Shared, src: &mut SourceState) {
     }
 }
 
+/// What the maps of node `node` must hold: its own addresses are those of its interfaces
+/// (`host`) and of its Node object.
+pub fn compile_for_node(
+    cluster: &Cluster,
+    node: &str,
+    host: &[IpAddr],
+    opts: &crate::policy::Options,
+    alloc: &mut Allocator,
+) -> Desired {
+    let mut addrs = host.to_vec();
+    for n in &cluster.nodes {
+        if n.name == node {
+            addrs.extend(n.addresses.iter().copied());
+        }
+    }
+    compile::compile(cluster, node, &addrs, opts, alloc)
+}
+
 /// Compiles `cluster` for this node and writes the differences to the maps. On failure what is
 /// enforced stays as it is and `false` asks the caller to try again.
 fn apply_cluster(
@@ -794,16 +813,10 @@ fn apply_cluster(
     cluster: Cluster,
     host: Vec<IpAddr>,
 ) -> bool {
-    let mut addrs = host.clone();
-    for n in &cluster.nodes {
-        if n.name == shared.opts.node_name {
-            addrs.extend(n.addresses.iter().copied());
-        }
-    }
-    let want = compile::compile(
+    let want = compile_for_node(
         &cluster,
         &shared.opts.node_name,
-        &addrs,
+        &host,
         &shared.opts.policy,
         &mut src.alloc,
     );

@@ -486,9 +486,14 @@ impl TestBed {
         let log = self.dir.join("daemon.log");
         let logf = std::fs::File::create(&log)?;
         let mut cmd = Command::new(observer_bin);
-        cmd.args(["daemon", "--netns", &self.node_ns, "--node-name", NODE_NAME])
-            .arg("--source")
-            .arg(format!("dir:{}", self.cluster_dir().display()))
+        cmd.args(["daemon", "--netns", &self.node_ns, "--node-name", NODE_NAME]);
+        if !extra.contains(&"--source") {
+            cmd.arg("--source")
+                .arg(format!("dir:{}", self.cluster_dir().display()));
+        }
+        // Per test bed, and kept across restarts of its daemon like /run/observer on a node.
+        cmd.arg("--state-dir")
+            .arg(self.dir.join("state"))
             .arg("--pin-dir")
             .arg(&pin_dir)
             .arg("--socket")

@@ -4,7 +4,7 @@ mod setup;
 
 use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -119,6 +119,34 @@ fn main() -> Result<()> {
             setup::run()?;
             cargo(&["build", "-p", "observer"])?;
             demo::run(duration)
+        }
+        Cmd::Bench { what, json, rest } if what == "kube" => {
+            setup::run()?;
+            // A harness around the real daemon and the in-process API server of the tests.
+            let mut cmd = Command::new("cargo");
+            cmd.args([
+                "test",
+                "--release",
+                "-p",
+                "observer",
+                "--test",
+                "bench_kube",
+                "--",
+            ])
+            .args(["--ignored", "--nocapture", "--test-threads", "1"]);
+            if json {
+                cmd.env("BENCH_JSON", "1");
+            }
+            for kv in &rest {
+                let (k, v) = kv
+                    .split_once('=')
+                    .context("bench kube takes PODS=N POLICIES=N ROUNDS=N CHANGES=N")?;
+                cmd.env(format!("BENCH_{}", k.to_uppercase()), v);
+            }
+            if !cmd.status()?.success() {
+                bail!("bench kube failed");
+            }
+            Ok(())
         }
         Cmd::Bench { what, json, rest } => {
             setup::run()?;
