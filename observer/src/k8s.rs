@@ -52,7 +52,7 @@ use std::{
     fmt::Debug,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
@@ -62,8 +62,8 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use kube::{
-    api::{Api, ListParams},
-    runtime::{watcher, WatchStreamExt as _},
+    api::{Api, ListParams, WatchEvent, WatchParams},
+    runtime::watcher,
     Client, Resource,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -476,51 +476,169 @@ impl Kube {
                     "initial list complete"
                 );
             }
-            if changed && s.disconnected_since.is_some() {
-                info!(resource = WATCHED[K::INDEX].resource, "watch recovered");
-            }
-            if matches!(s.down_since, Some(_)) {
-                s.down_since = None;
+            if changed && s.down_since.take().is_some() {
+                info!(
+                    resource = WATCHED[K::INDEX].resource,
+                    "API server reachable again"
+                );
                 s.disconnected_since = None;
             }
-            s.connected = true;
+            if changed {
+                s.connected = true;
+            }
         }
         if changed {
             self.mark_changed();
         }
     }
 
-    fn on_error(&self, index: usize, e: &watcher::Error) {
+    fn on_error(&self, index: usize, e: &str) {
         let mut st = self.status.lock().unwrap();
         let s = &mut st[index];
         s.errors += 1;
         s.connected = false;
-        s.last_error = Some(format!("{e}"));
+        s.last_error = Some(e.to_string());
         if s.down_since.is_none() {
             let now = SystemTime::now();
             s.down_since = Some(now);
             s.disconnected_since = Some(crate::flows::rfc3339(now));
             warn!(
                 resource = WATCHED[index].resource,
-                "watch failed: {e}; keeping the last known state enforced and retrying"
+                "{e}; keeping the last known state enforced and retrying"
             );
         }
     }
+
+    /// A watch request was accepted: from here on the kind is current again.
+    fn on_connected(&self, index: usize) {
+        let mut st = self.status.lock().unwrap();
+        let s = &mut st[index];
+        if s.down_since.take().is_some() {
+            info!(resource = WATCHED[index].resource, "watch up again");
+        }
+        s.disconnected_since = None;
+        s.connected = true;
+    }
 }
 
+/// Server-side end of every watch request, so a silently dead connection is noticed.
+const WATCH_TIMEOUT_S: u32 = 290;
+const PAGE_SIZE: u32 = 500;
+
+/// Retry delays after an error: doubling from 200 ms to at most 5 s, so a recovered API server
+/// is back in use within seconds.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        d
+    }
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+}
+
+fn is_gone(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 410)
+}
+
+/// Lists every object of the kind, page by page, into a relist buffer that replaces the cache
+/// only when complete. Returns the list's resourceVersion to watch from.
+async fn list_all<K: Watch>(kube: &Kube, api: &Api<K>) -> Result<String, kube::Error> {
+    let mut lp = ListParams::default().limit(PAGE_SIZE);
+    let mut rv = None;
+    kube.on_event::<K>(watcher::Event::Init);
+    loop {
+        let page = api.list(&lp).await?;
+        if rv.is_none() {
+            rv = page.metadata.resource_version.clone();
+        }
+        for obj in page.items {
+            kube.on_event(watcher::Event::InitApply(obj));
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => lp = lp.continue_token(&c),
+            None => break,
+        }
+    }
+    kube.status.lock().unwrap()[K::INDEX].lists += 1;
+    kube.on_event::<K>(watcher::Event::InitDone);
+    Ok(rv.unwrap_or_default())
+}
+
+/// List, then watch from the list's resourceVersion, resuming from the last version seen after
+/// a timeout or a dropped connection, relisting only on 410 Gone. Our own loop rather than
+/// kube-runtime's `watcher` because the status must know the moment a watch is up again, even
+/// when no object changes.
 async fn run_watch<K: Watch>(kube: Arc<Kube>, api: Api<K>) {
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    while let Some(ev) = stream.next().await {
-        match ev {
-            Ok(ev) => {
-                if matches!(ev, watcher::Event::Init) {
-                    kube.status.lock().unwrap()[K::INDEX].lists += 1;
-                }
-                kube.on_event(ev)
+    let mut backoff = Backoff(Backoff::FIRST);
+    'relist: loop {
+        let mut rv = match list_all(&kube, &api).await {
+            Ok(rv) => rv,
+            Err(e) => {
+                kube.on_error(K::INDEX, &format!("list: {e}"));
+                tokio::time::sleep(backoff.next()).await;
+                continue;
             }
-            Err(e) => kube.on_error(K::INDEX, &e),
+        };
+        backoff.reset();
+        loop {
+            let mut wp = WatchParams::default().timeout(WATCH_TIMEOUT_S);
+            wp.bookmarks = true;
+            let stream = match api.watch(&wp, &rv).await {
+                Ok(s) => s,
+                Err(e) => {
+                    kube.on_error(K::INDEX, &format!("watch: {e}"));
+                    if is_gone(&e) {
+                        continue 'relist;
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                    continue;
+                }
+            };
+            kube.on_connected(K::INDEX);
+            backoff.reset();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
+                        if let Some(v) = o.meta().resource_version.clone() {
+                            rv = v;
+                        }
+                        kube.on_event(watcher::Event::Apply(o));
+                    }
+                    Ok(WatchEvent::Deleted(o)) => {
+                        if let Some(v) = o.meta().resource_version.clone() {
+                            rv = v;
+                        }
+                        kube.on_event(watcher::Event::Delete(o));
+                    }
+                    Ok(WatchEvent::Bookmark(b)) => rv = b.metadata.resource_version,
+                    Ok(WatchEvent::Error(s)) if s.code == 410 => {
+                        // The history we would resume from is gone: list again, keeping
+                        // what is enforced until the new list is complete.
+                        kube.on_error(
+                            K::INDEX,
+                            &format!("watch: {} (410 Gone); relisting", s.message),
+                        );
+                        continue 'relist;
+                    }
+                    Ok(WatchEvent::Error(s)) => {
+                        kube.on_error(K::INDEX, &format!("watch: {} ({})", s.message, s.code));
+                        tokio::time::sleep(backoff.next()).await;
+                        break;
+                    }
+                    Err(e) => {
+                        kube.on_error(K::INDEX, &format!("watch stream: {e}"));
+                        tokio::time::sleep(backoff.next()).await;
+                        break;
+                    }
+                }
+            }
         }
     }
 }

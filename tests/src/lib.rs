@@ -23,6 +23,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+pub mod kubeapi;
+
 pub const NODE_NAME: &str = "node-1";
 pub const NODE_IP: &str = "10.224.0.4";
 pub const NODE_IP6: &str = "fd00:224::4";
