@@ -45,7 +45,11 @@ enum Cmd {
         #[arg(long, env = "OBSERVER_PIN_DIR", default_value = observer::bpf::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Also remove the daemon's state directory.
-        #[arg(long, env = "OBSERVER_STATE_DIR", default_value = "/run/observer/state")]
+        #[arg(
+            long,
+            env = "OBSERVER_STATE_DIR",
+            default_value = "/run/observer/state"
+        )]
         state_dir: PathBuf,
     },
     /// Measure the datapath with BPF_PROG_TEST_RUN.
