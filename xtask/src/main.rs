@@ -99,8 +99,18 @@ fn main() -> Result<()> {
                 "--lib",
                 "--bins",
             ])?;
-            // Unprivileged integration tests: NetworkPolicy truth tables through the reference engine.
-            cargo(&["test", "-p", "observer", "--test", "policy_cases"])?;
+            // Unprivileged integration tests: NetworkPolicy truth tables through the reference
+            // engine, the matrix from an API server (loopback), the deployment manifests.
+            let mut unprivileged = vec!["test", "-p", "observer"];
+            for t in ["policy_cases", "kube_matrix", "manifests"] {
+                if workspace_root()
+                    .join(format!("observer/tests/{t}.rs"))
+                    .exists()
+                {
+                    unprivileged.extend(["--test", t]);
+                }
+            }
+            cargo(&unprivileged)?;
             if unit_only {
                 return Ok(());
             }
