@@ -681,3 +681,134 @@ pub async fn snapshot(client: Client) -> Result<Cluster> {
     list::<NetworkPolicy>(&client, &mut caches).await?;
     Ok(caches.cluster())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, phase: &str, ip: Option<&str>, app: &str) -> Pod {
+        let mut status = json!({"phase": phase});
+        if let Some(ip) = ip {
+            status["podIP"] = json!(ip);
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "x", "labels": {"app": app}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn names(k: &Kube) -> Vec<String> {
+        let c = k.caches.lock().unwrap().cluster();
+        c.pods.iter().map(|p| p.name.clone()).collect()
+    }
+
+    #[test]
+    fn a_relist_replaces_the_cache_only_when_complete() {
+        let k = Kube::default();
+        k.on_event::<Pod>(watcher::Event::Init);
+        k.on_event(watcher::Event::InitApply(pod(
+            "a",
+            "Running",
+            Some("10.0.0.1"),
+            "web",
+        )));
+        k.on_event(watcher::Event::InitApply(pod(
+            "b",
+            "Running",
+            Some("10.0.0.2"),
+            "web",
+        )));
+        assert!(names(&k).is_empty(), "nothing before InitDone");
+        assert!(!k.status()[0].synced);
+        k.on_event::<Pod>(watcher::Event::InitDone);
+        assert_eq!(names(&k), ["a", "b"]);
+        assert!(k.status()[0].synced);
+        assert!(!k.all_synced(), "other kinds not listed yet");
+        // A relist after 410 Gone: b is gone, c is new; until done, a and b stay enforced.
+        k.on_event::<Pod>(watcher::Event::Init);
+        k.on_event(watcher::Event::InitApply(pod(
+            "a",
+            "Running",
+            Some("10.0.0.1"),
+            "web",
+        )));
+        k.on_event(watcher::Event::InitApply(pod(
+            "c",
+            "Running",
+            Some("10.0.0.3"),
+            "web",
+        )));
+        assert_eq!(names(&k), ["a", "b"]);
+        k.on_event::<Pod>(watcher::Event::InitDone);
+        assert_eq!(names(&k), ["a", "c"]);
+    }
+
+    #[test]
+    fn finished_pods_are_dropped_and_deletes_remove() {
+        let k = Kube::default();
+        k.on_event::<Pod>(watcher::Event::InitDone);
+        k.on_event(watcher::Event::Apply(pod(
+            "a",
+            "Running",
+            Some("10.0.0.1"),
+            "web",
+        )));
+        k.on_event(watcher::Event::Apply(pod("p", "Pending", None, "web")));
+        assert_eq!(names(&k), ["a", "p"]);
+        k.on_event(watcher::Event::Apply(pod(
+            "a",
+            "Failed",
+            Some("10.0.0.1"),
+            "web",
+        )));
+        assert_eq!(names(&k), ["p"]);
+        k.on_event(watcher::Event::Delete(pod("p", "Pending", None, "web")));
+        assert!(names(&k).is_empty());
+    }
+
+    #[test]
+    fn a_bad_update_keeps_the_enforced_object_and_names_the_field() {
+        let k = Kube::default();
+        k.on_event::<Pod>(watcher::Event::InitDone);
+        k.on_event(watcher::Event::Apply(pod(
+            "a",
+            "Running",
+            Some("10.0.0.1"),
+            "web",
+        )));
+        k.on_event(watcher::Event::Apply(pod(
+            "a",
+            "Running",
+            Some("not-an-ip"),
+            "db",
+        )));
+        let c = k.caches.lock().unwrap().cluster();
+        assert_eq!(c.pods.len(), 1);
+        assert_eq!(c.pods[0].labels["app"], "web", "the last good state stays");
+        assert!(
+            c.errors
+                .iter()
+                .any(|e| e.contains("Pod x/a") && e.contains("status.podIP")),
+            "{:?}",
+            c.errors
+        );
+    }
+
+    #[test]
+    fn errors_mark_the_kind_stale_until_it_is_up_again() {
+        let k = Kube::default();
+        assert!(k.stale_since().is_none());
+        k.on_error(0, "watch: connection refused");
+        let since = k.stale_since().expect("stale");
+        k.on_error(0, "watch: connection refused");
+        assert_eq!(k.stale_since(), Some(since), "stale since the first error");
+        assert_eq!(k.status()[0].errors, 2);
+        assert!(!k.status()[0].connected);
+        k.on_connected(0);
+        assert!(k.stale_since().is_none());
+        assert!(k.status()[0].connected);
+    }
+}

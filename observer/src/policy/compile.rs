@@ -599,6 +599,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_numbering_survives_a_round_trip_and_keeps_counting() {
+        let mut a = Allocator::default();
+        let i1 = a.identity("pod:x:app=a:".into());
+        let i2 = a.identity("pod:x:app=b:".into());
+        let e = a.endpoint("x", "a");
+        let r = a.rule(RuleRef {
+            namespace: "x".into(),
+            name: "p".into(),
+            direction: "ingress".into(),
+            rule: 0,
+        });
+        let mut b = Allocator::from_json(&a.to_json().unwrap()).unwrap();
+        assert_eq!(b.identity("pod:x:app=b:".into()), i2);
+        assert_eq!(b.identity("pod:x:app=a:".into()), i1);
+        assert_eq!(b.endpoint("x", "a"), e);
+        assert_eq!(b.rule_table()[&r].name, "p");
+        assert_eq!(
+            b.identity("pod:x:app=c:".into()),
+            i2 + 1,
+            "new numbers after the highest"
+        );
+        // A file with a hole would hand out a number twice: refused.
+        let bad = br#"{"identities":[["a",256],["b",300]],"endpoints":[],"rules":[]}"#;
+        assert!(Allocator::from_json(bad).is_err());
+    }
+
+    #[test]
     fn port_ranges_become_exact_prefix_covers() {
         assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
         assert_eq!(port_prefixes(80, 81), vec![(80, 15)]);
