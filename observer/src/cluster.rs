@@ -39,7 +39,8 @@ pub struct NodeInfo {
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    pub pods: Vec<PodInfo>,
+    /// Shared, not copied, between the watch caches, the compiler and the flow enricher.
+    pub pods: Vec<std::sync::Arc<PodInfo>>,
     pub nodes: Vec<NodeInfo>,
     pub policies: Vec<Policy>,
     /// Namespaces annotated `observer.dev/audit: "true"`: their policies are in audit mode.
@@ -49,7 +50,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn pod_by_ip(&self) -> HashMap<IpAddr, &PodInfo> {
+    pub fn pod_by_ip(&self) -> HashMap<IpAddr, &std::sync::Arc<PodInfo>> {
         let mut m = HashMap::new();
         for p in &self.pods {
             if p.host_network {
@@ -205,7 +206,7 @@ pub fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value)
             }
             "Pod" => {
                 let pod: Pod = serde_json::from_value(value)?;
-                cluster.pods.push(pod_info(&pod)?);
+                cluster.pods.push(std::sync::Arc::new(pod_info(&pod)?));
             }
             "Node" => {
                 let node: Node = serde_json::from_value(value)?;

@@ -143,7 +143,7 @@ impl Histogram {
 
 pub struct State {
     pub cluster: Arc<Cluster>,
-    pub by_ip: HashMap<IpAddr, PodInfo>,
+    pub by_ip: HashMap<IpAddr, Arc<PodInfo>>,
     conns: HashMap<CtKey, Conn>,
     pub history: VecDeque<Arc<FlowRecord>>,
     pub metrics: Metrics,
@@ -233,7 +233,7 @@ impl Shared {
             kind,
             key,
             e,
-            |ip| st.by_ip.get(&ip),
+            |ip| st.by_ip.get(&ip).map(|p| &**p),
             |id| st.rules.get(&id).cloned(),
         );
         if e.flags & ct_flags::DENIED != 0 {
@@ -263,7 +263,7 @@ impl Shared {
                     kind,
                     k,
                     e,
-                    |ip| st.by_ip.get(&ip),
+                    |ip| st.by_ip.get(&ip).map(|p| &**p),
                     |id| st.rules.get(&id).cloned(),
                 )
             })
@@ -337,6 +337,22 @@ fn is_pod_interface(link: &netlink::Link, uplinks: &[String]) -> bool {
 }
 
 pub async fn run(opts: Options) -> Result<()> {
+    // A sync allocates and frees a whole compiled cluster; with one malloc arena per worker
+    // thread, freed memory piles up in arenas other threads never reuse.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+    // The API server lists run while the kernel verifies the programs.
+    let kube = match &opts.source {
+        Source::Kube(conn) => {
+            let client = conn.client().await.context("--source kube")?;
+            let kube = Arc::new(crate::k8s::Kube::default());
+            kube.start(client);
+            Some(kube)
+        }
+        _ => None,
+    };
     let mut dp = Datapath::load(&opts.pin_dir)?;
     info!(pin_dir = %opts.pin_dir.display(), mode = ?dp.mode, "kernel programs loaded");
     // A re-adopted config map keeps its generation: connections already judged stay judged.
@@ -359,15 +375,6 @@ pub async fn run(opts: Options) -> Result<()> {
     let flow_log = match &opts.flow_log {
         Some(cfg) => Some(Mutex::new(crate::flowlog::FlowLog::open(cfg.clone())?)),
         None => None,
-    };
-    let kube = match &opts.source {
-        Source::Kube(conn) => {
-            let client = conn.client().await.context("--source kube")?;
-            let kube = Arc::new(crate::k8s::Kube::default());
-            kube.start(client);
-            Some(kube)
-        }
-        _ => None,
     };
     let shared = Arc::new(Shared {
         kube,
@@ -813,6 +820,7 @@ fn apply_cluster(
     cluster: Cluster,
     host: Vec<IpAddr>,
 ) -> bool {
+    let t0 = Instant::now();
     let want = compile_for_node(
         &cluster,
         &shared.opts.node_name,
@@ -820,6 +828,7 @@ fn apply_cluster(
         &shared.opts.policy,
         &mut src.alloc,
     );
+    debug!(compile = ?t0.elapsed(), "compiled");
     if src.applied.as_ref() != Some(&want) {
         let mut dp = shared.dp.lock().unwrap();
         // Diff against what this process wrote last; read the maps back only the first time.
@@ -856,7 +865,7 @@ fn apply_cluster(
     for err in &cluster.errors {
         warn!("cluster source: {err}");
     }
-    let by_ip: HashMap<IpAddr, PodInfo> = cluster
+    let by_ip: HashMap<IpAddr, Arc<PodInfo>> = cluster
         .pod_by_ip()
         .into_iter()
         .map(|(ip, p)| (ip, p.clone()))
@@ -893,8 +902,11 @@ async fn kube_sync(shared: &Shared, src: &mut SourceState, kube: &crate::k8s::Ku
         return false;
     }
     let since = kube.take_pending();
+    let t0 = Instant::now();
     let cluster = kube.caches.lock().unwrap().cluster();
+    let t_cluster = t0.elapsed();
     let ok = apply_cluster(shared, src, cluster, host_addresses());
+    debug!(cluster = ?t_cluster, total = ?t0.elapsed(), waited = ?since.map(|t| t.elapsed()), "kube sync");
     if ok {
         if let Some(t) = since {
             shared
@@ -904,6 +916,11 @@ async fn kube_sync(shared: &Shared, src: &mut SourceState, kube: &crate::k8s::Ku
                 .metrics
                 .sync_latency
                 .observe(t.elapsed());
+        }
+        // Give the previous cluster's memory back to the system, not just to malloc.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        unsafe {
+            libc::malloc_trim(0);
         }
     }
     ok

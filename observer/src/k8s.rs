@@ -159,7 +159,7 @@ impl<V> KindCache<V> {
 /// Everything the watchers have seen.
 #[derive(Default, Debug)]
 pub struct Caches {
-    pub pods: KindCache<PodInfo>,
+    pub pods: KindCache<Arc<PodInfo>>,
     pub namespaces: KindCache<NsInfo>,
     pub nodes: KindCache<NodeInfo>,
     pub policies: KindCache<Policy>,
@@ -175,7 +175,7 @@ impl Caches {
                 c.audit_namespaces.insert(name.clone());
             }
         }
-        let mut pods: Vec<(&ObjKey, &PodInfo)> = self.pods.items.iter().collect();
+        let mut pods: Vec<(&ObjKey, &Arc<PodInfo>)> = self.pods.items.iter().collect();
         pods.sort_unstable_by(|a, b| a.0.cmp(b.0));
         c.pods = pods.into_iter().map(|(_, p)| p.clone()).collect();
         let mut nodes: Vec<(&ObjKey, &NodeInfo)> = self.nodes.items.iter().collect();
@@ -218,18 +218,18 @@ pub trait Watch:
 }
 
 impl Watch for Pod {
-    type Info = PodInfo;
+    type Info = Arc<PodInfo>;
     const KIND: &'static str = "Pod";
     const INDEX: usize = 0;
-    fn info(&self) -> Result<Option<PodInfo>> {
+    fn info(&self) -> Result<Option<Arc<PodInfo>>> {
         // A finished pod's IP goes back to the pool and may already belong to a new pod.
         let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
             return Ok(None);
         }
-        cluster::pod_info(self).map(Some)
+        cluster::pod_info(self).map(|p| Some(Arc::new(p)))
     }
-    fn cache(c: &mut Caches) -> &mut KindCache<PodInfo> {
+    fn cache(c: &mut Caches) -> &mut KindCache<Arc<PodInfo>> {
         &mut c.pods
     }
 }

@@ -45,7 +45,10 @@ fn start(bed: &TestBed, tag: &str, source: &[&str]) -> Run {
         .arg(&socket)
         .arg("--state-dir")
         .arg(&state)
-        .args(["--log", "warn"])
+        .args([
+            "--log",
+            &std::env::var("BENCH_LOG").unwrap_or("warn".into()),
+        ])
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -140,9 +143,11 @@ fn kube_sync_at_scale() {
     // Start to enforcing: process start to /readyz (maps written from the complete lists),
     // against the same daemon with no cluster source (program load and attach only).
     let (mut start_kube, mut start_none) = (Vec::new(), Vec::new());
+    let mut rss_none = 0;
     for i in 0..rounds {
         let r = start(&bed, &format!("none{i}"), &["--source", "none"]);
         start_none.push(wait_ready(&r, Duration::from_secs(30)).as_secs_f64() * 1e3);
+        rss_none = rss_kib(r.child.id()).0;
         drop(r);
         let r = start(&bed, &format!("kube{i}"), &kube_args);
         start_kube.push(wait_ready(&r, Duration::from_secs(60)).as_secs_f64() * 1e3);
@@ -213,7 +218,7 @@ fn kube_sync_at_scale() {
             "kube_runs": start_kube, "no_source_runs": start_none},
         "label_change_to_maps_ms": {"p50": pct(&mut lat, 0.5), "p90": pct(&mut lat, 0.9), "p99": pct(&mut lat, 0.99), "max": pct(&mut lat, 1.0)},
         "baseline_full_compile_ms": median(&mut compile_ms),
-        "rss_kib": {"after_sync": rss_synced, "after_changes": rss, "peak": hwm},
+        "rss_kib": {"no_source": rss_none, "after_sync": rss_synced, "after_changes": rss, "peak": hwm},
     });
     if json_out {
         println!("{report}");

@@ -113,7 +113,7 @@ impl KernelEngine {
     ) -> Result<(Cluster, HashMap<u32, RuleRef>)> {
         let mut local = cluster.clone();
         for p in &mut local.pods {
-            p.node = NODE.into();
+            std::sync::Arc::make_mut(p).node = NODE.into();
         }
         let want = compile::compile(&local, NODE, &[], opts, &mut self.alloc);
         self.dp.apply(&want)?;

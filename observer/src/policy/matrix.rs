@@ -31,7 +31,12 @@ pub fn served_ports(cluster: &Cluster) -> Vec<(Protocol, u16)> {
 }
 
 pub fn pods_sorted(cluster: &Cluster) -> Vec<&PodInfo> {
-    let mut v: Vec<&PodInfo> = cluster.pods.iter().filter(|p| !p.host_network).collect();
+    let mut v: Vec<&PodInfo> = cluster
+        .pods
+        .iter()
+        .filter(|p| !p.host_network)
+        .map(|p| &**p)
+        .collect();
     v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     v
 }
@@ -132,7 +137,7 @@ pub fn peer<'a>(cluster: &'a Cluster, s: &str) -> Result<Peer<'a>> {
         .pods
         .iter()
         .find(|p| p.namespace == ns && p.name == name)
-        .map(Peer::Pod)
+        .map(|p| Peer::Pod(p))
         .with_context(|| format!("no pod {ns}/{name} in the cluster"))
 }
 
