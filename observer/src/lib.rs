@@ -2,6 +2,7 @@
 pub mod api;
 pub mod bench;
 pub mod bpf;
+pub mod caps;
 pub mod client;
 pub mod cluster;
 pub mod daemon;

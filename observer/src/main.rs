@@ -487,6 +487,11 @@ fn run() -> Result<()> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::stderr().is_terminal())
                 .init();
+            observer::caps::check(if a.netns.is_some() {
+                &[observer::caps::SYS_ADMIN]
+            } else {
+                &[]
+            })?;
             // Before the runtime starts: threads inherit the namespace of their creator.
             if let Some(ns) = &a.netns {
                 enter_netns(ns)?;
