@@ -374,6 +374,41 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         "Objects in the cluster source that could not be used.",
         st.metrics.source_errors.len(),
     );
+    if shared.opts.pod_metrics {
+        let mut pods: Vec<_> = st.pod_traffic.iter().collect();
+        pods.sort();
+        for (i, (name, unit)) in [
+            ("observer_pod_packets_total", "Packets"),
+            ("observer_pod_bytes_total", "Bytes (from the IP header on)"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            p.family(
+                name,
+                "counter",
+                &format!("{unit} of forwarded traffic of this node's pods, by direction (egress: sent by the pod, ingress: received)."),
+            );
+            for ((ns, pod), t) in &pods {
+                p.sample(
+                    name,
+                    &[("namespace", ns), ("pod", pod), ("direction", "egress")],
+                    t[i],
+                );
+                p.sample(
+                    name,
+                    &[("namespace", ns), ("pod", pod), ("direction", "ingress")],
+                    t[2 + i],
+                );
+            }
+        }
+        p.single(
+            "observer_pod_metrics_overflow_total",
+            "counter",
+            "Traffic of local pods beyond --pod-metrics-max, left out of observer_pod_*.",
+            st.metrics.pod_metrics_overflow_total,
+        );
+    }
     let h = &st.metrics.sync_latency;
     if h.count > 0 {
         p.family(

@@ -79,6 +79,9 @@ pub struct Options {
     pub flow_log: Option<crate::flowlog::Config>,
     /// Node-wide budget of flow records per second (0: unlimited).
     pub max_records_per_second: u64,
+    /// Per-pod bytes and packets metrics, for at most `pod_metrics_max` local pods.
+    pub pod_metrics: bool,
+    pub pod_metrics_max: usize,
 }
 
 /// Per-connection bookkeeping in userspace.
@@ -86,6 +89,8 @@ struct Conn {
     /// When the kernel reported the close; the record goes out after `close_grace`.
     closed_at: Option<Instant>,
     close_published: bool,
+    /// Counters already added to the per-pod traffic metrics.
+    counted: [u64; 4],
 }
 
 #[derive(Default)]
@@ -101,6 +106,8 @@ pub struct Metrics {
     pub map_sync_errors_total: u64,
     pub source_errors: Vec<String>,
     pub conntrack_expired_total: u64,
+    /// Local pods left out of the per-pod metrics by `--pod-metrics-max`.
+    pub pod_metrics_overflow_total: u64,
     /// API event to maps written, with `--source kube`.
     pub sync_latency: Histogram,
 }
@@ -151,6 +158,9 @@ pub struct State {
     pub interfaces: HashMap<u32, String>,
     /// Rule id -> the policy rule it stands for.
     pub rules: HashMap<u32, RuleRef>,
+    /// (namespace, pod) of local pods -> [egress packets, egress bytes, ingress packets,
+    /// ingress bytes] of forwarded traffic.
+    pub pod_traffic: HashMap<(String, String), [u64; 4]>,
     bucket: f64,
     bucket_at: Instant,
 }
@@ -227,7 +237,7 @@ impl Shared {
     }
 
     fn make_record(&self, kind: EventKind, key: &CtKey, e: &CtEntry) -> FlowRecord {
-        let st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
         let mut rec = flows::record(
             &self.opts.node_name,
             kind,
@@ -238,6 +248,9 @@ impl Shared {
         );
         if e.flags & ct_flags::DENIED != 0 {
             rec.isolated_by = isolated_by(&st, &self.opts, &rec, e.flags);
+        }
+        if self.opts.pod_metrics && rec.verdict != "dropped" {
+            count_pod_traffic(&mut st, &self.opts, key, &rec);
         }
         rec
     }
@@ -268,6 +281,50 @@ impl Shared {
                 )
             })
             .collect())
+    }
+}
+
+/// Adds what a connection carried since its last record to the per-pod traffic of its local
+/// ends, before the record budget: metrics are never shed.
+fn count_pod_traffic(st: &mut State, opts: &Options, key: &CtKey, rec: &FlowRecord) {
+    let c = &rec.counters;
+    let now = [c.packets_out, c.bytes_out, c.packets_in, c.bytes_in];
+    let conn = st.conns.entry(*key).or_insert(Conn {
+        closed_at: None,
+        close_published: false,
+        counted: [0; 4],
+    });
+    let d: Vec<u64> = now
+        .iter()
+        .zip(conn.counted)
+        .map(|(n, o)| n.saturating_sub(o))
+        .collect();
+    conn.counted = now;
+    if d.iter().all(|v| *v == 0) {
+        return;
+    }
+    // [egress packets, egress bytes, ingress packets, ingress bytes] of each local end: the
+    // source sends `out` and receives `in`, the destination the reverse.
+    let ends = [
+        (rec.source.ip, [d[0], d[1], d[2], d[3]]),
+        (rec.destination.ip, [d[2], d[3], d[0], d[1]]),
+    ];
+    for (ip, add) in ends {
+        let Some(pod) = ip.and_then(|ip| st.by_ip.get(&ip)) else {
+            continue;
+        };
+        if pod.node != opts.node_name {
+            continue;
+        }
+        let k = (pod.namespace.clone(), pod.name.clone());
+        if !st.pod_traffic.contains_key(&k) && st.pod_traffic.len() >= opts.pod_metrics_max {
+            st.metrics.pod_metrics_overflow_total += 1;
+            continue;
+        }
+        let t = st.pod_traffic.entry(k).or_default();
+        for (t, a) in t.iter_mut().zip(add) {
+            *t += a;
+        }
     }
 }
 
@@ -390,6 +447,7 @@ pub async fn run(opts: Options) -> Result<()> {
             last_sync: None,
             interfaces: HashMap::new(),
             rules: HashMap::new(),
+            pod_traffic: HashMap::new(),
             bucket: opts.max_records_per_second as f64,
             bucket_at: Instant::now(),
         }),
@@ -599,6 +657,7 @@ fn handle_event(shared: &Shared, ev: FlowEvent) {
                 Conn {
                     closed_at: None,
                     close_published: false,
+                    counted: [0; 4],
                 },
             );
             let rec = shared.make_record(kind, &ev.key, &e);
@@ -615,6 +674,7 @@ fn handle_event(shared: &Shared, ev: FlowEvent) {
             let c = st.conns.entry(ev.key).or_insert(Conn {
                 closed_at: None,
                 close_published: false,
+                counted: [0; 4],
             });
             c.closed_at = Some(Instant::now());
         }
@@ -654,6 +714,7 @@ fn gc_once(shared: &Shared) -> Result<()> {
             let conn = st.conns.entry(*k).or_insert(Conn {
                 closed_at: None,
                 close_published: false,
+                counted: [0; 4],
             });
             if closed && conn.closed_at.is_none() {
                 conn.closed_at = Some(Instant::now());
@@ -674,9 +735,6 @@ fn gc_once(shared: &Shared) -> Result<()> {
         }
         let live: std::collections::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
         st.conns.retain(|k, _| live.contains(k));
-        for k in &expire {
-            st.conns.remove(k);
-        }
         st.metrics.conntrack_expired_total += expire.len() as u64;
     }
     if !expire.is_empty() {
@@ -689,6 +747,13 @@ fn gc_once(shared: &Shared) -> Result<()> {
     for (k, e) in publish {
         let rec = shared.make_record(EventKind::Close, &k, &e);
         shared.publish(rec);
+    }
+    // After the close records: they account the connections' last counters.
+    if !expire.is_empty() {
+        let mut st = shared.state.lock().unwrap();
+        for k in &expire {
+            st.conns.remove(k);
+        }
     }
     Ok(())
 }
@@ -871,6 +936,16 @@ fn apply_cluster(
         .map(|(ip, p)| (ip, p.clone()))
         .collect();
     let mut st = shared.state.lock().unwrap();
+    // Series of pods that are gone go with them: cardinality follows the node's pods.
+    {
+        let present: std::collections::HashSet<(&str, &str)> = cluster
+            .pods
+            .iter()
+            .map(|p| (p.namespace.as_str(), p.name.as_str()))
+            .collect();
+        st.pod_traffic
+            .retain(|(ns, name), _| present.contains(&(ns.as_str(), name.as_str())));
+    }
     st.rules = src.alloc.rule_table();
     st.metrics.source_errors = cluster.errors.clone();
     st.by_ip = by_ip;

@@ -280,6 +280,13 @@ struct DaemonArgs {
         default_value_t = 50_000
     )]
     max_records_per_second: u64,
+    /// Leave out the per-pod bytes and packets metrics (observer_pod_*).
+    #[arg(long, env = "OBSERVER_NO_POD_METRICS")]
+    no_pod_metrics: bool,
+    /// Per-pod metrics for at most this many local pods; more are counted in
+    /// observer_pod_metrics_overflow_total.
+    #[arg(long, env = "OBSERVER_POD_METRICS_MAX", default_value_t = 1_000)]
+    pod_metrics_max: usize,
     /// How often a `dir:` source is re-read.
     #[arg(long, env = "OBSERVER_SOURCE_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     source_poll: Duration,
@@ -551,6 +558,8 @@ fn run() -> Result<()> {
                     None => None,
                 },
                 max_records_per_second: a.max_records_per_second,
+                pod_metrics: !a.no_pod_metrics,
+                pod_metrics_max: a.pod_metrics_max,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
