@@ -91,6 +91,15 @@ pub async fn serve(shared: Arc<Shared>) -> Result<impl std::future::Future<Outpu
         ),
         None => None,
     };
+    let remote = match &shared.opts.remote {
+        Some((addr, files)) => {
+            let cfg = crate::tls::server_config(files)
+                .with_context(|| format!("--listen {addr}: TLS setup"))?;
+            Some(crate::tls::Listener::bind(*addr, cfg).await?)
+        }
+        None => None,
+    };
+    let remote_app = router(shared.clone());
     let app = router(shared.clone());
     let metrics_app = Router::new()
         .route("/metrics", get(metrics))
@@ -99,13 +108,22 @@ pub async fn serve(shared: Arc<Shared>) -> Result<impl std::future::Future<Outpu
         .with_state(shared);
     Ok(async move {
         let unix = axum::serve(uds, app);
-        match tcp {
-            Some(t) => {
-                let (a, b) = tokio::join!(unix, axum::serve(t, metrics_app));
-                a?;
-                b?;
+        let metrics = async move {
+            match tcp {
+                Some(t) => axum::serve(t, metrics_app).await,
+                None => std::future::pending().await,
             }
-            None => unix.await?,
+        };
+        let remote = async move {
+            match remote {
+                Some(l) => axum::serve(l, remote_app).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = unix => r?,
+            r = metrics => r?,
+            r = remote => r?,
         }
         Ok(())
     })

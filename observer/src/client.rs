@@ -8,8 +8,65 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-pub fn get(socket: &Path, path: &str) -> Result<BufReader<UnixStream>> {
-    let mut s = UnixStream::connect(socket).map_err(|e| {
+/// Where the daemon's API is.
+pub enum Server {
+    /// The local unix socket.
+    Unix(std::path::PathBuf),
+    /// The remote listener (`observer daemon --listen`), mutual TLS.
+    Tls {
+        addr: String,
+        name: rustls::pki_types::ServerName<'static>,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    },
+}
+
+/// A TLS stream whose peer may close without `close_notify` after the body: that is the end of
+/// the body, as on the unix socket.
+struct Lenient<R>(R);
+
+impl<R: Read> Read for Lenient<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.0.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+            r => r,
+        }
+    }
+}
+
+fn connect(server: &Server) -> Result<Box<dyn ReadWrite>> {
+    match server {
+        Server::Unix(socket) => Ok(Box::new(connect_unix(socket)?)),
+        Server::Tls { addr, name, config } => {
+            let tcp = std::net::TcpStream::connect(addr.as_str())
+                .with_context(|| format!("cannot reach the observer daemon at {addr}"))?;
+            let conn = rustls::ClientConnection::new(config.clone(), name.clone())
+                .context("TLS client")?;
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            // Complete the handshake here, so a refused certificate is reported as such.
+            while tls.conn.is_handshaking() {
+                tls.conn
+                    .complete_io(&mut tls.sock)
+                    .with_context(|| format!("TLS handshake with {addr}"))?;
+            }
+            Ok(Box::new(Lenient(tls)))
+        }
+    }
+}
+
+trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
+impl<R: Write> Write for Lenient<R> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+fn connect_unix(socket: &Path) -> Result<UnixStream> {
+    UnixStream::connect(socket).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 "is the daemon running? (`observer daemon`, or --socket for another path)"
@@ -23,11 +80,27 @@ pub fn get(socket: &Path, path: &str) -> Result<BufReader<UnixStream>> {
             "cannot reach the observer daemon at {}: {e}. {hint}",
             socket.display()
         )
-    })?;
+    })
+}
+
+pub fn get(server: &Server, path: &str) -> Result<BufReader<Box<dyn Read + Send>>> {
+    let mut s = connect(server)?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: observer\r\n\r\n")?;
+    s.flush()?;
+    let s: Box<dyn Read + Send> = Box::new(ReadOnly(s));
     let mut r = BufReader::new(s);
     let mut status = String::new();
-    r.read_line(&mut status).context("reading response")?;
+    if let Err(e) = r.read_line(&mut status) {
+        if let Server::Tls { addr, .. } = server {
+            // TLS 1.3 reports a refused client certificate on the first read, not in the
+            // handshake.
+            bail!(
+                "TLS handshake with {addr} refused: {e} (is --tls-cert signed by the daemon's \
+                 --tls-client-ca, and --tls-ca the CA of the daemon's certificate?)"
+            );
+        }
+        return Err(e).context("reading response");
+    }
     let code: u16 = status
         .split_whitespace()
         .nth(1)
@@ -47,8 +120,16 @@ pub fn get(socket: &Path, path: &str) -> Result<BufReader<UnixStream>> {
     Ok(r)
 }
 
-pub fn get_string(socket: &Path, path: &str) -> Result<String> {
-    let mut r = get(socket, path)?;
+struct ReadOnly(Box<dyn ReadWrite>);
+
+impl Read for ReadOnly {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+pub fn get_string(server: &Server, path: &str) -> Result<String> {
+    let mut r = get(server, path)?;
     let mut s = String::new();
     r.read_to_string(&mut s)?;
     Ok(s)

@@ -79,6 +79,8 @@ pub struct Options {
     pub flow_log: Option<crate::flowlog::Config>,
     /// Node-wide budget of flow records per second (0: unlimited).
     pub max_records_per_second: u64,
+    /// The remote API listener: address and certificate files (mutual TLS).
+    pub remote: Option<(std::net::SocketAddr, crate::tls::Files)>,
     /// Per-pod bytes and packets metrics, for at most `pod_metrics_max` local pods.
     pub pod_metrics: bool,
     pub pod_metrics_max: usize,

@@ -12,3 +12,4 @@ pub mod flows;
 pub mod k8s;
 pub mod netlink;
 pub mod policy;
+pub mod tls;

@@ -280,6 +280,19 @@ struct DaemonArgs {
         default_value_t = 50_000
     )]
     max_records_per_second: u64,
+    /// Also serve the whole API (flows, status, conntrack, metrics) on this TCP address, with
+    /// mutual TLS only: needs --tls-cert, --tls-key and --tls-client-ca.
+    #[arg(long, env = "OBSERVER_LISTEN", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    listen: Option<std::net::SocketAddr>,
+    /// The daemon's certificate for --listen (PEM, chain first).
+    #[arg(long, env = "OBSERVER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The daemon's private key for --listen (PEM).
+    #[arg(long, env = "OBSERVER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Clients of --listen must present a certificate signed by this CA (PEM).
+    #[arg(long, env = "OBSERVER_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// Leave out the per-pod bytes and packets metrics (observer_pod_*).
     #[arg(long, env = "OBSERVER_NO_POD_METRICS")]
     no_pod_metrics: bool,
@@ -300,9 +313,43 @@ struct ClientArgs {
     /// The daemon's API socket.
     #[arg(long, env = "OBSERVER_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// A remote daemon instead, HOST:PORT of its `--listen` (mutual TLS: needs --tls-ca,
+    /// --tls-cert, --tls-key).
+    #[arg(long, env = "OBSERVER_SERVER", requires_all = ["tls_ca", "tls_cert", "tls_key"])]
+    server: Option<String>,
+    /// CA that signed the daemon's certificate.
+    #[arg(long, env = "OBSERVER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (signed by the daemon's --tls-client-ca).
+    #[arg(long, env = "OBSERVER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This client's private key.
+    #[arg(long, env = "OBSERVER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Name to check the daemon's certificate against (default: the host of --server).
+    #[arg(long)]
+    tls_server_name: Option<String>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Compact)]
     output: Output,
+}
+
+impl ClientArgs {
+    fn server(&self) -> Result<client::Server> {
+        let Some(addr) = &self.server else {
+            return Ok(client::Server::Unix(self.socket.clone()));
+        };
+        let files = observer::tls::Files {
+            cert: self.tls_cert.clone().context("--tls-cert")?,
+            key: self.tls_key.clone().context("--tls-key")?,
+            ca: self.tls_ca.clone().context("--tls-ca")?,
+        };
+        Ok(client::Server::Tls {
+            addr: addr.clone(),
+            name: observer::tls::server_name(addr, self.tls_server_name.as_deref())?,
+            config: observer::tls::client_config(&files)?,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -558,6 +605,17 @@ fn run() -> Result<()> {
                     None => None,
                 },
                 max_records_per_second: a.max_records_per_second,
+                remote: match a.listen {
+                    Some(addr) => Some((
+                        addr,
+                        observer::tls::Files {
+                            cert: a.tls_cert.clone().context("--tls-cert")?,
+                            key: a.tls_key.clone().context("--tls-key")?,
+                            ca: a.tls_client_ca.clone().context("--tls-client-ca")?,
+                        },
+                    )),
+                    None => None,
+                },
                 pod_metrics: !a.no_pod_metrics,
                 pod_metrics_max: a.pod_metrics_max,
             };
@@ -606,7 +664,7 @@ fn run() -> Result<()> {
                     observer::filter::encode(&serde_json::to_string(&filters)?)
                 ));
             }
-            let r = client::get(&a.client.socket, &q)?;
+            let r = client::get(&a.client.server()?, &q)?;
             if since.is_none() && until.is_none() {
                 return print_records(r, a.client.output);
             }
@@ -628,11 +686,11 @@ fn run() -> Result<()> {
             print_records(std::io::Cursor::new(lines.join("\n")), a.client.output)
         }
         Cmd::Conntrack(a) => {
-            let r = client::get(&a.socket, "/v1/conntrack")?;
+            let r = client::get(&a.server()?, "/v1/conntrack")?;
             print_records(r, a.output)
         }
         Cmd::Status(a) => {
-            let body = client::get_string(&a.socket, "/v1/status")?;
+            let body = client::get_string(&a.server()?, "/v1/status")?;
             if a.output == Output::Json {
                 println!("{}", body.trim());
                 return Ok(());

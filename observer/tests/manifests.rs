@@ -701,6 +701,7 @@ fn check_config(cm: &Value, cm_text: &str, ds: &Value, vars: &BTreeSet<String>) 
             "OBSERVER_NO_ENFORCE",
             "OBSERVER_AUDIT",
             "OBSERVER_IPBLOCK_MATCHES_PODS",
+            "OBSERVER_NO_POD_METRICS",
         ]
         .contains(&k.as_str())
         {
