@@ -85,8 +85,19 @@ fn connect_unix(socket: &Path) -> Result<UnixStream> {
 
 pub fn get(server: &Server, path: &str) -> Result<BufReader<Box<dyn Read + Send>>> {
     let mut s = connect(server)?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: observer\r\n\r\n")?;
-    s.flush()?;
+    // A plain message, not the io::Error: a broken pipe here is the daemon closing on us (a
+    // refused TLS client certificate), not a closed stdout that `main` may ignore.
+    if let Err(e) =
+        write!(s, "GET {path} HTTP/1.0\r\nHost: observer\r\n\r\n").and_then(|_| s.flush())
+    {
+        match server {
+            Server::Tls { addr, .. } => bail!(
+                "TLS handshake with {addr} refused: {e} (is --tls-cert signed by the daemon's \
+                 --tls-client-ca?)"
+            ),
+            Server::Unix(p) => bail!("sending the request to {}: {e}", p.display()),
+        }
+    }
     let s: Box<dyn Read + Send> = Box::new(ReadOnly(s));
     let mut r = BufReader::new(s);
     let mut status = String::new();

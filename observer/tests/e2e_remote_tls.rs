@@ -167,7 +167,7 @@ fn remote_api_needs_a_client_certificate_from_the_configured_ca() {
 
     // A certificate from another CA is refused in the handshake.
     let (ok, out, err) = cli(&bed.node_ns, &dir, "mallory", &["flows", "--last", "5"]);
-    assert!(!ok, "{out}");
+    assert!(!ok, "stdout {out:?} stderr {err:?}");
     assert!(err.contains("TLS handshake"), "{err}");
 
     // No client certificate at all: the handshake fails, nothing is served.

@@ -12,8 +12,14 @@
 //!   has been forgotten ([`FakeApi::expire_history`]);
 //! - fault injection: [`FakeApi::drop_watches`], [`FakeApi::set_unavailable`].
 //!
+//! Query parameters: `limit`, `continue`, `resourceVersion` and `resourceVersionMatch`
+//! (`NotOlderThan`, `Exact`) on lists; `watch`, `resourceVersion`, `timeoutSeconds`,
+//! `allowWatchBookmarks`, `sendInitialEvents` and `resourceVersionMatch` on watches;
+//! `labelSelector` and `fieldSelector` are accepted and ignored. Paths are also served for a
+//! single object (`GET .../pods/NAME`).
+//!
 //! Served resources: Namespaces, Pods, Nodes and NetworkPolicies, cluster-wide and (for the
-//! namespaced kinds) per namespace. Label and field selectors are accepted and ignored.
+//! namespaced kinds) per namespace.
 //!
 //! Built on std only: one thread accepts, one thread serves each connection (HTTP/1.1 with
 //! keep-alive). Everything stays on 127.0.0.1.
@@ -456,7 +462,10 @@ impl FakeApi {
         self.inner.lock().accepted
     }
 
-    /// Every request served, as `METHOD TARGET` (e.g. `GET /api/v1/pods?limit=500`), in order.
+    /// Every request served, as `METHOD TARGET`, in order. The target is as sent: kube-rs 5
+    /// starts its query with `?&`, e.g. `GET /api/v1/pods?&limit=500` for the watcher's first
+    /// list and `GET /api/v1/pods?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=12`
+    /// for its watches.
     pub fn requests(&self) -> Vec<String> {
         self.inner.lock().requests.clone()
     }
@@ -875,7 +884,7 @@ fn encode_continue(rv: u64, ns: &str, name: &str) -> String {
 }
 
 fn decode_continue(tok: &str) -> Option<(u64, String, String)> {
-    if tok.len() % 2 != 0 || !tok.is_ascii() {
+    if !tok.len().is_multiple_of(2) || !tok.is_ascii() {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..tok.len())
@@ -1215,7 +1224,7 @@ fn now_rfc3339() -> String {
         .unwrap_or(0);
     let mut days = secs / 86_400;
     let rem = secs % 86_400;
-    let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let leap = |y: u64| (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400);
     let mut year = 1970;
     loop {
         let len = if leap(year) { 366 } else { 365 };
