@@ -125,9 +125,10 @@ fn main() -> Result<()> {
             cargo(&["build", "-p", "observer"])?;
             demo::run(duration)
         }
-        Cmd::Bench { what, json, rest } if what == "kube" => {
+        Cmd::Bench { what, json, rest } if what == "kube" || what == "events" => {
             setup::run()?;
-            // A harness around the real daemon and the in-process API server of the tests.
+            // Harnesses around the real daemon (observer/tests/bench_<what>.rs).
+            let harness = format!("bench_{what}");
             let mut cmd = Command::new("cargo");
             cmd.args([
                 "test",
@@ -135,7 +136,7 @@ fn main() -> Result<()> {
                 "-p",
                 "observer",
                 "--test",
-                "bench_kube",
+                &harness,
                 "--",
             ])
             .args(["--ignored", "--nocapture", "--test-threads", "1"]);
@@ -145,11 +146,11 @@ fn main() -> Result<()> {
             for kv in &rest {
                 let (k, v) = kv
                     .split_once('=')
-                    .context("bench kube takes PODS=N POLICIES=N ROUNDS=N CHANGES=N")?;
+                    .context("bench kube|events take NAME=N settings, e.g. ROUNDS=5")?;
                 cmd.env(format!("BENCH_{}", k.to_uppercase()), v);
             }
             if !cmd.status()?.success() {
-                bail!("bench kube failed");
+                bail!("bench {what} failed");
             }
             Ok(())
         }
