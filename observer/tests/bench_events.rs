@@ -60,6 +60,16 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+struct Guard(std::process::Child, PathBuf);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
 #[test]
 #[ignore = "benchmark: cargo xtask bench events"]
 fn record_pipeline_throughput() {
@@ -72,7 +82,7 @@ fn record_pipeline_throughput() {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/observer-bench-{}", bed.prefix));
     let socket = bed.dir.join("be.sock");
     let log = std::fs::File::create(bed.dir.join("be.log")).unwrap();
-    let mut child = Command::new(OBSERVER)
+    let child = Command::new(OBSERVER)
         .args(["daemon", "--netns", &bed.node_ns, "--node-name", "node-1"])
         .args(["--source", "none", "--max-records-per-second", "0"])
         .args(["--report-interval", "0", "--log", "warn"])
@@ -88,7 +98,9 @@ fn record_pipeline_throughput() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let pid = child.id();
+    // Killed and its pins removed even when an assertion fails.
+    let guard = Guard(child, pin_dir.clone());
+    let pid = guard.0.id();
     let t0 = Instant::now();
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(
@@ -196,10 +208,8 @@ fn record_pipeline_throughput() {
         assert!(out.status.success());
         rendered_lines = out.stdout.iter().filter(|b| **b == b'\n').count();
     }
-    let _ = child.kill();
-    let _ = child.wait();
     drop(dp);
-    let _ = std::fs::remove_dir_all(&pin_dir);
+    drop(guard);
     assert_eq!(
         rendered_lines as u64, render,
         "the CLI rendered every record"
