@@ -582,12 +582,8 @@ impl Datapath {
         let (mut written, mut removed) = (0, 0);
         {
             let mut eps = dp.endpoints_mut()?;
-            let have: HashMap<_, _> = eps.iter().filter_map(|r| r.ok()).collect();
-            let want_keys: HashMap<_, _> = want
-                .endpoints
-                .iter()
-                .map(|(ip, v)| (crate::cluster::ip_key(*ip), *v))
-                .collect();
+            let have = held_endpoints(&eps);
+            let want_keys = wanted_endpoints(want);
             for (k, v) in &want_keys {
                 if have.get(k) != Some(v) {
                     eps.insert(k, v, 0).context("writing endpoints map")?;
@@ -603,16 +599,8 @@ impl Datapath {
         }
         {
             let mut ipc = dp.ipcache_mut()?;
-            let have: HashMap<(u32, [u32; 5]), observer_common::IpcacheEntry> = ipc
-                .iter()
-                .filter_map(|r| r.ok())
-                .map(|(k, v)| ((k.prefix_len(), k.data().data), v))
-                .collect();
-            let mut want_keys = HashMap::new();
-            for (net, v) in &want.ipcache {
-                let (plen, data) = crate::cluster::ipcache_key(*net);
-                want_keys.insert((plen, data.data), *v);
-            }
+            let have = held_ipcache(&ipc);
+            let want_keys = wanted_ipcache(want);
             for ((plen, data), v) in &want_keys {
                 if have.get(&(*plen, *data)) != Some(v) {
                     let key = aya::maps::lpm_trie::Key::new(
@@ -636,11 +624,7 @@ impl Datapath {
         }
         {
             let mut pol = dp.policy_mut()?;
-            let have: HashMap<(u32, observer_common::PolicyKeyData), observer_common::PolicyEntry> =
-                pol.iter()
-                    .filter_map(|r| r.ok())
-                    .map(|(k, v)| ((k.prefix_len(), k.data()), v))
-                    .collect();
+            let have = held_policy(&pol);
             for (k, v) in &want.policy {
                 if have.get(k) != Some(v) {
                     pol.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), *v, 0)
@@ -660,6 +644,48 @@ impl Datapath {
     }
 }
 
+/// What the kernel maps hold, keyed as the writer and the checker compare them.
+fn held_endpoints<T: std::borrow::Borrow<MapData>>(
+    m: &BpfHashMap<T, IpKey, EndpointInfo>,
+) -> HashMap<IpKey, EndpointInfo> {
+    m.iter().filter_map(|r| r.ok()).collect()
+}
+
+fn held_ipcache<T: std::borrow::Borrow<MapData>>(
+    m: &LpmTrie<T, IpcacheKeyData, IpcacheEntry>,
+) -> HashMap<(u32, [u32; 5]), IpcacheEntry> {
+    m.iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| ((k.prefix_len(), k.data().data), v))
+        .collect()
+}
+
+fn held_policy<T: std::borrow::Borrow<MapData>>(
+    m: &LpmTrie<T, PolicyKeyData, PolicyEntry>,
+) -> HashMap<(u32, PolicyKeyData), PolicyEntry> {
+    m.iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+        .collect()
+}
+
+fn wanted_endpoints(want: &Desired) -> HashMap<IpKey, EndpointInfo> {
+    want.endpoints
+        .iter()
+        .map(|(ip, v)| (crate::cluster::ip_key(*ip), *v))
+        .collect()
+}
+
+fn wanted_ipcache(want: &Desired) -> HashMap<(u32, [u32; 5]), IpcacheEntry> {
+    want.ipcache
+        .iter()
+        .map(|(net, v)| {
+            let (plen, data) = crate::cluster::ipcache_key(*net);
+            ((plen, data.data), *v)
+        })
+        .collect()
+}
+
 /// Differences between the maps pinned under `pin_dir` and `want`, one line each; empty when
 /// the kernel holds exactly what the compiler says. Opens the pins read-only: a check, not a
 /// writer.
@@ -671,11 +697,10 @@ pub fn diff_pinned(pin_dir: &Path, want: &Desired) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let eps: BpfHashMap<MapData, IpKey, EndpointInfo> =
         BpfHashMap::try_from(Map::HashMap(open(maps::ENDPOINTS)?))?;
-    let have: HashMap<IpKey, EndpointInfo> = eps.iter().filter_map(|r| r.ok()).collect();
-    let mut want_eps = HashMap::new();
+    let have = held_endpoints(&eps);
+    let want_eps = wanted_endpoints(want);
     for (ip, v) in &want.endpoints {
         let k = crate::cluster::ip_key(*ip);
-        want_eps.insert(k, *v);
         if have.get(&k) != Some(v) {
             out.push(format!(
                 "endpoints {ip}: kernel {:?}, want {v:?}",
@@ -688,15 +713,10 @@ pub fn diff_pinned(pin_dir: &Path, want: &Desired) -> Result<Vec<String>> {
     }
     let ipc: LpmTrie<MapData, IpcacheKeyData, IpcacheEntry> =
         LpmTrie::try_from(Map::LpmTrie(open(maps::IPCACHE)?))?;
-    let have: HashMap<(u32, [u32; 5]), IpcacheEntry> = ipc
-        .iter()
-        .filter_map(|r| r.ok())
-        .map(|(k, v)| ((k.prefix_len(), k.data().data), v))
-        .collect();
-    let mut want_ipc = HashMap::new();
+    let have = held_ipcache(&ipc);
+    let want_ipc = wanted_ipcache(want);
     for (net, v) in &want.ipcache {
         let (plen, data) = crate::cluster::ipcache_key(*net);
-        want_ipc.insert((plen, data.data), *v);
         if have.get(&(plen, data.data)) != Some(v) {
             out.push(format!(
                 "ipcache {net}: kernel {:?}, want {v:?}",
@@ -709,11 +729,7 @@ pub fn diff_pinned(pin_dir: &Path, want: &Desired) -> Result<Vec<String>> {
     }
     let pol: LpmTrie<MapData, PolicyKeyData, PolicyEntry> =
         LpmTrie::try_from(Map::LpmTrie(open(maps::POLICY)?))?;
-    let have: HashMap<(u32, PolicyKeyData), PolicyEntry> = pol
-        .iter()
-        .filter_map(|r| r.ok())
-        .map(|(k, v)| ((k.prefix_len(), k.data()), v))
-        .collect();
+    let have = held_policy(&pol);
     for (k, v) in &want.policy {
         if have.get(k) != Some(v) {
             out.push(format!(

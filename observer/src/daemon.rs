@@ -296,11 +296,7 @@ fn count_pod_traffic(st: &mut State, opts: &Options, key: &CtKey, rec: &FlowReco
         close_published: false,
         counted: [0; 4],
     });
-    let d: Vec<u64> = now
-        .iter()
-        .zip(conn.counted)
-        .map(|(n, o)| n.saturating_sub(o))
-        .collect();
+    let d: [u64; 4] = std::array::from_fn(|i| now[i].saturating_sub(conn.counted[i]));
     conn.counted = now;
     if d.iter().all(|v| *v == 0) {
         return;
@@ -308,7 +304,7 @@ fn count_pod_traffic(st: &mut State, opts: &Options, key: &CtKey, rec: &FlowReco
     // [egress packets, egress bytes, ingress packets, ingress bytes] of each local end: the
     // source sends `out` and receives `in`, the destination the reverse.
     let ends = [
-        (rec.source.ip, [d[0], d[1], d[2], d[3]]),
+        (rec.source.ip, d),
         (rec.destination.ip, [d[2], d[3], d[0], d[1]]),
     ];
     for (ip, add) in ends {
@@ -465,7 +461,7 @@ pub async fn run(opts: Options) -> Result<()> {
             while !kube.all_synced() && t0.elapsed() < KUBE_INITIAL_WAIT {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            if kube_sync(&shared, &mut source, kube).await {
+            if kube_sync(&shared, &mut source, kube) {
                 info!(elapsed = ?t0.elapsed(), "initial sync from the API server written");
             } else {
                 warn!("API server not synced yet; the maps keep what they enforce until it is");
@@ -973,7 +969,7 @@ const KUBE_DEBOUNCE: Duration = Duration::from_millis(5);
 /// interfaces; the maps pinned by an earlier run keep enforcing meanwhile.
 const KUBE_INITIAL_WAIT: Duration = Duration::from_secs(5);
 
-async fn kube_sync(shared: &Shared, src: &mut SourceState, kube: &crate::k8s::Kube) -> bool {
+fn kube_sync(shared: &Shared, src: &mut SourceState, kube: &crate::k8s::Kube) -> bool {
     if !kube.all_synced() {
         kube.take_pending();
         return false;
@@ -1026,7 +1022,7 @@ async fn kube_task(
                 }
             }
         }
-        retry = !kube_sync(&shared, &mut src, &kube).await && kube.all_synced();
+        retry = !kube_sync(&shared, &mut src, &kube) && kube.all_synced();
     }
 }
 

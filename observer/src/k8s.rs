@@ -310,7 +310,7 @@ pub struct ResourceStatus {
     pub lists: u64,
     pub errors: u64,
     pub last_error: Option<String>,
-    /// Since when the watch is down (RFC 3339).
+    /// Since when the watch is down (RFC 3339); filled from `down_since` by [`Kube::status`].
     pub disconnected_since: Option<String>,
     #[serde(skip)]
     down_since: Option<SystemTime>,
@@ -363,7 +363,11 @@ impl Kube {
     }
 
     pub fn status(&self) -> Vec<ResourceStatus> {
-        self.status.lock().unwrap().clone()
+        let mut v = self.status.lock().unwrap().clone();
+        for s in &mut v {
+            s.disconnected_since = s.down_since.map(crate::flows::rfc3339);
+        }
+        v
     }
 
     /// Since when some watch is down, if any is.
@@ -481,7 +485,6 @@ impl Kube {
                     resource = WATCHED[K::INDEX].resource,
                     "API server reachable again"
                 );
-                s.disconnected_since = None;
             }
             if changed {
                 s.connected = true;
@@ -499,9 +502,7 @@ impl Kube {
         s.connected = false;
         s.last_error = Some(e.to_string());
         if s.down_since.is_none() {
-            let now = SystemTime::now();
-            s.down_since = Some(now);
-            s.disconnected_since = Some(crate::flows::rfc3339(now));
+            s.down_since = Some(SystemTime::now());
             warn!(
                 resource = WATCHED[index].resource,
                 "{e}; keeping the last known state enforced and retrying"
@@ -516,7 +517,6 @@ impl Kube {
         if s.down_since.take().is_some() {
             info!(resource = WATCHED[index].resource, "watch up again");
         }
-        s.disconnected_since = None;
         s.connected = true;
     }
 }
@@ -645,41 +645,20 @@ async fn run_watch<K: Watch>(kube: Arc<Kube>, api: Api<K>) {
 
 /// Lists the four kinds once: `observer policy matrix --kubeconfig`.
 pub async fn snapshot(client: Client) -> Result<Cluster> {
-    async fn list<K: Watch>(client: &Client, caches: &mut Caches) -> Result<()> {
-        let api: Api<K> = Api::all(client.clone());
-        let mut lp = ListParams::default().limit(500);
-        loop {
-            let page = api
-                .list(&lp)
-                .await
-                .with_context(|| format!("listing {}", WATCHED[K::INDEX].resource))?;
-            let cache = K::cache(caches);
-            for obj in &page.items {
-                let key = key_of(obj);
-                match obj.info() {
-                    Ok(Some(v)) => {
-                        cache.items.insert(key, v);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        cache
-                            .errors
-                            .insert(key.clone(), format!("{}: {e:#}", describe(K::KIND, &key)));
-                    }
-                }
-            }
-            match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                Some(c) => lp = lp.continue_token(&c),
-                None => return Ok(()),
-            }
-        }
+    // The watchers' own list path, into caches nobody watches.
+    let kube = Kube::default();
+    async fn list<K: Watch>(kube: &Kube, client: &Client) -> Result<()> {
+        list_all::<K>(kube, &Api::all(client.clone()))
+            .await
+            .with_context(|| format!("listing {}", WATCHED[K::INDEX].resource))?;
+        Ok(())
     }
-    let mut caches = Caches::default();
-    list::<Namespace>(&client, &mut caches).await?;
-    list::<Pod>(&client, &mut caches).await?;
-    list::<Node>(&client, &mut caches).await?;
-    list::<NetworkPolicy>(&client, &mut caches).await?;
-    Ok(caches.cluster())
+    list::<Namespace>(&kube, &client).await?;
+    list::<Pod>(&kube, &client).await?;
+    list::<Node>(&kube, &client).await?;
+    list::<NetworkPolicy>(&kube, &client).await?;
+    let cluster = kube.caches.lock().unwrap().cluster();
+    Ok(cluster)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! and real connections must get the verdicts those objects say.
 use std::{
     collections::BTreeMap,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -19,7 +19,7 @@ use observer::{
     policy::compile::Allocator,
 };
 use observer_tests::{
-    in_netns, kubeapi::FakeApi, spawn_in_netns, Daemon, Pod, PodSpec, TestBed, NODE_IP, NODE_NAME,
+    in_netns, kubeapi::FakeApi, tcp_connects, Daemon, Pod, PodSpec, TestBed, NODE_IP, NODE_NAME,
 };
 use serde_json::{json, Value};
 
@@ -155,12 +155,7 @@ fn serve(ns: &str, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
 }
 
 fn connects(ns: &str, dst: SocketAddr) -> bool {
-    spawn_in_netns(ns, move || {
-        TcpStream::connect_timeout(&dst, Duration::from_millis(500)).is_ok()
-    })
-    .join()
-    .unwrap()
-    .unwrap()
+    tcp_connects(ns, dst, Duration::from_millis(500))
 }
 
 fn wait_connects(ns: &str, dst: SocketAddr, want: bool, what: &str) {

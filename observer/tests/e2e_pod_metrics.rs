@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_tests::{in_netns, PodSpec, TestBed};
+use observer_tests::{in_netns, TestBed};
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 
@@ -35,15 +35,8 @@ fn udp_rounds(ns: &str, dst: SocketAddr, rounds: usize, expect_reply: bool) {
 #[test]
 fn per_pod_traffic_is_exact_bounded_and_switchable() {
     let mut bed = TestBed::overlay("pm").unwrap();
-    for (name, app) in [("a", "client"), ("b", "server"), ("c", "locked")] {
-        bed.add_pod(PodSpec {
-            namespace: "x",
-            name,
-            labels: &[("app", app)],
-            ports: &[],
-        })
+    bed.add_app_pods("x", &[("a", "client"), ("b", "server"), ("c", "locked")])
         .unwrap();
-    }
     // c accepts nothing.
     std::fs::write(
         bed.cluster_dir().join("deny-c.yaml"),

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use observer_tests::{in_netns, spawn_in_netns, PodSpec, TestBed};
+use observer_tests::{in_netns, tcp_connects, TestBed};
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
@@ -61,15 +61,8 @@ fn cli(node_ns: &str, dir: &Path, client: &str, args: &[&str]) -> (bool, String,
 #[test]
 fn remote_api_needs_a_client_certificate_from_the_configured_ca() {
     let mut bed = TestBed::overlay("tls").unwrap();
-    for (name, app) in [("a", "client"), ("b", "server")] {
-        bed.add_pod(PodSpec {
-            namespace: "x",
-            name,
-            labels: &[("app", app)],
-            ports: &[],
-        })
+    bed.add_app_pods("x", &[("a", "client"), ("b", "server")])
         .unwrap();
-    }
     let dir = bed.dir.join("tls");
     std::fs::create_dir_all(&dir).unwrap();
     let ca1 = ca("observer test CA");
@@ -123,10 +116,11 @@ fn remote_api_needs_a_client_certificate_from_the_configured_ca() {
             drop(s)
         }
     });
-    let ok = spawn_in_netns(&a.netns, move || {
-        TcpStream::connect_timeout(&SocketAddr::new(b.ip4, 8080), Duration::from_secs(2)).is_ok()
-    });
-    assert!(ok.join().unwrap().unwrap());
+    assert!(tcp_connects(
+        &a.netns,
+        SocketAddr::new(b.ip4, 8080),
+        Duration::from_secs(2)
+    ));
     std::thread::sleep(Duration::from_millis(300));
 
     let (ok, out, err) = cli(

@@ -13,7 +13,7 @@ use std::{
 };
 
 use observer_tests::{
-    in_netns, kubeapi::FakeApi, spawn_in_netns, PodSpec, TestBed, NODE_IP, NODE_NAME,
+    in_netns, kubeapi::FakeApi, spawn_in_netns, tcp_connects, TestBed, NODE_IP, NODE_NAME,
 };
 use serde_json::{json, Value};
 
@@ -65,19 +65,15 @@ fn conntrack_packets(
 #[test]
 fn kill_9_and_restart_under_traffic_never_fails_open() {
     let mut bed = TestBed::overlay("rs9").unwrap();
-    for (name, app) in [
-        ("client", "client"),
-        ("server", "server"),
-        ("intruder", "intruder"),
-    ] {
-        bed.add_pod(PodSpec {
-            namespace: "x",
-            name,
-            labels: &[("app", app)],
-            ports: &[],
-        })
-        .unwrap();
-    }
+    bed.add_app_pods(
+        "x",
+        &[
+            ("client", "client"),
+            ("server", "server"),
+            ("intruder", "intruder"),
+        ],
+    )
+    .unwrap();
     let (client, server, intruder) = (
         bed.pod("client").clone(),
         bed.pod("server").clone(),
@@ -128,14 +124,7 @@ fn kill_9_and_restart_under_traffic_never_fails_open() {
 
     // Wait for enforcement: the intruder is refused before the traffic starts.
     let t0 = Instant::now();
-    let try_connect = |ns: &str, ms: u64| {
-        spawn_in_netns(ns, move || {
-            TcpStream::connect_timeout(&dst, Duration::from_millis(ms)).is_ok()
-        })
-        .join()
-        .unwrap()
-        .unwrap()
-    };
+    let try_connect = |ns: &str, ms: u64| tcp_connects(ns, dst, Duration::from_millis(ms));
     while try_connect(&intruder.netns, 300) {
         assert!(
             t0.elapsed() < Duration::from_secs(10),

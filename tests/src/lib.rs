@@ -66,6 +66,16 @@ pub fn ns_run(ns: &str, args: &[&str]) -> Result<String> {
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns`: sockets it creates live there.
+/// Whether a TCP connection from namespace `ns` to `dst` is established within `timeout`.
+pub fn tcp_connects(ns: &str, dst: std::net::SocketAddr, timeout: Duration) -> bool {
+    spawn_in_netns(ns, move || {
+        std::net::TcpStream::connect_timeout(&dst, timeout).is_ok()
+    })
+    .join()
+    .expect("connect thread")
+    .expect("entering the namespace")
+}
+
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     spawn_in_netns(ns, f)
         .join()
@@ -310,6 +320,19 @@ impl TestBed {
     }
 
     /// Adds a pod: its namespace, a veth pair, addresses and routes. Returns its index.
+    /// Pods in `namespace` with one label each, `app=<app>`, and no container ports.
+    pub fn add_app_pods(&mut self, namespace: &str, pods: &[(&str, &str)]) -> Result<()> {
+        for (name, app) in pods {
+            self.add_pod(PodSpec {
+                namespace,
+                name,
+                labels: &[("app", app)],
+                ports: &[],
+            })?;
+        }
+        Ok(())
+    }
+
     pub fn add_pod(&mut self, spec: PodSpec<'_>) -> Result<usize> {
         let idx = self.pods.len();
         let netns = format!("{}-p{idx}", self.prefix);
