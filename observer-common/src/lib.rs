@@ -27,8 +27,9 @@ pub mod maps {
     pub const STATS: &str = "OBS_STATS";
     pub const CONFIG: &str = "OBS_CONFIG";
     pub const POLICY: &str = "OBS_POLICY";
-    pub const ALL: [&str; 8] = [
-        CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG, POLICY,
+    pub const UPLINK: &str = "OBS_UPLINK";
+    pub const ALL: [&str; 9] = [
+        CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG, POLICY, UPLINK,
     ];
 }
 
@@ -37,6 +38,12 @@ pub mod programs {
     pub const FROM_POD: &str = "from_pod";
     pub const TO_POD: &str = "to_pod";
     pub const TC_EMPTY: &str = "tc_empty";
+    /// The node's uplink: XDP at the earliest point of ingress, tc on both directions.
+    pub const UPLINK_XDP: &str = "uplink_xdp";
+    pub const UPLINK_INGRESS: &str = "uplink_ingress";
+    pub const UPLINK_EGRESS: &str = "uplink_egress";
+    /// Benchmark baseline: the cost of running any XDP program at all.
+    pub const XDP_EMPTY: &str = "xdp_empty";
     /// Benchmark only: `from_pod` on a new connection every run, and its rewrite-only baseline.
     pub const BENCH_NEW_CONN: &str = "bench_new_conn";
     pub const BENCH_REWRITE: &str = "bench_rewrite";
@@ -331,6 +338,49 @@ pub struct Config {
     pub enforce: u32,
 }
 
+/// Wire-side counters of the node's uplink, a per-CPU array of [`UplinkCounter`] indexed by
+/// [`uplink::index`]: where the packet was seen, what the node-side address is (a local pod's
+/// IP on the wire: flat model or routed pod traffic; the node's own: host traffic and SNAT'd pod
+/// traffic) and what the far side is. XDP tells only local pods from the rest (`other`).
+pub mod uplink {
+    pub const XDP_IN: u32 = 0;
+    /// Dropped by XDP: ingress policy of a local pod.
+    pub const XDP_DROP: u32 = 1;
+    pub const TC_IN: u32 = 2;
+    pub const TC_OUT: u32 = 3;
+    pub const POINTS: u32 = 4;
+    pub const POINT_NAMES: [&str; POINTS as usize] = ["xdp", "xdp_drop", "tc_ingress", "tc_egress"];
+
+    pub const LOCAL_POD: u32 = 0;
+    pub const LOCAL_NODE: u32 = 1;
+    pub const LOCAL_OTHER: u32 = 2;
+    pub const LOCAL_NAMES: [&str; 3] = ["pod", "node", "other"];
+
+    pub const REMOTE_POD: u32 = 0;
+    pub const REMOTE_NODE: u32 = 1;
+    pub const REMOTE_WORLD: u32 = 2;
+    /// XDP does not classify the far side: an ipcache (LPM) lookup costs more than the whole
+    /// XDP budget. tc does.
+    pub const REMOTE_ANY: u32 = 3;
+    pub const REMOTE_NAMES: [&str; 4] = ["pod", "node", "world", "any"];
+    pub const LOCALS: u32 = 3;
+    pub const REMOTES: u32 = 4;
+
+    pub const ENTRIES: u32 = POINTS * LOCALS * REMOTES;
+
+    pub const fn index(point: u32, local: u32, remote: u32) -> u32 {
+        (point * LOCALS + local) * REMOTES + remote
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UplinkCounter {
+    pub packets: u64,
+    /// From the IP header on, like every byte count here.
+    pub bytes: u64,
+}
+
 /// Indexes of the per-CPU stats array. Every packet the programs could not fully account for,
 /// and every event they could not deliver, lands in one of these.
 pub mod stat {
@@ -381,6 +431,7 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for PolicyKeyData {}
     unsafe impl aya::Pod for PolicyEntry {}
+    unsafe impl aya::Pod for UplinkCounter {}
 }
 
 #[cfg(test)]

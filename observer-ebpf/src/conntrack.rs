@@ -1,6 +1,6 @@
 //! Our own connection tracking: one LRU entry per connection under a canonical key, with
 //! per-direction counters, TCP flags and timestamps.
-use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, EbpfContext};
 use aya_log_ebpf::error;
 use observer_common::{
     ct_flags, stat, Config, CtEntry, CtKey, EventKind, TrafficClass, DIR_EGRESS, DIR_INGRESS,
@@ -84,6 +84,28 @@ pub enum Hook {
     ToPod,
 }
 
+/// Which packets a hook adds to the connection's counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    All,
+    /// Another hook on this node counts the packet (or already did).
+    None,
+    /// XDP on the uplink: packets it passes are counted at the pod's veth; only those it drops
+    /// would otherwise go uncounted.
+    Dropped,
+}
+
+impl Count {
+    #[inline(always)]
+    fn applies(self, a: Action) -> bool {
+        match self {
+            Count::All => true,
+            Count::None => false,
+            Count::Dropped => a == Action::Drop,
+        }
+    }
+}
+
 /// What to do with the packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -154,16 +176,16 @@ fn judge_all(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16)
     }
 }
 
-/// Accounts one packet of `bytes` to its connection (unless `count` is false: another hook on
-/// this node already counted it), creating the connection when new, and enforces policy.
+/// Accounts one packet of `bytes` to its connection (as `count` says: another hook on this node
+/// may count it), creating the connection when new, and enforces policy.
 #[inline(always)]
-pub fn process(
-    ctx: &TcContext,
+pub fn process<C: EbpfContext>(
+    ctx: &C,
     pkt: &Packet,
     bytes: u64,
     ifindex: u32,
     hook: Hook,
-    count: bool,
+    count: Count,
     class_of_new: impl FnOnce() -> TrafficClass,
 ) -> Action {
     let (key, from_a) = key_of(pkt);
@@ -196,7 +218,8 @@ pub fn process(
                     emit(EventKind::Drop, &key, e);
                 }
             }
-            if count {
+            let action = verdict(e.flags, cfg.enforce);
+            if count.applies(action) {
                 update(
                     &key,
                     e,
@@ -208,7 +231,7 @@ pub fn process(
                     cfg.report_interval_ns,
                 );
             }
-            return verdict(e.flags, cfg.enforce);
+            return action;
         }
     }
     let class = class_of_new();
@@ -219,7 +242,7 @@ pub fn process(
 
 /// Rare (the LRU map makes room by evicting): counted, and logged through aya-log.
 #[inline(never)]
-fn insert_failed(ctx: &TcContext, ifindex: u32) {
+fn insert_failed<C: EbpfContext>(ctx: &C, ifindex: u32) {
     stat_inc(stat::CT_INSERT_FAILED);
     error!(ctx, "conntrack insert failed on ifindex {}", ifindex);
 }
@@ -239,8 +262,8 @@ fn verdict(flags: u32, enforce: u32) -> Action {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn create(
-    ctx: &TcContext,
+fn create<C: EbpfContext>(
+    ctx: &C,
     key: &CtKey,
     from_a: bool,
     bytes: u64,
@@ -249,7 +272,7 @@ fn create(
     ifindex: u32,
     class: TrafficClass,
     hook: Hook,
-    count: bool,
+    count: Count,
     cfg: &Config,
 ) -> Action {
     let flags = pkt.tcp_flags;
@@ -276,10 +299,6 @@ fn create(
         policy_gen: cfg.policy_gen,
         _pad2: 0,
     };
-    if count {
-        e.packets[dir] = 1;
-        e.bytes[dir] = bytes;
-    }
     if is_tcp && flags & TCP_RST != 0 {
         e.flags |= ct_flags::RST;
     }
@@ -287,6 +306,18 @@ fn create(
     // comes by; replies pass.
     if !first_is_reply {
         judge_all(&mut e, key, hook, from_a, pkt.dport);
+    }
+    // Whether this packet is counted depends on its verdict (XDP counts only its drops); the
+    // stats are bumped once, by the `verdict` calls below.
+    let denied = e.flags & ct_flags::DENIED != 0 && cfg.enforce != 0;
+    let counted = match count {
+        Count::All => true,
+        Count::None => false,
+        Count::Dropped => denied,
+    };
+    if counted {
+        e.packets[dir] = 1;
+        e.bytes[dir] = bytes;
     }
     match CT.insert(key, &e, BPF_NOEXIST) {
         Ok(()) => {
@@ -317,7 +348,9 @@ fn create(
                     // Fail closed: the verdict taken above still applies.
                     verdict(e.flags, cfg.enforce)
                 } else {
-                    if count {
+                    let action =
+                        verdict(existing.flags | (e.flags & ct_flags::DENIED), cfg.enforce);
+                    if count.applies(action) {
                         update(
                             key,
                             existing,
@@ -329,7 +362,7 @@ fn create(
                             cfg.report_interval_ns,
                         );
                     }
-                    verdict(existing.flags | (e.flags & ct_flags::DENIED), cfg.enforce)
+                    action
                 }
             }
             None => {

@@ -5,9 +5,9 @@ use observer_common::{ep_flags, stat, AF_INET, AF_INET6};
 
 use crate::{
     classify,
-    conntrack::{process, Action, Hook},
+    conntrack::{process, Action, Count, Hook},
     maps::{stat_inc, ATTACHED, BENCH_SEQ, CONFIG},
-    parse::{ip_addrs, parse},
+    parse::{ip_addrs, parse, PacketCtx},
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
@@ -27,21 +27,32 @@ fn act(a: Action) -> i32 {
 #[inline(always)]
 fn unparsed(ctx: &TcContext, reason: u32, hook: Hook) -> i32 {
     stat_inc(reason);
+    if unparsed_denied(ctx, reason, hook) {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_UNSPEC
+    }
+}
+
+/// Whether a packet that could not be parsed (`reason`) must be dropped: the local pod it is
+/// for (`ToPod`) or from (`FromPod`) is isolated in that direction. Counted when it is.
+#[inline(always)]
+pub fn unparsed_denied<C: PacketCtx>(ctx: &C, reason: u32, hook: Hook) -> bool {
     if reason != stat::TRUNCATED && reason != stat::FRAGMENT && reason != stat::IPV6_EXT_LIMIT {
-        return TC_ACT_UNSPEC;
+        return false;
     }
     let enforce = match CONFIG.get(0) {
         Some(c) => c.enforce,
         None => 0,
     };
     if enforce == 0 {
-        return TC_ACT_UNSPEC;
+        return false;
     }
     let Some((family, src, dst)) = ip_addrs(ctx) else {
-        return TC_ACT_UNSPEC;
+        return false;
     };
     if family != AF_INET && family != AF_INET6 {
-        return TC_ACT_UNSPEC;
+        return false;
     }
     let (local, isolated) = match hook {
         Hook::FromPod => (&src, ep_flags::EGRESS_ISOLATED),
@@ -50,9 +61,9 @@ fn unparsed(ctx: &TcContext, reason: u32, hook: Hook) -> i32 {
     match classify::endpoint(family, local) {
         Some(ep) if ep.flags & isolated != 0 => {
             stat_inc(stat::UNPARSED_DENIED);
-            TC_ACT_SHOT
+            true
         }
-        _ => TC_ACT_UNSPEC,
+        _ => false,
     }
 }
 
@@ -67,7 +78,7 @@ fn observe_from_pod(ctx: &TcContext) -> i32 {
     stat_inc(stat::PACKETS);
     match parse(ctx) {
         Ok(pkt) => {
-            let bytes = (ctx.len() - pkt.l3_off) as u64;
+            let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             act(process(
                 ctx,
@@ -75,7 +86,7 @@ fn observe_from_pod(ctx: &TcContext) -> i32 {
                 bytes,
                 ifindex,
                 Hook::FromPod,
-                true,
+                Count::All,
                 || classify::from_pod(pkt.family, &pkt.dst),
             ))
         }
@@ -100,7 +111,7 @@ fn observe_to_pod(ctx: &TcContext) -> i32 {
     }
     match parse(ctx) {
         Ok(pkt) => {
-            let bytes = (ctx.len() - pkt.l3_off) as u64;
+            let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             act(process(
                 ctx,
@@ -108,7 +119,7 @@ fn observe_to_pod(ctx: &TcContext) -> i32 {
                 bytes,
                 ifindex,
                 Hook::ToPod,
-                count,
+                if count { Count::All } else { Count::None },
                 || classify::to_pod(pkt.family, &pkt.src),
             ))
         }

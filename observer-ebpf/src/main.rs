@@ -1,4 +1,5 @@
-//! observer's kernel programs: tc classifiers for the host side of pod veths.
+//! observer's kernel programs: tc classifiers for the host side of pod veths, and tc plus XDP
+//! on the node's uplink.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // 64-bit atomic adds on map values (BPF_XADD) are only reachable through the intrinsic.
@@ -19,6 +20,8 @@ mod maps;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod policy;
+#[cfg(target_arch = "bpf")]
+mod uplink;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use observer_common::{
     Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, PolicyEntry,
-    PolicyKeyData, ATTACHED_MAX_ENTRIES, CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES,
-    IPCACHE_MAX_ENTRIES, POLICY_MAX_ENTRIES,
+    PolicyKeyData, UplinkCounter, ATTACHED_MAX_ENTRIES, CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES,
+    EVENTS_RING_BYTES, IPCACHE_MAX_ENTRIES, POLICY_MAX_ENTRIES,
 };
 
 use crate::parse::{FragKey, FragPorts};
@@ -36,6 +36,10 @@ pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
 #[map(name = "OBS_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(observer_common::stat::COUNT, 0);
+
+#[map(name = "OBS_UPLINK")]
+pub static UPLINK: PerCpuArray<UplinkCounter> =
+    PerCpuArray::pinned(observer_common::uplink::ENTRIES, 0);
 
 #[map(name = "OBS_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -1,6 +1,6 @@
 //! Packet parsing with direct packet access: Ethernet, up to two VLAN tags, IPv4 (options,
 //! fragments), IPv6 (extension headers, fragments), TCP, UDP, SCTP, ICMP and ICMPv6.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use observer_common::{
     stat, AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -57,11 +57,55 @@ pub struct Packet {
     pub l3_off: u32,
 }
 
+/// What the parser needs from a program context: direct packet access. tc and XDP both give
+/// it; only tc can pull non-linear data in (an XDP frame on the paths we attach to is linear).
+pub trait PacketCtx {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Bytes of the whole packet, from the Ethernet header on.
+    fn len(&self) -> u32;
+    fn pull(&self, _len: u32) {}
+}
+
+impl PacketCtx for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+    #[inline(always)]
+    fn pull(&self, len: u32) {
+        let _ = self.pull_data(len);
+    }
+}
+
+impl PacketCtx for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+}
+
 /// Bounds-checks a whole header at once and hands out a reference to it. One check per header
 /// keeps the verifier's view simple: every field read below is a constant offset from a pointer
 /// whose range it already knows.
 #[inline(always)]
-fn hdr<const N: usize>(ctx: &TcContext, off: usize) -> Result<&[u8; N], u32> {
+fn hdr<const N: usize, C: PacketCtx>(ctx: &C, off: usize) -> Result<&[u8; N], u32> {
     let p = ctx.data() + off;
     if p + N > ctx.data_end() {
         return Err(stat::TRUNCATED);
@@ -81,14 +125,14 @@ fn raw32(h: &[u8], i: usize) -> u32 {
 
 /// Parses the packet; on failure returns the stats index that accounts for it.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
+pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, u32> {
     // GSO and some drivers leave headers outside the linear area: pull once, up front, so
     // direct access sees them.
     let linear = (ctx.data_end() - ctx.data()) as u32;
     let len = ctx.len();
     if linear < PULL_LEN && linear < len {
         let want = if len < PULL_LEN { len } else { PULL_LEN };
-        let _ = ctx.pull_data(want);
+        ctx.pull(want);
     }
 
     let (proto, off) = l2(ctx)?;
@@ -101,15 +145,15 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
 
 /// Ethernet and up to two VLAN tags: the network protocol and the offset of its header.
 #[inline(always)]
-fn l2(ctx: &TcContext) -> Result<(u16, usize), u32> {
-    let eth = hdr::<ETH_HLEN>(ctx, 0)?;
+fn l2<C: PacketCtx>(ctx: &C) -> Result<(u16, usize), u32> {
+    let eth = hdr::<ETH_HLEN, C>(ctx, 0)?;
     let mut proto = be16(eth, 12);
     let mut off = ETH_HLEN;
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        proto = be16(hdr::<4>(ctx, off)?, 2);
+        proto = be16(hdr::<4, C>(ctx, off)?, 2);
         off += 4;
         if proto == ETH_P_8021Q {
-            proto = be16(hdr::<4>(ctx, off)?, 2);
+            proto = be16(hdr::<4, C>(ctx, off)?, 2);
             off += 4;
         }
     }
@@ -117,8 +161,8 @@ fn l2(ctx: &TcContext) -> Result<(u16, usize), u32> {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
-    let ip = hdr::<20>(ctx, l3)?;
+fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
+    let ip = hdr::<20, C>(ctx, l3)?;
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
     if ip[0] >> 4 != 4 || ihl < 20 {
         return Err(stat::TRUNCATED);
@@ -151,8 +195,8 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
-    let ip = hdr::<40>(ctx, l3)?;
+fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
+    let ip = hdr::<40, C>(ctx, l3)?;
     if ip[0] >> 4 != 6 {
         return Err(stat::TRUNCATED);
     }
@@ -175,17 +219,17 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
     for _ in 0..MAX_IPV6_EXT {
         match nexthdr {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let h = hdr::<8>(ctx, off)?;
+                let h = hdr::<8, C>(ctx, off)?;
                 nexthdr = h[0];
                 off += (h[1] as usize + 1) * 8;
             }
             NEXTHDR_AUTH => {
-                let h = hdr::<8>(ctx, off)?;
+                let h = hdr::<8, C>(ctx, off)?;
                 nexthdr = h[0];
                 off += (h[1] as usize + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
-                let h = hdr::<8>(ctx, off)?;
+                let h = hdr::<8, C>(ctx, off)?;
                 let offlg = be16(h, 2);
                 let id = raw32(h, 4);
                 nexthdr = h[0];
@@ -223,29 +267,29 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, u32> {
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, pkt: &mut Packet, l4: usize) -> Result<(), u32> {
+fn parse_l4<C: PacketCtx>(ctx: &C, pkt: &mut Packet, l4: usize) -> Result<(), u32> {
     if l4 > 1100 {
         return Err(stat::TRUNCATED);
     }
     match pkt.proto {
         IPPROTO_TCP => {
-            let h = hdr::<20>(ctx, l4)?;
+            let h = hdr::<20, C>(ctx, l4)?;
             pkt.sport = be16(h, 0);
             pkt.dport = be16(h, 2);
             pkt.tcp_flags = h[13];
         }
         IPPROTO_UDP => {
-            let h = hdr::<8>(ctx, l4)?;
+            let h = hdr::<8, C>(ctx, l4)?;
             pkt.sport = be16(h, 0);
             pkt.dport = be16(h, 2);
         }
         IPPROTO_SCTP => {
-            let h = hdr::<12>(ctx, l4)?;
+            let h = hdr::<12, C>(ctx, l4)?;
             pkt.sport = be16(h, 0);
             pkt.dport = be16(h, 2);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let h = hdr::<8>(ctx, l4)?;
+            let h = hdr::<8, C>(ctx, l4)?;
             let (ty, code) = (h[0], h[1]);
             pkt.icmp_type = ty;
             pkt.icmp_code = code;
@@ -309,13 +353,13 @@ fn later_fragment(mut pkt: Packet, id: u32) -> Result<Packet, u32> {
 /// Family and addresses of an IP packet whose header is intact, for packets whose L4 could not
 /// be parsed. `None` for non-IP frames or a broken IP header.
 #[inline(always)]
-pub fn ip_addrs(ctx: &TcContext) -> Option<(u8, [u32; 4], [u32; 4])> {
+pub fn ip_addrs<C: PacketCtx>(ctx: &C) -> Option<(u8, [u32; 4], [u32; 4])> {
     let (proto, off) = l2(ctx).ok()?;
     if proto == ETH_P_IP {
-        let ip = hdr::<20>(ctx, off).ok()?;
+        let ip = hdr::<20, C>(ctx, off).ok()?;
         Some((AF_INET, [raw32(ip, 12), 0, 0, 0], [raw32(ip, 16), 0, 0, 0]))
     } else if proto == ETH_P_IPV6 {
-        let ip = hdr::<40>(ctx, off).ok()?;
+        let ip = hdr::<40, C>(ctx, off).ok()?;
         Some((
             AF_INET6,
             [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)],

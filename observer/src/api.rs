@@ -49,6 +49,45 @@ pub struct Status {
     /// The API server watch, with `--source kube`.
     #[serde(default)]
     pub kube: Option<KubeStatus>,
+    #[serde(default)]
+    pub network: Option<NetworkStatus>,
+    /// The node's uplinks with programs attached.
+    #[serde(default)]
+    pub uplinks: Vec<UplinkStatus>,
+    /// Wire-side counters of the uplinks (non-zero ones).
+    #[serde(default)]
+    pub uplink_counters: Vec<UplinkCount>,
+    /// Local pods' connections by SNAT expectation.
+    #[serde(default)]
+    pub snat: Vec<(String, u64)>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NetworkStatus {
+    pub model: String,
+    /// Why, when the model was detected.
+    pub detected: Option<String>,
+    pub vnet_cidrs: Vec<String>,
+    pub cluster_cidrs: Vec<String>,
+    /// Following the kernel's conntrack for SNAT.
+    pub snat: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct UplinkStatus {
+    pub ifindex: u32,
+    pub name: String,
+    /// native, generic, or none (tc only).
+    pub xdp: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct UplinkCount {
+    pub point: String,
+    pub local: String,
+    pub remote: String,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -199,7 +238,7 @@ async fn conntrack(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 pub fn status_of(shared: &Shared) -> Status {
-    let (kernel, ct, mode) = {
+    let (kernel, ct, mode, uplink) = {
         let dp = shared.dp.lock().unwrap();
         let kernel = dp
             .stats()
@@ -208,7 +247,29 @@ pub fn status_of(shared: &Shared) -> Status {
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         let ct = dp.conntrack().map(|m| m.keys().count()).unwrap_or(0);
-        (kernel, ct, format!("{:?}", dp.mode).to_lowercase())
+        let uplink = dp.uplink_counters().unwrap_or_default();
+        (kernel, ct, format!("{:?}", dp.mode).to_lowercase(), uplink)
+    };
+    let uplink_counters = {
+        use observer_common::uplink as u;
+        let mut v = Vec::new();
+        for point in 0..u::POINTS {
+            for local in 0..u::LOCALS {
+                for remote in 0..u::REMOTES {
+                    let c = uplink.get(u::index(point, local, remote) as usize);
+                    if let Some(c) = c.filter(|c| c.packets > 0) {
+                        v.push(UplinkCount {
+                            point: u::POINT_NAMES[point as usize].into(),
+                            local: u::LOCAL_NAMES[local as usize].into(),
+                            remote: u::REMOTE_NAMES[remote as usize].into(),
+                            packets: c.packets,
+                            bytes: c.bytes,
+                        });
+                    }
+                }
+            }
+        }
+        v
     };
     let st = shared.state.lock().unwrap();
     let mut interfaces: Vec<(u32, String)> =
@@ -247,6 +308,41 @@ pub fn status_of(shared: &Shared) -> Status {
                 resources: k.status(),
             }
         }),
+        network: Some(NetworkStatus {
+            model: st.model.model.as_str().into(),
+            detected: st.model.detected.clone(),
+            vnet_cidrs: st.model.vnet_cidrs.iter().map(|n| n.to_string()).collect(),
+            cluster_cidrs: st
+                .model
+                .cluster_cidrs
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
+            snat: shared.opts.snat,
+        }),
+        uplinks: {
+            let mut v: Vec<UplinkStatus> = st
+                .uplinks
+                .iter()
+                .map(|(i, (n, x))| UplinkStatus {
+                    ifindex: *i,
+                    name: n.clone(),
+                    xdp: x.to_string(),
+                })
+                .collect();
+            v.sort_by_key(|u| u.ifindex);
+            v
+        },
+        uplink_counters,
+        snat: crate::snat::Expectation::ALL
+            .iter()
+            .map(|e| {
+                (
+                    e.as_str().to_string(),
+                    st.metrics.snat_flows.get(e).copied().unwrap_or(0),
+                )
+            })
+            .collect(),
     }
 }
 
@@ -426,6 +522,86 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             "Traffic of local pods beyond --pod-metrics-max, left out of observer_pod_*.",
             st.metrics.pod_metrics_overflow_total,
         );
+    }
+    if shared.opts.snat {
+        p.family(
+            "observer_snat_flows_total",
+            "counter",
+            "Connections opened by this node's pods, by SNAT expectation (expected, none, unexpected, missing).",
+        );
+        for (e, n) in &s.snat {
+            p.sample("observer_snat_flows_total", &[("expectation", e)], n);
+        }
+        p.family(
+            "observer_snat_settled_total",
+            "counter",
+            "How connections' SNAT was settled: event (kernel conntrack event or dump), lookup (exact lookup after waiting), absent (no kernel entry: untranslated).",
+        );
+        for how in ["event", "lookup", "absent"] {
+            let n = st.metrics.snat_settled.get(how).copied().unwrap_or(0);
+            p.sample("observer_snat_settled_total", &[("how", how)], n);
+        }
+        p.single(
+            "observer_snat_pending",
+            "gauge",
+            "Flow records waiting for their kernel conntrack entry.",
+            st.nat_pending(),
+        );
+        p.single(
+            "observer_kernel_conntrack_events_total",
+            "counter",
+            "Kernel conntrack (ctnetlink) events and dumped entries received.",
+            st.metrics.conntrack_events_total,
+        );
+        p.single(
+            "observer_kernel_conntrack_overruns_total",
+            "counter",
+            "ctnetlink socket overruns (the kernel dropped events); each is followed by a full dump.",
+            st.metrics.conntrack_overruns_total,
+        );
+        p.single(
+            "observer_kernel_conntrack_dumps_total",
+            "counter",
+            "Full dumps of the kernel conntrack table (at start and after overruns).",
+            st.metrics.conntrack_dumps_total,
+        );
+        p.single(
+            "observer_kernel_conntrack_errors_total",
+            "counter",
+            "Failed ctnetlink dumps or lookups (records then go out without snat).",
+            st.metrics.conntrack_errors_total,
+        );
+    }
+    if !s.uplinks.is_empty() {
+        for (name, unit) in [
+            ("observer_uplink_packets_total", "Packets"),
+            (
+                "observer_uplink_bytes_total",
+                "Bytes (from the IP header on)",
+            ),
+        ] {
+            p.family(
+                name,
+                "counter",
+                &format!("{unit} on the node's uplinks, by point (xdp, xdp_drop, tc_ingress, tc_egress), node-side address (pod, node, other) and far side (pod, node, world)."),
+            );
+            for c in &s.uplink_counters {
+                let v = if name.contains("packets") {
+                    c.packets
+                } else {
+                    c.bytes
+                };
+                p.sample(
+                    name,
+                    &[
+                        ("point", &c.point),
+                        ("local", &c.local),
+                        ("remote", &c.remote),
+                    ],
+                    v,
+                );
+            }
+        }
     }
     let h = &st.metrics.sync_latency;
     if h.count > 0 {

@@ -101,6 +101,59 @@ fn run(dp: &mut Datapath, prog: &str, pkt: &[u8], repeat: u32) -> Result<f64> {
     Ok(r.duration.as_nanos() as f64)
 }
 
+fn run_xdp(dp: &mut Datapath, prog: &str, pkt: &[u8], repeat: u32) -> Result<f64> {
+    let p: &mut aya::programs::Xdp = dp
+        .ebpf
+        .program_mut(prog)
+        .with_context(|| format!("program {prog}"))?
+        .try_into()?;
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(pkt);
+    opts.repeat = repeat;
+    let r = p
+        .test_run(opts)
+        .with_context(|| format!("BPF_PROG_TEST_RUN on {prog}"))?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// The uplink's XDP program against the empty XDP program: a reply from the world to a local
+/// pod (flat model: addressed straight to the pod) on an established connection, and a packet
+/// for the node's own address (overlay: SNAT'd replies), which XDP only counts.
+pub fn uplink(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
+    let mut out = Vec::new();
+    for (proto, name) in [(6u8, "tcp"), (17u8, "udp")] {
+        let flags = if proto == 6 { 0x10 } else { 0 };
+        let to_pod = packet64_between(DST, SRC, proto, 80, 40000, flags);
+        let to_node = packet64_between(DST, [10, 224, 0, 4], proto, 80, 40000, flags);
+        for (case, pkt) in [("to_pod_conntrack_hit", &to_pod), ("to_node", &to_node)] {
+            let (subj, base) = with_datapath(None, |dp| {
+                dp.load_xdp(programs::XDP_EMPTY)?;
+                // The pod opened the connection: its first packet went out through from_pod.
+                run(
+                    dp,
+                    programs::FROM_POD,
+                    &packet64(proto, 40000, 80, flags),
+                    1,
+                )?;
+                let (mut subj, mut base) = (Vec::new(), Vec::new());
+                for _ in 0..rounds {
+                    base.push(run_xdp(dp, programs::XDP_EMPTY, pkt, repeat)?);
+                    subj.push(run_xdp(dp, programs::UPLINK_XDP, pkt, repeat)?);
+                }
+                Ok((subj, base))
+            })?;
+            out.push(named_measurement(
+                "uplink",
+                format!("uplink_xdp/{name}/{case}"),
+                subj,
+                base,
+                format!("repeat={repeat}, median of {rounds} rounds, against xdp_empty"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]

@@ -14,14 +14,15 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
-        LinkOrder, SchedClassifier, TcAttachType,
+        xdp::XdpLink,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
 use observer_common::{
-    maps, programs, stat, Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry,
-    IpcacheKeyData, PolicyEntry, PolicyKeyData,
+    maps, programs, stat, uplink, Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry,
+    IpcacheKeyData, PolicyEntry, PolicyKeyData, UplinkCounter,
 };
 use tracing::{info, warn};
 
@@ -81,6 +82,24 @@ pub struct Datapath {
     pub pin_dir: PathBuf,
     pub mode: AttachMode,
     links: HashMap<u32, [Kept; 2]>,
+    uplinks: HashMap<u32, Uplink>,
+}
+
+/// The programs on one of the node's uplinks.
+struct Uplink {
+    tc: [Kept; 2],
+    xdp: Option<Kept>,
+    xdp_mode: &'static str,
+}
+
+/// How XDP ended up attached to an uplink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UplinkAttach {
+    /// "native" (driver mode), "generic" (skb mode: the driver has no XDP), or "none" with
+    /// the reason in `xdp_error` (tc still counts; ingress policy is then judged at the pod's
+    /// veth as usual).
+    pub xdp_mode: &'static str,
+    pub xdp_error: Option<String>,
 }
 
 /// An attachment that outlives the daemon: a kill -9 or a restart never leaves a pod
@@ -117,6 +136,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
             4 + size_of::<PolicyKeyData>() as u32,
             size_of::<PolicyEntry>() as u32,
         ),
+        maps::UPLINK => (4, size_of::<UplinkCounter>() as u32),
         _ => return None,
     })
 }
@@ -164,6 +184,8 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
         for (t, name) in [
             (TcAttachType::Ingress, programs::FROM_POD),
             (TcAttachType::Egress, programs::TO_POD),
+            (TcAttachType::Ingress, programs::UPLINK_INGRESS),
+            (TcAttachType::Egress, programs::UPLINK_EGRESS),
         ] {
             if tc::qdisc_detach_program(&l.name, t, name).is_ok() {
                 out.push(format!("clsact filter {name} on {}", l.name));
@@ -269,11 +291,186 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             mode: AttachMode::detect(),
             links: HashMap::new(),
+            uplinks: HashMap::new(),
         };
-        for name in [programs::FROM_POD, programs::TO_POD] {
+        for name in [
+            programs::FROM_POD,
+            programs::TO_POD,
+            programs::UPLINK_INGRESS,
+            programs::UPLINK_EGRESS,
+        ] {
             dp.load_program(name)?;
         }
+        dp.load_xdp(programs::UPLINK_XDP)?;
         Ok(dp)
+    }
+
+    /// Verifies and loads one XDP program of the object.
+    pub fn load_xdp(&mut self, name: &str) -> Result<()> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("verifying program {name}"))
+    }
+
+    /// Attaches the uplink programs: tc on both directions and XDP on ingress. Like pod
+    /// interfaces, attachments left by an earlier daemon are taken over in place. XDP tries
+    /// driver mode, then generic mode; when neither works the uplink still gets tc (counting)
+    /// and ingress policy stays at the pods' veths.
+    pub fn attach_uplink(&mut self, ifindex: u32, ifname: &str) -> Result<UplinkAttach> {
+        if let Some(u) = self.uplinks.get(&ifindex) {
+            return Ok(UplinkAttach {
+                xdp_mode: u.xdp_mode,
+                xdp_error: None,
+            });
+        }
+        if self.mode == AttachMode::Clsact {
+            match tc::qdisc_add_clsact(ifname) {
+                Ok(()) => {}
+                Err(e) if e.to_string().contains("exists") => {}
+                Err(e) => return Err(e).with_context(|| format!("adding clsact to {ifname}")),
+            }
+        }
+        let ingress = self
+            .attach_one_as(
+                programs::UPLINK_INGRESS,
+                ifindex,
+                ifname,
+                TcAttachType::Ingress,
+                "uplink-ingress",
+            )
+            .with_context(|| format!("attaching uplink_ingress to {ifname}"))?;
+        let egress = match self.attach_one_as(
+            programs::UPLINK_EGRESS,
+            ifindex,
+            ifname,
+            TcAttachType::Egress,
+            "uplink-egress",
+        ) {
+            Ok(k) => k,
+            Err(e) => {
+                release(ingress, ifname, TcAttachType::Ingress);
+                return Err(e).with_context(|| format!("attaching uplink_egress to {ifname}"));
+            }
+        };
+        let (xdp, xdp_mode, xdp_error) = match self.attach_xdp(ifindex) {
+            Ok((k, mode)) => (Some(k), mode, None),
+            Err(e) => (None, "none", Some(format!("{e:#}"))),
+        };
+        self.uplinks.insert(
+            ifindex,
+            Uplink {
+                tc: [ingress, egress],
+                xdp,
+                xdp_mode,
+            },
+        );
+        Ok(UplinkAttach {
+            xdp_mode,
+            xdp_error,
+        })
+    }
+
+    fn attach_xdp(&mut self, ifindex: u32) -> Result<(Kept, &'static str)> {
+        // The pin's name records the mode the link was created in: a link keeps its mode.
+        let pin_of = |mode: &str| {
+            self.pin_dir
+                .join(LINKS_DIR)
+                .join(format!("{ifindex}-uplink-xdp-{mode}"))
+        };
+        let pins = [("native", pin_of("native")), ("generic", pin_of("generic"))];
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(programs::UPLINK_XDP)
+            .context("program uplink_xdp")?
+            .try_into()?;
+        for (mode, pin) in &pins {
+            if let Ok(old) = PinnedLink::from_pin(pin) {
+                let link = XdpLink::try_from(FdLink::from(old))?;
+                let id = prog.attach_to_link(link)?;
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                return Ok((
+                    Kept::Pinned {
+                        _link: link,
+                        pin: pin.clone(),
+                    },
+                    mode,
+                ));
+            }
+        }
+        let (id, mode) = match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
+            Ok(id) => (id, "native"),
+            Err(native) => match prog.attach_to_if_index(ifindex, XdpMode::Skb) {
+                Ok(id) => (id, "generic"),
+                Err(generic) => {
+                    bail!("XDP attach failed: driver mode: {native}; generic mode: {generic}")
+                }
+            },
+        };
+        let link: FdLink = prog
+            .take_link(id)?
+            .try_into()
+            .context("XDP attached without a bpf_link (kernel < 5.9): cannot pin it")?;
+        let pin = if mode == "native" {
+            pins[0].1.clone()
+        } else {
+            pins[1].1.clone()
+        };
+        if let Some(dir) = pin.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(&pin);
+        let pinned = link
+            .pin(&pin)
+            .with_context(|| format!("pinning link {}", pin.display()))?;
+        Ok((
+            Kept::Pinned {
+                _link: FdLink::from(pinned),
+                pin,
+            },
+            mode,
+        ))
+    }
+
+    /// Forgets an uplink that went away and releases its pins.
+    pub fn detach_uplink(&mut self, ifindex: u32) {
+        if let Some(u) = self.uplinks.remove(&ifindex) {
+            let name = crate::netlink::ifname(ifindex).unwrap_or_default();
+            let [i, e] = u.tc;
+            release(i, &name, TcAttachType::Ingress);
+            release(e, &name, TcAttachType::Egress);
+            if let Some(x) = u.xdp {
+                release(x, "", TcAttachType::Ingress);
+            }
+        }
+    }
+
+    pub fn uplinks(&self) -> Vec<(u32, &'static str)> {
+        let mut v: Vec<(u32, &'static str)> =
+            self.uplinks.iter().map(|(i, u)| (*i, u.xdp_mode)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Wire-side counters of the uplinks, summed over CPUs, indexed by [`uplink::index`].
+    pub fn uplink_counters(&self) -> Result<Vec<UplinkCounter>> {
+        let arr: PerCpuArray<&MapData, UplinkCounter> =
+            PerCpuArray::try_from(self.ebpf.map(maps::UPLINK).context("uplink map")?)?;
+        let mut out = Vec::with_capacity(uplink::ENTRIES as usize);
+        for i in 0..uplink::ENTRIES {
+            let v = arr.get(&i, 0)?;
+            out.push(
+                v.iter()
+                    .fold(UplinkCounter::default(), |a, c| UplinkCounter {
+                        packets: a.packets + c.packets,
+                        bytes: a.bytes + c.bytes,
+                    }),
+            );
+        }
+        Ok(out)
     }
 
     /// Verifies and loads one program of the object (the datapath's two are loaded by `load`;
@@ -346,16 +543,6 @@ impl Datapath {
         Ok(())
     }
 
-    fn link_pin(&self, ifindex: u32, t: TcAttachType) -> PathBuf {
-        let dir = match t {
-            TcAttachType::Ingress => "ingress",
-            _ => "egress",
-        };
-        self.pin_dir
-            .join(LINKS_DIR)
-            .join(format!("{ifindex}-{dir}"))
-    }
-
     fn attach_one(
         &mut self,
         name: &str,
@@ -363,9 +550,28 @@ impl Datapath {
         ifname: &str,
         t: TcAttachType,
     ) -> Result<Kept> {
+        let pin_name = match t {
+            TcAttachType::Ingress => "ingress",
+            _ => "egress",
+        };
+        self.attach_one_as(name, ifindex, ifname, t, pin_name)
+    }
+
+    /// Attaches one tc program; a TCX link is pinned as `links/<ifindex>-<pin_name>`.
+    fn attach_one_as(
+        &mut self,
+        name: &str,
+        ifindex: u32,
+        ifname: &str,
+        t: TcAttachType,
+        pin_name: &str,
+    ) -> Result<Kept> {
         match self.mode {
             AttachMode::Tcx => {
-                let pin = self.link_pin(ifindex, t);
+                let pin = self
+                    .pin_dir
+                    .join(LINKS_DIR)
+                    .join(format!("{ifindex}-{pin_name}"));
                 let prog = self.prog(name)?;
                 let (id, adopted) = match PinnedLink::from_pin(&pin) {
                     Ok(old) => {
@@ -452,8 +658,16 @@ impl Datapath {
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let ifindex = name.split('-').next().and_then(|i| i.parse::<u32>().ok());
-            if ifindex.is_some_and(|i| self.links.contains_key(&i)) {
+            let (ifindex, what) = match name.split_once('-') {
+                Some((i, w)) => (i.parse::<u32>().ok(), w),
+                None => (None, ""),
+            };
+            let kept = match ifindex {
+                Some(i) if what.starts_with("uplink") => self.uplinks.contains_key(&i),
+                Some(i) => self.links.contains_key(&i),
+                None => false,
+            };
+            if kept {
                 continue;
             }
             if std::fs::remove_file(e.path()).is_ok() {

@@ -67,6 +67,13 @@ pub struct Options {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Host-side interfaces that are never pod interfaces (the node's uplinks).
     pub uplinks: Vec<String>,
+    /// Attach the uplink programs (tc both ways, XDP on ingress) to the uplinks.
+    pub uplink_programs: bool,
+    pub model: crate::snat::ModelConfig,
+    /// Follow the kernel's conntrack over ctnetlink and give local pods' records `snat`.
+    pub snat: bool,
+    /// How long a record waits for its ctnetlink entry before an exact lookup.
+    pub snat_wait: Duration,
     pub report_interval: Duration,
     pub history: usize,
     pub tcp_timeout: Duration,
@@ -87,16 +94,29 @@ pub struct Options {
 }
 
 /// Per-connection bookkeeping in userspace.
+#[derive(Default)]
 struct Conn {
     /// When the kernel reported the close; the record goes out after `close_grace`.
     closed_at: Option<Instant>,
     close_published: bool,
     /// Counters already added to the per-pod traffic metrics.
     counted: [u64; 4],
+    /// The connection's SNAT, once joined with the kernel's conntrack entry.
+    snat: Option<crate::snat::SnatInfo>,
 }
 
 #[derive(Default)]
 pub struct Metrics {
+    /// Connections of local pods by SNAT expectation.
+    pub snat_flows: HashMap<crate::snat::Expectation, u64>,
+    /// How each connection's SNAT was settled: "event" (ctnetlink event or dump), "lookup"
+    /// (exact GET after waiting), "absent" (the kernel had no entry: untranslated).
+    pub snat_settled: HashMap<&'static str, u64>,
+    pub conntrack_events_total: u64,
+    /// ctnetlink overruns (events lost by the kernel): each is followed by a full dump.
+    pub conntrack_overruns_total: u64,
+    pub conntrack_dumps_total: u64,
+    pub conntrack_errors_total: u64,
     /// (event, traffic class, protocol, verdict) -> records.
     pub records: HashMap<(String, String, String, String), u64>,
     /// (policy, direction or "" for isolation, verdict) -> records.
@@ -158,11 +178,17 @@ pub struct State {
     pub metrics: Metrics,
     pub last_sync: Option<std::time::SystemTime>,
     pub interfaces: HashMap<u32, String>,
+    /// The node's uplinks with programs attached: ifindex -> (name, XDP mode).
+    pub uplinks: HashMap<u32, (String, &'static str)>,
     /// Rule id -> the policy rule it stands for.
     pub rules: HashMap<u32, RuleRef>,
     /// (namespace, pod) of local pods -> [egress packets, egress bytes, ingress packets,
     /// ingress bytes] of forwarded traffic.
     pub pod_traffic: HashMap<(String, String), [u64; 4]>,
+    /// The network model SNAT expectations are judged against.
+    pub model: crate::snat::NetModel,
+    /// Kernel conntrack entries of local pods' connections, and records waiting for theirs.
+    nat: crate::snat::NatTable<CtKey>,
     bucket: f64,
     bucket_at: Instant,
 }
@@ -176,6 +202,12 @@ pub struct Shared {
     pub state: Mutex<State>,
     pub tx: broadcast::Sender<Arc<FlowRecord>>,
     pub started: std::time::SystemTime,
+}
+
+impl State {
+    pub fn nat_pending(&self) -> usize {
+        self.nat.pending_len()
+    }
 }
 
 impl Shared {
@@ -257,6 +289,36 @@ impl Shared {
         rec
     }
 
+    /// A record with its SNAT, or the tuple to wait on when the kernel's conntrack entry of a
+    /// new connection has not been seen yet.
+    fn make_record_snat(
+        &self,
+        kind: EventKind,
+        key: &CtKey,
+        e: &CtEntry,
+    ) -> (FlowRecord, Option<crate::snat::FlowTuple>) {
+        let mut rec = self.make_record(kind, key, e);
+        if !self.opts.snat {
+            return (rec, None);
+        }
+        let mut st = self.state.lock().unwrap();
+        let Some((t, dst_is_pod)) = snat_subject(&st, &self.opts, kind, key, e) else {
+            return (rec, None);
+        };
+        if let Some(info) = st.conns.get(key).and_then(|c| c.snat.clone()) {
+            rec.snat = Some(info);
+            return (rec, None);
+        }
+        match st.nat.take(&t) {
+            Some(translated) => {
+                settle(&mut st, key, &mut rec, t, dst_is_pod, translated, "event");
+                (rec, None)
+            }
+            None if kind == EventKind::New => (rec, Some(t)),
+            None => (rec, None),
+        }
+    }
+
     /// Every conntrack entry with its current counters.
     pub fn conntrack(&self) -> Result<Vec<FlowRecord>> {
         let entries: Vec<(CtKey, CtEntry)> = {
@@ -273,17 +335,79 @@ impl Shared {
                 } else {
                     EventKind::Report
                 };
-                flows::record(
+                let mut rec = flows::record(
                     &self.opts.node_name,
                     kind,
                     k,
                     e,
                     |ip| st.by_ip.get(&ip).map(|p| &**p),
                     |id| st.rules.get(&id).cloned(),
-                )
+                );
+                rec.snat = st.conns.get(k).and_then(|c| c.snat.clone());
+                rec
             })
             .collect())
     }
+}
+
+/// ctnetlink entries kept for joining at most (local pods' connections not yet recorded).
+const NAT_TABLE_MAX: usize = 262_144;
+/// How long an entry the kernel destroyed stays joinable.
+const NAT_DESTROYED_GRACE: Duration = Duration::from_secs(5);
+
+/// The kernel conntrack tuple of a record that gets an `snat` object (a local pod opened the
+/// connection and it was not dropped), and whether the destination is a known pod.
+fn snat_subject(
+    st: &State,
+    opts: &Options,
+    kind: EventKind,
+    key: &CtKey,
+    e: &CtEntry,
+) -> Option<(crate::snat::FlowTuple, bool)> {
+    if kind == EventKind::Drop || e.flags & ct_flags::DENIED != 0 {
+        return None;
+    }
+    let ((sip, sport), (dip, dport)) = flows::orient(key, e.flags);
+    let pod = st.by_ip.get(&sip)?;
+    if pod.node != opts.node_name || pod.host_network {
+        return None;
+    }
+    Some((
+        (key.proto, sip, sport, dip, dport),
+        st.by_ip.contains_key(&dip),
+    ))
+}
+
+/// Gives a record its SNAT and remembers it for the connection's later records.
+fn settle(
+    st: &mut State,
+    key: &CtKey,
+    rec: &mut FlowRecord,
+    t: crate::snat::FlowTuple,
+    dst_is_pod: bool,
+    translated: Option<(IpAddr, u16)>,
+    how: &'static str,
+) {
+    let info = crate::snat::info(
+        &st.model,
+        (t.1, rec.source.port),
+        t.3,
+        dst_is_pod,
+        translated,
+    );
+    // ICMP records show no ports; the translated "port" is the echo identifier.
+    let info = crate::snat::SnatInfo {
+        original_src_port: rec.source.port,
+        translated_src_port: match translated {
+            Some((_, p)) if rec.source.port != 0 => p,
+            _ => rec.source.port,
+        },
+        ..info
+    };
+    *st.metrics.snat_flows.entry(info.expectation).or_default() += 1;
+    *st.metrics.snat_settled.entry(how).or_default() += 1;
+    st.conns.entry(*key).or_default().snat = Some(info.clone());
+    rec.snat = Some(info);
 }
 
 /// Adds what a connection carried since its last record to the per-pod traffic of its local
@@ -291,11 +415,7 @@ impl Shared {
 fn count_pod_traffic(st: &mut State, opts: &Options, key: &CtKey, rec: &FlowRecord) {
     let c = &rec.counters;
     let now = [c.packets_out, c.bytes_out, c.packets_in, c.bytes_in];
-    let conn = st.conns.entry(*key).or_insert(Conn {
-        closed_at: None,
-        close_published: false,
-        counted: [0; 4],
-    });
+    let conn = st.conns.entry(*key).or_default();
     let d: [u64; 4] = std::array::from_fn(|i| now[i].saturating_sub(conn.counted[i]));
     conn.counted = now;
     if d.iter().all(|v| *v == 0) {
@@ -387,6 +507,55 @@ pub fn host_addresses() -> Vec<IpAddr> {
     out
 }
 
+/// The subnets of the addresses on the named interfaces (the uplinks: the VNet).
+pub fn interface_nets(names: &[String]) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_netmask.is_null() {
+            continue;
+        }
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+        if !names.iter().any(|n| *n == name) {
+            continue;
+        }
+        let fam = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+        let net = if fam == libc::AF_INET {
+            let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(a.sin_addr.s_addr.to_ne_bytes());
+            let len = u32::from_be(m.sin_addr.s_addr).leading_ones() as u8;
+            ipnet::Ipv4Net::new(ip, len).ok().map(ipnet::IpNet::V4)
+        } else if fam == libc::AF_INET6 {
+            let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+            let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in6) };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            let len = u128::from_be_bytes(m.sin6_addr.s6_addr).leading_ones() as u8;
+            if ip.segments()[0] & 0xffc0 == 0xfe80 {
+                None
+            } else {
+                ipnet::Ipv6Net::new(ip, len).ok().map(ipnet::IpNet::V6)
+            }
+        } else {
+            None
+        };
+        if let Some(n) = net {
+            let n = n.trunc();
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+    }
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
 fn is_pod_interface(link: &netlink::Link, uplinks: &[String]) -> bool {
     link.kind == "veth" && !uplinks.iter().any(|u| u == &link.name)
 }
@@ -444,8 +613,17 @@ pub async fn run(opts: Options) -> Result<()> {
             metrics: Metrics::default(),
             last_sync: None,
             interfaces: HashMap::new(),
+            uplinks: HashMap::new(),
             rules: HashMap::new(),
             pod_traffic: HashMap::new(),
+            model: crate::snat::NetModel::resolve(
+                &opts.model,
+                &Cluster::default(),
+                &opts.node_name,
+                &interface_nets(&opts.uplinks),
+                host_addresses(),
+            ),
+            nat: crate::snat::NatTable::new(NAT_TABLE_MAX),
             bucket: opts.max_records_per_second as f64,
             bucket_at: Instant::now(),
         }),
@@ -499,6 +677,9 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.spawn(events_task(shared.clone(), ring));
     tasks.spawn(links_task(shared.clone(), monitor));
     tasks.spawn(gc_task(shared.clone()));
+    if opts.snat {
+        tasks.spawn(conntrack_task(shared.clone()));
+    }
     match shared.kube.clone() {
         Some(kube) => tasks.spawn(kube_task(shared.clone(), source, kube)),
         None => tasks.spawn(source_task(shared.clone(), source)),
@@ -530,6 +711,12 @@ pub async fn run(opts: Options) -> Result<()> {
 fn apply_link(shared: &Shared, dp: &mut Datapath, ev: LinkEvent) {
     match ev {
         LinkEvent::New(l) => {
+            if shared.opts.uplinks.iter().any(|u| u == &l.name) {
+                if shared.opts.uplink_programs && !dp.uplinks().iter().any(|(i, _)| *i == l.index) {
+                    attach_uplink(shared, dp, l);
+                }
+                return;
+            }
             if !is_pod_interface(&l, &shared.opts.uplinks) {
                 return;
             }
@@ -552,11 +739,38 @@ fn apply_link(shared: &Shared, dp: &mut Datapath, ev: LinkEvent) {
             }
         }
         LinkEvent::Del(index) => {
+            if dp.uplinks().iter().any(|(i, _)| *i == index) {
+                dp.detach_uplink(index);
+                let name = shared.state.lock().unwrap().uplinks.remove(&index);
+                info!(ifindex = index, uplink = ?name, "uplink removed");
+            }
             if dp.attached().contains(&index) {
                 dp.detach(index);
                 let name = shared.state.lock().unwrap().interfaces.remove(&index);
                 info!(ifindex = index, ifname = ?name, "pod interface removed");
             }
+        }
+    }
+}
+
+fn attach_uplink(shared: &Shared, dp: &mut Datapath, l: netlink::Link) {
+    match dp.attach_uplink(l.index, &l.name) {
+        Ok(a) => {
+            match &a.xdp_error {
+                None => {
+                    info!(ifindex = l.index, ifname = %l.name, xdp = a.xdp_mode, "attached to uplink")
+                }
+                Some(e) => warn!(
+                    ifname = %l.name,
+                    "uplink: tc attached, XDP not ({e}); ingress policy stays at the pod interfaces"
+                ),
+            }
+            let mut st = shared.state.lock().unwrap();
+            st.uplinks.insert(l.index, (l.name, a.xdp_mode));
+        }
+        Err(e) => {
+            warn!(ifname = %l.name, "uplink attach failed: {e:#}");
+            shared.state.lock().unwrap().metrics.attach_errors_total += 1;
         }
     }
 }
@@ -650,31 +864,167 @@ fn handle_event(shared: &Shared, ev: FlowEvent) {
     let e = entry_of(&ev);
     match kind {
         EventKind::New | EventKind::Drop => {
-            shared.state.lock().unwrap().conns.insert(
-                ev.key,
-                Conn {
-                    closed_at: None,
-                    close_published: false,
-                    counted: [0; 4],
-                },
-            );
-            let rec = shared.make_record(kind, &ev.key, &e);
-            shared.publish(rec);
+            shared
+                .state
+                .lock()
+                .unwrap()
+                .conns
+                .insert(ev.key, Conn::default());
+            emit(shared, kind, &ev.key, &e);
         }
-        EventKind::Report => {
-            let rec = shared.make_record(kind, &ev.key, &e);
-            shared.publish(rec);
-        }
+        EventKind::Report => emit(shared, kind, &ev.key, &e),
         EventKind::Close => {
             // Published after a grace period with the entry's final counters: the last ACK of
             // a FIN exchange comes after the close.
             let mut st = shared.state.lock().unwrap();
-            let c = st.conns.entry(ev.key).or_insert(Conn {
-                closed_at: None,
-                close_published: false,
-                counted: [0; 4],
-            });
+            let c = st.conns.entry(ev.key).or_default();
             c.closed_at = Some(Instant::now());
+        }
+    }
+}
+
+/// Publishes a record now, or parks it until the kernel's conntrack entry of its connection
+/// shows up (see `conntrack_task`).
+fn emit(shared: &Shared, kind: EventKind, key: &CtKey, e: &CtEntry) {
+    let (rec, wait) = shared.make_record_snat(kind, key, e);
+    match wait {
+        None => shared.publish(rec),
+        Some(t) => shared.state.lock().unwrap().nat.park(
+            t,
+            crate::snat::Pending {
+                rec,
+                key: *key,
+                since: Instant::now(),
+            },
+        ),
+    }
+}
+
+fn tuple_of(t: &crate::ctnetlink::Tuple) -> crate::snat::FlowTuple {
+    (t.proto, t.src, t.sport, t.dst, t.dport)
+}
+
+/// Feeds kernel conntrack entries (events or a dump) into the join; publishes the records that
+/// were waiting for them.
+fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEvent], how: &'static str) {
+    use crate::ctnetlink::CtEventKind;
+    let mut ready = Vec::new();
+    {
+        let mut st = shared.state.lock().unwrap();
+        let now = Instant::now();
+        st.metrics.conntrack_events_total += events.len() as u64;
+        for ev in events {
+            let t = tuple_of(&ev.orig);
+            match ev.kind {
+                CtEventKind::Destroy => st.nat.destroyed(&t, now),
+                CtEventKind::New | CtEventKind::Update => {
+                    // Only connections local pods opened are joined.
+                    let local = st
+                        .by_ip
+                        .get(&ev.orig.src)
+                        .is_some_and(|p| p.node == shared.opts.node_name && !p.host_network);
+                    if !local {
+                        continue;
+                    }
+                    let dst_is_pod = st.by_ip.contains_key(&ev.orig.dst);
+                    if let Some((waiting, translated)) = st.nat.insert(t, ev.snat()) {
+                        for mut p in waiting {
+                            settle(&mut st, &p.key, &mut p.rec, t, dst_is_pod, translated, how);
+                            ready.push(p.rec);
+                        }
+                    }
+                }
+            }
+        }
+        st.nat.gc(NAT_DESTROYED_GRACE, now);
+    }
+    for rec in ready {
+        shared.publish(rec);
+    }
+}
+
+/// Records that waited `snat_wait` without an event: an exact lookup settles them (the
+/// kernel has no entry when the connection was never tracked, e.g. no NAT table loaded).
+fn settle_overdue(shared: &Shared) {
+    let overdue = {
+        let mut st = shared.state.lock().unwrap();
+        st.nat.overdue(shared.opts.snat_wait, Instant::now())
+    };
+    if overdue.is_empty() {
+        return;
+    }
+    let mut ready = Vec::with_capacity(overdue.len());
+    for (t, mut p) in overdue {
+        let orig = crate::ctnetlink::Tuple {
+            proto: t.0,
+            src: t.1,
+            sport: t.2,
+            dst: t.3,
+            dport: t.4,
+        };
+        let found = crate::ctnetlink::get(&orig);
+        let mut st = shared.state.lock().unwrap();
+        let dst_is_pod = st.by_ip.contains_key(&t.3);
+        match found {
+            Ok(Some(ev)) => settle(
+                &mut st,
+                &p.key,
+                &mut p.rec,
+                t,
+                dst_is_pod,
+                ev.snat(),
+                "lookup",
+            ),
+            Ok(None) => settle(&mut st, &p.key, &mut p.rec, t, dst_is_pod, None, "absent"),
+            Err(e) => {
+                // Published without `snat` rather than with a guess.
+                st.metrics.conntrack_errors_total += 1;
+                debug!("conntrack lookup: {e}");
+            }
+        }
+        ready.push(p.rec);
+    }
+    for rec in ready {
+        shared.publish(rec);
+    }
+}
+
+/// Receive buffer of the ctnetlink socket: room for a burst of about 50k events.
+const CONNTRACK_RCVBUF: usize = 16 << 20;
+
+/// Follows the kernel's connection tracking (ctnetlink events, a dump at start and after any
+/// overrun) so local pods' records carry their SNAT.
+async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
+    let listener = crate::ctnetlink::Listener::open(CONNTRACK_RCVBUF)
+        .context("subscribing to conntrack events (ctnetlink)")?;
+    let mut l = crate::ctnetlink::AsyncListener::new(listener)?;
+    let dump = |shared: &Shared| match crate::ctnetlink::dump() {
+        Ok(all) => {
+            shared.state.lock().unwrap().metrics.conntrack_dumps_total += 1;
+            apply_conntrack(shared, &all, "event");
+        }
+        Err(e) => {
+            shared.state.lock().unwrap().metrics.conntrack_errors_total += 1;
+            warn!("conntrack dump: {e}");
+        }
+    };
+    dump(&shared);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            r = l.next_batch(&mut batch) => {
+                let overrun = r.context("reading conntrack events")?;
+                apply_conntrack(&shared, &batch, "event");
+                batch.clear();
+                if overrun {
+                    shared.state.lock().unwrap().metrics.conntrack_overruns_total += 1;
+                    warn!("conntrack events lost (socket overrun); resyncing with a dump");
+                    dump(&shared);
+                }
+            }
+            _ = tick.tick() => settle_overdue(&shared),
         }
     }
 }
@@ -709,11 +1059,7 @@ fn gc_once(shared: &Shared) -> Result<()> {
             } else {
                 opts.other_timeout
             };
-            let conn = st.conns.entry(*k).or_insert(Conn {
-                closed_at: None,
-                close_published: false,
-                counted: [0; 4],
-            });
+            let conn = st.conns.entry(*k).or_default();
             if closed && conn.closed_at.is_none() {
                 conn.closed_at = Some(Instant::now());
             }
@@ -743,8 +1089,7 @@ fn gc_once(shared: &Shared) -> Result<()> {
         }
     }
     for (k, e) in publish {
-        let rec = shared.make_record(EventKind::Close, &k, &e);
-        shared.publish(rec);
+        emit(shared, EventKind::Close, &k, &e);
     }
     // After the close records: they account the connections' last counters.
     if !expire.is_empty() {
@@ -947,6 +1292,17 @@ fn apply_cluster(
     st.rules = src.alloc.rule_table();
     st.metrics.source_errors = cluster.errors.clone();
     st.by_ip = by_ip;
+    let model = crate::snat::NetModel::resolve(
+        &shared.opts.model,
+        &cluster,
+        &shared.opts.node_name,
+        &interface_nets(&shared.opts.uplinks),
+        src.host.clone(),
+    );
+    if model.model != st.model.model || model.detected != st.model.detected {
+        info!(model = model.model.as_str(), why = ?model.detected, vnet = ?model.vnet_cidrs, "network model");
+    }
+    st.model = model;
     st.cluster = Arc::new(cluster);
     st.last_sync = Some(std::time::SystemTime::now());
     true

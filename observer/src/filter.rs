@@ -33,6 +33,9 @@ pub enum Match {
     /// Event type: new, report, close, drop.
     Type(String),
     TrafficClass(String),
+    /// `any` (the record has an `snat` object), `translated` (the wire carried another
+    /// source), or an expectation: expected, none, unexpected, missing.
+    Snat(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +98,15 @@ impl Match {
             }
             Match::Type(t) => eq(&r.event, t),
             Match::TrafficClass(c) => eq(&r.traffic_class, c),
+            Match::Snat(x) => match (&r.snat, x.as_str()) {
+                (None, _) => false,
+                (Some(_), "any") => true,
+                (Some(n), "translated") => {
+                    (n.translated_src_ip, n.translated_src_port)
+                        != (n.original_src_ip, n.original_src_port)
+                }
+                (Some(n), e) => n.expectation.as_str() == e,
+            },
         }
     }
 }
@@ -169,6 +181,17 @@ pub fn parse(flag: &str, value: &str) -> Result<Match> {
             Match::Type(value.into())
         }
         "traffic-class" => Match::TrafficClass(value.into()),
+        "snat" => {
+            let v = value.to_ascii_lowercase();
+            let known = ["any", "translated"].contains(&v.as_str())
+                || crate::snat::Expectation::parse(&v).is_some();
+            if !known {
+                bail!(
+                    "--snat {value:?}: expected any, translated, expected, none, unexpected or missing"
+                );
+            }
+            Match::Snat(v)
+        }
         other => bail!("unknown filter --{other}"),
     })
 }
@@ -246,6 +269,7 @@ mod tests {
             source: peer("x", src_pod, "10.0.0.1", 40000),
             destination: peer(dst_ns, "db", "10.0.0.2", port),
             counters: Counters::default(),
+            snat: None,
             first_seen: String::new(),
             last_seen: String::new(),
             interface: 0,

@@ -94,6 +94,10 @@ pub struct FlowRecord {
     pub source: Peer,
     pub destination: Peer,
     pub counters: Counters,
+    /// Local pods' connections that were not dropped: the source as the pod sent it and as the
+    /// wire carried it, and whether the network model predicted the difference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat: Option<crate::snat::SnatInfo>,
     pub first_seen: String,
     pub last_seen: String,
     pub interface: u32,
@@ -280,6 +284,7 @@ pub fn record<'a>(
             packets_in: e.packets[DIR_REPLY],
             bytes_in: e.bytes[DIR_REPLY],
         },
+        snat: None,
         first_seen: rfc3339(mono_to_wall(e.first_seen_ns)),
         last_seen: rfc3339(mono_to_wall(e.last_seen_ns)),
         interface: e.ifindex,
@@ -297,6 +302,21 @@ impl FlowRecord {
         match (&p.namespace, &p.pod) {
             (Some(ns), Some(pod)) => format!("{ns}/{pod} ({addr})"),
             _ => addr,
+        }
+    }
+
+    /// The source, and what the wire carried instead when SNAT happened or was due.
+    pub fn source_with_snat(&self) -> String {
+        let src = Self::endpoint(&self.source);
+        match &self.snat {
+            Some(n) if n.expectation != crate::snat::Expectation::None => {
+                let wire = match n.translated_src_ip {
+                    IpAddr::V6(ip) => format!("[{ip}]:{}", n.translated_src_port),
+                    IpAddr::V4(ip) => format!("{ip}:{}", n.translated_src_port),
+                };
+                format!("{src} SNAT {wire} ({})", n.expectation.as_str())
+            }
+            _ => src,
         }
     }
 
@@ -324,7 +344,7 @@ impl FlowRecord {
             "{} {:<6} {} -> {} {} {} {}{} {} out {}p/{}B in {}p/{}B",
             self.time.get(11..23).unwrap_or(&self.time),
             self.event,
-            Self::endpoint(&self.source),
+            self.source_with_snat(),
             Self::endpoint(&self.destination),
             self.l4.protocol,
             self.traffic_class,

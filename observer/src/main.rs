@@ -173,7 +173,8 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
-    /// from_pod per-packet cost (conntrack hit and new connection) against an empty program.
+    /// from_pod per-packet cost (conntrack hit and new connection) against an empty tc program,
+    /// and the uplink's XDP program against an empty XDP program.
     Datapath {
         /// One JSON object per measurement.
         #[arg(long)]
@@ -233,6 +234,35 @@ struct DaemonArgs {
         default_value = "eth0"
     )]
     uplinks: Vec<String>,
+    /// Leave the uplinks without programs (no wire-side counters, no XDP ingress policy).
+    #[arg(long, env = "OBSERVER_NO_UPLINK_PROGRAMS")]
+    no_uplink_programs: bool,
+    /// The node's network model, for SNAT expectations: overlay (kubenet, Azure CNI Overlay),
+    /// flat (Azure CNI), or auto (flat when this node's pod IPs are inside the VNet).
+    #[arg(
+        long,
+        env = "OBSERVER_NETWORK_MODEL",
+        value_enum,
+        default_value = "auto"
+    )]
+    network_model: observer::snat::ModelSetting,
+    /// The VNet's address ranges (repeatable; default: the subnets on the uplinks).
+    #[arg(long = "vnet-cidr", env = "OBSERVER_VNET_CIDRS", value_delimiter = ',')]
+    vnet_cidrs: Vec<ipnet::IpNet>,
+    /// The cluster's pod address ranges (repeatable; default: every Node's spec.podCIDRs).
+    #[arg(
+        long = "cluster-cidr",
+        env = "OBSERVER_CLUSTER_CIDRS",
+        value_delimiter = ','
+    )]
+    cluster_cidrs: Vec<ipnet::IpNet>,
+    /// Do not follow the kernel's connection tracking: records carry no `snat` object.
+    #[arg(long, env = "OBSERVER_NO_SNAT")]
+    no_snat: bool,
+    /// How long a new connection's record waits for the kernel's conntrack entry before an
+    /// exact lookup settles its SNAT.
+    #[arg(long, env = "OBSERVER_SNAT_WAIT", default_value = "250ms", value_parser = humantime::parse_duration)]
+    snat_wait: Duration,
     /// Report live connections this often (0 disables reports).
     #[arg(long, env = "OBSERVER_REPORT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     report_interval: Duration,
@@ -429,9 +459,24 @@ struct FilterArgs {
     /// pod-to-pod-local, pod-to-pod-remote, pod-to-world, world-to-pod, node-to-pod, pod-to-node.
     #[arg(long)]
     traffic_class: Vec<String>,
+    /// Local pods' connections with their SNAT: alone, every record that carries an `snat`
+    /// object; with a value, `translated` (the wire carried another source) or an
+    /// expectation: expected, none, unexpected, missing.
+    #[arg(long, num_args = 0..=1, default_missing_value = "any", value_name = "WHICH")]
+    snat: Vec<String>,
 }
 
-const FILTER_FLAGS: [&str; 18] = [
+/// Values `--snat` takes; anything else after it is the next argument.
+const SNAT_VALUES: [&str; 6] = [
+    "any",
+    "translated",
+    "expected",
+    "none",
+    "unexpected",
+    "missing",
+];
+
+const FILTER_FLAGS: [&str; 19] = [
     "not",
     "namespace",
     "pod",
@@ -450,6 +495,7 @@ const FILTER_FLAGS: [&str; 18] = [
     "policy",
     "type",
     "traffic-class",
+    "snat",
 ];
 
 /// Filter flags in the order given, so `--not` binds to the flag after it.
@@ -465,6 +511,14 @@ fn ordered_filter_args(argv: &[String]) -> Vec<(String, String)> {
             if FILTER_FLAGS.contains(&name) {
                 if name == "not" {
                     out.push(("not".into(), String::new()));
+                } else if name == "snat" && inline.is_none() {
+                    match argv.get(i + 1) {
+                        Some(v) if SNAT_VALUES.contains(&v.to_ascii_lowercase().as_str()) => {
+                            out.push((name.into(), v.clone()));
+                            i += 1;
+                        }
+                        _ => out.push((name.into(), "any".into())),
+                    }
                 } else if let Some(v) = inline {
                     out.push((name.into(), v));
                 } else if let Some(v) = argv.get(i + 1) {
@@ -575,6 +629,14 @@ fn run() -> Result<()> {
                 state_dir: a.state_dir,
                 metrics_addr: a.metrics_addr,
                 uplinks: a.uplinks,
+                uplink_programs: !a.no_uplink_programs,
+                model: observer::snat::ModelConfig {
+                    setting: a.network_model,
+                    cluster_cidrs: a.cluster_cidrs,
+                    vnet_cidrs: a.vnet_cidrs,
+                },
+                snat: !a.no_snat,
+                snat_wait: a.snat_wait,
                 report_interval: a.report_interval,
                 history: a.history,
                 tcp_timeout: a.tcp_timeout,
@@ -737,6 +799,50 @@ fn run() -> Result<()> {
                 "records shed:  {} (node-wide record budget)",
                 s.records_rate_limited
             );
+            if let Some(n) = &s.network {
+                println!(
+                    "network:       {} model{}   vnet: {}   cluster: {}",
+                    n.model,
+                    n.detected
+                        .as_deref()
+                        .map(|d| format!(" (detected: {d})"))
+                        .unwrap_or_default(),
+                    if n.vnet_cidrs.is_empty() {
+                        "-".into()
+                    } else {
+                        n.vnet_cidrs.join(",")
+                    },
+                    if n.cluster_cidrs.is_empty() {
+                        "-".into()
+                    } else {
+                        n.cluster_cidrs.join(",")
+                    },
+                );
+                if n.snat {
+                    println!(
+                        "snat:          {}",
+                        s.snat
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                } else {
+                    println!("snat:          off (--no-snat)");
+                }
+            }
+            for u in &s.uplinks {
+                println!(
+                    "uplink:        {}({}) tc + xdp {}",
+                    u.name, u.ifindex, u.xdp
+                );
+            }
+            for c in &s.uplink_counters {
+                println!(
+                    "  {:<10} {:<5} <-> {:<5} {:>10} packets {:>14} bytes",
+                    c.point, c.local, c.remote, c.packets, c.bytes
+                );
+            }
             if let Some(k) = &s.kube {
                 let state = match (&k.stale_since, k.synced) {
                     (Some(t), _) => format!(
@@ -871,7 +977,8 @@ fn run() -> Result<()> {
                     rounds,
                 },
         } => {
-            let ms = observer::bench::datapath(repeat, rounds)?;
+            let mut ms = observer::bench::datapath(repeat, rounds)?;
+            ms.extend(observer::bench::uplink(repeat, rounds)?);
             for m in ms {
                 if json {
                     println!("{}", serde_json::to_string(&m)?);
@@ -918,7 +1025,7 @@ fn print_records(r: impl BufRead, output: Output) -> Result<()> {
     if output == Output::Table {
         writeln!(
             out,
-            "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16}",
+            "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16} {}",
             "TIME",
             "EVENT",
             "SOURCE",
@@ -926,7 +1033,8 @@ fn print_records(r: impl BufRead, output: Output) -> Result<()> {
             "PROTO",
             "VERDICT",
             "OUT pkts/bytes",
-            "IN pkts/bytes"
+            "IN pkts/bytes",
+            "SNAT"
         )?;
     }
     for line in r.lines() {
@@ -947,9 +1055,17 @@ fn print_records(r: impl BufRead, output: Output) -> Result<()> {
                         ),
                     };
                     let c = &rec.counters;
+                    let snat = match &rec.snat {
+                        Some(n) => format!(
+                            "{} {}",
+                            std::net::SocketAddr::new(n.translated_src_ip, n.translated_src_port),
+                            n.expectation.as_str()
+                        ),
+                        None => "-".into(),
+                    };
                     writeln!(
                         out,
-                        "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16}",
+                        "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16} {}",
                         rec.time.get(11..23).unwrap_or(&rec.time),
                         rec.event,
                         side(&rec.source),
@@ -957,7 +1073,8 @@ fn print_records(r: impl BufRead, output: Output) -> Result<()> {
                         rec.l4.protocol,
                         rec.verdict,
                         format!("{}/{}", c.packets_out, c.bytes_out),
-                        format!("{}/{}", c.packets_in, c.bytes_in)
+                        format!("{}/{}", c.packets_in, c.bytes_in),
+                        snat
                     )
                 }
                 Err(_) => writeln!(out, "{line}"),

@@ -1,15 +1,45 @@
-//! A virtual Kubernetes node made of network namespaces, for tests and the demo.
+//! A virtual Kubernetes cluster made of network namespaces, for tests and the demo: `node-1`
+//! (the node under test, where the daemon runs), a second node `node-2`, a host elsewhere in the
+//! VNet, a router and an external host, in either AKS network model ([`Model`]).
 //!
 //! Everything lives in namespaces this module creates, with names unique per test bed, and is
 //! removed when the [`TestBed`] is dropped, panics included. Nothing is added to the root
 //! namespace's interfaces.
 //!
-//! Overlay-model address plan (AKS kubenet / Azure CNI Overlay):
-//! - node `node-1`: uplink `eth0` 10.224.0.4/16, fd00:224::4/64 (the "VNet"), pod CIDR
-//!   10.244.1.0/24 and fd00:10:244:1::/64, pods routed per /32 and /128 through host-side
-//!   veths (`lxc*`), MASQUERADE for pod traffic leaving the cluster CIDRs;
-//! - router: 10.224.0.1/16 on the VNet side, 203.0.113.1/24 and 2001:db8:113::1/64 towards the
-//!   external host 203.0.113.10 / 2001:db8:113::10.
+//! Common to both models:
+//! - the VNet, 10.224.0.0/16 and fd00:224::/64, is a Linux bridge `vnet` in the router
+//!   namespace holding the router's VNet addresses 10.224.0.1 and fd00:224::1. Attached to it
+//!   by veth pairs: `eth0` of `node-1` (10.224.0.4, fd00:224::4), of `node-2` (10.224.0.5,
+//!   fd00:224::5) and of the VNet peer host (10.224.0.100, fd00:224::100), each with the
+//!   router as default gateway;
+//! - the router's `wan0`, 203.0.113.1/24 and 2001:db8:113::1/64, leads to the external host
+//!   203.0.113.10 / 2001:db8:113::10, which stands for the internet;
+//! - a pod is a namespace whose `eth0` holds a /32 and a /128, with default routes via
+//!   169.254.1.1 (answered by proxy ARP) and fe80::1 (the host side's link-local address); the
+//!   host side `lxcN` sits in its node's namespace with /32 and /128 routes to the pod;
+//! - each node forwards, and SNATs pod traffic the model sends out under the node IP with an
+//!   nftables table `observer_testbed` (MASQUERADE out of `eth0`).
+//!
+//! [`Model::Overlay`] (AKS kubenet, Azure CNI Overlay): pod addresses apart from the VNet.
+//! - node-1 pods 10.244.1.(10+i) and fd00:10:244:1::(10+i), node-2 pods 10.244.2.(10+i) and
+//!   fd00:10:244:2::(10+i); cluster CIDRs 10.244.0.0/16 and fd00:10:244::/56; the Nodes carry
+//!   `spec.podCIDRs` 10.244.N.0/24 and fd00:10:244:N::/64;
+//! - the nodes route each other's pod CIDRs over the VNet, and the router holds user-defined
+//!   routes to both, so the peer's and the external host's packets to a pod IP arrive;
+//! - MASQUERADE: source in the cluster CIDR, destination outside it. The peer and the external
+//!   host see the node IP, pods on either node see the pod IP.
+//!
+//! [`Model::Flat`] (Azure CNI): pods take VNet addresses.
+//! - node-1 pods 10.224.1.(10+i) and fd00:224::1:(10+i), node-2 pods 10.224.2.(10+i) and
+//!   fd00:224::2:(10+i); the Nodes have no pod CIDR;
+//! - each node's `eth0` answers ARP for its pods (proxy ARP, via the /32 routes) and neighbour
+//!   solicitations (a proxy NDP entry per pod), so the router, the peer and the other node
+//!   reach pod IPs on-link, as Azure's SDN delivers them;
+//! - MASQUERADE: source in the node's pod range, destination outside the VNet. The peer and
+//!   pods on either node see the pod IP, the external host the node IP.
+//!
+//! [`TestBed::add_wrong_masquerade`] and [`TestBed::remove_masquerade`] break a node's SNAT on
+//! purpose; [`TestBed::model_args`] are the daemon flags that describe the model.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -32,6 +62,17 @@ pub const EXT_IP: &str = "203.0.113.10";
 pub const EXT_IP6: &str = "2001:db8:113::10";
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const CLUSTER_CIDR6: &str = "fd00:10:244::/56";
+pub const NODE2_NAME: &str = "node-2";
+pub const NODE2_IP: &str = "10.224.0.5";
+pub const NODE2_IP6: &str = "fd00:224::5";
+/// A host in the VNet that is not a node (a VM, a private endpoint).
+pub const PEER_IP: &str = "10.224.0.100";
+pub const PEER_IP6: &str = "fd00:224::100";
+/// The router's address in the VNet, every VNet host's default gateway.
+pub const ROUTER_IP: &str = "10.224.0.1";
+pub const ROUTER_IP6: &str = "fd00:224::1";
+pub const VNET_CIDR: &str = "10.224.0.0/16";
+pub const VNET_CIDR6: &str = "fd00:224::/64";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -65,7 +106,6 @@ pub fn ns_run(ns: &str, args: &[&str]) -> Result<String> {
     run(&v)
 }
 
-/// Runs `f` on a thread that has entered network namespace `ns`: sockets it creates live there.
 /// Whether a TCP connection from namespace `ns` to `dst` is established within `timeout`.
 pub fn tcp_connects(ns: &str, dst: std::net::SocketAddr, timeout: Duration) -> bool {
     spawn_in_netns(ns, move || {
@@ -76,6 +116,7 @@ pub fn tcp_connects(ns: &str, dst: std::net::SocketAddr, timeout: Duration) -> b
     .expect("entering the namespace")
 }
 
+/// Runs `f` on a thread that has entered network namespace `ns`: sockets it creates live there.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     spawn_in_netns(ns, f)
         .join()
@@ -103,7 +144,7 @@ pub fn spawn_in_netns<T: Send + 'static>(
     })
 }
 
-/// A pod of the virtual node.
+/// A pod of the virtual cluster.
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub namespace: String,
@@ -112,7 +153,9 @@ pub struct Pod {
     /// Container ports: (name, port, protocol).
     pub ports: Vec<(String, u16, String)>,
     pub netns: String,
-    /// Host-side interface in the node namespace.
+    /// Kubernetes node: [`NODE_NAME`] or [`NODE2_NAME`].
+    pub node: String,
+    /// Host-side interface in its node's namespace.
     pub host_if: String,
     pub ip4: IpAddr,
     pub ip6: IpAddr,
@@ -125,13 +168,41 @@ pub struct PodSpec<'a> {
     pub ports: &'a [(&'a str, u16, &'a str)],
 }
 
-/// The overlay-model virtual node, its router and external host.
+/// The AKS network model a test bed is built in (address plans: module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Model {
+    /// kubenet, Azure CNI Overlay: pod CIDRs apart from the VNet, SNAT when leaving them.
+    Overlay,
+    /// Azure CNI: pods take VNet addresses, SNAT only beyond the VNet.
+    Flat,
+}
+
+impl Model {
+    /// The value of the daemon's `--network-model`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Model::Overlay => "overlay",
+            Model::Flat => "flat",
+        }
+    }
+}
+
+/// The virtual cluster: node-1, node-2, the VNet peer, the router and the external host.
 pub struct TestBed {
     pub prefix: String,
+    pub model: Model,
+    /// node-1, the node under test.
     pub node_ns: String,
+    pub node2_ns: String,
+    /// The VNet peer host ([`PEER_IP`]).
+    pub peer_ns: String,
+    /// The router; the VNet bridge lives here.
     pub router_ns: String,
     pub ext_ns: String,
+    /// node-1's pods.
     pub pods: Vec<Pod>,
+    /// node-2's pods ([`TestBed::add_remote_pod`]).
+    pub remote_pods: Vec<Pod>,
     pub dir: PathBuf,
     namespaces: Vec<String>,
     children: Vec<Child>,
@@ -140,26 +211,70 @@ pub struct TestBed {
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
+/// Runs whitespace-separated commands (no argument contains a space) in a namespace. A bed
+/// takes some sixty of them, so the two kinds it uses most skip `ip netns exec`: `ip` enters
+/// the namespace itself (`ip -n`), and `sysctl -qw` becomes a write under /proc/sys from a
+/// thread inside the namespace (which /proc/sys/net follows).
+fn ns_cmds(ns: &str, cmds: &[&str]) -> Result<()> {
+    for c in cmds {
+        let args: Vec<&str> = c.split_whitespace().collect();
+        match args.as_slice() {
+            ["ip", rest @ ..] => {
+                let mut v = vec!["ip", "-n", ns];
+                v.extend_from_slice(rest);
+                run(&v)?;
+            }
+            ["sysctl", "-qw", setting] => {
+                let (key, value) = setting.split_once('=').context("sysctl key=value")?;
+                let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+                let value = value.to_string();
+                in_netns(ns, move || {
+                    std::fs::write(&path, value)
+                        .with_context(|| format!("writing {}", path.display()))
+                })??;
+            }
+            _ => {
+                ns_run(ns, &args)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl TestBed {
-    /// Builds the node, router and external host with no pods yet.
+    /// The overlay model (kubenet, Azure CNI Overlay) with no pods yet.
     pub fn overlay(tag: &str) -> Result<Self> {
+        Self::new(tag, Model::Overlay)
+    }
+
+    /// The flat model (Azure CNI) with no pods yet.
+    pub fn flat(tag: &str) -> Result<Self> {
+        Self::new(tag, Model::Flat)
+    }
+
+    /// Builds both nodes, the VNet, its peer host, the router and the external host.
+    pub fn new(tag: &str, model: Model) -> Result<Self> {
         ensure_root()?;
         let prefix = unique_prefix(tag);
         let dir = std::env::temp_dir().join(format!("observer-{prefix}"));
         std::fs::create_dir_all(dir.join("cluster"))?;
         let mut bed = TestBed {
+            model,
             node_ns: format!("{prefix}-node"),
+            node2_ns: format!("{prefix}-node2"),
+            peer_ns: format!("{prefix}-peer"),
             router_ns: format!("{prefix}-rtr"),
             ext_ns: format!("{prefix}-ext"),
             prefix,
             pods: Vec::new(),
+            remote_pods: Vec::new(),
             dir,
             namespaces: Vec::new(),
             children: Vec::new(),
             pin_dirs: Vec::new(),
             namespace_labels: BTreeMap::new(),
         };
-        bed.build().context("building the virtual node")?;
+        bed.build().context("building the virtual cluster")?;
         bed.write_cluster()?;
         Ok(bed)
     }
@@ -167,160 +282,252 @@ impl TestBed {
     fn add_ns(&mut self, name: &str) -> Result<()> {
         run(&["ip", "netns", "add", name])?;
         self.namespaces.push(name.to_string());
-        ns_run(name, &["ip", "link", "set", "lo", "up"])?;
+        // No duplicate address detection on the interfaces to come: while their link-local
+        // addresses are tentative (about a second), first IPv6 packets get lost in neighbour
+        // discovery and TCP waits a retransmission timeout.
+        ns_cmds(
+            name,
+            &[
+                "sysctl -qw net.ipv6.conf.all.accept_dad=0",
+                "sysctl -qw net.ipv6.conf.default.accept_dad=0",
+                "ip link set lo up",
+            ],
+        )?;
         Ok(())
     }
 
+    /// 1 for node-1's namespace, 2 for node-2's.
+    fn node_number(&self, node_ns: &str) -> Result<u8> {
+        if node_ns == self.node_ns {
+            Ok(1)
+        } else if node_ns == self.node2_ns {
+            Ok(2)
+        } else {
+            bail!("{node_ns} is not a node of test bed {}", self.prefix)
+        }
+    }
+
+    /// The address ranges node `node` (1 or 2) gives its pods, IPv4 then IPv6: its pod CIDRs
+    /// in the overlay model, its slice of the VNet in the flat model.
+    pub fn pod_cidrs(&self, node: u8) -> [String; 2] {
+        match self.model {
+            Model::Overlay => [
+                format!("10.244.{node}.0/24"),
+                format!("fd00:10:244:{node}::/64"),
+            ],
+            Model::Flat => [
+                format!("10.224.{node}.0/24"),
+                format!("fd00:224::{node}:0/112"),
+            ],
+        }
+    }
+
+    /// The cluster-wide pod CIDRs: overlay only; flat pods are VNet addresses.
+    pub fn cluster_cidrs(&self) -> Vec<&'static str> {
+        match self.model {
+            Model::Overlay => vec![CLUSTER_CIDR, CLUSTER_CIDR6],
+            Model::Flat => Vec::new(),
+        }
+    }
+
+    /// Daemon flags describing this bed's model, for callers to pass to `start_daemon`.
+    pub fn model_args(&self) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--network-model".into(),
+            self.model.as_str().into(),
+            "--vnet-cidr".into(),
+            VNET_CIDR.into(),
+            "--vnet-cidr".into(),
+            VNET_CIDR6.into(),
+        ];
+        for c in self.cluster_cidrs() {
+            v.extend(["--cluster-cidr".into(), c.into()]);
+        }
+        v
+    }
+
     fn build(&mut self) -> Result<()> {
-        let (node, rtr, ext) = (
+        let (node, node2, peer, rtr, ext) = (
             self.node_ns.clone(),
+            self.node2_ns.clone(),
+            self.peer_ns.clone(),
             self.router_ns.clone(),
             self.ext_ns.clone(),
         );
-        for ns in [&node, &rtr, &ext] {
+        for ns in [&node, &node2, &peer, &rtr, &ext] {
             self.add_ns(ns)?;
         }
-        // VNet link: node eth0 <-> router vnet0.
-        run(&[
-            "ip", "-n", &node, "link", "add", "eth0", "type", "veth", "peer", "name", "vnet0",
-            "netns", &rtr,
-        ])?;
+        // The VNet: one broadcast domain like Azure's, so hosts and nodes reach each other
+        // (and, in the flat model, pod IPs) on-link. Snooping off: proxied pod addresses have
+        // no listener for their solicited-node groups, their solicitations must be flooded.
+        ns_cmds(
+            &rtr,
+            &[
+                "ip link add vnet type bridge forward_delay 0 mcast_snooping 0",
+                "ip addr add 10.224.0.1/16 dev vnet",
+                "ip addr add fd00:224::1/64 dev vnet nodad",
+                "ip link set vnet up",
+            ],
+        )?;
+        for (ns, port, ip4, ip6) in [
+            (&node, "vn-node1", NODE_IP, NODE_IP6),
+            (&node2, "vn-node2", NODE2_IP, NODE2_IP6),
+            (&peer, "vn-peer", PEER_IP, PEER_IP6),
+        ] {
+            run(&[
+                "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port,
+                "netns", &rtr,
+            ])?;
+            ns_cmds(&rtr, &[&format!("ip link set {port} master vnet up")])?;
+            ns_cmds(
+                ns,
+                &[
+                    &format!("ip addr add {ip4}/16 dev eth0"),
+                    &format!("ip addr add {ip6}/64 dev eth0 nodad"),
+                    "ip link set eth0 up",
+                    "ip route add default via 10.224.0.1",
+                    "ip -6 route add default via fd00:224::1",
+                ],
+            )?;
+        }
         // WAN link: router wan0 <-> external host eth0.
         run(&[
             "ip", "-n", &rtr, "link", "add", "wan0", "type", "veth", "peer", "name", "eth0",
             "netns", &ext,
         ])?;
-        let cmds: Vec<(&str, Vec<&str>)> = vec![
-            (
-                &node,
-                vec!["ip", "addr", "add", "10.224.0.4/16", "dev", "eth0"],
-            ),
-            (
-                &node,
-                vec![
-                    "ip",
-                    "addr",
-                    "add",
-                    "fd00:224::4/64",
-                    "dev",
-                    "eth0",
-                    "nodad",
+        ns_cmds(
+            &rtr,
+            &[
+                "ip addr add 203.0.113.1/24 dev wan0",
+                "ip addr add 2001:db8:113::1/64 dev wan0 nodad",
+                "ip link set wan0 up",
+            ],
+        )?;
+        ns_cmds(
+            &ext,
+            &[
+                "ip addr add 203.0.113.10/24 dev eth0",
+                "ip addr add 2001:db8:113::10/64 dev eth0 nodad",
+                "ip link set eth0 up",
+                "ip route add default via 203.0.113.1",
+                "ip -6 route add default via 2001:db8:113::1",
+            ],
+        )?;
+        for ns in [&node, &node2, &rtr] {
+            ns_cmds(
+                ns,
+                &[
+                    "sysctl -qw net.ipv4.ip_forward=1",
+                    "sysctl -qw net.ipv6.conf.all.forwarding=1",
                 ],
-            ),
-            (&node, vec!["ip", "link", "set", "eth0", "up"]),
-            (
-                &node,
-                vec!["ip", "route", "add", "default", "via", "10.224.0.1"],
-            ),
-            (
-                &node,
-                vec!["ip", "-6", "route", "add", "default", "via", "fd00:224::1"],
-            ),
-            (
-                &rtr,
-                vec!["ip", "addr", "add", "10.224.0.1/16", "dev", "vnet0"],
-            ),
-            (
-                &rtr,
-                vec![
-                    "ip",
-                    "addr",
-                    "add",
-                    "fd00:224::1/64",
-                    "dev",
-                    "vnet0",
-                    "nodad",
-                ],
-            ),
-            (
-                &rtr,
-                vec!["ip", "addr", "add", "203.0.113.1/24", "dev", "wan0"],
-            ),
-            (
-                &rtr,
-                vec![
-                    "ip",
-                    "addr",
-                    "add",
-                    "2001:db8:113::1/64",
-                    "dev",
-                    "wan0",
-                    "nodad",
-                ],
-            ),
-            (&rtr, vec!["ip", "link", "set", "vnet0", "up"]),
-            (&rtr, vec!["ip", "link", "set", "wan0", "up"]),
-            // kubenet-style user-defined routes: the VNet routes each node's pod CIDR to it.
-            (
-                &rtr,
-                vec!["ip", "route", "add", "10.244.1.0/24", "via", "10.224.0.4"],
-            ),
-            (
-                &rtr,
-                vec![
-                    "ip",
-                    "-6",
-                    "route",
-                    "add",
-                    "fd00:10:244:1::/64",
-                    "via",
-                    "fd00:224::4",
-                ],
-            ),
-            (
-                &ext,
-                vec!["ip", "addr", "add", "203.0.113.10/24", "dev", "eth0"],
-            ),
-            (
-                &ext,
-                vec![
-                    "ip",
-                    "addr",
-                    "add",
-                    "2001:db8:113::10/64",
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
-            ),
-            (&ext, vec!["ip", "link", "set", "eth0", "up"]),
-            (
-                &ext,
-                vec!["ip", "route", "add", "default", "via", "203.0.113.1"],
-            ),
-            (
-                &ext,
-                vec![
-                    "ip",
-                    "-6",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    "2001:db8:113::1",
-                ],
-            ),
-        ];
-        for (ns, c) in cmds {
-            ns_run(ns, &c)?;
+            )?;
         }
-        for ns in [&node, &rtr] {
-            ns_run(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-            ns_run(ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        match self.model {
+            Model::Overlay => {
+                // kubenet-style user-defined routes: the VNet routes each node's pod CIDR to it,
+                // and the nodes reach each other's pods directly.
+                ns_cmds(
+                    &rtr,
+                    &[
+                        "ip route add 10.244.1.0/24 via 10.224.0.4",
+                        "ip route add 10.244.2.0/24 via 10.224.0.5",
+                        "ip -6 route add fd00:10:244:1::/64 via fd00:224::4",
+                        "ip -6 route add fd00:10:244:2::/64 via fd00:224::5",
+                    ],
+                )?;
+                ns_cmds(
+                    &node,
+                    &[
+                        "ip route add 10.244.2.0/24 via 10.224.0.5",
+                        "ip -6 route add fd00:10:244:2::/64 via fd00:224::5",
+                    ],
+                )?;
+                ns_cmds(
+                    &node2,
+                    &[
+                        "ip route add 10.244.1.0/24 via 10.224.0.4",
+                        "ip -6 route add fd00:10:244:1::/64 via fd00:224::4",
+                    ],
+                )?;
+            }
+            Model::Flat => {
+                // Pod IPs are VNet addresses behind the node: the node's eth0 answers ARP and
+                // NDP for them (proxy ARP works from the /32 routes, proxy NDP needs an entry per
+                // pod, added with the pod), and answers at once rather than after up to 0.8 s.
+                for ns in [&node, &node2] {
+                    ns_cmds(
+                        ns,
+                        &[
+                            "sysctl -qw net.ipv4.conf.eth0.proxy_arp=1",
+                            "sysctl -qw net.ipv4.neigh.eth0.proxy_delay=0",
+                            "sysctl -qw net.ipv6.conf.all.proxy_ndp=1",
+                            "sysctl -qw net.ipv6.neigh.eth0.proxy_delay=0",
+                        ],
+                    )?;
+                }
+            }
         }
-        // Overlay model: pod traffic leaving the cluster CIDRs is SNAT'd to the node IP.
-        let rules = format!(
-            "table ip observer_testbed {{\n  chain post {{\n    type nat hook postrouting priority srcnat;\n    \
-             ip saddr {CLUSTER_CIDR} ip daddr != {CLUSTER_CIDR} oifname \"eth0\" masquerade\n  }}\n}}\n\
-             table ip6 observer_testbed {{\n  chain post {{\n    type nat hook postrouting priority srcnat;\n    \
-             ip6 saddr {CLUSTER_CIDR6} ip6 daddr != {CLUSTER_CIDR6} oifname \"eth0\" masquerade\n  }}\n}}\n"
-        );
-        nft(&node, &rules)?;
+        for ns in [&node, &node2] {
+            nft(ns, &self.masquerade_rules(self.node_number(ns)?))?;
+        }
         Ok(())
     }
 
-    /// Adds a pod: its namespace, a veth pair, addresses and routes. Returns its index.
-    /// Pods in `namespace` with one label each, `app=<app>`, and no container ports.
+    /// The SNAT the model puts on node `node`.
+    fn masquerade_rules(&self, node: u8) -> String {
+        let (src4, src6, keep4, keep6) = match self.model {
+            // Leaving the cluster CIDRs: towards the VNet and beyond.
+            Model::Overlay => (
+                CLUSTER_CIDR.to_string(),
+                CLUSTER_CIDR6.to_string(),
+                CLUSTER_CIDR,
+                CLUSTER_CIDR6,
+            ),
+            // Leaving the VNet only; the node's own traffic already has its address.
+            Model::Flat => {
+                let [p4, p6] = self.pod_cidrs(node);
+                (p4, p6, VNET_CIDR, VNET_CIDR6)
+            }
+        };
+        format!(
+            "table ip observer_testbed {{\n  chain post {{\n    type nat hook postrouting priority srcnat;\n    \
+             ip saddr {src4} ip daddr != {keep4} oifname \"eth0\" masquerade\n  }}\n}}\n\
+             table ip6 observer_testbed {{\n  chain post {{\n    type nat hook postrouting priority srcnat;\n    \
+             ip6 saddr {src6} ip6 daddr != {keep6} oifname \"eth0\" masquerade\n  }}\n}}\n"
+        )
+    }
+
+    /// Misconfiguration: also MASQUERADE `node_ns`'s pod traffic towards `dst_cidr` (IPv4 or
+    /// IPv6), where the model keeps the pod IP (e.g. the VNet peer in the flat model).
+    pub fn add_wrong_masquerade(&self, node_ns: &str, dst_cidr: &str) -> Result<()> {
+        let [p4, p6] = self.pod_cidrs(self.node_number(node_ns)?);
+        let (family, src) = if dst_cidr.contains(':') {
+            ("ip6", p6)
+        } else {
+            ("ip", p4)
+        };
+        // Inserted first: the model's rule never matches these destinations anyway, but a
+        // wrong rule should win wherever both could.
+        nft(
+            node_ns,
+            &format!(
+                "insert rule {family} observer_testbed post {family} saddr {src} {family} daddr {dst_cidr} oifname \"eth0\" masquerade\n"
+            ),
+        )
+    }
+
+    /// Misconfiguration: drop every MASQUERADE rule of `node_ns` (the model's and wrong ones),
+    /// so pod IPs leave un-translated ("missing SNAT"). The tables stay, so
+    /// [`TestBed::add_wrong_masquerade`] still works afterwards.
+    pub fn remove_masquerade(&self, node_ns: &str) -> Result<()> {
+        self.node_number(node_ns)?;
+        nft(
+            node_ns,
+            "flush chain ip observer_testbed post\nflush chain ip6 observer_testbed post\n",
+        )
+    }
+
+    /// Pods in `namespace` on node-1 with one label each, `app=<app>`, and no container ports.
     pub fn add_app_pods(&mut self, namespace: &str, pods: &[(&str, &str)]) -> Result<()> {
         for (name, app) in pods {
             self.add_pod(PodSpec {
@@ -333,80 +540,88 @@ impl TestBed {
         Ok(())
     }
 
+    /// Adds a pod on node-1: its namespace, a veth pair, addresses and routes. Returns its
+    /// index in [`TestBed::pods`].
     pub fn add_pod(&mut self, spec: PodSpec<'_>) -> Result<usize> {
         let idx = self.pods.len();
-        let netns = format!("{}-p{idx}", self.prefix);
+        let pod = self.make_pod(1, idx, spec)?;
+        self.pods.push(pod);
+        self.write_cluster()?;
+        Ok(idx)
+    }
+
+    /// Adds a pod on node-2 like [`TestBed::add_pod`]. Returns its index in
+    /// [`TestBed::remote_pods`].
+    pub fn add_remote_pod(&mut self, spec: PodSpec<'_>) -> Result<usize> {
+        let idx = self.remote_pods.len();
+        let pod = self.make_pod(2, idx, spec)?;
+        self.remote_pods.push(pod);
+        self.write_cluster()?;
+        Ok(idx)
+    }
+
+    fn make_pod(&mut self, node: u8, idx: usize, spec: PodSpec<'_>) -> Result<Pod> {
+        let (netns, node_ns, node_name) = match node {
+            1 => (
+                format!("{}-p{idx}", self.prefix),
+                self.node_ns.clone(),
+                NODE_NAME,
+            ),
+            _ => (
+                format!("{}-r{idx}", self.prefix),
+                self.node2_ns.clone(),
+                NODE2_NAME,
+            ),
+        };
         self.add_ns(&netns)?;
         let host_if = format!("lxc{idx}");
-        let host = idx as u8 + 10;
-        let ip4: IpAddr = format!("10.244.1.{host}").parse()?;
-        let ip6: IpAddr = format!("fd00:10:244:1::{host:x}").parse()?;
-        let node = self.node_ns.clone();
+        let host = u8::try_from(idx + 10).context("too many pods on one node")?;
+        let (ip4, ip6): (IpAddr, IpAddr) = match self.model {
+            Model::Overlay => (
+                format!("10.244.{node}.{host}").parse()?,
+                format!("fd00:10:244:{node}::{host:x}").parse()?,
+            ),
+            Model::Flat => (
+                format!("10.224.{node}.{host}").parse()?,
+                format!("fd00:224::{node}:{host:x}").parse()?,
+            ),
+        };
         run(&[
-            "ip", "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+            "ip", "-n", &node_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
             "netns", &netns,
         ])?;
-        let (s4, s6) = (format!("{ip4}/32"), format!("{ip6}/128"));
-        let (r4, r6) = (ip4.to_string(), ip6.to_string());
-        let proxy_arp = format!("net.ipv4.conf.{host_if}.proxy_arp=1");
-        // Proxy ARP answers after up to 0.8 s by default; pods should not wait on the node.
-        let proxy_delay = format!("net.ipv4.neigh.{host_if}.proxy_delay=0");
-        let cmds: Vec<(&str, Vec<&str>)> = vec![
-            (&netns, vec!["ip", "addr", "add", &s4, "dev", "eth0"]),
-            (
-                &netns,
-                vec!["ip", "addr", "add", &s6, "dev", "eth0", "nodad"],
-            ),
-            (&netns, vec!["ip", "link", "set", "eth0", "up"]),
-            (
-                &netns,
-                vec![
-                    "ip",
-                    "route",
-                    "add",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                    "scope",
-                    "link",
-                ],
-            ),
-            (
-                &netns,
-                vec![
-                    "ip",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                ],
-            ),
-            (
-                &netns,
-                vec![
-                    "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-                ],
-            ),
-            (
-                &node,
-                vec!["ip", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"],
-            ),
-            (&node, vec!["ip", "link", "set", &host_if, "up"]),
-            (&node, vec!["sysctl", "-qw", &proxy_arp]),
-            (&node, vec!["sysctl", "-qw", &proxy_delay]),
-            (&node, vec!["ip", "route", "add", &r4, "dev", &host_if]),
-            (
-                &node,
-                vec!["ip", "-6", "route", "add", &r6, "dev", &host_if],
-            ),
-        ];
-        for (ns, c) in cmds {
-            ns_run(ns, &c)?;
+        ns_cmds(
+            &netns,
+            &[
+                &format!("ip addr add {ip4}/32 dev eth0"),
+                &format!("ip addr add {ip6}/128 dev eth0 nodad"),
+                "ip link set eth0 up",
+                "ip route add 169.254.1.1 dev eth0 scope link",
+                "ip route add default via 169.254.1.1 dev eth0",
+                "ip -6 route add default via fe80::1 dev eth0",
+            ],
+        )?;
+        ns_cmds(
+            &node_ns,
+            &[
+                &format!("ip addr add fe80::1/64 dev {host_if} nodad"),
+                &format!("ip link set {host_if} up"),
+                &format!("sysctl -qw net.ipv4.conf.{host_if}.proxy_arp=1"),
+                // Proxy ARP answers after up to 0.8 s by default; pods should not wait on the
+                // node.
+                &format!("sysctl -qw net.ipv4.neigh.{host_if}.proxy_delay=0"),
+                &format!("ip route add {ip4} dev {host_if}"),
+                &format!("ip -6 route add {ip6} dev {host_if}"),
+            ],
+        )?;
+        if self.model == Model::Flat {
+            // Unlike proxy ARP, proxy NDP answers only for addresses listed one by one.
+            ns_cmds(
+                &node_ns,
+                &[&format!("ip -6 neigh add proxy {ip6} dev eth0")],
+            )?;
         }
-        self.pods.push(Pod {
+        Ok(Pod {
             namespace: spec.namespace.into(),
             name: spec.name.into(),
             labels: spec
@@ -420,30 +635,40 @@ impl TestBed {
                 .map(|(n, p, pr)| (n.to_string(), *p, pr.to_string()))
                 .collect(),
             netns,
+            node: node_name.into(),
             host_if,
             ip4,
             ip6,
-        });
-        self.write_cluster()?;
-        Ok(idx)
+        })
     }
 
+    /// The pod named `name` on either node.
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
             .iter()
+            .chain(&self.remote_pods)
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
-    /// Folder of Kubernetes YAML describing the node and its pods (`--source dir:`).
+    /// The node-2 pod named `name`.
+    pub fn remote_pod(&self, name: &str) -> &Pod {
+        self.remote_pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} on {NODE2_NAME}"))
+    }
+
+    /// Folder of Kubernetes YAML describing the nodes and their pods (`--source dir:`).
     pub fn cluster_dir(&self) -> PathBuf {
         self.dir.join("cluster")
     }
 
     /// Rewrites the cluster YAML from the pods added so far.
     pub fn write_cluster(&self) -> Result<()> {
+        let all_pods = || self.pods.iter().chain(&self.remote_pods);
         let mut y = String::new();
-        let mut namespaces: Vec<&str> = self.pods.iter().map(|p| p.namespace.as_str()).collect();
+        let mut namespaces: Vec<&str> = all_pods().map(|p| p.namespace.as_str()).collect();
         namespaces.sort();
         namespaces.dedup();
         for ns in namespaces {
@@ -453,12 +678,22 @@ impl TestBed {
             }
             y.push_str("---\n");
         }
-        let _ = write!(
-            y,
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\nspec:\n  podCIDR: 10.244.1.0/24\n  podCIDRs: [10.244.1.0/24, \"fd00:10:244:1::/64\"]\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {NODE_IP}}}\n  - {{type: InternalIP, address: \"{NODE_IP6}\"}}\n---\n\
-             apiVersion: v1\nkind: Node\nmetadata:\n  name: node-2\nspec:\n  podCIDR: 10.244.2.0/24\n  podCIDRs: [10.244.2.0/24, \"fd00:10:244:2::/64\"]\nstatus:\n  addresses:\n  - {{type: InternalIP, address: 10.224.0.5}}\n---\n"
-        );
-        for p in &self.pods {
+        for (n, name, ip4, ip6) in [
+            (1u8, NODE_NAME, NODE_IP, NODE_IP6),
+            (2, NODE2_NAME, NODE2_IP, NODE2_IP6),
+        ] {
+            let _ = write!(y, "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n");
+            // Azure CNI (flat) allocates pod IPs from the VNet subnet: no podCIDR on the Node.
+            if self.model == Model::Overlay {
+                let [c4, c6] = self.pod_cidrs(n);
+                let _ = write!(y, "spec:\n  podCIDR: {c4}\n  podCIDRs: [{c4}, \"{c6}\"]\n");
+            }
+            let _ = write!(
+                y,
+                "status:\n  addresses:\n  - {{type: InternalIP, address: {ip4}}}\n  - {{type: InternalIP, address: \"{ip6}\"}}\n---\n"
+            );
+        }
+        for p in all_pods() {
             let _ = write!(
                 y,
                 "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n",
@@ -470,7 +705,11 @@ impl TestBed {
             for (k, v) in &p.labels {
                 let _ = writeln!(y, "    {k}: \"{v}\"");
             }
-            let _ = write!(y, "spec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: main\n    image: example\n");
+            let _ = write!(
+                y,
+                "spec:\n  nodeName: {}\n  containers:\n  - name: main\n    image: example\n",
+                p.node
+            );
             if !p.ports.is_empty() {
                 y.push_str("    ports:\n");
                 for (n, port, proto) in &p.ports {

@@ -32,7 +32,8 @@ enum Cmd {
     },
     /// Benchmarks; results belong in BENCHMARKS.md.
     Bench {
-        /// What to measure: `datapath`.
+        /// What to measure: `datapath` (tc and XDP programs per packet), `policy`, `kube`,
+        /// `events` (record pipeline), `snat` (NAT'd connections correlated per second).
         what: String,
         /// One JSON object per measurement.
         #[arg(long)]
@@ -125,7 +126,7 @@ fn main() -> Result<()> {
             cargo(&["build", "-p", "observer"])?;
             demo::run(duration)
         }
-        Cmd::Bench { what, json, rest } if what == "kube" || what == "events" => {
+        Cmd::Bench { what, json, rest } if ["kube", "events", "snat"].contains(&what.as_str()) => {
             setup::run()?;
             // Harnesses around the real daemon (observer/tests/bench_<what>.rs).
             let harness = format!("bench_{what}");
@@ -146,7 +147,7 @@ fn main() -> Result<()> {
             for kv in &rest {
                 let (k, v) = kv
                     .split_once('=')
-                    .context("bench kube|events take NAME=N settings, e.g. ROUNDS=5")?;
+                    .context("bench kube|events|snat take NAME=N settings, e.g. ROUNDS=5")?;
                 cmd.env(format!("BENCH_{}", k.to_uppercase()), v);
             }
             if !cmd.status()?.success() {

@@ -1,0 +1,152 @@
+//! The node's uplink. XDP on ingress counts every frame at the earliest point and judges
+//! ingress policy for packets addressed straight to a local pod (the flat model, routed
+//! cross-node pod traffic) with the same conntrack and policy maps as the pod veths, so a
+//! denied packet dies before the stack allocates anything for it. tc on both directions counts
+//! the wire-side traffic after (ingress) and before (egress) the stack, NAT included.
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use observer_common::{uplink, RemoteKind, UplinkCounter};
+
+use crate::{
+    classify,
+    conntrack::{process, Action, Count, Hook},
+    datapath::unparsed_denied,
+    maps::{stat_inc, UPLINK},
+    parse::{ip_addrs, parse, PacketCtx},
+};
+
+const TC_ACT_UNSPEC: i32 = -1;
+
+#[inline(always)]
+fn add(idx: u32, bytes: u64) {
+    if let Some(c) = UPLINK.get_ptr_mut(idx) {
+        // Per-CPU slot: no other writer.
+        let c: &mut UplinkCounter = unsafe { &mut *c };
+        c.packets += 1;
+        c.bytes += bytes;
+    }
+}
+
+/// What the node-side address of a wire packet is.
+#[inline(always)]
+fn local_kind(family: u8, addr: &[u32; 4]) -> u32 {
+    if classify::endpoint(family, addr).is_some() {
+        return uplink::LOCAL_POD;
+    }
+    match classify::remote(family, addr) {
+        Some(e) if e.kind == RemoteKind::Host as u8 => uplink::LOCAL_NODE,
+        _ => uplink::LOCAL_OTHER,
+    }
+}
+
+/// What the far side of a wire packet is.
+#[inline(always)]
+fn remote_kind(family: u8, addr: &[u32; 4]) -> u32 {
+    match classify::remote(family, addr) {
+        Some(e)
+            if e.kind == RemoteKind::RemotePod as u8 || e.kind == RemoteKind::LocalPod as u8 =>
+        {
+            uplink::REMOTE_POD
+        }
+        Some(e) if e.kind == RemoteKind::RemoteNode as u8 || e.kind == RemoteKind::Host as u8 => {
+            uplink::REMOTE_NODE
+        }
+        _ => uplink::REMOTE_WORLD,
+    }
+}
+
+/// Counts a packet of an uplink tc hook; `ingress`: the node side is the destination.
+#[inline(always)]
+fn count_tc<C: PacketCtx>(ctx: &C, point: u32, ingress: bool) {
+    let Some((family, src, dst)) = ip_addrs(ctx) else {
+        return;
+    };
+    let (near, far) = if ingress { (&dst, &src) } else { (&src, &dst) };
+    let l3 = if PacketCtx::len(ctx) >= 14 {
+        PacketCtx::len(ctx) - 14
+    } else {
+        0
+    };
+    add(
+        uplink::index(point, local_kind(family, near), remote_kind(family, far)),
+        l3 as u64,
+    );
+}
+
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    count_tc(&ctx, uplink::TC_IN, true);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn uplink_egress(ctx: TcContext) -> i32 {
+    count_tc(&ctx, uplink::TC_OUT, false);
+    TC_ACT_UNSPEC
+}
+
+#[xdp]
+pub fn uplink_xdp(ctx: XdpContext) -> u32 {
+    observe_uplink_xdp(&ctx)
+}
+
+/// Kept to hash lookups only (endpoints, conntrack): the budget is tens of nanoseconds.
+#[inline(always)]
+fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
+    // Most of an overlay node's ingress is for the node itself: settle it from the IP header.
+    if let Some((family, _, dst)) = ip_addrs(ctx) {
+        if classify::endpoint(family, &dst).is_none() {
+            let len = PacketCtx::len(ctx);
+            add(
+                uplink::index(uplink::XDP_IN, uplink::LOCAL_OTHER, uplink::REMOTE_ANY),
+                len.saturating_sub(14) as u64,
+            );
+            return xdp_action::XDP_PASS;
+        }
+    }
+    let pkt = match parse(ctx) {
+        Ok(p) => p,
+        Err(reason) => {
+            // Unparsable traffic for an isolated pod is dropped here too; the rest goes on to
+            // the stack, which counts it at the pod's veth if it gets there.
+            if ip_addrs(ctx).is_some() && unparsed_denied(ctx, reason, Hook::ToPod) {
+                stat_inc(reason);
+                return xdp_action::XDP_DROP;
+            }
+            return xdp_action::XDP_PASS;
+        }
+    };
+    let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
+    add(
+        uplink::index(uplink::XDP_IN, uplink::LOCAL_POD, uplink::REMOTE_ANY),
+        bytes,
+    );
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    match process(
+        ctx,
+        &pkt,
+        bytes,
+        ifindex,
+        Hook::ToPod,
+        Count::Dropped,
+        || classify::to_pod(pkt.family, &pkt.src),
+    ) {
+        Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop => {
+            add(
+                uplink::index(uplink::XDP_DROP, uplink::LOCAL_POD, uplink::REMOTE_ANY),
+                bytes,
+            );
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// Baseline for the XDP benchmark.
+#[xdp]
+pub fn xdp_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}

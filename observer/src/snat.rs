@@ -1,0 +1,440 @@
+//! SNAT observation: what the node's netfilter did to a pod's connection, and whether the
+//! network model predicted it.
+//!
+//! The pod-side tuple comes from our own conntrack at the pod's veth (before the stack); the
+//! wire-side tuple comes from the kernel's conntrack over ctnetlink, whose entries carry both
+//! the original and the reply tuple. They are joined on the exact original tuple (protocol,
+//! addresses, ports), never by timing: a record waits for its ctnetlink entry, and when none
+//! comes an exact GET settles it.
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{cluster::Cluster, flows::FlowRecord};
+
+/// The AKS network model of the node, as configured (`--network-model`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelSetting {
+    /// Flat when this node's pod IPs are inside the VNet, overlay otherwise.
+    Auto,
+    /// kubenet, Azure CNI Overlay: pod CIDR apart from the VNet; traffic leaving the cluster is
+    /// SNAT'd to the node IP.
+    Overlay,
+    /// Azure CNI: pods take VNet addresses; no SNAT inside the VNet, SNAT beyond it.
+    Flat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Model {
+    Overlay,
+    Flat,
+}
+
+impl Model {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Model::Overlay => "overlay",
+            Model::Flat => "flat",
+        }
+    }
+}
+
+/// What the model says about a connection's source, against what happened to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Expectation {
+    /// SNAT'd, as the model predicts.
+    Expected,
+    /// Not SNAT'd, and none predicted.
+    None,
+    /// SNAT'd where the model keeps the pod IP (e.g. inside the VNet in the flat model).
+    Unexpected,
+    /// The pod IP left where the model predicts SNAT.
+    Missing,
+}
+
+impl Expectation {
+    pub const ALL: [Expectation; 4] = [
+        Expectation::Expected,
+        Expectation::None,
+        Expectation::Unexpected,
+        Expectation::Missing,
+    ];
+
+    pub fn of(predicted: bool, translated: bool) -> Self {
+        match (predicted, translated) {
+            (true, true) => Expectation::Expected,
+            (false, false) => Expectation::None,
+            (false, true) => Expectation::Unexpected,
+            (true, false) => Expectation::Missing,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expectation::Expected => "expected",
+            Expectation::None => "none",
+            Expectation::Unexpected => "unexpected",
+            Expectation::Missing => "missing",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+}
+
+/// The `snat` object of a flow record: the pod-side source and the source the wire carried.
+/// Without translation both are the same.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnatInfo {
+    pub original_src_ip: IpAddr,
+    pub original_src_port: u16,
+    pub translated_src_ip: IpAddr,
+    pub translated_src_port: u16,
+    pub expectation: Expectation,
+}
+
+/// The model and the address ranges the prediction needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetModel {
+    pub model: Model,
+    /// Why this model, when it was detected rather than configured.
+    pub detected: Option<String>,
+    /// Pod address ranges of the whole cluster: traffic to them keeps the pod IP.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// The VNet: in the flat model, traffic to it keeps the pod IP.
+    pub vnet_cidrs: Vec<IpNet>,
+    /// This node's own addresses: traffic to them never leaves the node.
+    pub node_addrs: Vec<IpAddr>,
+}
+
+/// What the daemon was told about the model.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub setting: ModelSetting,
+    /// `--cluster-cidr`; empty: every Node's `spec.podCIDRs`.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// `--vnet-cidr`; empty: the subnets of the uplinks' addresses.
+    pub vnet_cidrs: Vec<IpNet>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            setting: ModelSetting::Auto,
+            cluster_cidrs: Vec::new(),
+            vnet_cidrs: Vec::new(),
+        }
+    }
+}
+
+impl NetModel {
+    /// Settles the model from the configuration, the cluster's Nodes and pods, and the
+    /// addresses of this network namespace (`uplink_nets`: the subnets on the uplinks).
+    pub fn resolve(
+        cfg: &ModelConfig,
+        cluster: &Cluster,
+        node: &str,
+        uplink_nets: &[IpNet],
+        node_addrs: Vec<IpAddr>,
+    ) -> Self {
+        let cluster_cidrs = if cfg.cluster_cidrs.is_empty() {
+            let mut v: Vec<IpNet> = cluster
+                .nodes
+                .iter()
+                .flat_map(|n| n.pod_cidrs.iter().copied())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        } else {
+            cfg.cluster_cidrs.clone()
+        };
+        let vnet_cidrs = if cfg.vnet_cidrs.is_empty() {
+            uplink_nets.iter().map(|n| n.trunc()).collect()
+        } else {
+            cfg.vnet_cidrs.clone()
+        };
+        let (model, detected) = match cfg.setting {
+            ModelSetting::Overlay => (Model::Overlay, None),
+            ModelSetting::Flat => (Model::Flat, None),
+            ModelSetting::Auto => {
+                let local_ips: Vec<IpAddr> = cluster
+                    .pods
+                    .iter()
+                    .filter(|p| p.node == node && !p.host_network)
+                    .flat_map(|p| p.ips.iter().copied())
+                    .collect();
+                let in_vnet = |ip: &IpAddr| vnet_cidrs.iter().any(|n| n.contains(ip));
+                match local_ips.iter().find(|ip| in_vnet(ip)) {
+                    Some(ip) => (Model::Flat, Some(format!("pod IP {ip} is inside the VNet"))),
+                    None if local_ips.is_empty() => (
+                        Model::Overlay,
+                        Some("no local pods yet; assuming overlay".into()),
+                    ),
+                    None => (Model::Overlay, Some("pod IPs are outside the VNet".into())),
+                }
+            }
+        };
+        NetModel {
+            model,
+            detected,
+            cluster_cidrs,
+            vnet_cidrs,
+            node_addrs,
+        }
+    }
+
+    /// Whether the model predicts SNAT for a local pod's connection to `dst`. `dst_is_pod`:
+    /// the destination is a known pod (pod-to-pod traffic keeps its source in both models).
+    pub fn predicts_snat(&self, dst: IpAddr, dst_is_pod: bool) -> bool {
+        if dst_is_pod || self.node_addrs.contains(&dst) || dst.is_loopback() {
+            return false;
+        }
+        if self.cluster_cidrs.iter().any(|n| n.contains(&dst)) {
+            return false;
+        }
+        match self.model {
+            Model::Overlay => true,
+            Model::Flat => !self.vnet_cidrs.iter().any(|n| n.contains(&dst)),
+        }
+    }
+}
+
+/// The original tuple of a connection as the kernel's conntrack keys it: protocol, source
+/// address and port, destination address and port (ICMP echo: the identifier as source port).
+pub type FlowTuple = (u8, IpAddr, u16, IpAddr, u16);
+
+struct NatEntry {
+    /// The wire-side source, when it differs from the original.
+    translated: Option<(IpAddr, u16)>,
+    destroyed_at: Option<Instant>,
+}
+
+/// The wire-side source of a connection when it differs from the original.
+pub type Translation = Option<(IpAddr, u16)>;
+
+/// A flow record waiting for the kernel's conntrack entry of its connection.
+pub struct Pending<K> {
+    pub rec: FlowRecord,
+    pub key: K,
+    pub since: Instant,
+}
+
+/// ctnetlink entries of local pods' connections not yet joined to a record, and records
+/// waiting for theirs.
+pub struct NatTable<K> {
+    entries: HashMap<FlowTuple, NatEntry>,
+    pending: HashMap<FlowTuple, Vec<Pending<K>>>,
+    pending_count: usize,
+    max_entries: usize,
+    /// Entries refused because the table was full (a bound, counted).
+    pub overflow_total: u64,
+}
+
+impl<K> NatTable<K> {
+    pub fn new(max_entries: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            pending: HashMap::new(),
+            pending_count: 0,
+            max_entries,
+            overflow_total: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending_count
+    }
+
+    /// A new (or dumped) conntrack entry. Returns the records that were waiting for it, with
+    /// its translation.
+    pub fn insert(
+        &mut self,
+        t: FlowTuple,
+        translated: Option<(IpAddr, u16)>,
+    ) -> Option<(Vec<Pending<K>>, Translation)> {
+        if let Some(waiting) = self.pending.remove(&t) {
+            self.pending_count -= waiting.len();
+            return Some((waiting, translated));
+        }
+        if self.entries.len() >= self.max_entries && !self.entries.contains_key(&t) {
+            self.overflow_total += 1;
+            return None;
+        }
+        self.entries.insert(
+            t,
+            NatEntry {
+                translated,
+                destroyed_at: None,
+            },
+        );
+        None
+    }
+
+    /// The kernel forgot the entry; it stays a little while for a record still on its way.
+    pub fn destroyed(&mut self, t: &FlowTuple, now: Instant) {
+        if let Some(e) = self.entries.get_mut(t) {
+            e.destroyed_at.get_or_insert(now);
+        }
+    }
+
+    /// Joins a record's tuple with its entry: `Some(translation)` when the kernel's entry is
+    /// known (consumed: the connection keeps the result), `None` when it is not (yet).
+    pub fn take(&mut self, t: &FlowTuple) -> Option<Option<(IpAddr, u16)>> {
+        self.entries.remove(t).map(|e| e.translated)
+    }
+
+    pub fn park(&mut self, t: FlowTuple, p: Pending<K>) {
+        self.pending_count += 1;
+        self.pending.entry(t).or_default().push(p);
+    }
+
+    /// Records that waited longer than `wait`.
+    pub fn overdue(&mut self, wait: Duration, now: Instant) -> Vec<(FlowTuple, Pending<K>)> {
+        let due: Vec<FlowTuple> = self
+            .pending
+            .iter()
+            .filter(|(_, v)| v.iter().any(|p| now.duration_since(p.since) >= wait))
+            .map(|(t, _)| *t)
+            .collect();
+        let mut out = Vec::new();
+        for t in due {
+            if let Some(v) = self.pending.remove(&t) {
+                self.pending_count -= v.len();
+                out.extend(v.into_iter().map(|p| (t, p)));
+            }
+        }
+        out
+    }
+
+    /// Drops entries the kernel destroyed more than `grace` ago.
+    pub fn gc(&mut self, grace: Duration, now: Instant) {
+        self.entries
+            .retain(|_, e| e.destroyed_at.is_none_or(|d| now.duration_since(d) < grace));
+    }
+}
+
+/// The `snat` object for a local pod's connection whose wire-side source is `translated`
+/// (`None`: left untranslated).
+pub fn info(
+    model: &NetModel,
+    orig: (IpAddr, u16),
+    dst: IpAddr,
+    dst_is_pod: bool,
+    translated: Option<(IpAddr, u16)>,
+) -> SnatInfo {
+    let predicted = model.predicts_snat(dst, dst_is_pod);
+    let (tip, tport) = translated.unwrap_or(orig);
+    SnatInfo {
+        original_src_ip: orig.0,
+        original_src_port: orig.1,
+        translated_src_ip: tip,
+        translated_src_port: tport,
+        expectation: Expectation::of(predicted, translated.is_some()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn model(m: Model) -> NetModel {
+        NetModel {
+            model: m,
+            detected: None,
+            cluster_cidrs: vec![net("10.244.0.0/16")],
+            vnet_cidrs: vec![net("10.224.0.0/16")],
+            node_addrs: vec!["10.224.0.4".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn predictions_follow_the_model() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let o = model(Model::Overlay);
+        let f = model(Model::Flat);
+        // External host: SNAT in both.
+        assert!(o.predicts_snat(ip("203.0.113.10"), false));
+        assert!(f.predicts_snat(ip("203.0.113.10"), false));
+        // VNet peer: SNAT only in overlay.
+        assert!(o.predicts_snat(ip("10.224.0.100"), false));
+        assert!(!f.predicts_snat(ip("10.224.0.100"), false));
+        // Pods (by CIDR or known) and the node itself: never.
+        assert!(!o.predicts_snat(ip("10.244.2.10"), false));
+        assert!(!f.predicts_snat(ip("10.224.2.10"), true));
+        assert!(!o.predicts_snat(ip("10.224.0.4"), false));
+    }
+
+    #[test]
+    fn expectation_table() {
+        assert_eq!(Expectation::of(true, true), Expectation::Expected);
+        assert_eq!(Expectation::of(false, false), Expectation::None);
+        assert_eq!(Expectation::of(false, true), Expectation::Unexpected);
+        assert_eq!(Expectation::of(true, false), Expectation::Missing);
+        for e in Expectation::ALL {
+            assert_eq!(Expectation::parse(e.as_str()), Some(e));
+        }
+    }
+
+    #[test]
+    fn auto_detects_flat_from_pod_ips() {
+        let mut c = Cluster::default();
+        c.pods.push(std::sync::Arc::new(crate::cluster::PodInfo {
+            namespace: "a".into(),
+            name: "p".into(),
+            node: "n1".into(),
+            ips: vec!["10.224.1.10".parse().unwrap()],
+            labels: Default::default(),
+            workload: None,
+            host_network: false,
+            ports: vec![],
+        }));
+        let cfg = ModelConfig::default();
+        let m = NetModel::resolve(&cfg, &c, "n1", &[net("10.224.0.4/16")], vec![]);
+        assert_eq!(m.model, Model::Flat);
+        assert_eq!(m.vnet_cidrs, vec![net("10.224.0.0/16")]);
+        let m = NetModel::resolve(&cfg, &c, "n2", &[net("10.224.0.4/16")], vec![]);
+        assert_eq!(m.model, Model::Overlay);
+    }
+
+    #[test]
+    fn join_waits_for_the_entry_either_way_round() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let t: FlowTuple = (6, ip("10.244.1.10"), 40000, ip("203.0.113.10"), 80);
+        let mut table: NatTable<u32> = NatTable::new(10);
+        // Entry first, record second.
+        assert!(table.insert(t, Some((ip("10.224.0.4"), 40000))).is_none());
+        assert_eq!(table.take(&t), Some(Some((ip("10.224.0.4"), 40000))));
+        assert_eq!(table.take(&t), None);
+        // Bounded.
+        let mut small: NatTable<u32> = NatTable::new(1);
+        small.insert(t, None);
+        small.insert((17, t.1, 1, t.3, 2), None);
+        assert_eq!(small.overflow_total, 1);
+        assert_eq!(small.len(), 1);
+        // Destroyed entries go after the grace period.
+        small.destroyed(&t, Instant::now() - Duration::from_secs(10));
+        small.gc(Duration::from_secs(5), Instant::now());
+        assert!(small.is_empty());
+    }
+}

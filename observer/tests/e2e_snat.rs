@@ -1,0 +1,373 @@
+//! SNAT observation in both AKS network models, on the virtual node with its VNet peer,
+//! external host and second node: the record's translated source must be exactly the address
+//! and port the server saw, and its expectation what the model says.
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::Path,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use observer_tests::{in_netns, spawn_in_netns, Model, PodSpec, TestBed, EXT_IP, NODE_IP, PEER_IP};
+use serde_json::Value;
+
+const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
+
+type Seen = Arc<Mutex<Vec<SocketAddr>>>;
+
+/// Echo servers (TCP and UDP on `port`) in a namespace, recording every peer address they see.
+struct Servers {
+    seen: Seen,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Servers {
+    fn start(ns: &str, ip: IpAddr, port: u16) -> Self {
+        let seen: Seen = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tcp = in_netns(ns, move || TcpListener::bind((ip, port)))
+            .unwrap()
+            .unwrap();
+        let udp = in_netns(ns, move || UdpSocket::bind((ip, port)))
+            .unwrap()
+            .unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let (s1, st1) = (seen.clone(), stop.clone());
+        let t1 = std::thread::spawn(move || {
+            while !st1.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut c, peer)) => {
+                        s1.lock().unwrap().push(peer);
+                        c.set_nonblocking(false).ok();
+                        c.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                        let mut buf = [0u8; 64];
+                        if let Ok(n) = c.read(&mut buf) {
+                            let _ = c.write_all(&buf[..n]);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        let (s2, st2) = (seen.clone(), stop.clone());
+        let t2 = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !st2.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                    s2.lock().unwrap().push(peer);
+                    let _ = udp.send_to(&buf[..n], peer);
+                }
+            }
+        });
+        Servers {
+            seen,
+            stop,
+            threads: vec![t1, t2],
+        }
+    }
+
+    fn saw(&self) -> Vec<SocketAddr> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP exchange from namespace `ns`; returns the client's local address.
+fn tcp_exchange(ns: &str, dst: SocketAddr) -> SocketAddr {
+    spawn_in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).expect("echo");
+        s.local_addr().unwrap()
+    })
+    .join()
+    .unwrap()
+    .unwrap()
+}
+
+/// One UDP exchange (request, echoed reply) from `ns`; returns the client's local address.
+fn udp_exchange(ns: &str, dst: SocketAddr) -> SocketAddr {
+    spawn_in_netns(ns, move || {
+        let u = UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        // Connected, so the local address names the pod's IP.
+        u.connect(dst).unwrap();
+        u.send(b"hello").unwrap();
+        let mut buf = [0u8; 16];
+        u.recv(&mut buf).expect("udp echo");
+        u.local_addr().unwrap()
+    })
+    .join()
+    .unwrap()
+    .unwrap()
+}
+
+fn flows(socket: &Path, extra: &[&str]) -> Vec<Value> {
+    let out = Command::new(OBSERVER)
+        .args(["flows", "--socket"])
+        .arg(socket)
+        .args(["-o", "json", "--last", "10000"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "observer flows: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The `new` record of the connection from `client` to `dst` with its `snat`, waiting for it.
+fn snat_record(socket: &Path, proto: &str, client: SocketAddr, dst: SocketAddr) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let recs = flows(socket, &["--snat", "--protocol", proto, "--type", "new"]);
+        if let Some(r) = recs.iter().find(|r| {
+            r["source"]["ip"] == client.ip().to_string()
+                && r["source"]["port"] == client.port()
+                && r["destination"]["ip"] == dst.ip().to_string()
+                && r["destination"]["port"] == dst.port()
+        }) {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {proto} record with snat for {client} -> {dst}; records with snat: {recs:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Checks one connection: the record's pod side is the client's own address, its translated
+/// side exactly the peer the server saw, and the expectation.
+fn check(rec: &Value, client: SocketAddr, server_saw: SocketAddr, expectation: &str) {
+    let n = &rec["snat"];
+    assert_eq!(n["original_src_ip"], client.ip().to_string(), "{rec:#}");
+    assert_eq!(n["original_src_port"], client.port(), "{rec:#}");
+    assert_eq!(
+        n["translated_src_ip"],
+        server_saw.ip().to_string(),
+        "{rec:#}"
+    );
+    assert_eq!(n["translated_src_port"], server_saw.port(), "{rec:#}");
+    assert_eq!(n["expectation"], expectation, "{rec:#}");
+}
+
+fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Node {
+    bed: TestBed,
+    daemon: observer_tests::Daemon,
+}
+
+fn node(tag: &str, model: Model) -> Node {
+    let mut bed = TestBed::new(tag, model).unwrap();
+    bed.add_app_pods("shop", &[("web", "web")]).unwrap();
+    bed.add_remote_pod(PodSpec {
+        namespace: "shop",
+        name: "backend",
+        labels: &[("app", "backend")],
+        ports: &[],
+    })
+    .unwrap();
+    let args = bed.model_args();
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
+    Node { bed, daemon }
+}
+
+/// Pod egress to the external host, the VNet peer and a pod on the other node, TCP and UDP:
+/// every record's translation is what the server saw, and the expectation follows the model.
+fn both_protocols_to_every_destination(model: Model) {
+    let n = node(
+        if model == Model::Overlay {
+            "sno"
+        } else {
+            "snf"
+        },
+        model,
+    );
+    let bed = &n.bed;
+    let web = bed.pod("web").clone();
+    let backend = bed.remote_pod("backend").clone();
+    let ext = Servers::start(&bed.ext_ns, EXT_IP.parse().unwrap(), 8080);
+    let peer = Servers::start(&bed.peer_ns, PEER_IP.parse().unwrap(), 8080);
+    let remote = Servers::start(&backend.netns, backend.ip4, 8080);
+    let node_ip: IpAddr = NODE_IP.parse().unwrap();
+
+    let cases: [(&Servers, SocketAddr, &str); 3] = [
+        (&ext, format!("{EXT_IP}:8080").parse().unwrap(), "expected"),
+        (
+            &peer,
+            format!("{PEER_IP}:8080").parse().unwrap(),
+            if model == Model::Overlay {
+                "expected"
+            } else {
+                "none"
+            },
+        ),
+        (&remote, SocketAddr::new(backend.ip4, 8080), "none"),
+    ];
+    for (servers, dst, expectation) in cases {
+        for proto in ["TCP", "UDP"] {
+            let before = servers.saw().len();
+            let client = if proto == "TCP" {
+                tcp_exchange(&web.netns, dst)
+            } else {
+                udp_exchange(&web.netns, dst)
+            };
+            let saw = servers.saw()[before];
+            // The test bed does what the model says.
+            if expectation == "expected" {
+                assert_eq!(saw.ip(), node_ip, "{proto} to {dst}");
+            } else {
+                assert_eq!(saw, client, "{proto} to {dst}");
+            }
+            let rec = snat_record(&n.daemon.socket, proto, client, dst);
+            check(&rec, client, saw, expectation);
+            assert_eq!(rec["direction"], "egress");
+        }
+    }
+
+    // Replies are attributed to the pod: the connection's live entry counts them.
+    let client = tcp_exchange(&web.netns, format!("{EXT_IP}:8080").parse().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ct = n.daemon.get_lines("/v1/conntrack").unwrap();
+        let e = ct.iter().find(|r| {
+            r["source"]["port"] == client.port() && r["source"]["ip"] == client.ip().to_string()
+        });
+        // The live entry gets its snat once the daemon has read the connection's `new` event.
+        let done =
+            |e: &&Value| e["counters"]["packets_in"].as_u64() >= Some(2) && !e["snat"].is_null();
+        if let Some(e) = e.filter(done) {
+            assert_eq!(e["snat"]["expectation"], "expected", "{e:#}");
+            assert_eq!(e["source"]["pod"], "web");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no replies counted: {e:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Nothing unexpected or missing in a correctly configured node; the metrics agree.
+    assert!(flows(&n.daemon.socket, &["--snat", "unexpected"]).is_empty());
+    assert!(flows(&n.daemon.socket, &["--snat", "missing"]).is_empty());
+    let m = n.daemon.get("/metrics").unwrap();
+    let expected = if model == Model::Overlay { 5 } else { 3 };
+    assert!(
+        metric(&m, "observer_snat_flows_total{expectation=\"expected\"}") >= expected,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "observer_snat_flows_total{expectation=\"unexpected\"}"),
+        0
+    );
+    assert_eq!(metric(&m, "observer_kernel_conntrack_overruns_total"), 0);
+    let status = n.daemon.get("/v1/status").unwrap();
+    let status: Value = serde_json::from_str(&status).unwrap();
+    let want = if model == Model::Overlay {
+        "overlay"
+    } else {
+        "flat"
+    };
+    assert_eq!(status["network"]["model"], want, "{status:#}");
+}
+
+#[test]
+fn overlay_model_snat() {
+    both_protocols_to_every_destination(Model::Overlay);
+}
+
+#[test]
+fn flat_model_snat() {
+    both_protocols_to_every_destination(Model::Flat);
+}
+
+/// A MASQUERADE rule that also catches the VNet peer in the flat model: the peer sees the node
+/// IP, and the record says `unexpected` with exactly that translation.
+#[test]
+fn wrong_masquerade_is_unexpected() {
+    let n = node("snw", Model::Flat);
+    let bed = &n.bed;
+    let web = bed.pod("web").clone();
+    bed.add_wrong_masquerade(&bed.node_ns, &format!("{PEER_IP}/32"))
+        .unwrap();
+    let peer = Servers::start(&bed.peer_ns, PEER_IP.parse().unwrap(), 8080);
+    let dst: SocketAddr = format!("{PEER_IP}:8080").parse().unwrap();
+    for proto in ["TCP", "UDP"] {
+        let before = peer.saw().len();
+        let client = if proto == "TCP" {
+            tcp_exchange(&web.netns, dst)
+        } else {
+            udp_exchange(&web.netns, dst)
+        };
+        let saw = peer.saw()[before];
+        assert_eq!(saw.ip(), NODE_IP.parse::<IpAddr>().unwrap());
+        let rec = snat_record(&n.daemon.socket, proto, client, dst);
+        check(&rec, client, saw, "unexpected");
+    }
+    let unexpected = flows(&n.daemon.socket, &["--snat", "unexpected"]);
+    assert!(
+        unexpected.len() >= 2
+            && unexpected
+                .iter()
+                .all(|r| r["snat"]["expectation"] == "unexpected"),
+        "{unexpected:#?}"
+    );
+    // The compact line says it too.
+    let out = Command::new(OBSERVER)
+        .args(["flows", "--socket"])
+        .arg(&n.daemon.socket)
+        .args(["--snat", "unexpected", "--last", "1"])
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        line.contains(&format!("SNAT {NODE_IP}:")) && line.contains("(unexpected)"),
+        "{line}"
+    );
+}
+
+/// Without the MASQUERADE rule the overlay pod IP leaves the node: `missing`.
+#[test]
+fn missing_masquerade_is_missing() {
+    let n = node("snm", Model::Overlay);
+    let bed = &n.bed;
+    let web = bed.pod("web").clone();
+    bed.remove_masquerade(&bed.node_ns).unwrap();
+    let ext = Servers::start(&bed.ext_ns, EXT_IP.parse().unwrap(), 8080);
+    let dst: SocketAddr = format!("{EXT_IP}:8080").parse().unwrap();
+    let client = udp_exchange(&web.netns, dst);
+    let saw = ext.saw()[0];
+    assert_eq!(saw, client, "the external host sees the pod IP");
+    let rec = snat_record(&n.daemon.socket, "UDP", client, dst);
+    check(&rec, client, saw, "missing");
+}
