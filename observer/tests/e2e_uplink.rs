@@ -1,0 +1,207 @@
+//! The uplink programs: XDP judges the ingress policy of packets addressed straight to local pods
+//! (flat model, routed cross-node pod traffic) and drops denied ones before the stack; tc counts
+//! the wire side in both directions; the attachments survive a daemon restart.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use observer_tests::{in_netns, tcp_connects, Model, PodSpec, TestBed, EXT_IP};
+use serde_json::Value;
+
+const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
+
+const POLICY: &str = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-api, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {app: api}}
+    ports:
+    - {protocol: TCP, port: 8080}
+"#;
+
+fn status(d: &observer_tests::Daemon) -> Value {
+    serde_json::from_str(&d.get("/v1/status").unwrap()).unwrap()
+}
+
+/// Packets of an uplink counter (point, local, remote) from `observer status`.
+fn uplink(s: &Value, point: &str, local: &str, remote: &str) -> u64 {
+    s["uplink_counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["point"] == point && c["local"] == local && c["remote"] == remote)
+        .map(|c| c["packets"].as_u64().unwrap())
+        .unwrap_or(0)
+}
+
+fn serve(ns: &str, addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let l = in_netns(ns, move || TcpListener::bind(addr)).unwrap().unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut c, _)) => {
+                    c.set_nonblocking(false).ok();
+                    c.set_read_timeout(Some(Duration::from_secs(1))).ok();
+                    let mut b = [0u8; 16];
+                    if let Ok(n) = c.read(&mut b) {
+                        let _ = c.write_all(&b[..n]);
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    })
+}
+
+fn wait_policy(d: &observer_tests::Daemon) {
+    let t0 = Instant::now();
+    while status(d)["policies"].as_array().unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "policy not loaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
+    let mut bed = TestBed::new("upx", Model::Flat).unwrap();
+    bed.add_pod(PodSpec {
+        namespace: "shop",
+        name: "web",
+        labels: &[("app", "web")],
+        ports: &[("http", 8080, "TCP")],
+    })
+    .unwrap();
+    for (name, app) in [("api", "api"), ("intruder", "intruder")] {
+        bed.add_remote_pod(PodSpec {
+            namespace: "shop",
+            name,
+            labels: &[("app", app)],
+            ports: &[],
+        })
+        .unwrap();
+    }
+    std::fs::write(bed.cluster_dir().join("policy.yaml"), POLICY).unwrap();
+    let args = bed.model_args();
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
+    wait_policy(&daemon);
+
+    let s = status(&daemon);
+    let up = &s["uplinks"][0];
+    assert_eq!(up["name"], "eth0", "{s:#}");
+    assert_eq!(up["xdp"], "native", "XDP in driver mode on the veth uplink: {s:#}");
+    let ifindex = up["ifindex"].as_u64().unwrap();
+    assert!(daemon
+        .pin_dir
+        .join(format!("links/{ifindex}-uplink-xdp-native"))
+        .exists());
+
+    let web = bed.pod("web").clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = serve(&web.netns, SocketAddr::new(web.ip4, 8080), stop.clone());
+    let dst = SocketAddr::new(web.ip4, 8080);
+
+    // Allowed: api on node-2 reaches web across the VNet with its pod IP.
+    let api = bed.remote_pod("api").clone();
+    assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
+    // Denied: the intruder's SYNs die in XDP on the uplink.
+    let before = status(&daemon);
+    let intruder = bed.remote_pod("intruder").clone();
+    assert!(!tcp_connects(&intruder.netns, dst, Duration::from_millis(1500)));
+    let after = status(&daemon);
+    let xdp_drops = uplink(&after, "xdp_drop", "pod", "any") - uplink(&before, "xdp_drop", "pod", "any");
+    assert!(xdp_drops >= 1, "{after:#}");
+    assert!(uplink(&after, "xdp", "pod", "any") >= xdp_drops);
+    // Wire-side tc counters saw the allowed connection both ways, pod IP to pod IP.
+    assert!(uplink(&after, "tc_ingress", "pod", "pod") > 0, "{after:#}");
+    assert!(uplink(&after, "tc_egress", "pod", "pod") > 0, "{after:#}");
+
+    // The drop record names the isolating policy and counts what XDP dropped.
+    let t0 = Instant::now();
+    let drop = loop {
+        let out = Command::new(OBSERVER)
+            .args(["flows", "--socket"])
+            .arg(&daemon.socket)
+            .args(["--verdict", "dropped", "--from-pod", "shop/intruder", "-o", "json"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if let Some(l) = text.lines().next() {
+            break serde_json::from_str::<Value>(l).unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "no drop record");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(drop["destination"]["pod"], "web", "{drop:#}");
+    assert_eq!(drop["isolated_by"][0]["name"], "web-from-api", "{drop:#}");
+    assert_eq!(drop["interface"], ifindex, "judged on the uplink: {drop:#}");
+    assert!(drop["counters"]["packets_out"].as_u64().unwrap() >= 1);
+    assert!(drop.get("snat").is_none(), "a dropped connection never left");
+
+    // Restart: the XDP link is taken over in place and keeps dropping.
+    bed.stop_daemon(&daemon);
+    assert!(!tcp_connects(&intruder.netns, dst, Duration::from_millis(500)));
+    let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
+    wait_policy(&daemon);
+    let s = status(&daemon);
+    assert_eq!(s["uplinks"][0]["xdp"], "native", "{s:#}");
+    let b = uplink(&s, "xdp_drop", "pod", "any");
+    assert!(!tcp_connects(&intruder.netns, dst, Duration::from_millis(1500)));
+    assert!(uplink(&status(&daemon), "xdp_drop", "pod", "any") > b);
+    assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}
+
+/// Overlay: pod egress to the world leaves with the node's address (tc egress `node`/`world`);
+/// `--no-uplink-programs` leaves the uplink alone.
+#[test]
+fn tc_counts_the_wire_side_and_can_be_turned_off() {
+    let mut bed = TestBed::new("upt", Model::Overlay).unwrap();
+    bed.add_app_pods("shop", &[("web", "web")]).unwrap();
+    let args = bed.model_args();
+    let mut args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
+    let web = bed.pod("web").clone();
+    let ext: SocketAddr = format!("{EXT_IP}:9").parse().unwrap();
+    let before = status(&daemon);
+    // Nothing listens on the external host: the SYN goes out, a RST comes back.
+    let _ = in_netns(&web.netns, move || {
+        TcpStream::connect_timeout(&ext, Duration::from_secs(1))
+    });
+    let after = status(&daemon);
+    let out = uplink(&after, "tc_egress", "node", "world") - uplink(&before, "tc_egress", "node", "world");
+    let back = uplink(&after, "tc_ingress", "node", "world") - uplink(&before, "tc_ingress", "node", "world");
+    assert!(out >= 1 && back >= 1, "{after:#}");
+    assert_eq!(
+        uplink(&after, "tc_egress", "pod", "world"),
+        0,
+        "no pod IP leaves an overlay node: {after:#}"
+    );
+    bed.stop_daemon(&daemon);
+
+    args.push("--no-uplink-programs");
+    let mut bed = TestBed::new("upn", Model::Overlay).unwrap();
+    bed.add_app_pods("shop", &[("web", "web")]).unwrap();
+    let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
+    let s = status(&daemon);
+    assert!(s["uplinks"].as_array().unwrap().is_empty(), "{s:#}");
+    assert!(!daemon.pin_dir.join("links").read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("uplink")));
+}
