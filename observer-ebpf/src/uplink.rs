@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use observer_common::{uplink, RemoteKind, UplinkCounter};
+use observer_common::{uplink, RemoteKind, UplinkCounter, IPPROTO_TCP};
 
 use crate::{
     classify,
@@ -19,6 +19,8 @@ use crate::{
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 #[inline(always)]
 fn add(idx: u32, bytes: u64) {
@@ -124,6 +126,12 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
         uplink::index(uplink::XDP_IN, uplink::LOCAL_POD, uplink::REMOTE_ANY),
         bytes,
     );
+    // An established TCP segment cannot open a connection: the pod's veth judges it (tc
+    // enforces the same policy behind XDP), so the conntrack lookup is spent only on packets
+    // that can open one.
+    if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
+        return xdp_action::XDP_PASS;
+    }
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     match process(
         ctx,

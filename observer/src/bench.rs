@@ -125,7 +125,24 @@ pub fn uplink(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
         let flags = if proto == 6 { 0x10 } else { 0 };
         let to_pod = packet64_between(DST, SRC, proto, 80, 40000, flags);
         let to_node = packet64_between(DST, [10, 224, 0, 4], proto, 80, 40000, flags);
-        for (case, pkt) in [("to_pod_conntrack_hit", &to_pod), ("to_node", &to_node)] {
+        // A SYN (the world opening a connection to the pod): the conntrack path, a hit after
+        // the first run.
+        let syn = packet64_between(DST, SRC, proto, 41000, 8080, 0x02);
+        let mut cases = vec![
+            (
+                if proto == 6 {
+                    "to_pod_established"
+                } else {
+                    "to_pod_conntrack_hit"
+                },
+                &to_pod,
+            ),
+            ("to_node", &to_node),
+        ];
+        if proto == 6 {
+            cases.push(("to_pod_syn_conntrack_hit", &syn));
+        }
+        for (case, pkt) in cases {
             let (subj, base) = with_datapath(None, |dp| {
                 dp.load_xdp(programs::XDP_EMPTY)?;
                 // The pod opened the connection: its first packet went out through from_pod.

@@ -310,9 +310,10 @@ impl FlowRecord {
         let src = Self::endpoint(&self.source);
         match &self.snat {
             Some(n) if n.expectation != crate::snat::Expectation::None => {
-                let wire = match n.translated_src_ip {
-                    IpAddr::V6(ip) => format!("[{ip}]:{}", n.translated_src_port),
-                    IpAddr::V4(ip) => format!("{ip}:{}", n.translated_src_port),
+                let wire = match (n.translated_src_ip, n.translated_src_port) {
+                    (ip, 0) => ip.to_string(),
+                    (IpAddr::V6(ip), port) => format!("[{ip}]:{port}"),
+                    (IpAddr::V4(ip), port) => format!("{ip}:{port}"),
                 };
                 format!("{src} SNAT {wire} ({})", n.expectation.as_str())
             }

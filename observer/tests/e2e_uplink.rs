@@ -47,7 +47,9 @@ fn uplink(s: &Value, point: &str, local: &str, remote: &str) -> u64 {
 }
 
 fn serve(ns: &str, addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let l = in_netns(ns, move || TcpListener::bind(addr)).unwrap().unwrap();
+    let l = in_netns(ns, move || TcpListener::bind(addr))
+        .unwrap()
+        .unwrap();
     l.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
@@ -102,7 +104,10 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     let s = status(&daemon);
     let up = &s["uplinks"][0];
     assert_eq!(up["name"], "eth0", "{s:#}");
-    assert_eq!(up["xdp"], "native", "XDP in driver mode on the veth uplink: {s:#}");
+    assert_eq!(
+        up["xdp"], "native",
+        "XDP in driver mode on the veth uplink: {s:#}"
+    );
     let ifindex = up["ifindex"].as_u64().unwrap();
     assert!(daemon
         .pin_dir
@@ -120,9 +125,14 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     // Denied: the intruder's SYNs die in XDP on the uplink.
     let before = status(&daemon);
     let intruder = bed.remote_pod("intruder").clone();
-    assert!(!tcp_connects(&intruder.netns, dst, Duration::from_millis(1500)));
+    assert!(!tcp_connects(
+        &intruder.netns,
+        dst,
+        Duration::from_millis(1500)
+    ));
     let after = status(&daemon);
-    let xdp_drops = uplink(&after, "xdp_drop", "pod", "any") - uplink(&before, "xdp_drop", "pod", "any");
+    let xdp_drops =
+        uplink(&after, "xdp_drop", "pod", "any") - uplink(&before, "xdp_drop", "pod", "any");
     assert!(xdp_drops >= 1, "{after:#}");
     assert!(uplink(&after, "xdp", "pod", "any") >= xdp_drops);
     // Wire-side tc counters saw the allowed connection both ways, pod IP to pod IP.
@@ -135,7 +145,14 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
         let out = Command::new(OBSERVER)
             .args(["flows", "--socket"])
             .arg(&daemon.socket)
-            .args(["--verdict", "dropped", "--from-pod", "shop/intruder", "-o", "json"])
+            .args([
+                "--verdict",
+                "dropped",
+                "--from-pod",
+                "shop/intruder",
+                "-o",
+                "json",
+            ])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -149,17 +166,28 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     assert_eq!(drop["isolated_by"][0]["name"], "web-from-api", "{drop:#}");
     assert_eq!(drop["interface"], ifindex, "judged on the uplink: {drop:#}");
     assert!(drop["counters"]["packets_out"].as_u64().unwrap() >= 1);
-    assert!(drop.get("snat").is_none(), "a dropped connection never left");
+    assert!(
+        drop.get("snat").is_none(),
+        "a dropped connection never left"
+    );
 
     // Restart: the XDP link is taken over in place and keeps dropping.
     bed.stop_daemon(&daemon);
-    assert!(!tcp_connects(&intruder.netns, dst, Duration::from_millis(500)));
+    assert!(!tcp_connects(
+        &intruder.netns,
+        dst,
+        Duration::from_millis(500)
+    ));
     let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
     wait_policy(&daemon);
     let s = status(&daemon);
     assert_eq!(s["uplinks"][0]["xdp"], "native", "{s:#}");
     let b = uplink(&s, "xdp_drop", "pod", "any");
-    assert!(!tcp_connects(&intruder.netns, dst, Duration::from_millis(1500)));
+    assert!(!tcp_connects(
+        &intruder.netns,
+        dst,
+        Duration::from_millis(1500)
+    ));
     assert!(uplink(&status(&daemon), "xdp_drop", "pod", "any") > b);
     assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
     stop.store(true, Ordering::Relaxed);
@@ -183,8 +211,10 @@ fn tc_counts_the_wire_side_and_can_be_turned_off() {
         TcpStream::connect_timeout(&ext, Duration::from_secs(1))
     });
     let after = status(&daemon);
-    let out = uplink(&after, "tc_egress", "node", "world") - uplink(&before, "tc_egress", "node", "world");
-    let back = uplink(&after, "tc_ingress", "node", "world") - uplink(&before, "tc_ingress", "node", "world");
+    let out = uplink(&after, "tc_egress", "node", "world")
+        - uplink(&before, "tc_egress", "node", "world");
+    let back = uplink(&after, "tc_ingress", "node", "world")
+        - uplink(&before, "tc_ingress", "node", "world");
     assert!(out >= 1 && back >= 1, "{after:#}");
     assert_eq!(
         uplink(&after, "tc_egress", "pod", "world"),

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use observer_tests::{in_netns, spawn_in_netns, PodSpec, TestBed, EXT_IP, EXT_IP6};
+use observer_tests::{in_netns, spawn_in_netns, Model, PodSpec, TestBed, EXT_IP, EXT_IP6, PEER_IP};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -89,12 +89,12 @@ fn udp_request(dst: SocketAddr) {
     }
 }
 
-pub fn run(duration: Option<u64>) -> Result<()> {
+pub fn run(duration: Option<u64>, model: Model) -> Result<()> {
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let mut bed = TestBed::overlay("demo").context("building the virtual node")?;
+    let mut bed = TestBed::new("demo", model).context("building the virtual node")?;
     let pods = [
         ("shop", "web", "web", vec![]),
         ("shop", "api", "api", vec![("http", 8080u16, "TCP")]),
@@ -109,6 +109,13 @@ pub fn run(duration: Option<u64>) -> Result<()> {
             ports,
         })?;
     }
+    // A pod on the second node, reached across the VNet.
+    bed.add_remote_pod(PodSpec {
+        namespace: "shop",
+        name: "payments",
+        labels: &[("app", "payments")],
+        ports: &[("http", 8443, "TCP")],
+    })?;
     std::fs::write(bed.cluster_dir().join("policy.yaml"), SAMPLE_POLICY)?;
 
     // The default socket, so `observer flows -f` works from another shell as is; a private one
@@ -120,8 +127,16 @@ pub fn run(duration: Option<u64>) -> Result<()> {
         default_sock
     };
     let bin = crate::observer_bin();
-    let daemon = bed.start_daemon_at(&bin, &socket, &["--report-interval", "5s"])?;
-    println!("virtual node {} is up: pods shop/web, shop/api, shop/db, monitoring/prometheus; external host {EXT_IP}", bed.node_ns);
+    let mut args = vec!["--report-interval".to_string(), "5s".to_string()];
+    args.extend(bed.model_args());
+    let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+    let daemon = bed.start_daemon_at(&bin, &socket, &args)?;
+    println!(
+        "virtual node {} is up ({} model): pods shop/web, shop/api, shop/db, monitoring/prometheus; \
+         shop/payments on node-2; VNet peer {PEER_IP}; external host {EXT_IP}",
+        bed.node_ns,
+        model.as_str()
+    );
     println!(
         "from another shell: {} flows -f --socket {}",
         bin.display(),
@@ -129,6 +144,11 @@ pub fn run(duration: Option<u64>) -> Result<()> {
     );
     println!(
         "                    {} status --socket {}",
+        bin.display(),
+        socket.display()
+    );
+    println!(
+        "                    {} flows --snat -o json --socket {}",
         bin.display(),
         socket.display()
     );
@@ -153,10 +173,13 @@ pub fn run(duration: Option<u64>) -> Result<()> {
         bed.pod("db").clone(),
         bed.pod("prometheus").clone(),
     );
+    let payments = bed.remote_pod("payments").clone();
     for (ns, port) in [
         (api.netns.clone(), 8080u16),
         (db.netns.clone(), 5432),
         (bed.ext_ns.clone(), 80),
+        (bed.peer_ns.clone(), 80),
+        (payments.netns.clone(), 8443),
     ] {
         let l = in_netns(&ns, move || TcpListener::bind(("::", port)))??;
         let st = stop.clone();
@@ -169,6 +192,8 @@ pub fn run(duration: Option<u64>) -> Result<()> {
     let ext4: SocketAddr = format!("{EXT_IP}:80").parse()?;
     let ext6: SocketAddr = format!("[{EXT_IP6}]:80").parse()?;
     let dns: SocketAddr = format!("{EXT_IP}:53").parse()?;
+    let vm: SocketAddr = format!("{PEER_IP}:80").parse()?;
+    let pay = SocketAddr::new(payments.ip4, 8443);
     let started = Instant::now();
     let mut round = 0u64;
     while !STOP.load(Ordering::SeqCst)
@@ -184,6 +209,10 @@ pub fn run(duration: Option<u64>) -> Result<()> {
             spawn_in_netns(&web.netns, move || tcp_request(db4, 64)),
             spawn_in_netns(&web.netns, move || udp_request(dns)),
             spawn_in_netns(&prom.netns, move || tcp_request(api6, 80)),
+            // A VM in the VNet: SNAT'd in the overlay model, not in the flat one.
+            spawn_in_netns(&api.netns, move || tcp_request(vm, 100)),
+            // Cross-node pod traffic keeps the pod IP in both models.
+            spawn_in_netns(&api.netns, move || tcp_request(pay, 150)),
         ];
         if round % 2 == 0 {
             jobs.push(spawn_in_netns(&web.netns, move || tcp_request(ext4, 500)));

@@ -29,6 +29,10 @@ enum Cmd {
         /// Stop by itself after this many seconds (default: run until Ctrl-C).
         #[arg(long)]
         duration: Option<u64>,
+        /// AKS network model of the virtual node: overlay (kubenet, Azure CNI Overlay: pod
+        /// CIDR apart from the VNet) or flat (Azure CNI: pods take VNet addresses).
+        #[arg(long, default_value = "overlay", value_parser = ["overlay", "flat"])]
+        model: String,
     },
     /// Benchmarks; results belong in BENCHMARKS.md.
     Bench {
@@ -121,10 +125,15 @@ fn main() -> Result<()> {
             }
             cargo(&args)
         }
-        Cmd::Demo { duration } => {
+        Cmd::Demo { duration, model } => {
             setup::run()?;
             cargo(&["build", "-p", "observer"])?;
-            demo::run(duration)
+            let model = if model == "flat" {
+                observer_tests::Model::Flat
+            } else {
+                observer_tests::Model::Overlay
+            };
+            demo::run(duration, model)
         }
         Cmd::Bench { what, json, rest } if ["kube", "events", "snat"].contains(&what.as_str()) => {
             setup::run()?;
