@@ -185,6 +185,9 @@ enum BenchCmd {
         /// Rounds per case; the median is reported.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Only the pod veth programs (`from-pod`) or only the uplink's XDP program (`uplink`).
+        #[arg(long, value_parser = ["from-pod", "uplink"])]
+        only: Option<String>,
     },
 }
 
@@ -975,10 +978,16 @@ fn run() -> Result<()> {
                     json,
                     repeat,
                     rounds,
+                    only,
                 },
         } => {
-            let mut ms = observer::bench::datapath(repeat, rounds)?;
-            ms.extend(observer::bench::uplink(repeat, rounds)?);
+            let mut ms = Vec::new();
+            if only.as_deref() != Some("uplink") {
+                ms.extend(observer::bench::datapath(repeat, rounds)?);
+            }
+            if only.as_deref() != Some("from-pod") {
+                ms.extend(observer::bench::uplink(repeat, rounds)?);
+            }
             for m in ms {
                 if json {
                     println!("{}", serde_json::to_string(&m)?);

@@ -95,7 +95,7 @@ fn snat_correlation_rate() {
     // The external host drops the datagrams quietly (no ICMP errors back).
     nft(
         &bed.ext_ns,
-        "table inet bench { chain in { type filter hook input priority 0; udp dport 10000-60000 drop } }",
+        "table inet bench {\n chain in {\n  type filter hook input priority 0;\n  udp dport 10000-60000 drop\n }\n}\n",
     )
     .unwrap();
     let history = (conns + 1000).to_string();
