@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use observer_common::{uplink, RemoteKind, UplinkCounter, IPPROTO_TCP};
+use observer_common::{stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP};
 
 use crate::{
     classify,
@@ -113,9 +113,12 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
         Ok(p) => p,
         Err(reason) => {
             // Unparsable traffic for an isolated pod is dropped here too; the rest goes on to
-            // the stack, which counts it at the pod's veth if it gets there.
-            if ip_addrs(ctx).is_some() && unparsed_denied(ctx, reason, Hook::ToPod) {
+            // the stack, which counts it at the pod's veth if it gets there. A fragment whose
+            // first fragment is not here yet may be reordered on the wire: the stack
+            // reassembles it before the pod's veth, where it is judged whole.
+            if reason != stat::FRAGMENT && unparsed_denied(ctx, reason, Hook::ToPod) {
                 stat_inc(reason);
+                stat_inc(stat::PACKETS);
                 return xdp_action::XDP_DROP;
             }
             return xdp_action::XDP_PASS;
@@ -144,6 +147,8 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
     ) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => {
+            // It never reaches the veth, where packets are counted.
+            stat_inc(stat::PACKETS);
             add(
                 uplink::index(uplink::XDP_DROP, uplink::LOCAL_POD, uplink::REMOTE_ANY),
                 bytes,

@@ -318,7 +318,7 @@ pub fn status_of(shared: &Shared) -> Status {
                 .iter()
                 .map(|n| n.to_string())
                 .collect(),
-            snat: shared.opts.snat,
+            snat: st.snat_live(),
         }),
         uplinks: {
             let mut v: Vec<UplinkStatus> = st
@@ -546,6 +546,18 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             "gauge",
             "Flow records waiting for their kernel conntrack entry.",
             st.nat_pending(),
+        );
+        p.single(
+            "observer_snat_table_overflow_total",
+            "counter",
+            "Kernel conntrack entries not kept for joining because the table was full (their records are settled by a lookup).",
+            st.nat_overflow(),
+        );
+        p.single(
+            "observer_snat_unknown_total",
+            "counter",
+            "Records published without snat because the kernel only knew their connection the other way round.",
+            st.metrics.snat_unknown_total,
         );
         p.single(
             "observer_kernel_conntrack_events_total",

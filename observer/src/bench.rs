@@ -145,6 +145,7 @@ pub fn uplink(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
         for (case, pkt) in cases {
             let (subj, base) = with_datapath(None, |dp| {
                 dp.load_xdp(programs::XDP_EMPTY)?;
+                dp.load_uplink_programs()?;
                 // The pod opened the connection: its first packet went out through from_pod.
                 run(
                     dp,

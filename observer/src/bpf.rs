@@ -83,6 +83,9 @@ pub struct Datapath {
     pub mode: AttachMode,
     links: HashMap<u32, [Kept; 2]>,
     uplinks: HashMap<u32, Uplink>,
+    /// The uplink programs are verified on first use: a node without uplinks (or with
+    /// `--no-uplink-programs`) never depends on them.
+    uplink_loaded: bool,
 }
 
 /// The programs on one of the node's uplinks.
@@ -292,17 +295,23 @@ impl Datapath {
             mode: AttachMode::detect(),
             links: HashMap::new(),
             uplinks: HashMap::new(),
+            uplink_loaded: false,
         };
-        for name in [
-            programs::FROM_POD,
-            programs::TO_POD,
-            programs::UPLINK_INGRESS,
-            programs::UPLINK_EGRESS,
-        ] {
+        for name in [programs::FROM_POD, programs::TO_POD] {
             dp.load_program(name)?;
         }
-        dp.load_xdp(programs::UPLINK_XDP)?;
         Ok(dp)
+    }
+
+    /// Verifies and loads the uplink programs (once).
+    pub fn load_uplink_programs(&mut self) -> Result<()> {
+        if !self.uplink_loaded {
+            self.load_program(programs::UPLINK_INGRESS)?;
+            self.load_program(programs::UPLINK_EGRESS)?;
+            self.load_xdp(programs::UPLINK_XDP)?;
+            self.uplink_loaded = true;
+        }
+        Ok(())
     }
 
     /// Verifies and loads one XDP program of the object.
@@ -327,6 +336,7 @@ impl Datapath {
                 xdp_error: None,
             });
         }
+        self.load_uplink_programs()?;
         if self.mode == AttachMode::Clsact {
             match tc::qdisc_add_clsact(ifname) {
                 Ok(()) => {}

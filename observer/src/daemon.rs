@@ -117,6 +117,8 @@ pub struct Metrics {
     pub conntrack_overruns_total: u64,
     pub conntrack_dumps_total: u64,
     pub conntrack_errors_total: u64,
+    /// Lookups that found the connection only the other way round (published without snat).
+    pub snat_unknown_total: u64,
     /// (event, traffic class, protocol, verdict) -> records.
     pub records: HashMap<(String, String, String, String), u64>,
     /// (policy, direction or "" for isolation, verdict) -> records.
@@ -189,6 +191,8 @@ pub struct State {
     pub model: crate::snat::NetModel,
     /// Kernel conntrack entries of local pods' connections, and records waiting for theirs.
     nat: crate::snat::NatTable<CtKey>,
+    /// The kernel conntrack is followed (`--snat` and the ctnetlink socket works).
+    snat_live: bool,
     bucket: f64,
     bucket_at: Instant,
 }
@@ -207,6 +211,14 @@ pub struct Shared {
 impl State {
     pub fn nat_pending(&self) -> usize {
         self.nat.pending_len()
+    }
+
+    pub fn nat_overflow(&self) -> u64 {
+        self.nat.overflow_total
+    }
+
+    pub fn snat_live(&self) -> bool {
+        self.snat_live
     }
 }
 
@@ -289,33 +301,39 @@ impl Shared {
         rec
     }
 
-    /// A record with its SNAT, or the tuple to wait on when the kernel's conntrack entry of a
-    /// new connection has not been seen yet.
-    fn make_record_snat(
-        &self,
-        kind: EventKind,
-        key: &CtKey,
-        e: &CtEntry,
-    ) -> (FlowRecord, Option<crate::snat::FlowTuple>) {
+    /// A record with its SNAT, or `None` when it was parked to wait for the kernel's
+    /// conntrack entry of its (new) connection; the wait and the lookup happen under one lock,
+    /// so an entry arriving in between cannot be missed.
+    fn make_record_snat(&self, kind: EventKind, key: &CtKey, e: &CtEntry) -> Option<FlowRecord> {
         let mut rec = self.make_record(kind, key, e);
-        if !self.opts.snat {
-            return (rec, None);
-        }
         let mut st = self.state.lock().unwrap();
-        let Some((t, dst_is_pod)) = snat_subject(&st, &self.opts, kind, key, e) else {
-            return (rec, None);
+        if !st.snat_live {
+            return Some(rec);
+        }
+        let Some(t) = snat_subject(&st, &self.opts, kind, key, e) else {
+            return Some(rec);
         };
         if let Some(info) = st.conns.get(key).and_then(|c| c.snat.clone()) {
             rec.snat = Some(info);
-            return (rec, None);
+            return Some(rec);
         }
-        match st.nat.take(&t) {
-            Some(translated) => {
-                settle(&mut st, key, &mut rec, t, dst_is_pod, translated, "event");
-                (rec, None)
+        match st.nat.take(&t, e.first_seen_ns) {
+            Some(k) => {
+                settle(&mut st, key, &mut rec, t, k, "event");
+                Some(rec)
             }
-            None if kind == EventKind::New => (rec, Some(t)),
-            None => (rec, None),
+            None if kind == EventKind::New => {
+                st.nat.park(
+                    t,
+                    crate::snat::Pending {
+                        rec,
+                        key: *key,
+                        since: Instant::now(),
+                    },
+                );
+                None
+            }
+            None => Some(rec),
         }
     }
 
@@ -355,16 +373,22 @@ const NAT_TABLE_MAX: usize = 262_144;
 /// How long an entry the kernel destroyed stays joinable.
 const NAT_DESTROYED_GRACE: Duration = Duration::from_secs(5);
 
-/// The kernel conntrack tuple of a record that gets an `snat` object (a local pod opened the
-/// connection and it was not dropped), and whether the destination is a known pod.
+/// The kernel conntrack tuple of a record that gets an `snat` object: a local pod opened the
+/// connection, it was not dropped, and it is something the kernel tracks on its own (ICMP
+/// errors are not: they belong to the connection they report on).
 fn snat_subject(
     st: &State,
     opts: &Options,
     kind: EventKind,
     key: &CtKey,
     e: &CtEntry,
-) -> Option<(crate::snat::FlowTuple, bool)> {
+) -> Option<crate::snat::FlowTuple> {
     if kind == EventKind::Drop || e.flags & ct_flags::DENIED != 0 {
+        return None;
+    }
+    let icmp =
+        key.proto == observer_common::IPPROTO_ICMP || key.proto == observer_common::IPPROTO_ICMPV6;
+    if icmp && !matches!(e.icmp_type, 0 | 8 | 128 | 129) {
         return None;
     }
     let ((sip, sport), (dip, dport)) = flows::orient(key, e.flags);
@@ -372,10 +396,16 @@ fn snat_subject(
     if pod.node != opts.node_name || pod.host_network {
         return None;
     }
-    Some((
-        (key.proto, sip, sport, dip, dport),
-        st.by_ip.contains_key(&dip),
-    ))
+    Some((key.proto, sip, sport, dip, dport))
+}
+
+/// What a kernel entry says about the connection of tuple `t`.
+fn kernel_of(ev: &crate::ctnetlink::CtEvent) -> crate::snat::Kernel {
+    crate::snat::Kernel {
+        translated: ev.snat(),
+        // A Service's ClusterIP is DNAT'd to its backend: predict against where it went.
+        dst: ev.dnat().map(|d| d.0).unwrap_or(ev.orig.dst),
+    }
 }
 
 /// Gives a record its SNAT and remembers it for the connection's later records.
@@ -384,14 +414,15 @@ fn settle(
     key: &CtKey,
     rec: &mut FlowRecord,
     t: crate::snat::FlowTuple,
-    dst_is_pod: bool,
-    translated: Option<(IpAddr, u16)>,
+    k: crate::snat::Kernel,
     how: &'static str,
 ) {
+    let translated = k.translated;
+    let dst_is_pod = st.by_ip.contains_key(&k.dst);
     let info = crate::snat::info(
         &st.model,
         (t.1, rec.source.port),
-        t.3,
+        k.dst,
         dst_is_pod,
         translated,
     );
@@ -624,6 +655,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 host_addresses(),
             ),
             nat: crate::snat::NatTable::new(NAT_TABLE_MAX),
+            snat_live: opts.snat,
             bucket: opts.max_records_per_second as f64,
             bucket_at: Instant::now(),
         }),
@@ -704,6 +736,11 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
     tasks.abort_all();
+    // Records still waiting for their kernel entry go out without `snat` rather than not at all.
+    let waiting = shared.state.lock().unwrap().nat.drain_pending();
+    for p in waiting {
+        shared.publish(p.rec);
+    }
     let _ = std::fs::remove_file(&opts.socket);
     Ok(())
 }
@@ -886,17 +923,8 @@ fn handle_event(shared: &Shared, ev: FlowEvent) {
 /// Publishes a record now, or parks it until the kernel's conntrack entry of its connection
 /// shows up (see `conntrack_task`).
 fn emit(shared: &Shared, kind: EventKind, key: &CtKey, e: &CtEntry) {
-    let (rec, wait) = shared.make_record_snat(kind, key, e);
-    match wait {
-        None => shared.publish(rec),
-        Some(t) => shared.state.lock().unwrap().nat.park(
-            t,
-            crate::snat::Pending {
-                rec,
-                key: *key,
-                since: Instant::now(),
-            },
-        ),
+    if let Some(rec) = shared.make_record_snat(kind, key, e) {
+        shared.publish(rec);
     }
 }
 
@@ -912,11 +940,12 @@ fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEvent], how: &
     {
         let mut st = shared.state.lock().unwrap();
         let now = Instant::now();
+        let now_ns = flows::mono_now_ns();
         st.metrics.conntrack_events_total += events.len() as u64;
         for ev in events {
             let t = tuple_of(&ev.orig);
             match ev.kind {
-                CtEventKind::Destroy => st.nat.destroyed(&t, now),
+                CtEventKind::Destroy => st.nat.destroyed(&t, now_ns),
                 CtEventKind::New | CtEventKind::Update => {
                     // Only connections local pods opened are joined.
                     let local = st
@@ -926,17 +955,22 @@ fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEvent], how: &
                     if !local {
                         continue;
                     }
-                    let dst_is_pod = st.by_ip.contains_key(&ev.orig.dst);
-                    if let Some((waiting, translated)) = st.nat.insert(t, ev.snat()) {
+                    // Already joined (a dump repeats live connections).
+                    let key = flows::ct_key(t.1, t.2, t.3, t.4, t.0);
+                    if st.conns.get(&key).is_some_and(|c| c.snat.is_some()) {
+                        continue;
+                    }
+                    let k = kernel_of(ev);
+                    if let Some(waiting) = st.nat.insert(t, k, now) {
                         for mut p in waiting {
-                            settle(&mut st, &p.key, &mut p.rec, t, dst_is_pod, translated, how);
+                            settle(&mut st, &p.key, &mut p.rec, t, k, how);
                             ready.push(p.rec);
                         }
                     }
                 }
             }
         }
-        st.nat.gc(NAT_DESTROYED_GRACE, now);
+        st.nat.gc(NAT_DESTROYED_GRACE, now, now_ns);
     }
     for rec in ready {
         shared.publish(rec);
@@ -964,18 +998,20 @@ fn settle_overdue(shared: &Shared) {
         };
         let found = crate::ctnetlink::get(&orig);
         let mut st = shared.state.lock().unwrap();
-        let dst_is_pod = st.by_ip.contains_key(&t.3);
         match found {
-            Ok(Some(ev)) => settle(
-                &mut st,
-                &p.key,
-                &mut p.rec,
-                t,
-                dst_is_pod,
-                ev.snat(),
-                "lookup",
-            ),
-            Ok(None) => settle(&mut st, &p.key, &mut p.rec, t, dst_is_pod, None, "absent"),
+            // A lookup also matches an entry whose reply tuple this is (the pod answered a
+            // connection the kernel saw the other way round): only the original counts.
+            Ok(Some(ev)) if tuple_of(&ev.orig) == t => {
+                settle(&mut st, &p.key, &mut p.rec, t, kernel_of(&ev), "lookup")
+            }
+            Ok(Some(_)) => st.metrics.snat_unknown_total += 1,
+            Ok(None) => {
+                let k = crate::snat::Kernel {
+                    translated: None,
+                    dst: t.3,
+                };
+                settle(&mut st, &p.key, &mut p.rec, t, k, "absent")
+            }
             Err(e) => {
                 // Published without `snat` rather than with a guess.
                 st.metrics.conntrack_errors_total += 1;
@@ -993,8 +1029,26 @@ fn settle_overdue(shared: &Shared) {
 const CONNTRACK_RCVBUF: usize = 16 << 20;
 
 /// Follows the kernel's connection tracking (ctnetlink events, a dump at start and after any
-/// overrun) so local pods' records carry their SNAT.
+/// overrun) so local pods' records carry their SNAT. If that fails the daemon goes on without
+/// it: records lose `snat`, nothing else.
 async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
+    if let Err(e) = follow_conntrack(&shared).await {
+        warn!("kernel conntrack unavailable, records go without snat: {e:#}");
+        let waiting = {
+            let mut st = shared.state.lock().unwrap();
+            st.snat_live = false;
+            st.metrics.conntrack_errors_total += 1;
+            st.nat.drain_pending()
+        };
+        for p in waiting {
+            shared.publish(p.rec);
+        }
+    }
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+async fn follow_conntrack(shared: &Shared) -> Result<()> {
     let listener = crate::ctnetlink::Listener::open(CONNTRACK_RCVBUF)
         .context("subscribing to conntrack events (ctnetlink)")?;
     let mut l = crate::ctnetlink::AsyncListener::new(listener)?;
@@ -1008,7 +1062,7 @@ async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
             warn!("conntrack dump: {e}");
         }
     };
-    dump(&shared);
+    dump(shared);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::new();
@@ -1016,15 +1070,15 @@ async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
         tokio::select! {
             r = l.next_batch(&mut batch) => {
                 let overrun = r.context("reading conntrack events")?;
-                apply_conntrack(&shared, &batch, "event");
+                apply_conntrack(shared, &batch, "event");
                 batch.clear();
                 if overrun {
                     shared.state.lock().unwrap().metrics.conntrack_overruns_total += 1;
                     warn!("conntrack events lost (socket overrun); resyncing with a dump");
-                    dump(&shared);
+                    dump(shared);
                 }
             }
-            _ = tick.tick() => settle_overdue(&shared),
+            _ = tick.tick() => settle_overdue(shared),
         }
     }
 }

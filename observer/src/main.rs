@@ -469,16 +469,6 @@ struct FilterArgs {
     snat: Vec<String>,
 }
 
-/// Values `--snat` takes; anything else after it is the next argument.
-const SNAT_VALUES: [&str; 6] = [
-    "any",
-    "translated",
-    "expected",
-    "none",
-    "unexpected",
-    "missing",
-];
-
 const FILTER_FLAGS: [&str; 19] = [
     "not",
     "namespace",
@@ -515,8 +505,10 @@ fn ordered_filter_args(argv: &[String]) -> Vec<(String, String)> {
                 if name == "not" {
                     out.push(("not".into(), String::new()));
                 } else if name == "snat" && inline.is_none() {
+                    // `observer flows` takes no positional arguments: whatever follows that is
+                    // not a flag is the value (a misspelled one is rejected, not ignored).
                     match argv.get(i + 1) {
-                        Some(v) if SNAT_VALUES.contains(&v.to_ascii_lowercase().as_str()) => {
+                        Some(v) if !v.starts_with('-') => {
                             out.push((name.into(), v.clone()));
                             i += 1;
                         }

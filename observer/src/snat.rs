@@ -212,14 +212,28 @@ impl NetModel {
 /// address and port, destination address and port (ICMP echo: the identifier as source port).
 pub type FlowTuple = (u8, IpAddr, u16, IpAddr, u16);
 
+/// What the kernel's entry says about a connection: the wire-side source when it was
+/// translated, and the destination after any DNAT (a Service's ClusterIP becomes its backend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    pub translated: Translation,
+    pub dst: IpAddr,
+}
+
 struct NatEntry {
-    /// The wire-side source, when it differs from the original.
-    translated: Option<(IpAddr, u16)>,
-    destroyed_at: Option<Instant>,
+    kernel: Kernel,
+    inserted_at: Instant,
+    /// `CLOCK_MONOTONIC` ns when the kernel destroyed the entry: only a connection first seen
+    /// before then may take it (a reused tuple must not inherit an old translation).
+    destroyed_ns: Option<u64>,
 }
 
 /// The wire-side source of a connection when it differs from the original.
 pub type Translation = Option<(IpAddr, u16)>;
+
+/// How long a kernel entry waits for its connection's record before it is dropped: records
+/// follow their connection's first packet within a ring poll (100 ms).
+pub const UNJOINED_TTL: Duration = Duration::from_secs(30);
 
 /// A flow record waiting for the kernel's conntrack entry of its connection.
 pub struct Pending<K> {
@@ -262,16 +276,16 @@ impl<K> NatTable<K> {
         self.pending_count
     }
 
-    /// A new (or dumped) conntrack entry. Returns the records that were waiting for it, with
-    /// its translation.
+    /// A new (or dumped) conntrack entry. Returns the records that were waiting for it.
     pub fn insert(
         &mut self,
         t: FlowTuple,
-        translated: Option<(IpAddr, u16)>,
-    ) -> Option<(Vec<Pending<K>>, Translation)> {
+        kernel: Kernel,
+        now: Instant,
+    ) -> Option<Vec<Pending<K>>> {
         if let Some(waiting) = self.pending.remove(&t) {
             self.pending_count -= waiting.len();
-            return Some((waiting, translated));
+            return Some(waiting);
         }
         if self.entries.len() >= self.max_entries && !self.entries.contains_key(&t) {
             self.overflow_total += 1;
@@ -280,29 +294,44 @@ impl<K> NatTable<K> {
         self.entries.insert(
             t,
             NatEntry {
-                translated,
-                destroyed_at: None,
+                kernel,
+                inserted_at: now,
+                destroyed_ns: None,
             },
         );
         None
     }
 
-    /// The kernel forgot the entry; it stays a little while for a record still on its way.
-    pub fn destroyed(&mut self, t: &FlowTuple, now: Instant) {
+    /// The kernel forgot the entry (at `now_ns`, monotonic); it stays a little while for a
+    /// record still on its way.
+    pub fn destroyed(&mut self, t: &FlowTuple, now_ns: u64) {
         if let Some(e) = self.entries.get_mut(t) {
-            e.destroyed_at.get_or_insert(now);
+            e.destroyed_ns.get_or_insert(now_ns);
         }
     }
 
-    /// Joins a record's tuple with its entry: `Some(translation)` when the kernel's entry is
-    /// known (consumed: the connection keeps the result), `None` when it is not (yet).
-    pub fn take(&mut self, t: &FlowTuple) -> Option<Option<(IpAddr, u16)>> {
-        self.entries.remove(t).map(|e| e.translated)
+    /// Joins a record's tuple with its entry: `Some` when the kernel's entry of this
+    /// connection (first seen at `first_seen_ns`) is known (consumed: the connection keeps the
+    /// result), `None` when it is not (yet).
+    pub fn take(&mut self, t: &FlowTuple, first_seen_ns: u64) -> Option<Kernel> {
+        let e = self.entries.get(t)?;
+        if e.destroyed_ns.is_some_and(|d| first_seen_ns > d) {
+            // An earlier connection on the same tuple.
+            self.entries.remove(t);
+            return None;
+        }
+        self.entries.remove(t).map(|e| e.kernel)
     }
 
     pub fn park(&mut self, t: FlowTuple, p: Pending<K>) {
         self.pending_count += 1;
         self.pending.entry(t).or_default().push(p);
+    }
+
+    /// Every waiting record, e.g. at shutdown.
+    pub fn drain_pending(&mut self) -> Vec<Pending<K>> {
+        self.pending_count = 0;
+        self.pending.drain().flat_map(|(_, v)| v).collect()
     }
 
     /// Records that waited longer than `wait`.
@@ -323,10 +352,15 @@ impl<K> NatTable<K> {
         out
     }
 
-    /// Drops entries the kernel destroyed more than `grace` ago.
-    pub fn gc(&mut self, grace: Duration, now: Instant) {
-        self.entries
-            .retain(|_, e| e.destroyed_at.is_none_or(|d| now.duration_since(d) < grace));
+    /// Drops entries the kernel destroyed more than `grace` ago (`now_ns` monotonic) and
+    /// entries no record claimed within [`UNJOINED_TTL`].
+    pub fn gc(&mut self, grace: Duration, now: Instant, now_ns: u64) {
+        let grace = grace.as_nanos() as u64;
+        self.entries.retain(|_, e| {
+            e.destroyed_ns
+                .is_none_or(|d| now_ns.saturating_sub(d) < grace)
+                && now.duration_since(e.inserted_at) < UNJOINED_TTL
+        });
     }
 }
 
@@ -421,20 +455,56 @@ mod tests {
     fn join_waits_for_the_entry_either_way_round() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let t: FlowTuple = (6, ip("10.244.1.10"), 40000, ip("203.0.113.10"), 80);
+        let now = Instant::now();
+        let k = |tr| Kernel {
+            translated: tr,
+            dst: ip("203.0.113.10"),
+        };
         let mut table: NatTable<u32> = NatTable::new(10);
         // Entry first, record second.
-        assert!(table.insert(t, Some((ip("10.224.0.4"), 40000))).is_none());
-        assert_eq!(table.take(&t), Some(Some((ip("10.224.0.4"), 40000))));
-        assert_eq!(table.take(&t), None);
+        let nat = k(Some((ip("10.224.0.4"), 40000)));
+        assert!(table.insert(t, nat, now).is_none());
+        assert_eq!(table.take(&t, 5), Some(nat));
+        assert_eq!(table.take(&t, 5), None);
+        // Record first: it waits, and the entry hands it back.
+        table.park(
+            t,
+            Pending {
+                rec: crate::flows::record(
+                    "n",
+                    observer_common::EventKind::New,
+                    &Default::default(),
+                    &Default::default(),
+                    |_| None,
+                    |_| None,
+                ),
+                key: 7,
+                since: now,
+            },
+        );
+        assert_eq!(table.pending_len(), 1);
+        let waiting = table.insert(t, nat, now).expect("the parked record");
+        assert_eq!(waiting[0].key, 7);
+        assert_eq!((table.pending_len(), table.len()), (0, 0));
+        // A destroyed entry is not handed to a later connection on the same tuple.
+        table.insert(t, nat, now);
+        table.destroyed(&t, 100);
+        assert_eq!(table.take(&t, 200), None);
+        table.insert(t, nat, now);
+        table.destroyed(&t, 100);
+        assert_eq!(table.take(&t, 50), Some(nat));
         // Bounded.
         let mut small: NatTable<u32> = NatTable::new(1);
-        small.insert(t, None);
-        small.insert((17, t.1, 1, t.3, 2), None);
+        small.insert(t, k(None), now);
+        small.insert((17, t.1, 1, t.3, 2), k(None), now);
         assert_eq!(small.overflow_total, 1);
         assert_eq!(small.len(), 1);
-        // Destroyed entries go after the grace period.
-        small.destroyed(&t, Instant::now() - Duration::from_secs(10));
-        small.gc(Duration::from_secs(5), Instant::now());
+        // Destroyed entries go after the grace period, unclaimed ones after their TTL.
+        small.destroyed(&t, 1_000);
+        small.gc(Duration::from_secs(5), now, 1_000 + 10_000_000_000);
+        assert!(small.is_empty());
+        small.insert(t, k(None), now - UNJOINED_TTL);
+        small.gc(Duration::from_secs(5), now, 0);
         assert!(small.is_empty());
     }
 }

@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_tests::{in_netns, spawn_in_netns, Model, PodSpec, TestBed, EXT_IP, NODE_IP, PEER_IP};
+use observer_tests::{
+    in_netns, nft, spawn_in_netns, Model, PodSpec, TestBed, EXT_IP, NODE_IP, PEER_IP,
+};
 use serde_json::Value;
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
@@ -256,6 +258,21 @@ fn both_protocols_to_every_destination(model: Model) {
             assert_eq!(rec["direction"], "egress");
         }
     }
+
+    // A Service: the ClusterIP is DNAT'd to the pod on node-2 and, as with kube-proxy, not
+    // masqueraded. Judged against where the connection went, nothing was due.
+    let rules = format!(
+        "table ip svc {{\n chain pre {{\n  type nat hook prerouting priority dstnat;\n  \
+         ip daddr 10.0.0.10 tcp dport 80 dnat to {}:8080\n }}\n}}\n",
+        backend.ip4
+    );
+    nft(&bed.node_ns, &rules).unwrap();
+    let svc: SocketAddr = "10.0.0.10:80".parse().unwrap();
+    let before = remote.saw().len();
+    let client = tcp_exchange(&web.netns, svc);
+    assert_eq!(remote.saw()[before], client, "the backend sees the pod IP");
+    let rec = snat_record(&n.daemon.socket, "TCP", client, svc);
+    check(&rec, client, client, "none");
 
     // Replies are attributed to the pod: the connection's live entry counts them.
     let client = tcp_exchange(&web.netns, format!("{EXT_IP}:8080").parse().unwrap());
