@@ -823,7 +823,7 @@ fn run() -> Result<()> {
                             .join(" ")
                     );
                 } else {
-                    println!("snat:          off (--no-snat)");
+                    println!("snat:          off (--no-snat, or the kernel conntrack is unavailable: see the log)");
                 }
             }
             for u in &s.uplinks {
