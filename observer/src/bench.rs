@@ -91,28 +91,27 @@ pub fn packet64_between(
 }
 
 fn run(dp: &mut Datapath, prog: &str, pkt: &[u8], repeat: u32) -> Result<f64> {
-    let p = dp.prog(prog)?;
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(pkt);
-    opts.repeat = repeat;
-    let r = p
-        .test_run(opts)
-        .with_context(|| format!("BPF_PROG_TEST_RUN on {prog}"))?;
-    Ok(r.duration.as_nanos() as f64)
+    let r = dp.prog(prog)?.test_run(test_opts(pkt, repeat));
+    elapsed_ns(r, prog)
 }
 
 fn run_xdp(dp: &mut Datapath, prog: &str, pkt: &[u8], repeat: u32) -> Result<f64> {
-    let p: &mut aya::programs::Xdp = dp
-        .ebpf
-        .program_mut(prog)
-        .with_context(|| format!("program {prog}"))?
-        .try_into()?;
+    let r = dp.xdp(prog)?.test_run(test_opts(pkt, repeat));
+    elapsed_ns(r, prog)
+}
+
+fn test_opts(pkt: &[u8], repeat: u32) -> TestRunOptions<'_> {
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(pkt);
     opts.repeat = repeat;
-    let r = p
-        .test_run(opts)
-        .with_context(|| format!("BPF_PROG_TEST_RUN on {prog}"))?;
+    opts
+}
+
+fn elapsed_ns(
+    r: Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
+    prog: &str,
+) -> Result<f64> {
+    let r = r.with_context(|| format!("BPF_PROG_TEST_RUN on {prog}"))?;
     Ok(r.duration.as_nanos() as f64)
 }
 

@@ -316,13 +316,17 @@ impl Datapath {
 
     /// Verifies and loads one XDP program of the object.
     pub fn load_xdp(&mut self, name: &str) -> Result<()> {
-        let prog: &mut Xdp = self
+        self.xdp(name)?
+            .load()
+            .with_context(|| format!("verifying program {name}"))
+    }
+
+    pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self
             .ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("verifying program {name}"))
+            .try_into()?)
     }
 
     /// Attaches the uplink programs: tc on both directions and XDP on ingress. Like pod
@@ -392,11 +396,7 @@ impl Datapath {
                 .join(format!("{ifindex}-uplink-xdp-{mode}"))
         };
         let pins = [("native", pin_of("native")), ("generic", pin_of("generic"))];
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(programs::UPLINK_XDP)
-            .context("program uplink_xdp")?
-            .try_into()?;
+        let prog = self.xdp(programs::UPLINK_XDP)?;
         for (mode, pin) in &pins {
             if let Ok(old) = PinnedLink::from_pin(pin) {
                 let link = XdpLink::try_from(FdLink::from(old))?;

@@ -18,7 +18,7 @@
 use std::{
     fmt, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     time::Duration,
 };
 
@@ -430,34 +430,7 @@ fn parse_events(buf: &[u8], out: &mut Vec<CtEvent>) -> u64 {
 // Sockets
 
 fn socket() -> io::Result<OwnedFd> {
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            libc::NETLINK_NETFILTER,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn bind(fd: &OwnedFd, groups: u32) -> io::Result<()> {
-    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as u16;
-    sa.nl_groups = groups;
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::netlink::open(libc::NETLINK_NETFILTER)
 }
 
 fn setsockopt_int(fd: &OwnedFd, level: i32, name: i32, value: i32) -> io::Result<()> {
@@ -537,7 +510,7 @@ impl Listener {
         // view wrong with no reason to resync.
         setsockopt_int(&fd, libc::SOL_NETLINK, libc::NETLINK_NO_ENOBUFS, 0)?;
         // Sized before subscribing, so no burst lands in the default buffer.
-        bind(
+        crate::netlink::bind(
             &fd,
             (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1)),
         )?;
@@ -767,7 +740,7 @@ fn exchange(
     mut f: impl FnMut(&Msg<'_>) -> io::Result<bool>,
 ) -> io::Result<()> {
     let fd = socket()?;
-    bind(&fd, 0)?;
+    crate::netlink::bind(&fd, 0)?;
     send(&fd, req)?;
     let mut buf = vec![0u8; RECV_BUF];
     loop {

@@ -503,8 +503,8 @@ fn isolated_by(st: &State, opts: &Options, rec: &FlowRecord, flags: u32) -> Vec<
     out
 }
 
-/// Local non-loopback addresses of this network namespace: the node's own IPs.
-pub fn host_addresses() -> Vec<IpAddr> {
+/// Every address of this network namespace: interface name, address and prefix length.
+fn interface_addresses() -> Vec<(String, IpAddr, u8)> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
@@ -513,77 +513,68 @@ pub fn host_addresses() -> Vec<IpAddr> {
     let mut cur = ifap;
     while !cur.is_null() {
         let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            let fam = unsafe { (*ifa.ifa_addr).sa_family } as i32;
-            let ip = if fam == libc::AF_INET {
-                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                Some(IpAddr::from(sa.sin_addr.s_addr.to_ne_bytes()))
-            } else if fam == libc::AF_INET6 {
-                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                Some(IpAddr::from(sa.sin6_addr.s6_addr))
-            } else {
-                None
-            };
-            if let Some(ip) = ip {
-                let link_local =
-                    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
-                if !ip.is_loopback() && !link_local && !out.contains(&ip) {
-                    out.push(ip);
-                }
-            }
-        }
         cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        let fam = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+        let has_mask = !ifa.ifa_netmask.is_null();
+        let (ip, len) = if fam == libc::AF_INET {
+            let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            let len = has_mask.then(|| {
+                let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) };
+                u32::from_be(m.sin_addr.s_addr).leading_ones() as u8
+            });
+            (
+                IpAddr::from(a.sin_addr.s_addr.to_ne_bytes()),
+                len.unwrap_or(32),
+            )
+        } else if fam == libc::AF_INET6 {
+            let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+            let len = has_mask.then(|| {
+                let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in6) };
+                u128::from_be_bytes(m.sin6_addr.s6_addr).leading_ones() as u8
+            });
+            (IpAddr::from(a.sin6_addr.s6_addr), len.unwrap_or(128))
+        } else {
+            continue;
+        };
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+        out.push((name.into_owned(), ip, len));
     }
     unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// Local non-loopback addresses of this network namespace: the node's own IPs.
+pub fn host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (_, ip, _) in interface_addresses() {
+        if !ip.is_loopback() && !is_link_local(&ip) && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
     out
 }
 
 /// The subnets of the addresses on the named interfaces (the uplinks: the VNet).
 pub fn interface_nets(names: &[String]) -> Vec<ipnet::IpNet> {
     let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return out;
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_netmask.is_null() {
+    for (name, ip, len) in interface_addresses() {
+        if !names.contains(&name) || is_link_local(&ip) {
             continue;
         }
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
-        if !names.iter().any(|n| *n == name) {
-            continue;
-        }
-        let fam = unsafe { (*ifa.ifa_addr).sa_family } as i32;
-        let net = if fam == libc::AF_INET {
-            let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) };
-            let ip = std::net::Ipv4Addr::from(a.sin_addr.s_addr.to_ne_bytes());
-            let len = u32::from_be(m.sin_addr.s_addr).leading_ones() as u8;
-            ipnet::Ipv4Net::new(ip, len).ok().map(ipnet::IpNet::V4)
-        } else if fam == libc::AF_INET6 {
-            let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-            let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in6) };
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            let len = u128::from_be_bytes(m.sin6_addr.s6_addr).leading_ones() as u8;
-            if ip.segments()[0] & 0xffc0 == 0xfe80 {
-                None
-            } else {
-                ipnet::Ipv6Net::new(ip, len).ok().map(ipnet::IpNet::V6)
-            }
-        } else {
-            None
-        };
-        if let Some(n) = net {
+        if let Ok(n) = ipnet::IpNet::new(ip, len) {
             let n = n.trunc();
             if !out.contains(&n) {
                 out.push(n);
             }
         }
     }
-    unsafe { libc::freeifaddrs(ifap) };
     out
 }
 

@@ -37,17 +37,29 @@ pub enum LinkEvent {
 }
 
 fn socket(groups: u32) -> io::Result<OwnedFd> {
+    let fd = open(NETLINK_ROUTE)?;
+    bind(&fd, groups)?;
+    Ok(fd)
+}
+
+/// A nonblocking netlink socket of `protocol`, not bound yet (options that must precede the
+/// subscription, like the receive buffer, go in between).
+pub(crate) fn open(protocol: i32) -> io::Result<OwnedFd> {
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
             libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            NETLINK_ROUTE,
+            protocol,
         )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Binds a netlink socket, subscribing it to the multicast `groups` bitmask.
+pub(crate) fn bind(fd: &OwnedFd, groups: u32) -> io::Result<()> {
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     sa.nl_family = libc::AF_NETLINK as u16;
     sa.nl_groups = groups;
@@ -61,7 +73,7 @@ fn socket(groups: u32) -> io::Result<OwnedFd> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(fd)
+    Ok(())
 }
 
 /// Walks netlink messages in `buf`, calling `f` with (type, payload). Returns true at

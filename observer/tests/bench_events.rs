@@ -20,24 +20,13 @@ use std::{
 use aya::programs::TestRun as _;
 use observer::bpf::Datapath;
 use observer_common::programs;
-use observer_tests::TestBed;
+use observer_tests::{
+    bench::{arg, cpu_ticks, median, metric_sum},
+    TestBed,
+};
 use serde_json::json;
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
-
-fn arg(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn metric_sum(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
 
 fn get(socket: &std::path::Path, path: &str) -> Vec<u8> {
     let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
@@ -45,19 +34,6 @@ fn get(socket: &std::path::Path, path: &str) -> Vec<u8> {
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).unwrap();
     buf
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 struct Guard(std::process::Child, PathBuf);

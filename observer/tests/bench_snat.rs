@@ -10,50 +10,18 @@
 //!
 //! Ignored by `cargo test`: run through xtask (release build, root).
 use std::{
-    io::{Read, Write},
     net::{SocketAddr, UdpSocket},
     path::Path,
     time::{Duration, Instant},
 };
 
-use observer_tests::{nft, spawn_in_netns, TestBed, EXT_IP};
+use observer_tests::{
+    bench::{arg, cpu_ticks, median, metric_sum as metric},
+    nft, spawn_in_netns, TestBed, EXT_IP,
+};
 use serde_json::json;
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
-
-fn arg(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn get(socket: &Path, path: &str) -> String {
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: observer\r\n\r\n").unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    buf
-}
-
-fn metric(text: &str, prefix: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 /// Sends one datagram per new connection from `sockets` fresh sockets, `conns` in all, at
 /// `rate` per second; returns the sending time.
@@ -117,12 +85,11 @@ fn snat_correlation_rate() {
         )
         .unwrap();
     let client = bed.pod("client").netns.clone();
-    let socket = daemon.socket.clone();
 
     let (mut rates, mut kernel_rates, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
     let mut runs = Vec::new();
     for round in 0..rounds {
-        let m0 = get(&socket, "/metrics");
+        let m0 = daemon.get("/metrics").unwrap();
         let expected0 = metric(&m0, "observer_snat_flows_total{expectation=\"expected\"}");
         let settled0 = metric(&m0, "observer_snat_settled_total{");
         let cpu0 = cpu_ticks(daemon.pid);
@@ -130,7 +97,7 @@ fn snat_correlation_rate() {
         let sent = blast(&client, conns, rate, 10_000 + (round as u16 % 2) * 5);
         let mut last = (0u64, Instant::now());
         let done = loop {
-            let m = get(&socket, "/metrics");
+            let m = daemon.get("/metrics").unwrap();
             let n = metric(&m, "observer_snat_settled_total{") - settled0;
             if n >= conns {
                 break start.elapsed();
@@ -143,7 +110,7 @@ fn snat_correlation_rate() {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        let m = get(&socket, "/metrics");
+        let m = daemon.get("/metrics").unwrap();
         let expected =
             metric(&m, "observer_snat_flows_total{expectation=\"expected\"}") - expected0;
         let settled = metric(&m, "observer_snat_settled_total{") - settled0;
