@@ -431,7 +431,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     p.family(
         "observer_policy_verdicts_total",
         "counter",
-        "Flow records by the policy that allowed (direction set) or isolated (direction empty) them.",
+        "Flow records by the policy that allowed them or, for drops, isolated the denying side (direction: ingress or egress).",
     );
     let mut pv: Vec<_> = st.metrics.policy_verdicts.iter().collect();
     pv.sort();

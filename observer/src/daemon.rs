@@ -121,7 +121,8 @@ pub struct Metrics {
     pub snat_unknown_total: u64,
     /// (event, traffic class, protocol, verdict) -> records.
     pub records: HashMap<(String, String, String, String), u64>,
-    /// (policy, direction or "" for isolation, verdict) -> records.
+    /// (policy, direction, verdict) -> records: the policy that allowed a record, or the one
+    /// that isolated the side that dropped it.
     pub policy_verdicts: HashMap<(String, String, String), u64>,
     pub records_rate_limited_total: u64,
     pub flow_log_errors_total: u64,
@@ -263,7 +264,7 @@ impl Shared {
                     .policy_verdicts
                     .entry((
                         format!("{}/{}", p.namespace, p.name),
-                        String::new(),
+                        p.direction.clone(),
                         rec.verdict.clone(),
                     ))
                     .or_default() += 1;
@@ -487,6 +488,7 @@ fn isolated_by(st: &State, opts: &Options, rec: &FlowRecord, flags: u32) -> Vec<
                 let n = flows::PolicyName {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
+                    direction: if ingress { "ingress" } else { "egress" }.into(),
                 };
                 if !out.contains(&n) {
                     out.push(n);

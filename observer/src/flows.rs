@@ -37,6 +37,9 @@ pub struct L4Info {
 pub struct PolicyName {
     pub namespace: String,
     pub name: String,
+    /// The side it isolates: `egress` (the source) or `ingress` (the destination).
+    #[serde(default)]
+    pub direction: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

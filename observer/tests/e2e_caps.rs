@@ -313,3 +313,34 @@ fn exactly_the_required_set_loads_attaches_counts_and_restarts() {
         s.log_text()
     );
 }
+
+/// A fresh machine has no bpffs mounted until something prepares it as a node. The required-set
+/// test above, re-run in a private mount namespace whose /sys/fs/bpf is unmounted first, must
+/// pass: the test harness prepares the node (as systemd does on AKS), never a daemon that holds
+/// CAP_SYS_ADMIN, and nothing relies on an earlier test having mounted it.
+#[test]
+fn the_required_set_works_on_a_fresh_node_without_bpffs() {
+    if std::env::var_os("OBSERVER_TEST_FRESH_MOUNTS").is_some() {
+        return; // Already inside the fresh mount namespace: the named test does the work.
+    }
+    ensure_root().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let script = format!(
+        "mount --make-rprivate / && umount -R /sys/fs/bpf 2>/dev/null; \
+         if mountpoint -q /sys/fs/bpf; then echo 'bpffs still mounted'; exit 3; fi; \
+         exec {} --exact exactly_the_required_set_loads_attaches_counts_and_restarts --test-threads 1",
+        exe.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .env("OBSERVER_TEST_FRESH_MOUNTS", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "the inner test did not run: {text}");
+}

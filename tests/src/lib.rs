@@ -895,11 +895,40 @@ impl Daemon {
     }
 }
 
+/// Root, on a machine prepared as a node is: bpffs mounted on /sys/fs/bpf (systemd does it on
+/// AKS and kind nodes; `cargo xtask setup` does it here). Every privileged test starts here, so
+/// none depends on an earlier one, or a daemon with CAP_SYS_ADMIN, having mounted it.
 pub fn ensure_root() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the virtual node needs root (network namespaces, eBPF)");
     }
+    mount_bpffs()
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless it is mounted already.
+pub fn mount_bpffs() -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if is_bpffs(root) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root).ok();
+    let st = Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .context("running mount")?;
+    if !st.success() && !is_bpffs(root) {
+        bail!("mounting bpffs on /sys/fs/bpf failed");
+    }
     Ok(())
+}
+
+fn is_bpffs(p: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
 /// Loads an nftables ruleset into a namespace.

@@ -1,4 +1,5 @@
-//! `cargo xtask setup`: everything a fresh machine lacks, installed idempotently. A machine that
+//! `cargo xtask setup`: everything a fresh machine lacks, installed idempotently (and bpffs
+//! mounted, as on a node). A machine that
 //! has it all finishes in well under a second: every step checks before it acts.
 use std::process::{Command, Stdio};
 
@@ -78,7 +79,33 @@ fn bpf_linker_ok() -> bool {
         .unwrap_or(false)
 }
 
+/// Prepares the machine as a node is prepared: bpffs on /sys/fs/bpf, which systemd mounts on
+/// AKS and kind nodes and a fresh machine lacks. Root only (the unit tests need no bpffs).
+fn mount_bpffs() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let mounted = Command::new("findmnt")
+        .args(["-n", "-t", "bpf", "/sys/fs/bpf"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if mounted {
+        return Ok(());
+    }
+    eprintln!("setup: mounting bpffs on /sys/fs/bpf");
+    let st = Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .context("mount -t bpf")?;
+    if !st.success() {
+        bail!("mounting bpffs on /sys/fs/bpf failed");
+    }
+    Ok(())
+}
+
 pub fn run() -> Result<()> {
+    mount_bpffs()?;
     apt_install(APT_ALWAYS)?;
     if nightly_has_rust_src() {
         eprintln!("setup: eBPF toolchain: rustup nightly with rust-src");

@@ -416,6 +416,40 @@ mod tests {
     }
 
     #[test]
+    fn policy_types_default_like_the_api_server() {
+        // No policyTypes, ingress rules and `egress: []`: the API server defaults to Ingress
+        // only, so a's egress stays open while its ingress admits only b.
+        let c = cluster_with(
+            r#"
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: empty-egress, namespace: x}
+  spec:
+    podSelector: {matchLabels: {pod: a}}
+    ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]
+    egress: []
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: empty-types, namespace: x}
+  spec:
+    podSelector: {matchLabels: {pod: c}}
+    policyTypes: []
+    egress: [{to: [{podSelector: {matchLabels: {pod: b}}}]}]
+"#,
+        );
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        let e = Engine::new(&c, Options::default());
+        let v = |s, d| e.decide(pod(&c, s), pod(&c, d), Protocol::Tcp, 80).verdict;
+        assert_eq!(v("a", "c"), Verdict::Allowed, "egress: [] must not isolate egress");
+        assert_eq!(v("b", "a"), Verdict::Allowed);
+        assert_eq!(v("c", "a"), Verdict::Denied, "ingress of a is isolated");
+        // `policyTypes: []` defaults too: Ingress, and Egress because egress has a rule.
+        assert_eq!(v("c", "b"), Verdict::Allowed);
+        assert_eq!(v("c", "a"), Verdict::Denied);
+        assert_eq!(v("b", "c"), Verdict::Denied, "ingress of c is isolated");
+    }
+
+    #[test]
     fn unusable_pod_selector_isolates_the_whole_namespace() {
         let c = cluster_with(
             r#"

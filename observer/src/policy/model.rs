@@ -453,9 +453,12 @@ pub fn compile(np: &NetworkPolicy) -> Policy {
             ),
         }
     }
-    // Defaulting: Ingress always; Egress when the spec has an egress section.
-    let (ingress_isolates, egress_isolates) = if spec.policy_types.is_none() {
-        (true, spec.egress.is_some())
+    // The API server's defaulting, so files on disk read like what it serves: with no (or an
+    // empty) `policyTypes`, Ingress always, Egress only when `spec.egress` has a rule
+    // (`egress: []` does not isolate egress).
+    let defaulted = spec.policy_types.as_ref().is_none_or(|t| t.is_empty());
+    let (ingress_isolates, egress_isolates) = if defaulted {
+        (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()))
     } else {
         (
             types.iter().any(|t| t == "Ingress"),
@@ -487,10 +490,8 @@ pub fn compile(np: &NetworkPolicy) -> Policy {
         name: name.clone(),
         pod_selector,
         // An invalid policy that fails to parse its types still isolates in both directions.
-        ingress_isolates: ingress_isolates
-            || (!valid && types.is_empty() && spec.policy_types.is_some()),
-        egress_isolates: egress_isolates
-            || (!valid && types.is_empty() && spec.policy_types.is_some()),
+        ingress_isolates: ingress_isolates || (!valid && types.is_empty() && !defaulted),
+        egress_isolates: egress_isolates || (!valid && types.is_empty() && !defaulted),
         ingress: if valid { ingress } else { Vec::new() },
         egress: if valid { egress } else { Vec::new() },
         errors,
