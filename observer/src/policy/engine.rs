@@ -440,7 +440,7 @@ mod tests {
         assert!(c.errors.is_empty(), "{:?}", c.errors);
         let e = Engine::new(&c, Options::default());
         let v = |s, d| e.decide(pod(&c, s), pod(&c, d), Protocol::Tcp, 80).verdict;
-        assert_eq!(v("a", "c"), Verdict::Allowed, "egress: [] must not isolate egress");
+        assert_eq!(v("a", "b"), Verdict::Allowed, "egress: [] must not isolate egress");
         assert_eq!(v("b", "a"), Verdict::Allowed);
         assert_eq!(v("c", "a"), Verdict::Denied, "ingress of a is isolated");
         // `policyTypes: []` defaults too: Ingress, and Egress because egress has a rule.
