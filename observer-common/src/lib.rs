@@ -28,8 +28,11 @@ pub mod maps {
     pub const CONFIG: &str = "OBS_CONFIG";
     pub const POLICY: &str = "OBS_POLICY";
     pub const UPLINK: &str = "OBS_UPLINK";
-    pub const ALL: [&str; 9] = [
-        CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG, POLICY, UPLINK,
+    pub const SERVICES: &str = "OBS_SERVICES";
+    pub const SVC_NAT: &str = "OBS_SVC_NAT";
+    pub const ALL: [&str; 11] = [
+        CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG, POLICY, UPLINK, SERVICES,
+        SVC_NAT,
     ];
 }
 
@@ -58,6 +61,16 @@ pub const IPCACHE_MAX_ENTRIES: u32 = 524_288;
 pub const ATTACHED_MAX_ENTRIES: u32 = 65_536;
 pub const EVENTS_RING_BYTES: u32 = 16 * 1024 * 1024;
 pub const POLICY_MAX_ENTRIES: u32 = 1_048_576;
+pub const SERVICES_MAX_ENTRIES: u32 = 65_536;
+pub const SVC_NAT_MAX_ENTRIES: u32 = 65_536;
+
+/// Set on a packet of a Service connection by `from_pod` (its pre-DNAT tuple), so the uplink's
+/// tc egress judges the translated packet against the backend kube-proxy chose. Only this
+/// bit is ever set; kube-proxy's own (0x4000, 0x8000) and the rest of the mark are left alone.
+pub const SVC_MARK: u32 = 0x0040_0000;
+
+/// Rule id of a connection allowed because it comes from the node itself (kubelet probes).
+pub const RULE_NODE: u32 = u32::MAX;
 
 /// A connection key with the two endpoints in canonical order: `(addr_a, port_a)` is the smaller
 /// of the two `(address, port)` pairs, so both directions of a flow find the same entry with one
@@ -92,6 +105,12 @@ pub mod ct_flags {
     pub const INGRESS_DENIED: u32 = 1 << 8;
     /// Passed only because the policies that would drop it are in audit mode.
     pub const AUDIT: u32 = 1 << 9;
+    /// The pre-DNAT tuple of a connection to a Service frontend: no verdict and no records of
+    /// its own; its packets are counted on, and judged by, the translated connection.
+    pub const SVC_ALIAS: u32 = 1 << 10;
+    /// A connection kube-proxy translated from a Service frontend: the connection of record,
+    /// counted at the client pod's veth through its alias.
+    pub const SERVICE: u32 = 1 << 11;
     pub const DENIED: u32 = EGRESS_DENIED | INGRESS_DENIED;
 }
 
@@ -336,6 +355,46 @@ pub struct Config {
     pub policy_gen: u32,
     /// 1: enforce (drop denied traffic); 0: observe only, verdicts are still reported.
     pub enforce: u32,
+    /// `config_flags`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+pub mod config_flags {
+    /// Traffic from the node's own addresses to its pods passes ingress isolation (Kubernetes
+    /// semantics: kubelet probes).
+    pub const ALLOW_NODE: u32 = 1 << 0;
+}
+
+/// An address, protocol and port: a Service frontend in `OBS_SERVICES`, a Service client in
+/// `OBS_SVC_NAT`. Port in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SvcKey {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// A Service connection's client (key: the pod's address and port) and where kube-proxy sent
+/// it: the frontend it asked for and, once seen translated, the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcNat {
+    pub frontend: [u32; 4],
+    pub backend: [u32; 4],
+    pub frontend_port: u16,
+    pub backend_port: u16,
+    /// The Service's id in `OBS_SERVICES` (a hash of namespace/name).
+    pub svc_id: u32,
+    /// `svc_nat::RESOLVED` once the backend is known.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+pub mod svc_nat {
+    pub const RESOLVED: u32 = 1 << 0;
 }
 
 /// Wire-side counters of the node's uplink, a per-CPU array of [`UplinkCounter`] indexed by
@@ -432,6 +491,8 @@ mod pod {
     unsafe impl aya::Pod for PolicyKeyData {}
     unsafe impl aya::Pod for PolicyEntry {}
     unsafe impl aya::Pod for UplinkCounter {}
+    unsafe impl aya::Pod for SvcKey {}
+    unsafe impl aya::Pod for SvcNat {}
 }
 
 #[cfg(test)]
@@ -445,7 +506,9 @@ mod layout {
         assert_eq!(size_of::<CtEntry>(), 88);
         assert_eq!(size_of::<FlowEvent>(), 120);
         assert_eq!(size_of::<PolicyKeyData>(), 12);
-        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<SvcKey>(), 20);
+        assert_eq!(size_of::<SvcNat>(), 48);
         assert_eq!(size_of::<IpKey>(), 20);
         assert_eq!(size_of::<IpcacheKeyData>(), 20);
         assert_eq!(size_of::<IpcacheEntry>(), 8);

@@ -13,6 +13,7 @@ use crate::{
     maps::{stat_inc, CONFIG, CT},
     parse::Packet,
     policy,
+    service::{self, Link},
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -24,12 +25,28 @@ const BPF_NOEXIST: u64 = 1;
 /// Canonical key and whether the packet travels from endpoint `a` to `b`.
 #[inline(always)]
 pub fn key_of(pkt: &Packet) -> (CtKey, bool) {
+    key_of_pair(
+        pkt.family, pkt.proto, &pkt.src, pkt.sport, &pkt.dst, pkt.dport,
+    )
+}
+
+/// Canonical key of a connection from `src`:`sport` to `dst`:`dport`, and whether `src` is
+/// endpoint `a`.
+#[inline(always)]
+pub fn key_of_pair(
+    family: u8,
+    proto: u8,
+    src: &[u32; 4],
+    sport: u16,
+    dst: &[u32; 4],
+    dport: u16,
+) -> (CtKey, bool) {
     let src_first = {
         let mut lt = 0i8; // -1: src < dst, 1: src > dst
         let mut i = 0;
         while i < 4 {
-            let s = u32::from_be(pkt.src[i]);
-            let d = u32::from_be(pkt.dst[i]);
+            let s = u32::from_be(src[i]);
+            let d = u32::from_be(dst[i]);
             if lt == 0 {
                 if s < d {
                     lt = -1;
@@ -40,15 +57,15 @@ pub fn key_of(pkt: &Packet) -> (CtKey, bool) {
             i += 1;
         }
         if lt == 0 {
-            pkt.sport <= pkt.dport
+            sport <= dport
         } else {
             lt < 0
         }
     };
     let (addr_a, port_a, addr_b, port_b) = if src_first {
-        (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        (*src, sport, *dst, dport)
     } else {
-        (pkt.dst, pkt.dport, pkt.src, pkt.sport)
+        (*dst, dport, *src, sport)
     };
     (
         CtKey {
@@ -56,8 +73,8 @@ pub fn key_of(pkt: &Packet) -> (CtKey, bool) {
             addr_b,
             port_a,
             port_b,
-            proto: pkt.proto,
-            family: pkt.family,
+            proto,
+            family,
             _pad: [0; 2],
         },
         src_first,
@@ -82,6 +99,9 @@ pub enum Hook {
     FromPod,
     /// Host side of a pod veth, egress: the destination is the local pod (ingress policy).
     ToPod,
+    /// The uplink's egress, for packets a pod sent to a Service frontend, after the DNAT: the
+    /// source is the local pod (egress policy against the remote backend).
+    Uplink,
 }
 
 /// Which packets a hook adds to the connection's counters.
@@ -110,6 +130,8 @@ impl Count {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Pass,
+    /// Pass, marked `SVC_MARK` (a Service connection's packet before its DNAT).
+    PassMarked,
     Drop,
 }
 
@@ -117,11 +139,7 @@ pub enum Action {
 fn config() -> Config {
     match CONFIG.get(0) {
         Some(c) => *c,
-        None => Config {
-            report_interval_ns: 0,
-            policy_gen: 0,
-            enforce: 0,
-        },
+        None => Config::default(),
     }
 }
 
@@ -131,7 +149,9 @@ fn config() -> Config {
 #[inline(always)]
 fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
     let (done, denied, dir) = match hook {
-        Hook::FromPod => (ct_flags::EGRESS_DONE, ct_flags::EGRESS_DENIED, DIR_EGRESS),
+        Hook::FromPod | Hook::Uplink => {
+            (ct_flags::EGRESS_DONE, ct_flags::EGRESS_DENIED, DIR_EGRESS)
+        }
         Hook::ToPod => (
             ct_flags::INGRESS_DONE,
             ct_flags::INGRESS_DENIED,
@@ -142,8 +162,8 @@ fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
         return;
     }
     e.flags |= done;
-    // The local pod is the source at FromPod and the destination at ToPod.
-    let local_is_a = from_a == (hook == Hook::FromPod);
+    // The local pod is the source at FromPod and Uplink, the destination at ToPod.
+    let local_is_a = from_a == (hook != Hook::ToPod);
     let (local, remote) = if local_is_a {
         (&key.addr_a, &key.addr_b)
     } else {
@@ -160,19 +180,28 @@ fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
         e.flags |= ct_flags::AUDIT;
     }
     match hook {
-        Hook::FromPod => e.egress_rule = v.rule,
+        Hook::FromPod | Hook::Uplink => e.egress_rule = v.rule,
         Hook::ToPod => e.ingress_rule = v.rule,
     }
 }
 
-/// The verdicts a hook owes: at `FromPod` the destination's ingress too when it is a pod of
-/// this node, so the connection's first event already carries its full verdict and a denied
-/// packet dies at the source's veth.
+/// The verdicts a hook owes, both ends' wherever they are pods of this node: at `FromPod` the
+/// destination's ingress too, so the connection's first event already carries its full
+/// verdict and a denied packet dies at the source's veth; at `ToPod` the source's egress too,
+/// for a connection whose source veth saw it under another tuple (a Service's DNAT).
 #[inline(always)]
 fn judge_all(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
-    judge(e, key, hook, from_a, dport);
-    if hook == Hook::FromPod && e.flags & ct_flags::DENIED == 0 {
-        judge(e, key, Hook::ToPod, from_a, dport);
+    // The source's egress first, wherever the hook: a drop names the side a direct
+    // connection would have named.
+    let (first, then) = match hook {
+        Hook::FromPod | Hook::ToPod => (Hook::FromPod, Some(Hook::ToPod)),
+        Hook::Uplink => (Hook::Uplink, None),
+    };
+    judge(e, key, first, from_a, dport);
+    if let Some(h) = then {
+        if e.flags & ct_flags::DENIED == 0 {
+            judge(e, key, h, from_a, dport);
+        }
     }
 }
 
@@ -197,6 +226,16 @@ pub fn process<C: EbpfContext>(
 
     if let Some(e) = CT.get_ptr_mut(&key) {
         let e = unsafe { &mut *e };
+        if e.flags & ct_flags::SVC_ALIAS != 0 {
+            return service::through_alias(e, pkt, from_a, bytes, now, &cfg);
+        }
+        // A Service connection is counted where its client sends and receives, through its
+        // alias; the backend's side sees the same packets again.
+        let count = if e.flags & ct_flags::SERVICE != 0 {
+            Count::None
+        } else {
+            count
+        };
         // A fresh SYN on a closed connection is the tuple being reused: start over.
         let reopened =
             is_tcp && e.flags & ct_flags::CLOSED != 0 && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -234,9 +273,18 @@ pub fn process<C: EbpfContext>(
             return action;
         }
     }
+    let link = match hook {
+        Hook::FromPod => {
+            if let Some(svc) = service::frontend(pkt) {
+                return service::open_alias(&key, pkt, svc, from_a, now, &cfg);
+            }
+            Link::None
+        }
+        Hook::ToPod | Hook::Uplink => service::resolve(pkt),
+    };
     let class = class_of_new();
     create(
-        ctx, &key, from_a, bytes, now, pkt, ifindex, class, hook, count, &cfg,
+        ctx, &key, from_a, bytes, now, pkt, ifindex, class, hook, count, &cfg, link,
     )
 }
 
@@ -248,7 +296,7 @@ fn insert_failed<C: EbpfContext>(ctx: &C, ifindex: u32) {
 }
 
 #[inline(always)]
-fn verdict(flags: u32, enforce: u32) -> Action {
+pub fn verdict(flags: u32, enforce: u32) -> Action {
     if flags & ct_flags::DENIED != 0 {
         if enforce != 0 {
             stat_inc(stat::POLICY_DENIED);
@@ -274,6 +322,7 @@ fn create<C: EbpfContext>(
     hook: Hook,
     count: Count,
     cfg: &Config,
+    link: Link,
 ) -> Action {
     let flags = pkt.tcp_flags;
     let is_tcp = pkt.proto == IPPROTO_TCP;
@@ -302,15 +351,25 @@ fn create<C: EbpfContext>(
     if is_tcp && flags & TCP_RST != 0 {
         e.flags |= ct_flags::RST;
     }
+    match link {
+        // A pod talking to itself is always allowed.
+        Link::Hairpin => {
+            e.flags |= ct_flags::EGRESS_DONE | ct_flags::INGRESS_DONE;
+        }
+        Link::Service => e.flags |= ct_flags::SERVICE,
+        Link::None => {}
+    }
     // A connection picked up from its reply side is judged when its next original packet
     // comes by; replies pass.
     if !first_is_reply {
         judge_all(&mut e, key, hook, from_a, pkt.dport);
     }
     // Whether this packet is counted depends on its verdict (XDP counts only its drops); the
-    // stats are bumped once, by the `verdict` calls below.
+    // stats are bumped once, by the `verdict` calls below. A Service connection's first
+    // packet passed its client's veth before the link existed: it is counted here.
     let denied = e.flags & ct_flags::DENIED != 0 && cfg.enforce != 0;
     let counted = match count {
+        _ if link == Link::Service => true,
         Count::All => true,
         Count::None => false,
         Count::Dropped => denied,
@@ -375,7 +434,7 @@ fn create<C: EbpfContext>(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn update(
+pub fn update(
     key: &CtKey,
     e: &mut CtEntry,
     from_a: bool,

@@ -1,7 +1,7 @@
 //! The tc entry points. Allowed traffic returns `TC_ACT_UNSPEC` (`TCX_NEXT`), so other programs
 //! on the hook still decide; traffic denied by policy is dropped with `TC_ACT_SHOT`.
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use observer_common::{ep_flags, stat, AF_INET, AF_INET6};
+use observer_common::{ep_flags, stat, AF_INET, AF_INET6, SVC_MARK};
 
 use crate::{
     classify,
@@ -14,9 +14,14 @@ const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
 
 #[inline(always)]
-fn act(a: Action) -> i32 {
+fn act(ctx: &TcContext, a: Action) -> i32 {
     match a {
         Action::Pass => TC_ACT_UNSPEC,
+        Action::PassMarked => {
+            // Only our bit: kube-proxy's masquerade and drop marks live in the same field.
+            unsafe { (*ctx.skb.skb).mark |= SVC_MARK };
+            TC_ACT_UNSPEC
+        }
         Action::Drop => TC_ACT_SHOT,
     }
 }
@@ -55,7 +60,7 @@ pub fn unparsed_denied<C: PacketCtx>(ctx: &C, reason: u32, hook: Hook) -> bool {
         return false;
     }
     let (local, isolated) = match hook {
-        Hook::FromPod => (&src, ep_flags::EGRESS_ISOLATED),
+        Hook::FromPod | Hook::Uplink => (&src, ep_flags::EGRESS_ISOLATED),
         Hook::ToPod => (&dst, ep_flags::INGRESS_ISOLATED),
     };
     match classify::endpoint(family, local) {
@@ -80,15 +85,12 @@ fn observe_from_pod(ctx: &TcContext) -> i32 {
         Ok(pkt) => {
             let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            act(process(
+            act(
                 ctx,
-                &pkt,
-                bytes,
-                ifindex,
-                Hook::FromPod,
-                Count::All,
-                || classify::from_pod(pkt.family, &pkt.dst),
-            ))
+                process(ctx, &pkt, bytes, ifindex, Hook::FromPod, Count::All, || {
+                    classify::from_pod(pkt.family, &pkt.dst)
+                }),
+            )
         }
         Err(reason) => unparsed(ctx, reason, Hook::FromPod),
     }
@@ -113,15 +115,18 @@ fn observe_to_pod(ctx: &TcContext) -> i32 {
         Ok(pkt) => {
             let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            act(process(
+            act(
                 ctx,
-                &pkt,
-                bytes,
-                ifindex,
-                Hook::ToPod,
-                if count { Count::All } else { Count::None },
-                || classify::to_pod(pkt.family, &pkt.src),
-            ))
+                process(
+                    ctx,
+                    &pkt,
+                    bytes,
+                    ifindex,
+                    Hook::ToPod,
+                    if count { Count::All } else { Count::None },
+                    || classify::to_pod(pkt.family, &pkt.src),
+                ),
+            )
         }
         Err(reason) => unparsed(ctx, reason, Hook::ToPod),
     }

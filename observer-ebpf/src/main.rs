@@ -21,6 +21,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod policy;
 #[cfg(target_arch = "bpf")]
+mod service;
+#[cfg(target_arch = "bpf")]
 mod uplink;
 
 #[cfg(target_arch = "bpf")]

@@ -6,8 +6,9 @@ use aya_ebpf::{
 };
 use observer_common::{
     Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, PolicyEntry,
-    PolicyKeyData, UplinkCounter, ATTACHED_MAX_ENTRIES, CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES,
-    EVENTS_RING_BYTES, IPCACHE_MAX_ENTRIES, POLICY_MAX_ENTRIES,
+    PolicyKeyData, SvcKey, SvcNat, UplinkCounter, ATTACHED_MAX_ENTRIES, CT_MAX_ENTRIES,
+    ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES, IPCACHE_MAX_ENTRIES, POLICY_MAX_ENTRIES,
+    SERVICES_MAX_ENTRIES, SVC_NAT_MAX_ENTRIES,
 };
 
 use crate::parse::{FragKey, FragPorts};
@@ -40,6 +41,15 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(observer_common::stat::
 #[map(name = "OBS_UPLINK")]
 pub static UPLINK: PerCpuArray<UplinkCounter> =
     PerCpuArray::pinned(observer_common::uplink::ENTRIES, 0);
+
+/// Service frontends (ClusterIPs, external and load-balancer IPs, this node's NodePorts) ->
+/// the Service's id.
+#[map(name = "OBS_SERVICES")]
+pub static SERVICES: HashMap<SvcKey, u32> = HashMap::pinned(SERVICES_MAX_ENTRIES, 0);
+
+/// Service clients: pod address and port -> frontend asked for and backend reached.
+#[map(name = "OBS_SVC_NAT")]
+pub static SVC_NAT: LruHashMap<SvcKey, SvcNat> = LruHashMap::pinned(SVC_NAT_MAX_ENTRIES, 0);
 
 #[map(name = "OBS_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

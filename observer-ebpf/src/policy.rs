@@ -2,11 +2,14 @@
 //! two LPM lookups (exact identity, then any peer) in the policy map.
 use aya_ebpf::maps::lpm_trie::Key;
 use observer_common::{
-    ep_flags, identity, policy_flags, EndpointInfo, PolicyEntry, PolicyKeyData, DIR_INGRESS,
-    POLICY_PREFIX_FULL,
+    config_flags, ep_flags, identity, policy_flags, EndpointInfo, PolicyEntry, PolicyKeyData,
+    RemoteKind, DIR_INGRESS, POLICY_PREFIX_FULL, RULE_NODE,
 };
 
-use crate::{classify, maps::POLICY};
+use crate::{
+    classify,
+    maps::{CONFIG, POLICY},
+};
 
 /// Outcome of one direction's policy.
 #[derive(Clone, Copy)]
@@ -33,6 +36,14 @@ fn lookup(ep: u32, dir: u8, ident: u32, proto: u8, port: u16) -> Option<&'static
     POLICY.get(&key)
 }
 
+#[inline(always)]
+fn node_allowed() -> bool {
+    match CONFIG.get(0) {
+        Some(c) => c.flags & config_flags::ALLOW_NODE != 0,
+        None => false,
+    }
+}
+
 /// The verdict for `ep` in direction `dir` towards or from `remote` (family, address).
 #[inline(always)]
 pub fn evaluate(
@@ -57,7 +68,20 @@ pub fn evaluate(
     if iso == 0 && aud == 0 {
         return ALLOW;
     }
-    let ident = match classify::remote(family, remote) {
+    let remote = classify::remote(family, remote);
+    // Traffic from the pod's own node (kubelet probes) passes ingress isolation.
+    if dir == DIR_INGRESS {
+        if let Some(r) = remote {
+            if r.kind == RemoteKind::Host as u8 && node_allowed() {
+                return Verdict {
+                    denied: false,
+                    audit: false,
+                    rule: RULE_NODE,
+                };
+            }
+        }
+    }
+    let ident = match remote {
         Some(e) => e.identity,
         None => identity::WORLD,
     };

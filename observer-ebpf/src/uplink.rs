@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use observer_common::{stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP};
+use observer_common::{stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP, SVC_MARK};
 
 use crate::{
     classify,
@@ -19,6 +19,7 @@ use crate::{
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
@@ -87,7 +88,30 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn uplink_egress(ctx: TcContext) -> i32 {
     count_tc(&ctx, uplink::TC_OUT, false);
-    TC_ACT_UNSPEC
+    // A pod's packet to a Service frontend, now translated to a backend on another node: its
+    // egress verdict is taken here, against that backend. Nothing else pays for a lookup.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & SVC_MARK == 0 {
+        return TC_ACT_UNSPEC;
+    }
+    unsafe { (*ctx.skb.skb).mark = mark & !SVC_MARK };
+    let Ok(pkt) = parse(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    let bytes = (PacketCtx::len(&ctx) - pkt.l3_off) as u64;
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match process(
+        &ctx,
+        &pkt,
+        bytes,
+        ifindex,
+        Hook::Uplink,
+        Count::None,
+        || classify::from_pod(pkt.family, &pkt.dst),
+    ) {
+        Action::Drop => TC_ACT_SHOT,
+        _ => TC_ACT_UNSPEC,
+    }
 }
 
 #[xdp]
@@ -129,10 +153,11 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
         uplink::index(uplink::XDP_IN, uplink::LOCAL_POD, uplink::REMOTE_ANY),
         bytes,
     );
-    // An established TCP segment cannot open a connection: the pod's veth judges it (tc
-    // enforces the same policy behind XDP), so the conntrack lookup is spent only on packets
-    // that can open one.
-    if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
+    // Only a TCP SYN is surely a connection opener. Anything else may be the reply of a
+    // connection the kernel translated (a Service's backend answering before the kernel
+    // reverses the DNAT, SNAT), which XDP cannot attribute: the pod's veth judges it, with
+    // the same policy, once the kernel has reversed the translation.
+    if pkt.proto != IPPROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return xdp_action::XDP_PASS;
     }
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
@@ -145,7 +170,7 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
         Count::Dropped,
         || classify::to_pod(pkt.family, &pkt.src),
     ) {
-        Action::Pass => xdp_action::XDP_PASS,
+        Action::Pass | Action::PassMarked => xdp_action::XDP_PASS,
         Action::Drop => {
             // It never reaches the veth, where packets are counted.
             stat_inc(stat::PACKETS);

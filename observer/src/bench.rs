@@ -312,6 +312,7 @@ fn with_datapath<T>(
         report_interval_ns: 0,
         policy_gen: 0,
         enforce: 1,
+        ..Config::default()
     })?;
     populate(&mut dp, 1000)?;
     let drainer = Drainer::start(&mut dp)?;
@@ -477,6 +478,7 @@ fn with_policy_datapath(
         report_interval_ns: 0,
         policy_gen: 1,
         enforce: 1,
+        ..Config::default()
     })?;
     let want = compile::compile(
         c,

@@ -3,6 +3,7 @@ use std::{
     collections::HashMap,
     ffi::CString,
     mem::size_of,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -22,7 +23,7 @@ use aya::{
 };
 use observer_common::{
     maps, programs, stat, uplink, Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry,
-    IpcacheKeyData, PolicyEntry, PolicyKeyData, UplinkCounter,
+    IpcacheKeyData, PolicyEntry, PolicyKeyData, SvcKey, SvcNat, UplinkCounter,
 };
 use tracing::{info, warn};
 
@@ -140,6 +141,8 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
             size_of::<PolicyEntry>() as u32,
         ),
         maps::UPLINK => (4, size_of::<UplinkCounter>() as u32),
+        maps::SERVICES => (size_of::<SvcKey>() as u32, 4),
+        maps::SVC_NAT => (size_of::<SvcKey>() as u32, size_of::<SvcNat>() as u32),
         _ => return None,
     })
 }
@@ -743,10 +746,49 @@ impl Datapath {
             self.ebpf.map_mut(maps::IPCACHE).context("ipcache map")?,
         )?)
     }
+    /// The kernel's link of a Service client (pod address and port) to its frontend and backend.
+    pub fn svc_nat(&self, client: &SvcKey) -> Option<SvcNat> {
+        let m: BpfHashMap<&MapData, SvcKey, SvcNat> =
+            BpfHashMap::try_from(self.ebpf.map(maps::SVC_NAT)?).ok()?;
+        m.get(client, 0).ok()
+    }
+
+    pub fn services_mut(&mut self) -> Result<BpfHashMap<&mut MapData, SvcKey, u32>> {
+        Ok(BpfHashMap::try_from(
+            self.ebpf.map_mut(maps::SERVICES).context("services map")?,
+        )?)
+    }
+
+    /// Moves the Service frontends to `want`, reading the map back only when `old` is unknown.
+    fn apply_services(&mut self, old: Option<&Desired>, want: &Desired) -> Result<(usize, usize)> {
+        let mut m = self.services_mut()?;
+        let have: HashMap<SvcKey, u32> = match old {
+            Some(o) => o.services.iter().map(|(k, v)| (svc_key(*k), *v)).collect(),
+            None => m.iter().filter_map(|r| r.ok()).collect(),
+        };
+        let want: HashMap<SvcKey, u32> = want
+            .services
+            .iter()
+            .map(|(k, v)| (svc_key(*k), *v))
+            .collect();
+        let (mut written, mut removed) = (0, 0);
+        for (k, v) in &want {
+            if have.get(k) != Some(v) {
+                m.insert(k, v, 0).context("writing services map")?;
+                written += 1;
+            }
+        }
+        for k in have.keys().filter(|k| !want.contains_key(k)) {
+            let _ = m.remove(k);
+            removed += 1;
+        }
+        Ok((written, removed))
+    }
+
     /// Moves the maps from `old` (what this process wrote last) to `want` without reading them
     /// back: new and changed entries first, then removals.
     pub fn apply_diff(&mut self, old: &Desired, want: &Desired) -> Result<(usize, usize)> {
-        let (mut written, mut removed) = (0, 0);
+        let (mut written, mut removed) = self.apply_services(Some(old), want)?;
         {
             let mut eps = self.endpoints_mut()?;
             for (ip, v) in &want.endpoints {
@@ -802,8 +844,8 @@ impl Datapath {
     /// from what they hold (used at start, when the maps may come from an earlier daemon).
     /// New entries go in before stale ones go out.
     pub fn apply(&mut self, want: &Desired) -> Result<(usize, usize)> {
+        let (mut written, mut removed) = self.apply_services(None, want)?;
         let dp = self;
-        let (mut written, mut removed) = (0, 0);
         {
             let mut eps = dp.endpoints_mut()?;
             let have = held_endpoints(&eps);
@@ -865,6 +907,16 @@ impl Datapath {
             }
         }
         Ok((written, removed))
+    }
+}
+
+fn svc_key((ip, proto, port): (IpAddr, u8, u16)) -> SvcKey {
+    let k = crate::cluster::ip_key(ip);
+    SvcKey {
+        addr: k.addr,
+        port,
+        proto,
+        family: k.family,
     }
 }
 

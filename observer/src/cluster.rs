@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use observer_common::{IpKey, IpcacheKeyData};
 use serde::Deserialize;
 
@@ -36,6 +39,54 @@ pub struct NodeInfo {
     pub pod_cidrs: Vec<IpNet>,
 }
 
+/// A Service as policy and flow records need it: where pods reach it (frontends) and under
+/// which ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.clusterIPs`, `spec.externalIPs` and `status.loadBalancer.ingress[].ip`.
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// NodePort and LoadBalancer Services: reached on every node's addresses too.
+    pub node_port: Option<u16>,
+}
+
+impl ServiceInfo {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The id the kernel's Service maps carry: FNV-1a of `namespace/name`, never 0.
+    pub fn kernel_id(&self) -> u32 {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in self.id().bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        h.max(1)
+    }
+}
+
+/// An EndpointSlice: the backends kube-proxy spreads a Service's connections over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSliceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// Label `kubernetes.io/service-name`.
+    pub service: String,
+    /// Ready endpoints' addresses.
+    pub addresses: Vec<IpAddr>,
+    /// (name, port, protocol).
+    pub ports: Vec<(String, u16, Protocol)>,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
@@ -43,6 +94,8 @@ pub struct Cluster {
     pub pods: Vec<std::sync::Arc<PodInfo>>,
     pub nodes: Vec<NodeInfo>,
     pub policies: Vec<Policy>,
+    pub services: Vec<ServiceInfo>,
+    pub endpoint_slices: Vec<EndpointSliceInfo>,
     /// Namespaces annotated `observer.dev/audit: "true"`: their policies are in audit mode.
     pub audit_namespaces: std::collections::BTreeSet<String>,
     /// Objects that could not be used, each with the reason naming object and field.
@@ -120,6 +173,124 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo> {
     })
 }
 
+pub fn service_info(svc: &Service) -> Result<ServiceInfo> {
+    let meta = &svc.metadata;
+    let name = meta.name.clone().context("Service metadata.name missing")?;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let what = format!("service {namespace}/{name}");
+    let spec = svc.spec.clone().unwrap_or_default();
+    let mut ips = Vec::new();
+    let listed = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(|s| ("spec.clusterIPs", s));
+    let cluster_ip = spec.cluster_ip.iter().map(|s| ("spec.clusterIP", s));
+    let external = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .map(|s| ("spec.externalIPs", s));
+    let lb = svc
+        .status
+        .iter()
+        .flat_map(|s| s.load_balancer.iter())
+        .flat_map(|l| l.ingress.iter().flatten())
+        .filter_map(|i| i.ip.as_ref())
+        .map(|s| ("status.loadBalancer.ingress[].ip", s));
+    for (field, s) in cluster_ip.chain(listed).chain(external).chain(lb) {
+        if s.is_empty() || s == "None" {
+            continue; // headless: clients reach the pods directly
+        }
+        let ip: IpAddr = s
+            .parse()
+            .with_context(|| format!("{what}: {field} {s:?} is not an IP"))?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let protocol = match p.protocol.as_deref() {
+            None => Protocol::Tcp,
+            Some(s) => Protocol::parse(s).with_context(|| {
+                format!("{what}: spec.ports[{i}].protocol {s:?} is not TCP, UDP or SCTP")
+            })?,
+        };
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("{what}: spec.ports[{i}].port {} is not a port", p.port))?;
+        let node_port =
+            match p.node_port {
+                None | Some(0) => None,
+                Some(n) => Some(u16::try_from(n).ok().filter(|n| *n > 0).with_context(|| {
+                    format!("{what}: spec.ports[{i}].nodePort {n} is not a port")
+                })?),
+            };
+        ports.push(ServicePort {
+            name: p.name.clone().unwrap_or_default(),
+            port,
+            protocol,
+            node_port,
+        });
+    }
+    Ok(ServiceInfo {
+        namespace,
+        name,
+        ips,
+        ports,
+    })
+}
+
+pub fn endpoint_slice_info(slice: &EndpointSlice) -> Result<EndpointSliceInfo> {
+    let meta = &slice.metadata;
+    let name = meta
+        .name
+        .clone()
+        .context("EndpointSlice metadata.name missing")?;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let what = format!("endpointslice {namespace}/{name}");
+    let service = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("kubernetes.io/service-name"))
+        .cloned()
+        .unwrap_or_default();
+    let mut addresses = Vec::new();
+    for (i, e) in slice.endpoints.iter().enumerate() {
+        // Unready endpoints get no traffic from kube-proxy.
+        if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            continue;
+        }
+        for a in &e.addresses {
+            let ip: IpAddr = a
+                .parse()
+                .with_context(|| format!("{what}: endpoints[{i}].addresses {a:?} is not an IP"))?;
+            addresses.push(ip);
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let protocol = match p.protocol.as_deref() {
+            None => Protocol::Tcp,
+            Some(s) => Protocol::parse(s).with_context(|| {
+                format!("{what}: ports[{i}].protocol {s:?} is not TCP, UDP or SCTP")
+            })?,
+        };
+        if let Some(n) = p.port.and_then(|n| u16::try_from(n).ok()) {
+            ports.push((p.name.clone().unwrap_or_default(), n, protocol));
+        }
+    }
+    Ok(EndpointSliceInfo {
+        namespace,
+        name,
+        service,
+        addresses,
+        ports,
+    })
+}
+
 pub fn node_info(node: &Node) -> Result<NodeInfo> {
     let name = node
         .metadata
@@ -180,7 +351,8 @@ pub fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value)
     };
     let result: Result<()> = (|| {
         match kind.as_str() {
-            "List" | "PodList" | "NamespaceList" | "NodeList" | "NetworkPolicyList" => {
+            "List" | "PodList" | "NamespaceList" | "NodeList" | "NetworkPolicyList"
+            | "ServiceList" | "EndpointSliceList" => {
                 let list: List = serde_json::from_value(value)?;
                 for item in list.items {
                     add_object(cluster, origin, item);
@@ -211,6 +383,14 @@ pub fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value)
             "Node" => {
                 let node: Node = serde_json::from_value(value)?;
                 cluster.nodes.push(node_info(&node)?);
+            }
+            "Service" => {
+                let svc: Service = serde_json::from_value(value)?;
+                cluster.services.push(service_info(&svc)?);
+            }
+            "EndpointSlice" => {
+                let slice: EndpointSlice = serde_json::from_value(value)?;
+                cluster.endpoint_slices.push(endpoint_slice_info(&slice)?);
             }
             "NetworkPolicy" => {
                 let np: k8s_openapi::api::networking::v1::NetworkPolicy =

@@ -103,6 +103,8 @@ struct Conn {
     counted: [u64; 4],
     /// The connection's SNAT, once joined with the kernel's conntrack entry.
     snat: Option<crate::snat::SnatInfo>,
+    /// The Service it was opened to, once read from the kernel's Service link.
+    service: Option<flows::ServiceRef>,
 }
 
 #[derive(Default)]
@@ -283,7 +285,27 @@ impl Shared {
         let _ = self.tx.send(rec);
     }
 
+    /// The Service a connection kube-proxy translated was opened to: the kernel links its
+    /// client's address and port to the frontend asked for and the backend reached.
+    fn service_link(&self, key: &CtKey, e: &CtEntry) -> Option<observer_common::SvcNat> {
+        if e.flags & ct_flags::SERVICE == 0 {
+            return None;
+        }
+        let ((src, sport), (dst, dport)) = flows::orient(key, e.flags);
+        let client = crate::cluster::ip_key(src);
+        let k = observer_common::SvcKey {
+            addr: client.addr,
+            port: sport,
+            proto: key.proto,
+            family: key.family,
+        };
+        let nat = self.dp.lock().unwrap().svc_nat(&k)?;
+        let backend = crate::cluster::ip_key(dst);
+        (nat.backend == backend.addr && nat.backend_port == dport).then_some(nat)
+    }
+
     fn make_record(&self, kind: EventKind, key: &CtKey, e: &CtEntry) -> FlowRecord {
+        let link = self.service_link(key, e);
         let mut st = self.state.lock().unwrap();
         let mut rec = flows::record(
             &self.opts.node_name,
@@ -295,6 +317,18 @@ impl Shared {
         );
         if e.flags & ct_flags::DENIED != 0 {
             rec.isolated_by = isolated_by(&st, &self.opts, &rec, e.flags);
+        }
+        if e.flags & ct_flags::SERVICE != 0 {
+            rec.service = match st.conns.get(key).and_then(|c| c.service.clone()) {
+                Some(s) => Some(s),
+                None => {
+                    let s = link.and_then(|n| service_ref(&st.cluster, key.family, &n));
+                    if s.is_some() {
+                        st.conns.entry(*key).or_default().service = s.clone();
+                    }
+                    s
+                }
+            };
         }
         if self.opts.pod_metrics && rec.verdict != "dropped" {
             count_pod_traffic(&mut st, &self.opts, key, &rec);
@@ -348,6 +382,7 @@ impl Shared {
         let st = self.state.lock().unwrap();
         Ok(entries
             .iter()
+            .filter(|(_, e)| e.flags & ct_flags::SVC_ALIAS == 0)
             .map(|(k, e)| {
                 let kind = if e.flags & ct_flags::CLOSED != 0 {
                     EventKind::Close
@@ -362,7 +397,10 @@ impl Shared {
                     |ip| st.by_ip.get(&ip).map(|p| &**p),
                     |id| st.rules.get(&id).cloned(),
                 );
-                rec.snat = st.conns.get(k).and_then(|c| c.snat.clone());
+                if let Some(c) = st.conns.get(k) {
+                    rec.snat = c.snat.clone();
+                    rec.service = c.service.clone();
+                }
                 rec
             })
             .collect())
@@ -476,6 +514,24 @@ fn count_pod_traffic(st: &mut State, opts: &Options, key: &CtKey, rec: &FlowReco
             *t += a;
         }
     }
+}
+
+/// The Service a kernel Service link names, with the frontend the client used.
+fn service_ref(
+    cluster: &crate::cluster::Cluster,
+    family: u8,
+    nat: &observer_common::SvcNat,
+) -> Option<flows::ServiceRef> {
+    let svc = cluster
+        .services
+        .iter()
+        .find(|s| s.kernel_id() == nat.svc_id)?;
+    Some(flows::ServiceRef {
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
+        ip: crate::cluster::addr_from(family, &nat.frontend),
+        port: nat.frontend_port,
+    })
 }
 
 /// The policies that isolate the side that denied a connection: default-deny drops name them.
@@ -609,6 +665,12 @@ pub async fn run(opts: Options) -> Result<()> {
         report_interval_ns: opts.report_interval.as_nanos() as u64,
         policy_gen,
         enforce: u32::from(opts.enforce),
+        flags: if opts.policy.deny_from_node {
+            0
+        } else {
+            observer_common::config_flags::ALLOW_NODE
+        },
+        _pad: 0,
     })?;
     let ring = dp.take_events()?;
     let logger = match aya_log::EbpfLogger::init(&mut dp.ebpf) {
@@ -1098,6 +1160,19 @@ fn gc_once(shared: &Shared) -> Result<()> {
         let mut st = shared.state.lock().unwrap();
         for (k, e) in &entries {
             let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
+            if e.flags & ct_flags::SVC_ALIAS != 0 {
+                // A Service connection's pre-DNAT tuple: its records are the translated
+                // connection's. Expired like any connection, published never.
+                let timeout = if k.proto == IPPROTO_TCP {
+                    opts.tcp_timeout
+                } else {
+                    opts.other_timeout
+                };
+                if idle >= timeout {
+                    expire.push(*k);
+                }
+                continue;
+            }
             let closed = e.flags & ct_flags::CLOSED != 0;
             let timeout = if closed {
                 opts.close_grace.max(Duration::from_secs(10))

@@ -34,6 +34,16 @@ pub struct L4Info {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    /// The frontend the pod connected to: ClusterIP (or external, load-balancer or node
+    /// address) and port.
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PolicyName {
     pub namespace: String,
     pub name: String,
@@ -90,6 +100,15 @@ pub struct FlowRecord {
     /// For connections denied by policy: the policies that isolate the denying side.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub isolated_by: Vec<PolicyName>,
+    /// Why a connection passed an isolated side without a policy rule: `from-node` (traffic
+    /// from the pod's own node passes ingress isolation, as Kubernetes requires for kubelet
+    /// probes; off with `--deny-from-node`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_by: Option<String>,
+    /// A connection a pod opened to a Service: the Service and the frontend the pod used. The
+    /// record's destination is the backend kube-proxy chose, which policy judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
     pub direction: String,
     pub traffic_class: String,
     pub ip: IpInfo,
@@ -257,9 +276,11 @@ pub fn record<'a>(
         drop_reason: (e.flags & ct_flags::DENIED != 0).then(|| "policy-denied".to_string()),
         policy: [e.egress_rule, e.ingress_rule]
             .into_iter()
-            .filter(|r| *r != 0)
+            .filter(|r| *r != 0 && *r != observer_common::RULE_NODE)
             .filter_map(&rules)
             .collect(),
+        allowed_by: (e.ingress_rule == observer_common::RULE_NODE).then(|| "from-node".into()),
+        service: None,
         isolated_by: Vec::new(),
         direction: direction.into(),
         traffic_class: class.as_str().into(),
@@ -334,22 +355,33 @@ impl FlowRecord {
                 .map(|p| format!("{}/{}", p.namespace, p.name))
                 .collect();
             format!(" by {}", names.join(","))
-        } else if !self.policy.is_empty() {
+        } else if !self.policy.is_empty() || self.allowed_by.is_some() {
             let names: Vec<String> = self
                 .policy
                 .iter()
                 .map(|r| format!("{}/{}[{} {}]", r.namespace, r.name, r.direction, r.rule))
+                .chain(self.allowed_by.clone())
                 .collect();
             format!(" by {}", names.join(","))
         } else {
             String::new()
+        };
+        let dst = match &self.service {
+            Some(s) => format!(
+                "{} via service {}/{} {}",
+                Self::endpoint(&self.destination),
+                s.namespace,
+                s.name,
+                std::net::SocketAddr::new(s.ip, s.port)
+            ),
+            None => Self::endpoint(&self.destination),
         };
         format!(
             "{} {:<6} {} -> {} {} {} {}{} {} out {}p/{}B in {}p/{}B",
             self.time.get(11..23).unwrap_or(&self.time),
             self.event,
             self.source_with_snat(),
-            Self::endpoint(&self.destination),
+            dst,
             self.l4.protocol,
             self.traffic_class,
             self.verdict.to_uppercase(),

@@ -15,7 +15,8 @@ pub struct Watched {
 
 /// What the daemon reads from the API server, all cluster-wide: every pod (remote identities
 /// need their labels), namespaces (namespaceSelector and the audit annotation), nodes (node
-/// addresses and pod CIDRs) and NetworkPolicies.
+/// addresses and pod CIDRs), NetworkPolicies, and Services with their EndpointSlices (policy
+/// judges a Service connection against its backend; records name the Service).
 pub const WATCHED: &[Watched] = &[
     Watched {
         group: "",
@@ -41,6 +42,18 @@ pub const WATCHED: &[Watched] = &[
         resource: "networkpolicies",
         kind: "NetworkPolicy",
     },
+    Watched {
+        group: "",
+        version: "v1",
+        resource: "services",
+        kind: "Service",
+    },
+    Watched {
+        group: "discovery.k8s.io",
+        version: "v1",
+        resource: "endpointslices",
+        kind: "EndpointSlice",
+    },
 ];
 
 /// Verbs the daemon uses on each watched resource: `list` and `watch` by the watchers, `get` by
@@ -58,7 +71,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use kube::{
@@ -71,7 +85,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::{
-    cluster::{self, Cluster, NodeInfo, PodInfo},
+    cluster::{self, Cluster, EndpointSliceInfo, NodeInfo, PodInfo, ServiceInfo},
     policy::{model, Policy},
 };
 
@@ -163,6 +177,8 @@ pub struct Caches {
     pub namespaces: KindCache<NsInfo>,
     pub nodes: KindCache<NodeInfo>,
     pub policies: KindCache<Policy>,
+    pub services: KindCache<ServiceInfo>,
+    pub endpoint_slices: KindCache<EndpointSliceInfo>,
 }
 
 impl Caches {
@@ -189,11 +205,20 @@ impl Caches {
             }
             c.policies.push(p.clone());
         }
+        let mut svcs: Vec<(&ObjKey, &ServiceInfo)> = self.services.items.iter().collect();
+        svcs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        c.services = svcs.into_iter().map(|(_, s)| s.clone()).collect();
+        let mut slices: Vec<(&ObjKey, &EndpointSliceInfo)> =
+            self.endpoint_slices.items.iter().collect();
+        slices.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        c.endpoint_slices = slices.into_iter().map(|(_, s)| s.clone()).collect();
         let mut errors: Vec<String> = [
             &self.pods.errors,
             &self.namespaces.errors,
             &self.nodes.errors,
             &self.policies.errors,
+            &self.services.errors,
+            &self.endpoint_slices.errors,
         ]
         .iter()
         .flat_map(|m| m.values().cloned())
@@ -280,6 +305,30 @@ impl Watch for NetworkPolicy {
     }
 }
 
+impl Watch for Service {
+    type Info = ServiceInfo;
+    const KIND: &'static str = "Service";
+    const INDEX: usize = 4;
+    fn info(&self) -> Result<Option<ServiceInfo>> {
+        cluster::service_info(self).map(Some)
+    }
+    fn cache(c: &mut Caches) -> &mut KindCache<ServiceInfo> {
+        &mut c.services
+    }
+}
+
+impl Watch for EndpointSlice {
+    type Info = EndpointSliceInfo;
+    const KIND: &'static str = "EndpointSlice";
+    const INDEX: usize = 5;
+    fn info(&self) -> Result<Option<EndpointSliceInfo>> {
+        cluster::endpoint_slice_info(self).map(Some)
+    }
+    fn cache(c: &mut Caches) -> &mut KindCache<EndpointSliceInfo> {
+        &mut c.endpoint_slices
+    }
+}
+
 fn key_of<K: Resource>(obj: &K) -> ObjKey {
     (
         obj.meta().namespace.clone().unwrap_or_default(),
@@ -353,7 +402,12 @@ impl Kube {
             Api::all(client.clone()),
         ));
         tokio::spawn(run_watch::<Node>(self.clone(), Api::all(client.clone())));
-        tokio::spawn(run_watch::<NetworkPolicy>(self.clone(), Api::all(client)));
+        tokio::spawn(run_watch::<NetworkPolicy>(
+            self.clone(),
+            Api::all(client.clone()),
+        ));
+        tokio::spawn(run_watch::<Service>(self.clone(), Api::all(client.clone())));
+        tokio::spawn(run_watch::<EndpointSlice>(self.clone(), Api::all(client)));
     }
 
     /// Every kind has been listed completely at least once: before that, the cluster is partial
@@ -643,7 +697,7 @@ async fn run_watch<K: Watch>(kube: Arc<Kube>, api: Api<K>) {
     }
 }
 
-/// Lists the four kinds once: `observer policy matrix --kubeconfig`.
+/// Lists every watched kind once: `observer policy matrix --kubeconfig`.
 pub async fn snapshot(client: Client) -> Result<Cluster> {
     // The watchers' own list path, into caches nobody watches.
     let kube = Kube::default();
@@ -657,6 +711,8 @@ pub async fn snapshot(client: Client) -> Result<Cluster> {
     list::<Pod>(&kube, &client).await?;
     list::<Node>(&kube, &client).await?;
     list::<NetworkPolicy>(&kube, &client).await?;
+    list::<Service>(&kube, &client).await?;
+    list::<EndpointSlice>(&kube, &client).await?;
     let cluster = kube.caches.lock().unwrap().cluster();
     Ok(cluster)
 }

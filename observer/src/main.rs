@@ -79,6 +79,10 @@ struct ClusterArgs {
     /// Treat every policy as audited: would-be drops show as `audit`.
     #[arg(long)]
     audit: bool,
+    /// Judge traffic from a pod's own node by policy (default: always allowed, as Kubernetes
+    /// requires for kubelet probes), as a daemon with `--deny-from-node` does.
+    #[arg(long)]
+    deny_from_node: bool,
 }
 
 #[derive(Subcommand)]
@@ -157,6 +161,7 @@ fn load_cluster(
         observer::policy::Options {
             ipblock_matches_pods: a.ipblock_matches_pods,
             audit_all: a.audit,
+            deny_from_node: a.deny_from_node,
         },
     ))
 }
@@ -290,6 +295,11 @@ struct DaemonArgs {
     /// Audit every policy: would-be drops pass and are reported with verdict `audit`.
     #[arg(long, env = "OBSERVER_AUDIT")]
     audit: bool,
+    /// Hardened clusters: judge traffic from this node's own addresses (kubelet probes,
+    /// hostNetwork pods) to its pods by policy like any other source. By default it passes
+    /// ingress isolation, as Kubernetes requires, and its records say so (`allowed-from-node`).
+    #[arg(long, env = "OBSERVER_DENY_FROM_NODE")]
+    deny_from_node: bool,
     /// Also write flow records to this file as JSON lines.
     #[arg(long, env = "OBSERVER_FLOW_LOG")]
     flow_log: Option<PathBuf>,
@@ -642,6 +652,7 @@ fn run() -> Result<()> {
                 policy: observer::policy::Options {
                     ipblock_matches_pods: a.ipblock_matches_pods,
                     audit_all: a.audit,
+                    deny_from_node: a.deny_from_node,
                 },
                 flow_log: match &a.flow_log {
                     Some(path) => Some(observer::flowlog::Config {

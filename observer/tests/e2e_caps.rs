@@ -342,5 +342,8 @@ fn the_required_set_works_on_a_fresh_node_without_bpffs() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "the inner test did not run: {text}");
+    assert!(
+        text.contains("1 passed"),
+        "the inner test did not run: {text}"
+    );
 }

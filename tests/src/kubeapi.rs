@@ -18,7 +18,7 @@
 //! `labelSelector` and `fieldSelector` are accepted and ignored. Paths are also served for a
 //! single object (`GET .../pods/NAME`).
 //!
-//! Served resources: Namespaces, Pods, Nodes and NetworkPolicies, cluster-wide and (for the
+//! Served resources: Namespaces, Pods, Nodes, NetworkPolicies, Services and EndpointSlices, cluster-wide and (for the
 //! namespaced kinds) per namespace.
 //!
 //! Built on std only: one thread accepts, one thread serves each connection (HTTP/1.1 with
@@ -75,6 +75,20 @@ const KINDS: &[KindInfo] = &[
         plural: "networkpolicies",
         api_version: "networking.k8s.io/v1",
         prefix: "/apis/networking.k8s.io/v1",
+        namespaced: true,
+    },
+    KindInfo {
+        kind: "Service",
+        plural: "services",
+        api_version: "v1",
+        prefix: "/api/v1",
+        namespaced: true,
+    },
+    KindInfo {
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        api_version: "discovery.k8s.io/v1",
+        prefix: "/apis/discovery.k8s.io/v1",
         namespaced: true,
     },
 ];

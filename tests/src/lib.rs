@@ -210,6 +210,22 @@ pub struct TestBed {
     pin_dirs: Vec<PathBuf>,
     /// Extra labels per Kubernetes namespace, written into the cluster YAML.
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Services, programmed on both nodes as kube-proxy programs them ([`TestBed::add_service`]).
+    pub services: Vec<Service>,
+}
+
+/// A ClusterIP Service of the virtual cluster, one port, backed by pods.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    pub target_port: u16,
+    /// "TCP", "UDP" or "SCTP".
+    pub protocol: String,
+    /// Backend pod names.
+    pub backends: Vec<String>,
 }
 
 /// Runs whitespace-separated commands (no argument contains a space) in a namespace. A bed
@@ -274,6 +290,7 @@ impl TestBed {
             children: Vec::new(),
             pin_dirs: Vec::new(),
             namespace_labels: BTreeMap::new(),
+            services: Vec::new(),
         };
         bed.build().context("building the virtual cluster")?;
         bed.write_cluster()?;
@@ -643,6 +660,67 @@ impl TestBed {
         })
     }
 
+    /// Adds a Service with the ClusterIP `cluster_ip` and programs it on both nodes as
+    /// kube-proxy does: nftables DNAT of the ClusterIP and port to one of the backends (chosen
+    /// at random per connection) in PREROUTING (pod traffic) and OUTPUT (the node's own), and a
+    /// masquerade for hairpin (a backend reaching itself through its Service). Writes the
+    /// Service and its EndpointSlice into the cluster YAML.
+    pub fn add_service(&mut self, svc: Service) -> Result<()> {
+        let backends: Vec<IpAddr> = svc
+            .backends
+            .iter()
+            .map(|b| self.pod(b))
+            .map(|p| {
+                if svc.cluster_ip.is_ipv4() {
+                    p.ip4
+                } else {
+                    p.ip6
+                }
+            })
+            .collect();
+        let (fam, l4) = (
+            if svc.cluster_ip.is_ipv4() {
+                "ip"
+            } else {
+                "ip6"
+            },
+            svc.protocol.to_lowercase(),
+        );
+        let idx = self.services.len();
+        let map: Vec<String> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| match b {
+                IpAddr::V4(_) => format!("{i} : {b}"),
+                IpAddr::V6(_) => format!("{i} : {b}"),
+            })
+            .collect();
+        let target = if backends.len() == 1 {
+            format!("{}", backends[0])
+        } else {
+            format!(
+                "numgen random mod {} map {{ {} }}",
+                backends.len(),
+                map.join(", ")
+            )
+        };
+        let mut rules = format!(
+            "table {fam} kube_proxy_{idx} {{\n  chain pre {{ type nat hook prerouting priority dstnat;              {fam} daddr {ip} {l4} dport {port} dnat to {target} : {tp}; }}\n               chain out {{ type nat hook output priority -100;              {fam} daddr {ip} {l4} dport {port} dnat to {target} : {tp}; }}\n               chain post {{ type nat hook postrouting priority srcnat;",
+            ip = svc.cluster_ip,
+            port = svc.port,
+            tp = svc.target_port,
+        );
+        for b in &backends {
+            let _ = write!(rules, " {fam} saddr {b} {fam} daddr {b} masquerade;");
+        }
+        rules.push_str(" }\n}\n");
+        for ns in [self.node_ns.clone(), self.node2_ns.clone()] {
+            nft(&ns, &rules)?;
+        }
+        self.services.push(svc);
+        self.write_cluster()
+    }
+
     /// The pod named `name` on either node.
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
@@ -725,6 +803,33 @@ impl TestBed {
                 "status:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: \"{}\"\n---\n",
                 p.ip4, p.ip4, p.ip6
             );
+        }
+        for svc in &self.services {
+            let _ = write!(
+                y,
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {n}\n  namespace: {ns}\nspec:\n  clusterIP: \"{ip}\"\n  clusterIPs: [\"{ip}\"]\n  ports:\n  - {{port: {p}, targetPort: {tp}, protocol: {pr}}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {n}-1\n  namespace: {ns}\n  labels:\n    kubernetes.io/service-name: {n}\naddressType: {at}\nports:\n- {{port: {tp}, protocol: {pr}}}\nendpoints:\n",
+                n = svc.name,
+                ns = svc.namespace,
+                ip = svc.cluster_ip,
+                p = svc.port,
+                tp = svc.target_port,
+                pr = svc.protocol,
+                at = if svc.cluster_ip.is_ipv4() { "IPv4" } else { "IPv6" },
+            );
+            for b in &svc.backends {
+                let p = self.pod(b);
+                let ip = if svc.cluster_ip.is_ipv4() {
+                    p.ip4
+                } else {
+                    p.ip6
+                };
+                let _ = writeln!(
+                    y,
+                    "- {{addresses: [\"{ip}\"], conditions: {{ready: true}}}}"
+                );
+            }
+            y.push_str("---\n");
         }
         let path = self.cluster_dir().join("cluster.yaml");
         let tmp = path.with_extension("tmp");
@@ -964,4 +1069,110 @@ pub fn nft_counter(ns: &str, family: &str, table: &str, name: &str) -> Result<(u
         }
     }
     bail!("counter {family} {table} {name} not found in {ns}")
+}
+
+/// A small real DNS: A-record queries over UDP, as a pod's resolver sends them.
+pub mod dns {
+    use std::{
+        collections::HashMap,
+        net::{Ipv4Addr, SocketAddr, UdpSocket},
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc,
+        },
+        time::Duration,
+    };
+
+    /// The query name of a DNS message (labels from offset 12), lower-cased.
+    fn qname(msg: &[u8]) -> Option<(String, usize)> {
+        let mut i = 12;
+        let mut labels = Vec::new();
+        loop {
+            let n = *msg.get(i)? as usize;
+            i += 1;
+            if n == 0 {
+                break;
+            }
+            labels.push(String::from_utf8_lossy(msg.get(i..i + n)?).to_lowercase());
+            i += n;
+        }
+        Some((labels.join("."), i))
+    }
+
+    /// Answers A queries for `names` on UDP port 53 of `ns` until `stop`; NXDOMAIN otherwise.
+    pub fn serve(
+        ns: &str,
+        names: HashMap<String, Ipv4Addr>,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<()> {
+        let sock = super::in_netns(ns, || UdpSocket::bind(("::", 53)).unwrap()).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let q = &buf[..n];
+                let Some((name, end)) = qname(q) else {
+                    continue;
+                };
+                let question = &q[12..end + 4];
+                let mut r = Vec::with_capacity(64);
+                r.extend_from_slice(&q[..2]); // id
+                let hit = names.get(&name);
+                r.extend_from_slice(&[0x81, if hit.is_some() { 0x80 } else { 0x83 }]);
+                r.extend_from_slice(&[0, 1, 0, u8::from(hit.is_some()), 0, 0, 0, 0]);
+                r.extend_from_slice(question);
+                if let Some(ip) = hit {
+                    r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+                    r.extend_from_slice(&ip.octets());
+                }
+                let _ = sock.send_to(&r, from);
+            }
+        })
+    }
+
+    /// Resolves `name` (an A record) through `server` from inside `ns`, as a stub resolver:
+    /// one query, one answer within `timeout`.
+    pub fn resolve(
+        ns: &str,
+        server: SocketAddr,
+        name: &str,
+        timeout: Duration,
+    ) -> Option<Ipv4Addr> {
+        let name = name.to_string();
+        super::in_netns(ns, move || {
+            let sock = UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+            sock.set_read_timeout(Some(timeout)).ok()?;
+            let id: u16 = rand_id();
+            let mut q = Vec::with_capacity(64);
+            q.extend_from_slice(&id.to_be_bytes());
+            q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+            for l in name.split('.') {
+                q.push(l.len() as u8);
+                q.extend_from_slice(l.as_bytes());
+            }
+            q.extend_from_slice(&[0, 0, 1, 0, 1]);
+            sock.send_to(&q, server).ok()?;
+            let mut buf = [0u8; 512];
+            let (n, _) = sock.recv_from(&mut buf).ok()?;
+            let r = &buf[..n];
+            if n < 12 || r[..2] != id.to_be_bytes() || r[3] & 0x0f != 0 || r[7] == 0 {
+                return None;
+            }
+            let a = r.get(n - 4..n)?;
+            Some(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+        })
+        .ok()
+        .flatten()
+    }
+
+    fn rand_id() -> u16 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (t.subsec_nanos() ^ std::process::id()) as u16
+    }
 }

@@ -137,6 +137,8 @@ pub struct Desired {
     pub ipcache: BTreeMap<IpNet, IpcacheEntry>,
     /// (prefix length, key data) -> entry.
     pub policy: BTreeMap<(u32, PolicyKeyData), PolicyEntry>,
+    /// Service frontends (address, IP protocol, port) -> the Service's kernel id.
+    pub services: BTreeMap<(IpAddr, u8, u16), u32>,
 }
 
 /// Pods share an identity when they share namespace, labels and named container ports: the
@@ -303,6 +305,39 @@ fn key(ep: u32, dir: u8, ident: u32, plen: u32, proto: u8, port: u16) -> (u32, P
     (plen, k)
 }
 
+/// Where pods reach Services, as kube-proxy translates them: every frontend address on every
+/// port, and NodePorts on this node's own addresses (another node's NodePort is translated on
+/// that node, after the pod's packet left this one).
+fn frontends(
+    cluster: &Cluster,
+    node: &str,
+    host_addrs: &[IpAddr],
+) -> BTreeMap<(IpAddr, u8, u16), u32> {
+    let mut out = BTreeMap::new();
+    let node_addrs: Vec<IpAddr> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.name == node)
+        .flat_map(|n| n.addresses.iter().copied())
+        .chain(host_addrs.iter().copied())
+        .collect();
+    for svc in &cluster.services {
+        let id = svc.kernel_id();
+        for p in &svc.ports {
+            let proto = p.protocol.number();
+            for ip in &svc.ips {
+                out.insert((*ip, proto, p.port), id);
+            }
+            if let Some(np) = p.node_port {
+                for ip in &node_addrs {
+                    out.insert((*ip, proto, np), id);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Compiles the maps' contents for node `node` whose own addresses are `host_addrs`.
 pub fn compile(
     cluster: &Cluster,
@@ -348,6 +383,7 @@ pub fn compile(
             entry(alloc.identity(format!("node:{a}")), RemoteKind::Host),
         );
     }
+    d.services = frontends(cluster, node, host_addrs);
     let mut groups: BTreeMap<u32, Group<'_>> = BTreeMap::new();
     let mut by_ns: HashMap<&str, Vec<u32>> = HashMap::new();
     for p in cluster

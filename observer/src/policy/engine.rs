@@ -16,6 +16,9 @@ pub struct Options {
     pub ipblock_matches_pods: bool,
     /// Every would-be drop passes and is reported as `audit`.
     pub audit_all: bool,
+    /// Judge traffic from a pod's own node by policy like any other source. Off by default:
+    /// Kubernetes allows it whatever the isolation (kubelet probes).
+    pub deny_from_node: bool,
 }
 
 /// One side of a connection.
@@ -440,7 +443,11 @@ mod tests {
         assert!(c.errors.is_empty(), "{:?}", c.errors);
         let e = Engine::new(&c, Options::default());
         let v = |s, d| e.decide(pod(&c, s), pod(&c, d), Protocol::Tcp, 80).verdict;
-        assert_eq!(v("a", "b"), Verdict::Allowed, "egress: [] must not isolate egress");
+        assert_eq!(
+            v("a", "b"),
+            Verdict::Allowed,
+            "egress: [] must not isolate egress"
+        );
         assert_eq!(v("b", "a"), Verdict::Allowed);
         assert_eq!(v("c", "a"), Verdict::Denied, "ingress of a is isolated");
         // `policyTypes: []` defaults too: Ingress, and Egress because egress has a rule.

@@ -93,6 +93,7 @@ impl KernelEngine {
             report_interval_ns: 0,
             policy_gen: 1,
             enforce: 1,
+            ..Config::default()
         })?;
         // Nobody reads events here: reserves that fail are counted and change nothing else.
         drop(dp.take_events()?);

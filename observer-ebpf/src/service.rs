@@ -1,0 +1,201 @@
+//! Services under policy. kube-proxy DNATs a Service frontend to one backend in netfilter
+//! PREROUTING, after the client pod's veth has run `from_pod`: a verdict taken there would
+//! judge the ClusterIP, not the backend. So a connection to a frontend is tracked under its
+//! pre-DNAT tuple as an *alias* (no verdict, no records) and judged where the translated
+//! packet first shows up: the backend's veth (`to_pod`, local backend) or the uplink's tc
+//! egress (remote backend; `from_pod` marks the packet so the uplink looks only at these),
+//! against the backend, egress and ingress alike. The two are linked by the client pod's
+//! address and port, which kube-proxy keeps (it masquerades only hairpin and NodePort traffic
+//! from outside). The translated connection is the connection of record; its packets are
+//! counted once, where the client pod sends and receives them, through the alias.
+use observer_common::{
+    ct_flags, svc_nat, Config, CtEntry, CtKey, RemoteKind, SvcKey, SvcNat, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP,
+};
+
+use crate::{
+    classify,
+    conntrack::{key_of_pair, update, verdict, Action},
+    maps::{CT, SERVICES, SVC_NAT},
+    parse::Packet,
+};
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+#[inline(always)]
+fn svc_key(family: u8, proto: u8, addr: &[u32; 4], port: u16) -> SvcKey {
+    SvcKey {
+        addr: *addr,
+        port,
+        proto,
+        family,
+    }
+}
+
+/// The id of the Service whose frontend the packet is addressed to.
+#[inline(always)]
+pub fn frontend(pkt: &Packet) -> Option<u32> {
+    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP && pkt.proto != IPPROTO_SCTP {
+        return None;
+    }
+    let k = svc_key(pkt.family, pkt.proto, &pkt.dst, pkt.dport);
+    unsafe { SERVICES.get(&k) }.copied()
+}
+
+/// Starts tracking a connection to a frontend under its pre-DNAT tuple. Its verdict waits for
+/// the translated packet; the packet passes, marked for the uplink.
+#[inline(always)]
+pub fn open_alias(
+    key: &CtKey,
+    pkt: &Packet,
+    svc_id: u32,
+    from_a: bool,
+    now: u64,
+    cfg: &Config,
+) -> Action {
+    let e = CtEntry {
+        first_seen_ns: now,
+        last_seen_ns: now,
+        last_report_ns: now,
+        flags: ct_flags::SVC_ALIAS
+            | ct_flags::EGRESS_DONE
+            | ct_flags::INGRESS_DONE
+            | if from_a { ct_flags::ORIG_IS_A } else { 0 },
+        policy_gen: cfg.policy_gen,
+        ..CtEntry::default()
+    };
+    let _ = CT.insert(key, &e, 0);
+    let nat = SvcNat {
+        frontend: pkt.dst,
+        frontend_port: pkt.dport,
+        svc_id,
+        ..SvcNat::default()
+    };
+    let client = svc_key(pkt.family, pkt.proto, &pkt.src, pkt.sport);
+    let _ = SVC_NAT.insert(&client, &nat, 0);
+    Action::PassMarked
+}
+
+/// A packet of a known alias: counted on, and judged by, the translated connection once that
+/// exists; until then original-direction packets pass marked (their verdict is taken after
+/// the DNAT).
+#[inline(always)]
+pub fn through_alias(
+    alias: &mut CtEntry,
+    pkt: &Packet,
+    from_a: bool,
+    bytes: u64,
+    now: u64,
+    cfg: &Config,
+) -> Action {
+    alias.last_seen_ns = now;
+    let orig = from_a == (alias.flags & ct_flags::ORIG_IS_A != 0);
+    let pass = if orig {
+        Action::PassMarked
+    } else {
+        Action::Pass
+    };
+    let (caddr, cport) = if orig {
+        (&pkt.src, pkt.sport)
+    } else {
+        (&pkt.dst, pkt.dport)
+    };
+    let client = svc_key(pkt.family, pkt.proto, caddr, cport);
+    let Some(nat) = SVC_NAT.get_ptr_mut(&client) else {
+        return pass;
+    };
+    let nat = unsafe { &mut *nat };
+    if nat.flags & svc_nat::RESOLVED == 0 {
+        return pass;
+    }
+    let (tkey, client_is_a) = key_of_pair(
+        pkt.family,
+        pkt.proto,
+        caddr,
+        cport,
+        &nat.backend,
+        nat.backend_port,
+    );
+    let Some(t) = CT.get_ptr_mut(&tkey) else {
+        return pass;
+    };
+    let t = unsafe { &mut *t };
+    // A fresh SYN after the connection closed reuses the client's tuple: a new connection,
+    // maybe to another backend, linked anew behind the DNAT.
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if orig && syn && pkt.proto == IPPROTO_TCP && t.flags & ct_flags::CLOSED != 0 {
+        nat.flags = 0;
+        return pass;
+    }
+    let action = verdict(t.flags, cfg.enforce);
+    update(
+        &tkey,
+        t,
+        orig == client_is_a,
+        bytes,
+        now,
+        pkt.tcp_flags,
+        pkt.proto == IPPROTO_TCP,
+        cfg.report_interval_ns,
+    );
+    match action {
+        Action::Drop => Action::Drop,
+        _ => pass,
+    }
+}
+
+/// What a translated packet's connection is, looked up when the connection is new at a hook
+/// behind the DNAT (`to_pod`, the uplink's egress).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Not a Service connection (or its alias is gone).
+    None,
+    /// The client's own connection to a frontend: judged against this backend.
+    Service,
+    /// A pod reaching itself through its Service: kube-proxy masqueraded the source to the
+    /// node, and a pod talking to itself is always allowed.
+    Hairpin,
+}
+
+/// Links a new connection seen behind the DNAT to its client's alias, recording the backend.
+#[inline(always)]
+pub fn resolve(pkt: &Packet) -> Link {
+    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP && pkt.proto != IPPROTO_SCTP {
+        return Link::None;
+    }
+    let src_is_pod = classify::endpoint(pkt.family, &pkt.src).is_some();
+    // Hairpin: kube-proxy masqueraded the source to this node (keeping the port when free) and
+    // the backend is the client itself. Nothing from off the node can claim it.
+    if !src_is_pod {
+        match classify::remote(pkt.family, &pkt.src) {
+            Some(r) if r.kind == RemoteKind::Host as u8 => {}
+            _ => return Link::None,
+        }
+    }
+    let (client, link) = if src_is_pod {
+        (
+            svc_key(pkt.family, pkt.proto, &pkt.src, pkt.sport),
+            Link::Service,
+        )
+    } else {
+        (
+            svc_key(pkt.family, pkt.proto, &pkt.dst, pkt.sport),
+            Link::Hairpin,
+        )
+    };
+    let Some(nat) = SVC_NAT.get_ptr_mut(&client) else {
+        return Link::None;
+    };
+    let nat = unsafe { &mut *nat };
+    if nat.flags & svc_nat::RESOLVED != 0 {
+        return Link::None;
+    }
+    if link == Link::Hairpin {
+        return link;
+    }
+    nat.backend = pkt.dst;
+    nat.backend_port = pkt.dport;
+    nat.flags |= svc_nat::RESOLVED;
+    link
+}

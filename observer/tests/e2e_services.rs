@@ -1,0 +1,348 @@
+//! Real-cluster semantics on the virtual node: Services programmed as kube-proxy programs them
+//! (nftables DNAT in PREROUTING and OUTPUT, hairpin masquerade), a DNS server behind the
+//! kube-dns Service on the other node, a namespace under default-deny with the usual allow-DNS
+//! and allow-db rules, and connections from the node itself (kubelet probes).
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use observer_tests::{dns, in_netns, tcp_connects, PodSpec, Service, TestBed};
+use serde_json::Value;
+
+const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
+const T: Duration = Duration::from_millis(800);
+
+const POLICIES: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: shop}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-dns, namespace: shop}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}
+      podSelector: {matchLabels: {k8s-app: kube-dns}}
+    ports: [{port: 53, protocol: UDP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-to-db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: db}}}]
+    ports: [{port: 8080}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-from-web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 8080}]
+"#;
+
+fn listen(ns: &str, port: u16, stop: Arc<AtomicBool>) {
+    let l = in_netns(ns, move || TcpListener::bind(("::", port)).unwrap()).unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((s, _)) => drop(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+}
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// Records matching `f`, waiting up to 5 s for at least one.
+fn records(d: &observer_tests::Daemon, f: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let t = Instant::now();
+    loop {
+        let v: Vec<Value> = d
+            .get_lines("/v1/flows")
+            .unwrap()
+            .into_iter()
+            .filter(&f)
+            .collect();
+        if !v.is_empty() || t.elapsed() > Duration::from_secs(5) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Cluster {
+    bed: TestBed,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// shop/web and shop/db, shop/other on node-1; shop/db2 and kube-system/coredns on node-2;
+/// Services db (local backend), db-remote (node-2), other, kube-dns.
+fn cluster(tag: &str) -> Cluster {
+    let mut bed = TestBed::overlay(tag).unwrap();
+    let port = [("http", 8080u16, "TCP")];
+    for (ns, name, labels) in [
+        ("shop", "web", ("app", "web")),
+        ("shop", "db", ("app", "db")),
+        ("shop", "other", ("app", "other")),
+    ] {
+        bed.add_pod(PodSpec {
+            namespace: ns,
+            name,
+            labels: &[labels],
+            ports: &port,
+        })
+        .unwrap();
+    }
+    bed.add_remote_pod(PodSpec {
+        namespace: "shop",
+        name: "db2",
+        labels: &[("app", "db")],
+        ports: &port,
+    })
+    .unwrap();
+    bed.add_remote_pod(PodSpec {
+        namespace: "kube-system",
+        name: "coredns",
+        labels: &[("k8s-app", "kube-dns")],
+        ports: &[("dns", 53, "UDP")],
+    })
+    .unwrap();
+    for (ns, name, ip, port, tp, proto, backend) in [
+        ("shop", "db", "10.96.0.20", 80, 8080, "TCP", "db"),
+        ("shop", "db-remote", "10.96.0.21", 80, 8080, "TCP", "db2"),
+        ("shop", "other", "10.96.0.22", 80, 8080, "TCP", "other"),
+        (
+            "kube-system",
+            "kube-dns",
+            "10.96.0.10",
+            53,
+            53,
+            "UDP",
+            "coredns",
+        ),
+    ] {
+        bed.add_service(Service {
+            namespace: ns.into(),
+            name: name.into(),
+            cluster_ip: ip.parse().unwrap(),
+            port,
+            target_port: tp,
+            protocol: proto.into(),
+            backends: vec![backend.into()],
+        })
+        .unwrap();
+    }
+    std::fs::write(bed.cluster_dir().join("policies.yaml"), POLICIES).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    for p in ["db", "other", "db2"] {
+        listen(&bed.pod(p).netns.clone(), 8080, stop.clone());
+    }
+    let names = HashMap::from([(
+        "db.shop.svc.cluster.local".to_string(),
+        Ipv4Addr::new(10, 96, 0, 20),
+    )]);
+    dns::serve(&bed.pod("coredns").netns.clone(), names, stop.clone());
+    Cluster { bed, stop }
+}
+
+fn web(c: &Cluster) -> String {
+    c.bed.pod("web").netns.clone()
+}
+
+#[test]
+fn services_and_dns_under_default_deny_are_judged_against_their_backends() {
+    let mut c = cluster("svc");
+    let d = c.bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
+    let web = web(&c);
+
+    // DNS through the kube-dns Service, backend on the other node: every lookup answered
+    // (replies of the translated connection must not be taken for new connections).
+    let dns_svc = sa("10.96.0.10", 53);
+    let answered = (0..30)
+        .filter(|_| dns::resolve(&web, dns_svc, "db.shop.svc.cluster.local", T).is_some())
+        .count();
+    assert_eq!(
+        answered, 30,
+        "DNS lookups answered through the kube-dns Service"
+    );
+
+    // db's Service, backend on this node, and db-remote's, backend on node-2: allowed.
+    assert!(
+        tcp_connects(&web, sa("10.96.0.20", 80), T),
+        "web -> db Service (local backend)"
+    );
+    assert!(
+        tcp_connects(&web, sa("10.96.0.21", 80), T),
+        "web -> db-remote Service (node-2)"
+    );
+    // A Service never opens what policy denies its backend: web may not reach app=other.
+    assert!(
+        !tcp_connects(&web, sa("10.96.0.22", 80), T),
+        "web -> other Service must be denied"
+    );
+    // Directly, the same verdicts.
+    let db_ip = c.bed.pod("db").ip4;
+    assert!(tcp_connects(&web, SocketAddr::new(db_ip, 8080), T));
+    // other -> db's Service: db's ingress admits only web (and other's egress is default-deny).
+    let other = c.bed.pod("other").netns.clone();
+    assert!(
+        !tcp_connects(&other, sa("10.96.0.20", 80), T),
+        "other -> db Service must be denied"
+    );
+
+    // One connection, one set of records: the backend as destination, the Service named, no
+    // record towards the ClusterIP.
+    let to_vip = |r: &Value| {
+        r["ip"]["dst"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("10.96.0."))
+    };
+    let all = d.get_lines("/v1/flows").unwrap();
+    assert!(
+        !all.iter().any(to_vip),
+        "no record may name a ClusterIP as destination: {:?}",
+        all.iter().filter(|r| to_vip(r)).collect::<Vec<_>>()
+    );
+    let db_new = records(&d, |r| {
+        r["event"] == "new" && r["service"]["name"] == "db" && r["source"]["pod"] == "web"
+    });
+    assert_eq!(db_new.len(), 1, "{db_new:?}");
+    let r = &db_new[0];
+    assert_eq!(r["ip"]["dst"], db_ip.to_string());
+    assert_eq!(r["l4"]["dst_port"], 8080);
+    assert_eq!(r["service"]["namespace"], "shop");
+    assert_eq!(r["service"]["ip"], "10.96.0.20");
+    assert_eq!(r["service"]["port"], 80);
+    assert_eq!(r["verdict"], "forwarded");
+    let remote = records(&d, |r| {
+        r["event"] == "new" && r["service"]["name"] == "db-remote"
+    });
+    assert_eq!(remote.len(), 1, "{remote:?}");
+    assert_eq!(remote[0]["ip"]["dst"], c.bed.pod("db2").ip4.to_string());
+    let dns_recs = records(&d, |r| {
+        r["service"]["name"] == "kube-dns" && r["verdict"] == "forwarded"
+    });
+    assert!(!dns_recs.is_empty());
+    assert!(dns_recs
+        .iter()
+        .all(|r| r["l4"]["protocol"] == "UDP"
+            && r["ip"]["dst"] == c.bed.pod("coredns").ip4.to_string()));
+    let denied = records(&d, |r| {
+        r["verdict"] == "dropped" && r["service"]["name"] == "other"
+    });
+    assert!(!denied.is_empty(), "the denied Service connection is named");
+    assert_eq!(denied[0]["ip"]["dst"], c.bed.pod("other").ip4.to_string());
+    assert!(
+        denied[0]["isolated_by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "default-deny" && p["direction"] == "egress"),
+        "{denied:?}"
+    );
+    // Counters: a completed handshake counts both ways on the connection of record.
+    let t = Instant::now();
+    loop {
+        let ct = d.get_lines("/v1/conntrack").unwrap();
+        let seen = ct.iter().any(|e| {
+            e["ip"]["dst"] == db_ip.to_string()
+                && e["counters"]["packets_out"].as_u64() >= Some(2)
+                && e["counters"]["packets_in"].as_u64() >= Some(1)
+        });
+        if seen {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{ct:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // No drop metric without a direction.
+    let metrics = d.get("/metrics").unwrap();
+    assert!(
+        !metrics.contains("direction=\"\""),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("policy_verdicts"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    c.bed.stop_daemon(&d);
+}
+
+#[test]
+fn the_node_reaches_its_pods_under_default_deny_and_hairpin_works() {
+    let mut c = cluster("svcnode");
+    let d = c.bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
+    let node = c.bed.node_ns.clone();
+    let db = SocketAddr::new(c.bed.pod("db").ip4, 8080);
+    let other = SocketAddr::new(c.bed.pod("other").ip4, 8080);
+    // kubelet probes come from the node: allowed whatever the ingress isolation.
+    assert!(tcp_connects(&node, db, T), "node -> db (probe)");
+    assert!(tcp_connects(&node, other, T), "node -> other (probe)");
+    // The node through a Service (kube-proxy's OUTPUT DNAT).
+    assert!(
+        tcp_connects(&node, sa("10.96.0.22", 80), T),
+        "node -> other Service"
+    );
+    let recs = records(&d, |r| {
+        r["event"] == "new"
+            && r["traffic_class"] == "node-to-pod"
+            && r["ip"]["dst"] == db.ip().to_string()
+    });
+    assert!(!recs.is_empty());
+    assert_eq!(recs[0]["verdict"], "forwarded");
+    assert_eq!(recs[0]["allowed_by"], "from-node", "{recs:?}");
+    // A pod reaching itself through its own Service (hairpin, masqueraded by kube-proxy).
+    let other_ns = c.bed.pod("other").netns.clone();
+    assert!(
+        tcp_connects(&other_ns, sa("10.96.0.22", 80), T),
+        "other -> itself via its Service"
+    );
+    // Remote pods are not the node: db2 on node-2 may not reach other.
+    let db2 = c.bed.pod("db2").netns.clone();
+    assert!(
+        !tcp_connects(&db2, other, T),
+        "node-2's pod -> other must be denied"
+    );
+
+    // Hardened: --deny-from-node judges the node like any source.
+    c.bed.stop_daemon(&d);
+    let d = c
+        .bed
+        .start_daemon(OBSERVER.as_ref(), &["--deny-from-node"])
+        .unwrap();
+    assert!(
+        !tcp_connects(&node, other, T),
+        "node -> other with --deny-from-node"
+    );
+    c.bed.stop_daemon(&d);
+}
