@@ -252,6 +252,8 @@ mod tests {
             drop_reason: (verdict == "dropped").then(|| "policy-denied".into()),
             policy: vec![],
             isolated_by: vec![],
+            allowed_by: None,
+            service: None,
             direction: "egress".into(),
             traffic_class: "pod-to-pod-local".into(),
             ip: IpInfo {

@@ -83,6 +83,9 @@ pub enum Side {
     NotIsolated,
     /// A pod talking to itself.
     Loopback,
+    /// Ingress from the pod's own node: always allowed (kubelet probes) unless
+    /// `deny_from_node`.
+    FromNode,
     Allowed {
         policy: String,
         rule: usize,
@@ -111,7 +114,8 @@ pub struct Decision {
 impl Decision {
     /// One line naming the cause, for matrices and flow logs.
     pub fn reason(&self) -> String {
-        let side = |dir: &str, s: &Side| match s {
+        let side = |dir: &str, s: &Side| {
+            match s {
             Side::Allowed { policy, rule } => {
                 Some(format!("{dir} allowed by {policy} rule {rule}"))
             }
@@ -136,7 +140,11 @@ impl Decision {
                 Some(r)
             }
             Side::Loopback => Some("a pod talking to itself is always allowed".into()),
+            Side::FromNode => Some(format!(
+                "{dir} allowed: traffic from the pod's own node is always allowed (kubelet probes; --deny-from-node to judge it)"
+            )),
             _ => None,
+        }
         };
         let mut parts: Vec<String> = [side("egress", &self.egress), side("ingress", &self.ingress)]
             .into_iter()
@@ -320,6 +328,19 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Whether `peer` is an address of `pod`'s node (hostNetwork pods carry those too).
+    fn is_node_of(&self, peer: &Peer<'_>, pod: &PodInfo) -> bool {
+        let ip = match peer {
+            Peer::External(ip) => *ip,
+            Peer::Pod(p) if p.host_network && p.node == pod.node => return true,
+            Peer::Pod(_) => return false,
+        };
+        self.cluster
+            .nodes
+            .iter()
+            .any(|n| n.name == pod.node && n.addresses.contains(&ip))
+    }
+
     pub fn decide(&self, src: Peer<'_>, dst: Peer<'_>, proto: Protocol, port: u16) -> Decision {
         if let (Peer::Pod(a), Peer::Pod(b)) = (&src, &dst) {
             if a.namespace == b.namespace && a.name == b.name {
@@ -335,6 +356,7 @@ impl<'a> Engine<'a> {
             None => Side::NotApplicable,
         };
         let ingress = match dst.pod() {
+            Some(d) if !self.opts.deny_from_node && self.is_node_of(&src, d) => Side::FromNode,
             Some(d) => self.direction(Dir::Ingress, d, &src, &dst, proto, port),
             None => Side::NotApplicable,
         };
@@ -454,6 +476,48 @@ mod tests {
         assert_eq!(v("c", "b"), Verdict::Allowed);
         assert_eq!(v("c", "a"), Verdict::Denied);
         assert_eq!(v("b", "c"), Verdict::Denied, "ingress of c is isolated");
+    }
+
+    #[test]
+    fn the_pods_own_node_passes_ingress_isolation_unless_denied() {
+        let mut c = cluster_with(
+            r#"
+- {apiVersion: v1, kind: Node, metadata: {name: n1}, status: {addresses: [{type: InternalIP, address: 10.9.0.4}]}}
+- {apiVersion: v1, kind: Node, metadata: {name: n2}, status: {addresses: [{type: InternalIP, address: 10.9.0.5}]}}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: deny, namespace: x}
+  spec: {podSelector: {}}
+"#,
+        );
+        c.pods = c
+            .pods
+            .iter()
+            .map(|p| {
+                let mut p = (**p).clone();
+                p.node = "n1".into();
+                std::sync::Arc::new(p)
+            })
+            .collect();
+        let own: IpAddr = "10.9.0.4".parse().unwrap();
+        let other: IpAddr = "10.9.0.5".parse().unwrap();
+        let e = Engine::new(&c, Options::default());
+        let d = e.decide(Peer::External(own), pod(&c, "a"), Protocol::Tcp, 8080);
+        assert_eq!(d.verdict, Verdict::Allowed);
+        assert!(d.reason().contains("own node"), "{}", d.reason());
+        let d = e.decide(Peer::External(other), pod(&c, "a"), Protocol::Tcp, 8080);
+        assert_eq!(
+            d.verdict,
+            Verdict::Denied,
+            "another node is not the pod's node"
+        );
+        let hardened = Options {
+            deny_from_node: true,
+            ..Options::default()
+        };
+        let e = Engine::new(&c, hardened);
+        let d = e.decide(Peer::External(own), pod(&c, "a"), Protocol::Tcp, 8080);
+        assert_eq!(d.verdict, Verdict::Denied);
     }
 
     #[test]

@@ -188,6 +188,10 @@ pub fn explain(
                 if ingress { "ingress" } else { "egress" }
             ),
             Side::Loopback => writeln!(out, "a pod talking to itself is always allowed"),
+            Side::FromNode => writeln!(
+                out,
+                "from the pod's own node: always allowed (kubelet probes; --deny-from-node to judge it)"
+            ),
             Side::Allowed { policy, rule } => writeln!(
                 out,
                 "allowed by {policy}, {} rule {rule}",
