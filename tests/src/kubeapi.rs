@@ -1488,7 +1488,7 @@ mod tests {
             (200, Some("networking.k8s.io/v1"))
         );
         assert_eq!(np["kind"], "NetworkPolicyList");
-        let (code, st) = get(&mut r, &mut w, "/api/v1/services");
+        let (code, st) = get(&mut r, &mut w, "/api/v1/secrets");
         assert_eq!(
             (code, st["kind"].as_str(), st["code"].as_u64()),
             (404, Some("Status"), Some(404))

@@ -12,7 +12,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use observer_tests::{in_netns, spawn_in_netns, Model, PodSpec, TestBed, EXT_IP, EXT_IP6, PEER_IP};
+use observer_tests::{
+    dns, in_netns, spawn_in_netns, Model, PodSpec, Service, TestBed, EXT_IP, EXT_IP6, PEER_IP,
+};
+
+const KUBE_DNS: &str = "10.96.0.10";
+const API_SVC: &str = "10.96.0.30";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -20,23 +25,67 @@ extern "C" fn on_signal(_: i32) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-const SAMPLE_POLICY: &str = r#"# Only the api may reach the database: the demo's web -> db connections are dropped, and
-# their flow records name this policy.
+const SAMPLE_POLICY: &str = r#"# Namespace shop runs under default-deny, as a hardened namespace does: DNS through the
+# kube-dns Service is allowed, then each flow the app needs. The demo's web -> db connections
+# are dropped, and their records name the policies. Services are judged against the backend
+# they lead to.
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
-metadata:
-  name: db-allow-api-only
-  namespace: shop
+metadata: {name: default-deny, namespace: shop}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-dns, namespace: shop}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}
+      podSelector: {matchLabels: {k8s-app: kube-dns}}
+    ports: [{port: 53, protocol: UDP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: app-egress, namespace: shop}
 spec:
   podSelector:
-    matchLabels: {app: db}
+    matchExpressions: [{key: app, operator: In, values: [web, api]}]
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: api}}}]
+    ports: [{port: 8080}]
+  - to: [{podSelector: {matchLabels: {app: db}}}]
+    ports: [{port: 5432}]
+  - to: [{podSelector: {matchLabels: {app: payments}}}]
+    ports: [{port: 8443}]
+  - to: [{ipBlock: {cidr: 0.0.0.0/0}}, {ipBlock: {cidr: "::/0"}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api-ingress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
   policyTypes: [Ingress]
   ingress:
   - from:
-    - podSelector:
-        matchLabels: {app: api}
-    ports:
-    - {protocol: TCP, port: 5432}
+    - podSelector: {matchLabels: {app: web}}
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}
+    ports: [{port: 8080}]
+---
+# Only the api may reach the database.
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-allow-api-only, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: api}}}]
+    ports: [{protocol: TCP, port: 5432}]
 "#;
 
 fn serve_tcp(l: TcpListener, stop: Arc<AtomicBool>) {
@@ -116,6 +165,35 @@ pub fn run(duration: Option<u64>, model: Model) -> Result<()> {
         labels: &[("app", "payments")],
         ports: &[("http", 8443, "TCP")],
     })?;
+    bed.add_remote_pod(PodSpec {
+        namespace: "kube-system",
+        name: "coredns",
+        labels: &[("k8s-app", "kube-dns")],
+        ports: &[("dns", 53, "UDP")],
+    })?;
+    // Services as kube-proxy programs them: the cluster DNS and the api.
+    for (ns, name, ip, port, target, proto, backend) in [
+        (
+            "kube-system",
+            "kube-dns",
+            KUBE_DNS,
+            53,
+            53,
+            "UDP",
+            "coredns",
+        ),
+        ("shop", "api", API_SVC, 80, 8080, "TCP", "api"),
+    ] {
+        bed.add_service(Service {
+            namespace: ns.into(),
+            name: name.into(),
+            cluster_ip: ip.parse()?,
+            port,
+            target_port: target,
+            protocol: proto.into(),
+            backends: vec![backend.into()],
+        })?;
+    }
     std::fs::write(bed.cluster_dir().join("policy.yaml"), SAMPLE_POLICY)?;
 
     // The default socket, so `observer flows -f` works from another shell as is; a private one
@@ -133,7 +211,9 @@ pub fn run(duration: Option<u64>, model: Model) -> Result<()> {
     let daemon = bed.start_daemon_at(&bin, &socket, &args)?;
     println!(
         "virtual node {} is up ({} model): pods shop/web, shop/api, shop/db, monitoring/prometheus; \
-         shop/payments on node-2; VNet peer {PEER_IP}; external host {EXT_IP}",
+         shop/payments and kube-system/coredns on node-2; Services kube-system/kube-dns {KUBE_DNS} \
+         and shop/api {API_SVC}; shop under default-deny with allow-dns; VNet peer {PEER_IP}; \
+         external host {EXT_IP}",
         bed.node_ns,
         model.as_str()
     );
@@ -188,6 +268,16 @@ pub fn run(duration: Option<u64>, model: Model) -> Result<()> {
     let u = in_netns(&bed.ext_ns, || UdpSocket::bind(("::", 53)))??;
     let st = stop.clone();
     threads.push(std::thread::spawn(move || serve_udp(u, st)));
+    let names = std::collections::HashMap::from([(
+        "api.shop.svc.cluster.local".to_string(),
+        API_SVC.parse()?,
+    )]);
+    threads.push(dns::serve(
+        &bed.pod("coredns").netns.clone(),
+        names,
+        stop.clone(),
+    ));
+    let kube_dns: SocketAddr = format!("{KUBE_DNS}:53").parse()?;
 
     let ext4: SocketAddr = format!("{EXT_IP}:80").parse()?;
     let ext6: SocketAddr = format!("[{EXT_IP6}]:80").parse()?;
@@ -202,7 +292,17 @@ pub fn run(duration: Option<u64>, model: Model) -> Result<()> {
         let api4 = SocketAddr::new(api.ip4, 8080);
         let api6 = SocketAddr::new(api.ip6, 8080);
         let db4 = SocketAddr::new(db.ip4, 5432);
+        let web_ns = web.netns.clone();
         let mut jobs = vec![
+            // Resolve the api's Service name through kube-dns, then call it.
+            std::thread::spawn(move || {
+                let name = "api.shop.svc.cluster.local";
+                if let Some(ip) = dns::resolve(&web_ns, kube_dns, name, Duration::from_secs(1)) {
+                    let svc = SocketAddr::new(ip.into(), 80);
+                    let _ = in_netns(&web_ns, move || tcp_request(svc, 200));
+                }
+                Ok(())
+            }),
             spawn_in_netns(&web.netns, move || tcp_request(api4, 300)),
             spawn_in_netns(&api.netns, move || tcp_request(db4, 120)),
             // Denied by shop/db-allow-api-only.
