@@ -305,7 +305,14 @@ impl Shared {
     }
 
     fn make_record(&self, kind: EventKind, key: &CtKey, e: &CtEntry) -> FlowRecord {
-        let link = self.service_link(key, e);
+        // Read once per connection; the kernel's link is not taken under the state lock.
+        let known = e.flags & ct_flags::SERVICE != 0
+            && (self.state.lock().unwrap().conns.get(key)).is_some_and(|c| c.service.is_some());
+        let link = if known {
+            None
+        } else {
+            self.service_link(key, e)
+        };
         let mut st = self.state.lock().unwrap();
         let mut rec = flows::record(
             &self.opts.node_name,

@@ -36,6 +36,8 @@ pub enum Match {
     /// `any` (the record has an `snat` object), `translated` (the wire carried another
     /// source), or an expectation: expected, none, unexpected, missing.
     Snat(String),
+    /// `[namespace/]name` of the Service a pod connected to.
+    Service(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +100,14 @@ impl Match {
             }
             Match::Type(t) => eq(&r.event, t),
             Match::TrafficClass(c) => eq(&r.traffic_class, c),
+            Match::Service(spec) => {
+                r.service
+                    .as_ref()
+                    .is_some_and(|v| match spec.split_once('/') {
+                        Some((ns, name)) => v.namespace == ns && v.name == name,
+                        None => v.name == *spec,
+                    })
+            }
             Match::Snat(x) => match (&r.snat, x.as_str()) {
                 (None, _) => false,
                 (Some(_), "any") => true,
@@ -181,6 +191,7 @@ pub fn parse(flag: &str, value: &str) -> Result<Match> {
             Match::Type(value.into())
         }
         "traffic-class" => Match::TrafficClass(value.into()),
+        "service" => Match::Service(value.into()),
         "snat" => {
             let v = value.to_ascii_lowercase();
             let known = ["any", "translated"].contains(&v.as_str())

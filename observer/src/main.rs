@@ -477,9 +477,13 @@ struct FilterArgs {
     /// expectation: expected, none, unexpected, missing.
     #[arg(long, num_args = 0..=1, default_missing_value = "any", value_name = "WHICH")]
     snat: Vec<String>,
+    /// Connections opened to a Service (`namespace/name` or `name`), whichever backend they
+    /// reached.
+    #[arg(long, alias = "to-service")]
+    service: Vec<String>,
 }
 
-const FILTER_FLAGS: [&str; 19] = [
+const FILTER_FLAGS: [&str; 21] = [
     "not",
     "namespace",
     "pod",
@@ -499,6 +503,8 @@ const FILTER_FLAGS: [&str; 19] = [
     "type",
     "traffic-class",
     "snat",
+    "service",
+    "to-service",
 ];
 
 /// Filter flags in the order given, so `--not` binds to the flag after it.
@@ -512,6 +518,11 @@ fn ordered_filter_args(argv: &[String]) -> Vec<(String, String)> {
                 None => (flag, None),
             };
             if FILTER_FLAGS.contains(&name) {
+                let name = if name == "to-service" {
+                    "service"
+                } else {
+                    name
+                };
                 if name == "not" {
                     out.push(("not".into(), String::new()));
                 } else if name == "snat" && inline.is_none() {

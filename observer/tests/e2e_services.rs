@@ -269,6 +269,26 @@ fn services_and_dns_under_default_deny_are_judged_against_their_backends() {
             .any(|p| p["name"] == "default-deny" && p["direction"] == "egress"),
         "{denied:?}"
     );
+    // `observer flows --service` selects a Service's connections, whichever backend.
+    let out = std::process::Command::new(OBSERVER)
+        .args(["flows", "--to-service", "shop/db", "-o", "json", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lines.iter().all(|r| r["service"]["name"] == "db"),
+        "{lines:?}"
+    );
+
     // Counters: a completed handshake counts both ways on the connection of record.
     let t = Instant::now();
     loop {

@@ -690,10 +690,7 @@ impl TestBed {
         let map: Vec<String> = backends
             .iter()
             .enumerate()
-            .map(|(i, b)| match b {
-                IpAddr::V4(_) => format!("{i} : {b}"),
-                IpAddr::V6(_) => format!("{i} : {b}"),
-            })
+            .map(|(i, b)| format!("{i} : {b}"))
             .collect();
         let target = if backends.len() == 1 {
             format!("{}", backends[0])
