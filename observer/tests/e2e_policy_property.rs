@@ -214,6 +214,7 @@ fn kernel_verdicts_equal_reference_verdicts_on_random_clusters() {
         let opts = Options {
             ipblock_matches_pods: false,
             audit_all: false,
+            deny_from_node: false,
         };
         let (local, _) = k.load(&c, &opts).unwrap();
         let engine = Engine::new(&local, opts.clone());

@@ -98,6 +98,7 @@ pub fn run_case(path: &std::path::Path, engine: EngineFn<'_>) -> Vec<String> {
     let opts = Options {
         ipblock_matches_pods: case.options.ipblock_matches_pods,
         audit_all: false,
+        deny_from_node: false,
     };
     let pods: Vec<String> = matrix::pods_sorted(&c)
         .iter()
