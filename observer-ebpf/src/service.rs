@@ -33,10 +33,16 @@ fn svc_key(family: u8, proto: u8, addr: &[u32; 4], port: u16) -> SvcKey {
     }
 }
 
+/// Services carry TCP, UDP and SCTP only.
+#[inline(always)]
+fn service_proto(proto: u8) -> bool {
+    proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP
+}
+
 /// The id of the Service whose frontend the packet is addressed to.
 #[inline(always)]
 pub fn frontend(pkt: &Packet) -> Option<u32> {
-    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP && pkt.proto != IPPROTO_SCTP {
+    if !service_proto(pkt.proto) {
         return None;
     }
     let k = svc_key(pkt.family, pkt.proto, &pkt.dst, pkt.dport);
@@ -161,7 +167,7 @@ pub enum Link {
 /// Links a new connection seen behind the DNAT to its client's alias, recording the backend.
 #[inline(always)]
 pub fn resolve(pkt: &Packet) -> Link {
-    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP && pkt.proto != IPPROTO_SCTP {
+    if !service_proto(pkt.proto) {
         return Link::None;
     }
     let src_is_pod = classify::endpoint(pkt.family, &pkt.src).is_some();

@@ -4,7 +4,7 @@
 //! and real connections must get the verdicts those objects say.
 use std::{
     collections::BTreeMap,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -141,19 +141,6 @@ fn status(d: &Daemon) -> Value {
     serde_json::from_str(&d.get("/v1/status").unwrap()).unwrap()
 }
 
-fn serve(ns: &str, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let l = in_netns(ns, move || TcpListener::bind(("::", port)).unwrap()).unwrap();
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((s, _)) => drop(s),
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    })
-}
-
 fn connects(ns: &str, dst: SocketAddr) -> bool {
     tcp_connects(ns, dst, Duration::from_millis(500))
 }
@@ -198,7 +185,7 @@ fn the_maps_follow_the_api_server_through_watch_errors_and_outages() {
         bed.pod("other").clone(),
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let server = serve(&db.netns, 8080, stop.clone());
+    let server = observer_tests::accept_tcp(&db.netns, 8080, stop.clone());
     let db_addr = SocketAddr::new(db.ip4, 8080);
 
     let api = FakeApi::start_in_netns(&bed.node_ns).unwrap();

@@ -4,7 +4,7 @@
 //! and allow-db rules, and connections from the node itself (kubelet probes).
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    net::{Ipv4Addr, SocketAddr},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -12,33 +12,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_tests::{dns, in_netns, tcp_connects, PodSpec, Service, TestBed};
+use observer_tests::{
+    accept_tcp, default_deny_with_dns, dns, tcp_connects, PodSpec, Service, TestBed,
+};
 use serde_json::Value;
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 const T: Duration = Duration::from_millis(800);
 
-const POLICIES: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: default-deny, namespace: shop}
-spec:
-  podSelector: {}
-  policyTypes: [Ingress, Egress]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-dns, namespace: shop}
-spec:
-  podSelector: {}
-  policyTypes: [Egress]
-  egress:
-  - to:
-    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}
-      podSelector: {matchLabels: {k8s-app: kube-dns}}
-    ports: [{port: 53, protocol: UDP}]
----
-apiVersion: networking.k8s.io/v1
+/// Added to `observer_tests::default_deny_with_dns("shop")`.
+const POLICIES: &str = r#"apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: web-to-db, namespace: shop}
 spec:
@@ -58,19 +41,6 @@ spec:
   - from: [{podSelector: {matchLabels: {app: web}}}]
     ports: [{port: 8080}]
 "#;
-
-fn listen(ns: &str, port: u16, stop: Arc<AtomicBool>) {
-    let l = in_netns(ns, move || TcpListener::bind(("::", port)).unwrap()).unwrap();
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((s, _)) => drop(s),
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    });
-}
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
@@ -161,10 +131,11 @@ fn cluster(tag: &str) -> Cluster {
         })
         .unwrap();
     }
-    std::fs::write(bed.cluster_dir().join("policies.yaml"), POLICIES).unwrap();
+    let policies = default_deny_with_dns("shop") + POLICIES;
+    std::fs::write(bed.cluster_dir().join("policies.yaml"), policies).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     for p in ["db", "other", "db2"] {
-        listen(&bed.pod(p).netns.clone(), 8080, stop.clone());
+        accept_tcp(&bed.pod(p).netns.clone(), 8080, stop.clone());
     }
     let names = HashMap::from([(
         "db.shop.svc.cluster.local".to_string(),

@@ -117,6 +117,41 @@ pub fn tcp_connects(ns: &str, dst: std::net::SocketAddr, timeout: Duration) -> b
     .expect("entering the namespace")
 }
 
+/// Accepts TCP connections on `port` (both families) inside `ns` and closes them, until `stop`.
+pub fn accept_tcp(
+    ns: &str,
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let l = in_netns(ns, move || {
+        std::net::TcpListener::bind(("::", port)).unwrap()
+    })
+    .unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok((s, _)) => drop(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    })
+}
+
+/// The usual start of a hardened namespace: default-deny both ways, then DNS to the cluster's
+/// kube-dns pods allowed (NetworkPolicy YAML).
+pub fn default_deny_with_dns(namespace: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: default-deny, namespace: {namespace}}}\n\
+         spec:\n  podSelector: {{}}\n  policyTypes: [Ingress, Egress]\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow-dns, namespace: {namespace}}}\n\
+         spec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n\
+         \x20   - namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: kube-system}}}}\n\
+         \x20     podSelector: {{matchLabels: {{k8s-app: kube-dns}}}}\n\
+         \x20   ports: [{{port: 53, protocol: UDP}}]\n---\n"
+    )
+}
+
 /// Runs `f` on a thread that has entered network namespace `ns`: sockets it creates live there.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     spawn_in_netns(ns, f)
@@ -1014,6 +1049,7 @@ pub fn mount_bpffs() -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(root).ok();
+    eprintln!("mounting bpffs on /sys/fs/bpf");
     let st = Command::new("mount")
         .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
         .status()

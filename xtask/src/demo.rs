@@ -25,29 +25,11 @@ extern "C" fn on_signal(_: i32) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-const SAMPLE_POLICY: &str = r#"# Namespace shop runs under default-deny, as a hardened namespace does: DNS through the
-# kube-dns Service is allowed, then each flow the app needs. The demo's web -> db connections
+/// Added to `default_deny_with_dns("shop")`: shop runs under default-deny, as a hardened
+/// namespace does, with DNS through the kube-dns Service allowed.
+const SAMPLE_POLICY: &str = r#"# Each flow the app needs. The demo's web -> db connections
 # are dropped, and their records name the policies. Services are judged against the backend
 # they lead to.
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: default-deny, namespace: shop}
-spec:
-  podSelector: {}
-  policyTypes: [Ingress, Egress]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-dns, namespace: shop}
-spec:
-  podSelector: {}
-  policyTypes: [Egress]
-  egress:
-  - to:
-    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}
-      podSelector: {matchLabels: {k8s-app: kube-dns}}
-    ports: [{port: 53, protocol: UDP}]
----
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: app-egress, namespace: shop}
@@ -194,7 +176,10 @@ pub fn run(duration: Option<u64>, model: Model) -> Result<()> {
             backends: vec![backend.into()],
         })?;
     }
-    std::fs::write(bed.cluster_dir().join("policy.yaml"), SAMPLE_POLICY)?;
+    std::fs::write(
+        bed.cluster_dir().join("policy.yaml"),
+        observer_tests::default_deny_with_dns("shop") + SAMPLE_POLICY,
+    )?;
 
     // The default socket, so `observer flows -f` works from another shell as is; a private one
     // if another daemon already serves it.

@@ -85,23 +85,7 @@ fn mount_bpffs() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }
-    let mounted = Command::new("findmnt")
-        .args(["-n", "-t", "bpf", "/sys/fs/bpf"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if mounted {
-        return Ok(());
-    }
-    eprintln!("setup: mounting bpffs on /sys/fs/bpf");
-    let st = Command::new("mount")
-        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-        .status()
-        .context("mount -t bpf")?;
-    if !st.success() {
-        bail!("mounting bpffs on /sys/fs/bpf failed");
-    }
-    Ok(())
+    observer_tests::mount_bpffs()
 }
 
 pub fn run() -> Result<()> {
