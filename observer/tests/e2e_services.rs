@@ -76,8 +76,12 @@ impl Drop for Cluster {
 
 /// shop/web and shop/db, shop/other on node-1; shop/db2 and kube-system/coredns on node-2;
 /// Services db (local backend), db-remote (node-2), other, kube-dns.
-fn cluster(tag: &str) -> Cluster {
-    let mut bed = TestBed::overlay(tag).unwrap();
+fn cluster(tag: &str, kubenet: bool) -> Cluster {
+    let mut bed = if kubenet {
+        TestBed::kubenet(tag).unwrap()
+    } else {
+        TestBed::overlay(tag).unwrap()
+    };
     let port = [("http", 8080u16, "TCP")];
     for (ns, name, labels) in [
         ("shop", "web", ("app", "web")),
@@ -131,6 +135,19 @@ fn cluster(tag: &str) -> Cluster {
         })
         .unwrap();
     }
+    if kubenet {
+        let ports = observer_tests::ns_run(
+            &bed.node_ns,
+            &["ip", "-o", "link", "show", "master", "cbr0"],
+        )
+        .unwrap();
+        for p in ["web", "db", "other"] {
+            assert!(
+                ports.contains(&bed.pod(p).host_if),
+                "{p} is not a cbr0 port: {ports}"
+            );
+        }
+    }
     let policies = default_deny_with_dns("shop") + POLICIES;
     std::fs::write(bed.cluster_dir().join("policies.yaml"), policies).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -151,7 +168,17 @@ fn web(c: &Cluster) -> String {
 
 #[test]
 fn services_and_dns_under_default_deny_are_judged_against_their_backends() {
-    let mut c = cluster("svc");
+    services_and_dns(cluster("svc", false));
+}
+
+/// The same on kubenet's bridge: same-node pod traffic is bridged, br_netfilter hands it to
+/// kube-proxy's rules.
+#[test]
+fn services_and_dns_on_the_kubenet_bridge() {
+    services_and_dns(cluster("svcbr", true));
+}
+
+fn services_and_dns(mut c: Cluster) {
     let d = c.bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
     let web = web(&c);
 
@@ -291,7 +318,15 @@ fn services_and_dns_under_default_deny_are_judged_against_their_backends() {
 
 #[test]
 fn the_node_reaches_its_pods_under_default_deny_and_hairpin_works() {
-    let mut c = cluster("svcnode");
+    node_and_hairpin(cluster("svcnode", false));
+}
+
+#[test]
+fn the_node_and_hairpin_on_the_kubenet_bridge() {
+    node_and_hairpin(cluster("svcnodebr", true));
+}
+
+fn node_and_hairpin(mut c: Cluster) {
     let d = c.bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
     let node = c.bed.node_ns.clone();
     let db = SocketAddr::new(c.bed.pod("db").ip4, 8080);

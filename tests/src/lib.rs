@@ -227,6 +227,8 @@ impl Model {
 pub struct TestBed {
     pub prefix: String,
     pub model: Model,
+    /// kubenet's shape ([`TestBed::kubenet`]): pods on a `cbr0` bridge instead of routed veths.
+    pub bridge: bool,
     /// node-1, the node under test.
     pub node_ns: String,
     pub node2_ns: String,
@@ -304,14 +306,26 @@ impl TestBed {
         Self::new(tag, Model::Flat)
     }
 
+    /// The overlay model in kubenet's shape: each node's pods on a Linux bridge `cbr0` whose
+    /// address (the pod CIDR's first) is their gateway, same-node pod traffic bridged, and
+    /// `br_netfilter` on so kube-proxy's rules see bridged packets.
+    pub fn kubenet(tag: &str) -> Result<Self> {
+        Self::build_new(tag, Model::Overlay, true)
+    }
+
     /// Builds both nodes, the VNet, its peer host, the router and the external host.
     pub fn new(tag: &str, model: Model) -> Result<Self> {
+        Self::build_new(tag, model, false)
+    }
+
+    fn build_new(tag: &str, model: Model, bridge: bool) -> Result<Self> {
         ensure_root()?;
         let prefix = unique_prefix(tag);
         let dir = std::env::temp_dir().join(format!("observer-{prefix}"));
         std::fs::create_dir_all(dir.join("cluster"))?;
         let mut bed = TestBed {
             model,
+            bridge,
             node_ns: format!("{prefix}-node"),
             node2_ns: format!("{prefix}-node2"),
             peer_ns: format!("{prefix}-peer"),
@@ -523,6 +537,21 @@ impl TestBed {
         for ns in [&node, &node2] {
             nft(ns, &self.masquerade_rules(self.node_number(ns)?))?;
         }
+        if self.bridge {
+            for (ns, n) in [(&node, 1u8), (&node2, 2)] {
+                ns_cmds(
+                    ns,
+                    &[
+                        "ip link add cbr0 type bridge forward_delay 0 mcast_snooping 0",
+                        &format!("ip addr add 10.244.{n}.1/24 dev cbr0"),
+                        &format!("ip addr add fd00:10:244:{n}::1/64 dev cbr0 nodad"),
+                        "ip link set cbr0 up",
+                        "sysctl -qw net.bridge.bridge-nf-call-iptables=1",
+                        "sysctl -qw net.bridge.bridge-nf-call-ip6tables=1",
+                    ],
+                )?;
+            }
+        }
         Ok(())
     }
 
@@ -643,36 +672,28 @@ impl TestBed {
             "ip", "-n", &node_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
             "netns", &netns,
         ])?;
-        ns_cmds(
-            &netns,
-            &[
-                &format!("ip addr add {ip4}/32 dev eth0"),
-                &format!("ip addr add {ip6}/128 dev eth0 nodad"),
-                "ip link set eth0 up",
-                "ip route add 169.254.1.1 dev eth0 scope link",
-                "ip route add default via 169.254.1.1 dev eth0",
-                "ip -6 route add default via fe80::1 dev eth0",
-            ],
-        )?;
-        ns_cmds(
-            &node_ns,
-            &[
-                &format!("ip addr add fe80::1/64 dev {host_if} nodad"),
-                &format!("ip link set {host_if} up"),
-                &format!("sysctl -qw net.ipv4.conf.{host_if}.proxy_arp=1"),
-                // Proxy ARP answers after up to 0.8 s by default; pods should not wait on the
-                // node.
-                &format!("sysctl -qw net.ipv4.neigh.{host_if}.proxy_delay=0"),
-                &format!("ip route add {ip4} dev {host_if}"),
-                &format!("ip -6 route add {ip6} dev {host_if}"),
-            ],
-        )?;
-        if self.model == Model::Flat {
-            // Unlike proxy ARP, proxy NDP answers only for addresses listed one by one.
+        if self.bridge {
+            // kubenet: a bridge port; the pod is on-link with its node's other pods.
+            ns_cmds(
+                &netns,
+                &[
+                    &format!("ip addr add {ip4}/24 dev eth0"),
+                    &format!("ip addr add {ip6}/64 dev eth0 nodad"),
+                    "ip link set eth0 up",
+                    &format!("ip route add default via 10.244.{node}.1"),
+                    &format!("ip -6 route add default via fd00:10:244:{node}::1"),
+                ],
+            )?;
             ns_cmds(
                 &node_ns,
-                &[&format!("ip -6 neigh add proxy {ip6} dev eth0")],
+                &[
+                    &format!("ip link set {host_if} master cbr0"),
+                    &format!("ip link set {host_if} type bridge_slave hairpin on"),
+                    &format!("ip link set {host_if} up"),
+                ],
             )?;
+        } else {
+            self.routed_pod(&netns, &node_ns, &host_if, ip4, ip6)?;
         }
         Ok(Pod {
             namespace: spec.namespace.into(),
@@ -751,6 +772,46 @@ impl TestBed {
         }
         self.services.push(svc);
         self.write_cluster()
+    }
+
+    /// Routed veths (the Azure CNI and CNI Overlay shape): a /32 per pod behind proxy ARP.
+    fn routed_pod(
+        &self,
+        netns: &str,
+        node_ns: &str,
+        host_if: &str,
+        ip4: IpAddr,
+        ip6: IpAddr,
+    ) -> Result<()> {
+        ns_cmds(
+            netns,
+            &[
+                &format!("ip addr add {ip4}/32 dev eth0"),
+                &format!("ip addr add {ip6}/128 dev eth0 nodad"),
+                "ip link set eth0 up",
+                "ip route add 169.254.1.1 dev eth0 scope link",
+                "ip route add default via 169.254.1.1 dev eth0",
+                "ip -6 route add default via fe80::1 dev eth0",
+            ],
+        )?;
+        ns_cmds(
+            node_ns,
+            &[
+                &format!("ip addr add fe80::1/64 dev {host_if} nodad"),
+                &format!("ip link set {host_if} up"),
+                &format!("sysctl -qw net.ipv4.conf.{host_if}.proxy_arp=1"),
+                // Proxy ARP answers after up to 0.8 s by default; pods should not wait on the
+                // node.
+                &format!("sysctl -qw net.ipv4.neigh.{host_if}.proxy_delay=0"),
+                &format!("ip route add {ip4} dev {host_if}"),
+                &format!("ip -6 route add {ip6} dev {host_if}"),
+            ],
+        )?;
+        if self.model == Model::Flat {
+            // Unlike proxy ARP, proxy NDP answers only for addresses listed one by one.
+            ns_cmds(node_ns, &[&format!("ip -6 neigh add proxy {ip6} dev eth0")])?;
+        }
+        Ok(())
     }
 
     /// The pod named `name` on either node.
