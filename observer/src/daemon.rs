@@ -352,7 +352,7 @@ impl Shared {
         if !st.snat_live {
             return Some(rec);
         }
-        let Some(t) = snat_subject(&st, &self.opts, kind, key, e) else {
+        let Some(t) = snat_subject(&st, &self.opts, kind, key, e, rec.service.as_ref()) else {
             return Some(rec);
         };
         if let Some(info) = st.conns.get(key).and_then(|c| c.snat.clone()) {
@@ -428,6 +428,7 @@ fn snat_subject(
     kind: EventKind,
     key: &CtKey,
     e: &CtEntry,
+    service: Option<&flows::ServiceRef>,
 ) -> Option<crate::snat::FlowTuple> {
     if kind == EventKind::Drop || e.flags & ct_flags::DENIED != 0 {
         return None;
@@ -442,6 +443,8 @@ fn snat_subject(
     if pod.node != opts.node_name || pod.host_network {
         return None;
     }
+    // The kernel's entry of a Service connection is keyed by the frontend the pod asked for.
+    let (dip, dport) = service.map_or((dip, dport), |s| (s.ip, s.port));
     Some((key.proto, sip, sport, dip, dport))
 }
 

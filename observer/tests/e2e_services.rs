@@ -241,6 +241,12 @@ fn services_and_dns(mut c: Cluster) {
     assert_eq!(r["service"]["ip"], "10.96.0.20");
     assert_eq!(r["service"]["port"], 80);
     assert_eq!(r["verdict"], "forwarded");
+    // Joined with the kernel's entry of the same connection (keyed by the frontend): no SNAT.
+    assert_eq!(r["snat"]["expectation"], "none", "{r}");
+    assert_eq!(
+        r["snat"]["translated_src_ip"],
+        c.bed.pod("web").ip4.to_string()
+    );
     let remote = records(&d, |r| {
         r["event"] == "new" && r["service"]["name"] == "db-remote"
     });
@@ -302,8 +308,14 @@ fn services_and_dns(mut c: Cluster) {
         assert!(t.elapsed() < Duration::from_secs(5), "{ct:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // No drop metric without a direction.
+    // No drop metric without a direction, and every SNAT join found the kernel's entry.
     let metrics = d.get("/metrics").unwrap();
+    assert!(
+        !metrics.lines().any(
+            |l| l.starts_with("observer_snat_settled_total{how=\"absent\"}") && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
     assert!(
         !metrics.contains("direction=\"\""),
         "{}",
