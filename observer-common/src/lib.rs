@@ -30,9 +30,10 @@ pub mod maps {
     pub const UPLINK: &str = "OBS_UPLINK";
     pub const SERVICES: &str = "OBS_SERVICES";
     pub const SVC_NAT: &str = "OBS_SVC_NAT";
-    pub const ALL: [&str; 11] = [
+    pub const NODEPORT: &str = "OBS_NODEPORT";
+    pub const ALL: [&str; 12] = [
         CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG, POLICY, UPLINK, SERVICES,
-        SVC_NAT,
+        SVC_NAT, NODEPORT,
     ];
 }
 
@@ -63,6 +64,7 @@ pub const EVENTS_RING_BYTES: u32 = 16 * 1024 * 1024;
 pub const POLICY_MAX_ENTRIES: u32 = 1_048_576;
 pub const SERVICES_MAX_ENTRIES: u32 = 65_536;
 pub const SVC_NAT_MAX_ENTRIES: u32 = 65_536;
+pub const NODEPORT_MAX_ENTRIES: u32 = 65_536;
 
 /// Set on a packet of a Service connection by `from_pod` (its pre-DNAT tuple), so the uplink's
 /// tc egress judges the translated packet against the backend kube-proxy chose. Only this
@@ -111,6 +113,9 @@ pub mod ct_flags {
     /// A connection kube-proxy translated from a Service frontend: the connection of record,
     /// counted at the client pod's veth through its alias.
     pub const SERVICE: u32 = 1 << 11;
+    /// A connection from outside the node to a NodePort or load-balancer frontend: judged
+    /// against the client kube-proxy masqueraded, not the node address it arrives from.
+    pub const NODEPORT: u32 = 1 << 12;
     pub const DENIED: u32 = EGRESS_DENIED | INGRESS_DENIED;
 }
 
@@ -393,6 +398,19 @@ pub struct SvcNat {
     pub _pad: u32,
 }
 
+/// A connection from outside to a frontend on this node (NodePort, load-balancer IP), keyed by
+/// the client's port (the address part of the key is zero): kube-proxy masquerades the client
+/// to the node, keeping the port when it can, before the backend's veth sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodePortLink {
+    pub client: [u32; 4],
+    pub frontend: [u32; 4],
+    pub client_port: u16,
+    pub frontend_port: u16,
+    pub svc_id: u32,
+}
+
 pub mod svc_nat {
     pub const RESOLVED: u32 = 1 << 0;
 }
@@ -493,6 +511,7 @@ mod pod {
     unsafe impl aya::Pod for UplinkCounter {}
     unsafe impl aya::Pod for SvcKey {}
     unsafe impl aya::Pod for SvcNat {}
+    unsafe impl aya::Pod for NodePortLink {}
 }
 
 #[cfg(test)]
@@ -509,6 +528,7 @@ mod layout {
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<SvcKey>(), 20);
         assert_eq!(size_of::<SvcNat>(), 48);
+        assert_eq!(size_of::<NodePortLink>(), 40);
         assert_eq!(size_of::<IpKey>(), 20);
         assert_eq!(size_of::<IpcacheKeyData>(), 20);
         assert_eq!(size_of::<IpcacheEntry>(), 8);

@@ -185,6 +185,26 @@ fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
     }
 }
 
+/// Ingress of a connection kube-proxy masqueraded to the node on its way from `client` to a
+/// NodePort or load-balancer frontend: judged against the client, not the node.
+#[inline(always)]
+pub fn judge_nodeport(e: &mut CtEntry, key: &CtKey, from_a: bool, dport: u16, client: &[u32; 4]) {
+    e.flags &= !(ct_flags::INGRESS_DENIED | ct_flags::AUDIT);
+    e.flags |= ct_flags::NODEPORT | ct_flags::EGRESS_DONE | ct_flags::INGRESS_DONE;
+    let dst = if from_a { &key.addr_b } else { &key.addr_a };
+    let Some(ep) = classify::endpoint(key.family, dst) else {
+        return;
+    };
+    let v = policy::evaluate(ep, DIR_INGRESS, key.family, client, key.proto, dport);
+    if v.denied {
+        e.flags |= ct_flags::INGRESS_DENIED;
+    }
+    if v.audit {
+        e.flags |= ct_flags::AUDIT;
+    }
+    e.ingress_rule = v.rule;
+}
+
 /// The verdicts a hook owes, both ends' wherever they are pods of this node: at `FromPod` the
 /// destination's ingress too, so the connection's first event already carries its full
 /// verdict and a denied packet dies at the source's veth; at `ToPod` the source's egress too,
@@ -242,7 +262,14 @@ pub fn process<C: EbpfContext>(
         if !reopened {
             let orig = from_a == (e.flags & ct_flags::ORIG_IS_A != 0);
             if orig {
-                // Policy changed since the verdicts were taken: take them again.
+                // Policy changed since the verdicts were taken: take them again (a NodePort
+                // client's from its link; without it, the verdict taken stands).
+                if e.policy_gen != cfg.policy_gen && e.flags & ct_flags::NODEPORT != 0 {
+                    e.policy_gen = cfg.policy_gen;
+                    if let Some(l) = service::nodeport_link(pkt) {
+                        judge_nodeport(e, &key, from_a, pkt.dport, &l.client);
+                    }
+                }
                 if e.policy_gen != cfg.policy_gen {
                     e.flags &= !(ct_flags::EGRESS_DONE
                         | ct_flags::EGRESS_DENIED
@@ -357,6 +384,10 @@ fn create<C: EbpfContext>(
             e.flags |= ct_flags::EGRESS_DONE | ct_flags::INGRESS_DONE;
         }
         Link::Service => e.flags |= ct_flags::SERVICE,
+        Link::NodePort(client) => {
+            e.class = classify::to_pod(key.family, &client) as u8;
+            judge_nodeport(&mut e, key, from_a, pkt.dport, &client);
+        }
         Link::None => {}
     }
     // A connection picked up from its reply side is judged when its next original packet

@@ -5,10 +5,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, PolicyEntry,
-    PolicyKeyData, SvcKey, SvcNat, UplinkCounter, ATTACHED_MAX_ENTRIES, CT_MAX_ENTRIES,
-    ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES, IPCACHE_MAX_ENTRIES, POLICY_MAX_ENTRIES,
-    SERVICES_MAX_ENTRIES, SVC_NAT_MAX_ENTRIES,
+    Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, NodePortLink,
+    PolicyEntry, PolicyKeyData, SvcKey, SvcNat, UplinkCounter, ATTACHED_MAX_ENTRIES,
+    CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES, IPCACHE_MAX_ENTRIES,
+    NODEPORT_MAX_ENTRIES, POLICY_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SVC_NAT_MAX_ENTRIES,
 };
 
 use crate::parse::{FragKey, FragPorts};
@@ -50,6 +50,10 @@ pub static SERVICES: HashMap<SvcKey, u32> = HashMap::pinned(SERVICES_MAX_ENTRIES
 /// Service clients: pod address and port -> frontend asked for and backend reached.
 #[map(name = "OBS_SVC_NAT")]
 pub static SVC_NAT: LruHashMap<SvcKey, SvcNat> = LruHashMap::pinned(SVC_NAT_MAX_ENTRIES, 0);
+
+/// Clients from outside on frontends of this node, by client port.
+#[map(name = "OBS_NODEPORT")]
+pub static NODEPORT: LruHashMap<SvcKey, NodePortLink> = LruHashMap::pinned(NODEPORT_MAX_ENTRIES, 0);
 
 #[map(name = "OBS_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

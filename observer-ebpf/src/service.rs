@@ -9,14 +9,14 @@
 //! from outside). The translated connection is the connection of record; its packets are
 //! counted once, where the client pod sends and receives them, through the alias.
 use observer_common::{
-    ct_flags, svc_nat, Config, CtEntry, CtKey, RemoteKind, SvcKey, SvcNat, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP,
+    ct_flags, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind, SvcKey, SvcNat,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     classify,
     conntrack::{key_of_pair, update, verdict, Action},
-    maps::{CT, SERVICES, SVC_NAT},
+    maps::{CT, NODEPORT, SERVICES, SVC_NAT},
     parse::Packet,
 };
 
@@ -162,6 +162,37 @@ pub enum Link {
     /// A pod reaching itself through its Service: kube-proxy masqueraded the source to the
     /// node, and a pod talking to itself is always allowed.
     Hairpin,
+    /// A client from outside on a NodePort or load-balancer frontend (its address here).
+    NodePort([u32; 4]),
+}
+
+/// The key of a NodePort client: its port only, which kube-proxy's masquerade keeps.
+#[inline(always)]
+fn nodeport_key(family: u8, proto: u8, port: u16) -> SvcKey {
+    svc_key(family, proto, &[0; 4], port)
+}
+
+/// Notes a packet from outside the node that may open a connection to a frontend here (a
+/// NodePort on the node's address, a load-balancer IP), before kube-proxy translates it.
+#[inline(always)]
+pub fn note_nodeport(pkt: &Packet) {
+    let Some(svc_id) = frontend(pkt) else {
+        return;
+    };
+    let link = NodePortLink {
+        client: pkt.src,
+        frontend: pkt.dst,
+        client_port: pkt.sport,
+        frontend_port: pkt.dport,
+        svc_id,
+    };
+    let _ = NODEPORT.insert(&nodeport_key(pkt.family, pkt.proto, pkt.sport), &link, 0);
+}
+
+/// The NodePort client behind a connection's original-direction packet seen at the backend.
+#[inline(always)]
+pub fn nodeport_link(pkt: &Packet) -> Option<&'static NodePortLink> {
+    unsafe { NODEPORT.get(&nodeport_key(pkt.family, pkt.proto, pkt.sport)) }
 }
 
 /// Links a new connection seen behind the DNAT to its client's alias, recording the backend.
@@ -172,24 +203,27 @@ pub fn resolve(pkt: &Packet) -> Link {
     }
     let src_is_pod = classify::endpoint(pkt.family, &pkt.src).is_some();
     // Hairpin: kube-proxy masqueraded the source to this node (keeping the port when free) and
-    // the backend is the client itself. Nothing from off the node can claim it.
+    // the backend is the client itself. Nothing from off the node can claim it. A NodePort
+    // client from outside arrives masqueraded to the node too, or (externalTrafficPolicy:
+    // Local) as itself.
     if !src_is_pod {
-        match classify::remote(pkt.family, &pkt.src) {
-            Some(r) if r.kind == RemoteKind::Host as u8 => {}
-            _ => return Link::None,
+        let from_node = matches!(
+            classify::remote(pkt.family, &pkt.src),
+            Some(r) if r.kind == RemoteKind::Host as u8
+        );
+        let hairpin = from_node && {
+            let client = svc_key(pkt.family, pkt.proto, &pkt.dst, pkt.sport);
+            unsafe { SVC_NAT.get(&client) }.is_some_and(|n| n.flags & svc_nat::RESOLVED == 0)
+        };
+        if hairpin {
+            return Link::Hairpin;
         }
+        return match nodeport_link(pkt) {
+            Some(l) if from_node || l.client == pkt.src => Link::NodePort(l.client),
+            _ => Link::None,
+        };
     }
-    let (client, link) = if src_is_pod {
-        (
-            svc_key(pkt.family, pkt.proto, &pkt.src, pkt.sport),
-            Link::Service,
-        )
-    } else {
-        (
-            svc_key(pkt.family, pkt.proto, &pkt.dst, pkt.sport),
-            Link::Hairpin,
-        )
-    };
+    let client = svc_key(pkt.family, pkt.proto, &pkt.src, pkt.sport);
     let Some(nat) = SVC_NAT.get_ptr_mut(&client) else {
         return Link::None;
     };
@@ -197,11 +231,8 @@ pub fn resolve(pkt: &Packet) -> Link {
     if nat.flags & svc_nat::RESOLVED != 0 {
         return Link::None;
     }
-    if link == Link::Hairpin {
-        return link;
-    }
     nat.backend = pkt.dst;
     nat.backend_port = pkt.dport;
     nat.flags |= svc_nat::RESOLVED;
-    link
+    Link::Service
 }

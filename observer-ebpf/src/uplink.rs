@@ -16,6 +16,7 @@ use crate::{
     datapath::unparsed_denied,
     maps::{stat_inc, UPLINK},
     parse::{ip_addrs, parse, PacketCtx},
+    service,
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
@@ -62,10 +63,11 @@ fn remote_kind(family: u8, addr: &[u32; 4]) -> u32 {
 }
 
 /// Counts a packet of an uplink tc hook; `ingress`: the node side is the destination.
+/// Returns what the node side is (`uplink::LOCAL_*`; `LOCAL_OTHER` when not IP).
 #[inline(always)]
-fn count_tc<C: PacketCtx>(ctx: &C, point: u32, ingress: bool) {
+fn count_tc<C: PacketCtx>(ctx: &C, point: u32, ingress: bool) -> u32 {
     let Some((family, src, dst)) = ip_addrs(ctx) else {
-        return;
+        return uplink::LOCAL_OTHER;
     };
     let (near, far) = if ingress { (&dst, &src) } else { (&src, &dst) };
     let l3 = if PacketCtx::len(ctx) >= 14 {
@@ -73,16 +75,34 @@ fn count_tc<C: PacketCtx>(ctx: &C, point: u32, ingress: bool) {
     } else {
         0
     };
+    let local = local_kind(family, near);
     add(
-        uplink::index(point, local_kind(family, near), remote_kind(family, far)),
+        uplink::index(point, local, remote_kind(family, far)),
         l3 as u64,
     );
+    local
 }
 
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    count_tc(&ctx, uplink::TC_IN, true);
+    if count_tc(&ctx, uplink::TC_IN, true) != uplink::LOCAL_POD {
+        note_opener(&ctx);
+    }
     TC_ACT_UNSPEC
+}
+
+/// A packet for the node (not one of its pods) that may open a connection to a NodePort or
+/// load-balancer frontend: its client is noted before kube-proxy masquerades it away.
+/// Established TCP pays only the parse.
+#[inline(always)]
+fn note_opener(ctx: &TcContext) {
+    let Ok(pkt) = parse(ctx) else {
+        return;
+    };
+    if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    service::note_nodeport(&pkt);
 }
 
 #[classifier]

@@ -23,7 +23,7 @@ use aya::{
 };
 use observer_common::{
     maps, programs, stat, uplink, Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry,
-    IpcacheKeyData, PolicyEntry, PolicyKeyData, SvcKey, SvcNat, UplinkCounter,
+    IpcacheKeyData, NodePortLink, PolicyEntry, PolicyKeyData, SvcKey, SvcNat, UplinkCounter,
 };
 use tracing::{info, warn};
 
@@ -143,6 +143,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         maps::UPLINK => (4, size_of::<UplinkCounter>() as u32),
         maps::SERVICES => (size_of::<SvcKey>() as u32, 4),
         maps::SVC_NAT => (size_of::<SvcKey>() as u32, size_of::<SvcNat>() as u32),
+        maps::NODEPORT => (size_of::<SvcKey>() as u32, size_of::<NodePortLink>() as u32),
         _ => return None,
     })
 }
@@ -751,6 +752,13 @@ impl Datapath {
         let m: BpfHashMap<&MapData, SvcKey, SvcNat> =
             BpfHashMap::try_from(self.ebpf.map(maps::SVC_NAT)?).ok()?;
         m.get(client, 0).ok()
+    }
+
+    /// The client from outside behind a NodePort connection, by the client's port.
+    pub fn nodeport_link(&self, key: &SvcKey) -> Option<NodePortLink> {
+        let m: BpfHashMap<&MapData, SvcKey, NodePortLink> =
+            BpfHashMap::try_from(self.ebpf.map(maps::NODEPORT)?).ok()?;
+        m.get(key, 0).ok()
     }
 
     pub fn services_mut(&mut self) -> Result<BpfHashMap<&mut MapData, SvcKey, u32>> {

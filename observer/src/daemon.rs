@@ -103,8 +103,9 @@ struct Conn {
     counted: [u64; 4],
     /// The connection's SNAT, once joined with the kernel's conntrack entry.
     snat: Option<crate::snat::SnatInfo>,
-    /// The Service it was opened to, once read from the kernel's Service link.
-    service: Option<flows::ServiceRef>,
+    /// The Service it was opened to (and, from outside, the client before kube-proxy's
+    /// masquerade), once read from the kernel's links.
+    service: Option<(flows::ServiceRef, Option<std::net::SocketAddr>)>,
 }
 
 #[derive(Default)]
@@ -285,33 +286,40 @@ impl Shared {
         let _ = self.tx.send(rec);
     }
 
-    /// The Service a connection kube-proxy translated was opened to: the kernel links its
-    /// client's address and port to the frontend asked for and the backend reached.
-    fn service_link(&self, key: &CtKey, e: &CtEntry) -> Option<observer_common::SvcNat> {
-        if e.flags & ct_flags::SERVICE == 0 {
-            return None;
-        }
+    /// What the kernel linked a translated connection to: for a pod's Service connection the
+    /// frontend it asked for (keyed by the pod's address and port, checked against the backend
+    /// reached); for a NodePort client from outside the frontend and the client (keyed by its
+    /// port). Returns (Service id, frontend, client).
+    fn service_link(&self, key: &CtKey, e: &CtEntry) -> Option<ServiceLink> {
         let ((src, sport), (dst, dport)) = flows::orient(key, e.flags);
-        let client = crate::cluster::ip_key(src);
-        let k = observer_common::SvcKey {
-            addr: client.addr,
+        let dp = self.dp.lock().unwrap();
+        let k = |addr: [u32; 4]| observer_common::SvcKey {
+            addr,
             port: sport,
             proto: key.proto,
             family: key.family,
         };
-        let nat = self.dp.lock().unwrap().svc_nat(&k)?;
-        let backend = crate::cluster::ip_key(dst);
-        (nat.backend == backend.addr && nat.backend_port == dport).then_some(nat)
+        let ip = |a: &[u32; 4]| crate::cluster::addr_from(key.family, a);
+        if e.flags & ct_flags::SERVICE != 0 {
+            let nat = dp.svc_nat(&k(crate::cluster::ip_key(src).addr))?;
+            let backend = crate::cluster::ip_key(dst);
+            return (nat.backend == backend.addr && nat.backend_port == dport)
+                .then(|| (nat.svc_id, (ip(&nat.frontend), nat.frontend_port), None));
+        }
+        let l = dp.nodeport_link(&k([0; 4]))?;
+        let client = std::net::SocketAddr::new(ip(&l.client), l.client_port);
+        Some((l.svc_id, (ip(&l.frontend), l.frontend_port), Some(client)))
     }
 
     fn make_record(&self, kind: EventKind, key: &CtKey, e: &CtEntry) -> FlowRecord {
         // Read once per connection; the kernel's link is not taken under the state lock.
-        let known = e.flags & ct_flags::SERVICE != 0
+        let linked = e.flags & (ct_flags::SERVICE | ct_flags::NODEPORT) != 0;
+        let known = linked
             && (self.state.lock().unwrap().conns.get(key)).is_some_and(|c| c.service.is_some());
-        let link = if known {
-            None
-        } else {
+        let link = if linked && !known {
             self.service_link(key, e)
+        } else {
+            None
         };
         let mut st = self.state.lock().unwrap();
         let mut rec = flows::record(
@@ -325,17 +333,18 @@ impl Shared {
         if e.flags & ct_flags::DENIED != 0 {
             rec.isolated_by = isolated_by(&st, &self.opts, &rec, e.flags);
         }
-        if e.flags & ct_flags::SERVICE != 0 {
-            rec.service = match st.conns.get(key).and_then(|c| c.service.clone()) {
+        if linked {
+            let s = match st.conns.get(key).and_then(|c| c.service.clone()) {
                 Some(s) => Some(s),
                 None => {
-                    let s = link.and_then(|n| service_ref(&st.cluster, key.family, &n));
+                    let s = link.and_then(|l| service_ref(&st.cluster, l));
                     if s.is_some() {
                         st.conns.entry(*key).or_default().service = s.clone();
                     }
                     s
                 }
             };
+            (rec.service, rec.original_source) = s.map_or((None, None), |(s, c)| (Some(s), c));
         }
         if self.opts.pod_metrics && rec.verdict != "dropped" {
             count_pod_traffic(&mut st, &self.opts, key, &rec);
@@ -406,7 +415,9 @@ impl Shared {
                 );
                 if let Some(c) = st.conns.get(k) {
                     rec.snat = c.snat.clone();
-                    rec.service = c.service.clone();
+                    if let Some((s, client)) = c.service.clone() {
+                        (rec.service, rec.original_source) = (Some(s), client);
+                    }
                 }
                 rec
             })
@@ -526,22 +537,22 @@ fn count_pod_traffic(st: &mut State, opts: &Options, key: &CtKey, rec: &FlowReco
     }
 }
 
-/// The Service a kernel Service link names, with the frontend the client used.
+/// A kernel link: (Service id, frontend used, client from outside before the masquerade).
+type ServiceLink = (u32, (IpAddr, u16), Option<std::net::SocketAddr>);
+
+/// The Service a kernel link names, with the frontend used and the client from outside.
 fn service_ref(
     cluster: &crate::cluster::Cluster,
-    family: u8,
-    nat: &observer_common::SvcNat,
-) -> Option<flows::ServiceRef> {
-    let svc = cluster
-        .services
-        .iter()
-        .find(|s| s.kernel_id() == nat.svc_id)?;
-    Some(flows::ServiceRef {
+    (id, (ip, port), client): ServiceLink,
+) -> Option<(flows::ServiceRef, Option<std::net::SocketAddr>)> {
+    let svc = cluster.services.iter().find(|s| s.kernel_id() == id)?;
+    let s = flows::ServiceRef {
         namespace: svc.namespace.clone(),
         name: svc.name.clone(),
-        ip: crate::cluster::addr_from(family, &nat.frontend),
-        port: nat.frontend_port,
-    })
+        ip,
+        port,
+    };
+    Some((s, client))
 }
 
 /// The policies that isolate the side that denied a connection: default-deny drops name them.

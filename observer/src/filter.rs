@@ -265,6 +265,7 @@ mod tests {
             isolated_by: vec![],
             allowed_by: None,
             service: None,
+            original_source: None,
             direction: "egress".into(),
             traffic_class: "pod-to-pod-local".into(),
             ip: IpInfo {

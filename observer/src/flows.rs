@@ -2,7 +2,7 @@
 //! and conntrack entries and enriched with the cluster's names.
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime},
 };
 
@@ -109,6 +109,11 @@ pub struct FlowRecord {
     /// record's destination is the backend kube-proxy chose, which policy judged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceRef>,
+    /// NodePort and load-balancer connections from outside: the client as it reached the node,
+    /// before kube-proxy masqueraded it to the node's address (the record's source). Policy
+    /// judged this client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_source: Option<SocketAddr>,
     pub direction: String,
     pub traffic_class: String,
     pub ip: IpInfo,
@@ -281,6 +286,7 @@ pub fn record<'a>(
             .collect(),
         allowed_by: (e.ingress_rule == observer_common::RULE_NODE).then(|| "from-node".into()),
         service: None,
+        original_source: None,
         isolated_by: Vec::new(),
         direction: direction.into(),
         traffic_class: class.as_str().into(),
@@ -332,6 +338,9 @@ impl FlowRecord {
     /// The source, and what the wire carried instead when SNAT happened or was due.
     pub fn source_with_snat(&self) -> String {
         let src = Self::endpoint(&self.source);
+        if let Some(client) = self.original_source {
+            return format!("{client} masqueraded to {src}");
+        }
         match &self.snat {
             Some(n) if n.expectation != crate::snat::Expectation::None => {
                 let wire = match (n.translated_src_ip, n.translated_src_port) {
@@ -372,7 +381,7 @@ impl FlowRecord {
                 Self::endpoint(&self.destination),
                 s.namespace,
                 s.name,
-                std::net::SocketAddr::new(s.ip, s.port)
+                SocketAddr::new(s.ip, s.port)
             ),
             None => Self::endpoint(&self.destination),
         };

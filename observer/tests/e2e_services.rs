@@ -40,6 +40,16 @@ spec:
   ingress:
   - from: [{podSelector: {matchLabels: {app: web}}}]
     ports: [{port: 8080}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-from-outside, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 203.0.113.0/24}}]
+    ports: [{port: 8080}]
 "#;
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
@@ -110,10 +120,29 @@ fn cluster(tag: &str, kubenet: bool) -> Cluster {
         ports: &[("dns", 53, "UDP")],
     })
     .unwrap();
-    for (ns, name, ip, port, tp, proto, backend) in [
-        ("shop", "db", "10.96.0.20", 80, 8080, "TCP", "db"),
-        ("shop", "db-remote", "10.96.0.21", 80, 8080, "TCP", "db2"),
-        ("shop", "other", "10.96.0.22", 80, 8080, "TCP", "other"),
+    // (namespace, name, ClusterIP, port, target port, protocol, backend, NodePort)
+    let services: [(&str, &str, &str, u16, u16, &str, &str, Option<u16>); 6] = [
+        ("shop", "db", "10.96.0.20", 80, 8080, "TCP", "db", None),
+        (
+            "shop",
+            "db-remote",
+            "10.96.0.21",
+            80,
+            8080,
+            "TCP",
+            "db2",
+            None,
+        ),
+        (
+            "shop",
+            "other",
+            "10.96.0.22",
+            80,
+            8080,
+            "TCP",
+            "other",
+            None,
+        ),
         (
             "kube-system",
             "kube-dns",
@@ -122,8 +151,30 @@ fn cluster(tag: &str, kubenet: bool) -> Cluster {
             53,
             "UDP",
             "coredns",
+            None,
         ),
-    ] {
+        (
+            "shop",
+            "db-np",
+            "10.96.0.23",
+            80,
+            8080,
+            "TCP",
+            "db",
+            Some(30080),
+        ),
+        (
+            "shop",
+            "other-np",
+            "10.96.0.24",
+            80,
+            8080,
+            "TCP",
+            "other",
+            Some(30081),
+        ),
+    ];
+    for (ns, name, ip, port, tp, proto, backend, node_port) in services {
         bed.add_service(Service {
             namespace: ns.into(),
             name: name.into(),
@@ -132,6 +183,7 @@ fn cluster(tag: &str, kubenet: bool) -> Cluster {
             target_port: tp,
             protocol: proto.into(),
             backends: vec![backend.into()],
+            node_port,
         })
         .unwrap();
     }
@@ -382,5 +434,75 @@ fn node_and_hairpin(mut c: Cluster) {
         !tcp_connects(&node, other, T),
         "node -> other with --deny-from-node"
     );
+    c.bed.stop_daemon(&d);
+}
+
+/// NodePort traffic from outside arrives masqueraded to the node by kube-proxy: it is judged
+/// against the client that reached the node, never passed as "from the node".
+#[test]
+fn nodeports_from_outside_are_judged_against_the_client() {
+    nodeports(cluster("svcnp", false));
+}
+
+#[test]
+fn nodeports_on_the_kubenet_bridge() {
+    nodeports(cluster("svcnpbr", true));
+}
+
+fn nodeports(mut c: Cluster) {
+    let d = c.bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
+    let (ext, peer) = (c.bed.ext_ns.clone(), c.bed.peer_ns.clone());
+    let node = observer_tests::NODE_IP;
+    // db admits 203.0.113.0/24 on 8080; other admits nobody; the VNet peer is not admitted.
+    assert!(
+        tcp_connects(&ext, sa(node, 30080), T),
+        "external host -> db NodePort"
+    );
+    assert!(
+        !tcp_connects(&ext, sa(node, 30081), T),
+        "external host -> other NodePort must be denied"
+    );
+    assert!(
+        !tcp_connects(&peer, sa(node, 30080), T),
+        "VNet peer -> db NodePort must be denied"
+    );
+    // The node itself still reaches its pods (probes).
+    let other = SocketAddr::new(c.bed.pod("other").ip4, 8080);
+    assert!(tcp_connects(&c.bed.node_ns.clone(), other, T));
+
+    let ok = records(&d, |r| {
+        r["event"] == "new" && r["service"]["name"] == "db-np"
+    });
+    assert_eq!(ok.len(), 1, "{ok:?}");
+    let r = &ok[0];
+    assert_eq!(r["verdict"], "forwarded");
+    assert_eq!(r["ip"]["dst"], c.bed.pod("db").ip4.to_string());
+    assert_eq!(r["service"]["ip"], node);
+    assert_eq!(r["service"]["port"], 30080);
+    assert_eq!(r["traffic_class"], "world-to-pod");
+    let from = |r: &Value, ip: &str| {
+        r["original_source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("{ip}:")))
+    };
+    assert!(from(r, observer_tests::EXT_IP), "{r}");
+    assert!(
+        r["policy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "db-from-outside"),
+        "{r}"
+    );
+    let denied = records(&d, |r| {
+        r["verdict"] == "dropped" && r["service"]["name"] == "other-np"
+    });
+    assert!(!denied.is_empty());
+    assert!(from(&denied[0], observer_tests::EXT_IP), "{denied:?}");
+    assert!(denied[0]["allowed_by"].is_null());
+    let peer_denied = records(&d, |r| {
+        r["verdict"] == "dropped" && from(r, observer_tests::PEER_IP)
+    });
+    assert!(!peer_denied.is_empty());
     c.bed.stop_daemon(&d);
 }

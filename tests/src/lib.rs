@@ -263,6 +263,9 @@ pub struct Service {
     pub protocol: String,
     /// Backend pod names.
     pub backends: Vec<String>,
+    /// Also reached on every node's addresses at this port (`type: NodePort`,
+    /// `externalTrafficPolicy: Cluster`: kube-proxy masquerades such traffic to the node).
+    pub node_port: Option<u16>,
 }
 
 /// Runs whitespace-separated commands (no argument contains a space) in a namespace. A bed
@@ -757,14 +760,34 @@ impl TestBed {
                 map.join(", ")
             )
         };
+        // nft writes an IPv6 address with a port in brackets.
+        let dest = match backends.as_slice() {
+            [b @ IpAddr::V6(_)] => format!("[{b}]:{}", svc.target_port),
+            _ => format!("{target} : {}", svc.target_port),
+        };
+        let dnat = format!(
+            "{fam} daddr {} {l4} dport {} dnat to {dest};",
+            svc.cluster_ip, svc.port
+        );
         let mut rules = format!(
-            "table {fam} kube_proxy_{idx} {{\n  chain pre {{ type nat hook prerouting priority dstnat;              {fam} daddr {ip} {l4} dport {port} dnat to {target} : {tp}; }}\n               chain out {{ type nat hook output priority -100;              {fam} daddr {ip} {l4} dport {port} dnat to {target} : {tp}; }}\n               chain post {{ type nat hook postrouting priority srcnat;",
-            ip = svc.cluster_ip,
-            port = svc.port,
-            tp = svc.target_port,
+            "table {fam} kube_proxy_{idx} {{\n\
+             \x20 chain pre {{ type nat hook prerouting priority dstnat; {dnat} }}\n\
+             \x20 chain out {{ type nat hook output priority -100; {dnat} }}\n\
+             \x20 chain post {{ type nat hook postrouting priority srcnat;"
         );
         for b in &backends {
             let _ = write!(rules, " {fam} saddr {b} {fam} daddr {b} masquerade;");
+        }
+        if let Some(np) = svc.node_port {
+            // As kube-proxy's KUBE-NODEPORTS and KUBE-MARK-MASQ: DNAT on any local address,
+            // then masquerade what carries its 0x4000 mark.
+            rules.push_str(" meta mark & 0x4000 == 0x4000 masquerade;");
+            let _ = write!(
+                rules,
+                " }}\n  chain nodeports {{ type nat hook prerouting priority dstnat + 1; \
+                 fib daddr type local {l4} dport {np} meta mark set meta mark | 0x4000 \
+                 dnat to {dest};",
+            );
         }
         rules.push_str(" }\n}\n");
         for ns in [self.node_ns.clone(), self.node2_ns.clone()] {
@@ -900,7 +923,7 @@ impl TestBed {
         for svc in &self.services {
             let _ = write!(
                 y,
-                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {n}\n  namespace: {ns}\nspec:\n  clusterIP: \"{ip}\"\n  clusterIPs: [\"{ip}\"]\n  ports:\n  - {{port: {p}, targetPort: {tp}, protocol: {pr}}}\n---\n\
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {n}\n  namespace: {ns}\nspec:\n  type: {ty}\n  clusterIP: \"{ip}\"\n  clusterIPs: [\"{ip}\"]\n  ports:\n  - {{port: {p}, targetPort: {tp}, protocol: {pr}{np}}}\n---\n\
                  apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {n}-1\n  namespace: {ns}\n  labels:\n    kubernetes.io/service-name: {n}\naddressType: {at}\nports:\n- {{port: {tp}, protocol: {pr}}}\nendpoints:\n",
                 n = svc.name,
                 ns = svc.namespace,
@@ -909,6 +932,8 @@ impl TestBed {
                 tp = svc.target_port,
                 pr = svc.protocol,
                 at = if svc.cluster_ip.is_ipv4() { "IPv4" } else { "IPv6" },
+                ty = if svc.node_port.is_some() { "NodePort" } else { "ClusterIP" },
+                np = svc.node_port.map(|n| format!(", nodePort: {n}")).unwrap_or_default(),
             );
             for b in &svc.backends {
                 let p = self.pod(b);
