@@ -409,6 +409,18 @@ pub struct NodePortLink {
     pub client_port: u16,
     pub frontend_port: u16,
     pub svc_id: u32,
+    /// `nodeport_flags`.
+    pub flags: u32,
+    /// When the client's packet was noted (coarse monotonic clock). The daemon removes notes
+    /// older than a few seconds that no connection took, and marks `TAKEN` those a connection
+    /// did, so neither is ever taken for a new connection (a kubelet probe reusing the port);
+    /// the kernel links a note within microseconds of noting it.
+    pub noted_ns: u64,
+}
+
+pub mod nodeport_flags {
+    /// A connection took this note: it stays for that connection's verdicts only.
+    pub const TAKEN: u32 = 1 << 0;
 }
 
 pub mod svc_nat {
@@ -528,7 +540,7 @@ mod layout {
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<SvcKey>(), 20);
         assert_eq!(size_of::<SvcNat>(), 48);
-        assert_eq!(size_of::<NodePortLink>(), 40);
+        assert_eq!(size_of::<NodePortLink>(), 56);
         assert_eq!(size_of::<IpKey>(), 20);
         assert_eq!(size_of::<IpcacheKeyData>(), 20);
         assert_eq!(size_of::<IpcacheEntry>(), 8);

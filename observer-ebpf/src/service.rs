@@ -8,6 +8,7 @@
 //! address and port, which kube-proxy keeps (it masquerades only hairpin and NodePort traffic
 //! from outside). The translated connection is the connection of record; its packets are
 //! counted once, where the client pod sends and receives them, through the alias.
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use observer_common::{
     ct_flags, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind, SvcKey, SvcNat,
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
@@ -185,6 +186,8 @@ pub fn note_nodeport(pkt: &Packet) {
         client_port: pkt.sport,
         frontend_port: pkt.dport,
         svc_id,
+        flags: 0,
+        noted_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
     let _ = NODEPORT.insert(&nodeport_key(pkt.family, pkt.proto, pkt.sport), &link, 0);
 }
@@ -219,7 +222,9 @@ pub fn resolve(pkt: &Packet) -> Link {
             return Link::Hairpin;
         }
         return match nodeport_link(pkt) {
-            Some(l) if from_node || l.client == pkt.src => Link::NodePort(l.client),
+            Some(l) if l.flags == 0 && (from_node || l.client == pkt.src) => {
+                Link::NodePort(l.client)
+            }
             _ => Link::None,
         };
     }

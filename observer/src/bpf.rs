@@ -761,6 +761,28 @@ impl Datapath {
         m.get(key, 0).ok()
     }
 
+    /// Visits every NodePort note: `keep` returns its new flags, or `None` to remove it.
+    pub fn sweep_nodeport(
+        &mut self,
+        mut keep: impl FnMut(&SvcKey, &NodePortLink) -> Option<u32>,
+    ) -> Result<()> {
+        let mut m: BpfHashMap<&mut MapData, SvcKey, NodePortLink> =
+            BpfHashMap::try_from(self.ebpf.map_mut(maps::NODEPORT).context("nodeport map")?)?;
+        let notes: Vec<(SvcKey, NodePortLink)> = m.iter().filter_map(|r| r.ok()).collect();
+        for (k, l) in notes {
+            match keep(&k, &l) {
+                None => {
+                    let _ = m.remove(&k);
+                }
+                Some(f) if f != l.flags => {
+                    let _ = m.insert(k, NodePortLink { flags: f, ..l }, 0);
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     pub fn services_mut(&mut self) -> Result<BpfHashMap<&mut MapData, SvcKey, u32>> {
         Ok(BpfHashMap::try_from(
             self.ebpf.map_mut(maps::SERVICES).context("services map")?,

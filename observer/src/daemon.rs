@@ -537,6 +537,42 @@ fn count_pod_traffic(st: &mut State, opts: &Options, key: &CtKey, rec: &FlowReco
     }
 }
 
+/// NodePort clients the kernel noted: those a live connection took are marked taken (never
+/// linked to another connection, a kubelet probe reusing the port), those no connection took
+/// within [`NODEPORT_NOTE_TTL`] are removed.
+fn sweep_nodeport_notes(shared: &Shared, entries: &[(CtKey, CtEntry)], now_ns: u64) {
+    let taken: std::collections::HashSet<observer_common::SvcKey> = entries
+        .iter()
+        .filter(|(_, e)| e.flags & ct_flags::NODEPORT != 0)
+        .map(|(k, e)| {
+            let ((_, sport), _) = flows::orient(k, e.flags);
+            observer_common::SvcKey {
+                addr: [0; 4],
+                port: sport,
+                proto: k.proto,
+                family: k.family,
+            }
+        })
+        .collect();
+    let ttl = NODEPORT_NOTE_TTL.as_nanos() as u64;
+    let mut dp = shared.dp.lock().unwrap();
+    if let Err(e) = dp.sweep_nodeport(|k, l| {
+        if taken.contains(k) {
+            Some(l.flags | observer_common::nodeport_flags::TAKEN)
+        } else if now_ns.saturating_sub(l.noted_ns) > ttl {
+            None
+        } else {
+            Some(l.flags)
+        }
+    }) {
+        warn!("sweeping NodePort notes: {e:#}");
+    }
+}
+
+/// How long a NodePort client's note waits for its connection: the kernel takes it within
+/// microseconds, on the way through this node.
+const NODEPORT_NOTE_TTL: Duration = Duration::from_secs(2);
+
 /// A kernel link: (Service id, frontend used, client from outside before the masquerade).
 type ServiceLink = (u32, (IpAddr, u16), Option<std::net::SocketAddr>);
 
@@ -1175,6 +1211,7 @@ fn gc_once(shared: &Shared) -> Result<()> {
         let ct = dp.conntrack()?;
         ct.iter().filter_map(|r| r.ok()).collect()
     };
+    sweep_nodeport_notes(shared, &entries, now_ns);
     let mut publish = Vec::new();
     let mut expire = Vec::new();
     {

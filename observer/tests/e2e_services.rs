@@ -504,5 +504,31 @@ fn nodeports(mut c: Cluster) {
         r["verdict"] == "dropped" && from(r, observer_tests::PEER_IP)
     });
     assert!(!peer_denied.is_empty());
+
+    // A kubelet probe that happens to use the source port of a live NodePort connection is
+    // still the node: the note of that client is taken and never linked again.
+    let held = connect_from(&ext, sa(node, 30080), 40123).expect("NodePort from port 40123");
+    std::thread::sleep(Duration::from_millis(1200));
+    let probe = connect_from(&c.bed.node_ns.clone(), other, 40123);
+    assert!(
+        probe.is_some(),
+        "a probe reusing a NodePort client's port must pass"
+    );
+    drop(held);
     c.bed.stop_daemon(&d);
+}
+
+/// A TCP connection from `ns` to `dst` with source port `port`, kept open by the caller.
+fn connect_from(ns: &str, dst: SocketAddr, port: u16) -> Option<std::net::TcpStream> {
+    observer_tests::in_netns(ns, move || {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).ok()?;
+        s.set_reuse_address(true).ok()?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+            .ok()?;
+        s.connect_timeout(&dst.into(), T).ok()?;
+        Some(s.into())
+    })
+    .ok()
+    .flatten()
 }
