@@ -94,9 +94,14 @@ enum PolicyCmd {
         /// Protocols to probe (default: those of the ports probed).
         #[arg(long = "protocol")]
         protocols: Vec<String>,
-        /// Ports to probe (default: every port any pod serves).
+        /// Ports to probe (default: every port any pod serves); with `--to-service`, the
+        /// Service's port.
         #[arg(long = "port")]
         ports: Vec<u16>,
+        /// Every pod towards a Service (`namespace/name`): the verdict for each backend its
+        /// EndpointSlices list, on the port kube-proxy translates `--port` to.
+        #[arg(long, requires = "ports")]
+        to_service: Option<String>,
         /// `table`: upstream-style truth tables; `json`: one object per pair and port.
         #[arg(short, long, default_value = "table")]
         output: MatrixOutput,
@@ -113,8 +118,16 @@ enum PolicyCmd {
         #[arg(long)]
         from: String,
         /// Destination: namespace/pod or an IP address.
+        #[arg(
+            long,
+            required_unless_present = "to_service",
+            conflicts_with = "to_service"
+        )]
+        to: Option<String>,
+        /// Destination: a Service (`namespace/name`); `--port` is the Service's port (or
+        /// NodePort), and each backend is explained on the port it is translated to.
         #[arg(long)]
-        to: String,
+        to_service: Option<String>,
         /// Destination port, `N` or `N/PROTO` (TCP by default).
         #[arg(long)]
         port: String,
@@ -899,6 +912,7 @@ fn run() -> Result<()> {
                     ports,
                     output,
                     engine: engine_kind,
+                    to_service,
                 },
         } => {
             use observer::policy::{matrix, Engine, Protocol};
@@ -930,6 +944,29 @@ fn run() -> Result<()> {
             if probes.is_empty() {
                 anyhow::bail!("no ports to probe: no pod declares container ports; pass --port");
             }
+            if let Some(svc) = &to_service {
+                if engine_kind == EngineKind::Kernel {
+                    anyhow::bail!("--to-service is answered by the reference engine only");
+                }
+                let cells = matrix::service_matrix(&engine, svc, &probes)?;
+                let mut out = std::io::stdout().lock();
+                for cell in &cells {
+                    match output {
+                        MatrixOutput::Json => writeln!(out, "{}", serde_json::to_string(cell)?)?,
+                        MatrixOutput::Table => writeln!(
+                            out,
+                            "{} -> {svc} = {} {}/{}: {} ({})",
+                            cell.from,
+                            cell.to,
+                            cell.port,
+                            cell.protocol,
+                            cell.verdict.to_uppercase(),
+                            cell.reason
+                        )?,
+                    }
+                }
+                return Ok(());
+            }
             let cells = match engine_kind {
                 EngineKind::Reference => matrix::matrix(&engine, &probes),
                 EngineKind::Kernel => observer::policy::kernel::matrix(&c, &engine.opts, &probes)?,
@@ -957,6 +994,7 @@ fn run() -> Result<()> {
                     cluster,
                     from,
                     to,
+                    to_service,
                     port,
                     json,
                 },
@@ -964,13 +1002,28 @@ fn run() -> Result<()> {
             use observer::policy::{matrix, Engine};
             let (c, opts) = load_cluster(&cluster)?;
             let engine = Engine::new(&c, opts);
-            let (src, dst) = (matrix::peer(&c, &from)?, matrix::peer(&c, &to)?);
+            let src = matrix::peer(&c, &from)?;
             let (proto, port) = matrix::parse_port(&port)?;
-            let d = engine.decide(src, dst, proto, port);
-            if json {
-                println!("{}", serde_json::to_string(&d)?);
-            } else {
-                print!("{}", matrix::explain(&engine, src, dst, proto, port, &d));
+            let targets = match (&to, &to_service) {
+                (Some(to), _) => vec![(matrix::peer(&c, to)?, port)],
+                (None, Some(svc)) => {
+                    let b = matrix::service_backends(&c, svc, proto, port)?;
+                    if b.is_empty() {
+                        println!("service {svc} port {port}/{proto}: no ready backends, kube-proxy rejects the connection");
+                    } else if !json {
+                        println!("service {svc} port {port}/{proto}: {} backend(s), each judged by policy", b.len());
+                    }
+                    b
+                }
+                (None, None) => anyhow::bail!("--to or --to-service is required"),
+            };
+            for (dst, port) in targets {
+                let d = engine.decide(src, dst, proto, port);
+                if json {
+                    println!("{}", serde_json::to_string(&d)?);
+                } else {
+                    print!("{}", matrix::explain(&engine, src, dst, proto, port, &d));
+                }
             }
             Ok(())
         }

@@ -141,6 +141,86 @@ pub fn peer<'a>(cluster: &'a Cluster, s: &str) -> Result<Peer<'a>> {
         .with_context(|| format!("no pod {ns}/{name} in the cluster"))
 }
 
+/// Where a connection to a Service's port lands: each ready backend of its EndpointSlices with
+/// the port kube-proxy translates to. Policy judges those, never the Service address.
+pub fn service_backends<'a>(
+    cluster: &'a Cluster,
+    service: &str,
+    proto: Protocol,
+    port: u16,
+) -> Result<Vec<(Peer<'a>, u16)>> {
+    let Some((ns, name)) = service.split_once('/') else {
+        bail!("--to-service {service:?}: expected namespace/name");
+    };
+    let svc = cluster
+        .services
+        .iter()
+        .find(|s| s.namespace == ns && s.name == name)
+        .with_context(|| format!("no service {ns}/{name} in the cluster"))?;
+    let sp = svc
+        .ports
+        .iter()
+        .find(|p| p.protocol == proto && (p.port == port || p.node_port == Some(port)))
+        .with_context(|| {
+            let have: Vec<String> = svc
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, p.protocol))
+                .collect();
+            format!(
+                "service {ns}/{name} has no port {port}/{proto} (it has {})",
+                have.join(", ")
+            )
+        })?;
+    let mut out = Vec::new();
+    for slice in cluster
+        .endpoint_slices
+        .iter()
+        .filter(|s| s.namespace == ns && s.service == name)
+    {
+        // The slice port of the same name (the only one when unnamed).
+        let Some((_, target, _)) = slice
+            .ports
+            .iter()
+            .find(|(n, _, pr)| *n == sp.name && *pr == proto)
+        else {
+            continue;
+        };
+        for ip in &slice.addresses {
+            out.push((peer(cluster, &ip.to_string())?, *target));
+        }
+    }
+    Ok(out)
+}
+
+/// Every pod towards a Service on each of its `probes` (Service ports): one cell per backend,
+/// its port the one kube-proxy translates to.
+pub fn service_matrix(
+    engine: &Engine<'_>,
+    service: &str,
+    probe_list: &[(Protocol, u16)],
+) -> Result<Vec<Cell>> {
+    let pods = pods_sorted(engine.cluster);
+    let mut out = Vec::new();
+    for (proto, port) in probe_list {
+        let backends = service_backends(engine.cluster, service, *proto, *port)?;
+        for a in &pods {
+            for (b, target) in &backends {
+                let d = engine.decide(Peer::Pod(a), *b, *proto, *target);
+                out.push(Cell {
+                    from: format!("{}/{}", a.namespace, a.name),
+                    to: b.to_string(),
+                    protocol: proto.to_string(),
+                    port: *target,
+                    verdict: d.verdict.as_str().to_string(),
+                    reason: d.reason(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `N`, `N/PROTO` or `PROTO/N` (default TCP).
 pub fn parse_port(s: &str) -> Result<(Protocol, u16)> {
     let (n, proto) = match s.split_once('/') {
@@ -246,4 +326,91 @@ pub fn explain(
     side("egress at source", sp, &d.egress, false);
     side("ingress at destination", dp, &d.ingress, true);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cluster, policy::Options};
+
+    const CLUSTER: &str = r#"
+- {apiVersion: v1, kind: Namespace, metadata: {name: shop, labels: {kubernetes.io/metadata.name: shop}}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web, namespace: shop, labels: {app: web}}, spec: {containers: [{name: c, image: i}]}, status: {podIP: 10.0.0.1}}
+- {apiVersion: v1, kind: Pod, metadata: {name: db-0, namespace: shop, labels: {app: db}}, spec: {containers: [{name: c, image: i}]}, status: {podIP: 10.0.0.2}}
+- {apiVersion: v1, kind: Pod, metadata: {name: db-1, namespace: shop, labels: {app: db, tier: old}}, spec: {containers: [{name: c, image: i}]}, status: {podIP: 10.0.0.3}}
+- {apiVersion: v1, kind: Service, metadata: {name: db, namespace: shop}, spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 80, targetPort: 5432, nodePort: 30080}]}}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: db-abc, namespace: shop, labels: {kubernetes.io/service-name: db}}
+  addressType: IPv4
+  ports: [{name: sql, port: 5432}]
+  endpoints:
+  - {addresses: [10.0.0.2], conditions: {ready: true}}
+  - {addresses: [10.0.0.3], conditions: {ready: true}}
+  - {addresses: [10.0.0.9], conditions: {ready: false}}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: db-new-only, namespace: shop}
+  spec:
+    podSelector: {matchLabels: {app: db}}
+    ingress:
+    - from: [{podSelector: {matchLabels: {app: web}}}]
+      ports: [{port: 5432}]
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: old-closed, namespace: shop}
+  spec:
+    podSelector: {matchLabels: {tier: old}}
+    policyTypes: [Egress]
+"#;
+
+    fn cluster() -> Cluster {
+        let mut c = Cluster::default();
+        let v: Vec<serde_json::Value> = serde_norway::from_str(CLUSTER).unwrap();
+        for o in v {
+            cluster::add_object(&mut c, "test", o);
+        }
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        c
+    }
+
+    #[test]
+    fn a_service_is_answered_backend_by_backend_on_the_translated_port() {
+        let c = cluster();
+        let b = service_backends(&c, "shop/db", Protocol::Tcp, 80).unwrap();
+        let names: Vec<(String, u16)> = b.iter().map(|(p, t)| (p.to_string(), *t)).collect();
+        assert_eq!(
+            names,
+            [
+                ("shop/db-0".to_string(), 5432),
+                ("shop/db-1".to_string(), 5432)
+            ],
+            "ready backends only, on the target port"
+        );
+        // The NodePort leads to the same backends.
+        assert_eq!(
+            service_backends(&c, "shop/db", Protocol::Tcp, 30080)
+                .unwrap()
+                .len(),
+            2
+        );
+        let err = service_backends(&c, "shop/db", Protocol::Udp, 80).unwrap_err();
+        assert!(err.to_string().contains("no port 80/UDP"), "{err}");
+        assert!(service_backends(&c, "shop/nope", Protocol::Tcp, 80).is_err());
+
+        let e = Engine::new(&c, Options::default());
+        let cells = service_matrix(&e, "shop/db", &[(Protocol::Tcp, 80)]).unwrap();
+        let v = |from: &str, to: &str| {
+            cells
+                .iter()
+                .find(|x| x.from == from && x.to == to)
+                .map(|x| x.verdict.clone())
+                .unwrap()
+        };
+        assert_eq!(v("shop/web", "shop/db-0"), "allowed");
+        assert_eq!(v("shop/web", "shop/db-1"), "allowed");
+        // db-1 may not open anything (egress isolated): its own Service is no way out.
+        assert_eq!(v("shop/db-1", "shop/db-0"), "denied");
+        assert!(cells.iter().all(|x| x.port == 5432));
+    }
 }
