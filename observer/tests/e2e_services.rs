@@ -121,58 +121,15 @@ fn cluster(tag: &str, kubenet: bool) -> Cluster {
     })
     .unwrap();
     // (namespace, name, ClusterIP, port, target port, protocol, backend, NodePort)
-    let services: [(&str, &str, &str, u16, u16, &str, &str, Option<u16>); 6] = [
+    #[rustfmt::skip]
+    let services: [(&str, &str, &str, u16, u16, &str, &str, Option<u16>); 7] = [
         ("shop", "db", "10.96.0.20", 80, 8080, "TCP", "db", None),
-        (
-            "shop",
-            "db-remote",
-            "10.96.0.21",
-            80,
-            8080,
-            "TCP",
-            "db2",
-            None,
-        ),
-        (
-            "shop",
-            "other",
-            "10.96.0.22",
-            80,
-            8080,
-            "TCP",
-            "other",
-            None,
-        ),
-        (
-            "kube-system",
-            "kube-dns",
-            "10.96.0.10",
-            53,
-            53,
-            "UDP",
-            "coredns",
-            None,
-        ),
-        (
-            "shop",
-            "db-np",
-            "10.96.0.23",
-            80,
-            8080,
-            "TCP",
-            "db",
-            Some(30080),
-        ),
-        (
-            "shop",
-            "other-np",
-            "10.96.0.24",
-            80,
-            8080,
-            "TCP",
-            "other",
-            Some(30081),
-        ),
+        ("shop", "db-remote", "10.96.0.21", 80, 8080, "TCP", "db2", None),
+        ("shop", "other", "10.96.0.22", 80, 8080, "TCP", "other", None),
+        ("kube-system", "kube-dns", "10.96.0.10", 53, 53, "UDP", "coredns", None),
+        ("shop", "db-np", "10.96.0.23", 80, 8080, "TCP", "db", Some(30080)),
+        ("shop", "other-np", "10.96.0.24", 80, 8080, "TCP", "other", Some(30081)),
+        ("shop", "db6", "fd00:96::20", 80, 8080, "TCP", "db", None),
     ];
     for (ns, name, ip, port, tp, proto, backend, node_port) in services {
         bed.add_service(Service {
@@ -255,6 +212,11 @@ fn services_and_dns(mut c: Cluster) {
         "web -> db-remote Service (node-2)"
     );
     // A Service never opens what policy denies its backend: web may not reach app=other.
+    // IPv6: the same Service semantics on an IPv6 ClusterIP.
+    assert!(
+        tcp_connects(&web, sa("fd00:96::20", 80), T),
+        "web -> db6 Service (IPv6)"
+    );
     assert!(
         !tcp_connects(&web, sa("10.96.0.22", 80), T),
         "web -> other Service must be denied"
@@ -299,6 +261,10 @@ fn services_and_dns(mut c: Cluster) {
         r["snat"]["translated_src_ip"],
         c.bed.pod("web").ip4.to_string()
     );
+    let v6 = records(&d, |r| r["event"] == "new" && r["service"]["name"] == "db6");
+    assert_eq!(v6.len(), 1, "{v6:?}");
+    assert_eq!(v6[0]["ip"]["dst"], c.bed.pod("db").ip6.to_string());
+    assert_eq!(v6[0]["service"]["ip"], "fd00:96::20");
     let remote = records(&d, |r| {
         r["event"] == "new" && r["service"]["name"] == "db-remote"
     });
