@@ -174,6 +174,7 @@ pub fn run(duration: Option<u64>, model: Model) -> Result<()> {
             target_port: target,
             protocol: proto.into(),
             backends: vec![backend.into()],
+            node_port: None,
         })?;
     }
     std::fs::write(
