@@ -148,6 +148,18 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
     })
 }
 
+/// Gives an interface a clsact qdisc unless it has one: ours from an earlier daemon, or
+/// another tool's. The kernel refuses a second with EEXIST (its message, in aya's error, is
+/// the extended ack "Exclusivity flag on, cannot modify", not "File exists").
+fn ensure_clsact(ifname: &str) -> Result<()> {
+    match tc::qdisc_add_clsact(ifname) {
+        Ok(()) => Ok(()),
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(tc::TcError::AlreadyAttached) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("adding clsact to {ifname}")),
+    }
+}
+
 fn release(k: Kept, ifname: &str, t: TcAttachType) {
     match k {
         Kept::Pinned { pin, .. } => {
@@ -346,11 +358,7 @@ impl Datapath {
         }
         self.load_uplink_programs()?;
         if self.mode == AttachMode::Clsact {
-            match tc::qdisc_add_clsact(ifname) {
-                Ok(()) => {}
-                Err(e) if e.to_string().contains("exists") => {}
-                Err(e) => return Err(e).with_context(|| format!("adding clsact to {ifname}")),
-            }
+            ensure_clsact(ifname)?;
         }
         let ingress = self
             .attach_one_as(
@@ -533,11 +541,7 @@ impl Datapath {
             return Ok(());
         }
         if self.mode == AttachMode::Clsact {
-            match tc::qdisc_add_clsact(ifname) {
-                Ok(()) => {}
-                Err(e) if e.to_string().contains("exists") => {}
-                Err(e) => return Err(e).with_context(|| format!("adding clsact to {ifname}")),
-            }
+            ensure_clsact(ifname)?;
         }
         let ingress = self
             .attach_one(programs::FROM_POD, ifindex, ifname, TcAttachType::Ingress)

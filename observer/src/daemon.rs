@@ -69,6 +69,8 @@ pub struct Options {
     pub uplinks: Vec<String>,
     /// Attach the uplink programs (tc both ways, XDP on ingress) to the uplinks.
     pub uplink_programs: bool,
+    /// How tc programs attach; `None`: by kernel version.
+    pub attach_mode: Option<crate::bpf::AttachMode>,
     pub model: crate::snat::ModelConfig,
     /// Follow the kernel's conntrack over ctnetlink and give local pods' records `snat`.
     pub snat: bool,
@@ -715,6 +717,9 @@ pub async fn run(opts: Options) -> Result<()> {
         _ => None,
     };
     let mut dp = Datapath::load(&opts.pin_dir)?;
+    if let Some(m) = opts.attach_mode {
+        dp.mode = m;
+    }
     info!(pin_dir = %opts.pin_dir.display(), mode = ?dp.mode, "kernel programs loaded");
     // A re-adopted config map keeps its generation: connections already judged stay judged.
     let policy_gen = dp.config().map(|c| c.policy_gen).unwrap_or(0);

@@ -258,6 +258,10 @@ struct DaemonArgs {
     /// Leave the uplinks without programs (no wire-side counters, no XDP ingress policy).
     #[arg(long, env = "OBSERVER_NO_UPLINK_PROGRAMS")]
     no_uplink_programs: bool,
+    /// How tc programs attach: `auto` (TCX on Linux >= 6.6, clsact before), or `tcx` /
+    /// `clsact` to choose (clsact works on every kernel: what nodes before 6.6 run).
+    #[arg(long, env = "OBSERVER_ATTACH_MODE", default_value = "auto", value_parser = ["auto", "tcx", "clsact"])]
+    attach_mode: String,
     /// The node's network model, for SNAT expectations: overlay (kubenet, Azure CNI Overlay),
     /// flat (Azure CNI), or auto (flat when this node's pod IPs are inside the VNet).
     #[arg(
@@ -659,6 +663,11 @@ fn run() -> Result<()> {
                 metrics_addr: a.metrics_addr,
                 uplinks: a.uplinks,
                 uplink_programs: !a.no_uplink_programs,
+                attach_mode: match a.attach_mode.as_str() {
+                    "tcx" => Some(observer::bpf::AttachMode::Tcx),
+                    "clsact" => Some(observer::bpf::AttachMode::Clsact),
+                    _ => None,
+                },
                 model: observer::snat::ModelConfig {
                     setting: a.network_model,
                     cluster_cidrs: a.cluster_cidrs,

@@ -64,7 +64,18 @@ fn conntrack_packets(
 
 #[test]
 fn kill_9_and_restart_under_traffic_never_fails_open() {
-    let mut bed = TestBed::overlay("rs9").unwrap();
+    kill_9_and_restart("rs9", &[]);
+}
+
+/// The same on clsact, what kernels before 6.6 attach with: the restarted daemon finds the
+/// clsact qdiscs and its filters, replaces the filters in place and turns ready.
+#[test]
+fn kill_9_and_restart_on_clsact_never_fails_open() {
+    kill_9_and_restart("rs9cls", &["--attach-mode", "clsact"]);
+}
+
+fn kill_9_and_restart(tag: &str, extra: &[&str]) {
+    let mut bed = TestBed::overlay(tag).unwrap();
     bed.add_app_pods(
         "x",
         &[
@@ -114,12 +125,13 @@ fn kill_9_and_restart_under_traffic_never_fails_open() {
     }
     let kubeconfig = bed.dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
-    let args = [
+    let mut args = vec![
         "--source",
         "kube",
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
     ];
+    args.extend_from_slice(extra);
     let first = bed.start_daemon(OBSERVER.as_ref(), &args).unwrap();
 
     // Wait for enforcement: the intruder is refused before the traffic starts.
@@ -225,6 +237,9 @@ fn kill_9_and_restart_under_traffic_never_fails_open() {
     assert!(new_ok.load(Ordering::Relaxed) >= 20);
     // The second daemon took the pinned attachments over and found the maps already right.
     assert!(log.contains("re-adopting pinned maps"), "{log}");
+    if extra.contains(&"clsact") {
+        assert!(log.contains("mode=Clsact"), "{log}");
+    }
     assert!(log.contains("re-using the identity numbering"), "{log}");
     assert!(
         log.contains("written=0 removed=0") || !log.contains("datapath maps synced"),
