@@ -357,6 +357,13 @@ fn the_node_and_hairpin_on_the_kubenet_bridge() {
 }
 
 fn node_and_hairpin(mut c: Cluster) {
+    // A hostNetwork pod labelled like web: it is the node for policy, never selected as web.
+    c.bed.host_network_pods.push((
+        "shop".into(),
+        "agent".into(),
+        [("app".to_string(), "web".to_string())].into(),
+    ));
+    c.bed.write_cluster().unwrap();
     let d = c.bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
     let node = c.bed.node_ns.clone();
     let db = SocketAddr::new(c.bed.pod("db").ip4, 8080);
@@ -399,6 +406,11 @@ fn node_and_hairpin(mut c: Cluster) {
     assert!(
         !tcp_connects(&node, other, T),
         "node -> other with --deny-from-node"
+    );
+    // db admits app=web, and the hostNetwork pod carries that label: still the node, denied.
+    assert!(
+        !tcp_connects(&node, db, T),
+        "a hostNetwork pod labelled app=web is not selected by podSelector app=web"
     );
     c.bed.stop_daemon(&d);
 }

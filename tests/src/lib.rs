@@ -249,6 +249,9 @@ pub struct TestBed {
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// Services, programmed on both nodes as kube-proxy programs them ([`TestBed::add_service`]).
     pub services: Vec<Service>,
+    /// hostNetwork pods on node-1: (namespace, name, labels). They carry the node's addresses
+    /// and run in its namespace.
+    pub host_network_pods: Vec<(String, String, BTreeMap<String, String>)>,
 }
 
 /// A ClusterIP Service of the virtual cluster, one port, backed by pods.
@@ -343,6 +346,7 @@ impl TestBed {
             pin_dirs: Vec::new(),
             namespace_labels: BTreeMap::new(),
             services: Vec::new(),
+            host_network_pods: Vec::new(),
         };
         bed.build().context("building the virtual cluster")?;
         bed.write_cluster()?;
@@ -918,6 +922,17 @@ impl TestBed {
                 y,
                 "status:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: \"{}\"\n---\n",
                 p.ip4, p.ip4, p.ip6
+            );
+        }
+        for (ns, name, labels) in &self.host_network_pods {
+            let _ = write!(y, "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n");
+            for (k, v) in labels {
+                let _ = writeln!(y, "    {k}: \"{v}\"");
+            }
+            let _ = write!(
+                y,
+                "spec:\n  nodeName: {NODE_NAME}\n  hostNetwork: true\n  containers:\n  - {{name: main, image: example}}\n\
+                 status:\n  phase: Running\n  podIP: {NODE_IP}\n  podIPs: [{{ip: {NODE_IP}}}, {{ip: \"{NODE_IP6}\"}}]\n---\n"
             );
         }
         for svc in &self.services {
