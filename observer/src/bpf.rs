@@ -68,8 +68,16 @@ pub enum AttachMode {
 }
 
 impl AttachMode {
+    /// TCX when the running kernel has it, probed rather than read off the version (vendor
+    /// kernels backport it): its BTF describes `struct tcx_link`. Without BTF, by version.
     pub fn detect() -> Self {
-        if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+        let tcx = match aya::Btf::from_sys_fs() {
+            Ok(btf) => btf
+                .id_by_type_name_kind("tcx_link", aya_obj::btf::BtfKind::Struct)
+                .is_ok(),
+            Err(_) => KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
+        };
+        if tcx {
             Self::Tcx
         } else {
             Self::Clsact
