@@ -10,7 +10,7 @@ use observer_common::{
 use crate::{
     classify,
     events::emit,
-    maps::{stat_inc, CONFIG, CT},
+    maps::{stat_inc, CONFIG, CT, NEW_ENTRY},
     parse::Packet,
     policy,
     service::{self, Link},
@@ -82,7 +82,7 @@ pub fn key_of_pair(
 }
 
 #[inline(always)]
-fn add(p: *mut u64, v: u64) {
+pub fn add(p: *mut u64, v: u64) {
     // Both directions of a connection may be processed on two CPUs at once.
     // The BPF target has no `AtomicU64`; the intrinsic lowers to BPF_XADD.
     unsafe {
@@ -247,7 +247,7 @@ pub fn process<C: EbpfContext>(
     if let Some(e) = CT.get_ptr_mut(&key) {
         let e = unsafe { &mut *e };
         if e.flags & ct_flags::SVC_ALIAS != 0 {
-            return service::through_alias(e, pkt, from_a, bytes, now, &cfg);
+            return service::through_alias(e, pkt, from_a, bytes, &cfg);
         }
         // A Service connection is counted where its client sends and receives, through its
         // alias; the backend's side sees the same packets again.
@@ -303,7 +303,7 @@ pub fn process<C: EbpfContext>(
     let link = match hook {
         Hook::FromPod => {
             if let Some(svc) = service::frontend(pkt) {
-                return service::open_alias(&key, pkt, svc, from_a, now, &cfg);
+                return service::open_alias(&key, pkt, svc, from_a, &cfg);
             }
             Link::None
         }
@@ -357,7 +357,13 @@ fn create<C: EbpfContext>(
     let first_is_reply = is_tcp && flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK);
     let orig_is_a = from_a != first_is_reply;
     let dir = if first_is_reply { DIR_REPLY } else { DIR_ORIG };
-    let mut e = CtEntry {
+    // Built in a per-CPU scratch slot, not on the stack: every hook inlines this, and 88 bytes
+    // more of its 512-byte frame leave no room for the calls it makes.
+    let Some(e) = NEW_ENTRY.get_ptr_mut(0) else {
+        return Action::Drop;
+    };
+    let e = unsafe { &mut *e };
+    *e = CtEntry {
         first_seen_ns: now,
         last_seen_ns: now,
         last_report_ns: now,
@@ -386,14 +392,14 @@ fn create<C: EbpfContext>(
         Link::Service => e.flags |= ct_flags::SERVICE,
         Link::NodePort(client) => {
             e.class = classify::to_pod(key.family, &client) as u8;
-            judge_nodeport(&mut e, key, from_a, pkt.dport, &client);
+            judge_nodeport(e, key, from_a, pkt.dport, &client);
         }
         Link::None => {}
     }
     // A connection picked up from its reply side is judged when its next original packet
     // comes by; replies pass.
     if !first_is_reply {
-        judge_all(&mut e, key, hook, from_a, pkt.dport);
+        judge_all(e, key, hook, from_a, pkt.dport);
     }
     // Whether this packet is counted depends on its verdict (XDP counts only its drops); the
     // stats are bumped once, by the `verdict` calls below. A Service connection's first
@@ -409,14 +415,14 @@ fn create<C: EbpfContext>(
         e.packets[dir] = 1;
         e.bytes[dir] = bytes;
     }
-    match CT.insert(key, &e, BPF_NOEXIST) {
+    match CT.insert(key, &*e, BPF_NOEXIST) {
         Ok(()) => {
             let kind = if e.flags & ct_flags::DENIED != 0 {
                 EventKind::Drop
             } else {
                 EventKind::New
             };
-            emit(kind, key, &e);
+            emit(kind, key, e);
             verdict(e.flags, cfg.enforce)
         }
         Err(_) => match CT.get_ptr_mut(key) {
@@ -425,13 +431,13 @@ fn create<C: EbpfContext>(
                 let existing = unsafe { &mut *existing };
                 if existing.flags & ct_flags::CLOSED != 0 {
                     // Reopened tuple: replace the closed entry.
-                    if CT.insert(key, &e, 0).is_ok() {
+                    if CT.insert(key, &*e, 0).is_ok() {
                         let kind = if e.flags & ct_flags::DENIED != 0 {
                             EventKind::Drop
                         } else {
                             EventKind::New
                         };
-                        emit(kind, key, &e);
+                        emit(kind, key, e);
                         return verdict(e.flags, cfg.enforce);
                     }
                     insert_failed(ctx, ifindex);

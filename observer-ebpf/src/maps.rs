@@ -71,6 +71,11 @@ pub fn stat_inc(idx: u32) {
     }
 }
 
+/// Scratch space for a new connection's entry while its verdict is taken (see
+/// `conntrack::create`): not pinned, nothing outlives one program run.
+#[map(name = "OBS_NEW_ENTRY")]
+pub static NEW_ENTRY: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
 #[map(name = "OBS_BENCH_SEQ")]
 pub static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

@@ -10,18 +10,20 @@
 //! counted once, where the client pod sends and receives them, through the alias.
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use observer_common::{
-    ct_flags, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind, SvcKey, SvcNat,
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    ct_flags, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind, SvcKey, SvcNat, DIR_ORIG,
+    DIR_REPLY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     classify,
-    conntrack::{key_of_pair, update, verdict, Action},
-    maps::{CT, NODEPORT, SERVICES, SVC_NAT},
+    conntrack::{add, key_of_pair, verdict, Action},
+    maps::{CT, NEW_ENTRY, NODEPORT, SERVICES, SVC_NAT},
     parse::Packet,
 };
 
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 #[inline(always)]
@@ -52,16 +54,17 @@ pub fn frontend(pkt: &Packet) -> Option<u32> {
 
 /// Starts tracking a connection to a frontend under its pre-DNAT tuple. Its verdict waits for
 /// the translated packet; the packet passes, marked for the uplink.
-#[inline(always)]
-pub fn open_alias(
-    key: &CtKey,
-    pkt: &Packet,
-    svc_id: u32,
-    from_a: bool,
-    now: u64,
-    cfg: &Config,
-) -> Action {
-    let e = CtEntry {
+// A call of its own, with its entry in the scratch slot: the link it writes would otherwise
+// take stack from every hook's 512 bytes.
+#[inline(never)]
+pub fn open_alias(key: &CtKey, pkt: &Packet, svc_id: u32, from_a: bool, cfg: &Config) -> Action {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // The per-CPU scratch slot new entries are built in, not the stack.
+    let Some(e) = NEW_ENTRY.get_ptr_mut(0) else {
+        return Action::PassMarked;
+    };
+    let e = unsafe { &mut *e };
+    *e = CtEntry {
         first_seen_ns: now,
         last_seen_ns: now,
         last_report_ns: now,
@@ -72,7 +75,7 @@ pub fn open_alias(
         policy_gen: cfg.policy_gen,
         ..CtEntry::default()
     };
-    let _ = CT.insert(key, &e, 0);
+    let _ = CT.insert(key, &*e, 0);
     let nat = SvcNat {
         frontend: pkt.dst,
         frontend_port: pkt.dport,
@@ -93,9 +96,9 @@ pub fn through_alias(
     pkt: &Packet,
     from_a: bool,
     bytes: u64,
-    now: u64,
     cfg: &Config,
 ) -> Action {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     alias.last_seen_ns = now;
     let orig = from_a == (alias.flags & ct_flags::ORIG_IS_A != 0);
     let pass = if orig {
@@ -136,16 +139,7 @@ pub fn through_alias(
         return pass;
     }
     let action = verdict(t.flags, cfg.enforce);
-    update(
-        &tkey,
-        t,
-        orig == client_is_a,
-        bytes,
-        now,
-        pkt.tcp_flags,
-        pkt.proto == IPPROTO_TCP,
-        cfg.report_interval_ns,
-    );
+    count(t, orig == client_is_a, bytes, now, pkt);
     match action {
         Action::Drop => Action::Drop,
         _ => pass,
@@ -240,4 +234,42 @@ pub fn resolve(pkt: &Packet) -> Link {
     nat.backend_port = pkt.dport;
     nat.flags |= svc_nat::RESOLVED;
     Link::Service
+}
+
+/// Accounts a packet to the translated connection of an alias: counters, TCP flags and the
+/// close. Kept to straight-line work: the whole per-packet update (with its events) a second
+/// time in every hook takes `to_pod` past what the verifiers of kernels before 6.6 accept. The
+/// daemon publishes the close from the entry's flags.
+#[inline(always)]
+fn count(t: &mut CtEntry, from_a: bool, bytes: u64, now: u64, pkt: &Packet) {
+    let dir = if from_a == (t.flags & ct_flags::ORIG_IS_A != 0) {
+        DIR_ORIG
+    } else {
+        DIR_REPLY
+    };
+    add(&mut t.packets[dir], 1);
+    add(&mut t.bytes[dir], bytes);
+    t.last_seen_ns = now;
+    if pkt.proto != IPPROTO_TCP {
+        return;
+    }
+    let flags = pkt.tcp_flags;
+    t.tcp_flags |= (flags as u32) << (dir * 8);
+    let fin = if dir == DIR_ORIG {
+        ct_flags::FIN_ORIG
+    } else {
+        ct_flags::FIN_REPLY
+    };
+    let mut closing = 0;
+    if flags & TCP_RST != 0 {
+        closing |= ct_flags::RST | ct_flags::CLOSED;
+    }
+    if flags & TCP_FIN != 0 {
+        closing |= fin;
+    }
+    t.flags |= closing;
+    let both = ct_flags::FIN_ORIG | ct_flags::FIN_REPLY;
+    if t.flags & both == both {
+        t.flags |= ct_flags::CLOSED;
+    }
 }

@@ -255,7 +255,7 @@ fn exactly_the_required_set_loads_attaches_counts_and_restarts() {
     s.add_pod();
     let pid = s.spawn(&only(caps::REQUIRED), &[]);
     let d = s.daemon(pid);
-    d.wait_ready(Duration::from_secs(20), 1).unwrap();
+    d.wait_ready(observer_tests::ready_timeout(), 1).unwrap();
 
     // The process holds REQUIRED and nothing else (nsenter and setpriv exec in place).
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -305,7 +305,7 @@ fn exactly_the_required_set_loads_attaches_counts_and_restarts() {
     let _ = std::fs::remove_file(s.socket());
     let pid = s.spawn(&only(caps::REQUIRED), &[]);
     let d = s.daemon(pid);
-    d.wait_ready(Duration::from_secs(20), 1).unwrap();
+    d.wait_ready(observer_tests::ready_timeout(), 1).unwrap();
     assert_eq!(attached(&d), vec!["lxc0"]);
     assert!(
         s.log_text().contains("re-adopting pinned maps"),

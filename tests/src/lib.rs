@@ -1016,7 +1016,7 @@ impl TestBed {
             log,
             pin_dir,
         };
-        d.wait_ready(Duration::from_secs(20), self.pods.len())?;
+        d.wait_ready(ready_timeout(), self.pods.len())?;
         Ok(d)
     }
 
@@ -1136,6 +1136,15 @@ impl Daemon {
 /// Root, on a machine prepared as a node is: bpffs mounted on /sys/fs/bpf (systemd does it on
 /// AKS and kind nodes; `cargo xtask setup` does it here). Every privileged test starts here, so
 /// none depends on an earlier one, or a daemon with CAP_SYS_ADMIN, having mounted it.
+/// How long a daemon may take to load, verify and attach: 20 s, or
+/// `OBSERVER_TEST_READY_SECS` (a guest kernel under software emulation verifies slowly).
+pub fn ready_timeout() -> Duration {
+    std::env::var("OBSERVER_TEST_READY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(20), Duration::from_secs)
+}
+
 pub fn ensure_root() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the virtual node needs root (network namespaces, eBPF)");
