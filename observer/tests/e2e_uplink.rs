@@ -229,9 +229,11 @@ fn tc_counts_the_wire_side_and_can_be_turned_off() {
     let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
     let s = status(&daemon);
     assert!(s["uplinks"].as_array().unwrap().is_empty(), "{s:#}");
-    assert!(!daemon.pin_dir.join("links").read_dir().unwrap().any(|e| e
-        .unwrap()
-        .file_name()
-        .to_string_lossy()
-        .contains("uplink")));
+    // No uplink link pins (on clsact kernels there may be no link pins at all).
+    let links = daemon.pin_dir.join("links").read_dir();
+    assert!(!links
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("uplink")));
 }

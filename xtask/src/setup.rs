@@ -17,6 +17,11 @@ const APT_ALWAYS: &[&str] = &[
     "iputils-ping",
     "iperf3",
     "nftables",
+    // The guest on Debian's Linux 6.1 (`xtask::vm`): emulator, root filesystem, disk image.
+    "qemu-system-x86",
+    "debootstrap",
+    "e2fsprogs",
+    "ca-certificates",
 ];
 /// Debian's Rust with matching std source: the eBPF toolchain when rustup's nightly lacks
 /// `rust-src` (it cannot be downloaded here).
