@@ -203,11 +203,12 @@ pub fn run_tests(guest: &Guest, tests: &[(String, PathBuf)], observer: &Path) ->
 }
 
 fn boot(guest: &Guest, tests: &[(String, PathBuf)]) -> Result<()> {
+    // /tmp stays the image's own: the binaries may live under it (a clone in /tmp).
     let mut init = String::from(
         "#!/bin/sh\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev\n\
-         mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /run; mkdir -p /run/netns\n\
+         mount -t tmpfs tmpfs /run; mkdir -p /run/netns\n\
          ip link set lo up\n\
          echo \"observer-vm: kernel $(uname -r)\"\n",
     );
