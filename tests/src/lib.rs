@@ -54,6 +54,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 pub mod bench;
+pub mod cluster;
 pub mod kubeapi;
 
 pub const NODE_NAME: &str = "node-1";

@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench`.
+mod cluster;
 mod demo;
 mod setup;
 mod vm;
@@ -40,6 +41,11 @@ enum Cmd {
         #[arg(long, default_value = "overlay", value_parser = ["overlay", "flat"])]
         model: String,
     },
+    /// A real two-node Kubernetes cluster in network namespaces (docs/cluster.md).
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Benchmarks; results belong in BENCHMARKS.md.
     Bench {
         /// What to measure: `datapath` (tc and XDP programs per packet), `policy`, `kube`,
@@ -52,6 +58,26 @@ enum Cmd {
         #[arg(last = true)]
         rest: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Build (or keep) the cluster, import the images, deploy DNS and observer.
+    Up {
+        /// How pods attach: bridge (kubenet's cbr0) or ptp (Azure CNI: per-pod routes).
+        #[arg(long, default_value = "bridge", value_parser = ["bridge", "ptp"])]
+        cni: String,
+        /// kube-proxy's mode.
+        #[arg(long, default_value = "iptables", value_parser = ["iptables", "nftables"])]
+        proxy_mode: String,
+        /// Leave observer out (a bare cluster).
+        #[arg(long)]
+        no_observer: bool,
+    },
+    /// Remove every process, namespace, cgroup and file of the cluster.
+    Down,
+    /// Components, nodes and pods.
+    Status,
 }
 
 pub fn cargo(args: &[&str]) -> Result<()> {
@@ -148,6 +174,25 @@ fn main() -> Result<()> {
                 .collect();
             on_old_kernel(&old)
         }
+        Cmd::Cluster { cmd } => match cmd {
+            ClusterCmd::Up {
+                cni,
+                proxy_mode,
+                no_observer,
+            } => {
+                setup::run()?;
+                setup::cluster()?;
+                cargo(&["build", "-p", "observer"])?;
+                cluster::up(&cluster::UpOptions {
+                    cni: cluster::Cni::parse(&cni)?,
+                    proxy: cluster::ProxyMode::parse(&proxy_mode)?,
+                    observer: !no_observer,
+                })
+                .map(|_| ())
+            }
+            ClusterCmd::Down => cluster::down(),
+            ClusterCmd::Status => cluster::status(),
+        },
         Cmd::Demo { duration, model } => {
             setup::run()?;
             cargo(&["build", "-p", "observer"])?;

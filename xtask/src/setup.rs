@@ -23,9 +23,30 @@ const APT_ALWAYS: &[&str] = &[
     "e2fsprogs",
     "ca-certificates",
 ];
+/// The two-node Kubernetes cluster (`xtask::cluster`): runtime, CNI plugins, etcd, the rules
+/// kube-proxy writes, certificates, the images' contents. Installed only where the cluster
+/// runs (`cluster up`, and `test` when Kubernetes binaries are there).
+const APT_CLUSTER: &[&str] = &[
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "etcd-server",
+    "iptables",
+    "conntrack",
+    "openssl",
+    "xz-utils",
+    "busybox-static",
+    "dnsmasq-base",
+    "gcc",
+    "libc6-dev",
+];
 /// Debian's Rust with matching std source: the eBPF toolchain when rustup's nightly lacks
 /// `rust-src` (it cannot be downloaded here).
 const APT_EBPF_TOOLCHAIN: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
+
+pub fn cluster() -> Result<()> {
+    apt_install(APT_CLUSTER)
+}
 
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
