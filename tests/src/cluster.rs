@@ -339,3 +339,227 @@ pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<b
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// The tools image (busybox with sh, nc, httpd, wget, nslookup; dnsmasq): built by
+/// `cargo xtask cluster up`, never pulled.
+pub const TOOLS_IMAGE: &str = "localhost/observer-tools:1";
+
+/// The running cluster for a test, or None after printing why the test does nothing (the
+/// cluster tests run from `cargo xtask test`, which brings the cluster up first).
+pub fn cluster_or_skip() -> Option<Layout> {
+    match Layout::load() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            eprintln!("SKIPPED: {e:#}");
+            None
+        }
+    }
+}
+
+/// A namespace of one test, deleted (with everything in it) on drop, even after a panic.
+pub struct TestNs {
+    pub layout: Layout,
+    pub name: String,
+}
+
+/// A pod the test made: where it runs and its address.
+#[derive(Clone, Debug)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub ip: String,
+    pub node: String,
+}
+
+impl TestNs {
+    /// `tag` plus a unique suffix; `labels` on the namespace (for namespaceSelectors).
+    pub fn new(layout: &Layout, tag: &str, labels: &[(&str, &str)]) -> Result<Self> {
+        let name = format!("{tag}-{}", std::process::id() % 100_000);
+        let mut yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n");
+        if !labels.is_empty() {
+            yaml += "  labels:\n";
+            for (k, v) in labels {
+                yaml += &format!("    {k}: \"{v}\"\n");
+            }
+        }
+        layout.apply(&yaml)?;
+        // The default service account is what pods need to be admitted.
+        let ns = TestNs { layout: layout.clone(), name };
+        let n = ns.name.clone();
+        eventually(&format!("namespace {n}'s default service account"), Duration::from_secs(30), || {
+            Ok(ns.layout.kubectl_out(&["-n", &n, "get", "serviceaccount", "default"]).is_ok())
+        });
+        Ok(ns)
+    }
+
+    /// Applies YAML whose objects name no namespace, into this one.
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        self.layout
+            .kubectl_stdin(&["-n", &self.name, "apply", "-f", "-"], yaml)
+            .map(|_| ())
+    }
+
+    pub fn delete(&self, kind_name: &str) -> Result<()> {
+        self.layout
+            .kubectl_out(&["-n", &self.name, "delete", kind_name, "--wait=false"])
+            .map(|_| ())
+    }
+
+    /// A pod of the tools image on `node`, running `command` (sh -c), with `labels`; waits
+    /// until it is Ready (or Running, without a readiness probe) and returns its address.
+    pub fn pod(&self, name: &str, labels: &[(&str, &str)], node: &str, command: &str) -> Result<PodRef> {
+        self.pod_with(name, labels, node, command, "")
+    }
+
+    /// Like `pod`, with extra container fields (probes, ports) as YAML indented for the
+    /// container (8 spaces).
+    pub fn pod_with(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        node: &str,
+        command: &str,
+        container_extra: &str,
+    ) -> Result<PodRef> {
+        let mut l = String::new();
+        for (k, v) in labels {
+            l += &format!("    {k}: \"{v}\"\n");
+        }
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n{l}    test-pod: \"{name}\"\n\
+             spec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 0\n  containers:\n\
+             \x20     - name: main\n        image: {TOOLS_IMAGE}\n        command: [sh, -c, {cmd:?}]\n{container_extra}",
+            cmd = command
+        );
+        self.apply(&yaml)?;
+        self.wait_ready(name)
+    }
+
+    /// An HTTP server (busybox httpd) answering `name` on `port`.
+    pub fn server(&self, name: &str, labels: &[(&str, &str)], node: &str, port: u16) -> Result<PodRef> {
+        self.pod(
+            name,
+            labels,
+            node,
+            &format!("mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p {port} -h /www"),
+        )
+    }
+
+    /// A pod that only sleeps: the client side of a test.
+    pub fn client(&self, name: &str, labels: &[(&str, &str)], node: &str) -> Result<PodRef> {
+        self.pod(name, labels, node, "exec sleep 100000")
+    }
+
+    pub fn wait_ready(&self, name: &str) -> Result<PodRef> {
+        self.layout.wait(
+            &["-n", &self.name, "--for=condition=Ready", &format!("pod/{name}")],
+            Duration::from_secs(90),
+        )?;
+        let out = self.layout.kubectl_out(&[
+            "-n",
+            &self.name,
+            "get",
+            "pod",
+            name,
+            "-o",
+            "jsonpath={.status.podIP} {.spec.nodeName}",
+        ])?;
+        let mut it = out.split_whitespace();
+        Ok(PodRef {
+            namespace: self.name.clone(),
+            name: name.to_string(),
+            ip: it.next().context("no pod IP")?.to_string(),
+            node: it.next().context("no node")?.to_string(),
+        })
+    }
+
+    /// Labels a pod (overwriting), as `kubectl label` does.
+    pub fn label(&self, pod: &str, kv: &str) -> Result<()> {
+        self.layout
+            .kubectl_out(&["-n", &self.name, "label", "pod", pod, kv, "--overwrite"])
+            .map(|_| ())
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = self
+            .layout
+            .kubectl_out(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// Whether `from` gets an HTTP answer from `url` within `secs` (busybox wget; its own `-T`
+/// crashes, so `timeout`). Returns the body's first line when it does.
+pub fn http_get(layout: &Layout, from: &PodRef, url: &str, secs: u32) -> Option<String> {
+    layout
+        .exec(
+            &from.namespace,
+            &from.name,
+            &["timeout", &secs.to_string(), "wget", "-q", "-O", "-", url],
+        )
+        .ok()
+        .map(|s| s.lines().next().unwrap_or("").to_string())
+}
+
+/// Whether a TCP connection from `from` to `host:port` opens within `secs`.
+pub fn tcp_opens(layout: &Layout, from: &PodRef, host: &str, port: u16, secs: u32) -> bool {
+    layout
+        .exec(
+            &from.namespace,
+            &from.name,
+            &["sh", "-c", &format!("timeout {secs} nc {host} {port} </dev/null")],
+        )
+        .is_ok()
+}
+
+/// The address `name` resolves to from `from` (busybox nslookup, over UDP to the kube-dns
+/// Service), or None. `name` fully qualified (`web.shop.svc.cluster.local`): busybox's
+/// nslookup ignores the search list (its wget and ping use it).
+pub fn resolve(layout: &Layout, from: &PodRef, name: &str, secs: u32) -> Option<String> {
+    let out = layout
+        .exec(
+            &from.namespace,
+            &from.name,
+            &["timeout", &secs.to_string(), "nslookup", name],
+        )
+        .ok()?;
+    // busybox prints the server first, then "Name: ..." and "Address: ..." of the answer.
+    let answer = out.split("Name:").nth(1)?;
+    answer
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Address:").map(|a| a.trim().to_string()))
+        .or_else(|| answer.lines().nth(1).map(|l| l.trim().to_string()))
+}
+
+/// `observer flows` inside the observer pod on `node`, as JSON lines.
+pub fn observer_flows(layout: &Layout, node: &str, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+    let pod = observer_pod(layout, node)?;
+    let mut a = vec!["-n", "observer", "exec", &pod, "--", "observer", "flows", "-o", "json"];
+    a.extend_from_slice(args);
+    let out = layout.kubectl_out(&a)?;
+    Ok(out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// The observer pod running on `node`.
+pub fn observer_pod(layout: &Layout, node: &str) -> Result<String> {
+    let out = layout.kubectl_out(&[
+        "-n",
+        "observer",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=observer",
+        "--field-selector",
+        &format!("spec.nodeName={node}"),
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])?;
+    out.split_whitespace()
+        .next()
+        .map(str::to_string)
+        .with_context(|| format!("no observer pod on {node}"))
+}

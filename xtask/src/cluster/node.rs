@@ -270,7 +270,8 @@ fn start_dns_sync(layout: &Layout) -> Result<()> {
     let jsonpath = r#"{range .items[?(@.spec.clusterIP!="None")]}{.spec.clusterIP} {.metadata.name}.{.metadata.namespace}.svc.cluster.local{"\n"}{end}"#;
     let script = format!(
         "while :; do {kubectl} --kubeconfig {kc} get services -A -o 'jsonpath={jsonpath}' \
-         > {dir}/.services.tmp && mv {dir}/.services.tmp {dir}/services; sleep 1; done",
+         > {dir}/.services.tmp && {{ cmp -s {dir}/.services.tmp {dir}/services || \
+         mv {dir}/.services.tmp {dir}/services; }}; sleep 1; done",
         kubectl = Layout::kubectl_bin(),
         kc = layout.kubeconfig().display(),
         dir = dir.display(),
