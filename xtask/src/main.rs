@@ -116,6 +116,43 @@ fn e2e_targets() -> Result<Vec<String>> {
     Ok(v)
 }
 
+/// The cluster end-to-end tests (`observer/tests/cluster_*.rs`) on a real two-node cluster,
+/// brought up for them and torn down after, whatever the outcome. In order: the tests that
+/// share the cluster, then the DaemonSet restart, then the uninstall.
+fn cluster_e2e() -> Result<()> {
+    if cluster::binaries::find().is_none() {
+        eprintln!();
+        eprintln!("==================================================================");
+        eprintln!("SKIPPED: no Kubernetes binaries (set OBSERVER_K8S_BIN)");
+        eprintln!("  the cluster end-to-end tests need kube-apiserver, kubelet, ... in");
+        eprintln!("  $OBSERVER_K8S_BIN or {}", cluster::binaries::shared_dir().display());
+        eprintln!("==================================================================");
+        eprintln!();
+        return Ok(());
+    }
+    setup::cluster()?;
+    let result = cluster::up(&cluster::UpOptions {
+        cni: cluster::Cni::Bridge,
+        proxy: cluster::ProxyMode::Iptables,
+        observer: true,
+    })
+    .and_then(|_| {
+        let shared = ["cluster_policy", "cluster_services"];
+        let mut args = vec!["test", "-p", "observer"];
+        for t in shared {
+            args.extend(["--test", t]);
+        }
+        cargo(&args)?;
+        cargo(&["test", "-p", "observer", "--test", "cluster_restart"])?;
+        cargo(&["test", "-p", "observer", "--test", "cluster_uninstall"])
+    });
+    if result.is_err() {
+        cluster::save_logs(&workspace_root().join("target/cluster-logs"));
+    }
+    cluster::down()?;
+    result
+}
+
 /// The end-to-end tests `targets` in a guest on Debian's Linux 6.1.
 fn on_old_kernel(targets: &[String]) -> Result<()> {
     let guest = vm::prepare()?;
@@ -166,6 +203,7 @@ fn main() -> Result<()> {
                 args.push(t);
             }
             cargo(&args)?;
+            cluster_e2e()?;
             // What older kernels do differently is how programs attach (clsact, no TCX) and
             // what their verifier accepts: the attach, restart and uplink tests there too.
             let old: Vec<String> = ["e2e_lifecycle", "e2e_restart", "e2e_uplink"]

@@ -39,6 +39,8 @@ const APT_CLUSTER: &[&str] = &[
     "dnsmasq-base",
     "gcc",
     "libc6-dev",
+    // What the uninstall test checks on each node (`bpftool net show`).
+    "bpftool",
 ];
 /// Debian's Rust with matching std source: the eBPF toolchain when rustup's nightly lacks
 /// `rust-src` (it cannot be downloaded here).

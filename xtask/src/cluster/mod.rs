@@ -102,6 +102,32 @@ fn down_quiet(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
+/// Keeps the components' logs (and the cluster's last state) where `down` will not remove
+/// them: for a failed test run.
+pub fn save_logs(dest: &std::path::Path) {
+    let layout = Layout::new(Cni::Bridge, ProxyMode::Iptables, Default::default());
+    let _ = std::fs::remove_dir_all(dest);
+    let _ = std::fs::create_dir_all(dest);
+    if let Ok(out) = layout.kubectl_out(&["get", "nodes,pods,services,networkpolicies", "-A", "-o", "wide"]) {
+        let _ = std::fs::write(dest.join("cluster.txt"), out);
+    }
+    // The pods' own logs: observer's above all.
+    for ns in ["observer", "kube-system"] {
+        let pods = layout
+            .kubectl_out(&["-n", ns, "get", "pods", "-o", "jsonpath={.items[*].metadata.name}"])
+            .unwrap_or_default();
+        for pod in pods.split_whitespace() {
+            if let Ok(log) = layout.kubectl_out(&["-n", ns, "logs", pod]) {
+                let _ = std::fs::write(dest.join(format!("pod-{ns}-{pod}.log")), log);
+            }
+        }
+    }
+    for e in std::fs::read_dir(layout.log_dir()).into_iter().flatten().flatten() {
+        let _ = std::fs::copy(e.path(), dest.join(e.file_name()));
+    }
+    eprintln!("cluster: logs kept in {}", dest.display());
+}
+
 /// What runs, per node, and the cluster's own view of it.
 pub fn status() -> Result<()> {
     let layout = Layout::new(Cni::Bridge, ProxyMode::Iptables, Default::default());
