@@ -137,7 +137,7 @@ fn cluster_e2e() -> Result<()> {
         observer: true,
     })
     .and_then(|_| {
-        let shared = ["cluster_policy", "cluster_services"];
+        let shared = ["cluster_deploy", "cluster_policy", "cluster_services"];
         let mut args = vec!["test", "-p", "observer"];
         for t in shared {
             args.extend(["--test", t]);
