@@ -16,14 +16,21 @@ fn jsonpath(c: &Layout, args: &[&str], path: &str) -> String {
 fn daemonset_ready_on_every_node_with_its_own_pins() {
     let Some(c) = cluster_or_skip() else { return };
     let ds = ["-n", "observer", "get", "ds", "observer"];
-    let status = jsonpath(&c, &ds, "{.status.desiredNumberScheduled} {.status.numberReady} {.status.updatedNumberScheduled}");
+    let status = jsonpath(
+        &c,
+        &ds,
+        "{.status.desiredNumberScheduled} {.status.numberReady} {.status.updatedNumberScheduled}",
+    );
     assert_eq!(status, "2 2 2", "desired, ready, updated");
     let restarts = jsonpath(
         &c,
         &["-n", "observer", "get", "pods"],
         "{.items[*].status.containerStatuses[0].restartCount}",
     );
-    assert_eq!(restarts, "0 0", "no observer pod restarted (probes passed first time)");
+    assert_eq!(
+        restarts, "0 0",
+        "no observer pod restarted (probes passed first time)"
+    );
 
     let mut all_links = BTreeSet::new();
     for n in c.nodes() {
@@ -33,7 +40,10 @@ fn daemonset_ready_on_every_node_with_its_own_pins() {
             .unwrap();
         assert!(st.contains(&format!("node:          {}", n.name)), "{st}");
         assert!(st.contains("api server:    in sync"), "{st}");
-        assert!(st.contains("uplink:        eth0"), "the uplink programs are on: {st}");
+        assert!(
+            st.contains("uplink:        eth0"),
+            "the uplink programs are on: {st}"
+        );
         // The pins are in the node's own bpffs: the links pinned there exist only once.
         let links = c
             .node_out(n, &["sh", "-c", "ls /sys/fs/bpf/observer/links"])
@@ -42,7 +52,17 @@ fn daemonset_ready_on_every_node_with_its_own_pins() {
             .split_whitespace()
             .filter_map(|f| {
                 let out = c
-                    .node_out(n, &["bpftool", "-j", "link", "show", "pinned", &format!("/sys/fs/bpf/observer/links/{f}")])
+                    .node_out(
+                        n,
+                        &[
+                            "bpftool",
+                            "-j",
+                            "link",
+                            "show",
+                            "pinned",
+                            &format!("/sys/fs/bpf/observer/links/{f}"),
+                        ],
+                    )
                     .ok()?;
                 serde_json::from_str::<serde_json::Value>(&out).ok()?["id"].as_u64()
             })
@@ -82,25 +102,51 @@ fn clusterrole_is_exactly_sufficient() {
     .iter()
     .map(|r| format!("{r} [get list watch]"))
     .collect();
-    assert_eq!(granted, want, "what observer's service account may do:\n{list}");
-    for (verb, res) in [("get", "secrets"), ("create", "pods"), ("update", "networkpolicies"), ("get", "configmaps")] {
+    assert_eq!(
+        granted, want,
+        "what observer's service account may do:\n{list}"
+    );
+    for (verb, res) in [
+        ("get", "secrets"),
+        ("create", "pods"),
+        ("update", "networkpolicies"),
+        ("get", "configmaps"),
+    ] {
         let out = c.kubectl_out(&["auth", "can-i", verb, res, sa]);
-        assert!(out.is_err() || out.unwrap().trim() == "no", "{verb} {res} must be denied");
+        assert!(
+            out.is_err() || out.unwrap().trim() == "no",
+            "{verb} {res} must be denied"
+        );
     }
     // Sufficient: every watch is up, nothing was refused.
     for n in c.nodes() {
         let pod = observer_pod(&c, &n.name).unwrap();
         let logs = c.kubectl_out(&["-n", "observer", "logs", &pod]).unwrap();
-        assert!(!logs.to_lowercase().contains("forbidden"), "{}: {logs}", n.name);
+        assert!(
+            !logs.to_lowercase().contains("forbidden"),
+            "{}: {logs}",
+            n.name
+        );
         let st = c
             .kubectl_out(&["-n", "observer", "exec", &pod, "--", "observer", "status"])
             .unwrap();
-        for kind in ["pods", "namespaces", "nodes", "networkpolicies", "services", "endpointslices"] {
+        for kind in [
+            "pods",
+            "namespaces",
+            "nodes",
+            "networkpolicies",
+            "services",
+            "endpointslices",
+        ] {
             let line = st
                 .lines()
                 .find(|l| l.trim_start().starts_with(kind))
                 .unwrap_or_else(|| panic!("no {kind} watcher in status:\n{st}"));
-            assert!(line.contains(" up ") && line.contains(" 0 errors"), "{}: {line}", n.name);
+            assert!(
+                line.contains(" up ") && line.contains(" 0 errors"),
+                "{}: {line}",
+                n.name
+            );
         }
     }
 }

@@ -16,10 +16,14 @@ spec:
 "#;
 
 fn count_lines(c: &Layout, pod: &PodRef, file: &str) -> usize {
-    c.exec(&pod.namespace, &pod.name, &["sh", "-c", &format!("cat {file} 2>/dev/null | wc -l")])
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    c.exec(
+        &pod.namespace,
+        &pod.name,
+        &["sh", "-c", &format!("cat {file} 2>/dev/null | wc -l")],
+    )
+    .ok()
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(0)
 }
 
 #[test]
@@ -32,34 +36,61 @@ fn rollout_restart_under_traffic() {
         .unwrap();
     ns.apply(POLICY).unwrap();
     let client = ns.client("client", &[("app", "client")], "node-1").unwrap();
-    let intruder = ns.client("intruder", &[("app", "intruder")], "node-1").unwrap();
+    let intruder = ns
+        .client("intruder", &[("app", "intruder")], "node-1")
+        .unwrap();
     let url = format!("http://{}:8080/", echo.ip);
-    eventually("the policy to deny the intruder", Duration::from_secs(20), || {
-        Ok(http_get(&c, &intruder, &url, 2).is_none())
-    });
-    assert_eq!(http_get(&c, &client, &url, 3).as_deref(), Some("web"), "allowed before the restart");
+    eventually(
+        "the policy to deny the intruder",
+        Duration::from_secs(20),
+        || Ok(http_get(&c, &intruder, &url, 2).is_none()),
+    );
+    assert_eq!(
+        http_get(&c, &client, &url, 3).as_deref(),
+        Some("web"),
+        "allowed before the restart"
+    );
 
     // One long-lived allowed connection, echoing a line every 200 ms into /tmp/echo.
-    c.exec(&client.namespace, &client.name, &["sh", "-c", &format!(
-        "(while :; do echo ping; sleep 0.2; done | nc {} 9000 > /tmp/echo 2>&1 &) ; true", echo.ip
-    )])
+    c.exec(
+        &client.namespace,
+        &client.name,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "(while :; do echo ping; sleep 0.2; done | nc {} 9000 > /tmp/echo 2>&1 &) ; true",
+                echo.ip
+            ),
+        ],
+    )
     .unwrap();
     // The intruder tries a new connection every 300 ms; any answer is a leak.
     c.exec(&intruder.namespace, &intruder.name, &["sh", "-c", &format!(
         "(while :; do timeout 1 wget -q -O - {url} >> /tmp/leaks 2>/dev/null; sleep 0.3; done &) ; true"
     )])
     .unwrap();
-    eventually("the echo connection to carry lines", Duration::from_secs(10), || {
-        Ok(count_lines(&c, &client, "/tmp/echo") > 3)
-    });
+    eventually(
+        "the echo connection to carry lines",
+        Duration::from_secs(10),
+        || Ok(count_lines(&c, &client, "/tmp/echo") > 3),
+    );
 
     let before: Vec<String> = ["node-1", "node-2"]
         .iter()
         .map(|n| observer_pod(&c, n).unwrap())
         .collect();
-    c.kubectl_out(&["-n", "observer", "rollout", "restart", "ds/observer"]).unwrap();
-    c.kubectl_out(&["-n", "observer", "rollout", "status", "ds/observer", "--timeout=180s"])
-        .expect("the restarted DaemonSet becomes Ready on both nodes");
+    c.kubectl_out(&["-n", "observer", "rollout", "restart", "ds/observer"])
+        .unwrap();
+    c.kubectl_out(&[
+        "-n",
+        "observer",
+        "rollout",
+        "status",
+        "ds/observer",
+        "--timeout=180s",
+    ])
+    .expect("the restarted DaemonSet becomes Ready on both nodes");
     let after: Vec<String> = ["node-1", "node-2"]
         .iter()
         .map(|n| observer_pod(&c, n).unwrap())
@@ -72,30 +103,55 @@ fn rollout_restart_under_traffic() {
     let n1 = count_lines(&c, &client, "/tmp/echo");
     std::thread::sleep(Duration::from_secs(2));
     let n2 = count_lines(&c, &client, "/tmp/echo");
-    assert!(n2 > n1 + 3, "the echo connection stalled after the restart: {n1} -> {n2} lines");
+    assert!(
+        n2 > n1 + 3,
+        "the echo connection stalled after the restart: {n1} -> {n2} lines"
+    );
     let alive = c
         .exec(&client.namespace, &client.name, &["sh", "-c", "pidof nc"])
         .unwrap_or_default();
-    assert!(!alive.trim().is_empty(), "the client's nc (its one connection) was closed");
+    assert!(
+        !alive.trim().is_empty(),
+        "the client's nc (its one connection) was closed"
+    );
 
     // Not one of the intruder's attempts got an answer during the rollout, and it is still
     // denied by the new daemons; the client still gets new connections.
     let leaks = c
-        .exec(&intruder.namespace, &intruder.name, &["sh", "-c", "cat /tmp/leaks 2>/dev/null; true"])
+        .exec(
+            &intruder.namespace,
+            &intruder.name,
+            &["sh", "-c", "cat /tmp/leaks 2>/dev/null; true"],
+        )
         .unwrap();
-    assert!(leaks.trim().is_empty(), "denied connections got through during the restart: {leaks:?}");
-    assert_eq!(http_get(&c, &intruder, &url, 2), None, "denied after the restart");
-    assert_eq!(http_get(&c, &client, &url, 3).as_deref(), Some("web"), "allowed after the restart");
+    assert!(
+        leaks.trim().is_empty(),
+        "denied connections got through during the restart: {leaks:?}"
+    );
+    assert_eq!(
+        http_get(&c, &intruder, &url, 2),
+        None,
+        "denied after the restart"
+    );
+    assert_eq!(
+        http_get(&c, &client, &url, 3).as_deref(),
+        Some("web"),
+        "allowed after the restart"
+    );
 
     // The new daemon on the server's node knows the policy that dropped the intruder.
-    eventually("a drop record naming the policy from the new daemon", Duration::from_secs(10), || {
-        let recs = observer_flows(&c, "node-2", &["--namespace", &ns.name])?;
-        Ok(recs.iter().any(|r| {
-            r["verdict"] == "dropped"
-                && r["source"]["pod"] == "intruder"
-                && r["isolated_by"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|p| p["name"] == "web-from-client"))
-        }))
-    });
+    eventually(
+        "a drop record naming the policy from the new daemon",
+        Duration::from_secs(10),
+        || {
+            let recs = observer_flows(&c, "node-2", &["--namespace", &ns.name])?;
+            Ok(recs.iter().any(|r| {
+                r["verdict"] == "dropped"
+                    && r["source"]["pod"] == "intruder"
+                    && r["isolated_by"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|p| p["name"] == "web-from-client"))
+            }))
+        },
+    );
 }

@@ -11,12 +11,21 @@ const IMAGE: &str = "ghcr.io/observer-dev/observer:0.1.0";
 /// IDs of the BPF links observer pinned on a node (TCX links, the uplink's XDP link).
 fn pinned_links(c: &Layout, node: &Node) -> Vec<u64> {
     let list = c
-        .node_out(node, &["sh", "-c", "ls /sys/fs/bpf/observer/links 2>/dev/null; true"])
+        .node_out(
+            node,
+            &[
+                "sh",
+                "-c",
+                "ls /sys/fs/bpf/observer/links 2>/dev/null; true",
+            ],
+        )
         .unwrap();
     list.split_whitespace()
         .filter_map(|f| {
             let p = format!("/sys/fs/bpf/observer/links/{f}");
-            let out = c.node_out(node, &["bpftool", "-j", "link", "show", "pinned", &p]).ok()?;
+            let out = c
+                .node_out(node, &["bpftool", "-j", "link", "show", "pinned", &p])
+                .ok()?;
             serde_json::from_str::<serde_json::Value>(&out).ok()?["id"].as_u64()
         })
         .collect()
@@ -28,20 +37,42 @@ fn uninstall_as_documented_leaves_nothing() {
     let nodes: Vec<Node> = c.nodes().to_vec();
     let links: Vec<Vec<u64>> = nodes.iter().map(|n| pinned_links(&c, n)).collect();
     for (n, l) in nodes.iter().zip(&links) {
-        assert!(!l.is_empty(), "observer has pinned links on {} before the uninstall", n.name);
-        let xdp = c.node_out(n, &["ip", "-d", "link", "show", "eth0"]).unwrap();
-        assert!(xdp.contains("xdp"), "{}'s uplink has observer's XDP program: {xdp}", n.name);
+        assert!(
+            !l.is_empty(),
+            "observer has pinned links on {} before the uninstall",
+            n.name
+        );
+        let xdp = c
+            .node_out(n, &["ip", "-d", "link", "show", "eth0"])
+            .unwrap();
+        assert!(
+            xdp.contains("xdp"),
+            "{}'s uplink has observer's XDP program: {xdp}",
+            n.name
+        );
     }
 
-    c.kubectl_out(&["-n", "observer", "delete", "ds", "observer"]).unwrap();
+    c.kubectl_out(&["-n", "observer", "delete", "ds", "observer"])
+        .unwrap();
     c.kubectl_out(&[
-        "-n", "observer", "wait", "--for=delete", "pod", "-l", "app.kubernetes.io/name=observer",
+        "-n",
+        "observer",
+        "wait",
+        "--for=delete",
+        "pod",
+        "-l",
+        "app.kubernetes.io/name=observer",
         "--timeout=60s",
     ])
     .unwrap();
     // Deleting the pods leaves enforcement in place on purpose (docs/deploy.md).
     for (n, l) in nodes.iter().zip(&links) {
-        assert_eq!(&pinned_links(&c, n), l, "{}: the links outlive the pods", n.name);
+        assert_eq!(
+            &pinned_links(&c, n),
+            l,
+            "{}: the links outlive the pods",
+            n.name
+        );
     }
 
     for n in &nodes {
@@ -66,7 +97,10 @@ fn uninstall_as_documented_leaves_nothing() {
             .unwrap_or_else(|| panic!("no debug pod named in {out:?}"))
             .to_string();
         c.wait(
-            &["--for=jsonpath={.status.phase}=Succeeded", &format!("pod/{pod}")],
+            &[
+                "--for=jsonpath={.status.phase}=Succeeded",
+                &format!("pod/{pod}"),
+            ],
             Duration::from_secs(60),
         )
         .unwrap_or_else(|e| {
@@ -75,7 +109,8 @@ fn uninstall_as_documented_leaves_nothing() {
         });
         let logs = c.kubectl_out(&["logs", &pod]).unwrap();
         eprintln!("{}: {logs}", n.name);
-        c.kubectl_out(&["delete", "pod", &pod, "--wait=false"]).unwrap();
+        c.kubectl_out(&["delete", "pod", &pod, "--wait=false"])
+            .unwrap();
     }
     let manifests = format!("{}/../manifests", env!("CARGO_MANIFEST_DIR"));
     c.kubectl_out(&["delete", "-k", &manifests]).unwrap();
@@ -84,20 +119,37 @@ fn uninstall_as_documented_leaves_nothing() {
         let pins = c
             .node_out(n, &["sh", "-c", "ls -A /sys/fs/bpf/observer 2>&1; true"])
             .unwrap();
-        assert!(pins.contains("No such file"), "{}: pins left: {pins}", n.name);
+        assert!(
+            pins.contains("No such file"),
+            "{}: pins left: {pins}",
+            n.name
+        );
         for id in l {
             assert!(
-                c.node_out(n, &["bpftool", "link", "show", "id", &id.to_string()]).is_err(),
+                c.node_out(n, &["bpftool", "link", "show", "id", &id.to_string()])
+                    .is_err(),
                 "{}: link {id} still exists",
                 n.name
             );
         }
-        let eth0 = c.node_out(n, &["ip", "-d", "link", "show", "eth0"]).unwrap();
-        assert!(!eth0.contains("xdp"), "{}: XDP left on the uplink: {eth0}", n.name);
+        let eth0 = c
+            .node_out(n, &["ip", "-d", "link", "show", "eth0"])
+            .unwrap();
+        assert!(
+            !eth0.contains("xdp"),
+            "{}: XDP left on the uplink: {eth0}",
+            n.name
+        );
         let net = c.node_out(n, &["bpftool", "net", "show"]).unwrap();
-        assert!(!net.contains("observer"), "{}: programs left: {net}", n.name);
+        assert!(
+            !net.contains("observer"),
+            "{}: programs left: {net}",
+            n.name
+        );
     }
-    eventually("the observer namespace to go", Duration::from_secs(60), || {
-        Ok(c.kubectl_out(&["get", "namespace", "observer"]).is_err())
-    });
+    eventually(
+        "the observer namespace to go",
+        Duration::from_secs(60),
+        || Ok(c.kubectl_out(&["get", "namespace", "observer"]).is_err()),
+    );
 }

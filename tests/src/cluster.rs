@@ -244,7 +244,10 @@ impl Layout {
 
     /// kubectl's stdout; its stderr in the error when it fails.
     pub fn kubectl_out(&self, args: &[&str]) -> Result<String> {
-        output(self.kubectl_cmd().args(args), &format!("kubectl {}", args.join(" ")))
+        output(
+            self.kubectl_cmd().args(args),
+            &format!("kubectl {}", args.join(" ")),
+        )
     }
 
     /// kubectl with `stdin` piped in (`apply -f -`).
@@ -274,12 +277,16 @@ impl Layout {
     pub fn node_cmd(&self, n: &Node, args: &[&str]) -> Result<Command> {
         let pid = self.holder_pid(n)?;
         let mut c = Command::new("nsenter");
-        c.args(["-t", &pid.to_string(), "-m", "-n", "--"]).args(args);
+        c.args(["-t", &pid.to_string(), "-m", "-n", "--"])
+            .args(args);
         Ok(c)
     }
 
     pub fn node_out(&self, n: &Node, args: &[&str]) -> Result<String> {
-        output(&mut self.node_cmd(n, args)?, &format!("on {}: {}", n.name, args.join(" ")))
+        output(
+            &mut self.node_cmd(n, args)?,
+            &format!("on {}: {}", n.name, args.join(" ")),
+        )
     }
 
     /// A command in the router's namespace: a client outside the cluster, on the VNet.
@@ -384,11 +391,21 @@ impl TestNs {
         }
         layout.apply(&yaml)?;
         // The default service account is what pods need to be admitted.
-        let ns = TestNs { layout: layout.clone(), name };
+        let ns = TestNs {
+            layout: layout.clone(),
+            name,
+        };
         let n = ns.name.clone();
-        eventually(&format!("namespace {n}'s default service account"), Duration::from_secs(30), || {
-            Ok(ns.layout.kubectl_out(&["-n", &n, "get", "serviceaccount", "default"]).is_ok())
-        });
+        eventually(
+            &format!("namespace {n}'s default service account"),
+            Duration::from_secs(30),
+            || {
+                Ok(ns
+                    .layout
+                    .kubectl_out(&["-n", &n, "get", "serviceaccount", "default"])
+                    .is_ok())
+            },
+        );
         Ok(ns)
     }
 
@@ -407,7 +424,13 @@ impl TestNs {
 
     /// A pod of the tools image on `node`, running `command` (sh -c), with `labels`; waits
     /// until it is Ready (or Running, without a readiness probe) and returns its address.
-    pub fn pod(&self, name: &str, labels: &[(&str, &str)], node: &str, command: &str) -> Result<PodRef> {
+    pub fn pod(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        node: &str,
+        command: &str,
+    ) -> Result<PodRef> {
         self.pod_with(name, labels, node, command, "")
     }
 
@@ -436,12 +459,20 @@ impl TestNs {
     }
 
     /// An HTTP server (busybox httpd) answering `name` on `port`.
-    pub fn server(&self, name: &str, labels: &[(&str, &str)], node: &str, port: u16) -> Result<PodRef> {
+    pub fn server(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        node: &str,
+        port: u16,
+    ) -> Result<PodRef> {
         self.pod(
             name,
             labels,
             node,
-            &format!("mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p {port} -h /www"),
+            &format!(
+                "mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p {port} -h /www"
+            ),
         )
     }
 
@@ -452,7 +483,12 @@ impl TestNs {
 
     pub fn wait_ready(&self, name: &str) -> Result<PodRef> {
         self.layout.wait(
-            &["-n", &self.name, "--for=condition=Ready", &format!("pod/{name}")],
+            &[
+                "-n",
+                &self.name,
+                "--for=condition=Ready",
+                &format!("pod/{name}"),
+            ],
             Duration::from_secs(90),
         )?;
         let out = self.layout.kubectl_out(&[
@@ -508,7 +544,11 @@ pub fn tcp_opens(layout: &Layout, from: &PodRef, host: &str, port: u16, secs: u3
         .exec(
             &from.namespace,
             &from.name,
-            &["sh", "-c", &format!("timeout {secs} nc {host} {port} </dev/null")],
+            &[
+                "sh",
+                "-c",
+                &format!("timeout {secs} nc {host} {port} </dev/null"),
+            ],
         )
         .is_ok()
 }
@@ -528,14 +568,24 @@ pub fn resolve(layout: &Layout, from: &PodRef, name: &str, secs: u32) -> Option<
     let answer = out.split("Name:").nth(1)?;
     answer
         .lines()
-        .find_map(|l| l.trim().strip_prefix("Address:").map(|a| a.trim().to_string()))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Address:")
+                .map(|a| a.trim().to_string())
+        })
         .or_else(|| answer.lines().nth(1).map(|l| l.trim().to_string()))
 }
 
 /// `observer flows` inside the observer pod on `node`, as JSON lines.
-pub fn observer_flows(layout: &Layout, node: &str, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+pub fn observer_flows(
+    layout: &Layout,
+    node: &str,
+    args: &[&str],
+) -> Result<Vec<serde_json::Value>> {
     let pod = observer_pod(layout, node)?;
-    let mut a = vec!["-n", "observer", "exec", &pod, "--", "observer", "flows", "-o", "json"];
+    let mut a = vec![
+        "-n", "observer", "exec", &pod, "--", "observer", "flows", "-o", "json",
+    ];
     a.extend_from_slice(args);
     let out = layout.kubectl_out(&a)?;
     Ok(out

@@ -125,7 +125,10 @@ fn cluster_e2e() -> Result<()> {
         eprintln!("==================================================================");
         eprintln!("SKIPPED: no Kubernetes binaries (set OBSERVER_K8S_BIN)");
         eprintln!("  the cluster end-to-end tests need kube-apiserver, kubelet, ... in");
-        eprintln!("  $OBSERVER_K8S_BIN or {}", cluster::binaries::shared_dir().display());
+        eprintln!(
+            "  $OBSERVER_K8S_BIN or {}",
+            cluster::binaries::shared_dir().display()
+        );
         eprintln!("==================================================================");
         eprintln!();
         return Ok(());

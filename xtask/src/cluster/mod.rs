@@ -41,7 +41,10 @@ pub fn up(opts: &UpOptions) -> Result<Layout> {
         // A previous run that died half-way leaves pieces; never build on top of them.
         down_quiet(&layout)?;
         create(&layout).inspect_err(|_| {
-            eprintln!("cluster: bring-up failed; logs are in {}", layout.log_dir().display());
+            eprintln!(
+                "cluster: bring-up failed; logs are in {}",
+                layout.log_dir().display()
+            );
         })?;
     }
     let imgs = images::build_all(&layout.cache.join("images"), &crate::observer_bin())?;
@@ -77,7 +80,10 @@ fn create(layout: &Layout) -> Result<()> {
             "-o",
             "jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type==\"Ready\")].status} {end}",
         ])?;
-        Ok(layout.nodes().iter().all(|n| out.contains(&format!("{}=True", n.name))))
+        Ok(layout
+            .nodes()
+            .iter()
+            .all(|n| out.contains(&format!("{}=True", n.name))))
     })?;
     layout.mark_up()?;
     Ok(())
@@ -108,13 +114,26 @@ pub fn save_logs(dest: &std::path::Path) {
     let layout = Layout::new(Cni::Bridge, ProxyMode::Iptables, Default::default());
     let _ = std::fs::remove_dir_all(dest);
     let _ = std::fs::create_dir_all(dest);
-    if let Ok(out) = layout.kubectl_out(&["get", "nodes,pods,services,networkpolicies", "-A", "-o", "wide"]) {
+    if let Ok(out) = layout.kubectl_out(&[
+        "get",
+        "nodes,pods,services,networkpolicies",
+        "-A",
+        "-o",
+        "wide",
+    ]) {
         let _ = std::fs::write(dest.join("cluster.txt"), out);
     }
     // The pods' own logs: observer's above all.
     for ns in ["observer", "kube-system"] {
         let pods = layout
-            .kubectl_out(&["-n", ns, "get", "pods", "-o", "jsonpath={.items[*].metadata.name}"])
+            .kubectl_out(&[
+                "-n",
+                ns,
+                "get",
+                "pods",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ])
             .unwrap_or_default();
         for pod in pods.split_whitespace() {
             if let Ok(log) = layout.kubectl_out(&["-n", ns, "logs", pod]) {
@@ -122,7 +141,11 @@ pub fn save_logs(dest: &std::path::Path) {
             }
         }
     }
-    for e in std::fs::read_dir(layout.log_dir()).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(layout.log_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let _ = std::fs::copy(e.path(), dest.join(e.file_name()));
     }
     eprintln!("cluster: logs kept in {}", dest.display());
@@ -136,9 +159,16 @@ pub fn status() -> Result<()> {
         return Ok(());
     }
     let layout = Layout::load()?;
-    println!("cluster: up ({}); kubectl: {}", layout.state.display(), layout.kubectl_hint());
+    println!(
+        "cluster: up ({}); kubectl: {}",
+        layout.state.display(),
+        layout.kubectl_hint()
+    );
     for (name, alive) in proc::components(&layout) {
-        println!("  {name:<28} {}", if alive { "running" } else { "NOT RUNNING" });
+        println!(
+            "  {name:<28} {}",
+            if alive { "running" } else { "NOT RUNNING" }
+        );
     }
     let out = layout.kubectl_out(&["get", "nodes,pods", "-A", "-o", "wide"])?;
     println!("{out}");

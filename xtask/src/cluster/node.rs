@@ -41,7 +41,11 @@ fn cni_config(layout: &Layout, n: &Node) -> String {
     };
     format!(
         r#"{{"cniVersion":"0.4.0","name":"{}","plugins":[{main},{{"type":"portmap","capabilities":{{"portMappings":true}}}}]}}"#,
-        if layout.cni == Cni::Bridge { "kubenet" } else { "azure-ptp" }
+        if layout.cni == Cni::Bridge {
+            "kubenet"
+        } else {
+            "azure-ptp"
+        }
     )
 }
 
@@ -126,7 +130,10 @@ metricsBindAddress: 127.0.0.1:10249
 
 pub fn start(layout: &Layout, n: &Node) -> Result<()> {
     let d = layout.node_dir(n);
-    std::fs::write(d.join("cni-conf").join("10-observer-test.conflist"), cni_config(layout, n))?;
+    std::fs::write(
+        d.join("cni-conf").join("10-observer-test.conflist"),
+        cni_config(layout, n),
+    )?;
     std::fs::write(d.join("containerd.toml"), containerd_config())?;
     std::fs::write(d.join("kubelet.yaml"), kubelet_config(layout, n))?;
     std::fs::write(d.join("kube-proxy.yaml"), kube_proxy_config(layout, n))?;
@@ -137,11 +144,21 @@ pub fn start(layout: &Layout, n: &Node) -> Result<()> {
         layout,
         Some(n),
         "containerd",
-        &[s("containerd"), s("--config"), d.join("containerd.toml").display().to_string()],
+        &[
+            s("containerd"),
+            s("--config"),
+            d.join("containerd.toml").display().to_string(),
+        ],
     )?;
-    super::wait_for(&format!("containerd on {}", n.name), Duration::from_secs(20), || {
-        Ok(layout.node_out(n, &["ctr", "-a", CONTAINERD_SOCK, "version"]).is_ok())
-    })?;
+    super::wait_for(
+        &format!("containerd on {}", n.name),
+        Duration::from_secs(20),
+        || {
+            Ok(layout
+                .node_out(n, &["ctr", "-a", CONTAINERD_SOCK, "version"])
+                .is_ok())
+        },
+    )?;
     make_cgroup_root(&n.cgroup)?;
     let bin = |b: &str| layout.bin_dir.join(b).display().to_string();
     spawn(
@@ -153,7 +170,10 @@ pub fn start(layout: &Layout, n: &Node) -> Result<()> {
             format!("--config={}", d.join("kubelet.yaml").display()),
             format!(
                 "--kubeconfig={}",
-                layout.pki_dir().join(format!("kubelet-{}.kubeconfig", n.name)).display()
+                layout
+                    .pki_dir()
+                    .join(format!("kubelet-{}.kubeconfig", n.name))
+                    .display()
             ),
             format!("--hostname-override={}", n.name),
             format!("--node-ip={}", n.ip),
@@ -164,7 +184,10 @@ pub fn start(layout: &Layout, n: &Node) -> Result<()> {
         layout,
         Some(n),
         "kube-proxy",
-        &[bin("kube-proxy"), format!("--config={}", d.join("kube-proxy.yaml").display())],
+        &[
+            bin("kube-proxy"),
+            format!("--config={}", d.join("kube-proxy.yaml").display()),
+        ],
     )?;
     Ok(())
 }
@@ -193,7 +216,16 @@ pub fn import_images(layout: &Layout, n: &Node, imgs: &[Image]) -> Result<()> {
         layout
             .node_out(
                 n,
-                &["ctr", "-a", CONTAINERD_SOCK, "-n", "k8s.io", "images", "import", &archive],
+                &[
+                    "ctr",
+                    "-a",
+                    CONTAINERD_SOCK,
+                    "-n",
+                    "k8s.io",
+                    "images",
+                    "import",
+                    &archive,
+                ],
             )
             .with_context(|| format!("importing {} on {}", img.name, n.name))?;
     }
@@ -254,7 +286,12 @@ spec:
     start_dns_sync(layout)?;
     layout
         .wait(
-            &["-n", "kube-system", "--for=condition=Available", "deployment/kube-dns"],
+            &[
+                "-n",
+                "kube-system",
+                "--for=condition=Available",
+                "deployment/kube-dns",
+            ],
             Duration::from_secs(90),
         )
         .context("the DNS pod")
@@ -263,7 +300,10 @@ spec:
 /// `NAME.NAMESPACE.svc.cluster.local` for every Service with a ClusterIP, rewritten every
 /// second (dot-files are ignored by dnsmasq, so the write is atomic for it).
 fn start_dns_sync(layout: &Layout) -> Result<()> {
-    if super::proc::components(layout).iter().any(|(n, alive)| n == "router-dns-sync" && *alive) {
+    if super::proc::components(layout)
+        .iter()
+        .any(|(n, alive)| n == "router-dns-sync" && *alive)
+    {
         return Ok(());
     }
     let dir = layout.state.join("dns");
@@ -276,14 +316,21 @@ fn start_dns_sync(layout: &Layout) -> Result<()> {
         kc = layout.kubeconfig().display(),
         dir = dir.display(),
     );
-    spawn(layout, None, "dns-sync", &["sh".into(), "-c".into(), script])?;
+    spawn(
+        layout,
+        None,
+        "dns-sync",
+        &["sh".into(), "-c".into(), script],
+    )?;
     Ok(())
 }
 
 /// `kubectl apply -k manifests/`, unmodified, and the DaemonSet Ready on every node. A
 /// DaemonSet already there is restarted so it runs the freshly imported image.
 pub fn deploy_observer(layout: &Layout) -> Result<()> {
-    let existed = layout.kubectl_out(&["-n", "observer", "get", "ds", "observer"]).is_ok();
+    let existed = layout
+        .kubectl_out(&["-n", "observer", "get", "ds", "observer"])
+        .is_ok();
     let manifests = crate::workspace_root().join("manifests");
     layout.kubectl_out(&["apply", "-k", &manifests.display().to_string()])?;
     if existed {

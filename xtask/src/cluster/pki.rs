@@ -18,15 +18,25 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
         .output()
         .context("openssl (package openssl)")?;
     if !out.status.success() {
-        bail!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
 
 /// A key and a certificate signed by the cluster CA.
 fn signed(dir: &Path, name: &str, subject: &str, sans: Option<&str>) -> Result<()> {
-    let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
-    let mut req = vec!["req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", &key];
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
+    let mut req = vec![
+        "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", &key,
+    ];
     req.extend(["-subj", subject, "-out", &csr]);
     let ext;
     if let Some(s) = sans {
@@ -37,8 +47,21 @@ fn signed(dir: &Path, name: &str, subject: &str, sans: Option<&str>) -> Result<(
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "365", "-copy_extensions", "copy", "-out", &crt,
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "365",
+            "-copy_extensions",
+            "copy",
+            "-out",
+            &crt,
         ],
     )
 }
@@ -61,8 +84,16 @@ fn identities(layout: &Layout) -> Vec<(String, String, String)> {
             "system:kube-controller-manager".into(),
             String::new(),
         ),
-        ("scheduler".into(), "system:kube-scheduler".into(), String::new()),
-        ("kube-proxy".into(), "system:kube-proxy".into(), String::new()),
+        (
+            "scheduler".into(),
+            "system:kube-scheduler".into(),
+            String::new(),
+        ),
+        (
+            "kube-proxy".into(),
+            "system:kube-proxy".into(),
+            String::new(),
+        ),
     ];
     for n in layout.nodes() {
         v.push((
@@ -81,8 +112,17 @@ pub fn create(layout: &Layout) -> Result<()> {
     openssl(
         &dir,
         &[
-            "req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=observer-test-cluster-ca",
-            "-days", "365", "-out", "ca.crt",
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-subj",
+            "/CN=observer-test-cluster-ca",
+            "-days",
+            "365",
+            "-out",
+            "ca.crt",
         ],
     )?;
     let cp = layout.control_plane();
@@ -93,14 +133,22 @@ pub fn create(layout: &Layout) -> Result<()> {
     );
     signed(&dir, "apiserver", "/CN=kube-apiserver", Some(&sans))?;
     // The API server's client certificate towards kubelets (exec, logs).
-    signed(&dir, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", None)?;
+    signed(
+        &dir,
+        "apiserver-kubelet-client",
+        "/O=system:masters/CN=kube-apiserver-kubelet-client",
+        None,
+    )?;
     openssl(&dir, &["genrsa", "-out", "sa.key", "2048"])?;
     openssl(&dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
     let mut tokens = String::new();
     for (component, user, groups) in identities(layout) {
         let t = token();
         tokens += &format!("{t},{user},{user},\"{groups}\"\n");
-        std::fs::write(dir.join(format!("{component}.kubeconfig")), kubeconfig(layout, &t))?;
+        std::fs::write(
+            dir.join(format!("{component}.kubeconfig")),
+            kubeconfig(layout, &t),
+        )?;
     }
     std::fs::write(dir.join("tokens.csv"), tokens)?;
     Ok(())

@@ -14,14 +14,19 @@ use super::layout::{Layout, Node};
 /// Starts `args` detached (own session, survives xtask), in `node`'s namespaces when given,
 /// else in the router's network namespace. Logs to `logs/<node>-<name>.log`.
 pub fn spawn(layout: &Layout, node: Option<&Node>, name: &str, args: &[String]) -> Result<u32> {
-    let tag = format!("{}-{name}", node.map(|n| n.name.as_str()).unwrap_or("router"));
+    let tag = format!(
+        "{}-{name}",
+        node.map(|n| n.name.as_str()).unwrap_or("router")
+    );
     let log_path = layout.log_dir().join(format!("{tag}.log"));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     let mut cmd = Command::new("nsenter");
     match node {
         Some(n) => cmd.args(["-t", &layout.holder_pid(n)?.to_string(), "-m", "-n", "--"]),
-        None => cmd.arg(format!("--net=/run/netns/{}", layout.router_netns())).arg("--"),
+        None => cmd
+            .arg(format!("--net=/run/netns/{}", layout.router_netns()))
+            .arg("--"),
     };
     cmd.args(args)
         .stdin(Stdio::null())
@@ -34,7 +39,9 @@ pub fn spawn(layout: &Layout, node: Option<&Node>, name: &str, args: &[String]) 
             Ok(())
         });
     }
-    let child = cmd.spawn().with_context(|| format!("starting {tag}: {}", args.join(" ")))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {tag}: {}", args.join(" ")))?;
     let pid = child.id();
     // Not waited for: it outlives this process. Reaped by init once xtask exits.
     std::mem::forget(child);
@@ -93,7 +100,11 @@ fn cluster_netns() -> Vec<(u64, u64)> {
 /// PIDs in a cluster network namespace or under a node's cgroup tree (pods, shims).
 fn cluster_pids(layout: &Layout) -> Vec<i32> {
     let netns = cluster_netns();
-    let cgroups: Vec<String> = layout.nodes().iter().map(|n| format!("/{}", n.cgroup)).collect();
+    let cgroups: Vec<String> = layout
+        .nodes()
+        .iter()
+        .map(|n| format!("/{}", n.cgroup))
+        .collect();
     let me = std::process::id() as i32;
     std::fs::read_dir("/proc")
         .into_iter()
@@ -109,7 +120,9 @@ fn cluster_pids(layout: &Layout) -> Vec<i32> {
                 .map(|s| {
                     s.lines().any(|l| {
                         let path = l.splitn(3, ':').nth(2).unwrap_or("");
-                        cgroups.iter().any(|c| path == c || path.starts_with(&format!("{c}/")))
+                        cgroups
+                            .iter()
+                            .any(|c| path == c || path.starts_with(&format!("{c}/")))
                     })
                 })
                 .unwrap_or(false);

@@ -27,19 +27,54 @@ pub fn create(layout: &Layout) -> Result<()> {
     ip(&["netns", "add", &router])?;
     ip(&["-n", &router, "link", "set", "lo", "up"])?;
     ip(&["-n", &router, "link", "add", "vnet0", "type", "bridge"])?;
-    ip(&["-n", &router, "addr", "add", &format!("{ROUTER_IP}/16"), "dev", "vnet0"])?;
+    ip(&[
+        "-n",
+        &router,
+        "addr",
+        "add",
+        &format!("{ROUTER_IP}/16"),
+        "dev",
+        "vnet0",
+    ])?;
     ip(&["-n", &router, "link", "set", "vnet0", "up"])?;
     ns_sysctl(&router, "net.ipv4.ip_forward", "1")?;
     for n in layout.nodes() {
         ip(&["netns", "add", &n.netns])?;
         // Made from inside the router's namespace, so the pair never shows in the root one.
         ip(&[
-            "-n", &router, "link", "add", &router_port(n), "type", "veth", "peer", "name",
-            "eth0", "netns", &n.netns,
+            "-n",
+            &router,
+            "link",
+            "add",
+            &router_port(n),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &n.netns,
         ])?;
-        ip(&["-n", &router, "link", "set", &router_port(n), "master", "vnet0", "up"])?;
+        ip(&[
+            "-n",
+            &router,
+            "link",
+            "set",
+            &router_port(n),
+            "master",
+            "vnet0",
+            "up",
+        ])?;
         ip(&["-n", &n.netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &n.netns, "addr", "add", &format!("{}/16", n.ip), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &n.netns,
+            "addr",
+            "add",
+            &format!("{}/16", n.ip),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &n.netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &n.netns, "route", "add", "default", "via", ROUTER_IP])?;
         // The VNet's user-defined route for the node's pod range (kubenet).
@@ -52,7 +87,11 @@ pub fn create(layout: &Layout) -> Result<()> {
             // kubenet's bridge, made up front: the CNI plugin (1.1) racing to create it and
             // set its MAC fails the first sandboxes of a node with EINVAL.
             ip(&["-n", &n.netns, "link", "add", "cbr0", "type", "bridge"])?;
-            let gw = format!("{}/{}", n.pod_gateway, n.pod_cidr.split('/').nth(1).unwrap());
+            let gw = format!(
+                "{}/{}",
+                n.pod_gateway,
+                n.pod_cidr.split('/').nth(1).unwrap()
+            );
             ip(&["-n", &n.netns, "addr", "add", &gw, "dev", "cbr0"])?;
             ip(&["-n", &n.netns, "link", "set", "cbr0", "up"])?;
         }
@@ -115,12 +154,24 @@ fn hold_mount_namespace(layout: &Layout, n: &Node) -> Result<()> {
     }
     let ready = d.join("holder.ready");
     let _ = std::fs::remove_file(&ready);
-    script += &format!("mount --make-rshared /\ntouch {}\nexec sleep infinity\n", ready.display());
+    script += &format!(
+        "mount --make-rshared /\ntouch {}\nexec sleep infinity\n",
+        ready.display()
+    );
     let log = std::fs::File::create(layout.log_dir().join(format!("{}-holder.log", n.name)))?;
     // nsenter, unshare and sh each exec the next: the child's PID is the holder's.
     let child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", n.netns))
-        .args(["--", "unshare", "--mount", "--propagation", "private", "--", "sh", "-c"])
+        .args([
+            "--",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+        ])
         .arg(&script)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -130,16 +181,22 @@ fn hold_mount_namespace(layout: &Layout, n: &Node) -> Result<()> {
     let pid = child.id();
     std::mem::forget(child);
     std::fs::write(d.join("holder.pid"), pid.to_string())?;
-    super::wait_for(&format!("{}'s mount namespace", n.name), Duration::from_secs(10), || {
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            bail!(
-                "the holder exited: {}",
-                std::fs::read_to_string(layout.log_dir().join(format!("{}-holder.log", n.name)))
+    super::wait_for(
+        &format!("{}'s mount namespace", n.name),
+        Duration::from_secs(10),
+        || {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                bail!(
+                    "the holder exited: {}",
+                    std::fs::read_to_string(
+                        layout.log_dir().join(format!("{}-holder.log", n.name))
+                    )
                     .unwrap_or_default()
-            );
-        }
-        Ok(ready.exists())
-    })
+                );
+            }
+            Ok(ready.exists())
+        },
+    )
 }
 
 fn rand_u128() -> u128 {
@@ -153,7 +210,11 @@ fn rand_u128() -> u128 {
 
 /// Deletes the cluster's network namespaces (after its processes are gone).
 pub fn destroy(_layout: &Layout) -> Result<()> {
-    for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+    for e in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with(&format!("{PREFIX}-")) {
             ip(&["netns", "del", &name])?;
