@@ -26,6 +26,14 @@ fn count_lines(c: &Layout, pod: &PodRef, file: &str) -> usize {
     .unwrap_or(0)
 }
 
+/// Starts `script` in the pod, detached from `kubectl exec` (which otherwise waits for every
+/// process holding its output, and ends its session: a new session survives).
+fn background(c: &Layout, pod: &PodRef, script: &str) {
+    let detached = format!("setsid sh -c '{script}' </dev/null >/dev/null 2>&1 &");
+    c.exec(&pod.namespace, &pod.name, &["sh", "-c", &detached])
+        .unwrap();
+}
+
 #[test]
 fn rollout_restart_under_traffic() {
     let Some(c) = cluster_or_skip() else { return };
@@ -52,24 +60,20 @@ fn rollout_restart_under_traffic() {
     );
 
     // One long-lived allowed connection, echoing a line every 200 ms into /tmp/echo.
-    c.exec(
-        &client.namespace,
-        &client.name,
-        &[
-            "sh",
-            "-c",
-            &format!(
-                "(while :; do echo ping; sleep 0.2; done | nc {} 9000 > /tmp/echo 2>&1 &) ; true",
-                echo.ip
-            ),
-        ],
-    )
-    .unwrap();
+    background(
+        &c,
+        &client,
+        &format!(
+            "while :; do echo ping; sleep 0.2; done | nc {} 9000 > /tmp/echo",
+            echo.ip
+        ),
+    );
     // The intruder tries a new connection every 300 ms; any answer is a leak.
-    c.exec(&intruder.namespace, &intruder.name, &["sh", "-c", &format!(
-        "(while :; do timeout 1 wget -q -O - {url} >> /tmp/leaks 2>/dev/null; sleep 0.3; done &) ; true"
-    )])
-    .unwrap();
+    background(
+        &c,
+        &intruder,
+        &format!("while :; do timeout 1 wget -q -O - {url} >> /tmp/leaks; sleep 0.3; done"),
+    );
     eventually(
         "the echo connection to carry lines",
         Duration::from_secs(10),

@@ -113,7 +113,8 @@ fn uninstall_as_documented_leaves_nothing() {
             .unwrap();
     }
     let manifests = format!("{}/../manifests", env!("CARGO_MANIFEST_DIR"));
-    c.kubectl_out(&["delete", "-k", &manifests]).unwrap();
+    c.kubectl_out(&["delete", "-k", &manifests, "--ignore-not-found"])
+        .unwrap();
 
     for (n, l) in nodes.iter().zip(&links) {
         let pins = c
