@@ -93,6 +93,16 @@ fn wait_programmed(
         &format!("kube-proxy on {node} programming {comment}"),
         Duration::from_secs(30),
         || {
+            if c.proxy == ProxyMode::Nftables {
+                let t = c.node_out(c.node(node), &["nft", "list", "table", "ip", "kube-proxy"])?;
+                let chain = format!("{ns}/{svc}/tcp/http");
+                let vip = t.contains(&format!("{cluster_ip} . tcp . 80 : goto service-"))
+                    && t.contains(&chain);
+                let sep = t.contains(&format!("{chain}__"));
+                let np =
+                    node_port.is_none_or(|p| t.contains(&format!("tcp . {p} : goto external-")));
+                return Ok(vip && sep && np);
+            }
             let nat = c.node_out(c.node(node), &["iptables-save", "-t", "nat"])?;
             let lines: Vec<&str> = nat.lines().filter(|l| l.contains(&comment)).collect();
             let vip = lines
