@@ -30,6 +30,9 @@ pub struct FlowQuery {
 pub struct Status {
     pub node: String,
     pub attach_mode: String,
+    /// The kernel probe's summary (required features present, TCX).
+    #[serde(default)]
+    pub kernel_features: String,
     pub pin_dir: String,
     pub interfaces: Vec<(u32, String)>,
     pub conntrack_entries: usize,
@@ -278,6 +281,7 @@ pub fn status_of(shared: &Shared) -> Status {
     Status {
         node: shared.opts.node_name.clone(),
         attach_mode: mode,
+        kernel_features: shared.kernel_features.clone(),
         pin_dir: shared.opts.pin_dir.display().to_string(),
         interfaces,
         conntrack_entries: ct,

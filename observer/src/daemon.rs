@@ -212,6 +212,8 @@ pub struct Shared {
     pub state: Mutex<State>,
     pub tx: broadcast::Sender<Arc<FlowRecord>>,
     pub started: std::time::SystemTime,
+    /// What the kernel offers (`features::Features::summary`), for `observer status`.
+    pub kernel_features: String,
 }
 
 impl State {
@@ -716,6 +718,11 @@ pub async fn run(opts: Options) -> Result<()> {
         }
         _ => None,
     };
+    // Named up front: a kernel that lacks what the programs use fails here, not in the
+    // verifier.
+    let features = crate::features::probe();
+    features.check()?;
+    info!(features = %features.summary(), "kernel probed");
     let mut dp = Datapath::load(&opts.pin_dir)?;
     if let Some(m) = opts.attach_mode {
         dp.mode = m;
@@ -778,6 +785,7 @@ pub async fn run(opts: Options) -> Result<()> {
         }),
         tx,
         started: std::time::SystemTime::now(),
+        kernel_features: features.summary(),
     });
 
     // Cluster state before interfaces, so the first flows are already classified.

@@ -7,6 +7,7 @@ pub mod client;
 pub mod cluster;
 pub mod ctnetlink;
 pub mod daemon;
+pub mod features;
 pub mod filter;
 pub mod flowlog;
 pub mod flows;

@@ -800,6 +800,7 @@ fn run() -> Result<()> {
             println!("node:          {}", s.node);
             println!("started:       {}", s.started);
             println!("attach mode:   {}   pins: {}", s.attach_mode, s.pin_dir);
+            println!("features:      {}", s.kernel_features);
             println!(
                 "interfaces:    {}",
                 s.interfaces

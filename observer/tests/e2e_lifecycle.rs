@@ -82,6 +82,17 @@ fn a_pod_created_after_start_is_attached_counted_and_released() {
     let t2 = Instant::now();
     loop {
         let s: Value = serde_json::from_str(&daemon.get("/v1/status").unwrap()).unwrap();
+        // The kernel was probed, and the attach mode follows what it offers (TCX on >= 6.6,
+        // clsact before: this test also runs in the Linux 6.1 guest).
+        let features = s["kernel_features"].as_str().unwrap();
+        assert!(features.starts_with("10/10 required present"), "{features}");
+        let tcx = s["attach_mode"] == "tcx";
+        assert_eq!(
+            features.ends_with("TCX yes"),
+            tcx,
+            "{features} vs {}",
+            s["attach_mode"]
+        );
         if s["pods"] == 2 {
             break;
         }
