@@ -263,11 +263,12 @@ pub fn process<C: EbpfContext>(
             let orig = from_a == (e.flags & ct_flags::ORIG_IS_A != 0);
             if orig {
                 // Policy changed since the verdicts were taken: take them again (a NodePort
-                // client's from its note; without one, as an unknown outside client).
+                // client's from its link; without it, the verdict taken stands).
                 if e.policy_gen != cfg.policy_gen && e.flags & ct_flags::NODEPORT != 0 {
                     e.policy_gen = cfg.policy_gen;
-                    let client = service::nodeport_link(pkt).map_or([0; 4], |l| l.client);
-                    judge_nodeport(e, &key, from_a, pkt.dport, &client);
+                    if let Some(l) = service::nodeport_link(pkt) {
+                        judge_nodeport(e, &key, from_a, pkt.dport, &l.client);
+                    }
                 }
                 if e.policy_gen != cfg.policy_gen {
                     e.flags &= !(ct_flags::EGRESS_DONE
@@ -392,10 +393,6 @@ fn create<C: EbpfContext>(
         Link::NodePort(client) => {
             e.class = classify::to_pod(key.family, &client) as u8;
             judge_nodeport(e, key, from_a, pkt.dport, &client);
-        }
-        Link::Outside => {
-            e.class = TrafficClass::WorldToPod as u8;
-            judge_nodeport(e, key, from_a, pkt.dport, &[0; 4]);
         }
         Link::None => {}
     }

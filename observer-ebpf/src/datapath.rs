@@ -1,7 +1,7 @@
 //! The tc entry points. Allowed traffic returns `TC_ACT_UNSPEC` (`TCX_NEXT`), so other programs
 //! on the hook still decide; traffic denied by policy is dropped with `TC_ACT_SHOT`.
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use observer_common::{ep_flags, stat, AF_INET, AF_INET6, NODEPORT_MARK, SVC_MARK};
+use observer_common::{ep_flags, stat, AF_INET, AF_INET6, SVC_MARK};
 
 use crate::{
     classify,
@@ -83,7 +83,7 @@ fn observe_from_pod(ctx: &TcContext) -> i32 {
     stat_inc(stat::PACKETS);
     match parse(ctx) {
         Ok(pkt) => {
-            let bytes = (PacketCtx::len(ctx) - pkt.l3_off as u32) as u64;
+            let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             act(
                 ctx,
@@ -112,10 +112,9 @@ fn observe_to_pod(ctx: &TcContext) -> i32 {
         stat_inc(stat::PACKETS);
     }
     match parse(ctx) {
-        Ok(mut pkt) => {
-            let bytes = (PacketCtx::len(ctx) - pkt.l3_off as u32) as u64;
+        Ok(pkt) => {
+            let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            pkt.outside = (unsafe { (*ctx.skb.skb).mark } & NODEPORT_MARK != 0) as u8;
             act(
                 ctx,
                 process(

@@ -48,19 +48,13 @@ pub struct Packet {
     pub tcp_flags: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
-    /// Set by `to_pod` from the packet's `NODEPORT_MARK`: it came from outside the node to one
-    /// of its frontends (a padding byte: the struct does not grow).
-    pub outside: u8,
-    /// Offset of the IP header: the counted length of a packet starts there.
-    pub l3_off: u16,
     pub src: [u32; 4],
     pub dst: [u32; 4],
     /// Host byte order. For ICMP echo: the identifier as the requester's port.
     pub sport: u16,
     pub dport: u16,
-    /// TCP: the sequence number, which NAT keeps (a NodePort client's SYN is recognised by it
-    /// behind kube-proxy's masquerade).
-    pub seq: u32,
+    /// Offset of the IP header: the counted length of a packet starts there.
+    pub l3_off: u32,
 }
 
 /// What the parser needs from a program context: direct packet access. tc and XDP both give
@@ -181,13 +175,11 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         tcp_flags: 0,
         icmp_type: 0,
         icmp_code: 0,
-        outside: 0,
         src: [raw32(ip, 12), 0, 0, 0],
         dst: [raw32(ip, 16), 0, 0, 0],
         sport: 0,
         dport: 0,
-        l3_off: l3 as u16,
-        seq: 0,
+        l3_off: l3 as u32,
     };
     let more_frags = frag & 0x2000 != 0;
     let frag_off = frag & 0x1fff;
@@ -215,13 +207,11 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         tcp_flags: 0,
         icmp_type: 0,
         icmp_code: 0,
-        outside: 0,
         src: [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)],
         dst: [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)],
         sport: 0,
         dport: 0,
-        l3_off: l3 as u16,
-        seq: 0,
+        l3_off: l3 as u32,
     };
     let mut off = l3 + 40;
     let mut frag: Option<(u32, bool)> = None;
@@ -287,7 +277,6 @@ fn parse_l4<C: PacketCtx>(ctx: &C, pkt: &mut Packet, l4: usize) -> Result<(), u3
             pkt.sport = be16(h, 0);
             pkt.dport = be16(h, 2);
             pkt.tcp_flags = h[13];
-            pkt.seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
         }
         IPPROTO_UDP => {
             let h = hdr::<8, C>(ctx, l4)?;

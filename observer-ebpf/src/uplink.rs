@@ -8,9 +8,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use observer_common::{
-    stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
-};
+use observer_common::{stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP, SVC_MARK};
 
 use crate::{
     classify,
@@ -104,9 +102,7 @@ fn note_opener(ctx: &TcContext) {
     if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return;
     }
-    if service::note_nodeport(&pkt) {
-        unsafe { (*ctx.skb.skb).mark |= NODEPORT_MARK };
-    }
+    service::note_nodeport(&pkt);
 }
 
 #[classifier]
@@ -122,7 +118,7 @@ pub fn uplink_egress(ctx: TcContext) -> i32 {
     let Ok(pkt) = parse(&ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let bytes = (PacketCtx::len(&ctx) - pkt.l3_off as u32) as u64;
+    let bytes = (PacketCtx::len(&ctx) - pkt.l3_off) as u64;
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match process(
         &ctx,
@@ -172,7 +168,7 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    let bytes = (PacketCtx::len(ctx) - pkt.l3_off as u32) as u64;
+    let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
     add(
         uplink::index(uplink::XDP_IN, uplink::LOCAL_POD, uplink::REMOTE_ANY),
         bytes,
