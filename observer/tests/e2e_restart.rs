@@ -179,9 +179,10 @@ fn kill_9_and_restart(tag: &str, extra: &[&str]) {
     });
     let (new_ok, new_failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (st, ok2, f2) = (stop.clone(), new_ok.clone(), new_failed.clone());
+    let connect = Duration::from_millis(1000 * u64::from(observer_tests::slow_factor()));
     let client_t = spawn_in_netns(&client.netns, move || {
         while !st.load(Ordering::Relaxed) {
-            match TcpStream::connect_timeout(&dst, Duration::from_millis(1000)) {
+            match TcpStream::connect_timeout(&dst, connect) {
                 Ok(_) => ok2.fetch_add(1, Ordering::Relaxed),
                 Err(_) => f2.fetch_add(1, Ordering::Relaxed),
             };

@@ -215,7 +215,7 @@ fn boot(guest: &Guest, tests: &[(String, PathBuf)]) -> Result<()> {
     for (name, exe) in tests {
         let _ = writeln!(
             init,
-            "OBSERVER_TEST_READY_SECS={READY_SECS} {} --test-threads 1 --color never 2>&1\n\
+            "OBSERVER_TEST_SLOW=1 OBSERVER_TEST_READY_SECS={READY_SECS} {} --test-threads 1 --color never 2>&1\n\
              echo \"observer-vm: {name} exit $?\"",
             exe.display()
         );
