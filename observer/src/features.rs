@@ -36,17 +36,16 @@ fn helper(h: bpf_func_id) -> bool {
     is_helper_supported(ProgramType::SchedClassifier, h).unwrap_or(false)
 }
 
-/// A struct the kernel's BTF describes; None without BTF (then not held against the kernel).
-fn btf_struct(name: &str) -> Option<bool> {
-    let btf = aya::Btf::from_sys_fs().ok()?;
-    Some(
-        btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Struct)
-            .is_ok(),
-    )
-}
-
 /// Probes the running kernel (a few tiny loads; milliseconds).
 pub fn probe() -> Features {
+    // Parsed once for both structs it is asked about.
+    let btf = aya::Btf::from_sys_fs().ok();
+    let has_struct = |name: &str| {
+        btf.as_ref().map(|b| {
+            b.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Struct)
+                .is_ok()
+        })
+    };
     let f = |name, since, present| Feature {
         name,
         since,
@@ -82,12 +81,14 @@ pub fn probe() -> Features {
         f(
             "BPF links for XDP",
             "5.9",
-            btf_struct("bpf_xdp_link").unwrap_or(true),
+            // Without BTF, not held against the kernel.
+            has_struct("bpf_xdp_link").unwrap_or(true),
         ),
     ];
     Features {
         required,
-        tcx: crate::bpf::AttachMode::detect() == crate::bpf::AttachMode::Tcx,
+        tcx: has_struct("tcx_link")
+            .unwrap_or_else(|| crate::bpf::AttachMode::detect() == crate::bpf::AttachMode::Tcx),
     }
 }
 

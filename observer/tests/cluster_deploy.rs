@@ -45,29 +45,8 @@ fn daemonset_ready_on_every_node_with_its_own_pins() {
             "the uplink programs are on: {st}"
         );
         // The pins are in the node's own bpffs: the links pinned there exist only once.
-        let links = c
-            .node_out(n, &["sh", "-c", "ls /sys/fs/bpf/observer/links"])
-            .unwrap();
-        let ids: Vec<u64> = links
-            .split_whitespace()
-            .filter_map(|f| {
-                let out = c
-                    .node_out(
-                        n,
-                        &[
-                            "bpftool",
-                            "-j",
-                            "link",
-                            "show",
-                            "pinned",
-                            &format!("/sys/fs/bpf/observer/links/{f}"),
-                        ],
-                    )
-                    .ok()?;
-                serde_json::from_str::<serde_json::Value>(&out).ok()?["id"].as_u64()
-            })
-            .collect();
-        assert!(!ids.is_empty(), "{} has pinned links: {links}", n.name);
+        let ids = pinned_links(&c, n);
+        assert!(!ids.is_empty(), "{} has pinned links", n.name);
         for id in ids {
             assert!(all_links.insert(id), "link {id} pinned on two nodes' bpffs");
         }

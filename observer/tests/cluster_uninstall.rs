@@ -8,29 +8,6 @@ use observer_tests::cluster::*;
 
 const IMAGE: &str = "ghcr.io/observer-dev/observer:0.1.0";
 
-/// IDs of the BPF links observer pinned on a node (TCX links, the uplink's XDP link).
-fn pinned_links(c: &Layout, node: &Node) -> Vec<u64> {
-    let list = c
-        .node_out(
-            node,
-            &[
-                "sh",
-                "-c",
-                "ls /sys/fs/bpf/observer/links 2>/dev/null; true",
-            ],
-        )
-        .unwrap();
-    list.split_whitespace()
-        .filter_map(|f| {
-            let p = format!("/sys/fs/bpf/observer/links/{f}");
-            let out = c
-                .node_out(node, &["bpftool", "-j", "link", "show", "pinned", &p])
-                .ok()?;
-            serde_json::from_str::<serde_json::Value>(&out).ok()?["id"].as_u64()
-        })
-        .collect()
-}
-
 #[test]
 fn uninstall_as_documented_leaves_nothing() {
     let Some(c) = cluster_or_skip() else { return };

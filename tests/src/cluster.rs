@@ -594,6 +594,24 @@ pub fn observer_flows(
         .collect())
 }
 
+/// IDs of the BPF links observer pinned in `node`'s bpffs (pod veths' TCX links, the
+/// uplink's): empty when nothing is pinned.
+pub fn pinned_links(layout: &Layout, node: &Node) -> Vec<u64> {
+    let dir = "/sys/fs/bpf/observer/links";
+    let list = layout
+        .node_out(node, &["sh", "-c", &format!("ls {dir} 2>/dev/null; true")])
+        .unwrap_or_default();
+    list.split_whitespace()
+        .filter_map(|f| {
+            let pin = format!("{dir}/{f}");
+            let out = layout
+                .node_out(node, &["bpftool", "-j", "link", "show", "pinned", &pin])
+                .ok()?;
+            serde_json::from_str::<serde_json::Value>(&out).ok()?["id"].as_u64()
+        })
+        .collect()
+}
+
 /// The observer pod running on `node`.
 pub fn observer_pod(layout: &Layout, node: &str) -> Result<String> {
     let out = layout.kubectl_out(&[

@@ -66,7 +66,8 @@ fn signed(dir: &Path, name: &str, subject: &str, sans: Option<&str>) -> Result<(
     )
 }
 
-fn token() -> String {
+/// 128 random bits as hex: a bearer token, a machine-id.
+pub fn random_hex() -> String {
     let mut b = [0u8; 16];
     use std::io::Read as _;
     std::fs::File::open("/dev/urandom")
@@ -143,7 +144,7 @@ pub fn create(layout: &Layout) -> Result<()> {
     openssl(&dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
     let mut tokens = String::new();
     for (component, user, groups) in identities(layout) {
-        let t = token();
+        let t = random_hex();
         tokens += &format!("{t},{user},{user},\"{groups}\"\n");
         std::fs::write(
             dir.join(format!("{component}.kubeconfig")),

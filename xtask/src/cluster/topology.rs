@@ -144,7 +144,7 @@ fn hold_mount_namespace(layout: &Layout, n: &Node) -> Result<()> {
         script += &format!("mount --bind {} {dst}\n", src.display());
     }
     let machine_id = d.join("machine-id");
-    std::fs::write(&machine_id, format!("{:032x}\n", rand_u128()))?;
+    std::fs::write(&machine_id, format!("{}\n", super::pki::random_hex()))?;
     script += &format!("mount --bind {} /etc/machine-id\n", machine_id.display());
     for t in KERNEL_TUNABLES {
         let f = d.join("tunables").join(t.replace('/', "."));
@@ -197,15 +197,6 @@ fn hold_mount_namespace(layout: &Layout, n: &Node) -> Result<()> {
             Ok(ready.exists())
         },
     )
-}
-
-fn rand_u128() -> u128 {
-    let mut b = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read as _;
-        let _ = f.read_exact(&mut b);
-    }
-    u128::from_le_bytes(b)
 }
 
 /// Deletes the cluster's network namespaces (after its processes are gone).
