@@ -71,6 +71,14 @@ pub const NODEPORT_MAX_ENTRIES: u32 = 65_536;
 /// bit is ever set; kube-proxy's own (0x4000, 0x8000) and the rest of the mark are left alone.
 pub const SVC_MARK: u32 = 0x0040_0000;
 
+/// Set by the uplink's tc ingress on a packet from outside the node to one of its frontends (a
+/// NodePort on the node's address, a load-balancer IP), before kube-proxy translates it. The
+/// backend's veth then knows the connection came from outside even though kube-proxy
+/// masqueraded it to the node (with `--random-fully`, its default, the port changes too): it
+/// is judged against the client noted for it, or as an unknown outside client, never as the
+/// node. Only this bit is ever set.
+pub const NODEPORT_MARK: u32 = 0x0020_0000;
+
 /// Rule id of a connection allowed because it comes from the node itself (kubelet probes).
 pub const RULE_NODE: u32 = u32::MAX;
 

@@ -128,11 +128,24 @@ impl Count {
 
 /// What to do with the packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
 pub enum Action {
-    Pass,
+    Pass = 0,
     /// Pass, marked `SVC_MARK` (a Service connection's packet before its DNAT).
-    PassMarked,
-    Drop,
+    PassMarked = 1,
+    Drop = 2,
+}
+
+impl Action {
+    /// Back from a global function's scalar result; anything unknown drops.
+    #[inline(always)]
+    pub fn from_raw(v: i32) -> Action {
+        match v {
+            0 => Action::Pass,
+            1 => Action::PassMarked,
+            _ => Action::Drop,
+        }
+    }
 }
 
 #[inline(always)]
@@ -263,12 +276,11 @@ pub fn process<C: EbpfContext>(
             let orig = from_a == (e.flags & ct_flags::ORIG_IS_A != 0);
             if orig {
                 // Policy changed since the verdicts were taken: take them again (a NodePort
-                // client's from its link; without it, the verdict taken stands).
+                // client's from its note; without one, as an unknown outside client).
                 if e.policy_gen != cfg.policy_gen && e.flags & ct_flags::NODEPORT != 0 {
                     e.policy_gen = cfg.policy_gen;
-                    if let Some(l) = service::nodeport_link(pkt) {
-                        judge_nodeport(e, &key, from_a, pkt.dport, &l.client);
-                    }
+                    let client = service::nodeport_link(pkt).map_or([0; 4], |l| l.client);
+                    judge_nodeport(e, &key, from_a, pkt.dport, &client);
                 }
                 if e.policy_gen != cfg.policy_gen {
                     e.flags &= !(ct_flags::EGRESS_DONE
@@ -393,6 +405,10 @@ fn create<C: EbpfContext>(
         Link::NodePort(client) => {
             e.class = classify::to_pod(key.family, &client) as u8;
             judge_nodeport(e, key, from_a, pkt.dport, &client);
+        }
+        Link::Outside => {
+            e.class = TrafficClass::WorldToPod as u8;
+            judge_nodeport(e, key, from_a, pkt.dport, &[0; 4]);
         }
         Link::None => {}
     }

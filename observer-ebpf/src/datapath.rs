@@ -1,13 +1,13 @@
 //! The tc entry points. Allowed traffic returns `TC_ACT_UNSPEC` (`TCX_NEXT`), so other programs
 //! on the hook still decide; traffic denied by policy is dropped with `TC_ACT_SHOT`.
-use aya_ebpf::{macros::classifier, programs::TcContext};
-use observer_common::{ep_flags, stat, AF_INET, AF_INET6, SVC_MARK};
+use aya_ebpf::{bindings::__sk_buff, macros::classifier, programs::TcContext};
+use observer_common::{ep_flags, stat, AF_INET, AF_INET6, NODEPORT_MARK, SVC_MARK};
 
 use crate::{
     classify,
     conntrack::{process, Action, Count, Hook},
     maps::{stat_inc, ATTACHED, BENCH_SEQ, CONFIG},
-    parse::{ip_addrs, parse, PacketCtx},
+    parse::{ip_addrs, observer_parse_tc, parsed, PacketCtx},
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
@@ -81,19 +81,53 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn observe_from_pod(ctx: &TcContext) -> i32 {
     stat_inc(stat::PACKETS);
-    match parse(ctx) {
-        Ok(pkt) => {
-            let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
-            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            act(
-                ctx,
-                process(ctx, &pkt, bytes, ifindex, Hook::FromPod, Count::All, || {
-                    classify::from_pod(pkt.family, &pkt.dst)
-                }),
-            )
-        }
-        Err(reason) => unparsed(ctx, reason, Hook::FromPod),
+    let reason = observer_parse_tc(ctx.skb.skb);
+    if reason != 0 {
+        return unparsed(ctx, reason, Hook::FromPod);
     }
+    act(
+        ctx,
+        Action::from_raw(observer_from_pod_conn(ctx.skb.skb, 1)),
+    )
+}
+
+/// Conntrack and verdicts at `hook` for the packet `observer_parse_tc` parsed; `count`: whether
+/// this hook adds it to the connection's counters. Behind a global function per hook (below),
+/// verified once, apart from the parser: inlined after it, every path through the parser
+/// multiplied the paths through conntrack, past the 1M-instruction budget of Linux 6.1.
+#[inline(always)]
+pub fn tc_conn(skb: *mut __sk_buff, count: u64, hook: Hook) -> i32 {
+    // Fail closed on what cannot happen (the verifier wants the checks).
+    if skb.is_null() {
+        return Action::Drop as i32;
+    }
+    let Some(pkt) = parsed() else {
+        return Action::Drop as i32;
+    };
+    let ctx = TcContext::new(skb);
+    let bytes = (PacketCtx::len(&ctx) - pkt.l3_off as u32) as u64;
+    let ifindex = unsafe { (*skb).ifindex };
+    if hook == Hook::ToPod {
+        pkt.outside = (unsafe { (*skb).mark } & NODEPORT_MARK != 0) as u8;
+    }
+    let count = if count != 0 { Count::All } else { Count::None };
+    let pkt = &*pkt;
+    process(&ctx, pkt, bytes, ifindex, hook, count, || match hook {
+        Hook::ToPod => classify::to_pod(pkt.family, &pkt.src),
+        Hook::FromPod | Hook::Uplink => classify::from_pod(pkt.family, &pkt.dst),
+    }) as i32
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn observer_from_pod_conn(skb: *mut __sk_buff, count: u64) -> i32 {
+    tc_conn(skb, count, Hook::FromPod)
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn observer_to_pod_conn(skb: *mut __sk_buff, count: u64) -> i32 {
+    tc_conn(skb, count, Hook::ToPod)
 }
 
 /// Host side of a pod veth, egress: packets delivered to the pod.
@@ -111,25 +145,14 @@ fn observe_to_pod(ctx: &TcContext) -> i32 {
     if count {
         stat_inc(stat::PACKETS);
     }
-    match parse(ctx) {
-        Ok(pkt) => {
-            let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
-            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            act(
-                ctx,
-                process(
-                    ctx,
-                    &pkt,
-                    bytes,
-                    ifindex,
-                    Hook::ToPod,
-                    if count { Count::All } else { Count::None },
-                    || classify::to_pod(pkt.family, &pkt.src),
-                ),
-            )
-        }
-        Err(reason) => unparsed(ctx, reason, Hook::ToPod),
+    let reason = observer_parse_tc(ctx.skb.skb);
+    if reason != 0 {
+        return unparsed(ctx, reason, Hook::ToPod);
     }
+    act(
+        ctx,
+        Action::from_raw(observer_to_pod_conn(ctx.skb.skb, count as u64)),
+    )
 }
 
 /// Baseline for benchmarks: the cost of running any tc program at all.

@@ -11,7 +11,7 @@ use observer_common::{
     NODEPORT_MAX_ENTRIES, POLICY_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SVC_NAT_MAX_ENTRIES,
 };
 
-use crate::parse::{FragKey, FragPorts};
+use crate::parse::{FragKey, FragPorts, Packet};
 
 #[map(name = "OBS_CT")]
 pub static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
@@ -75,6 +75,11 @@ pub fn stat_inc(idx: u32) {
 /// `conntrack::create`): not pinned, nothing outlives one program run.
 #[map(name = "OBS_NEW_ENTRY")]
 pub static NEW_ENTRY: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
+
+/// The packet a tc program parsed, handed from the parser to the connection functions (see
+/// `parse::observer_parse_tc`): not pinned, nothing outlives one program run.
+#[map(name = "OBS_PACKET")]
+pub static PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
 #[map(name = "OBS_BENCH_SEQ")]

@@ -1,11 +1,14 @@
 //! Packet parsing with direct packet access: Ethernet, up to two VLAN tags, IPv4 (options,
 //! fragments), IPv6 (extension headers, fragments), TCP, UDP, SCTP, ICMP and ICMPv6.
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    bindings::__sk_buff,
+    programs::{TcContext, XdpContext},
+};
 use observer_common::{
     stat, AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::maps::FRAGS;
+use crate::maps::{FRAGS, PACKET};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -42,19 +45,27 @@ pub struct FragPorts {
     pub dport: u16,
 }
 
+/// Lives in a per-CPU map slot between the tc programs' global functions (`PACKET`).
+#[repr(C)]
 pub struct Packet {
     pub family: u8,
     pub proto: u8,
     pub tcp_flags: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
+    /// Set by `to_pod` from the packet's `NODEPORT_MARK`: it came from outside the node to one
+    /// of its frontends (a padding byte: the struct does not grow).
+    pub outside: u8,
+    /// Offset of the IP header: the counted length of a packet starts there.
+    pub l3_off: u16,
     pub src: [u32; 4],
     pub dst: [u32; 4],
     /// Host byte order. For ICMP echo: the identifier as the requester's port.
     pub sport: u16,
     pub dport: u16,
-    /// Offset of the IP header: the counted length of a packet starts there.
-    pub l3_off: u32,
+    /// TCP: the sequence number, which NAT keeps (a NodePort client's SYN is recognised by it
+    /// behind kube-proxy's masquerade).
+    pub seq: u32,
 }
 
 /// What the parser needs from a program context: direct packet access. tc and XDP both give
@@ -123,6 +134,37 @@ fn raw32(h: &[u8], i: usize) -> u32 {
     u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]])
 }
 
+/// Parses a tc program's packet into the per-CPU `PACKET` slot (returns 0), or returns the
+/// stats index of why it cannot be parsed (never 0, `stat::PACKETS`). A global function,
+/// verified once on its own: the paths through the parser (address families, extension
+/// headers, fragments, L4 protocols) do not multiply the paths through what follows it, and
+/// the packet lives outside the stack, which the functions after it need all of (the 512
+/// bytes are shared by a program and every function it calls).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn observer_parse_tc(skb: *mut __sk_buff) -> u32 {
+    if skb.is_null() {
+        return stat::TRUNCATED;
+    }
+    let Some(out) = PACKET.get_ptr_mut(0) else {
+        return stat::TRUNCATED;
+    };
+    match parse(&TcContext::new(skb)) {
+        Ok(pkt) => {
+            unsafe { *out = pkt };
+            0
+        }
+        Err(reason) => reason,
+    }
+}
+
+/// The packet `observer_parse_tc` parsed last on this CPU. One program run at a time uses it:
+/// tc and XDP programs run with bottom halves off and do not nest on a CPU.
+#[inline(always)]
+pub fn parsed() -> Option<&'static mut Packet> {
+    PACKET.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
 /// Parses the packet; on failure returns the stats index that accounts for it.
 #[inline(always)]
 pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, u32> {
@@ -175,11 +217,13 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         tcp_flags: 0,
         icmp_type: 0,
         icmp_code: 0,
+        outside: 0,
         src: [raw32(ip, 12), 0, 0, 0],
         dst: [raw32(ip, 16), 0, 0, 0],
         sport: 0,
         dport: 0,
-        l3_off: l3 as u32,
+        l3_off: l3 as u16,
+        seq: 0,
     };
     let more_frags = frag & 0x2000 != 0;
     let frag_off = frag & 0x1fff;
@@ -207,11 +251,13 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         tcp_flags: 0,
         icmp_type: 0,
         icmp_code: 0,
+        outside: 0,
         src: [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)],
         dst: [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)],
         sport: 0,
         dport: 0,
-        l3_off: l3 as u32,
+        l3_off: l3 as u16,
+        seq: 0,
     };
     let mut off = l3 + 40;
     let mut frag: Option<(u32, bool)> = None;
@@ -277,6 +323,7 @@ fn parse_l4<C: PacketCtx>(ctx: &C, pkt: &mut Packet, l4: usize) -> Result<(), u3
             pkt.sport = be16(h, 0);
             pkt.dport = be16(h, 2);
             pkt.tcp_flags = h[13];
+            pkt.seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
         }
         IPPROTO_UDP => {
             let h = hdr::<8, C>(ctx, l4)?;

@@ -10,8 +10,8 @@
 //! counted once, where the client pod sends and receives them, through the alias.
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use observer_common::{
-    ct_flags, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind, SvcKey, SvcNat, DIR_ORIG,
-    DIR_REPLY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    ct_flags, nodeport_flags, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind, SvcKey,
+    SvcNat, DIR_ORIG, DIR_REPLY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -159,20 +159,39 @@ pub enum Link {
     Hairpin,
     /// A client from outside on a NodePort or load-balancer frontend (its address here).
     NodePort([u32; 4]),
+    /// From outside through a frontend of this node, but its client's note is not found (a
+    /// UDP client whose port kube-proxy's `--random-fully` masquerade changed, a note evicted):
+    /// judged as an unknown outside address, admitted only where every source is. Never the
+    /// node.
+    Outside,
 }
 
-/// The key of a NodePort client: its port only, which kube-proxy's masquerade keeps.
+/// The key of a NodePort note that later packets of the connection find: the client's port as
+/// the backend sees it (the address part zero).
 #[inline(always)]
 fn nodeport_key(family: u8, proto: u8, port: u16) -> SvcKey {
     svc_key(family, proto, &[0; 4], port)
 }
 
+/// The key a new connection's first packet finds its client's note by, behind kube-proxy's
+/// masquerade: a TCP SYN by its sequence number (NAT keeps it; `--random-fully`, kube-proxy's
+/// default, changes the port), anything else by its port (kept unless taken or randomised).
+#[inline(always)]
+fn opener_key(pkt: &Packet) -> SvcKey {
+    if pkt.proto == IPPROTO_TCP {
+        svc_key(pkt.family, pkt.proto, &[pkt.seq, 1, 0, 0], 0)
+    } else {
+        nodeport_key(pkt.family, pkt.proto, pkt.sport)
+    }
+}
+
 /// Notes a packet from outside the node that may open a connection to a frontend here (a
 /// NodePort on the node's address, a load-balancer IP), before kube-proxy translates it.
+/// True when it is one: the caller marks the packet (`NODEPORT_MARK`).
 #[inline(always)]
-pub fn note_nodeport(pkt: &Packet) {
+pub fn note_nodeport(pkt: &Packet) -> bool {
     let Some(svc_id) = frontend(pkt) else {
-        return;
+        return false;
     };
     let link = NodePortLink {
         client: pkt.src,
@@ -183,13 +202,33 @@ pub fn note_nodeport(pkt: &Packet) {
         flags: 0,
         noted_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
-    let _ = NODEPORT.insert(&nodeport_key(pkt.family, pkt.proto, pkt.sport), &link, 0);
+    let _ = NODEPORT.insert(&opener_key(pkt), &link, 0);
+    true
 }
 
 /// The NodePort client behind a connection's original-direction packet seen at the backend.
 #[inline(always)]
 pub fn nodeport_link(pkt: &Packet) -> Option<&'static NodePortLink> {
     unsafe { NODEPORT.get(&nodeport_key(pkt.family, pkt.proto, pkt.sport)) }
+}
+
+/// The client of a new connection from outside, from its note; the note is filed again under
+/// the port the backend sees, taken, for the connection's later verdicts and its records.
+#[inline(always)]
+fn link_outside(pkt: &Packet) -> Link {
+    let Some(l) = (unsafe { NODEPORT.get(&opener_key(pkt)) }) else {
+        return Link::Outside;
+    };
+    if l.flags != 0 {
+        return Link::Outside;
+    }
+    let client = l.client;
+    let taken = NodePortLink {
+        flags: nodeport_flags::TAKEN,
+        ..*l
+    };
+    let _ = NODEPORT.insert(&nodeport_key(pkt.family, pkt.proto, pkt.sport), &taken, 0);
+    Link::NodePort(client)
 }
 
 /// Links a new connection seen behind the DNAT to its client's alias, recording the backend.
@@ -215,11 +254,12 @@ pub fn resolve(pkt: &Packet) -> Link {
         if hairpin {
             return Link::Hairpin;
         }
-        return match nodeport_link(pkt) {
-            Some(l) if l.flags == 0 && (from_node || l.client == pkt.src) => {
-                Link::NodePort(l.client)
-            }
-            _ => Link::None,
+        // From outside through a frontend here: masqueraded to the node, or (externalTraffic
+        // Policy: Local) as itself. Anything else not from a pod is the node or a remote peer.
+        return if pkt.outside != 0 {
+            link_outside(pkt)
+        } else {
+            Link::None
         };
     }
     let client = svc_key(pkt.family, pkt.proto, &pkt.src, pkt.sport);

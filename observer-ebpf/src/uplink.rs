@@ -4,18 +4,20 @@
 //! denied packet dies before the stack allocates anything for it. tc on both directions counts
 //! the wire-side traffic after (ingress) and before (egress) the stack, NAT included.
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{__sk_buff, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use observer_common::{stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP, SVC_MARK};
+use observer_common::{
+    stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
+};
 
 use crate::{
     classify,
     conntrack::{process, Action, Count, Hook},
-    datapath::unparsed_denied,
+    datapath::{tc_conn, unparsed_denied},
     maps::{stat_inc, UPLINK},
-    parse::{ip_addrs, parse, PacketCtx},
+    parse::{ip_addrs, observer_parse_tc, parse, parsed, PacketCtx},
     service,
 };
 
@@ -96,13 +98,18 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
 /// Established TCP pays only the parse.
 #[inline(always)]
 fn note_opener(ctx: &TcContext) {
-    let Ok(pkt) = parse(ctx) else {
+    if observer_parse_tc(ctx.skb.skb) != 0 {
+        return;
+    }
+    let Some(pkt) = parsed() else {
         return;
     };
     if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return;
     }
-    service::note_nodeport(&pkt);
+    if service::note_nodeport(pkt) {
+        unsafe { (*ctx.skb.skb).mark |= NODEPORT_MARK };
+    }
 }
 
 #[classifier]
@@ -115,23 +122,19 @@ pub fn uplink_egress(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     unsafe { (*ctx.skb.skb).mark = mark & !SVC_MARK };
-    let Ok(pkt) = parse(&ctx) else {
+    if observer_parse_tc(ctx.skb.skb) != 0 {
         return TC_ACT_UNSPEC;
-    };
-    let bytes = (PacketCtx::len(&ctx) - pkt.l3_off) as u64;
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match process(
-        &ctx,
-        &pkt,
-        bytes,
-        ifindex,
-        Hook::Uplink,
-        Count::None,
-        || classify::from_pod(pkt.family, &pkt.dst),
-    ) {
+    }
+    match Action::from_raw(observer_uplink_egress_conn(ctx.skb.skb, 0)) {
         Action::Drop => TC_ACT_SHOT,
         _ => TC_ACT_UNSPEC,
     }
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn observer_uplink_egress_conn(skb: *mut __sk_buff, count: u64) -> i32 {
+    tc_conn(skb, count, Hook::Uplink)
 }
 
 #[xdp]
@@ -168,7 +171,7 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    let bytes = (PacketCtx::len(ctx) - pkt.l3_off) as u64;
+    let bytes = (PacketCtx::len(ctx) - pkt.l3_off as u32) as u64;
     add(
         uplink::index(uplink::XDP_IN, uplink::LOCAL_POD, uplink::REMOTE_ANY),
         bytes,

@@ -294,6 +294,15 @@ fn check_pins(pin_dir: &Path) -> Result<Vec<String>> {
     Ok(adopted)
 }
 
+/// The kernel's count of instructions its verifier walked for a program (Linux 5.16+): the
+/// budget is 1,000,000 per program on every kernel, and older verifiers prune less, so the
+/// same program costs more there. Logged to show the headroom left on the running kernel.
+fn log_verified(name: &str, info: Option<aya::programs::ProgramInfo>) {
+    if let Some(n) = info.and_then(|i| i.verified_instruction_count()) {
+        info!(program = name, verified_insns = n, "program verified");
+    }
+}
+
 impl Datapath {
     /// Loads the programs, re-adopting maps pinned under `pin_dir` by an earlier daemon.
     pub fn load(pin_dir: &Path) -> Result<Self> {
@@ -340,9 +349,11 @@ impl Datapath {
 
     /// Verifies and loads one XDP program of the object.
     pub fn load_xdp(&mut self, name: &str) -> Result<()> {
-        self.xdp(name)?
-            .load()
-            .with_context(|| format!("verifying program {name}"))
+        let prog = self.xdp(name)?;
+        prog.load()
+            .with_context(|| format!("verifying program {name}"))?;
+        log_verified(name, prog.info().ok());
+        Ok(())
     }
 
     pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
@@ -512,7 +523,9 @@ impl Datapath {
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()?;
         prog.load()
-            .with_context(|| format!("verifying program {name}"))
+            .with_context(|| format!("verifying program {name}"))?;
+        log_verified(name, prog.info().ok());
+        Ok(())
     }
 
     pub fn config(&self) -> Result<Config> {

@@ -621,6 +621,15 @@ fn main() {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Bench { .. }) {
+        // Quiet unless asked (`OBSERVER_LOG=info` shows what each program cost the verifier).
+        let filter = std::env::var("OBSERVER_LOG").unwrap_or_else(|_| "warn".into());
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter)?)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init();
+    }
     match cli.cmd {
         Cmd::Daemon(a) => {
             tracing_subscriber::fmt()

@@ -40,14 +40,6 @@ fn par<'a, T: Send + 'a>(fs: Vec<Job<'a, T>>) -> Vec<T> {
     })
 }
 
-/// Whether observer follows a NodePort client from outside behind kube-proxy's masquerade. It
-/// does only while the masquerade keeps the client's port, and kube-proxy masquerades with
-/// `--random-fully` (iptables and nftables modes): such connections pass as from the node
-/// (a known fail-open, docs/policy.md). The fix (link by the SYN's sequence number) takes
-/// `to_pod` past the Linux 6.1 verifier's budget as written; these checks (other's NodePort
-/// denied from outside, records with `original_source`) turn on with it.
-const NODEPORT_CLIENTS_FOLLOWED: bool = false;
-
 /// A Service selecting `app: <app>`, port 80 to the pods' `target` (TCP); `NodePort` type when
 /// `node_port`, with the port chosen by the API server.
 fn service_yaml(name: &str, app: &str, target: u16, node_port: bool) -> String {
@@ -489,12 +481,10 @@ fn services_and_dns_under_default_deny() {
         ),
     ];
     let mut checks = checks;
-    if NODEPORT_CLIENTS_FOLLOWED {
-        checks.push((
-            format!("router -> other's NodePort {other_np_url}"),
-            Box::new(|| router_get(&c, &other_np_url, DENY_SECS)),
-        ));
-    }
+    checks.push((
+        format!("router -> other's NodePort {other_np_url}"),
+        Box::new(|| router_get(&c, &other_np_url, DENY_SECS)),
+    ));
     let (whats, fs): (Vec<String>, Vec<_>) = checks.into_iter().unzip();
     let results = par(fs);
     let opened: Vec<String> = whats
@@ -699,92 +689,90 @@ fn services_and_dns_under_default_deny() {
         format!("web -> other (pod IP) drop records: {}", briefs(&d3)),
     );
 
-    if NODEPORT_CLIENTS_FOLLOWED {
-        // NodePorts from outside: the original client (the router), the Service with the node
-        // address and nodePort, the backend, and the policy that admitted it.
-        let router_client = |r: &Value| {
-            r["original_source"]
-                .as_str()
-                .is_some_and(|s| s.starts_with(&format!("{ROUTER_IP}:")))
-        };
-        // What reached a backend from outside a pod, for the messages below.
-        let from_outside = |all: &[Value], backend: &PodRef| -> String {
-            briefs(
-                &all.iter()
-                    .filter(|r| is_pod(&r["destination"], backend) && r["source"]["pod"].is_null())
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            )
-        };
-        let (np1, all1) = find_records(&c, NODE1, &n, Duration::from_secs(5), |r| {
-            r["event"] == "new"
-                && r["service"]["name"] == "db"
-                && r["service"]["ip"] == node_ip(&c, NODE1).as_str()
-        });
-        check(
-        !np1.is_empty(),
-        format!(
-            "no record of router -> db's NodePort {db_nodeport} naming the Service and the router as original_source; \
-             what reached db from outside a pod on node-1:\n  {}\n  {}",
-            from_outside(&all1, &db),
-            nodeport_nat(&c, NODE1, db_np)
-        ),
+    // NodePorts from outside: the original client (the router), the Service with the node
+    // address and nodePort, the backend, and the policy that admitted it.
+    let router_client = |r: &Value| {
+        r["original_source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("{ROUTER_IP}:")))
+    };
+    // What reached a backend from outside a pod, for the messages below.
+    let from_outside = |all: &[Value], backend: &PodRef| -> String {
+        briefs(
+            &all.iter()
+                .filter(|r| is_pod(&r["destination"], backend) && r["source"]["pod"].is_null())
+                .cloned()
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (np1, all1) = find_records(&c, NODE1, &n, Duration::from_secs(5), |r| {
+        r["event"] == "new"
+            && r["service"]["name"] == "db"
+            && r["service"]["ip"] == node_ip(&c, NODE1).as_str()
+    });
+    check(
+    !np1.is_empty(),
+    format!(
+        "no record of router -> db's NodePort {db_nodeport} naming the Service and the router as original_source; \
+         what reached db from outside a pod on node-1:\n  {}\n  {}",
+        from_outside(&all1, &db),
+        nodeport_nat(&c, NODE1, db_np)
+    ),
     );
-        for r in &np1 {
-            check(
-                svc_is(r, "db", &node_ip(&c, NODE1), db_np)
-                    && router_client(r)
-                    && is_pod(&r["destination"], &db)
-                    && r["verdict"] == "forwarded"
-                    && r["traffic_class"] == "world-to-pod"
-                    && r["allowed_by"].is_null()
-                    && names_policy(&r["policy"], &n, "db-from-outside", "ingress"),
-                format!("router -> db NodePort record: {}", brief(r)),
-            );
-        }
-        let (np2, all2) = find_records(&c, NODE2, &n, Duration::from_secs(5), |r| {
-            r["service"]["name"] == "other" && r["service"]["ip"] == node_ip(&c, NODE2).as_str()
-        });
+    for r in &np1 {
         check(
-        !np2.is_empty(),
-        format!(
-            "no record of router -> other's NodePort {other_np_url} naming the Service and the router as original_source; \
-             what reached other from outside a pod on node-2:\n  {}\n  {}",
-            from_outside(&all2, &other),
-            nodeport_nat(&c, NODE2, other_np)
-        ),
-    );
-        for r in &np2 {
-            check(
-                r["verdict"] == "dropped"
-                    && svc_is(r, "other", &node_ip(&c, NODE2), other_np)
-                    && router_client(r)
-                    && is_pod(&r["destination"], &other)
-                    && r["allowed_by"].is_null()
-                    && names_policy(&r["isolated_by"], &n, "default-deny", "ingress"),
-                format!("router -> other NodePort record: {}", brief(r)),
-            );
-        }
-        // Whatever the linking, nothing from outside may reach other as "the node": the only
-        // connection let into other as from the node is the test's own curl from node-2.
-        let as_node: Vec<Value> = all2
-            .iter()
-            .filter(|r| {
-                r["event"] == "new"
-                    && is_pod(&r["destination"], &other)
-                    && r["allowed_by"] == "from-node"
-            })
-            .cloned()
-            .collect();
-        check(
-        as_node.len() == 1,
-        format!(
-            "{} connections let into other as from the node; only the test's curl from node-2 should be:\n  {}",
-            as_node.len(),
-            briefs(&as_node)
-        ),
-    );
+            svc_is(r, "db", &node_ip(&c, NODE1), db_np)
+                && router_client(r)
+                && is_pod(&r["destination"], &db)
+                && r["verdict"] == "forwarded"
+                && r["traffic_class"] == "world-to-pod"
+                && r["allowed_by"].is_null()
+                && names_policy(&r["policy"], &n, "db-from-outside", "ingress"),
+            format!("router -> db NodePort record: {}", brief(r)),
+        );
     }
+    let (np2, all2) = find_records(&c, NODE2, &n, Duration::from_secs(5), |r| {
+        r["service"]["name"] == "other" && r["service"]["ip"] == node_ip(&c, NODE2).as_str()
+    });
+    check(
+    !np2.is_empty(),
+    format!(
+        "no record of router -> other's NodePort {other_np_url} naming the Service and the router as original_source; \
+         what reached other from outside a pod on node-2:\n  {}\n  {}",
+        from_outside(&all2, &other),
+        nodeport_nat(&c, NODE2, other_np)
+    ),
+    );
+    for r in &np2 {
+        check(
+            r["verdict"] == "dropped"
+                && svc_is(r, "other", &node_ip(&c, NODE2), other_np)
+                && router_client(r)
+                && is_pod(&r["destination"], &other)
+                && r["allowed_by"].is_null()
+                && names_policy(&r["isolated_by"], &n, "default-deny", "ingress"),
+            format!("router -> other NodePort record: {}", brief(r)),
+        );
+    }
+    // Whatever the linking, nothing from outside may reach other as "the node": the only
+    // connection let into other as from the node is the test's own curl from node-2.
+    let as_node: Vec<Value> = all2
+        .iter()
+        .filter(|r| {
+            r["event"] == "new"
+                && is_pod(&r["destination"], &other)
+                && r["allowed_by"] == "from-node"
+        })
+        .cloned()
+        .collect();
+    check(
+    as_node.len() == 1,
+    format!(
+        "{} connections let into other as from the node; only the test's curl from node-2 should be:\n  {}",
+        as_node.len(),
+        briefs(&as_node)
+    ),
+    );
 
     // One connection, one set of records: nothing recorded towards a ClusterIP.
     for node in [NODE1, NODE2] {

@@ -785,9 +785,9 @@ impl TestBed {
         }
         if let Some(np) = svc.node_port {
             // As kube-proxy's KUBE-NODEPORTS and KUBE-MARK-MASQ: DNAT on any local address,
-            // then masquerade what carries its 0x4000 mark. (kube-proxy adds --random-fully,
-            // which observer does not follow yet: docs/policy.md.)
-            rules.push_str(" meta mark & 0x4000 == 0x4000 masquerade;");
+            // then masquerade what carries its 0x4000 mark, to a random port as kube-proxy's
+            // `MASQUERADE --random-fully` does (its default): the client's port is not kept.
+            rules.push_str(" meta mark & 0x4000 == 0x4000 masquerade fully-random;");
             let _ = write!(
                 rules,
                 " }}\n  chain nodeports {{ type nat hook prerouting priority dstnat + 1; \
