@@ -156,15 +156,69 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
     })
 }
 
+/// Directory under the pin dir with one entry per clsact qdisc observer created
+/// (`<ifindex>-<ifname>`, an empty directory: bpffs holds nothing else), so uninstall removes
+/// those and leaves the ones other tools had.
+pub const CLSACT_DIR: &str = "clsact";
+
 /// Gives an interface a clsact qdisc unless it has one: ours from an earlier daemon, or
 /// another tool's. The kernel refuses a second with EEXIST (its message, in aya's error, is
-/// the extended ack "Exclusivity flag on, cannot modify", not "File exists").
-fn ensure_clsact(ifname: &str) -> Result<()> {
+/// the extended ack "Exclusivity flag on, cannot modify", not "File exists"). Records a qdisc
+/// it creates under `CLSACT_DIR`.
+fn ensure_clsact(pin_dir: &Path, ifindex: u32, ifname: &str) -> Result<()> {
     match tc::qdisc_add_clsact(ifname) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            let mark = pin_dir.join(CLSACT_DIR).join(format!("{ifindex}-{ifname}"));
+            std::fs::create_dir_all(&mark).with_context(|| format!("recording {}", mark.display()))
+        }
         Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         Err(tc::TcError::AlreadyAttached) => Ok(()),
         Err(e) => Err(e).with_context(|| format!("adding clsact to {ifname}")),
+    }
+}
+
+/// Forgets the clsact qdiscs recorded for `ifindex` (the interface is gone, and its qdisc
+/// with it).
+fn forget_clsact(pin_dir: &Path, ifindex: u32) {
+    let Ok(rd) = std::fs::read_dir(pin_dir.join(CLSACT_DIR)) else {
+        return;
+    };
+    let prefix = format!("{ifindex}-");
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
+/// Removes the clsact qdiscs observer created, where nothing else has filters on them any more;
+/// says what it removed and what it kept.
+fn remove_own_clsact(pin_dir: &Path, out: &mut Vec<String>) {
+    let Ok(rd) = std::fs::read_dir(pin_dir.join(CLSACT_DIR)) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let entry = e.file_name().to_string_lossy().to_string();
+        let Some((index, name)) = entry.split_once('-') else {
+            continue;
+        };
+        let Ok(index) = index.parse::<u32>() else {
+            continue;
+        };
+        // The index may have been reused by another interface since.
+        if crate::netlink::ifname(index).as_deref() != Some(name) {
+            continue;
+        }
+        match crate::netlink::clsact_filters(index) {
+            Ok(0) => match crate::netlink::delete_clsact(index) {
+                Ok(()) => out.push(format!("removed clsact qdisc on {name}")),
+                Err(err) => out.push(format!("kept clsact qdisc on {name}: {err}")),
+            },
+            Ok(n) => out.push(format!(
+                "kept clsact qdisc on {name}: {n} filter(s) of another tool on it"
+            )),
+            Err(err) => out.push(format!("kept clsact qdisc on {name}: {err}")),
+        }
     }
 }
 
@@ -196,7 +250,8 @@ fn link_detach(link: SchedClassifierLink) -> Result<()> {
 }
 
 /// Takes observer off the node: detaches its programs from every interface of this network
-/// namespace and removes its pins. Enforcement stops. Returns what was removed.
+/// namespace, removes the clsact qdiscs it created where nothing else uses them, and removes
+/// its pins. Enforcement stops. Returns one line per thing removed or kept.
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let links = pin_dir.join(LINKS_DIR);
@@ -204,7 +259,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
         for e in rd.flatten() {
             std::fs::remove_file(e.path())
                 .with_context(|| format!("removing {}", e.path().display()))?;
-            out.push(format!("link {}", e.file_name().to_string_lossy()));
+            out.push(format!("removed link {}", e.file_name().to_string_lossy()));
         }
     }
     for l in crate::netlink::dump_links().unwrap_or_default() {
@@ -215,14 +270,15 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
             (TcAttachType::Egress, programs::UPLINK_EGRESS),
         ] {
             if tc::qdisc_detach_program(&l.name, t, name).is_ok() {
-                out.push(format!("clsact filter {name} on {}", l.name));
+                out.push(format!("removed clsact filter {name} on {}", l.name));
             }
         }
     }
+    remove_own_clsact(pin_dir, &mut out);
     if pin_dir.exists() {
         std::fs::remove_dir_all(pin_dir)
             .with_context(|| format!("removing {}", pin_dir.display()))?;
-        out.push(format!("pins {}", pin_dir.display()));
+        out.push(format!("removed pins {}", pin_dir.display()));
     }
     Ok(out)
 }
@@ -377,7 +433,7 @@ impl Datapath {
         }
         self.load_uplink_programs()?;
         if self.mode == AttachMode::Clsact {
-            ensure_clsact(ifname)?;
+            ensure_clsact(&self.pin_dir, ifindex, ifname)?;
         }
         let ingress = self
             .attach_one_as(
@@ -487,6 +543,9 @@ impl Datapath {
                 release(x, "", TcAttachType::Ingress);
             }
         }
+        if crate::netlink::ifname(ifindex).is_none() {
+            forget_clsact(&self.pin_dir, ifindex);
+        }
     }
 
     pub fn uplinks(&self) -> Vec<(u32, &'static str)> {
@@ -562,7 +621,7 @@ impl Datapath {
             return Ok(());
         }
         if self.mode == AttachMode::Clsact {
-            ensure_clsact(ifname)?;
+            ensure_clsact(&self.pin_dir, ifindex, ifname)?;
         }
         let ingress = self
             .attach_one(programs::FROM_POD, ifindex, ifname, TcAttachType::Ingress)
@@ -679,6 +738,9 @@ impl Datapath {
             let name = crate::netlink::ifname(ifindex);
             release(i, name.as_deref().unwrap_or(""), TcAttachType::Ingress);
             release(e, name.as_deref().unwrap_or(""), TcAttachType::Egress);
+        }
+        if crate::netlink::ifname(ifindex).is_none() {
+            forget_clsact(&self.pin_dir, ifindex);
         }
         if let Some(m) = self.ebpf.map_mut(maps::ATTACHED) {
             if let Ok(mut attached) = BpfHashMap::<&mut MapData, u32, u32>::try_from(m) {

@@ -735,8 +735,8 @@ fn run() -> Result<()> {
             rt.block_on(daemon::run(opts))
         }
         Cmd::Uninstall { pin_dir, state_dir } => {
-            for what in observer::bpf::uninstall(&pin_dir)? {
-                println!("removed {what}");
+            for line in observer::bpf::uninstall(&pin_dir)? {
+                println!("{line}");
             }
             if state_dir.exists() {
                 std::fs::remove_dir_all(&state_dir)

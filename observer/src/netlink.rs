@@ -1,5 +1,7 @@
 //! Interface discovery over rtnetlink: one dump at start, then link events, so a new pod veth
-//! is covered as soon as the kernel announces it.
+//! is covered as soon as the kernel announces it. Also the two tc queries uninstall needs on
+//! kernels without TCX: the filters left on an interface's clsact qdisc, and removing the
+//! qdisc.
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -15,7 +17,15 @@ const RTM_GETLINK: u16 = 18;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
 const NLM_F_DUMP: u16 = 0x300;
+const RTM_DELQDISC: u16 = 37;
+const RTM_GETTFILTER: u16 = 46;
+/// The clsact qdisc's parent and handle, and its two hooks (`TC_H_MAKE(TC_H_CLSACT, ...)`).
+const TC_H_CLSACT: u32 = 0xFFFF_FFF1;
+const CLSACT_HANDLE: u32 = 0xFFFF_0000;
+const CLSACT_INGRESS: u32 = 0xFFFF_FFF2;
+const CLSACT_EGRESS: u32 = 0xFFFF_FFF3;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
@@ -94,6 +104,8 @@ fn for_each_msg(buf: &[u8], mut f: impl FnMut(u16, &[u8])) -> io::Result<bool> {
                 if errno != 0 {
                     return Err(io::Error::from_raw_os_error(-errno));
                 }
+                // The acknowledgement of a request that is not a dump: nothing follows.
+                return Ok(true);
             }
             _ => f(ty, payload),
         }
@@ -208,20 +220,14 @@ impl LinkMonitor {
     }
 }
 
-/// All links of the current network namespace.
-pub fn dump_links() -> io::Result<Vec<Link>> {
+/// Sends one request and hands every reply message to `f` until the dump ends or the request
+/// is acknowledged.
+fn transact(req: &[u8], mut f: impl FnMut(u16, &[u8])) -> io::Result<()> {
     let fd = socket(0)?;
-    let mut req = [0u8; 32];
-    req[0..4].copy_from_slice(&32u32.to_ne_bytes());
-    req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
-    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    req[16] = libc::AF_UNSPEC as u8;
     let rc = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut links = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let mut pfd = libc::pollfd {
@@ -232,7 +238,7 @@ pub fn dump_links() -> io::Result<Vec<Link>> {
         if unsafe { libc::poll(&mut pfd, 1, 5000) } <= 0 {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "netlink link dump timed out",
+                "rtnetlink request timed out",
             ));
         }
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -243,15 +249,70 @@ pub fn dump_links() -> io::Result<Vec<Link>> {
             }
             return Err(e);
         }
-        let done = for_each_msg(&buf[..n as usize], |ty, p| {
-            if let Some(LinkEvent::New(l)) = parse_link(ty, p) {
-                links.push(l);
-            }
-        })?;
-        if done {
-            return Ok(links);
+        if for_each_msg(&buf[..n as usize], &mut f)? {
+            return Ok(());
         }
     }
+}
+
+/// A netlink header for a request of `ty` carrying `payload`.
+fn request(ty: u16, flags: u16, payload: &[u8]) -> Vec<u8> {
+    let len = 16 + payload.len();
+    let mut req = Vec::with_capacity(len);
+    req.extend_from_slice(&(len as u32).to_ne_bytes());
+    req.extend_from_slice(&ty.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(payload);
+    req
+}
+
+/// `struct tcmsg` (family unspecified).
+fn tcmsg(ifindex: u32, handle: u32, parent: u32) -> [u8; 20] {
+    let mut m = [0u8; 20];
+    m[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    m[8..12].copy_from_slice(&handle.to_ne_bytes());
+    m[12..16].copy_from_slice(&parent.to_ne_bytes());
+    m
+}
+
+/// All links of the current network namespace.
+pub fn dump_links() -> io::Result<Vec<Link>> {
+    let mut ifinfo = [0u8; 16];
+    ifinfo[0] = libc::AF_UNSPEC as u8;
+    let mut links = Vec::new();
+    transact(&request(RTM_GETLINK, NLM_F_DUMP, &ifinfo), |ty, p| {
+        if let Some(LinkEvent::New(l)) = parse_link(ty, p) {
+            links.push(l);
+        }
+    })?;
+    Ok(links)
+}
+
+/// How many tc filters the clsact qdisc of `ifindex` holds, on both hooks (0 without one).
+pub fn clsact_filters(ifindex: u32) -> io::Result<usize> {
+    let mut n = 0;
+    for parent in [CLSACT_INGRESS, CLSACT_EGRESS] {
+        let req = request(RTM_GETTFILTER, NLM_F_DUMP, &tcmsg(ifindex, 0, parent));
+        // The dump also describes each classifier instance (handle 0) before its filters.
+        transact(&req, |_, p| {
+            if p.len() >= 12 && p[8..12] != [0; 4] {
+                n += 1;
+            }
+        })?;
+    }
+    Ok(n)
+}
+
+/// Removes the clsact qdisc of `ifindex`, with whatever filters it still holds.
+pub fn delete_clsact(ifindex: u32) -> io::Result<()> {
+    let req = request(
+        RTM_DELQDISC,
+        NLM_F_ACK,
+        &tcmsg(ifindex, CLSACT_HANDLE, TC_H_CLSACT),
+    );
+    transact(&req, |_, _| {})
 }
 
 #[cfg(test)]

@@ -201,3 +201,145 @@ fn a_restarted_daemon_readopts_pinned_maps_and_counters_continue() {
     assert_eq!(r["counters"]["packets_in"], 10);
     assert_eq!(r["counters"]["bytes_out"], 10 * 128);
 }
+
+/// Another tool's tc filter on `ifname`'s clsact ingress: observer's `tc_empty` program at a
+/// priority of its own (this kernel has no other classifier built in). The filter outlives the
+/// loader, as a tool's would.
+fn foreign_filter(ns: &str, ifname: &str, tag: &str) {
+    use aya::programs::tc::{NlOptions, TcAttachOptions, TcAttachType};
+    let (ifname, pins) = (
+        ifname.to_string(),
+        std::path::PathBuf::from(format!("/sys/fs/bpf/observer-test-{tag}-foreign")),
+    );
+    in_netns(ns, move || {
+        let mut dp = observer::bpf::Datapath::load(&pins).unwrap();
+        dp.load_program(observer_common::programs::TC_EMPTY)
+            .unwrap();
+        let prog = dp.prog(observer_common::programs::TC_EMPTY).unwrap();
+        let id = prog
+            .attach_with_options(
+                &ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: 7,
+                    handle: 7.into(),
+                    ..Default::default()
+                }),
+            )
+            .unwrap();
+        // Dropping the link would delete the filter.
+        std::mem::forget(prog.take_link(id).unwrap());
+        drop(dp);
+        std::fs::remove_dir_all(&pins).unwrap();
+    })
+    .unwrap();
+}
+
+/// What `tc` lists on an interface: its clsact qdisc (if any) and the filters on both hooks.
+fn tc_state(ns: &str, ifname: &str) -> (bool, String) {
+    let qdiscs = ns_run(ns, &["tc", "qdisc", "show", "dev", ifname]).unwrap();
+    let mut filters = String::new();
+    for hook in ["ingress", "egress"] {
+        filters += &ns_run(ns, &["tc", "filter", "show", "dev", ifname, hook]).unwrap();
+    }
+    (qdiscs.contains("clsact"), filters)
+}
+
+/// On clsact (kernels before 6.6; `--attach-mode clsact` here), uninstall removes exactly what
+/// observer added: its filters everywhere and the clsact qdiscs it created, but neither a qdisc
+/// that was there before it nor one another tool has put a filter on since.
+#[test]
+fn uninstall_on_clsact_removes_only_what_observer_added() {
+    let mut bed = TestBed::overlay("unc").unwrap();
+    for name in ["a", "b", "c"] {
+        bed.add_pod(PodSpec {
+            namespace: "x",
+            name,
+            labels: &[],
+            ports: &[],
+        })
+        .unwrap();
+    }
+    let ns = bed.node_ns.clone();
+    let [a, b, c] = ["a", "b", "c"].map(|p| bed.pod(p).host_if.clone());
+    // a: another tool's qdisc, empty, there before observer.
+    ns_run(&ns, &["tc", "qdisc", "add", "dev", &a, "clsact"]).unwrap();
+    let daemon = bed
+        .start_daemon(OBSERVER.as_ref(), &["--attach-mode", "clsact"])
+        .unwrap();
+    for i in [&a, &b, &c] {
+        let (qdisc, filters) = tc_state(&ns, i);
+        assert!(
+            qdisc && filters.contains("from_pod") && filters.contains("to_pod"),
+            "{i}: {filters}"
+        );
+    }
+    // b: observer created its qdisc, then another tool put a filter on it.
+    foreign_filter(&ns, &b, "unc");
+    bed.stop_daemon(&daemon);
+
+    // nsenter, not `ip netns exec`: that remounts /sys, hiding the bpffs with the pins.
+    let netns = format!("--net=/run/netns/{ns}");
+    let out = observer_tests::run(&[
+        "nsenter",
+        &netns,
+        OBSERVER,
+        "uninstall",
+        "--pin-dir",
+        daemon.pin_dir.to_str().unwrap(),
+    ])
+    .unwrap();
+    eprintln!("{out}");
+    let (qa, fa) = tc_state(&ns, &a);
+    assert!(
+        qa,
+        "the qdisc that was there before observer was removed:\n{out}"
+    );
+    assert!(fa.trim().is_empty(), "{a} still has filters: {fa}");
+    let (qb, fb) = tc_state(&ns, &b);
+    assert!(
+        qb,
+        "the qdisc another tool's filter is on was removed:\n{out}"
+    );
+    assert!(
+        fb.contains("tc_empty") && !fb.contains("from_pod") && !fb.contains("to_pod"),
+        "{b}: only the other tool's filter should be left: {fb}"
+    );
+    assert!(
+        out.contains(&format!(
+            "kept clsact qdisc on {b}: 1 filter(s) of another tool"
+        )),
+        "{out}"
+    );
+    let (qc, fc) = tc_state(&ns, &c);
+    assert!(
+        !qc && fc.trim().is_empty(),
+        "{c}: observer's qdisc left behind: {fc}"
+    );
+    assert!(
+        out.contains(&format!("removed clsact qdisc on {c}")),
+        "{out}"
+    );
+    // Nothing of observer's anywhere else on the node (the uplink too).
+    for l in ns_run(&ns, &["ip", "-o", "link", "show"]).unwrap().lines() {
+        let name = l
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .split('@')
+            .next()
+            .unwrap()
+            .to_string();
+        if name == a || name == b {
+            continue;
+        }
+        let (q, f) = tc_state(&ns, &name);
+        assert!(!q, "{name} keeps a clsact qdisc after uninstall: {f}");
+    }
+    assert!(
+        !daemon.pin_dir.exists(),
+        "pins left in {}",
+        daemon.pin_dir.display()
+    );
+}
