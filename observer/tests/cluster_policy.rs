@@ -346,8 +346,11 @@ fn pod_arg(p: &PodRef) -> String {
     format!("{}/{}", p.namespace, p.name)
 }
 
-/// A loop of probes from `src` to `dst` in the background (each with a 1 s timeout), to see a
-/// change through the API server take effect while traffic runs.
+/// A loop of probes from `src` to `dst` in the background, to see a change through the API
+/// server take effect while traffic runs. Each probe waits 2 s: a SYN lost on the way (seen
+/// once, after the change, with no trace at the server node's hooks: lost before them, not
+/// judged) is retransmitted after 1 s, and a denied connection never answers however long it
+/// waits.
 struct Traffic {
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<Vec<(Instant, Instant, bool)>>>,
@@ -368,7 +371,7 @@ impl Traffic {
         let handle = std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
-                let ok = http_get(&c, &src, &u, 1).as_deref() == Some(want.as_str());
+                let ok = http_get(&c, &src, &u, 2).as_deref() == Some(want.as_str());
                 lg.lock().unwrap().push((t0, Instant::now(), ok));
                 std::thread::sleep(Duration::from_millis(100));
             }
