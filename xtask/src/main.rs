@@ -30,6 +30,10 @@ enum Cmd {
         /// the suite here).
         #[arg(long, value_parser = ["6.1"])]
         kernel: Option<String>,
+        /// With `--kernel`: only these end-to-end targets (e.g. `--e2e e2e_services`), to
+        /// rerun a few in the guest without the whole suite.
+        #[arg(long = "e2e", requires = "kernel")]
+        e2e: Vec<String>,
     },
     /// Run a virtual node with example pods and traffic, and print live flows.
     Demo {
@@ -168,7 +172,11 @@ fn main() -> Result<()> {
     std::env::set_current_dir(workspace_root())?;
     match cli.cmd {
         Cmd::Setup => setup::run(),
-        Cmd::Test { unit_only, kernel } => {
+        Cmd::Test {
+            unit_only,
+            kernel,
+            e2e,
+        } => {
             setup::run()?;
             cargo(&[
                 "test",
@@ -196,8 +204,14 @@ fn main() -> Result<()> {
             if unsafe { libc::geteuid() } != 0 {
                 bail!("the end-to-end tests need root (network namespaces and eBPF); rerun as root or pass --unit-only");
             }
-            let targets = e2e_targets()?;
+            let mut targets = e2e_targets()?;
             if kernel.is_some() {
+                if !e2e.is_empty() {
+                    if let Some(t) = e2e.iter().find(|t| !targets.contains(t)) {
+                        bail!("--e2e {t}: no such target (observer/tests/{t}.rs)");
+                    }
+                    targets = e2e;
+                }
                 return on_old_kernel(&targets);
             }
             let mut args = vec!["test", "-p", "observer"];

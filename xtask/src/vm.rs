@@ -194,22 +194,41 @@ pub fn run_tests(guest: &Guest, tests: &[(String, PathBuf)], observer: &Path) ->
         std::fs::create_dir_all(dst.parent().unwrap())?;
         std::fs::copy(src, dst).with_context(|| format!("copying {}", src.display()))?;
     }
+    // Data the tests read from the source tree at run time (the upstream policy cases), at the
+    // same path; they find it as `observer/../tests/policy`, so `observer/` must exist too.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()?;
+    let data = workspace.join("tests/policy");
+    let data_copy = guest.rootfs.join(data.strip_prefix("/").unwrap_or(&data));
+    let package_dir = guest
+        .rootfs
+        .join(workspace.join("observer").strip_prefix("/")?);
+    std::fs::create_dir_all(data_copy.parent().unwrap())?;
+    std::fs::create_dir_all(&package_dir)?;
+    let _ = std::fs::remove_dir_all(&data_copy);
+    run(Command::new("cp").arg("-a").arg(&data).arg(&data_copy))?;
     let result = boot(guest, tests);
-    // The cache keeps the distribution, not this build's binaries.
+    // The cache keeps the distribution, not this build's binaries or data.
     for c in &copied {
         let _ = std::fs::remove_file(c);
     }
+    let _ = std::fs::remove_dir_all(&data_copy);
+    let _ = std::fs::remove_dir(&package_dir);
     result
 }
 
 fn boot(guest: &Guest, tests: &[(String, PathBuf)]) -> Result<()> {
     // /tmp stays the image's own: the binaries may live under it (a clone in /tmp).
+    // br_netfilter: kubenet nodes have it loaded (kube-proxy needs it); the kubenet test bed
+    // sets its sysctls. This kernel has it as a module, the host's may have it built in.
     let mut init = String::from(
         "#!/bin/sh\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev\n\
          mount -t tmpfs tmpfs /run; mkdir -p /run/netns\n\
          ip link set lo up\n\
+         modprobe br_netfilter\n\
          echo \"observer-vm: kernel $(uname -r)\"\n",
     );
     for (name, exe) in tests {
