@@ -18,7 +18,27 @@ fn nightly_has_rust_src() -> bool {
         .unwrap_or(false)
 }
 
+/// The Hubble-compatible API's protobuf files (`proto/`), compiled in Rust (protox): no protoc
+/// needed.
+fn compile_protos() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=proto");
+    let files = [
+        "flow/flow.proto",
+        "relay/relay.proto",
+        "observer/observer.proto",
+        "peer/peer.proto",
+        "grpc/health/v1/health.proto",
+    ];
+    let fds = protox::compile(files, ["proto"]).context("compiling proto/")?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .context("generating the gRPC code")
+}
+
 fn main() -> anyhow::Result<()> {
+    compile_protos()?;
     println!("cargo:rerun-if-env-changed=OBSERVER_EBPF_TOOLCHAIN");
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?)
         .parent()

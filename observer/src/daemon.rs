@@ -62,6 +62,8 @@ pub struct Options {
     pub source: Source,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
+    /// Unix socket of the Hubble-compatible gRPC API (`hubble observe --server unix://...`).
+    pub hubble_socket: Option<PathBuf>,
     /// What must survive the daemon's restarts (identity numbering).
     pub state_dir: PathBuf,
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -846,6 +848,9 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let api = crate::api::serve(shared.clone()).await?;
     tasks.spawn(api);
+    if let Some(path) = opts.hubble_socket.clone() {
+        tasks.spawn(crate::hubble::serve(shared.clone(), path).await?);
+    }
     info!(socket = %opts.socket.display(), node = %opts.node_name, "observer daemon running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

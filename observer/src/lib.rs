@@ -11,6 +11,7 @@ pub mod features;
 pub mod filter;
 pub mod flowlog;
 pub mod flows;
+pub mod hubble;
 pub mod k8s;
 pub mod netlink;
 pub mod policy;

@@ -244,6 +244,10 @@ struct DaemonArgs {
     /// Unix socket of the local API (flows, status, metrics).
     #[arg(long, env = "OBSERVER_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Unix socket of the Hubble-compatible gRPC API, for `hubble observe --server
+    /// unix://PATH` and `hubble status` (default: `hubble.sock` next to --socket; `none`: off).
+    #[arg(long, env = "OBSERVER_HUBBLE_SOCKET")]
+    hubble_socket: Option<PathBuf>,
     /// Also serve /metrics, /healthz and /readyz on this TCP address.
     #[arg(long, env = "OBSERVER_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -667,6 +671,11 @@ fn run() -> Result<()> {
                     None => daemon::Source::None,
                 },
                 pin_dir: a.pin_dir,
+                hubble_socket: match a.hubble_socket {
+                    Some(p) if p.as_os_str() == "none" => None,
+                    Some(p) => Some(p),
+                    None => Some(a.socket.with_file_name("hubble.sock")),
+                },
                 socket: a.socket,
                 state_dir: a.state_dir,
                 metrics_addr: a.metrics_addr,

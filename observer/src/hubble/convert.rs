@@ -1,0 +1,218 @@
+//! observer's flow records as Hubble `flow.Flow` messages: what `hubble observe` prints and
+//! filters on, with what Hubble itself leaves out filled in (the policy behind default-deny
+//! drops and audit verdicts).
+use std::{collections::BTreeMap, net::IpAddr};
+
+use super::proto::flow::{
+    self, layer4::Protocol, CiliumEventType, DropReason, Endpoint, FlowType, IpVersion, Layer4,
+    Policy, TrafficDirection, Verdict, Workload,
+};
+use crate::flows::{FlowRecord, Peer};
+
+/// Hubble's monitor event types (`CiliumEventType.type`).
+pub const EVENT_DROP: i32 = 1;
+pub const EVENT_TRACE: i32 = 4;
+pub const EVENT_POLICY_VERDICT: i32 = 5;
+
+/// The Hubble flow for one record. `uuid` is the record's identity in this daemon's history.
+pub fn flow_of(rec: &FlowRecord, uuid: String) -> flow::Flow {
+    let dropped = rec.verdict == "dropped";
+    let verdict = match rec.verdict.as_str() {
+        "dropped" => Verdict::Dropped,
+        "audit" => Verdict::Audit,
+        _ => Verdict::Forwarded,
+    };
+    // Drops are drop events (policy denied); a connection's verdict is a policy-verdict event;
+    // its later reports and close are traces of the same connection.
+    let event_type = if dropped {
+        CiliumEventType {
+            r#type: EVENT_DROP,
+            sub_type: DropReason::PolicyDenied as i32,
+        }
+    } else if rec.event == "new" {
+        CiliumEventType {
+            r#type: EVENT_POLICY_VERDICT,
+            sub_type: 0,
+        }
+    } else {
+        CiliumEventType {
+            r#type: EVENT_TRACE,
+            sub_type: 0,
+        }
+    };
+    let (mut egress_allowed, mut ingress_allowed) = (Vec::new(), Vec::new());
+    for r in &rec.policy {
+        let p = policy(&r.namespace, &r.name);
+        if r.direction == "egress" {
+            egress_allowed.push(p);
+        } else {
+            ingress_allowed.push(p);
+        }
+    }
+    let (mut egress_denied, mut ingress_denied) = (Vec::new(), Vec::new());
+    for p in &rec.isolated_by {
+        if !dropped && rec.verdict != "audit" {
+            continue;
+        }
+        let pol = policy(&p.namespace, &p.name);
+        if p.direction == "egress" {
+            egress_denied.push(pol);
+        } else {
+            ingress_denied.push(pol);
+        }
+    }
+    flow::Flow {
+        time: parse_time(&rec.time),
+        uuid,
+        verdict: verdict as i32,
+        drop_reason: if dropped {
+            DropReason::PolicyDenied as u32
+        } else {
+            0
+        },
+        drop_reason_desc: if dropped {
+            DropReason::PolicyDenied as i32
+        } else {
+            0
+        },
+        ip: Some(flow::Ip {
+            source: rec.ip.src.to_string(),
+            destination: rec.ip.dst.to_string(),
+            ip_version: match rec.ip.dst {
+                IpAddr::V4(_) => IpVersion::IPv4 as i32,
+                IpAddr::V6(_) => IpVersion::IPv6 as i32,
+            },
+            source_xlated: rec
+                .snat
+                .as_ref()
+                .filter(|s| s.translated_src_ip != s.original_src_ip)
+                .map(|s| s.translated_src_ip.to_string())
+                .unwrap_or_default(),
+            ..Default::default()
+        }),
+        l4: Some(layer4(rec)),
+        source: Some(endpoint(&rec.source)),
+        destination: Some(endpoint(&rec.destination)),
+        r#type: FlowType::L3L4 as i32,
+        node_name: rec.node.clone(),
+        event_type: Some(event_type),
+        destination_service: rec.service.as_ref().map(|s| flow::Service {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+        }),
+        traffic_direction: match rec.direction.as_str() {
+            "ingress" => TrafficDirection::Ingress as i32,
+            "egress" => TrafficDirection::Egress as i32,
+            _ => TrafficDirection::Unknown as i32,
+        },
+        // A record describes a whole connection from its originator's side.
+        is_reply: Some(false),
+        egress_allowed_by: egress_allowed,
+        ingress_allowed_by: ingress_allowed,
+        egress_denied_by: egress_denied,
+        ingress_denied_by: ingress_denied,
+        summary: summary(rec),
+        ..Default::default()
+    }
+}
+
+fn policy(namespace: &str, name: &str) -> Policy {
+    Policy {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        kind: "NetworkPolicy".into(),
+        ..Default::default()
+    }
+}
+
+fn parse_time(t: &str) -> Option<prost_types::Timestamp> {
+    let st = humantime::parse_rfc3339(t).ok()?;
+    Some(prost_types::Timestamp::from(st))
+}
+
+fn tcp_flags(names: &[String]) -> flow::TcpFlags {
+    let has = |n: &str| names.iter().any(|f| f == n);
+    flow::TcpFlags {
+        fin: has("FIN"),
+        syn: has("SYN"),
+        rst: has("RST"),
+        psh: has("PSH"),
+        ack: has("ACK"),
+        urg: has("URG"),
+        ece: has("ECE"),
+        cwr: has("CWR"),
+        ns: false,
+    }
+}
+
+fn layer4(rec: &FlowRecord) -> Layer4 {
+    let l4 = &rec.l4;
+    let icmp = l4.icmp.as_ref();
+    let protocol = match l4.protocol.as_str() {
+        "TCP" => Protocol::Tcp(flow::Tcp {
+            source_port: l4.src_port as u32,
+            destination_port: l4.dst_port as u32,
+            flags: Some(tcp_flags(&l4.tcp_flags)),
+        }),
+        "UDP" => Protocol::Udp(flow::Udp {
+            source_port: l4.src_port as u32,
+            destination_port: l4.dst_port as u32,
+        }),
+        "SCTP" => Protocol::Sctp(flow::Sctp {
+            source_port: l4.src_port as u32,
+            destination_port: l4.dst_port as u32,
+            ..Default::default()
+        }),
+        "ICMPv6" => Protocol::IcmPv6(flow::IcmPv6 {
+            r#type: icmp.map_or(0, |i| i.icmp_type as u32),
+            code: icmp.map_or(0, |i| i.code as u32),
+        }),
+        _ => Protocol::IcmPv4(flow::IcmPv4 {
+            r#type: icmp.map_or(0, |i| i.icmp_type as u32),
+            code: icmp.map_or(0, |i| i.code as u32),
+        }),
+    };
+    Layer4 {
+        protocol: Some(protocol),
+    }
+}
+
+/// Labels in Hubble's form: `k8s:key=value`, sorted.
+fn labels(l: &BTreeMap<String, String>) -> Vec<String> {
+    l.iter().map(|(k, v)| format!("k8s:{k}={v}")).collect()
+}
+
+fn endpoint(p: &Peer) -> Endpoint {
+    let mut lab = labels(&p.labels);
+    if let Some(ns) = &p.namespace {
+        lab.push(format!("k8s:io.kubernetes.pod.namespace={ns}"));
+        lab.sort();
+    }
+    Endpoint {
+        namespace: p.namespace.clone().unwrap_or_default(),
+        pod_name: p.pod.clone().unwrap_or_default(),
+        labels: lab,
+        workloads: p
+            .workload
+            .iter()
+            .map(|w| {
+                let (kind, name) = w.split_once('/').unwrap_or(("", w.as_str()));
+                Workload {
+                    name: name.to_string(),
+                    kind: kind.to_string(),
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Hubble's one-line summary: protocol and flags.
+fn summary(rec: &FlowRecord) -> String {
+    match rec.l4.protocol.as_str() {
+        "TCP" if !rec.l4.tcp_flags.is_empty() => {
+            format!("TCP Flags: {}", rec.l4.tcp_flags.join(", "))
+        }
+        p => p.to_string(),
+    }
+}

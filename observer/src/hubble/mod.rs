@@ -1,0 +1,323 @@
+//! The Hubble-compatible gRPC API: `observer.Observer` (GetFlows, ServerStatus, GetNodes,
+//! GetNamespaces) and `grpc.health.v1.Health` on a unix socket, so `hubble observe` and
+//! `hubble status` work against a node's observer. It reads the same history and live stream
+//! as observer's own API.
+mod convert;
+mod filter;
+
+use std::{
+    collections::BTreeSet,
+    hash::{Hash, Hasher},
+    os::unix::fs::PermissionsExt,
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result};
+use futures_util::{Stream, StreamExt};
+use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
+use tonic::{Request, Response, Status};
+
+use crate::{daemon::Shared, flows::FlowRecord};
+use proto::{
+    flow::{Flow, LostEvent, LostEventSource},
+    grpc::health::v1::{
+        health_check_response::ServingStatus,
+        health_server::{Health, HealthServer},
+        HealthCheckRequest, HealthCheckResponse,
+    },
+    observer::{
+        get_flows_response::ResponseTypes,
+        observer_server::{Observer, ObserverServer},
+        GetFlowsRequest, GetFlowsResponse, GetNamespacesRequest, GetNamespacesResponse,
+        GetNodesRequest, GetNodesResponse, Namespace, Node, ServerStatusRequest,
+        ServerStatusResponse,
+    },
+};
+
+/// Code generated from `proto/` (the wire contract of cilium's Hubble API, the subset observer
+/// serves).
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    pub mod flow {
+        tonic::include_proto!("flow");
+    }
+    pub mod relay {
+        tonic::include_proto!("relay");
+    }
+    pub mod observer {
+        tonic::include_proto!("observer");
+    }
+    pub mod peer {
+        tonic::include_proto!("peer");
+    }
+    pub mod grpc {
+        pub mod health {
+            pub mod v1 {
+                tonic::include_proto!("grpc.health.v1");
+            }
+        }
+    }
+}
+
+/// The names `hubble status` asks the health service about: the gRPC service, and the name
+/// Hubble's own server registers its health under.
+const OBSERVER_SERVICES: [&str; 2] = ["observer.Observer", "hubble.server.Observer"];
+
+/// Binds the socket (mode 0660, like the API's) and returns the server to run.
+pub async fn serve(
+    shared: Arc<Shared>,
+    path: PathBuf,
+) -> Result<impl std::future::Future<Output = Result<()>>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let uds = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("binding the Hubble API socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+    let server = tonic::transport::Server::builder()
+        .add_service(ObserverServer::new(HubbleApi { shared }))
+        .add_service(HealthServer::new(HealthApi));
+    Ok(async move {
+        server
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds))
+            .await
+            .context("Hubble API server")
+    })
+}
+
+struct HubbleApi {
+    shared: Arc<Shared>,
+}
+
+type FlowStream = Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send>>;
+
+/// A record's identity in this daemon: the same record always gets the same uuid.
+fn uuid_of(rec: &FlowRecord) -> String {
+    let part = |seed: u64| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        seed.hash(&mut h);
+        (&rec.time, &rec.node, &rec.event, &rec.ip.src, &rec.ip.dst).hash(&mut h);
+        (rec.l4.src_port, rec.l4.dst_port).hash(&mut h);
+        rec.l4.protocol.hash(&mut h);
+        h.finish()
+    };
+    let n = (part(1) as u128) << 64 | part(2) as u128;
+    uuid::Builder::from_random_bytes(n.to_be_bytes())
+        .into_uuid()
+        .to_string()
+}
+
+fn response(node: &str, flow: Flow) -> GetFlowsResponse {
+    GetFlowsResponse {
+        time: flow.time,
+        node_name: node.to_string(),
+        response_types: Some(ResponseTypes::Flow(flow)),
+    }
+}
+
+fn in_window(flow: &Flow, since: Option<SystemTime>, until: Option<SystemTime>) -> bool {
+    let Some(t) = flow.time.and_then(|t| SystemTime::try_from(t).ok()) else {
+        return true;
+    };
+    since.is_none_or(|s| t >= s) && until.is_none_or(|u| t <= u)
+}
+
+#[tonic::async_trait]
+impl Observer for HubbleApi {
+    type GetFlowsStream = FlowStream;
+
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<FlowStream>, Status> {
+        let req = request.into_inner();
+        for f in req.whitelist.iter().chain(&req.blacklist) {
+            if let Some(field) = filter::unsupported(f) {
+                return Err(Status::invalid_argument(format!(
+                    "observer has no data to filter on {field}"
+                )));
+            }
+        }
+        let since = req.since.and_then(|t| SystemTime::try_from(t).ok());
+        let until = req.until.and_then(|t| SystemTime::try_from(t).ok());
+        let (white, black) = (Arc::new(req.whitelist), Arc::new(req.blacklist));
+        let node = self.shared.opts.node_name.clone();
+        let accepts = {
+            let (white, black) = (white.clone(), black.clone());
+            move |flow: &Flow| in_window(flow, since, until) && filter::passes(flow, &white, &black)
+        };
+        // Subscribe before reading the history, so nothing falls in between.
+        let rx = self.shared.tx.subscribe();
+        let backlog: Vec<GetFlowsResponse> = {
+            let st = self.shared.state.lock().unwrap();
+            let matching: Vec<Flow> = st
+                .history
+                .iter()
+                .map(|r| convert::flow_of(r, uuid_of(r)))
+                .filter(|f| accepts(f))
+                .collect();
+            let n = match req.number as usize {
+                // Nothing asked for: everything in the window, or only what comes (follow).
+                0 if req.follow && since.is_none() => 0,
+                0 => matching.len(),
+                n => n.min(matching.len()),
+            };
+            let chosen: Vec<Flow> = if req.first {
+                matching.into_iter().take(n).collect()
+            } else {
+                let skip = matching.len() - n;
+                matching.into_iter().skip(skip).collect()
+            };
+            chosen.into_iter().map(|f| response(&node, f)).collect()
+        };
+        let head = futures_util::stream::iter(backlog.into_iter().map(Ok));
+        if !req.follow {
+            return Ok(Response::new(Box::pin(head)));
+        }
+        let live = BroadcastStream::new(rx)
+            .filter_map(move |r| {
+                let node = node.clone();
+                let accepts = accepts.clone();
+                async move {
+                    match r {
+                        Ok(rec) => {
+                            let flow = convert::flow_of(&rec, uuid_of(&rec));
+                            accepts(&flow).then(|| Ok(response(&node, flow)))
+                        }
+                        // A slow reader skipped records: said in-band, as Hubble does.
+                        Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(GetFlowsResponse {
+                            time: Some(SystemTime::now().into()),
+                            node_name: node,
+                            response_types: Some(ResponseTypes::LostEvents(LostEvent {
+                                source: LostEventSource::ObserverEventsQueue as i32,
+                                num_events_lost: n,
+                                ..Default::default()
+                            })),
+                        })),
+                    }
+                }
+            })
+            // `until` ends a followed stream once it has passed.
+            .take_while(move |_| {
+                let open = until.is_none_or(|u| SystemTime::now() <= u);
+                async move { open }
+            });
+        Ok(Response::new(Box::pin(head.chain(live))))
+    }
+
+    async fn server_status(
+        &self,
+        _: Request<ServerStatusRequest>,
+    ) -> Result<Response<ServerStatusResponse>, Status> {
+        let (num, seen) = self.counts();
+        let uptime = self.uptime_ns();
+        Ok(Response::new(ServerStatusResponse {
+            num_flows: num,
+            max_flows: self.shared.opts.history as u64,
+            seen_flows: seen,
+            uptime_ns: uptime,
+            num_connected_nodes: Some(1),
+            num_unavailable_nodes: Some(0),
+            unavailable_nodes: Vec::new(),
+            version: format!("observer {}", env!("CARGO_PKG_VERSION")),
+            flows_rate: if uptime > 0 {
+                seen as f64 / (uptime as f64 / 1e9)
+            } else {
+                0.0
+            },
+        }))
+    }
+
+    async fn get_nodes(
+        &self,
+        _: Request<GetNodesRequest>,
+    ) -> Result<Response<GetNodesResponse>, Status> {
+        let (num, seen) = self.counts();
+        Ok(Response::new(GetNodesResponse {
+            nodes: vec![Node {
+                name: self.shared.opts.node_name.clone(),
+                version: format!("observer {}", env!("CARGO_PKG_VERSION")),
+                state: proto::relay::NodeState::NodeConnected as i32,
+                uptime_ns: self.uptime_ns(),
+                num_flows: num,
+                max_flows: self.shared.opts.history as u64,
+                seen_flows: seen,
+                ..Default::default()
+            }],
+        }))
+    }
+
+    async fn get_namespaces(
+        &self,
+        _: Request<GetNamespacesRequest>,
+    ) -> Result<Response<GetNamespacesResponse>, Status> {
+        let st = self.shared.state.lock().unwrap();
+        let names: BTreeSet<&String> = st
+            .history
+            .iter()
+            .flat_map(|r| [&r.source.namespace, &r.destination.namespace])
+            .flatten()
+            .collect();
+        Ok(Response::new(GetNamespacesResponse {
+            namespaces: names
+                .into_iter()
+                .map(|n| Namespace {
+                    namespace: n.clone(),
+                    cluster: String::new(),
+                })
+                .collect(),
+        }))
+    }
+}
+
+impl HubbleApi {
+    /// Records in the history, and records published since start.
+    fn counts(&self) -> (u64, u64) {
+        let st = self.shared.state.lock().unwrap();
+        (st.history.len() as u64, st.metrics.records.values().sum())
+    }
+
+    fn uptime_ns(&self) -> u64 {
+        self.shared
+            .started
+            .elapsed()
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    }
+}
+
+struct HealthApi;
+
+#[tonic::async_trait]
+impl Health for HealthApi {
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let service = request.into_inner().service;
+        if service.is_empty() || OBSERVER_SERVICES.contains(&service.as_str()) {
+            Ok(Response::new(HealthCheckResponse {
+                status: ServingStatus::Serving as i32,
+            }))
+        } else {
+            Err(Status::not_found(format!("unknown service {service}")))
+        }
+    }
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let now = self.check(request).await?.into_inner();
+        let once = futures_util::stream::once(async move { Ok(now) });
+        Ok(Response::new(Box::pin(
+            once.chain(futures_util::stream::pending()),
+        )))
+    }
+}

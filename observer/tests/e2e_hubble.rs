@@ -1,0 +1,303 @@
+//! The Hubble API: the real `hubble` CLI (`../shared/tools/hubble`, or `$OBSERVER_HUBBLE_CLI`)
+//! against a running daemon's `hubble.sock`: status, observe with filters, the policy behind
+//! each verdict (default-deny drops included), and an older CLI too; plus a gRPC client of our
+//! own, which runs wherever the CLI is not there.
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use observer::hubble::proto::{
+    flow::{FlowFilter, Verdict},
+    observer::{
+        get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
+        ServerStatusRequest,
+    },
+};
+use observer_tests::{in_netns, spawn_in_netns, PodSpec, TestBed};
+use serde_json::Value;
+
+const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
+
+/// The Hubble CLIs to test with: the current one and an old one (its protos predate the
+/// policy fields).
+fn hubble_clis() -> Vec<PathBuf> {
+    if let Some(p) = std::env::var_os("OBSERVER_HUBBLE_CLI") {
+        return vec![PathBuf::from(p)];
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools");
+    ["hubble", "hubble-0.11.6"]
+        .iter()
+        .map(|n| dir.join(n))
+        .filter(|p| p.is_file())
+        .collect()
+}
+
+fn hubble(cli: &Path, sock: &Path, args: &[&str]) -> String {
+    let out = Command::new(cli)
+        .args(args)
+        .arg("--server")
+        .arg(format!("unix://{}", sock.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {}",
+        cli.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `hubble observe -o json` lines: the flows.
+fn flows(out: &str) -> Vec<Value> {
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| v.get("flow").cloned())
+        .collect()
+}
+
+fn port(f: &Value) -> u64 {
+    f["l4"]["TCP"]["destination_port"].as_u64().unwrap_or(0)
+}
+
+/// A pod x/a (app=client) and a server y/b (app=server) whose policy admits port 80 only; one
+/// allowed and one denied connection.
+fn scenario() -> (TestBed, observer_tests::Daemon) {
+    let mut bed = TestBed::overlay("hub").unwrap();
+    bed.add_pod(PodSpec {
+        namespace: "x",
+        name: "a",
+        labels: &[("app", "client")],
+        ports: &[],
+    })
+    .unwrap();
+    bed.add_pod(PodSpec {
+        namespace: "y",
+        name: "b",
+        labels: &[("app", "server")],
+        ports: &[("http", 80, "TCP")],
+    })
+    .unwrap();
+    std::fs::write(
+        bed.cluster_dir().join("policy.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-http, namespace: y}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{ports: [{port: 80}]}]\n",
+    )
+    .unwrap();
+    let daemon = bed
+        .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"])
+        .unwrap();
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    for port in [80u16, 81] {
+        let l = in_netns(&b.netns, move || TcpListener::bind(("::", port)).unwrap()).unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                drop(s)
+            }
+        });
+    }
+    let ok = spawn_in_netns(&a.netns, move || {
+        TcpStream::connect_timeout(&SocketAddr::new(b.ip4, 80), Duration::from_secs(2)).is_ok()
+    });
+    assert!(ok.join().unwrap().unwrap(), "port 80 is allowed");
+    let denied = spawn_in_netns(&a.netns, move || {
+        TcpStream::connect_timeout(&SocketAddr::new(b.ip4, 81), Duration::from_millis(500)).is_ok()
+    });
+    assert!(!denied.join().unwrap().unwrap(), "port 81 is denied");
+    std::thread::sleep(Duration::from_millis(1800));
+    (bed, daemon)
+}
+
+fn hubble_sock(d: &observer_tests::Daemon) -> PathBuf {
+    d.socket.with_file_name("hubble.sock")
+}
+
+#[test]
+fn the_hubble_cli_observes_flows_with_their_policies() {
+    let clis = hubble_clis();
+    if clis.is_empty() {
+        eprintln!("SKIPPED: no hubble CLI (../shared/tools/hubble or OBSERVER_HUBBLE_CLI)");
+        return;
+    }
+    let (_bed, daemon) = scenario();
+    let sock = hubble_sock(&daemon);
+    let current = &clis[0];
+
+    let status = hubble(current, &sock, &["status"]);
+    assert!(
+        status.contains("Healthcheck") && status.contains("Ok"),
+        "{status}"
+    );
+    assert!(status.contains("Flows"), "{status}");
+
+    let all = flows(&hubble(
+        current,
+        &sock,
+        &["observe", "-o", "json", "--last", "100"],
+    ));
+    let drop = all
+        .iter()
+        .find(|f| f["verdict"] == "DROPPED")
+        .unwrap_or_else(|| panic!("no dropped flow: {all:?}"));
+    assert_eq!(port(drop), 81, "{drop}");
+    assert_eq!(drop["source"]["namespace"], "x", "{drop}");
+    assert_eq!(drop["source"]["pod_name"], "a", "{drop}");
+    assert_eq!(drop["destination"]["pod_name"], "b", "{drop}");
+    assert_eq!(drop["drop_reason_desc"], "POLICY_DENIED", "{drop}");
+    assert_eq!(drop["event_type"]["type"], 1, "{drop}");
+    // What Hubble leaves empty on a default-deny drop: the policy that isolates the pod.
+    assert_eq!(drop["ingress_denied_by"][0]["name"], "b-http", "{drop}");
+    assert_eq!(drop["ingress_denied_by"][0]["namespace"], "y", "{drop}");
+    assert_eq!(
+        drop["ingress_denied_by"][0]["kind"], "NetworkPolicy",
+        "{drop}"
+    );
+    let labels = drop["source"]["labels"].as_array().unwrap();
+    assert!(labels.iter().any(|l| l == "k8s:app=client"), "{drop}");
+    let allowed = all
+        .iter()
+        .find(|f| f["verdict"] == "FORWARDED" && port(f) == 80)
+        .unwrap_or_else(|| panic!("no forwarded flow to port 80: {all:?}"));
+    assert_eq!(
+        allowed["ingress_allowed_by"][0]["name"], "b-http",
+        "{allowed}"
+    );
+    // One record per connection, seen from the pod that opened it (both pods are local).
+    assert_eq!(allowed["traffic_direction"], "EGRESS", "{allowed}");
+
+    // Filters as `hubble observe` sends them.
+    let only_drops = flows(&hubble(
+        current,
+        &sock,
+        &["observe", "-o", "json", "--verdict", "DROPPED"],
+    ));
+    assert!(!only_drops.is_empty() && only_drops.iter().all(|f| f["verdict"] == "DROPPED"));
+    let to_80 = flows(&hubble(
+        current,
+        &sock,
+        &[
+            "observe",
+            "-o",
+            "json",
+            "--to-pod",
+            "y/b",
+            "--to-port",
+            "80",
+        ],
+    ));
+    assert!(
+        !to_80.is_empty() && to_80.iter().all(|f| port(f) == 80),
+        "{to_80:?}"
+    );
+    let by_label = flows(&hubble(
+        current,
+        &sock,
+        &[
+            "observe",
+            "-o",
+            "json",
+            "--from-label",
+            "app=client",
+            "--last",
+            "100",
+        ],
+    ));
+    assert_eq!(
+        by_label.len(),
+        all.len(),
+        "every flow here is from app=client"
+    );
+    let none = flows(&hubble(
+        current,
+        &sock,
+        &["observe", "-o", "json", "--namespace", "nowhere"],
+    ));
+    assert!(none.is_empty(), "{none:?}");
+    // The compact output people read.
+    let compact = hubble(current, &sock, &["observe", "--verdict", "DROPPED"]);
+    eprintln!("hubble observe --verdict DROPPED:\n{compact}");
+    assert!(
+        compact.contains("x/a") && compact.contains("y/b:81"),
+        "{compact}"
+    );
+    assert!(compact.contains("DROPPED"), "{compact}");
+
+    // An older CLI, whose protos know neither the policy fields nor the translated source.
+    if let Some(old) = clis.get(1) {
+        let out = flows(&hubble(
+            old,
+            &sock,
+            &["observe", "-o", "json", "--last", "100"],
+        ));
+        assert_eq!(out.len(), all.len(), "the old CLI sees the same flows");
+        assert!(out.iter().any(|f| f["verdict"] == "DROPPED"));
+    }
+}
+
+/// The same API through a gRPC client of our own over the unix socket.
+#[test]
+fn the_hubble_api_answers_a_grpc_client() {
+    let (_bed, daemon) = scenario();
+    let sock = hubble_sock(&daemon);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let sock = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(sock).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut client = ObserverClient::new(channel);
+        let status = client
+            .server_status(ServerStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            status.num_flows >= 2 && status.seen_flows >= status.num_flows,
+            "{status:?}"
+        );
+        assert_eq!(status.num_connected_nodes, Some(1));
+
+        let req = GetFlowsRequest {
+            number: 10,
+            whitelist: vec![FlowFilter {
+                verdict: vec![Verdict::Dropped as i32],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut stream = client.get_flows(req).await.unwrap().into_inner();
+        let mut dropped = Vec::new();
+        // A non-follow request ends the stream.
+        while let Some(r) = stream.message().await.unwrap() {
+            if let Some(ResponseTypes::Flow(f)) = r.response_types {
+                dropped.push(f);
+            }
+        }
+        assert!(!dropped.is_empty());
+        for f in &dropped {
+            assert_eq!(f.verdict, Verdict::Dropped as i32);
+            assert_eq!(f.ingress_denied_by[0].name, "b-http");
+        }
+        // A filter on what observer has no data for is refused, naming the field.
+        let req = GetFlowsRequest {
+            whitelist: vec![FlowFilter {
+                http_method: vec!["GET".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let err = client.get_flows(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("http_method"), "{}", err.message());
+    });
+}
