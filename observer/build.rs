@@ -26,6 +26,7 @@ fn compile_protos() -> anyhow::Result<()> {
         "flow/flow.proto",
         "relay/relay.proto",
         "observer/observer.proto",
+        "observer/ext/flow_ext.proto",
         "peer/peer.proto",
         "grpc/health/v1/health.proto",
     ];

@@ -12,8 +12,8 @@ use std::{
 use observer::hubble::proto::{
     flow::{FlowFilter, Verdict},
     observer::{
-        get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
-        ServerStatusRequest,
+        ext::FlowExtension, get_flows_response::ResponseTypes, observer_client::ObserverClient,
+        GetFlowsRequest, ServerStatusRequest,
     },
 };
 use observer_tests::{in_netns, spawn_in_netns, PodSpec, TestBed};
@@ -288,6 +288,52 @@ fn the_hubble_api_answers_a_grpc_client() {
             assert_eq!(f.verdict, Verdict::Dropped as i32);
             assert_eq!(f.ingress_denied_by[0].name, "b-http");
         }
+        // What Hubble has no field for, in `extensions`, for a client that asks for it.
+        let req = GetFlowsRequest {
+            number: 100,
+            field_mask: Some(prost_types::FieldMask {
+                paths: vec!["extensions".into()],
+            }),
+            whitelist: vec![FlowFilter {
+                destination_port: vec!["80".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut stream = client.get_flows(req).await.unwrap().into_inner();
+        let mut exts = Vec::new();
+        while let Some(r) = stream.message().await.unwrap() {
+            if let Some(ResponseTypes::Flow(f)) = r.response_types {
+                let any = f.extensions.expect("extensions asked for");
+                assert_eq!(
+                    any.type_url,
+                    "type.googleapis.com/observer.ext.FlowExtension"
+                );
+                exts.push(<FlowExtension as prost::Message>::decode(&any.value[..]).unwrap());
+            }
+        }
+        assert!(
+            exts.iter().all(|e| e.traffic_class == "pod-to-pod-local"),
+            "{exts:?}"
+        );
+        let close = exts
+            .iter()
+            .find(|e| e.event == "close")
+            .unwrap_or_else(|| panic!("no close record of the port-80 connection: {exts:?}"));
+        let c = close.counters.unwrap();
+        assert!(c.packets_out >= 2 && c.packets_in >= 2, "{c:?}");
+        // Not asked for: not sent (a client that cannot resolve it could not render the flow).
+        let req = GetFlowsRequest {
+            number: 1,
+            ..Default::default()
+        };
+        let mut stream = client.get_flows(req).await.unwrap().into_inner();
+        while let Some(r) = stream.message().await.unwrap() {
+            if let Some(ResponseTypes::Flow(f)) = r.response_types {
+                assert!(f.extensions.is_none());
+            }
+        }
+
         // A filter on what observer has no data for is refused, naming the field.
         let req = GetFlowsRequest {
             whitelist: vec![FlowFilter {

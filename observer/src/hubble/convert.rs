@@ -7,6 +7,7 @@ use super::proto::flow::{
     self, layer4::Protocol, CiliumEventType, DropReason, Endpoint, FlowType, IpVersion, Layer4,
     Policy, TrafficDirection, Verdict, Workload,
 };
+use super::proto::observer::ext;
 use crate::flows::{FlowRecord, Peer};
 
 /// Hubble's monitor event types (`CiliumEventType.type`).
@@ -15,7 +16,10 @@ pub const EVENT_TRACE: i32 = 4;
 pub const EVENT_POLICY_VERDICT: i32 = 5;
 
 /// The Hubble flow for one record. `uuid` is the record's identity in this daemon's history.
-pub fn flow_of(rec: &FlowRecord, uuid: String) -> flow::Flow {
+/// `extensions` only for clients that ask for it (a field mask naming it): a client that
+/// cannot resolve the Any's type cannot render the flow at all (the `hubble` CLI's JSON
+/// output fails on it).
+pub fn flow_of(rec: &FlowRecord, uuid: String, extensions: bool) -> flow::Flow {
     let dropped = rec.verdict == "dropped";
     let verdict = match rec.verdict.as_str() {
         "dropped" => Verdict::Dropped,
@@ -112,7 +116,53 @@ pub fn flow_of(rec: &FlowRecord, uuid: String) -> flow::Flow {
         egress_denied_by: egress_denied,
         ingress_denied_by: ingress_denied,
         summary: summary(rec),
+        extensions: extensions.then(|| extension(rec)),
         ..Default::default()
+    }
+}
+
+/// The type URL of observer's flow extension.
+pub const EXTENSION_TYPE: &str = "type.googleapis.com/observer.ext.FlowExtension";
+
+/// What Hubble's Flow has no field for, as the flow's `extensions`.
+fn extension(rec: &FlowRecord) -> prost_types::Any {
+    let c = &rec.counters;
+    let ext = ext::FlowExtension {
+        event: rec.event.clone(),
+        traffic_class: rec.traffic_class.clone(),
+        counters: Some(ext::Counters {
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+        }),
+        snat: rec.snat.as_ref().map(|s| ext::Snat {
+            original_ip: s.original_src_ip.to_string(),
+            original_port: s.original_src_port as u32,
+            translated_ip: s.translated_src_ip.to_string(),
+            translated_port: s.translated_src_port as u32,
+            expectation: serde_json::to_value(s.expectation)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        }),
+        service_ip: rec
+            .service
+            .as_ref()
+            .map(|s| s.ip.to_string())
+            .unwrap_or_default(),
+        service_port: rec.service.as_ref().map_or(0, |s| s.port as u32),
+        original_source: rec
+            .original_source
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        allowed_by: rec.allowed_by.clone().unwrap_or_default(),
+        first_seen: rec.first_seen.clone(),
+        last_seen: rec.last_seen.clone(),
+    };
+    prost_types::Any {
+        type_url: EXTENSION_TYPE.into(),
+        value: prost::Message::encode_to_vec(&ext),
     }
 }
 

@@ -2,7 +2,7 @@
 //! GetNamespaces) and `grpc.health.v1.Health` on a unix socket, so `hubble observe` and
 //! `hubble status` work against a node's observer. It reads the same history and live stream
 //! as observer's own API.
-mod convert;
+pub mod convert;
 mod filter;
 
 use std::{
@@ -49,6 +49,10 @@ pub mod proto {
     }
     pub mod observer {
         tonic::include_proto!("observer");
+        /// observer's own additions, in `flow.Flow.extensions`.
+        pub mod ext {
+            tonic::include_proto!("observer.ext");
+        }
     }
     pub mod peer {
         tonic::include_proto!("peer");
@@ -142,6 +146,11 @@ impl Observer for HubbleApi {
                 )));
             }
         }
+        let with_ext = req.field_mask.as_ref().is_some_and(|m| {
+            m.paths
+                .iter()
+                .any(|p| p == "extensions" || p.starts_with("extensions."))
+        });
         let since = req.since.and_then(|t| SystemTime::try_from(t).ok());
         let until = req.until.and_then(|t| SystemTime::try_from(t).ok());
         let (white, black) = (Arc::new(req.whitelist), Arc::new(req.blacklist));
@@ -157,7 +166,7 @@ impl Observer for HubbleApi {
             let matching: Vec<Flow> = st
                 .history
                 .iter()
-                .map(|r| convert::flow_of(r, uuid_of(r)))
+                .map(|r| convert::flow_of(r, uuid_of(r), with_ext))
                 .filter(|f| accepts(f))
                 .collect();
             let n = match req.number as usize {
@@ -185,7 +194,7 @@ impl Observer for HubbleApi {
                 async move {
                     match r {
                         Ok(rec) => {
-                            let flow = convert::flow_of(&rec, uuid_of(&rec));
+                            let flow = convert::flow_of(&rec, uuid_of(&rec), with_ext);
                             accepts(&flow).then(|| Ok(response(&node, flow)))
                         }
                         // A slow reader skipped records: said in-band, as Hubble does.
