@@ -64,6 +64,10 @@ pub struct Options {
     pub socket: PathBuf,
     /// Unix socket of the Hubble-compatible gRPC API (`hubble observe --server unix://...`).
     pub hubble_socket: Option<PathBuf>,
+    /// The Hubble API (and `peer.Peer`) over TCP with mutual TLS, for Hubble Relay.
+    pub hubble_remote: Option<(std::net::SocketAddr, crate::tls::Files)>,
+    /// Cluster name in the peers' TLS server names.
+    pub cluster_name: String,
     /// What must survive the daemon's restarts (identity numbering).
     pub state_dir: PathBuf,
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -850,6 +854,9 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.spawn(api);
     if let Some(path) = opts.hubble_socket.clone() {
         tasks.spawn(crate::hubble::serve(shared.clone(), path).await?);
+    }
+    if let Some((addr, files)) = opts.hubble_remote.clone() {
+        tasks.spawn(crate::hubble::serve_tls(shared.clone(), addr, &files)?);
     }
     info!(socket = %opts.socket.display(), node = %opts.node_name, "observer daemon running");
 

@@ -348,6 +348,14 @@ struct DaemonArgs {
     /// mutual TLS only: needs --tls-cert, --tls-key and --tls-client-ca.
     #[arg(long, env = "OBSERVER_LISTEN", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
     listen: Option<std::net::SocketAddr>,
+    /// Also serve the Hubble API (with `peer.Peer` for Hubble Relay) on this TCP address, e.g.
+    /// `0.0.0.0:4244`, mutual TLS only with the same --tls-cert, --tls-key and --tls-client-ca.
+    #[arg(long, env = "OBSERVER_HUBBLE_LISTEN", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    hubble_listen: Option<std::net::SocketAddr>,
+    /// The cluster's name in the Hubble peers' TLS server names
+    /// (`<node>.<cluster>.hubble-grpc.cilium.io`, what Hubble Relay checks).
+    #[arg(long, env = "OBSERVER_CLUSTER_NAME", default_value = "default")]
+    cluster_name: String,
     /// The daemon's certificate for --listen (PEM, chain first).
     #[arg(long, env = "OBSERVER_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -737,6 +745,18 @@ fn run() -> Result<()> {
                 },
                 pod_metrics: !a.no_pod_metrics,
                 pod_metrics_max: a.pod_metrics_max,
+                hubble_remote: match a.hubble_listen {
+                    Some(addr) => Some((
+                        addr,
+                        observer::tls::Files {
+                            cert: a.tls_cert.clone().context("--tls-cert")?,
+                            key: a.tls_key.clone().context("--tls-key")?,
+                            ca: a.tls_client_ca.clone().context("--tls-client-ca")?,
+                        },
+                    )),
+                    None => None,
+                },
+                cluster_name: a.cluster_name.clone(),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

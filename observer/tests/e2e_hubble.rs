@@ -15,6 +15,7 @@ use observer::hubble::proto::{
         ext::FlowExtension, get_flows_response::ResponseTypes, observer_client::ObserverClient,
         GetFlowsRequest, ServerStatusRequest,
     },
+    peer::{peer_client::PeerClient, ChangeNotificationType, NotifyRequest},
 };
 use observer_tests::{in_netns, spawn_in_netns, PodSpec, TestBed};
 use serde_json::Value;
@@ -346,4 +347,141 @@ fn the_hubble_api_answers_a_grpc_client() {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("http_method"), "{}", err.message());
     });
+}
+
+fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let k = rcgen::KeyPair::generate().unwrap();
+    let c = p.self_signed(&k).unwrap();
+    (c, k)
+}
+
+fn leaf(
+    dir: &Path,
+    name: &str,
+    issuer: &(rcgen::Certificate, rcgen::KeyPair),
+    sans: &[&str],
+    client: bool,
+) {
+    use rcgen::ExtendedKeyUsagePurpose as Eku;
+    let mut p =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.extended_key_usages = vec![if client {
+        Eku::ClientAuth
+    } else {
+        Eku::ServerAuth
+    }];
+    let k = rcgen::KeyPair::generate().unwrap();
+    let c = p.signed_by(&k, &issuer.0, &issuer.1).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), c.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), k.serialize_pem()).unwrap();
+}
+
+/// `--hubble-listen`: the Hubble API over TCP with mutual TLS, server names as Hubble Relay
+/// expects them, and `peer.Peer/Notify` listing the cluster's nodes at that port.
+#[test]
+fn the_hubble_api_over_mutual_tls_and_its_peers() {
+    let mut bed = TestBed::overlay("hubtls").unwrap();
+    bed.add_app_pods("x", &[("a", "client"), ("b", "server")])
+        .unwrap();
+    let dir = bed.dir.join("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca1 = ca("observer test CA");
+    std::fs::write(dir.join("ca.pem"), ca1.0.pem()).unwrap();
+    let server_name = format!(
+        "{}.default.hubble-grpc.cilium.io",
+        observer_tests::NODE_NAME
+    );
+    leaf(&dir, "daemon", &ca1, &[&server_name], false);
+    leaf(&dir, "relay", &ca1, &[], true);
+    let rogue = ca("some other CA");
+    leaf(&dir, "mallory", &rogue, &[], true);
+    let p = |f: &str| dir.join(f).display().to_string();
+    let daemon = bed
+        .start_daemon(
+            OBSERVER.as_ref(),
+            &[
+                "--hubble-listen",
+                "127.0.0.1:4244",
+                "--tls-cert",
+                &p("daemon.pem"),
+                "--tls-key",
+                &p("daemon.key"),
+                "--tls-client-ca",
+                &p("ca.pem"),
+            ],
+        )
+        .unwrap();
+
+    if let Some(cli) = hubble_clis().first() {
+        let run = |client: &str| {
+            Command::new("ip")
+                .args(["netns", "exec", &bed.node_ns])
+                .arg(cli)
+                .args(["status", "--server", "127.0.0.1:4244", "--tls"])
+                .args(["--tls-ca-cert-files", &p("ca.pem")])
+                .args(["--tls-client-cert-file", &p(&format!("{client}.pem"))])
+                .args(["--tls-client-key-file", &p(&format!("{client}.key"))])
+                .args(["--tls-server-name", &server_name])
+                .output()
+                .unwrap()
+        };
+        let ok = run("relay");
+        let out = String::from_utf8_lossy(&ok.stdout);
+        assert!(
+            ok.status.success() && out.contains("Ok"),
+            "{out}{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let refused = run("mallory");
+        assert!(
+            !refused.status.success(),
+            "a client of another CA was served"
+        );
+    } else {
+        eprintln!("SKIPPED (TLS with the hubble CLI): no hubble CLI");
+    }
+
+    // The peers, over the unix socket (what Hubble Relay reads through the hubble-peer Service).
+    let sock = hubble_sock(&daemon);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let peers = rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let sock = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(sock).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut client = PeerClient::new(channel);
+        let mut stream = client.notify(NotifyRequest {}).await.unwrap().into_inner();
+        let mut peers = Vec::new();
+        // Every node of the test bed's cluster, added.
+        while peers.len() < 2 {
+            peers.push(stream.message().await.unwrap().unwrap());
+        }
+        peers
+    });
+    let mut names: Vec<&str> = peers.iter().map(|c| c.name.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [observer_tests::NODE_NAME, observer_tests::NODE2_NAME]
+    );
+    for c in &peers {
+        assert_eq!(c.r#type, ChangeNotificationType::PeerAdded as i32, "{c:?}");
+        assert!(c.address.ends_with(":4244"), "{c:?}");
+        assert_eq!(
+            c.tls.as_ref().unwrap().server_name,
+            format!("{}.default.hubble-grpc.cilium.io", c.name)
+        );
+    }
 }

@@ -4,6 +4,7 @@
 //! as observer's own API.
 pub mod convert;
 mod filter;
+mod peer;
 
 use std::{
     collections::BTreeSet,
@@ -35,6 +36,7 @@ use proto::{
         GetNodesRequest, GetNodesResponse, Namespace, Node, ServerStatusRequest,
         ServerStatusResponse,
     },
+    peer::peer_server::PeerServer,
 };
 
 /// Code generated from `proto/` (the wire contract of cilium's Hubble API, the subset observer
@@ -83,13 +85,44 @@ pub async fn serve(
         .with_context(|| format!("binding the Hubble API socket {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
     let server = tonic::transport::Server::builder()
-        .add_service(ObserverServer::new(HubbleApi { shared }))
+        .add_service(ObserverServer::new(HubbleApi {
+            shared: shared.clone(),
+        }))
+        .add_service(PeerServer::new(peer::PeerApi::new(shared)))
         .add_service(HealthServer::new(HealthApi));
     Ok(async move {
         server
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds))
             .await
             .context("Hubble API server")
+    })
+}
+
+/// The same services on TCP with mutual TLS (clients must present a certificate signed by the
+/// configured CA), for Hubble Relay and remote `hubble` CLIs.
+pub fn serve_tls(
+    shared: Arc<Shared>,
+    addr: std::net::SocketAddr,
+    files: &crate::tls::Files,
+) -> Result<impl std::future::Future<Output = Result<()>>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
+        .client_ca_root(Certificate::from_pem(read(&files.ca)?));
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .with_context(|| format!("--hubble-listen {addr}: TLS setup"))?
+        .add_service(ObserverServer::new(HubbleApi {
+            shared: shared.clone(),
+        }))
+        .add_service(PeerServer::new(peer::PeerApi::new(shared)))
+        .add_service(HealthServer::new(HealthApi));
+    Ok(async move {
+        server
+            .serve(addr)
+            .await
+            .with_context(|| format!("Hubble API on {addr}"))
     })
 }
 
