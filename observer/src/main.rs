@@ -245,7 +245,8 @@ struct DaemonArgs {
     #[arg(long, env = "OBSERVER_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Unix socket of the Hubble-compatible gRPC API, for `hubble observe --server
-    /// unix://PATH` and `hubble status` (default: `hubble.sock` next to --socket; `none`: off).
+    /// unix://PATH` and `hubble status` (default: `hubble.sock` next to --socket, or
+    /// `NAME-hubble.sock` for a --socket other than `observer.sock`; `none`: off).
     #[arg(long, env = "OBSERVER_HUBBLE_SOCKET")]
     hubble_socket: Option<PathBuf>,
     /// Also serve /metrics, /healthz and /readyz on this TCP address.
@@ -682,7 +683,7 @@ fn run() -> Result<()> {
                 hubble_socket: match a.hubble_socket {
                     Some(p) if p.as_os_str() == "none" => None,
                     Some(p) => Some(p),
-                    None => Some(a.socket.with_file_name("hubble.sock")),
+                    None => Some(observer::hubble::default_socket(&a.socket)),
                 },
                 socket: a.socket,
                 state_dir: a.state_dir,

@@ -2,7 +2,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -182,8 +182,9 @@ pub fn run(duration: Option<u64>, model: Model) -> Result<()> {
         observer_tests::default_deny_with_dns("shop") + SAMPLE_POLICY,
     )?;
 
-    // The default socket, so `observer flows -f` works from another shell as is; a private one
-    // if another daemon already serves it.
+    // The default socket (and so the Hubble one, /run/observer/hubble.sock), so `observer
+    // flows -f` and `hubble observe` work from another shell as is; a private one if another
+    // daemon already serves it.
     let default_sock = PathBuf::from("/run/observer/observer.sock");
     let socket = if std::os::unix::net::UnixStream::connect(&default_sock).is_ok() {
         PathBuf::from(format!("/run/observer/demo-{}.sock", std::process::id()))
@@ -221,6 +222,10 @@ pub fn run(duration: Option<u64>, model: Model) -> Result<()> {
     println!(
         "                    curl --unix-socket {} http://observer/metrics",
         socket.display()
+    );
+    println!(
+        "                    hubble observe --server unix://{} --verdict DROPPED -o json",
+        hubble_socket(&socket).display()
     );
     println!("---- live flows (Ctrl-C to stop) ----");
 
@@ -335,4 +340,13 @@ pub fn run(duration: Option<u64>, model: Model) -> Result<()> {
     bed.stop_daemon(&daemon);
     drop(bed);
     Ok(())
+}
+
+/// Where the daemon puts its Hubble socket by default beside `socket` (the rule of
+/// `observer::hubble::default_socket`, which xtask does not link).
+fn hubble_socket(socket: &Path) -> PathBuf {
+    match socket.file_stem().and_then(|s| s.to_str()) {
+        Some("observer") | None => socket.with_file_name("hubble.sock"),
+        Some(stem) => socket.with_file_name(format!("{stem}-hubble.sock")),
+    }
 }

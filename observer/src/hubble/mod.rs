@@ -72,6 +72,21 @@ pub mod proto {
 /// Hubble's own server registers its health under.
 const OBSERVER_SERVICES: [&str; 2] = ["observer.Observer", "hubble.server.Observer"];
 
+/// The Hubble socket next to the API socket: `hubble.sock` beside the default `observer.sock`
+/// (`/run/observer/hubble.sock`), `NAME-hubble.sock` beside any other `NAME.sock`, so two
+/// daemons sharing a directory keep apart.
+pub fn default_socket(api_socket: &std::path::Path) -> PathBuf {
+    let stem = api_socket
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if stem == "observer" {
+        api_socket.with_file_name("hubble.sock")
+    } else {
+        api_socket.with_file_name(format!("{stem}-hubble.sock"))
+    }
+}
+
 /// Binds the socket (mode 0660, like the API's) and returns the server to run.
 pub async fn serve(
     shared: Arc<Shared>,
