@@ -251,7 +251,7 @@ fn known_fields(v: &Value) -> Check {
         "Deployment" => roundtrip::<apps::v1::Deployment>(v),
         "NetworkPolicy" => roundtrip::<networking::v1::NetworkPolicy>(v),
         // Not Kubernetes API objects: kustomize's and kind's own configuration.
-        "Kustomization" | "Cluster" => Ok(()),
+        "Kustomization" | "Component" | "Cluster" => Ok(()),
         other => Err(format!("unexpected kind {other}: add it to known_fields")),
     }
 }
@@ -777,9 +777,15 @@ fn configmap_sets_only_settings_the_daemon_reads() {
 // ---------------------------------------------------------------------------------------------
 // kustomize and kind
 
-/// Files that are not applied with `kubectl apply -k manifests/`: kind's cluster config and the
-/// sample app of manifests/kind/README.md.
-const NOT_IN_KUSTOMIZATION: &[&str] = &["kind/cluster.yaml", "kind/sample-app.yaml"];
+/// Files that are not applied with `kubectl apply -k manifests/`: kind's cluster config, the
+/// sample app of manifests/kind/README.md, and the Hubble component (`manifests/hubble/`, which
+/// users add to a kustomization of their own).
+const NOT_IN_KUSTOMIZATION: &[&str] = &[
+    "kind/cluster.yaml",
+    "kind/sample-app.yaml",
+    "hubble/kustomization.yaml",
+    "hubble/hubble-peer.yaml",
+];
 
 fn check_listing(listed: &[String], present: &BTreeSet<String>) -> Check {
     let set: BTreeSet<String> = listed.iter().cloned().collect();
@@ -895,4 +901,63 @@ fn deploy_docs_list_exactly_the_required_capabilities_with_their_reasons() {
         1,
     );
     assert!(check_caps_table(&extra).is_err());
+}
+
+/// The Hubble component: the daemon gets --hubble-listen on its node address with the TLS files
+/// of the mounted Secret (variables the daemon reads), the port is declared, and hubble-peer
+/// reaches that port on the observer pods of the caller's node.
+#[test]
+fn hubble_overlay_serves_the_api_with_mutual_tls_and_the_peer_service() {
+    let k = find("Component", "observer-hubble");
+    assert_eq!(strs(&k["resources"]), ["hubble-peer.yaml"]);
+    let patch = &k["patches"][0];
+    assert_eq!(patch["target"]["kind"], "DaemonSet");
+    assert_eq!(patch["target"]["name"], "observer");
+    let ops: Vec<Value> = serde_norway::from_str(patch["patch"].as_str().unwrap()).unwrap();
+    let added = |path: &str| -> Vec<Value> {
+        ops.iter()
+            .filter(|o| o["op"] == "add" && o["path"] == path)
+            .map(|o| o["value"].clone())
+            .collect()
+    };
+    let env = added("/spec/template/spec/containers/0/env/-");
+    let vars = daemon_env_vars();
+    let value_of = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{name} not set"))
+            .to_string()
+    };
+    for e in &env {
+        let name = e["name"].as_str().unwrap();
+        assert!(vars.contains(name), "the daemon does not read {name}");
+    }
+    // On the node's own address, like the metrics (HOST_IP is defined before it).
+    assert_eq!(value_of("OBSERVER_HUBBLE_LISTEN"), "$(HOST_IP):4244");
+    let mounts = added("/spec/template/spec/containers/0/volumeMounts/-");
+    let volumes = added("/spec/template/spec/volumes/-");
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0]["readOnly"], true);
+    let dir = mounts[0]["mountPath"].as_str().unwrap();
+    assert_eq!(volumes[0]["name"], mounts[0]["name"]);
+    assert_eq!(volumes[0]["secret"]["secretName"], "observer-hubble-tls");
+    for (var, file) in [
+        ("OBSERVER_TLS_CERT", "tls.crt"),
+        ("OBSERVER_TLS_KEY", "tls.key"),
+        ("OBSERVER_TLS_CLIENT_CA", "ca.crt"),
+    ] {
+        assert_eq!(value_of(var), format!("{dir}/{file}"));
+    }
+    let ports = added("/spec/template/spec/containers/0/ports/-");
+    assert_eq!(ports[0]["containerPort"], 4244);
+
+    let svc = find("Service", "hubble-peer");
+    assert_eq!(svc["metadata"]["namespace"], "observer");
+    assert_eq!(svc["spec"]["internalTrafficPolicy"], "Local");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 4244);
+    let pod_labels = &daemonset()["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&pod_labels[k], v, "hubble-peer selects {k}={v}");
+    }
 }

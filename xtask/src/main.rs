@@ -150,7 +150,9 @@ fn cluster_e2e() -> Result<()> {
             args.extend(["--test", t]);
         }
         cargo(&args)?;
+        // Each of these changes the DaemonSet: one at a time.
         cargo(&["test", "-p", "observer", "--test", "cluster_restart"])?;
+        cargo(&["test", "-p", "observer", "--test", "cluster_hubble"])?;
         cargo(&["test", "-p", "observer", "--test", "cluster_uninstall"])
     });
     if result.is_err() {
