@@ -498,3 +498,206 @@ fn the_hubble_api_over_mutual_tls_and_its_peers() {
         );
     }
 }
+
+async fn unix_channel(sock: PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let sock = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(sock).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// The flows a non-follow request returns (the stream must end).
+async fn collect(
+    client: &mut ObserverClient<tonic::transport::Channel>,
+    req: GetFlowsRequest,
+) -> Vec<observer::hubble::proto::flow::Flow> {
+    let mut stream = client.get_flows(req).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        if let Some(ResponseTypes::Flow(f)) = r.response_types {
+            out.push(f);
+        }
+    }
+    out
+}
+
+fn filtered(f: FlowFilter) -> GetFlowsRequest {
+    GetFlowsRequest {
+        whitelist: vec![f],
+        ..Default::default()
+    }
+}
+
+/// GetFlows' request fields and filter fields against the known traffic of `scenario`, and
+/// follow mode with a connection made while the stream is open.
+#[test]
+fn get_flows_fields_and_filters_keep_what_they_promise() {
+    use observer::hubble::proto::flow::{
+        layer4::Protocol, EventTypeFilter, Flow, TrafficDirection,
+    };
+    let (bed, daemon) = scenario();
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let sock = hubble_sock(&daemon);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let mut client = ObserverClient::new(unix_channel(sock).await);
+        let all = collect(&mut client, GetFlowsRequest::default()).await;
+        assert!(all.len() >= 3, "{all:?}");
+        let time = |f: &Flow| std::time::SystemTime::try_from(f.time.unwrap()).unwrap();
+        let dport = |f: &Flow| match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+            Some(Protocol::Tcp(t)) => t.destination_port,
+            _ => 0,
+        };
+
+        // number, first, since, until.
+        let first = collect(
+            &mut client,
+            GetFlowsRequest {
+                number: 1,
+                first: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(first.len(), 1);
+        assert!(all.iter().all(|f| time(f) >= time(&first[0])));
+        let last = collect(
+            &mut client,
+            GetFlowsRequest {
+                number: 2,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(last.len(), 2);
+        // The newest, in order (a pod's IPv6 multicast report may have come since `all`).
+        assert!(time(&last[0]) <= time(&last[1]));
+        assert!(time(&last[1]) >= time(all.last().unwrap()));
+        let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let since_later = GetFlowsRequest {
+            since: Some(later.into()),
+            ..Default::default()
+        };
+        assert!(collect(&mut client, since_later).await.is_empty());
+        let until_epoch = GetFlowsRequest {
+            until: Some(std::time::UNIX_EPOCH.into()),
+            ..Default::default()
+        };
+        assert!(collect(&mut client, until_epoch).await.is_empty());
+
+        // Filter fields, each against what the traffic was.
+        let drops = collect(
+            &mut client,
+            filtered(FlowFilter {
+                verdict: vec![Verdict::Dropped as i32],
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert!(!drops.is_empty() && drops.iter().all(|f| dport(f) == 81));
+        let not_drops = collect(
+            &mut client,
+            GetFlowsRequest {
+                blacklist: vec![FlowFilter {
+                    verdict: vec![Verdict::Dropped as i32],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(not_drops
+            .iter()
+            .all(|f| f.verdict != Verdict::Dropped as i32));
+        assert!(not_drops.len() + drops.len() >= all.len());
+        let by_event = collect(
+            &mut client,
+            filtered(FlowFilter {
+                event_type: vec![EventTypeFilter {
+                    r#type: 1,
+                    match_sub_type: true,
+                    sub_type: 133,
+                }],
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert_eq!(by_event.len(), drops.len(), "drop events, policy denied");
+        let to_81 = collect(
+            &mut client,
+            filtered(FlowFilter {
+                destination_port: vec!["81".into()],
+                protocol: vec!["TCP".into()],
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert_eq!(to_81.len(), drops.len());
+        let from_a = collect(
+            &mut client,
+            filtered(FlowFilter {
+                source_ip: vec![format!("{}/32", a.ip4)],
+                destination_pod: vec!["y/b".into()],
+                source_pod: vec!["x/".into()],
+                traffic_direction: vec![TrafficDirection::Egress as i32],
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert!(!from_a.is_empty());
+        assert!(from_a.iter().all(|f| {
+            let ip = f.ip.as_ref().unwrap();
+            ip.source == a.ip4.to_string() && ip.destination == b.ip4.to_string()
+        }));
+        let nowhere = collect(
+            &mut client,
+            filtered(FlowFilter {
+                source_pod: vec!["y/".into()],
+                destination_ip: vec![a.ip4.to_string()],
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert!(nowhere.is_empty(), "{nowhere:?}");
+
+        // Follow: nothing from the history (number 0), then a connection made now.
+        let mut stream = client
+            .get_flows(GetFlowsRequest {
+                follow: true,
+                whitelist: vec![FlowFilter {
+                    destination_port: vec!["80".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let dst = SocketAddr::new(b.ip4, 80);
+        let ok = spawn_in_netns(&a.netns, move || {
+            std::thread::sleep(Duration::from_millis(300));
+            TcpStream::connect_timeout(&dst, Duration::from_secs(2)).is_ok()
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("a followed flow within 10 s")
+            .unwrap()
+            .unwrap();
+        assert!(ok.join().unwrap().unwrap());
+        let Some(ResponseTypes::Flow(f)) = got.response_types else {
+            panic!("{got:?}")
+        };
+        assert_eq!(dport(&f), 80);
+        assert!(
+            time(&f) > time(all.last().unwrap()),
+            "a new flow, not history"
+        );
+    });
+}
