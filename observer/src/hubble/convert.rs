@@ -266,3 +266,155 @@ fn summary(rec: &FlowRecord) -> String {
         p => p.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The wire, read without our generated code: a flow encoded here, decoded field by field
+    //! with the numbers of cilium's public `flow.proto` and `observer.proto` (what every Hubble
+    //! client decodes with).
+    use std::collections::BTreeMap;
+
+    use prost::Message;
+
+    use super::*;
+    use crate::flows::{Counters, IpInfo, L4Info, PolicyName};
+    use crate::hubble::proto::observer::{get_flows_response::ResponseTypes, GetFlowsResponse};
+
+    /// Field number -> raw values (varints as numbers, length-delimited as bytes).
+    fn fields(mut b: &[u8]) -> BTreeMap<u64, Vec<Result<u64, Vec<u8>>>> {
+        fn varint(b: &mut &[u8]) -> u64 {
+            let (mut v, mut shift) = (0u64, 0);
+            loop {
+                let byte = b[0];
+                *b = &b[1..];
+                v |= ((byte & 0x7f) as u64) << shift;
+                if byte & 0x80 == 0 {
+                    return v;
+                }
+                shift += 7;
+            }
+        }
+        let mut out: BTreeMap<u64, Vec<Result<u64, Vec<u8>>>> = BTreeMap::new();
+        while !b.is_empty() {
+            let key = varint(&mut b);
+            let value = match key & 7 {
+                0 => Ok(varint(&mut b)),
+                2 => {
+                    let n = varint(&mut b) as usize;
+                    let v = b[..n].to_vec();
+                    b = &b[n..];
+                    Err(v)
+                }
+                t => panic!("wire type {t}"),
+            };
+            out.entry(key >> 3).or_default().push(value);
+        }
+        out
+    }
+
+    fn bytes(f: &BTreeMap<u64, Vec<Result<u64, Vec<u8>>>>, n: u64) -> Vec<u8> {
+        f[&n][0].clone().unwrap_err()
+    }
+
+    fn string(f: &BTreeMap<u64, Vec<Result<u64, Vec<u8>>>>, n: u64) -> String {
+        String::from_utf8(bytes(f, n)).unwrap()
+    }
+
+    #[test]
+    fn a_dropped_flow_decodes_with_the_public_field_numbers() {
+        let peer = |ns: &str, pod: &str, ip: &str, port| Peer {
+            ip: Some(ip.parse().unwrap()),
+            port,
+            namespace: Some(ns.into()),
+            pod: Some(pod.into()),
+            labels: [("app".to_string(), pod.to_string())].into(),
+            workload: None,
+        };
+        let rec = FlowRecord {
+            time: "2026-12-02T10:00:00Z".into(),
+            node: "node-1".into(),
+            event: "drop".into(),
+            verdict: "dropped".into(),
+            drop_reason: Some("policy-denied".into()),
+            policy: vec![],
+            isolated_by: vec![PolicyName {
+                namespace: "shop".into(),
+                name: "db-ingress".into(),
+                direction: "ingress".into(),
+            }],
+            allowed_by: None,
+            service: None,
+            original_source: None,
+            direction: "ingress".into(),
+            traffic_class: "pod-to-pod-local".into(),
+            ip: IpInfo {
+                version: 4,
+                src: "10.244.0.5".parse().unwrap(),
+                dst: "10.244.0.6".parse().unwrap(),
+            },
+            l4: L4Info {
+                protocol: "TCP".into(),
+                src_port: 40000,
+                dst_port: 5432,
+                tcp_flags: vec!["SYN".into()],
+                icmp: None,
+            },
+            source: peer("shop", "web", "10.244.0.5", 40000),
+            destination: peer("shop", "db", "10.244.0.6", 5432),
+            counters: Counters::default(),
+            snat: None,
+            first_seen: "2026-12-02T10:00:00Z".into(),
+            last_seen: "2026-12-02T10:00:00Z".into(),
+            interface: 3,
+        };
+        let resp = GetFlowsResponse {
+            time: None,
+            node_name: "node-1".into(),
+            response_types: Some(ResponseTypes::Flow(flow_of(&rec, "u-1".into(), false))),
+        };
+        // observer.proto GetFlowsResponse: flow = 1, node_name = 1000.
+        let r = fields(&resp.encode_to_vec());
+        assert_eq!(string(&r, 1000), "node-1");
+        let f = fields(&bytes(&r, 1));
+        // flow.proto Flow: verdict = 2 (DROPPED = 2), drop_reason_desc = 25 (POLICY_DENIED =
+        // 133), node_name = 11, uuid = 34, Type = 10 (L3_L4 = 1), traffic_direction = 22
+        // (INGRESS = 1), Summary = 100000.
+        assert_eq!(f[&2][0], Ok(2));
+        assert_eq!(f[&25][0], Ok(133));
+        assert_eq!(string(&f, 11), "node-1");
+        assert_eq!(string(&f, 34), "u-1");
+        assert_eq!(f[&10][0], Ok(1));
+        assert_eq!(f[&22][0], Ok(1));
+        assert_eq!(string(&f, 100000), "TCP Flags: SYN");
+        // IP = 5: source 1, destination 2, ipVersion 3 (IPv4 = 1).
+        let ip = fields(&bytes(&f, 5));
+        assert_eq!(string(&ip, 1), "10.244.0.5");
+        assert_eq!(string(&ip, 2), "10.244.0.6");
+        assert_eq!(ip[&3][0], Ok(1));
+        // l4 = 6: TCP = 1: source_port 1, destination_port 2, flags 3 (SYN = 2).
+        let tcp = fields(&bytes(&fields(&bytes(&f, 6)), 1));
+        assert_eq!(tcp[&1][0], Ok(40000));
+        assert_eq!(tcp[&2][0], Ok(5432));
+        assert_eq!(fields(&bytes(&tcp, 3))[&2][0], Ok(1));
+        // source = 8, destination = 9: namespace 3, labels 4, pod_name 5.
+        let dst = fields(&bytes(&f, 9));
+        assert_eq!(string(&dst, 3), "shop");
+        assert_eq!(string(&dst, 5), "db");
+        let labels: Vec<String> = dst[&4]
+            .iter()
+            .map(|v| String::from_utf8(v.clone().unwrap_err()).unwrap())
+            .collect();
+        assert!(labels.contains(&"k8s:app=db".to_string()), "{labels:?}");
+        // event_type = 19: type 1 (drop), sub_type 2 (133).
+        let ev = fields(&bytes(&f, 19));
+        assert_eq!(ev[&1][0], Ok(1));
+        assert_eq!(ev[&2][0], Ok(133));
+        // ingress_denied_by = 21005: Policy name 1, namespace 2, kind 5.
+        let pol = fields(&bytes(&f, 21005));
+        assert_eq!(string(&pol, 1), "db-ingress");
+        assert_eq!(string(&pol, 2), "shop");
+        assert_eq!(string(&pol, 5), "NetworkPolicy");
+        // No extensions (150000) unless asked for.
+        assert!(!f.contains_key(&150000));
+    }
+}
