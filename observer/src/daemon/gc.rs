@@ -1,0 +1,125 @@
+//! The conntrack sweep: idle and closed connections leave the kernel table with their last
+//! record; NodePort notes nothing took expire.
+use super::*;
+
+/// NodePort clients the kernel noted: those a live connection took are marked taken (never
+/// linked to another connection, a kubelet probe reusing the port), those no connection took
+/// within [`NODEPORT_NOTE_TTL`] are removed.
+pub(super) fn sweep_nodeport_notes(shared: &Shared, entries: &[(CtKey, CtEntry)], now_ns: u64) {
+    let taken: std::collections::HashSet<observer_common::SvcKey> = entries
+        .iter()
+        .filter(|(_, e)| e.flags & ct_flags::NODEPORT != 0)
+        .map(|(k, e)| {
+            let ((_, sport), _) = flows::orient(k, e.flags);
+            observer_common::SvcKey {
+                addr: [0; 4],
+                port: sport,
+                proto: k.proto,
+                family: k.family,
+            }
+        })
+        .collect();
+    let ttl = NODEPORT_NOTE_TTL.as_nanos() as u64;
+    let mut dp = shared.dp.lock().unwrap();
+    if let Err(e) = dp.sweep_nodeport(|k, l| {
+        if taken.contains(k) {
+            Some(l.flags | observer_common::nodeport_flags::TAKEN)
+        } else if now_ns.saturating_sub(l.noted_ns) > ttl {
+            None
+        } else {
+            Some(l.flags)
+        }
+    }) {
+        warn!("sweeping NodePort notes: {e:#}");
+    }
+}
+
+/// How long a NodePort client's note waits for its connection: the kernel takes it within
+/// microseconds, on the way through this node.
+pub(super) const NODEPORT_NOTE_TTL: Duration = Duration::from_secs(2);
+
+pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        gc_once(&shared)?;
+    }
+}
+
+pub(super) fn gc_once(shared: &Shared) -> Result<()> {
+    let now_ns = flows::mono_now_ns();
+    let opts = &shared.opts;
+    let entries: Vec<(CtKey, CtEntry)> = {
+        let dp = shared.dp.lock().unwrap();
+        let ct = dp.conntrack()?;
+        ct.iter().filter_map(|r| r.ok()).collect()
+    };
+    sweep_nodeport_notes(shared, &entries, now_ns);
+    let mut publish = Vec::new();
+    let mut expire = Vec::new();
+    {
+        let mut st = shared.state.lock().unwrap();
+        for (k, e) in &entries {
+            let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
+            if e.flags & ct_flags::SVC_ALIAS != 0 {
+                // A Service connection's pre-DNAT tuple: its records are the translated
+                // connection's. Expired like any connection, published never.
+                let timeout = if k.proto == IPPROTO_TCP {
+                    opts.tcp_timeout
+                } else {
+                    opts.other_timeout
+                };
+                if idle >= timeout {
+                    expire.push(*k);
+                }
+                continue;
+            }
+            let closed = e.flags & ct_flags::CLOSED != 0;
+            let timeout = if closed {
+                opts.close_grace.max(Duration::from_secs(10))
+            } else if k.proto == IPPROTO_TCP {
+                opts.tcp_timeout
+            } else {
+                opts.other_timeout
+            };
+            let conn = st.conns.entry(*k).or_default();
+            if closed && conn.closed_at.is_none() {
+                conn.closed_at = Some(Instant::now());
+            }
+            let due = conn
+                .closed_at
+                .is_some_and(|t| t.elapsed() >= opts.close_grace);
+            if due && !conn.close_published {
+                conn.close_published = true;
+                publish.push((*k, *e));
+            }
+            if idle >= timeout {
+                if !conn.close_published {
+                    publish.push((*k, *e));
+                }
+                expire.push(*k);
+            }
+        }
+        let live: std::collections::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
+        st.conns.retain(|k, _| live.contains(k));
+        st.metrics.conntrack_expired_total += expire.len() as u64;
+    }
+    if !expire.is_empty() {
+        let mut dp = shared.dp.lock().unwrap();
+        let mut ct = dp.conntrack_mut()?;
+        for k in &expire {
+            let _ = ct.remove(k);
+        }
+    }
+    for (k, e) in publish {
+        emit(shared, EventKind::Close, &k, &e);
+    }
+    // After the close records: they account the connections' last counters.
+    if !expire.is_empty() {
+        let mut st = shared.state.lock().unwrap();
+        for k in &expire {
+            st.conns.remove(k);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! Kernel event intake: the ring buffer of connection events, drained in batches and turned
+//! into records (the first stage of the flow pipeline).
+use super::*;
+
+/// The kernel wakes the reader only once a batch has built up (see `observer-ebpf/src/events.rs`);
+/// a short timer bounds the delay of the events in between.
+pub(super) const EVENT_POLL: Duration = Duration::from_millis(100);
+
+pub(super) async fn events_task(shared: Arc<Shared>, ring: RingBuf<MapData>) -> Result<()> {
+    let mut fd = crate::netlink::readable(ring)?;
+    let mut tick = tokio::time::interval(EVENT_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut batch = Vec::new();
+        tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut batch);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => drain(fd.get_mut(), &mut batch),
+        }
+        for ev in batch {
+            handle_event(&shared, ev);
+        }
+    }
+}
+
+pub(super) fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<FlowEvent>) {
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<FlowEvent>() {
+            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+    }
+}
+
+pub(super) fn entry_of(ev: &FlowEvent) -> CtEntry {
+    CtEntry {
+        first_seen_ns: ev.first_seen_ns,
+        last_seen_ns: ev.last_seen_ns,
+        last_report_ns: ev.last_seen_ns,
+        packets: ev.packets,
+        bytes: ev.bytes,
+        ifindex: ev.ifindex,
+        flags: ev.flags,
+        tcp_flags: ev.tcp_flags,
+        class: ev.class,
+        icmp_type: ev.icmp_type,
+        icmp_code: ev.icmp_code,
+        _pad: 0,
+        egress_rule: ev.egress_rule,
+        ingress_rule: ev.ingress_rule,
+        policy_gen: 0,
+        _pad2: 0,
+    }
+}
+
+pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
+    let Some(kind) = EventKind::from_u8(ev.kind) else {
+        debug!(kind = ev.kind, "unknown event kind");
+        return;
+    };
+    let e = entry_of(&ev);
+    match kind {
+        EventKind::New | EventKind::Drop => {
+            shared
+                .state
+                .lock()
+                .unwrap()
+                .conns
+                .insert(ev.key, Conn::default());
+            emit(shared, kind, &ev.key, &e);
+        }
+        EventKind::Report => emit(shared, kind, &ev.key, &e),
+        EventKind::Close => {
+            // Published after a grace period with the entry's final counters: the last ACK of
+            // a FIN exchange comes after the close.
+            let mut st = shared.state.lock().unwrap();
+            let c = st.conns.entry(ev.key).or_default();
+            c.closed_at = Some(Instant::now());
+        }
+    }
+}
+
+/// Publishes a record now, or parks it until the kernel's conntrack entry of its connection
+/// shows up (see `conntrack_task`).
+pub(super) fn emit(shared: &Shared, kind: EventKind, key: &CtKey, e: &CtEntry) {
+    if let Some(rec) = shared.make_record_snat(kind, key, e) {
+        shared.publish(rec);
+    }
+}

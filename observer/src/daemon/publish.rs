@@ -1,0 +1,102 @@
+//! Publishing: the record budget, history, metrics counts, the live stream (flow API,
+//! Hubble API, flow log), and conntrack snapshots for the API.
+use super::*;
+
+impl Shared {
+    pub(super) fn publish(&self, rec: FlowRecord) {
+        let rec = Arc::new(rec);
+        {
+            let mut st = self.state.lock().unwrap();
+            // Node-wide record budget: what exceeds it is counted, never silently lost. The
+            // kernel's counters are unaffected; only records are shed.
+            if self.opts.max_records_per_second > 0 {
+                let now = Instant::now();
+                let rate = self.opts.max_records_per_second as f64;
+                let elapsed = now.duration_since(st.bucket_at).as_secs_f64();
+                st.bucket = (st.bucket + elapsed * rate).min(rate);
+                st.bucket_at = now;
+                if st.bucket < 1.0 {
+                    st.metrics.records_rate_limited_total += 1;
+                    return;
+                }
+                st.bucket -= 1.0;
+            }
+            let k = (
+                rec.event.clone(),
+                rec.traffic_class.clone(),
+                rec.l4.protocol.clone(),
+                rec.verdict.clone(),
+            );
+            *st.metrics.records.entry(k).or_default() += 1;
+            for p in &rec.policy {
+                *st.metrics
+                    .policy_verdicts
+                    .entry((
+                        format!("{}/{}", p.namespace, p.name),
+                        p.direction.clone(),
+                        rec.verdict.clone(),
+                    ))
+                    .or_default() += 1;
+            }
+            for p in &rec.isolated_by {
+                *st.metrics
+                    .policy_verdicts
+                    .entry((
+                        format!("{}/{}", p.namespace, p.name),
+                        p.direction.clone(),
+                        rec.verdict.clone(),
+                    ))
+                    .or_default() += 1;
+            }
+            if st.history.len() >= self.opts.history.max(1) {
+                st.history.pop_front();
+            }
+            st.history.push_back(rec.clone());
+        }
+        if let Some(log) = &self.flow_log {
+            if let Err(e) = log.lock().unwrap().write(&rec) {
+                warn!("flow log: {e:#}");
+                self.state.lock().unwrap().metrics.flow_log_errors_total += 1;
+            }
+        }
+        let _ = self.tx.send(rec);
+    }
+}
+
+impl Shared {
+    /// Every conntrack entry with its current counters.
+    pub fn conntrack(&self) -> Result<Vec<FlowRecord>> {
+        let entries: Vec<(CtKey, CtEntry)> = {
+            let dp = self.dp.lock().unwrap();
+            let ct = dp.conntrack()?;
+            ct.iter().filter_map(|r| r.ok()).collect()
+        };
+        let st = self.state.lock().unwrap();
+        Ok(entries
+            .iter()
+            .filter(|(_, e)| e.flags & ct_flags::SVC_ALIAS == 0)
+            .map(|(k, e)| {
+                let kind = if e.flags & ct_flags::CLOSED != 0 {
+                    EventKind::Close
+                } else {
+                    EventKind::Report
+                };
+                let mut rec = flows::record(
+                    &self.opts.node_name,
+                    kind,
+                    k,
+                    e,
+                    |ip| st.by_ip.get(&ip).map(|p| &**p),
+                    |id| st.rules.get(&id).cloned(),
+                );
+                if let Some(c) = st.conns.get(k) {
+                    rec.snat = c.snat.clone();
+                    if let Some((s, client)) = c.service.clone() {
+                        (rec.service, rec.original_source) = (Some(s), client);
+                    }
+                }
+                rec
+            })
+            .collect())
+    }
+}

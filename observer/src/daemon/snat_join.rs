@@ -1,0 +1,282 @@
+//! The SNAT join: the kernel's conntrack over ctnetlink, matched to local pods' records by
+//! their exact tuple, so records carry both the pod's and the wire's source.
+use super::*;
+
+impl Shared {
+    /// A record with its SNAT, or `None` when it was parked to wait for the kernel's
+    /// conntrack entry of its (new) connection; the wait and the lookup happen under one lock,
+    /// so an entry arriving in between cannot be missed.
+    pub(super) fn make_record_snat(
+        &self,
+        kind: EventKind,
+        key: &CtKey,
+        e: &CtEntry,
+    ) -> Option<FlowRecord> {
+        let mut rec = self.make_record(kind, key, e);
+        let mut st = self.state.lock().unwrap();
+        if !st.snat_live {
+            return Some(rec);
+        }
+        let Some(t) = snat_subject(&st, &self.opts, kind, key, e, rec.service.as_ref()) else {
+            return Some(rec);
+        };
+        if let Some(info) = st.conns.get(key).and_then(|c| c.snat.clone()) {
+            rec.snat = Some(info);
+            return Some(rec);
+        }
+        match st.nat.take(&t, e.first_seen_ns) {
+            Some(k) => {
+                settle(&mut st, key, &mut rec, t, k, "event");
+                Some(rec)
+            }
+            None if kind == EventKind::New => {
+                st.nat.park(
+                    t,
+                    crate::snat::Pending {
+                        rec,
+                        key: *key,
+                        since: Instant::now(),
+                    },
+                );
+                None
+            }
+            None => Some(rec),
+        }
+    }
+}
+
+/// ctnetlink entries kept for joining at most (local pods' connections not yet recorded).
+pub(super) const NAT_TABLE_MAX: usize = 262_144;
+
+/// How long an entry the kernel destroyed stays joinable.
+pub(super) const NAT_DESTROYED_GRACE: Duration = Duration::from_secs(5);
+
+/// The kernel conntrack tuple of a record that gets an `snat` object: a local pod opened the
+/// connection, it was not dropped, and it is something the kernel tracks on its own (ICMP
+/// errors are not: they belong to the connection they report on).
+pub(super) fn snat_subject(
+    st: &State,
+    opts: &Options,
+    kind: EventKind,
+    key: &CtKey,
+    e: &CtEntry,
+    service: Option<&flows::ServiceRef>,
+) -> Option<crate::snat::FlowTuple> {
+    if kind == EventKind::Drop || e.flags & ct_flags::DENIED != 0 {
+        return None;
+    }
+    let icmp =
+        key.proto == observer_common::IPPROTO_ICMP || key.proto == observer_common::IPPROTO_ICMPV6;
+    if icmp && !matches!(e.icmp_type, 0 | 8 | 128 | 129) {
+        return None;
+    }
+    let ((sip, sport), (dip, dport)) = flows::orient(key, e.flags);
+    let pod = st.by_ip.get(&sip)?;
+    if pod.node != opts.node_name || pod.host_network {
+        return None;
+    }
+    // The kernel's entry of a Service connection is keyed by the frontend the pod asked for.
+    let (dip, dport) = service.map_or((dip, dport), |s| (s.ip, s.port));
+    Some((key.proto, sip, sport, dip, dport))
+}
+
+/// What a kernel entry says about the connection of tuple `t`.
+pub(super) fn kernel_of(ev: &crate::ctnetlink::CtEvent) -> crate::snat::Kernel {
+    crate::snat::Kernel {
+        translated: ev.snat(),
+        // A Service's ClusterIP is DNAT'd to its backend: predict against where it went.
+        dst: ev.dnat().map(|d| d.0).unwrap_or(ev.orig.dst),
+    }
+}
+
+/// Gives a record its SNAT and remembers it for the connection's later records.
+pub(super) fn settle(
+    st: &mut State,
+    key: &CtKey,
+    rec: &mut FlowRecord,
+    t: crate::snat::FlowTuple,
+    k: crate::snat::Kernel,
+    how: &'static str,
+) {
+    let translated = k.translated;
+    let dst_is_pod = st.by_ip.contains_key(&k.dst);
+    let info = crate::snat::info(
+        &st.model,
+        (t.1, rec.source.port),
+        k.dst,
+        dst_is_pod,
+        translated,
+    );
+    // ICMP records show no ports; the translated "port" is the echo identifier.
+    let info = crate::snat::SnatInfo {
+        original_src_port: rec.source.port,
+        translated_src_port: match translated {
+            Some((_, p)) if rec.source.port != 0 => p,
+            _ => rec.source.port,
+        },
+        ..info
+    };
+    *st.metrics.snat_flows.entry(info.expectation).or_default() += 1;
+    *st.metrics.snat_settled.entry(how).or_default() += 1;
+    st.conns.entry(*key).or_default().snat = Some(info.clone());
+    rec.snat = Some(info);
+}
+
+pub(super) fn tuple_of(t: &crate::ctnetlink::Tuple) -> crate::snat::FlowTuple {
+    (t.proto, t.src, t.sport, t.dst, t.dport)
+}
+
+/// Feeds kernel conntrack entries (events or a dump) into the join; publishes the records that
+/// were waiting for them.
+pub(super) fn apply_conntrack(
+    shared: &Shared,
+    events: &[crate::ctnetlink::CtEvent],
+    how: &'static str,
+) {
+    use crate::ctnetlink::CtEventKind;
+    let mut ready = Vec::new();
+    {
+        let mut st = shared.state.lock().unwrap();
+        let now = Instant::now();
+        let now_ns = flows::mono_now_ns();
+        st.metrics.conntrack_events_total += events.len() as u64;
+        for ev in events {
+            let t = tuple_of(&ev.orig);
+            match ev.kind {
+                CtEventKind::Destroy => st.nat.destroyed(&t, now_ns),
+                CtEventKind::New | CtEventKind::Update => {
+                    // Only connections local pods opened are joined.
+                    let local = st
+                        .by_ip
+                        .get(&ev.orig.src)
+                        .is_some_and(|p| p.node == shared.opts.node_name && !p.host_network);
+                    if !local {
+                        continue;
+                    }
+                    // Already joined (a dump repeats live connections).
+                    let key = flows::ct_key(t.1, t.2, t.3, t.4, t.0);
+                    if st.conns.get(&key).is_some_and(|c| c.snat.is_some()) {
+                        continue;
+                    }
+                    let k = kernel_of(ev);
+                    if let Some(waiting) = st.nat.insert(t, k, now) {
+                        for mut p in waiting {
+                            settle(&mut st, &p.key, &mut p.rec, t, k, how);
+                            ready.push(p.rec);
+                        }
+                    }
+                }
+            }
+        }
+        st.nat.gc(NAT_DESTROYED_GRACE, now, now_ns);
+    }
+    for rec in ready {
+        shared.publish(rec);
+    }
+}
+
+/// Records that waited `snat_wait` without an event: an exact lookup settles them (the
+/// kernel has no entry when the connection was never tracked, e.g. no NAT table loaded).
+pub(super) fn settle_overdue(shared: &Shared) {
+    let overdue = {
+        let mut st = shared.state.lock().unwrap();
+        st.nat.overdue(shared.opts.snat_wait, Instant::now())
+    };
+    if overdue.is_empty() {
+        return;
+    }
+    let mut ready = Vec::with_capacity(overdue.len());
+    for (t, mut p) in overdue {
+        let orig = crate::ctnetlink::Tuple {
+            proto: t.0,
+            src: t.1,
+            sport: t.2,
+            dst: t.3,
+            dport: t.4,
+        };
+        let found = crate::ctnetlink::get(&orig);
+        let mut st = shared.state.lock().unwrap();
+        match found {
+            // A lookup also matches an entry whose reply tuple this is (the pod answered a
+            // connection the kernel saw the other way round): only the original counts.
+            Ok(Some(ev)) if tuple_of(&ev.orig) == t => {
+                settle(&mut st, &p.key, &mut p.rec, t, kernel_of(&ev), "lookup")
+            }
+            Ok(Some(_)) => st.metrics.snat_unknown_total += 1,
+            Ok(None) => {
+                let k = crate::snat::Kernel {
+                    translated: None,
+                    dst: t.3,
+                };
+                settle(&mut st, &p.key, &mut p.rec, t, k, "absent")
+            }
+            Err(e) => {
+                // Published without `snat` rather than with a guess.
+                st.metrics.conntrack_errors_total += 1;
+                debug!("conntrack lookup: {e}");
+            }
+        }
+        ready.push(p.rec);
+    }
+    for rec in ready {
+        shared.publish(rec);
+    }
+}
+
+/// Receive buffer of the ctnetlink socket: room for a burst of about 50k events.
+pub(super) const CONNTRACK_RCVBUF: usize = 16 << 20;
+
+/// Follows the kernel's connection tracking (ctnetlink events, a dump at start and after any
+/// overrun) so local pods' records carry their SNAT. If that fails the daemon goes on without
+/// it: records lose `snat`, nothing else.
+pub(super) async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
+    if let Err(e) = follow_conntrack(&shared).await {
+        warn!("kernel conntrack unavailable, records go without snat: {e:#}");
+        let waiting = {
+            let mut st = shared.state.lock().unwrap();
+            st.snat_live = false;
+            st.metrics.conntrack_errors_total += 1;
+            st.nat.drain_pending()
+        };
+        for p in waiting {
+            shared.publish(p.rec);
+        }
+    }
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+pub(super) async fn follow_conntrack(shared: &Shared) -> Result<()> {
+    let listener = crate::ctnetlink::Listener::open(CONNTRACK_RCVBUF)
+        .context("subscribing to conntrack events (ctnetlink)")?;
+    let mut l = crate::ctnetlink::AsyncListener::new(listener)?;
+    let dump = |shared: &Shared| match crate::ctnetlink::dump() {
+        Ok(all) => {
+            shared.state.lock().unwrap().metrics.conntrack_dumps_total += 1;
+            apply_conntrack(shared, &all, "event");
+        }
+        Err(e) => {
+            shared.state.lock().unwrap().metrics.conntrack_errors_total += 1;
+            warn!("conntrack dump: {e}");
+        }
+    };
+    dump(shared);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            r = l.next_batch(&mut batch) => {
+                let overrun = r.context("reading conntrack events")?;
+                apply_conntrack(shared, &batch, "event");
+                batch.clear();
+                if overrun {
+                    shared.state.lock().unwrap().metrics.conntrack_overruns_total += 1;
+                    warn!("conntrack events lost (socket overrun); resyncing with a dump");
+                    dump(shared);
+                }
+            }
+            _ = tick.tick() => settle_overdue(shared),
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Cluster sources (`dir:` YAML, the Kubernetes API): the cluster view compiled for this node
+//! and written to the maps.
+use super::*;
+
+pub(super) type Fingerprint = (Vec<(PathBuf, std::time::SystemTime, u64)>, Vec<IpAddr>);
+
+/// What the source task carries from one sync to the next.
+#[derive(Default)]
+pub(super) struct SourceState {
+    alloc: Allocator,
+    /// What this process last wrote to the maps.
+    applied: Option<Desired>,
+    /// The source's files and the node's addresses when `applied` was written.
+    seen: Option<Fingerprint>,
+    /// The node's addresses when `applied` was written.
+    host: Vec<IpAddr>,
+    /// Where the numbering is saved; its size when last saved.
+    state_file: Option<PathBuf>,
+    saved_len: usize,
+}
+
+/// The identity numbering in the state directory.
+pub const ALLOCATOR_FILE: &str = "allocator.json";
+
+impl SourceState {
+    /// Picks up the numbering an earlier daemon saved, so the maps it left keep their meaning
+    /// and a restart writes only what changed in the cluster.
+    pub(super) fn load(state_dir: &std::path::Path) -> Self {
+        let path = state_dir.join(ALLOCATOR_FILE);
+        let alloc = match std::fs::read(&path) {
+            Ok(bytes) => match Allocator::from_json(&bytes) {
+                Ok(a) => {
+                    info!(path = %path.display(), "re-using the identity numbering of the previous run");
+                    a
+                }
+                Err(e) => {
+                    warn!(path = %path.display(), "ignoring saved identity numbering: {e:#}");
+                    Allocator::default()
+                }
+            },
+            Err(_) => Allocator::default(),
+        };
+        Self {
+            saved_len: alloc.len(),
+            alloc,
+            state_file: Some(path),
+            ..Default::default()
+        }
+    }
+
+    pub(super) fn save(&mut self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        if self.alloc.len() == self.saved_len && path.exists() {
+            return;
+        }
+        let res = (|| -> Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, self.alloc.to_json()?)?;
+            std::fs::rename(&tmp, path)?;
+            Ok(())
+        })();
+        match res {
+            Ok(()) => self.saved_len = self.alloc.len(),
+            Err(e) => warn!(path = %path.display(), "saving identity numbering: {e:#}"),
+        }
+    }
+}
+
+/// Re-reads a `dir:` source (or none) when its files or the node's addresses changed.
+pub(super) fn reload_source(shared: &Shared, src: &mut SourceState) {
+    let files = match &shared.opts.source {
+        Source::Dir(paths) => cluster::fingerprint(paths),
+        _ => Ok(Vec::new()),
+    };
+    let now: Option<Fingerprint> = files.ok().map(|f| (f, host_addresses()));
+    if now.is_some() && now == src.seen {
+        shared.state.lock().unwrap().last_sync = Some(std::time::SystemTime::now());
+        return;
+    }
+    let cluster = match &shared.opts.source {
+        Source::Dir(paths) => match cluster::load_dir(paths) {
+            Ok(c) => c,
+            Err(e) => {
+                // Keep what is enforced; report and retry at the next poll.
+                warn!("reading cluster source: {e:#}");
+                shared.state.lock().unwrap().metrics.source_errors = vec![format!("{e:#}")];
+                return;
+            }
+        },
+        _ => Cluster::default(),
+    };
+    let host = now
+        .as_ref()
+        .map(|(_, h)| h.clone())
+        .unwrap_or_else(host_addresses);
+    if apply_cluster(shared, src, cluster, host) {
+        src.seen = now;
+    }
+}
+
+/// What the maps of node `node` must hold: its own addresses are those of its interfaces
+/// (`host`) and of its Node object.
+pub fn compile_for_node(
+    cluster: &Cluster,
+    node: &str,
+    host: &[IpAddr],
+    opts: &crate::policy::Options,
+    alloc: &mut Allocator,
+) -> Desired {
+    let mut addrs = host.to_vec();
+    for n in &cluster.nodes {
+        if n.name == node {
+            addrs.extend(n.addresses.iter().copied());
+        }
+    }
+    compile::compile(cluster, node, &addrs, opts, alloc)
+}
+
+/// Compiles `cluster` for this node and writes the differences to the maps. On failure what is
+/// enforced stays as it is and `false` asks the caller to try again.
+pub(super) fn apply_cluster(
+    shared: &Shared,
+    src: &mut SourceState,
+    cluster: Cluster,
+    host: Vec<IpAddr>,
+) -> bool {
+    let t0 = Instant::now();
+    let want = compile_for_node(
+        &cluster,
+        &shared.opts.node_name,
+        &host,
+        &shared.opts.policy,
+        &mut src.alloc,
+    );
+    debug!(compile = ?t0.elapsed(), "compiled");
+    if src.applied.as_ref() != Some(&want) {
+        let mut dp = shared.dp.lock().unwrap();
+        // Diff against what this process wrote last; read the maps back only the first time.
+        let res = match src.applied.as_ref() {
+            Some(old) => dp.apply_diff(old, &want),
+            None => dp.apply(&want),
+        };
+        match res {
+            Ok((w, r)) => {
+                if w + r > 0 {
+                    // Connections take their verdicts again on their next packet.
+                    if let Err(e) = dp.bump_policy_gen() {
+                        warn!("policy generation: {e:#}");
+                    }
+                }
+                info!(
+                    written = w,
+                    removed = r,
+                    endpoints = want.endpoints.len(),
+                    prefixes = want.ipcache.len(),
+                    "datapath maps synced"
+                );
+                src.applied = Some(want);
+            }
+            Err(e) => {
+                warn!("map sync: {e:#}");
+                shared.state.lock().unwrap().metrics.map_sync_errors_total += 1;
+                return false;
+            }
+        }
+    }
+    src.host = host;
+    src.save();
+    for err in &cluster.errors {
+        warn!("cluster source: {err}");
+    }
+    let by_ip: HashMap<IpAddr, Arc<PodInfo>> = cluster
+        .pod_by_ip()
+        .into_iter()
+        .map(|(ip, p)| (ip, p.clone()))
+        .collect();
+    let mut st = shared.state.lock().unwrap();
+    // Series of pods that are gone go with them: cardinality follows the node's pods.
+    {
+        let present: std::collections::HashSet<(&str, &str)> = cluster
+            .pods
+            .iter()
+            .map(|p| (p.namespace.as_str(), p.name.as_str()))
+            .collect();
+        st.pod_traffic
+            .retain(|(ns, name), _| present.contains(&(ns.as_str(), name.as_str())));
+    }
+    st.rules = src.alloc.rule_table();
+    st.metrics.source_errors = cluster.errors.clone();
+    st.by_ip = by_ip;
+    let model = crate::snat::NetModel::resolve(
+        &shared.opts.model,
+        &cluster,
+        &shared.opts.node_name,
+        &interface_nets(&shared.opts.uplinks),
+        src.host.clone(),
+    );
+    if model.model != st.model.model || model.detected != st.model.detected {
+        info!(model = model.model.as_str(), why = ?model.detected, vnet = ?model.vnet_cidrs, "network model");
+    }
+    st.model = model;
+    st.cluster = Arc::new(cluster);
+    st.last_sync = Some(std::time::SystemTime::now());
+    true
+}
+
+pub(super) async fn source_task(shared: Arc<Shared>, mut source: SourceState) -> Result<()> {
+    let mut tick = tokio::time::interval(shared.opts.source_poll);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        reload_source(&shared, &mut source);
+    }
+}
+
+/// How long a burst of API events (a rollout touches many pods at once) is gathered before the
+/// maps are written: bounds the added latency of a single change.
+pub(super) const KUBE_DEBOUNCE: Duration = Duration::from_millis(5);
+
+/// How long a starting daemon waits for the first complete lists before attaching to
+/// interfaces; the maps pinned by an earlier run keep enforcing meanwhile.
+pub(super) const KUBE_INITIAL_WAIT: Duration = Duration::from_secs(5);
+
+pub(super) fn kube_sync(shared: &Shared, src: &mut SourceState, kube: &crate::k8s::Kube) -> bool {
+    if !kube.all_synced() {
+        kube.take_pending();
+        return false;
+    }
+    let since = kube.take_pending();
+    let t0 = Instant::now();
+    let cluster = kube.caches.lock().unwrap().cluster();
+    let t_cluster = t0.elapsed();
+    let ok = apply_cluster(shared, src, cluster, host_addresses());
+    debug!(cluster = ?t_cluster, total = ?t0.elapsed(), waited = ?since.map(|t| t.elapsed()), "kube sync");
+    if ok {
+        if let Some(t) = since {
+            shared
+                .state
+                .lock()
+                .unwrap()
+                .metrics
+                .sync_latency
+                .observe(t.elapsed());
+        }
+        // Give the previous cluster's memory back to the system, not just to malloc.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+    ok
+}
+
+pub(super) async fn kube_task(
+    shared: Arc<Shared>,
+    mut src: SourceState,
+    kube: Arc<crate::k8s::Kube>,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(shared.opts.source_poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = false;
+    loop {
+        tokio::select! {
+            _ = kube.changed() => {
+                tokio::time::sleep(KUBE_DEBOUNCE).await;
+            }
+            _ = tick.tick() => {
+                // The node's own addresses come from its interfaces as well as its Node object.
+                if !retry && host_addresses() == src.host {
+                    if kube.all_synced() && kube.stale_since().is_none() && src.applied.is_some() {
+                        shared.state.lock().unwrap().last_sync = Some(std::time::SystemTime::now());
+                    }
+                    continue;
+                }
+            }
+        }
+        retry = !kube_sync(&shared, &mut src, &kube) && kube.all_synced();
+    }
+}
