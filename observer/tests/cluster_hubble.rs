@@ -11,37 +11,8 @@ use observer::hubble::proto::{
     },
     peer::{peer_client::PeerClient, ChangeNotification, NotifyRequest},
 };
-use observer_tests::{cluster::*, in_netns};
+use observer_tests::{cluster::*, in_netns, pki::Ca};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    let k = rcgen::KeyPair::generate().unwrap();
-    let c = p.self_signed(&k).unwrap();
-    (c, k)
-}
-
-/// A leaf certificate and key (PEM) signed by `issuer`.
-fn leaf(
-    issuer: &(rcgen::Certificate, rcgen::KeyPair),
-    sans: &[&str],
-    client: bool,
-) -> (String, String) {
-    use rcgen::ExtendedKeyUsagePurpose as Eku;
-    let mut p =
-        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    p.extended_key_usages = vec![if client {
-        Eku::ClientAuth
-    } else {
-        Eku::ServerAuth
-    }];
-    let k = rcgen::KeyPair::generate().unwrap();
-    let c = p.signed_by(&k, &issuer.0, &issuer.1).unwrap();
-    (c.pem(), k.serialize_pem())
-}
 
 struct Pki {
     ca: String,
@@ -142,13 +113,13 @@ fn relay_finds_every_node_through_hubble_peer_over_mutual_tls() {
     let dir = std::env::temp_dir().join(format!("obs-hubble-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // One server certificate for every node (the wildcard of the cluster's server names).
-    let ca1 = ca("observer hubble CA");
-    let server = leaf(&ca1, &["*.default.hubble-grpc.cilium.io"], false);
-    let relay = leaf(&ca1, &[], true);
+    let ca1 = Ca::new("observer hubble CA");
+    let server = ca1.leaf("observer", &["*.default.hubble-grpc.cilium.io"], false);
+    let relay = ca1.leaf("relay", &[], true);
     for (f, text) in [
         ("tls.crt", &server.0),
         ("tls.key", &server.1),
-        ("ca.crt", &ca1.0.pem()),
+        ("ca.crt", &ca1.pem()),
     ] {
         std::fs::write(dir.join(f), text).unwrap();
     }
@@ -208,15 +179,15 @@ fn relay_finds_every_node_through_hubble_peer_over_mutual_tls() {
 
     let node1 = c.nodes()[0].clone();
     let pki = Pki {
-        ca: ca1.0.pem(),
+        ca: ca1.pem(),
         client: relay,
     };
     let walked = in_node(&node1, walk(pki, peer_service.clone(), node1.name.clone()));
 
-    let rogue_ca = ca("some other CA");
+    let rogue_ca = Ca::new("some other CA");
     let rogue = Pki {
-        ca: ca1.0.pem(),
-        client: leaf(&rogue_ca, &[], true),
+        ca: ca1.pem(),
+        client: rogue_ca.leaf("mallory", &[], true),
     };
     let refused = in_node(&node1, walk(rogue, peer_service, node1.name.clone()));
 

@@ -17,7 +17,7 @@ use observer::hubble::proto::{
     },
     peer::{peer_client::PeerClient, ChangeNotificationType, NotifyRequest},
 };
-use observer_tests::{in_netns, spawn_in_netns, PodSpec, TestBed};
+use observer_tests::{in_netns, pki::Ca, spawn_in_netns, PodSpec, TestBed};
 use serde_json::Value;
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
@@ -258,17 +258,7 @@ fn the_hubble_api_answers_a_grpc_client() {
     let sock = hubble_sock(&daemon);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let sock = sock.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(sock).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
+        let channel = unix_channel(sock).await;
         let mut client = ObserverClient::new(channel);
         let status = client
             .server_status(ServerStatusRequest {})
@@ -362,38 +352,6 @@ fn the_hubble_api_answers_a_grpc_client() {
     });
 }
 
-fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    let k = rcgen::KeyPair::generate().unwrap();
-    let c = p.self_signed(&k).unwrap();
-    (c, k)
-}
-
-fn leaf(
-    dir: &Path,
-    name: &str,
-    issuer: &(rcgen::Certificate, rcgen::KeyPair),
-    sans: &[&str],
-    client: bool,
-) {
-    use rcgen::ExtendedKeyUsagePurpose as Eku;
-    let mut p =
-        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    p.extended_key_usages = vec![if client {
-        Eku::ClientAuth
-    } else {
-        Eku::ServerAuth
-    }];
-    let k = rcgen::KeyPair::generate().unwrap();
-    let c = p.signed_by(&k, &issuer.0, &issuer.1).unwrap();
-    std::fs::write(dir.join(format!("{name}.pem")), c.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}.key")), k.serialize_pem()).unwrap();
-}
-
 /// `--hubble-listen`: the Hubble API over TCP with mutual TLS, server names as Hubble Relay
 /// expects them, and `peer.Peer/Notify` listing the cluster's nodes at that port.
 #[test]
@@ -403,16 +361,16 @@ fn the_hubble_api_over_mutual_tls_and_its_peers() {
         .unwrap();
     let dir = bed.dir.join("tls");
     std::fs::create_dir_all(&dir).unwrap();
-    let ca1 = ca("observer test CA");
-    std::fs::write(dir.join("ca.pem"), ca1.0.pem()).unwrap();
+    let ca1 = Ca::new("observer test CA");
+    std::fs::write(dir.join("ca.pem"), ca1.pem()).unwrap();
     let server_name = format!(
         "{}.default.hubble-grpc.cilium.io",
         observer_tests::NODE_NAME
     );
-    leaf(&dir, "daemon", &ca1, &[&server_name], false);
-    leaf(&dir, "relay", &ca1, &[], true);
-    let rogue = ca("some other CA");
-    leaf(&dir, "mallory", &rogue, &[], true);
+    ca1.write_leaf(&dir, "daemon", &[&server_name], false);
+    ca1.write_leaf(&dir, "relay", &[], true);
+    let rogue = Ca::new("some other CA");
+    rogue.write_leaf(&dir, "mallory", &[], true);
     let p = |f: &str| dir.join(f).display().to_string();
     let daemon = bed
         .start_daemon(
@@ -463,17 +421,7 @@ fn the_hubble_api_over_mutual_tls_and_its_peers() {
     let sock = hubble_sock(&daemon);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let peers = rt.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let sock = sock.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(sock).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
+        let channel = unix_channel(sock).await;
         let mut client = PeerClient::new(channel);
         let mut stream = client.notify(NotifyRequest {}).await.unwrap().into_inner();
         let mut peers = Vec::new();

@@ -8,38 +8,10 @@ use std::{
     time::Duration,
 };
 
-use observer_tests::{in_netns, tcp_connects, TestBed};
-use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
+use observer_tests::{in_netns, pki::Ca, tcp_connects, TestBed};
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 const LISTEN: &str = "127.0.0.1:9443";
-
-fn ca(name: &str) -> (Certificate, KeyPair) {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name.push(DnType::CommonName, name);
-    let k = KeyPair::generate().unwrap();
-    let c = p.self_signed(&k).unwrap();
-    (c, k)
-}
-
-fn leaf(dir: &Path, name: &str, issuer: &(Certificate, KeyPair), sans: &[&str], client: bool) {
-    let mut p =
-        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.extended_key_usages = vec![if client {
-        ExtendedKeyUsagePurpose::ClientAuth
-    } else {
-        ExtendedKeyUsagePurpose::ServerAuth
-    }];
-    let k = KeyPair::generate().unwrap();
-    let c = p.signed_by(&k, &issuer.0, &issuer.1).unwrap();
-    std::fs::write(dir.join(format!("{name}.pem")), c.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}.key")), k.serialize_pem()).unwrap();
-}
 
 fn cli(node_ns: &str, dir: &Path, client: &str, args: &[&str]) -> (bool, String, String) {
     let p = |f: &str| dir.join(f).display().to_string();
@@ -65,12 +37,12 @@ fn remote_api_needs_a_client_certificate_from_the_configured_ca() {
         .unwrap();
     let dir = bed.dir.join("tls");
     std::fs::create_dir_all(&dir).unwrap();
-    let ca1 = ca("observer test CA");
-    std::fs::write(dir.join("ca.pem"), ca1.0.pem()).unwrap();
-    leaf(&dir, "daemon", &ca1, &["127.0.0.1"], false);
-    leaf(&dir, "alice", &ca1, &[], true);
-    let rogue = ca("some other CA");
-    leaf(&dir, "mallory", &rogue, &[], true);
+    let ca1 = Ca::new("observer test CA");
+    std::fs::write(dir.join("ca.pem"), ca1.pem()).unwrap();
+    ca1.write_leaf(&dir, "daemon", &["127.0.0.1"], false);
+    ca1.write_leaf(&dir, "alice", &[], true);
+    let rogue = Ca::new("some other CA");
+    rogue.write_leaf(&dir, "mallory", &[], true);
     let p = |f: &str| dir.join(f).display().to_string();
 
     // No client CA: the listener would accept anyone, so the daemon refuses to start.

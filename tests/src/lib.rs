@@ -56,6 +56,7 @@ use anyhow::{bail, Context as _, Result};
 pub mod bench;
 pub mod cluster;
 pub mod kubeapi;
+pub mod pki;
 
 pub const NODE_NAME: &str = "node-1";
 pub const NODE_IP: &str = "10.224.0.4";

@@ -99,18 +99,26 @@ pub async fn serve(
     let uds = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("binding the Hubble API socket {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
-    let server = tonic::transport::Server::builder()
-        .add_service(ObserverServer::new(HubbleApi {
-            shared: shared.clone(),
-        }))
-        .add_service(PeerServer::new(peer::PeerApi::new(shared)))
-        .add_service(HealthServer::new(HealthApi));
+    let server = services(tonic::transport::Server::builder(), shared);
     Ok(async move {
         server
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds))
             .await
             .context("Hubble API server")
     })
+}
+
+/// What both listeners serve: the flows, the peers (Hubble Relay) and health.
+fn services(
+    mut builder: tonic::transport::Server,
+    shared: Arc<Shared>,
+) -> tonic::transport::server::Router {
+    builder
+        .add_service(ObserverServer::new(HubbleApi {
+            shared: shared.clone(),
+        }))
+        .add_service(PeerServer::new(peer::PeerApi::new(shared)))
+        .add_service(HealthServer::new(HealthApi))
 }
 
 /// The same services on TCP with mutual TLS (clients must present a certificate signed by the
@@ -125,14 +133,10 @@ pub fn serve_tls(
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
         .client_ca_root(Certificate::from_pem(read(&files.ca)?));
-    let server = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         .tls_config(tls)
-        .with_context(|| format!("--hubble-listen {addr}: TLS setup"))?
-        .add_service(ObserverServer::new(HubbleApi {
-            shared: shared.clone(),
-        }))
-        .add_service(PeerServer::new(peer::PeerApi::new(shared)))
-        .add_service(HealthServer::new(HealthApi));
+        .with_context(|| format!("--hubble-listen {addr}: TLS setup"))?;
+    let server = services(builder, shared);
     Ok(async move {
         server
             .serve(addr)
