@@ -94,7 +94,7 @@ pub fn flow_of(rec: &FlowRecord, uuid: String, extensions: bool) -> flow::Flow {
                 .unwrap_or_default(),
             ..Default::default()
         }),
-        l4: Some(layer4(rec)),
+        l4: layer4(rec),
         source: Some(endpoint(&rec.source)),
         destination: Some(endpoint(&rec.destination)),
         r#type: FlowType::L3L4 as i32,
@@ -115,6 +115,10 @@ pub fn flow_of(rec: &FlowRecord, uuid: String, extensions: bool) -> flow::Flow {
         ingress_allowed_by: ingress_allowed,
         egress_denied_by: egress_denied,
         ingress_denied_by: ingress_denied,
+        interface: Some(flow::NetworkInterface {
+            index: rec.interface,
+            name: String::new(),
+        }),
         summary: summary(rec),
         extensions: extensions.then(|| extension(rec)),
         ..Default::default()
@@ -159,6 +163,29 @@ fn extension(rec: &FlowRecord) -> prost_types::Any {
         allowed_by: rec.allowed_by.clone().unwrap_or_default(),
         first_seen: rec.first_seen.clone(),
         last_seen: rec.last_seen.clone(),
+        rules: rec
+            .policy
+            .iter()
+            .map(|r| ext::Rule {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                direction: r.direction.clone(),
+                rule: r.rule as u32,
+            })
+            .collect(),
+        isolated_by: rec
+            .isolated_by
+            .iter()
+            .map(|p| ext::PolicyRef {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                direction: p.direction.clone(),
+            })
+            .collect(),
+        direction: rec.direction.clone(),
+        icmp_id: rec.l4.icmp.as_ref().and_then(|i| i.id).map(u32::from),
+        drop_reason: rec.drop_reason.clone().unwrap_or_default(),
+        protocol: rec.l4.protocol.clone(),
     };
     prost_types::Any {
         type_url: EXTENSION_TYPE.into(),
@@ -195,7 +222,8 @@ fn tcp_flags(names: &[String]) -> flow::TcpFlags {
     }
 }
 
-fn layer4(rec: &FlowRecord) -> Layer4 {
+/// None for protocols Hubble's Layer4 has no case for.
+fn layer4(rec: &FlowRecord) -> Option<Layer4> {
     let l4 = &rec.l4;
     let icmp = l4.icmp.as_ref();
     let protocol = match l4.protocol.as_str() {
@@ -217,14 +245,15 @@ fn layer4(rec: &FlowRecord) -> Layer4 {
             r#type: icmp.map_or(0, |i| i.icmp_type as u32),
             code: icmp.map_or(0, |i| i.code as u32),
         }),
-        _ => Protocol::IcmPv4(flow::IcmPv4 {
+        "ICMP" => Protocol::IcmPv4(flow::IcmPv4 {
             r#type: icmp.map_or(0, |i| i.icmp_type as u32),
             code: icmp.map_or(0, |i| i.code as u32),
         }),
+        _ => return None,
     };
-    Layer4 {
+    Some(Layer4 {
         protocol: Some(protocol),
-    }
+    })
 }
 
 /// Labels in Hubble's form: `k8s:key=value`, sorted.
@@ -264,6 +293,158 @@ fn summary(rec: &FlowRecord) -> String {
             format!("TCP Flags: {}", rec.l4.tcp_flags.join(", "))
         }
         p => p.to_string(),
+    }
+}
+
+/// observer's record back from a flow that carries observer's extension: what `observer flows`
+/// renders, so its output over the gRPC API is the record the daemon published. None for a
+/// flow without the extension (another server, or a request without the field mask).
+pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
+    use crate::flows::{Counters, IcmpInfo, IpInfo, L4Info, PolicyName, ServiceRef};
+    use crate::policy::compile::RuleRef;
+    let any = f.extensions.as_ref().filter(|a| a.type_url == EXTENSION_TYPE)?;
+    let x = <ext::FlowExtension as prost::Message>::decode(any.value.as_slice()).ok()?;
+    let ip = f.ip.as_ref()?;
+    let (src, dst): (IpAddr, IpAddr) = (ip.source.parse().ok()?, ip.destination.parse().ok()?);
+    let (sport, dport, tcp_flags, icmp) = match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+        Some(Protocol::Tcp(t)) => (
+            t.source_port,
+            t.destination_port,
+            t.flags.as_ref().map(flag_names).unwrap_or_default(),
+            None,
+        ),
+        Some(Protocol::Udp(u)) => (u.source_port, u.destination_port, Vec::new(), None),
+        Some(Protocol::Sctp(s)) => (s.source_port, s.destination_port, Vec::new(), None),
+        Some(Protocol::IcmPv4(i)) => (0, 0, Vec::new(), Some((i.r#type, i.code))),
+        Some(Protocol::IcmPv6(i)) => (0, 0, Vec::new(), Some((i.r#type, i.code))),
+        _ => (0, 0, Vec::new(), None),
+    };
+    let time = |t: Option<prost_types::Timestamp>| {
+        t.and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .map(crate::flows::rfc3339)
+            .unwrap_or_default()
+    };
+    let c = x.counters.unwrap_or_default();
+    let nonempty = |s: String| (!s.is_empty()).then_some(s);
+    Some(FlowRecord {
+        time: time(f.time),
+        node: f.node_name.clone(),
+        event: x.event,
+        verdict: match Verdict::try_from(f.verdict) {
+            Ok(Verdict::Dropped) => "dropped",
+            Ok(Verdict::Audit) => "audit",
+            _ => "forwarded",
+        }
+        .into(),
+        drop_reason: nonempty(x.drop_reason),
+        policy: x
+            .rules
+            .into_iter()
+            .map(|r| RuleRef {
+                namespace: r.namespace,
+                name: r.name,
+                direction: r.direction,
+                rule: r.rule as usize,
+            })
+            .collect(),
+        isolated_by: x
+            .isolated_by
+            .into_iter()
+            .map(|p| PolicyName {
+                namespace: p.namespace,
+                name: p.name,
+                direction: p.direction,
+            })
+            .collect(),
+        allowed_by: nonempty(x.allowed_by),
+        service: match (&f.destination_service, x.service_ip.parse()) {
+            (Some(s), Ok(ip)) => Some(ServiceRef {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                ip,
+                port: x.service_port as u16,
+            }),
+            _ => None,
+        },
+        original_source: x.original_source.parse().ok(),
+        direction: x.direction,
+        traffic_class: x.traffic_class,
+        ip: IpInfo {
+            version: if src.is_ipv4() { 4 } else { 6 },
+            src,
+            dst,
+        },
+        l4: L4Info {
+            protocol: x.protocol,
+            src_port: sport as u16,
+            dst_port: dport as u16,
+            tcp_flags,
+            icmp: icmp.map(|(t, code)| IcmpInfo {
+                icmp_type: t as u8,
+                code: code as u8,
+                id: x.icmp_id.map(|i| i as u16),
+            }),
+        },
+        source: peer_of(f.source.as_ref(), src, sport as u16),
+        destination: peer_of(f.destination.as_ref(), dst, dport as u16),
+        counters: Counters {
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+        },
+        snat: x.snat.and_then(|s| {
+            Some(crate::snat::SnatInfo {
+                original_src_ip: s.original_ip.parse().ok()?,
+                original_src_port: s.original_port as u16,
+                translated_src_ip: s.translated_ip.parse().ok()?,
+                translated_src_port: s.translated_port as u16,
+                expectation: serde_json::from_value(serde_json::Value::String(s.expectation))
+                    .ok()?,
+            })
+        }),
+        first_seen: x.first_seen,
+        last_seen: x.last_seen,
+        interface: f.interface.as_ref().map_or(0, |i| i.index),
+    })
+}
+
+fn flag_names(f: &flow::TcpFlags) -> Vec<String> {
+    let bits = [f.fin, f.syn, f.rst, f.psh, f.ack, f.urg, f.ece, f.cwr]
+        .iter()
+        .enumerate()
+        .fold(0u8, |b, (i, set)| b | (u8::from(*set) << i));
+    crate::flows::tcp_flag_names(bits)
+}
+
+/// The inverse of `endpoint`: Hubble's `k8s:key=value` labels without the namespace label it
+/// adds.
+fn peer_of(e: Option<&Endpoint>, ip: IpAddr, port: u16) -> Peer {
+    let Some(e) = e else {
+        return Peer {
+            ip: Some(ip),
+            port,
+            ..Default::default()
+        };
+    };
+    let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
+    let namespace = nonempty(&e.namespace);
+    Peer {
+        ip: Some(ip),
+        port,
+        labels: e
+            .labels
+            .iter()
+            .filter_map(|l| l.strip_prefix("k8s:")?.split_once('='))
+            .filter(|(k, _)| namespace.is_none() || *k != "io.kubernetes.pod.namespace")
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        namespace,
+        pod: nonempty(&e.pod_name),
+        workload: e.workloads.first().map(|w| match w.kind.as_str() {
+            "" => w.name.clone(),
+            kind => format!("{kind}/{}", w.name),
+        }),
     }
 }
 
@@ -416,5 +597,229 @@ mod tests {
         assert_eq!(string(&pol, 5), "NetworkPolicy");
         // No extensions (150000) unless asked for.
         assert!(!f.contains_key(&150000));
+    }
+
+    /// `observer flows` renders what it reads back from the gRPC API: every kind of record must
+    /// come back exactly as the daemon published it.
+    #[test]
+    fn records_come_back_whole_from_the_flow_and_its_extension() {
+        use crate::flows::{IcmpInfo, ServiceRef};
+        use crate::policy::compile::RuleRef;
+        use crate::snat::{Expectation, SnatInfo};
+        let t = "2026-12-02T10:00:00.123456789Z".to_string();
+        let pod = |ns: &str, pod: &str, ip: &str, port| Peer {
+            ip: Some(ip.parse().unwrap()),
+            port,
+            namespace: Some(ns.into()),
+            pod: Some(pod.into()),
+            labels: [("app".to_string(), pod.to_string()), ("tier".into(), "x".into())].into(),
+            workload: Some(format!("Deployment/{pod}")),
+        };
+        let world = |ip: &str, port| Peer {
+            ip: Some(ip.parse().unwrap()),
+            port,
+            ..Default::default()
+        };
+        let base = FlowRecord {
+            time: t.clone(),
+            node: "node-1".into(),
+            event: "new".into(),
+            verdict: "forwarded".into(),
+            drop_reason: None,
+            policy: vec![RuleRef {
+                namespace: "shop".into(),
+                name: "web-egress".into(),
+                direction: "egress".into(),
+                rule: 2,
+            }],
+            isolated_by: vec![PolicyName {
+                namespace: "shop".into(),
+                name: "web-egress".into(),
+                direction: "egress".into(),
+            }],
+            allowed_by: Some("from-node".into()),
+            service: Some(ServiceRef {
+                namespace: "shop".into(),
+                name: "db".into(),
+                ip: "10.0.0.10".parse().unwrap(),
+                port: 5432,
+            }),
+            original_source: Some("192.0.2.7:41000".parse().unwrap()),
+            direction: "egress".into(),
+            traffic_class: "pod-to-pod-local".into(),
+            ip: IpInfo {
+                version: 4,
+                src: "10.244.0.5".parse().unwrap(),
+                dst: "10.244.0.6".parse().unwrap(),
+            },
+            l4: L4Info {
+                protocol: "TCP".into(),
+                src_port: 40000,
+                dst_port: 5432,
+                tcp_flags: vec!["FIN".into(), "SYN".into(), "ACK".into()],
+                icmp: None,
+            },
+            source: pod("shop", "web", "10.244.0.5", 40000),
+            destination: pod("shop", "db", "10.244.0.6", 5432),
+            counters: Counters {
+                packets_out: 5,
+                bytes_out: 600,
+                packets_in: 4,
+                bytes_in: 5000,
+            },
+            snat: Some(SnatInfo {
+                original_src_ip: "10.244.0.5".parse().unwrap(),
+                original_src_port: 40000,
+                translated_src_ip: "10.224.0.4".parse().unwrap(),
+                translated_src_port: 61000,
+                expectation: Expectation::Expected,
+            }),
+            first_seen: t.clone(),
+            last_seen: "2026-12-02T10:00:01.5Z".into(),
+            interface: 7,
+        };
+        let dropped = FlowRecord {
+            event: "drop".into(),
+            verdict: "dropped".into(),
+            drop_reason: Some("policy-denied".into()),
+            policy: vec![],
+            allowed_by: None,
+            service: None,
+            original_source: None,
+            snat: None,
+            l4: L4Info {
+                protocol: "UDP".into(),
+                src_port: 5353,
+                dst_port: 53,
+                tcp_flags: vec![],
+                icmp: None,
+            },
+            source: pod("shop", "web", "10.244.0.5", 5353),
+            destination: pod("shop", "db", "10.244.0.6", 53),
+            ..base.clone()
+        };
+        let echo = FlowRecord {
+            verdict: "audit".into(),
+            traffic_class: "pod-to-world".into(),
+            ip: IpInfo {
+                version: 6,
+                src: "fd00::5".parse().unwrap(),
+                dst: "2001:db8::1".parse().unwrap(),
+            },
+            l4: L4Info {
+                protocol: "ICMPv6".into(),
+                src_port: 0,
+                dst_port: 0,
+                tcp_flags: vec![],
+                icmp: Some(IcmpInfo {
+                    icmp_type: 128,
+                    code: 0,
+                    id: Some(77),
+                }),
+            },
+            source: pod("shop", "web", "fd00::5", 0),
+            destination: world("2001:db8::1", 0),
+            ..dropped.clone()
+        };
+        let unreachable = FlowRecord {
+            ip: IpInfo {
+                version: 4,
+                src: "192.0.2.1".parse().unwrap(),
+                dst: "10.244.0.5".parse().unwrap(),
+            },
+            l4: L4Info {
+                protocol: "ICMP".into(),
+                src_port: 0,
+                dst_port: 0,
+                tcp_flags: vec![],
+                icmp: Some(IcmpInfo {
+                    icmp_type: 3,
+                    code: 1,
+                    id: None,
+                }),
+            },
+            source: world("192.0.2.1", 0),
+            destination: pod("shop", "web", "10.244.0.5", 0),
+            ..base.clone()
+        };
+        let gre = FlowRecord {
+            l4: L4Info {
+                protocol: "proto-47".into(),
+                src_port: 0,
+                dst_port: 0,
+                tcp_flags: vec![],
+                icmp: None,
+            },
+            source: pod("shop", "web", "10.244.0.5", 0),
+            destination: world("10.244.0.6", 0),
+            ..base.clone()
+        };
+        let sctp = FlowRecord {
+            l4: L4Info {
+                protocol: "SCTP".into(),
+                src_port: 9,
+                dst_port: 9,
+                tcp_flags: vec![],
+                icmp: None,
+            },
+            source: Peer {
+                labels: BTreeMap::new(),
+                workload: None,
+                ..pod("a", "b", "10.244.0.5", 9)
+            },
+            destination: pod("shop", "db", "10.244.0.6", 9),
+            ..base.clone()
+        };
+        for rec in [base, dropped, echo, unreachable, gre, sctp] {
+            let flow = flow_of(&rec, "u".into(), true);
+            // Through the wire, as the CLI receives it.
+            let flow = flow::Flow::decode(flow.encode_to_vec().as_slice()).unwrap();
+            let back = record_of(&flow).expect("observer's extension");
+            // Times are compared as instants (the record's own text may be shorter).
+            let at = |s: &str| humantime::parse_rfc3339(s).unwrap();
+            assert_eq!(at(&back.last_seen), at(&rec.last_seen));
+            let back = FlowRecord {
+                last_seen: rec.last_seen.clone(),
+                ..back
+            };
+            assert_eq!(back, rec);
+        }
+        assert!(record_of(&flow_of(&dropped_sample(), "u".into(), false)).is_none());
+    }
+
+    fn dropped_sample() -> FlowRecord {
+        FlowRecord {
+            time: "2026-12-02T10:00:00Z".into(),
+            node: "n".into(),
+            event: "drop".into(),
+            verdict: "dropped".into(),
+            drop_reason: None,
+            policy: vec![],
+            isolated_by: vec![],
+            allowed_by: None,
+            service: None,
+            original_source: None,
+            direction: "egress".into(),
+            traffic_class: "pod-to-world".into(),
+            ip: IpInfo {
+                version: 4,
+                src: "10.0.0.1".parse().unwrap(),
+                dst: "10.0.0.2".parse().unwrap(),
+            },
+            l4: L4Info {
+                protocol: "UDP".into(),
+                src_port: 1,
+                dst_port: 2,
+                tcp_flags: vec![],
+                icmp: None,
+            },
+            source: Peer::default(),
+            destination: Peer::default(),
+            counters: Counters::default(),
+            snat: None,
+            first_seen: String::new(),
+            last_seen: String::new(),
+            interface: 0,
+        }
     }
 }
