@@ -1,30 +1,19 @@
-//! The daemon's local API: HTTP on a unix socket (flows, conntrack, status, metrics, health),
-//! optionally the metrics and health endpoints on a TCP address too.
-use std::{convert::Infallible, fmt::Write as _, os::unix::fs::PermissionsExt, sync::Arc};
+//! The daemon's API on its unix socket (and on `--listen` with mutual TLS): the flows over
+//! gRPC (the Hubble-compatible `observer.Observer`, see `hubble`), and HTTP for conntrack,
+//! status, metrics and health. Optionally the metrics and health endpoints on a TCP address.
+use std::{fmt::Write as _, os::unix::fs::PermissionsExt, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use axum::{
-    body::Body,
-    extract::{Query, State},
+    extract::State,
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
     Router,
 };
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio_stream::wrappers::BroadcastStream;
 
 use crate::daemon::Shared;
-
-#[derive(Deserialize, Default)]
-pub struct FlowQuery {
-    pub last: Option<usize>,
-    #[serde(default)]
-    pub follow: bool,
-    /// JSON array of [`crate::filter::Filter`].
-    pub filter: Option<String>,
-}
 
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Status {
@@ -105,13 +94,30 @@ pub struct KubeStatus {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/v1/flows", get(flows))
         .route("/v1/conntrack", get(conntrack))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(shared)
+        .with_state(shared.clone())
+        .merge(crate::hubble::routes(shared))
+        .fallback(not_found)
+}
+
+/// Unknown paths: a 404 for HTTP clients, gRPC's UNIMPLEMENTED for gRPC clients (which read
+/// the status from the trailers, not the HTTP code).
+async fn not_found(req: axum::extract::Request) -> Response {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        tonic::Status::unimplemented(format!("{} is not served here", req.uri().path()))
+            .into_http::<axum::body::Body>()
+            .into_response()
+    } else {
+        (StatusCode::NOT_FOUND, "not found\n").into_response()
+    }
 }
 
 /// Binds the unix socket (mode 0660: root and the socket's group) and, if configured, the TCP
@@ -178,55 +184,6 @@ fn ndjson<T: Serialize>(items: impl IntoIterator<Item = T>) -> String {
         s.push('\n');
     }
     s
-}
-
-async fn flows(State(shared): State<Arc<Shared>>, Query(q): Query<FlowQuery>) -> Response {
-    let filters: Vec<crate::filter::Filter> =
-        match q.filter.as_deref().map(serde_json::from_str).transpose() {
-            Ok(f) => f.unwrap_or_default(),
-            Err(e) => return (StatusCode::BAD_REQUEST, format!("filter: {e}\n")).into_response(),
-        };
-    // Subscribe before reading history so nothing falls in between.
-    let rx = shared.tx.subscribe();
-    let backlog: Vec<_> = {
-        let st = shared.state.lock().unwrap();
-        let matching: Vec<_> = st
-            .history
-            .iter()
-            .filter(|r| crate::filter::accepts(&filters, r))
-            .cloned()
-            .collect();
-        let n = q.last.unwrap_or(if q.follow { 0 } else { matching.len() });
-        let skip = matching.len().saturating_sub(n);
-        matching.into_iter().skip(skip).collect()
-    };
-    let head = ndjson(backlog.iter().map(|r| r.as_ref()));
-    if !q.follow {
-        return ([(header::CONTENT_TYPE, "application/x-ndjson")], head).into_response();
-    }
-    let filters = Arc::new(filters);
-    let live = BroadcastStream::new(rx).filter_map(move |r| {
-        let filters = filters.clone();
-        async move {
-            match r {
-                Ok(rec) if !crate::filter::accepts(&filters, &rec) => None,
-                Ok(rec) => Some(Ok::<_, Infallible>(format!(
-                    "{}\n",
-                    serde_json::to_string(rec.as_ref()).unwrap_or_default()
-                ))),
-                // A slow reader skipped records: say so in-band rather than silently.
-                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                    Some(Ok(format!("{{\"lost_records\":{n}}}\n")))
-                }
-            }
-        }
-    });
-    let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(head) }).chain(live);
-    (
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response()
 }
 
 async fn conntrack(State(shared): State<Arc<Shared>>) -> Response {

@@ -1,5 +1,6 @@
-//! A small HTTP/1.0 client for the daemon's unix socket: the response body ends when the
-//! daemon closes the connection, which also suits follow mode.
+//! Clients of the daemon's API: a gRPC channel for the flows (the Hubble-compatible API), and
+//! a small HTTP/1.0 client for the rest (status, conntrack), whose response body ends when the
+//! daemon closes the connection.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
@@ -144,4 +145,65 @@ pub fn get_string(server: &Server, path: &str) -> Result<String> {
     let mut s = String::new();
     r.read_to_string(&mut s)?;
     Ok(s)
+}
+
+/// A gRPC channel to the daemon's API (the same socket or `--listen` address as the HTTP
+/// endpoints). Connection failures say what to check, as the HTTP client does.
+pub async fn channel(server: &Server) -> Result<tonic::transport::Channel> {
+    use hyper_util::rt::TokioIo;
+    use std::sync::{Arc, Mutex};
+    let endpoint = tonic::transport::Endpoint::from_static("http://observer");
+    match server {
+        Server::Unix(socket) => {
+            // Connected here first for the error message; the channel takes this stream.
+            let first = connect_unix(socket)?;
+            first.set_nonblocking(true)?;
+            let first = Arc::new(Mutex::new(Some(tokio::net::UnixStream::from_std(first)?)));
+            let socket = socket.clone();
+            let connector = tower::service_fn(move |_| {
+                let (first, socket) = (first.lock().unwrap().take(), socket.clone());
+                async move {
+                    let s = match first {
+                        Some(s) => s,
+                        None => tokio::net::UnixStream::connect(&socket).await?,
+                    };
+                    Ok::<_, std::io::Error>(TokioIo::new(s))
+                }
+            });
+            Ok(endpoint.connect_with_connector(connector).await?)
+        }
+        Server::Tls { addr, name, config } => {
+            let mut cfg = (**config).clone();
+            cfg.alpn_protocols = vec![b"h2".to_vec()];
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+            let (to, name) = (addr.clone(), name.clone());
+            let connector = tower::service_fn(move |_| {
+                let (tls, addr, name) = (tls.clone(), to.clone(), name.clone());
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
+                    let s = tls.connect(name, tcp).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(s))
+                }
+            });
+            endpoint
+                .connect_with_connector(connector)
+                .await
+                .map_err(|e| tls_refused(addr, &e))
+        }
+    }
+}
+
+/// What a failed TLS connection most likely means. With TLS 1.3 a refused client
+/// certificate shows only on the first read, so requests fail the same way.
+pub fn tls_refused(addr: &str, e: &dyn std::error::Error) -> anyhow::Error {
+    let mut cause = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        cause = format!("{cause}: {s}");
+        source = s.source();
+    }
+    anyhow::anyhow!(
+        "TLS handshake with {addr} refused or failed: {cause} (is --tls-cert signed by the \
+         daemon's --tls-client-ca, and --tls-ca the CA of the daemon's certificate?)"
+    )
 }

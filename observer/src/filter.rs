@@ -229,18 +229,6 @@ pub fn from_args(args: &[(String, String)]) -> Result<Vec<Filter>> {
     Ok(out)
 }
 
-/// Percent-encodes a query string value.
-pub fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,11 +53,13 @@ pub fn server_config(f: &Files) -> Result<Arc<ServerConfig>> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&f.ca)?), provider())
         .build()
         .context("client CA")?;
-    let cfg = ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(&f.cert)?, key(&f.key)?)
         .context("server certificate and key")?;
+    // gRPC (the flows) needs HTTP/2; the other endpoints are plain HTTP/1.1 too.
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 

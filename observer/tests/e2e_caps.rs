@@ -154,6 +154,7 @@ impl Scratch {
     fn daemon(&self, pid: u32) -> observer_tests::Daemon {
         observer_tests::Daemon {
             pid,
+            bin: OBSERVER.into(),
             socket: self.socket(),
             log: self.log(),
             pin_dir: self.pin_dir.clone(),
@@ -285,7 +286,7 @@ fn exactly_the_required_set_loads_attaches_counts_and_restarts() {
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let recs = d.get_lines("/v1/flows").unwrap();
+        let recs = d.flows().unwrap();
         if recs
             .iter()
             .any(|r| r["ip"]["src"] == "10.99.0.2" && r["ip"]["dst"] == "10.99.0.1")

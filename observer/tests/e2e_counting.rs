@@ -394,7 +394,7 @@ fn per_flow_packets_and_bytes_are_exact() {
     std::thread::sleep(Duration::from_millis(2500));
 
     let conntrack = daemon.get_lines("/v1/conntrack").unwrap();
-    let history = daemon.get_lines("/v1/flows").unwrap();
+    let history = daemon.flows().unwrap();
     let mut failures = Vec::new();
     for f in &flows {
         let reference_out =

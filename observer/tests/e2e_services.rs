@@ -60,12 +60,7 @@ fn sa(ip: &str, port: u16) -> SocketAddr {
 fn records(d: &observer_tests::Daemon, f: impl Fn(&Value) -> bool) -> Vec<Value> {
     let t = Instant::now();
     loop {
-        let v: Vec<Value> = d
-            .get_lines("/v1/flows")
-            .unwrap()
-            .into_iter()
-            .filter(&f)
-            .collect();
+        let v: Vec<Value> = d.flows().unwrap().into_iter().filter(&f).collect();
         if !v.is_empty() || t.elapsed() > Duration::from_secs(5) {
             return v;
         }
@@ -238,7 +233,7 @@ fn services_and_dns(mut c: Cluster) {
             .as_str()
             .is_some_and(|d| d.starts_with("10.96.0."))
     };
-    let all = d.get_lines("/v1/flows").unwrap();
+    let all = d.flows().unwrap();
     assert!(
         !all.iter().any(to_vip),
         "no record may name a ClusterIP as destination: {:?}",

@@ -1015,6 +1015,7 @@ impl TestBed {
         self.pin_dirs.push(pin_dir.clone());
         let d = Daemon {
             pid,
+            bin: observer_bin.to_path_buf(),
             socket,
             log,
             pin_dir,
@@ -1081,6 +1082,8 @@ impl Drop for TestBed {
 /// A running daemon of a test bed.
 pub struct Daemon {
     pub pid: u32,
+    /// The `observer` binary it runs, for the CLI.
+    pub bin: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
     pub pin_dir: PathBuf,
@@ -1124,6 +1127,23 @@ impl Daemon {
             bail!("GET {path}: {head}");
         }
         Ok(body.to_string())
+    }
+
+    /// The whole flow history, as `observer flows -o json` prints it (the gRPC flow API).
+    pub fn flows(&self) -> Result<Vec<serde_json::Value>> {
+        let out = Command::new(&self.bin)
+            .args(["flows", "-o", "json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .context("running observer flows")?;
+        if !out.status.success() {
+            bail!("observer flows: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str(l).context("parsing JSON line"))
+            .collect()
     }
 
     /// JSON lines of a GET.

@@ -3,7 +3,16 @@
 use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{Context as _, Result};
-use observer::{client, flows::FlowRecord};
+use observer::{
+    client,
+    flows::FlowRecord,
+    hubble::{
+        convert,
+        proto::observer::{
+            get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
+        },
+    },
+};
 
 use super::*;
 
@@ -169,137 +178,236 @@ fn parse_when(s: &str) -> Result<std::time::SystemTime> {
     Ok(std::time::SystemTime::now() - d)
 }
 
-fn print_records(r: impl BufRead, output: Output) -> Result<()> {
-    let stdout = std::io::stdout();
-    let color = stdout.is_terminal();
-    let mut out = stdout.lock();
-    if output == Output::Table {
-        writeln!(
+/// Writes records in the chosen format; one per line, flushed per record when someone may be
+/// watching (a terminal, or JSON consumers of a followed stream).
+struct Render<W: Write> {
+    out: W,
+    output: Output,
+    color: bool,
+    flush: bool,
+}
+
+const TABLE_HEAD: [&str; 9] = [
+    "TIME",
+    "EVENT",
+    "SOURCE",
+    "DESTINATION",
+    "PROTO",
+    "VERDICT",
+    "OUT pkts/bytes",
+    "IN pkts/bytes",
+    "SNAT",
+];
+
+impl<W: Write> Render<W> {
+    fn new(out: W, output: Output, color: bool, flush: bool) -> std::io::Result<Self> {
+        let mut r = Self {
             out,
-            "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16} {}",
-            "TIME",
-            "EVENT",
-            "SOURCE",
-            "DESTINATION",
-            "PROTO",
-            "VERDICT",
-            "OUT pkts/bytes",
-            "IN pkts/bytes",
-            "SNAT"
-        )?;
+            output,
+            color,
+            flush,
+        };
+        if output == Output::Table {
+            r.row(&TABLE_HEAD.map(String::from))?;
+        }
+        Ok(r)
     }
-    for line in r.lines() {
-        let line = line?;
-        if line.is_empty() {
+
+    fn row(&mut self, c: &[String; 9]) -> std::io::Result<()> {
+        writeln!(
+            self.out,
+            "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16} {}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+        )
+    }
+
+    fn record(&mut self, rec: &FlowRecord) -> std::io::Result<()> {
+        match self.output {
+            Output::Json => {
+                serde_json::to_writer(&mut self.out, rec)?;
+                self.out.write_all(b"\n")?;
+            }
+            Output::Table => self.row(&table_row(rec))?,
+            Output::Compact if self.color => {
+                let c = match rec.event.as_str() {
+                    "new" => "32",
+                    "close" => "90",
+                    _ => "0",
+                };
+                writeln!(self.out, "\x1b[{c}m{}\x1b[0m", rec.compact())?
+            }
+            Output::Compact => writeln!(self.out, "{}", rec.compact())?,
+        }
+        if self.flush {
+            self.out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Records the daemon could not send because this reader fell behind: said in the output
+    /// for JSON consumers, on stderr otherwise.
+    fn lost(&mut self, n: u64) -> std::io::Result<()> {
+        match self.output {
+            Output::Json => writeln!(self.out, "{{\"lost_records\":{n}}}")?,
+            _ => eprintln!("observer: {n} records lost: this reader fell behind"),
+        }
+        Ok(())
+    }
+}
+
+fn table_row(rec: &FlowRecord) -> [String; 9] {
+    let side = |p: &observer::flows::Peer| match (&p.namespace, &p.pod) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}:{}", p.port),
+        _ => format!(
+            "{}:{}",
+            p.ip.map(|i| i.to_string()).unwrap_or_default(),
+            p.port
+        ),
+    };
+    let c = &rec.counters;
+    let snat = match &rec.snat {
+        Some(n) => format!(
+            "{} {}",
+            std::net::SocketAddr::new(n.translated_src_ip, n.translated_src_port),
+            n.expectation.as_str()
+        ),
+        None => "-".into(),
+    };
+    [
+        rec.time.get(11..23).unwrap_or(&rec.time).to_string(),
+        rec.event.clone(),
+        side(&rec.source),
+        side(&rec.destination),
+        rec.l4.protocol.clone(),
+        rec.verdict.clone(),
+        format!("{}/{}", c.packets_out, c.bytes_out),
+        format!("{}/{}", c.packets_in, c.bytes_in),
+        snat,
+    ]
+}
+
+/// The request `observer flows` sends: Hubble's GetFlows with observer's own filters in its
+/// extensions (they filter on what Hubble's FlowFilter has no field for).
+fn request(
+    a: &FlowsArgs,
+    follow: bool,
+    filters: &[observer::filter::Filter],
+) -> Result<GetFlowsRequest> {
+    use observer::hubble::proto::observer::ext;
+    let since = a.since.as_deref().map(parse_when).transpose()?;
+    let until = a.until.as_deref().map(parse_when).transpose()?;
+    let argv: Vec<String> = std::env::args().collect();
+    let mut wire = Vec::new();
+    let mut negate = false;
+    for (flag, value) in ordered_filter_args(&argv) {
+        if flag == "not" {
+            negate = true;
             continue;
         }
-        let res = match output {
-            Output::Json => writeln!(out, "{line}"),
-            Output::Table => match serde_json::from_str::<FlowRecord>(&line) {
-                Ok(rec) => {
-                    let side = |p: &observer::flows::Peer| match (&p.namespace, &p.pod) {
-                        (Some(ns), Some(pod)) => format!("{ns}/{pod}:{}", p.port),
-                        _ => format!(
-                            "{}:{}",
-                            p.ip.map(|i| i.to_string()).unwrap_or_default(),
-                            p.port
-                        ),
-                    };
-                    let c = &rec.counters;
-                    let snat = match &rec.snat {
-                        Some(n) => format!(
-                            "{} {}",
-                            std::net::SocketAddr::new(n.translated_src_ip, n.translated_src_port),
-                            n.expectation.as_str()
-                        ),
-                        None => "-".into(),
-                    };
-                    writeln!(
-                        out,
-                        "{:<12} {:<6} {:<42} {:<42} {:<7} {:<10} {:>16} {:>16} {}",
-                        rec.time.get(11..23).unwrap_or(&rec.time),
-                        rec.event,
-                        side(&rec.source),
-                        side(&rec.destination),
-                        rec.l4.protocol,
-                        rec.verdict,
-                        format!("{}/{}", c.packets_out, c.bytes_out),
-                        format!("{}/{}", c.packets_in, c.bytes_in),
-                        snat
-                    )
-                }
-                Err(_) => writeln!(out, "{line}"),
-            },
-            Output::Compact => match serde_json::from_str::<FlowRecord>(&line) {
-                Ok(rec) => {
-                    let l = rec.compact();
-                    if color {
-                        let c = match rec.event.as_str() {
-                            "new" => "32",
-                            "close" => "90",
-                            _ => "0",
-                        };
-                        writeln!(out, "\x1b[{c}m{l}\x1b[0m")
-                    } else {
-                        writeln!(out, "{l}")
-                    }
-                }
-                Err(_) => writeln!(out, "{line}"),
-            },
-        };
-        if res.is_err() {
-            break; // closed pipe
-        }
-        if output == Output::Json || color {
-            let _ = out.flush();
-        }
+        wire.push(ext::Filter {
+            negate,
+            flag,
+            value,
+        });
+        negate = false;
     }
-    Ok(())
+    debug_assert_eq!(wire.len(), filters.len());
+    Ok(GetFlowsRequest {
+        number: a.last.unwrap_or(0) as u64,
+        follow,
+        since: since.map(Into::into),
+        until: until.map(Into::into),
+        extensions: Some(prost_types::Any {
+            type_url: observer::hubble::FLOWS_REQUEST_TYPE.into(),
+            value: prost::Message::encode_to_vec(&ext::FlowsRequest { filters: wire }),
+        }),
+        ..Default::default()
+    })
 }
 
 pub(super) fn run(a: FlowsArgs) -> Result<()> {
     let follow = a.follow || std::env::args().nth(1).as_deref() == Some("flow-tail");
     let argv: Vec<String> = std::env::args().collect();
+    // Checked here too, so a bad value is reported before connecting.
     let filters = observer::filter::from_args(&ordered_filter_args(&argv))?;
-    let since = a.since.as_deref().map(parse_when).transpose()?;
-    let until = a.until.as_deref().map(parse_when).transpose()?;
-    let mut q = String::from("/v1/flows?");
-    // With a time window the last N are counted inside it, on this side.
-    if let (Some(n), None, None) = (a.last, since, until) {
-        q.push_str(&format!("last={n}&"));
-    }
-    if follow {
-        q.push_str("follow=true&");
-    }
-    if !filters.is_empty() {
-        q.push_str(&format!(
-            "filter={}",
-            observer::filter::encode(&serde_json::to_string(&filters)?)
-        ));
-    }
-    let r = client::get(&a.client.server()?, &q)?;
-    if since.is_none() && until.is_none() {
-        return print_records(r, a.client.output);
-    }
-    let keep = |rec: &FlowRecord| {
-        let t = humantime::parse_rfc3339_weak(&rec.time).ok();
-        t.is_some_and(|t| since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u))
-    };
-    let mut lines: Vec<String> = Vec::new();
+    let req = request(&a, follow, &filters)?;
+    let server = a.client.server()?;
+    let stdout = std::io::stdout();
+    let color = stdout.is_terminal();
+    let flush = color || follow;
+    let mut render = Render::new(
+        std::io::BufWriter::with_capacity(1 << 16, stdout.lock()),
+        a.client.output,
+        color,
+        flush,
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let channel = client::channel(&server).await?;
+        let mut api = ObserverClient::new(channel).max_decoding_message_size(64 << 20);
+        let refused = |e: tonic::Status| match &server {
+            // The connection failing after the handshake: TLS 1.3 refuses a client
+            // certificate only then.
+            client::Server::Tls { addr, .. }
+                if matches!(
+                    e.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) =>
+            {
+                client::tls_refused(addr, &e)
+            }
+            _ => anyhow::anyhow!("the daemon refused the request: {}", e.message()),
+        };
+        let mut stream = api.get_flows(req).await.map_err(refused)?.into_inner();
+        loop {
+            let item = match stream.message().await {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(e) => return Err(refused(e)),
+            };
+            let written = match item.response_types {
+                Some(ResponseTypes::Flow(f)) => match convert::record_of(&f) {
+                    Some(rec) => render.record(&rec),
+                    None => anyhow::bail!(
+                        "the server sent a flow without observer's record: is it observer?"
+                    ),
+                },
+                Some(ResponseTypes::LostEvents(l)) => render.lost(l.num_events_lost),
+                _ => Ok(()),
+            };
+            if written.is_err() {
+                return Ok(()); // closed pipe
+            }
+        }
+        let _ = render.out.flush();
+        Ok(())
+    })
+}
+
+/// Records as JSON lines from the HTTP API, rendered like the flows.
+fn print_lines(r: impl BufRead, output: Output) -> Result<()> {
+    let stdout = std::io::stdout();
+    let color = stdout.is_terminal();
+    let mut render = Render::new(stdout.lock(), output, color, color)?;
     for line in r.lines() {
         let line = line?;
-        if serde_json::from_str::<FlowRecord>(&line).is_ok_and(|rec| keep(&rec)) {
-            lines.push(line);
+        if line.is_empty() {
+            continue;
+        }
+        let res = match serde_json::from_str::<FlowRecord>(&line) {
+            Ok(rec) if output != Output::Json => render.record(&rec),
+            _ => writeln!(render.out, "{line}"),
+        };
+        if res.is_err() {
+            break; // closed pipe
         }
     }
-    if let Some(n) = a.last {
-        let skip = lines.len().saturating_sub(n);
-        lines.drain(..skip);
-    }
-    print_records(std::io::Cursor::new(lines.join("\n")), a.client.output)
+    Ok(())
 }
 
 pub(super) fn conntrack(a: ClientArgs) -> Result<()> {
     let r = client::get(&a.server()?, "/v1/conntrack")?;
-    print_records(r, a.output)
+    print_lines(r, a.output)
 }

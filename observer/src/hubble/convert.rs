@@ -302,7 +302,10 @@ fn summary(rec: &FlowRecord) -> String {
 pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
     use crate::flows::{Counters, IcmpInfo, IpInfo, L4Info, PolicyName, ServiceRef};
     use crate::policy::compile::RuleRef;
-    let any = f.extensions.as_ref().filter(|a| a.type_url == EXTENSION_TYPE)?;
+    let any = f
+        .extensions
+        .as_ref()
+        .filter(|a| a.type_url == EXTENSION_TYPE)?;
     let x = <ext::FlowExtension as prost::Message>::decode(any.value.as_slice()).ok()?;
     let ip = f.ip.as_ref()?;
     let (src, dst): (IpAddr, IpAddr) = (ip.source.parse().ok()?, ip.destination.parse().ok()?);
@@ -612,7 +615,11 @@ mod tests {
             port,
             namespace: Some(ns.into()),
             pod: Some(pod.into()),
-            labels: [("app".to_string(), pod.to_string()), ("tier".into(), "x".into())].into(),
+            labels: [
+                ("app".to_string(), pod.to_string()),
+                ("tier".into(), "x".into()),
+            ]
+            .into(),
             workload: Some(format!("Deployment/{pod}")),
         };
         let world = |ip: &str, port| Peer {

@@ -121,6 +121,18 @@ fn services(
         .add_service(HealthServer::new(HealthApi))
 }
 
+/// The same services as routes of the daemon's own API, so `observer flows` reads its flows
+/// over gRPC on the API socket and `--listen` (one flow API for observer's CLI and Hubble's).
+pub fn routes(shared: Arc<Shared>) -> axum::Router {
+    tonic::service::Routes::new(ObserverServer::new(HubbleApi {
+        shared: shared.clone(),
+    }))
+    .add_service(PeerServer::new(peer::PeerApi::new(shared)))
+    .add_service(HealthServer::new(HealthApi))
+    .prepare()
+    .into_axum_router()
+}
+
 /// The same services on TCP with mutual TLS (clients must present a certificate signed by the
 /// configured CA), for Hubble Relay and remote `hubble` CLIs.
 pub fn serve_tls(
@@ -175,6 +187,35 @@ fn response(node: &str, flow: Flow) -> GetFlowsResponse {
     }
 }
 
+/// The type URL of observer's own filters in `GetFlowsRequest.extensions`.
+pub const FLOWS_REQUEST_TYPE: &str = "type.googleapis.com/observer.ext.FlowsRequest";
+
+/// `observer flows`' own filters, sent in the request's extensions; a bad one is refused with
+/// the flag it came from.
+fn observer_filters(req: &GetFlowsRequest) -> Result<Vec<crate::filter::Filter>, Status> {
+    let Some(any) = &req.extensions else {
+        return Ok(Vec::new());
+    };
+    if any.type_url != FLOWS_REQUEST_TYPE {
+        return Err(Status::invalid_argument(format!(
+            "extensions: observer does not know {:?}",
+            any.type_url
+        )));
+    }
+    let r = <proto::observer::ext::FlowsRequest as prost::Message>::decode(any.value.as_slice())
+        .map_err(|e| Status::invalid_argument(format!("extensions: {e}")))?;
+    r.filters
+        .iter()
+        .map(|f| {
+            Ok(crate::filter::Filter {
+                negate: f.negate,
+                m: crate::filter::parse(&f.flag, &f.value)
+                    .map_err(|e| Status::invalid_argument(format!("{e:#}")))?,
+            })
+        })
+        .collect()
+}
+
 fn in_window(flow: &Flow, since: Option<SystemTime>, until: Option<SystemTime>) -> bool {
     let Some(t) = flow.time.and_then(|t| SystemTime::try_from(t).ok()) else {
         return true;
@@ -198,57 +239,68 @@ impl Observer for HubbleApi {
                 )));
             }
         }
-        let with_ext = req.field_mask.as_ref().is_some_and(|m| {
-            m.paths
-                .iter()
-                .any(|p| p == "extensions" || p.starts_with("extensions."))
-        });
+        let ours = observer_filters(&req)?;
+        // observer's own CLI (it sends its filters in the extensions) reads the extension.
+        let with_ext = req.extensions.is_some()
+            || req.field_mask.as_ref().is_some_and(|m| {
+                m.paths
+                    .iter()
+                    .any(|p| p == "extensions" || p.starts_with("extensions."))
+            });
         let since = req.since.and_then(|t| SystemTime::try_from(t).ok());
         let until = req.until.and_then(|t| SystemTime::try_from(t).ok());
-        let (white, black) = (Arc::new(req.whitelist), Arc::new(req.blacklist));
+        let (white, black) = (req.whitelist, req.blacklist);
         let node = self.shared.opts.node_name.clone();
-        let accepts = {
-            let (white, black) = (white.clone(), black.clone());
-            move |flow: &Flow| in_window(flow, since, until) && filter::passes(flow, &white, &black)
-        };
-        // Subscribe before reading the history, so nothing falls in between.
+        // A record's flow, if the request keeps it: observer's own filters on the record, then
+        // the time window and Hubble's filters on the flow.
+        let select = Arc::new(move |rec: &FlowRecord| -> Option<Flow> {
+            if !crate::filter::accepts(&ours, rec) {
+                return None;
+            }
+            let flow = convert::flow_of(rec, uuid_of(rec), with_ext);
+            (in_window(&flow, since, until) && filter::passes(&flow, &white, &black))
+                .then_some(flow)
+        });
+        // Subscribe before reading the history, so nothing falls in between. The history is
+        // copied as pointers under the lock and converted while the client reads.
         let rx = self.shared.tx.subscribe();
-        let backlog: Vec<GetFlowsResponse> = {
+        let history: Vec<Arc<FlowRecord>> = {
             let st = self.shared.state.lock().unwrap();
-            let matching: Vec<Flow> = st
-                .history
-                .iter()
-                .map(|r| convert::flow_of(r, uuid_of(r), with_ext))
-                .filter(|f| accepts(f))
-                .collect();
-            let n = match req.number as usize {
-                // Nothing asked for: everything in the window, or only what comes (follow).
-                0 if req.follow && since.is_none() => 0,
-                0 => matching.len(),
-                n => n.min(matching.len()),
-            };
-            let chosen: Vec<Flow> = if req.first {
-                matching.into_iter().take(n).collect()
-            } else {
-                let skip = matching.len() - n;
-                matching.into_iter().skip(skip).collect()
-            };
-            chosen.into_iter().map(|f| response(&node, f)).collect()
+            st.history.iter().cloned().collect()
         };
-        let head = futures_util::stream::iter(backlog.into_iter().map(Ok));
+        let head: FlowStream = {
+            let (select, node) = (select.clone(), node.clone());
+            let n = req.number as usize;
+            let respond = move |f: Flow| Ok(response(&node, f));
+            if n == 0 && req.follow && since.is_none() {
+                // Nothing asked for from the past: only what comes.
+                Box::pin(futures_util::stream::empty())
+            } else if n == 0 || req.first {
+                let n = if n == 0 { usize::MAX } else { n };
+                let flows = history.into_iter().filter_map(move |r| select(&r)).take(n);
+                Box::pin(futures_util::stream::iter(flows.map(respond)))
+            } else {
+                // The newest n: found from the end, sent oldest first.
+                let mut last: Vec<Flow> = history
+                    .iter()
+                    .rev()
+                    .filter_map(|r| select(r))
+                    .take(n)
+                    .collect();
+                last.reverse();
+                Box::pin(futures_util::stream::iter(last.into_iter().map(respond)))
+            }
+        };
         if !req.follow {
-            return Ok(Response::new(Box::pin(head)));
+            return Ok(Response::new(head));
         }
         let live = BroadcastStream::new(rx)
             .filter_map(move |r| {
                 let node = node.clone();
-                let accepts = accepts.clone();
+                let select = select.clone();
                 async move {
                     match r {
-                        Ok(rec) => {
-                            let flow = convert::flow_of(&rec, uuid_of(&rec), with_ext);
-                            accepts(&flow).then(|| Ok(response(&node, flow)))
-                        }
+                        Ok(rec) => select(&rec).map(|flow| Ok(response(&node, flow))),
                         // A slow reader skipped records: said in-band, as Hubble does.
                         Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(GetFlowsResponse {
                             time: Some(SystemTime::now().into()),
