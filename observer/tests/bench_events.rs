@@ -6,8 +6,12 @@
 //!    Rate = events the daemon turned into enriched records / wall time until it caught up;
 //!    losses are the kernel's `events_lost` counter. Baseline: the rate the kernel produced them.
 //!    The daemon's CPU time (utime + stime) gives its cost per 100,000 events.
-//! 2. Daemon to CLI: `observer flows --last N -o json > /dev/null` over the unix socket against
-//!    the raw `GET /v1/flows?last=N` read by this process (the daemon's side alone).
+//! 2. Daemon to CLI: `observer flows --last N -o json` to a pipe, over the gRPC flow API on
+//!    the unix socket, against the same request read raw by this process (decoded, not
+//!    rendered: the daemon's side and the transport alone).
+//! 3. Follow mode: `observer flows --follow` while the kernel produces new connections at a
+//!    steady rate (100,000/s): every record the daemon published reaches the follower or is
+//!    reported to it as lost (`{"lost_records":N}`); nothing is unaccounted.
 //!
 //! Ignored by `cargo test`: run through xtask (release build, root).
 use std::{
@@ -46,6 +50,132 @@ impl Drop for Guard {
     }
 }
 
+/// The newest `n` flows over the gRPC API, as `observer flows --last n` asks for them (its
+/// extension included), decoded and counted: the daemon's side and the transport alone.
+async fn raw_flows(socket: &std::path::Path, n: u64) -> u64 {
+    use observer::hubble::proto::observer::{
+        ext::FlowsRequest, observer_client::ObserverClient, GetFlowsRequest,
+    };
+    let channel = observer::client::channel(&observer::client::Server::Unix(socket.into()))
+        .await
+        .unwrap();
+    let mut api = ObserverClient::new(channel);
+    let req = GetFlowsRequest {
+        number: n,
+        extensions: Some(prost_types::Any {
+            type_url: observer::hubble::FLOWS_REQUEST_TYPE.into(),
+            value: prost::Message::encode_to_vec(&FlowsRequest::default()),
+        }),
+        ..Default::default()
+    };
+    let mut stream = api.get_flows(req).await.unwrap().into_inner();
+    let mut count = 0;
+    while let Some(_flow) = stream.message().await.unwrap() {
+        count += 1;
+    }
+    count
+}
+
+const NEW_RECORDS: &str = "observer_flow_records_total{event=\"new\"";
+
+/// `observer flows --follow --type new -o json` while `total` new connections are produced at
+/// `rate` per second. Returns what the follower received and was told it lost, against the
+/// records the daemon published in that time.
+fn follow_under_load(
+    socket: &std::path::Path,
+    dp: &mut Datapath,
+    rate: u64,
+    total: u64,
+) -> serde_json::Value {
+    let mut follower = Command::new(OBSERVER)
+        .args([
+            "flows", "--follow", "--type", "new", "-o", "json", "--socket",
+        ])
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = {
+        let received = received.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let (mut n, mut lost) = (0u64, 0u64);
+            for line in std::io::BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                match line.strip_prefix("{\"lost_records\":") {
+                    Some(rest) => lost += rest.trim_end_matches('}').parse::<u64>().unwrap(),
+                    None => n += 1,
+                }
+                received.store(n + lost, std::sync::atomic::Ordering::Relaxed);
+            }
+            (n, lost)
+        })
+    };
+    // Connected once a record it must see arrives... there is none yet: give it time to
+    // subscribe.
+    std::thread::sleep(Duration::from_millis(500));
+    let published = || {
+        metric_sum(
+            &String::from_utf8_lossy(&get(socket, "/metrics")),
+            NEW_RECORDS,
+        )
+    };
+    let before = published();
+    let pkt = observer::bench::packet64(17, 41000, 53, 0);
+    let batch = (rate / 10).max(1) as u32;
+    let start = Instant::now();
+    let mut produced = 0u64;
+    while produced < total {
+        // Paced in 100 ms slots.
+        let slot = start + Duration::from_millis(100 * produced / batch as u64);
+        if let Some(wait) = slot.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let mut opts = aya::programs::TestRunOptions::new();
+        opts.data_in = Some(&pkt);
+        opts.repeat = batch;
+        dp.prog(programs::BENCH_NEW_CONN)
+            .unwrap()
+            .test_run(opts)
+            .unwrap();
+        produced += batch as u64;
+    }
+    let produce_s = start.elapsed().as_secs_f64();
+    // Until the follower has accounted for everything published, or stopped moving.
+    let mut last = (0, Instant::now());
+    loop {
+        let want = published() - before;
+        let got = received.load(std::sync::atomic::Ordering::Relaxed);
+        if got >= want && last.1.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        if got != last.0 {
+            last = (got, Instant::now());
+        }
+        if last.1.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let published_n = published() - before;
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let (flows, lost) = reader.join().unwrap();
+    assert_eq!(
+        flows + lost,
+        published_n,
+        "every published record reached the follower or was reported lost to it"
+    );
+    json!({
+        "rate_asked_per_s": rate, "produced": produced,
+        "produced_per_s": produced as f64 / produce_s,
+        "published": published_n, "received": flows, "reported_lost": lost,
+        "unaccounted": published_n as i64 - (flows + lost) as i64,
+    })
+}
+
 #[test]
 #[ignore = "benchmark: cargo xtask bench events"]
 fn record_pipeline_throughput() {
@@ -53,6 +183,8 @@ fn record_pipeline_throughput() {
     let batch = arg("BENCH_BATCH", 100_000) as u32;
     let render = arg("BENCH_RENDER", 200_000);
     let rounds = arg("BENCH_ROUNDS", 3) as usize;
+    let follow_rate = arg("BENCH_FOLLOW_RATE", 100_000);
+    let follow_events = arg("BENCH_FOLLOW_EVENTS", 1_000_000);
 
     let bed = TestBed::overlay("be").unwrap();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/observer-bench-{}", bed.prefix));
@@ -157,25 +289,22 @@ fn record_pipeline_throughput() {
     let daemon_rate = want as f64 / caught_up.as_secs_f64();
     let kernel_rate = produced as f64 / produce_wall.as_secs_f64();
 
-    // Daemon to CLI.
+    // Daemon to CLI: the CLI against the same request read raw (decoded, not rendered) here.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let (mut cli_s, mut raw_s) = (Vec::new(), Vec::new());
-    let path = format!("/v1/flows?last={render}");
     let mut rendered_lines = 0;
     for _ in 0..rounds {
         let t = Instant::now();
-        let body = get(&socket, &path);
+        let n = rt.block_on(raw_flows(&socket, render));
         raw_s.push(t.elapsed().as_secs_f64());
-        assert!(body.len() > 1000);
+        assert_eq!(n, render);
         let t = Instant::now();
         let out = Command::new(OBSERVER)
-            .args([
-                "flows",
-                "--last",
-                &render.to_string(),
-                "-o",
-                "json",
-                "--socket",
-            ])
+            .args(["flows", "--last", &render.to_string(), "-o", "json"])
+            .arg("--socket")
             .arg(&socket)
             .stdout(Stdio::piped())
             .output()
@@ -184,12 +313,16 @@ fn record_pipeline_throughput() {
         assert!(out.status.success());
         rendered_lines = out.stdout.iter().filter(|b| **b == b'\n').count();
     }
-    drop(dp);
-    drop(guard);
     assert_eq!(
         rendered_lines as u64, render,
         "the CLI rendered every record"
     );
+
+    // Follow mode: a follower while the kernel produces at a steady rate. Every record the
+    // daemon published meanwhile reaches it, or is reported to it as lost.
+    let follow = follow_under_load(&socket, &mut dp, follow_rate, follow_events);
+    drop(dp);
+    drop(guard);
 
     let report = json!({
         "events": produced, "batch": batch,
@@ -206,6 +339,7 @@ fn record_pipeline_throughput() {
             "raw_socket_flows_per_s": render as f64 / median(&mut raw_s),
             "cli_s": cli_s, "raw_s": raw_s,
         },
+        "follow": follow,
     });
     println!("{report}");
 }
