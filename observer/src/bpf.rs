@@ -815,6 +815,25 @@ impl Datapath {
         )?)
     }
 
+    /// Every conntrack entry, read in batches of thousands per system call
+    /// (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6) rather than two calls per entry; the entry-by-entry
+    /// walk where the kernel has no batches. A sweep over 200,000 connections went from about
+    /// 400,000 system calls to about 50.
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let map = self.ebpf.map(maps::CONNTRACK).context("ct map")?;
+        let data = match map {
+            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
+            _ => bail!("the conntrack map is not a hash map"),
+        };
+        match lookup_batch::<CtKey, CtEntry>(data) {
+            Ok(v) => Ok(v),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Ok(self.conntrack()?.iter().filter_map(|r| r.ok()).collect())
+            }
+            Err(e) => Err(e).context("reading the conntrack map"),
+        }
+    }
+
     pub fn conntrack_mut(&mut self) -> Result<aya::maps::HashMap<&mut MapData, CtKey, CtEntry>> {
         Ok(aya::maps::HashMap::try_from(
             self.ebpf.map_mut(maps::CONNTRACK).context("ct map")?,
@@ -1135,4 +1154,80 @@ pub fn diff_pinned(pin_dir: &Path, want: &Desired) -> Result<Vec<String>> {
         out.push(format!("policy: stale entry {k:?}"));
     }
     Ok(out)
+}
+
+/// All of a hash map's entries through `BPF_MAP_LOOKUP_BATCH`. Entries added or removed while
+/// it runs may or may not be seen, as with the entry-by-entry walk.
+fn lookup_batch<K: aya::Pod, V: aya::Pod>(data: &MapData) -> std::io::Result<Vec<(K, V)>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    // `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const CHUNK: usize = 4096;
+    let fd = data.fd().as_fd().as_raw_fd() as u32;
+    let mut keys: Vec<K> = Vec::with_capacity(CHUNK);
+    let mut values: Vec<V> = Vec::with_capacity(CHUNK);
+    let mut out = Vec::new();
+    // The hash table's batch token is its bucket index.
+    let (mut token_in, mut token_out) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token_in as *const u32 as u64
+            },
+            out_batch: &mut token_out as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd,
+            ..Default::default()
+        };
+        // SAFETY: the buffers hold CHUNK keys and values of the map's sizes (checked when
+        // the map was loaded), and the kernel writes at most `count` of each.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (r < 0).then(std::io::Error::last_os_error);
+        let n = attr.count as usize;
+        match &err {
+            None => {}
+            // The end of the table, with the last entries in this batch.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Some(e) => {
+                return Err(std::io::Error::from_raw_os_error(
+                    e.raw_os_error().unwrap_or(0),
+                ))
+            }
+        }
+        // SAFETY: the kernel wrote `n` keys and values.
+        unsafe {
+            keys.set_len(n);
+            values.set_len(n);
+        }
+        out.extend(keys.drain(..).zip(values.drain(..)));
+        if err.is_some() {
+            return Ok(out);
+        }
+        token_in = token_out;
+        first = false;
+    }
 }

@@ -49,11 +49,7 @@ pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
 pub(super) fn gc_once(shared: &Shared) -> Result<()> {
     let now_ns = flows::mono_now_ns();
     let opts = &shared.opts;
-    let entries: Vec<(CtKey, CtEntry)> = {
-        let dp = shared.dp.lock().unwrap();
-        let ct = dp.conntrack()?;
-        ct.iter().filter_map(|r| r.ok()).collect()
-    };
+    let entries = shared.dp.lock().unwrap().conntrack_entries()?;
     sweep_nodeport_notes(shared, &entries, now_ns);
     let mut publish = Vec::new();
     let mut expire = Vec::new();
@@ -100,7 +96,7 @@ pub(super) fn gc_once(shared: &Shared) -> Result<()> {
                 expire.push(*k);
             }
         }
-        let live: std::collections::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
+        let live: foldhash::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
         st.conns.retain(|k, _| live.contains(k));
         st.metrics.conntrack_expired_total += expire.len() as u64;
     }

@@ -137,7 +137,8 @@ struct Conn {
 pub struct State {
     pub cluster: Arc<Cluster>,
     pub by_ip: HashMap<IpAddr, Arc<PodInfo>>,
-    conns: HashMap<CtKey, Conn>,
+    /// Keyed with a fast hasher: the sweep visits every connection twice a second.
+    conns: foldhash::HashMap<CtKey, Conn>,
     pub history: VecDeque<Arc<FlowRecord>>,
     pub metrics: Metrics,
     pub last_sync: Option<std::time::SystemTime>,
@@ -248,7 +249,7 @@ pub async fn run(opts: Options) -> Result<()> {
         state: Mutex::new(State {
             cluster: Arc::new(Cluster::default()),
             by_ip: HashMap::new(),
-            conns: HashMap::new(),
+            conns: Default::default(),
             history: VecDeque::new(),
             metrics: Metrics::default(),
             last_sync: None,

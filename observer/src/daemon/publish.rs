@@ -66,11 +66,7 @@ impl Shared {
 impl Shared {
     /// Every conntrack entry with its current counters.
     pub fn conntrack(&self) -> Result<Vec<FlowRecord>> {
-        let entries: Vec<(CtKey, CtEntry)> = {
-            let dp = self.dp.lock().unwrap();
-            let ct = dp.conntrack()?;
-            ct.iter().filter_map(|r| r.ok()).collect()
-        };
+        let entries = self.dp.lock().unwrap().conntrack_entries()?;
         let st = self.state.lock().unwrap();
         Ok(entries
             .iter()

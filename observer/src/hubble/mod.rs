@@ -250,17 +250,33 @@ impl Observer for HubbleApi {
         let since = req.since.and_then(|t| SystemTime::try_from(t).ok());
         let until = req.until.and_then(|t| SystemTime::try_from(t).ok());
         let (white, black) = (req.whitelist, req.blacklist);
+        // Whether keeping a record takes its flow, or observer's own filters decide alone.
+        let on_flow = !white.is_empty() || !black.is_empty() || since.is_some() || until.is_some();
         let node = self.shared.opts.node_name.clone();
+        let ours = Arc::new(ours);
         // A record's flow, if the request keeps it: observer's own filters on the record, then
         // the time window and Hubble's filters on the flow.
-        let select = Arc::new(move |rec: &FlowRecord| -> Option<Flow> {
-            if !crate::filter::accepts(&ours, rec) {
-                return None;
+        let select = {
+            let ours = ours.clone();
+            Arc::new(move |rec: &FlowRecord| -> Option<Flow> {
+                if !crate::filter::accepts(&ours, rec) {
+                    return None;
+                }
+                let flow = convert::flow_of(rec, uuid_of(rec), with_ext);
+                (in_window(&flow, since, until) && filter::passes(&flow, &white, &black))
+                    .then_some(flow)
+            })
+        };
+        let keeps = {
+            let select = select.clone();
+            move |rec: &FlowRecord| {
+                if on_flow {
+                    select(rec).is_some()
+                } else {
+                    crate::filter::accepts(&ours, rec)
+                }
             }
-            let flow = convert::flow_of(rec, uuid_of(rec), with_ext);
-            (in_window(&flow, since, until) && filter::passes(&flow, &white, &black))
-                .then_some(flow)
-        });
+        };
         // Subscribe before reading the history, so nothing falls in between. The history is
         // copied as pointers under the lock and converted while the client reads.
         let rx = self.shared.tx.subscribe();
@@ -280,15 +296,24 @@ impl Observer for HubbleApi {
                 let flows = history.into_iter().filter_map(move |r| select(&r)).take(n);
                 Box::pin(futures_util::stream::iter(flows.map(respond)))
             } else {
-                // The newest n: found from the end, sent oldest first.
-                let mut last: Vec<Flow> = history
+                // The newest n, sent oldest first: where they start is found from the end,
+                // and they are converted as the client reads.
+                let start = history
                     .iter()
-                    .rev()
-                    .filter_map(|r| select(r))
-                    .take(n)
-                    .collect();
-                last.reverse();
-                Box::pin(futures_util::stream::iter(last.into_iter().map(respond)))
+                    .rposition({
+                        let mut seen = 0;
+                        move |r| {
+                            seen += keeps(r) as usize;
+                            seen == n
+                        }
+                    })
+                    .unwrap_or(0);
+                let mut history = history;
+                let flows = history
+                    .split_off(start)
+                    .into_iter()
+                    .filter_map(move |r| select(&r));
+                Box::pin(futures_util::stream::iter(flows.map(respond)))
             }
         };
         if !req.follow {
