@@ -60,8 +60,14 @@ async fn raw_flows(socket: &std::path::Path, n: u64) -> u64 {
         .await
         .unwrap();
     let mut api = ObserverClient::new(channel);
+    // The request `observer flows` sends (its field mask, its extension), not rendered.
     let req = GetFlowsRequest {
         number: n,
+        field_mask: Some(prost_types::FieldMask {
+            paths: observer::hubble::convert::RECORD_FIELDS
+                .map(String::from)
+                .to_vec(),
+        }),
         extensions: Some(prost_types::Any {
             type_url: observer::hubble::FLOWS_REQUEST_TYPE.into(),
             value: prost::Message::encode_to_vec(&FlowsRequest::default()),

@@ -308,6 +308,11 @@ fn the_hubble_api_answers_a_grpc_client() {
         let mut exts = Vec::new();
         while let Some(r) = stream.message().await.unwrap() {
             if let Some(ResponseTypes::Flow(f)) = r.response_types {
+                // The mask keeps only what it names; the filter saw the whole flow.
+                assert!(
+                    f.ip.is_none() && f.l4.is_none() && f.uuid.is_empty() && f.source.is_none(),
+                    "masked out but sent: {f:?}"
+                );
                 let any = f.extensions.expect("extensions asked for");
                 assert_eq!(
                     any.type_url,

@@ -317,6 +317,10 @@ fn request(
         follow,
         since: since.map(Into::into),
         until: until.map(Into::into),
+        // Only what the records are made of: less to encode, send and decode per flow.
+        field_mask: Some(prost_types::FieldMask {
+            paths: convert::RECORD_FIELDS.map(String::from).to_vec(),
+        }),
         extensions: Some(prost_types::Any {
             type_url: observer::hubble::FLOWS_REQUEST_TYPE.into(),
             value: prost::Message::encode_to_vec(&ext::FlowsRequest { filters: wire }),

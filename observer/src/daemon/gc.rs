@@ -40,13 +40,20 @@ pub(super) const NODEPORT_NOTE_TTL: Duration = Duration::from_secs(2);
 
 pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
+    for sweep in 0u64.. {
         tick.tick().await;
-        gc_once(&shared)?;
+        gc_once(&shared, sweep % PRUNE_EVERY == 0)?;
     }
+    Ok(())
 }
 
-pub(super) fn gc_once(shared: &Shared) -> Result<()> {
+/// Every how many sweeps the daemon's own connection state is pruned of connections the
+/// kernel no longer has (evicted by its LRU table): a hash of every connection, too much to
+/// pay twice a second at hundreds of thousands of connections for a few stale entries.
+const PRUNE_EVERY: u64 = 20;
+
+/// One sweep. An open connection that is not idle costs nothing but its read from the kernel.
+pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<()> {
     let now_ns = flows::mono_now_ns();
     let opts = &shared.opts;
     let entries = shared.dp.lock().unwrap().conntrack_entries()?;
@@ -78,6 +85,9 @@ pub(super) fn gc_once(shared: &Shared) -> Result<()> {
             } else {
                 opts.other_timeout
             };
+            if !closed && idle < timeout {
+                continue;
+            }
             let conn = st.conns.entry(*k).or_default();
             if closed && conn.closed_at.is_none() {
                 conn.closed_at = Some(Instant::now());
@@ -96,8 +106,10 @@ pub(super) fn gc_once(shared: &Shared) -> Result<()> {
                 expire.push(*k);
             }
         }
-        let live: foldhash::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
-        st.conns.retain(|k, _| live.contains(k));
+        if prune {
+            let live: foldhash::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
+            st.conns.retain(|k, _| live.contains(k));
+        }
         st.metrics.conntrack_expired_total += expire.len() as u64;
     }
     if !expire.is_empty() {

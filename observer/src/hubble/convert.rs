@@ -125,6 +125,71 @@ pub fn flow_of(rec: &FlowRecord, uuid: String, extensions: bool) -> flow::Flow {
     }
 }
 
+/// Hubble's field mask (`GetFlowsRequest.field_mask`): whether a flow keeps `field` (its name
+/// in flow.proto). A path into a field (`source.pod_name`) keeps the whole field; no paths keep
+/// everything.
+pub fn mask_keeps(paths: &[String], field: &str) -> bool {
+    paths.is_empty()
+        || paths.iter().any(|p| {
+            p.strip_prefix(field)
+                .is_some_and(|r| r.is_empty() || r.starts_with('.'))
+        })
+}
+
+/// Clears the fields a field mask leaves out. The filters see the whole flow first.
+pub fn apply_mask(f: &mut flow::Flow, paths: &[String]) {
+    if paths.is_empty() {
+        return;
+    }
+    macro_rules! keep {
+        ($($field:ident $(#$raw:ident)? = $name:literal),* $(,)?) => {
+            $(if !mask_keeps(paths, $name) {
+                f.$field = Default::default();
+            })*
+        };
+    }
+    keep!(
+        time = "time",
+        uuid = "uuid",
+        verdict = "verdict",
+        drop_reason = "drop_reason",
+        drop_reason_desc = "drop_reason_desc",
+        ip = "IP",
+        l4 = "l4",
+        source = "source",
+        destination = "destination",
+        node_name = "node_name",
+        event_type = "event_type",
+        source_service = "source_service",
+        destination_service = "destination_service",
+        traffic_direction = "traffic_direction",
+        is_reply = "is_reply",
+        interface = "interface",
+        summary = "Summary",
+        extensions = "extensions",
+        egress_allowed_by = "egress_allowed_by",
+        ingress_allowed_by = "ingress_allowed_by",
+        egress_denied_by = "egress_denied_by",
+        ingress_denied_by = "ingress_denied_by",
+    );
+    if !mask_keeps(paths, "Type") {
+        f.r#type = 0;
+    }
+}
+
+/// The fields [`record_of`] reads: what observer's own CLI asks for.
+pub const RECORD_FIELDS: [&str; 9] = [
+    "time",
+    "node_name",
+    "verdict",
+    "IP",
+    "l4",
+    "source",
+    "destination",
+    "destination_service",
+    "extensions",
+];
+
 /// The type URL of observer's flow extension.
 pub const EXTENSION_TYPE: &str = "type.googleapis.com/observer.ext.FlowExtension";
 

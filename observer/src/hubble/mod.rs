@@ -165,17 +165,21 @@ type FlowStream = Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + 
 
 /// A record's identity in this daemon: the same record always gets the same uuid.
 fn uuid_of(rec: &FlowRecord) -> String {
+    use std::hash::BuildHasher as _;
     let part = |seed: u64| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        seed.hash(&mut h);
+        // Fixed seeds: the same record, the same uuid, in every run of this daemon.
+        let mut h = foldhash::fast::FixedState::with_seed(seed).build_hasher();
         (&rec.time, &rec.node, &rec.event, &rec.ip.src, &rec.ip.dst).hash(&mut h);
         (rec.l4.src_port, rec.l4.dst_port).hash(&mut h);
         rec.l4.protocol.hash(&mut h);
         h.finish()
     };
     let n = (part(1) as u128) << 64 | part(2) as u128;
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     uuid::Builder::from_random_bytes(n.to_be_bytes())
         .into_uuid()
+        .hyphenated()
+        .encode_lower(&mut buf)
         .to_string()
 }
 
@@ -240,13 +244,17 @@ impl Observer for HubbleApi {
             }
         }
         let ours = observer_filters(&req)?;
+        let mask = req.field_mask.map(|m| m.paths).unwrap_or_default();
         // observer's own CLI (it sends its filters in the extensions) reads the extension.
         let with_ext = req.extensions.is_some()
-            || req.field_mask.as_ref().is_some_and(|m| {
-                m.paths
-                    .iter()
-                    .any(|p| p == "extensions" || p.starts_with("extensions."))
-            });
+            || (!mask.is_empty() && convert::mask_keeps(&mask, "extensions"));
+        // Filters on the uuid need it even where the mask leaves it out.
+        let uuids = convert::mask_keeps(&mask, "uuid")
+            || req
+                .whitelist
+                .iter()
+                .chain(&req.blacklist)
+                .any(|f| !f.uuid.is_empty());
         let since = req.since.and_then(|t| SystemTime::try_from(t).ok());
         let until = req.until.and_then(|t| SystemTime::try_from(t).ok());
         let (white, black) = (req.whitelist, req.blacklist);
@@ -262,9 +270,13 @@ impl Observer for HubbleApi {
                 if !crate::filter::accepts(&ours, rec) {
                     return None;
                 }
-                let flow = convert::flow_of(rec, uuid_of(rec), with_ext);
-                (in_window(&flow, since, until) && filter::passes(&flow, &white, &black))
-                    .then_some(flow)
+                let uuid = if uuids { uuid_of(rec) } else { String::new() };
+                let mut flow = convert::flow_of(rec, uuid, with_ext);
+                if !(in_window(&flow, since, until) && filter::passes(&flow, &white, &black)) {
+                    return None;
+                }
+                convert::apply_mask(&mut flow, &mask);
+                Some(flow)
             })
         };
         let keeps = {
