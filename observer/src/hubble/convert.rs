@@ -137,12 +137,14 @@ pub fn mask_keeps(paths: &[String], field: &str) -> bool {
 }
 
 /// Clears the fields a field mask leaves out. The filters see the whole flow first.
+/// `traffic_direction` always stays: the masks hubble sends for its compact output leave it
+/// out, then print its policy verdicts as `TRAFFIC_DIRECTION_UNKNOWN`.
 pub fn apply_mask(f: &mut flow::Flow, paths: &[String]) {
     if paths.is_empty() {
         return;
     }
     macro_rules! keep {
-        ($($field:ident $(#$raw:ident)? = $name:literal),* $(,)?) => {
+        ($($field:ident = $name:literal),* $(,)?) => {
             $(if !mask_keeps(paths, $name) {
                 f.$field = Default::default();
             })*
@@ -162,7 +164,6 @@ pub fn apply_mask(f: &mut flow::Flow, paths: &[String]) {
         event_type = "event_type",
         source_service = "source_service",
         destination_service = "destination_service",
-        traffic_direction = "traffic_direction",
         is_reply = "is_reply",
         interface = "interface",
         summary = "Summary",
