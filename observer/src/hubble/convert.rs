@@ -20,6 +20,17 @@ pub const EVENT_POLICY_VERDICT: i32 = 5;
 /// cannot resolve the Any's type cannot render the flow at all (the `hubble` CLI's JSON
 /// output fails on it).
 pub fn flow_of(rec: &FlowRecord, uuid: String, extensions: bool) -> flow::Flow {
+    flow_masked(rec, uuid, extensions, FieldMask::ALL)
+}
+
+/// [`flow_of`] without the fields `mask` leaves out that no filter reads (the policies, the
+/// summary): not built just to be cleared.
+pub fn flow_masked(
+    rec: &FlowRecord,
+    uuid: String,
+    extensions: bool,
+    mask: FieldMask,
+) -> flow::Flow {
     let dropped = rec.verdict == "dropped";
     let verdict = match rec.verdict.as_str() {
         "dropped" => Verdict::Dropped,
@@ -44,8 +55,16 @@ pub fn flow_of(rec: &FlowRecord, uuid: String, extensions: bool) -> flow::Flow {
             sub_type: 0,
         }
     };
+    let policies = [
+        "egress_allowed_by",
+        "ingress_allowed_by",
+        "egress_denied_by",
+        "ingress_denied_by",
+    ]
+    .iter()
+    .any(|f| mask.keeps(f));
     let (mut egress_allowed, mut ingress_allowed) = (Vec::new(), Vec::new());
-    for r in &rec.policy {
+    for r in rec.policy.iter().filter(|_| policies) {
         let p = policy(&r.namespace, &r.name);
         if r.direction == "egress" {
             egress_allowed.push(p);
@@ -54,7 +73,7 @@ pub fn flow_of(rec: &FlowRecord, uuid: String, extensions: bool) -> flow::Flow {
         }
     }
     let (mut egress_denied, mut ingress_denied) = (Vec::new(), Vec::new());
-    for p in &rec.isolated_by {
+    for p in rec.isolated_by.iter().filter(|_| policies) {
         if !dropped && rec.verdict != "audit" {
             continue;
         }
@@ -119,62 +138,120 @@ pub fn flow_of(rec: &FlowRecord, uuid: String, extensions: bool) -> flow::Flow {
             index: rec.interface,
             name: String::new(),
         }),
-        summary: summary(rec),
+        summary: if mask.keeps("Summary") {
+            summary(rec)
+        } else {
+            String::new()
+        },
         extensions: extensions.then(|| extension(rec)),
         ..Default::default()
     }
 }
 
-/// Hubble's field mask (`GetFlowsRequest.field_mask`): whether a flow keeps `field` (its name
-/// in flow.proto). A path into a field (`source.pod_name`) keeps the whole field; no paths keep
-/// everything.
-pub fn mask_keeps(paths: &[String], field: &str) -> bool {
-    paths.is_empty()
-        || paths.iter().any(|p| {
-            p.strip_prefix(field)
-                .is_some_and(|r| r.is_empty() || r.starts_with('.'))
-        })
-}
+/// The flow fields observer fills, by their names in flow.proto: what a field mask can name.
+const MASKABLE: [&str; 22] = [
+    "time",
+    "uuid",
+    "verdict",
+    "drop_reason",
+    "drop_reason_desc",
+    "IP",
+    "l4",
+    "source",
+    "destination",
+    "Type",
+    "node_name",
+    "event_type",
+    "source_service",
+    "destination_service",
+    "is_reply",
+    "interface",
+    "Summary",
+    "extensions",
+    "egress_allowed_by",
+    "ingress_allowed_by",
+    "egress_denied_by",
+    "ingress_denied_by",
+];
 
-/// Clears the fields a field mask leaves out. The filters see the whole flow first.
-/// `traffic_direction` always stays: the masks hubble sends for its compact output leave it
-/// out, then print its policy verdicts as `TRAFFIC_DIRECTION_UNKNOWN`.
-pub fn apply_mask(f: &mut flow::Flow, paths: &[String]) {
-    if paths.is_empty() {
-        return;
-    }
-    macro_rules! keep {
-        ($($field:ident = $name:literal),* $(,)?) => {
-            $(if !mask_keeps(paths, $name) {
-                f.$field = Default::default();
-            })*
+/// Hubble's field mask (`GetFlowsRequest.field_mask`), read once per request: the flows keep
+/// the top-level fields it names (a path into a field, `source.pod_name`, keeps the whole
+/// field); no paths keep everything. `traffic_direction` always stays: the masks hubble sends
+/// for its compact output leave it out, then print its policy verdicts as
+/// `TRAFFIC_DIRECTION_UNKNOWN`.
+#[derive(Clone, Copy, Debug)]
+pub struct FieldMask(u32);
+
+impl FieldMask {
+    pub const ALL: FieldMask = FieldMask(u32::MAX);
+
+    pub fn new(paths: &[String]) -> FieldMask {
+        if paths.is_empty() {
+            return FieldMask::ALL;
+        }
+        let named = |field: &str| {
+            paths.iter().any(|p| {
+                p.strip_prefix(field)
+                    .is_some_and(|r| r.is_empty() || r.starts_with('.'))
+            })
         };
+        FieldMask(
+            MASKABLE
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| named(f))
+                .fold(0, |bits, (i, _)| bits | 1 << i),
+        )
     }
-    keep!(
-        time = "time",
-        uuid = "uuid",
-        verdict = "verdict",
-        drop_reason = "drop_reason",
-        drop_reason_desc = "drop_reason_desc",
-        ip = "IP",
-        l4 = "l4",
-        source = "source",
-        destination = "destination",
-        node_name = "node_name",
-        event_type = "event_type",
-        source_service = "source_service",
-        destination_service = "destination_service",
-        is_reply = "is_reply",
-        interface = "interface",
-        summary = "Summary",
-        extensions = "extensions",
-        egress_allowed_by = "egress_allowed_by",
-        ingress_allowed_by = "ingress_allowed_by",
-        egress_denied_by = "egress_denied_by",
-        ingress_denied_by = "ingress_denied_by",
-    );
-    if !mask_keeps(paths, "Type") {
-        f.r#type = 0;
+
+    /// Whether the flows keep `field` (a name of [`MASKABLE`]).
+    pub fn keeps(&self, field: &str) -> bool {
+        let i = MASKABLE.iter().position(|f| *f == field);
+        i.is_none_or(|i| self.0 & 1 << i != 0)
+    }
+
+    /// Clears the fields the mask leaves out; the filters have seen the whole flow.
+    pub fn apply(&self, f: &mut flow::Flow) {
+        if self.0 == u32::MAX {
+            return;
+        }
+        // In the order of MASKABLE: bit i is MASKABLE[i].
+        let mut i = 0;
+        macro_rules! keep {
+            ($($field:ident = $name:literal),* $(,)?) => {
+                $(
+                    debug_assert_eq!(MASKABLE[i], $name);
+                    if self.0 & 1 << i == 0 {
+                        f.$field = Default::default();
+                    }
+                    i += 1;
+                )*
+            };
+        }
+        keep!(
+            time = "time",
+            uuid = "uuid",
+            verdict = "verdict",
+            drop_reason = "drop_reason",
+            drop_reason_desc = "drop_reason_desc",
+            ip = "IP",
+            l4 = "l4",
+            source = "source",
+            destination = "destination",
+            r#type = "Type",
+            node_name = "node_name",
+            event_type = "event_type",
+            source_service = "source_service",
+            destination_service = "destination_service",
+            is_reply = "is_reply",
+            interface = "interface",
+            summary = "Summary",
+            extensions = "extensions",
+            egress_allowed_by = "egress_allowed_by",
+            ingress_allowed_by = "ingress_allowed_by",
+            egress_denied_by = "egress_denied_by",
+            ingress_denied_by = "ingress_denied_by",
+        );
     }
 }
 
@@ -858,6 +935,36 @@ mod tests {
             assert_eq!(back, rec);
         }
         assert!(record_of(&flow_of(&dropped_sample(), "u".into(), false)).is_none());
+    }
+
+    #[test]
+    fn a_field_mask_keeps_what_it_names_and_the_direction() {
+        let mut rec = dropped_sample();
+        rec.isolated_by = vec![crate::flows::PolicyName {
+            namespace: "shop".into(),
+            name: "default-deny".into(),
+            direction: "egress".into(),
+        }];
+        let full = flow_of(&rec, "u".into(), false);
+        let mask = FieldMask::new(&["source.pod_name".into(), "time".into()]);
+        let mut f = full.clone();
+        mask.apply(&mut f);
+        assert_eq!(f.source, full.source, "a nested path keeps the whole field");
+        assert_eq!(f.time, full.time);
+        assert!(f.ip.is_none() && f.destination.is_none() && f.uuid.is_empty());
+        assert!(f.egress_denied_by.is_empty() && f.verdict == 0);
+        assert_eq!(f.traffic_direction, full.traffic_direction);
+        // Not built where the mask drops them, the same flow otherwise.
+        let lean = flow_masked(&rec, "u".into(), false, mask);
+        let mut lean_applied = lean.clone();
+        mask.apply(&mut lean_applied);
+        assert_eq!(lean_applied, f);
+        assert!(lean.summary.is_empty() && lean.egress_denied_by.is_empty());
+        // No paths: everything.
+        let mut all = full.clone();
+        FieldMask::new(&[]).apply(&mut all);
+        assert_eq!(all, full);
+        assert!(!full.egress_denied_by.is_empty() && !full.summary.is_empty());
     }
 
     fn dropped_sample() -> FlowRecord {

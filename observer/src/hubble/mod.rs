@@ -244,12 +244,12 @@ impl Observer for HubbleApi {
             }
         }
         let ours = observer_filters(&req)?;
-        let mask = req.field_mask.map(|m| m.paths).unwrap_or_default();
+        let paths = req.field_mask.map(|m| m.paths).unwrap_or_default();
+        let mask = convert::FieldMask::new(&paths);
         // observer's own CLI (it sends its filters in the extensions) reads the extension.
-        let with_ext = req.extensions.is_some()
-            || (!mask.is_empty() && convert::mask_keeps(&mask, "extensions"));
+        let with_ext = req.extensions.is_some() || (!paths.is_empty() && mask.keeps("extensions"));
         // Filters on the uuid need it even where the mask leaves it out.
-        let uuids = convert::mask_keeps(&mask, "uuid")
+        let uuids = mask.keeps("uuid")
             || req
                 .whitelist
                 .iter()
@@ -271,11 +271,11 @@ impl Observer for HubbleApi {
                     return None;
                 }
                 let uuid = if uuids { uuid_of(rec) } else { String::new() };
-                let mut flow = convert::flow_of(rec, uuid, with_ext);
+                let mut flow = convert::flow_masked(rec, uuid, with_ext, mask);
                 if !(in_window(&flow, since, until) && filter::passes(&flow, &white, &black)) {
                     return None;
                 }
-                convert::apply_mask(&mut flow, &mask);
+                mask.apply(&mut flow);
                 Some(flow)
             })
         };
