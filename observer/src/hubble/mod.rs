@@ -5,32 +5,26 @@
 pub mod convert;
 mod filter;
 mod peer;
+mod select;
+
+pub use select::FLOWS_REQUEST_TYPE;
 
 use std::{
-    collections::BTreeSet,
-    hash::{Hash, Hasher},
-    os::unix::fs::PermissionsExt,
-    path::PathBuf,
-    pin::Pin,
-    sync::Arc,
-    time::SystemTime,
+    collections::BTreeSet, os::unix::fs::PermissionsExt, path::PathBuf, pin::Pin, sync::Arc,
 };
 
 use anyhow::{Context as _, Result};
 use futures_util::{Stream, StreamExt};
-use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 use tonic::{Request, Response, Status};
 
 use crate::{daemon::Shared, flows::FlowRecord};
 use proto::{
-    flow::{Flow, LostEvent, LostEventSource},
     grpc::health::v1::{
         health_check_response::ServingStatus,
         health_server::{Health, HealthServer},
         HealthCheckRequest, HealthCheckResponse,
     },
     observer::{
-        get_flows_response::ResponseTypes,
         observer_server::{Observer, ObserverServer},
         GetFlowsRequest, GetFlowsResponse, GetNamespacesRequest, GetNamespacesResponse,
         GetNodesRequest, GetNodesResponse, Namespace, Node, ServerStatusRequest,
@@ -163,70 +157,6 @@ struct HubbleApi {
 
 type FlowStream = Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send>>;
 
-/// A record's identity in this daemon: the same record always gets the same uuid.
-fn uuid_of(rec: &FlowRecord) -> String {
-    use std::hash::BuildHasher as _;
-    let part = |seed: u64| {
-        // Fixed seeds: the same record, the same uuid, in every run of this daemon.
-        let mut h = foldhash::fast::FixedState::with_seed(seed).build_hasher();
-        (&rec.time, &rec.node, &rec.event, &rec.ip.src, &rec.ip.dst).hash(&mut h);
-        (rec.l4.src_port, rec.l4.dst_port).hash(&mut h);
-        rec.l4.protocol.hash(&mut h);
-        h.finish()
-    };
-    let n = (part(1) as u128) << 64 | part(2) as u128;
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    uuid::Builder::from_random_bytes(n.to_be_bytes())
-        .into_uuid()
-        .hyphenated()
-        .encode_lower(&mut buf)
-        .to_string()
-}
-
-fn response(node: &str, flow: Flow) -> GetFlowsResponse {
-    GetFlowsResponse {
-        time: flow.time,
-        node_name: node.to_string(),
-        response_types: Some(ResponseTypes::Flow(flow)),
-    }
-}
-
-/// The type URL of observer's own filters in `GetFlowsRequest.extensions`.
-pub const FLOWS_REQUEST_TYPE: &str = "type.googleapis.com/observer.ext.FlowsRequest";
-
-/// `observer flows`' own filters, sent in the request's extensions; a bad one is refused with
-/// the flag it came from.
-fn observer_filters(req: &GetFlowsRequest) -> Result<Vec<crate::filter::Filter>, Status> {
-    let Some(any) = &req.extensions else {
-        return Ok(Vec::new());
-    };
-    if any.type_url != FLOWS_REQUEST_TYPE {
-        return Err(Status::invalid_argument(format!(
-            "extensions: observer does not know {:?}",
-            any.type_url
-        )));
-    }
-    let r = <proto::observer::ext::FlowsRequest as prost::Message>::decode(any.value.as_slice())
-        .map_err(|e| Status::invalid_argument(format!("extensions: {e}")))?;
-    r.filters
-        .iter()
-        .map(|f| {
-            Ok(crate::filter::Filter {
-                negate: f.negate,
-                m: crate::filter::parse(&f.flag, &f.value)
-                    .map_err(|e| Status::invalid_argument(format!("{e:#}")))?,
-            })
-        })
-        .collect()
-}
-
-fn in_window(flow: &Flow, since: Option<SystemTime>, until: Option<SystemTime>) -> bool {
-    let Some(t) = flow.time.and_then(|t| SystemTime::try_from(t).ok()) else {
-        return true;
-    };
-    since.is_none_or(|s| t >= s) && until.is_none_or(|u| t <= u)
-}
-
 #[tonic::async_trait]
 impl Observer for HubbleApi {
     type GetFlowsStream = FlowStream;
@@ -236,59 +166,7 @@ impl Observer for HubbleApi {
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<FlowStream>, Status> {
         let req = request.into_inner();
-        for f in req.whitelist.iter().chain(&req.blacklist) {
-            if let Some(field) = filter::unsupported(f) {
-                return Err(Status::invalid_argument(format!(
-                    "observer has no data to filter on {field}"
-                )));
-            }
-        }
-        let ours = observer_filters(&req)?;
-        let paths = req.field_mask.map(|m| m.paths).unwrap_or_default();
-        let mask = convert::FieldMask::new(&paths);
-        // observer's own CLI (it sends its filters in the extensions) reads the extension.
-        let with_ext = req.extensions.is_some() || (!paths.is_empty() && mask.keeps("extensions"));
-        // Filters on the uuid need it even where the mask leaves it out.
-        let uuids = mask.keeps("uuid")
-            || req
-                .whitelist
-                .iter()
-                .chain(&req.blacklist)
-                .any(|f| !f.uuid.is_empty());
-        let since = req.since.and_then(|t| SystemTime::try_from(t).ok());
-        let until = req.until.and_then(|t| SystemTime::try_from(t).ok());
-        let (white, black) = (req.whitelist, req.blacklist);
-        // Whether keeping a record takes its flow, or observer's own filters decide alone.
-        let on_flow = !white.is_empty() || !black.is_empty() || since.is_some() || until.is_some();
-        let node = self.shared.opts.node_name.clone();
-        let ours = Arc::new(ours);
-        // A record's flow, if the request keeps it: observer's own filters on the record, then
-        // the time window and Hubble's filters on the flow.
-        let select = {
-            let ours = ours.clone();
-            Arc::new(move |rec: &FlowRecord| -> Option<Flow> {
-                if !crate::filter::accepts(&ours, rec) {
-                    return None;
-                }
-                let uuid = if uuids { uuid_of(rec) } else { String::new() };
-                let mut flow = convert::flow_masked(rec, uuid, with_ext, mask);
-                if !(in_window(&flow, since, until) && filter::passes(&flow, &white, &black)) {
-                    return None;
-                }
-                mask.apply(&mut flow);
-                Some(flow)
-            })
-        };
-        let keeps = {
-            let select = select.clone();
-            move |rec: &FlowRecord| {
-                if on_flow {
-                    select(rec).is_some()
-                } else {
-                    crate::filter::accepts(&ours, rec)
-                }
-            }
-        };
+        let sel = select::Selection::of(&req, &self.shared.opts.node_name)?;
         // Subscribe before reading the history, so nothing falls in between. The history is
         // copied as pointers under the lock and converted while the client reads.
         let rx = self.shared.tx.subscribe();
@@ -296,67 +174,11 @@ impl Observer for HubbleApi {
             let st = self.shared.state.lock().unwrap();
             st.history.iter().cloned().collect()
         };
-        let head: FlowStream = {
-            let (select, node) = (select.clone(), node.clone());
-            let n = req.number as usize;
-            let respond = move |f: Flow| Ok(response(&node, f));
-            if n == 0 && req.follow && since.is_none() {
-                // Nothing asked for from the past: only what comes.
-                Box::pin(futures_util::stream::empty())
-            } else if n == 0 || req.first {
-                let n = if n == 0 { usize::MAX } else { n };
-                let flows = history.into_iter().filter_map(move |r| select(&r)).take(n);
-                Box::pin(futures_util::stream::iter(flows.map(respond)))
-            } else {
-                // The newest n, sent oldest first: where they start is found from the end,
-                // and they are converted as the client reads.
-                let start = history
-                    .iter()
-                    .rposition({
-                        let mut seen = 0;
-                        move |r| {
-                            seen += keeps(r) as usize;
-                            seen == n
-                        }
-                    })
-                    .unwrap_or(0);
-                let mut history = history;
-                let flows = history
-                    .split_off(start)
-                    .into_iter()
-                    .filter_map(move |r| select(&r));
-                Box::pin(futures_util::stream::iter(flows.map(respond)))
-            }
-        };
+        let head = sel.clone().head(history, &req);
         if !req.follow {
             return Ok(Response::new(head));
         }
-        let live = BroadcastStream::new(rx)
-            .filter_map(move |r| {
-                let node = node.clone();
-                let select = select.clone();
-                async move {
-                    match r {
-                        Ok(rec) => select(&rec).map(|flow| Ok(response(&node, flow))),
-                        // A slow reader skipped records: said in-band, as Hubble does.
-                        Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(GetFlowsResponse {
-                            time: Some(SystemTime::now().into()),
-                            node_name: node,
-                            response_types: Some(ResponseTypes::LostEvents(LostEvent {
-                                source: LostEventSource::ObserverEventsQueue as i32,
-                                num_events_lost: n,
-                                ..Default::default()
-                            })),
-                        })),
-                    }
-                }
-            })
-            // `until` ends a followed stream once it has passed.
-            .take_while(move |_| {
-                let open = until.is_none_or(|u| SystemTime::now() <= u);
-                async move { open }
-            });
-        Ok(Response::new(Box::pin(head.chain(live))))
+        Ok(Response::new(Box::pin(head.chain(sel.live(rx)))))
     }
 
     async fn server_status(
