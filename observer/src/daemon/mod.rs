@@ -204,37 +204,7 @@ pub async fn run(opts: Options) -> Result<()> {
         }
         _ => None,
     };
-    // Named up front: a kernel that lacks what the programs use fails here, not in the
-    // verifier.
-    let features = crate::features::probe();
-    features.check()?;
-    info!(features = %features.summary(), "kernel probed");
-    let mut dp = Datapath::load(&opts.pin_dir)?;
-    if let Some(m) = opts.attach_mode {
-        dp.mode = m;
-    }
-    info!(pin_dir = %opts.pin_dir.display(), mode = ?dp.mode, "kernel programs loaded");
-    // A re-adopted config map keeps its generation: connections already judged stay judged.
-    let policy_gen = dp.config().map(|c| c.policy_gen).unwrap_or(0);
-    dp.set_config(Config {
-        report_interval_ns: opts.report_interval.as_nanos() as u64,
-        policy_gen,
-        enforce: u32::from(opts.enforce),
-        flags: if opts.policy.deny_from_node {
-            0
-        } else {
-            observer_common::config_flags::ALLOW_NODE
-        },
-        _pad: 0,
-    })?;
-    let ring = dp.take_events()?;
-    let logger = match aya_log::EbpfLogger::init(&mut dp.ebpf) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            warn!("kernel log forwarding unavailable: {e}");
-            None
-        }
-    };
+    let (dp, ring, logger, features) = load_datapath(&opts)?;
 
     let (tx, _) = broadcast::channel(4096);
     let flow_log = match &opts.flow_log {
@@ -246,75 +216,17 @@ pub async fn run(opts: Options) -> Result<()> {
         flow_log,
         opts: opts.clone(),
         dp: Mutex::new(dp),
-        state: Mutex::new(State {
-            cluster: Arc::new(Cluster::default()),
-            by_ip: HashMap::new(),
-            conns: Default::default(),
-            history: VecDeque::new(),
-            metrics: Metrics::default(),
-            last_sync: None,
-            interfaces: HashMap::new(),
-            uplinks: HashMap::new(),
-            rules: HashMap::new(),
-            pod_traffic: HashMap::new(),
-            model: crate::snat::NetModel::resolve(
-                &opts.model,
-                &Cluster::default(),
-                &opts.node_name,
-                &interface_nets(&opts.uplinks),
-                host_addresses(),
-            ),
-            nat: crate::snat::NatTable::new(NAT_TABLE_MAX),
-            snat_live: opts.snat,
-            bucket: opts.max_records_per_second as f64,
-            bucket_at: Instant::now(),
-        }),
+        state: Mutex::new(State::new(&opts)),
         tx,
         started: std::time::SystemTime::now(),
         kernel_features: features.summary(),
     });
 
     // Cluster state before interfaces, so the first flows are already classified.
-    let mut source = SourceState::load(&opts.state_dir);
-    match (&opts.source, &shared.kube) {
-        (Source::Kube(_), Some(kube)) => {
-            let t0 = Instant::now();
-            while !kube.all_synced() && t0.elapsed() < KUBE_INITIAL_WAIT {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            if kube_sync(&shared, &mut source, kube) {
-                info!(elapsed = ?t0.elapsed(), "initial sync from the API server written");
-            } else {
-                warn!("API server not synced yet; the maps keep what they enforce until it is");
-            }
-        }
-        _ => reload_source(&shared, &mut source),
-    }
+    let source = initial_sync(&shared).await;
 
     let (monitor, links) = LinkMonitor::start().context("subscribing to link events")?;
-    {
-        let mut dp = shared.dp.lock().unwrap();
-        for l in &links {
-            apply_link(&shared, &mut dp, LinkEvent::New(l.clone()));
-        }
-        // Attachments and entries left by an earlier daemon for interfaces that are gone.
-        for pin in dp.prune_link_pins() {
-            info!(pin = %pin.display(), "released the attachment of a vanished interface");
-        }
-        let live: Vec<u32> = dp.attached();
-        if let Some(m) = dp.ebpf.map_mut(observer_common::maps::ATTACHED) {
-            if let Ok(mut att) = aya::maps::HashMap::<&mut MapData, u32, u32>::try_from(m) {
-                let stale: Vec<u32> = att
-                    .keys()
-                    .filter_map(|k| k.ok())
-                    .filter(|k| !live.contains(k))
-                    .collect();
-                for k in stale {
-                    let _ = att.remove(&k);
-                }
-            }
-        }
-    }
+    adopt_links(&shared, &links);
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(events_task(shared.clone(), ring));
@@ -360,6 +272,128 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let _ = std::fs::remove_file(&opts.socket);
     Ok(())
+}
+
+type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// The kernel programs loaded (or their pins re-adopted) and configured, with the event ring
+/// and the kernel log.
+fn load_datapath(
+    opts: &Options,
+) -> Result<(
+    Datapath,
+    aya::maps::RingBuf<MapData>,
+    Option<KernelLogger>,
+    crate::features::Features,
+)> {
+    // Named up front: a kernel that lacks what the programs use fails here, not in the
+    // verifier.
+    let features = crate::features::probe();
+    features.check()?;
+    info!(features = %features.summary(), "kernel probed");
+    let mut dp = Datapath::load(&opts.pin_dir)?;
+    if let Some(m) = opts.attach_mode {
+        dp.mode = m;
+    }
+    info!(pin_dir = %opts.pin_dir.display(), mode = ?dp.mode, "kernel programs loaded");
+    // A re-adopted config map keeps its generation: connections already judged stay judged.
+    let policy_gen = dp.config().map(|c| c.policy_gen).unwrap_or(0);
+    dp.set_config(Config {
+        report_interval_ns: opts.report_interval.as_nanos() as u64,
+        policy_gen,
+        enforce: u32::from(opts.enforce),
+        flags: if opts.policy.deny_from_node {
+            0
+        } else {
+            observer_common::config_flags::ALLOW_NODE
+        },
+        _pad: 0,
+    })?;
+    let ring = dp.take_events()?;
+    let logger = match aya_log::EbpfLogger::init(&mut dp.ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("kernel log forwarding unavailable: {e}");
+            None
+        }
+    };
+
+    Ok((dp, ring, logger, features))
+}
+
+impl State {
+    fn new(opts: &Options) -> State {
+        State {
+            cluster: Arc::new(Cluster::default()),
+            by_ip: HashMap::new(),
+            conns: Default::default(),
+            history: VecDeque::new(),
+            metrics: Metrics::default(),
+            last_sync: None,
+            interfaces: HashMap::new(),
+            uplinks: HashMap::new(),
+            rules: HashMap::new(),
+            pod_traffic: HashMap::new(),
+            model: crate::snat::NetModel::resolve(
+                &opts.model,
+                &Cluster::default(),
+                &opts.node_name,
+                &interface_nets(&opts.uplinks),
+                host_addresses(),
+            ),
+            nat: crate::snat::NatTable::new(NAT_TABLE_MAX),
+            snat_live: opts.snat,
+            bucket: opts.max_records_per_second as f64,
+            bucket_at: Instant::now(),
+        }
+    }
+}
+
+/// The cluster source read and written to the maps once (from the API server, what it has
+/// listed within `KUBE_INITIAL_WAIT`).
+async fn initial_sync(shared: &Arc<Shared>) -> SourceState {
+    let mut source = SourceState::load(&shared.opts.state_dir);
+    match (&shared.opts.source, &shared.kube) {
+        (Source::Kube(_), Some(kube)) => {
+            let t0 = Instant::now();
+            while !kube.all_synced() && t0.elapsed() < KUBE_INITIAL_WAIT {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if kube_sync(shared, &mut source, kube) {
+                info!(elapsed = ?t0.elapsed(), "initial sync from the API server written");
+            } else {
+                warn!("API server not synced yet; the maps keep what they enforce until it is");
+            }
+        }
+        _ => reload_source(shared, &mut source),
+    }
+    source
+}
+
+/// Every interface attached as it is now; what an earlier daemon left for interfaces that are
+/// gone released.
+fn adopt_links(shared: &Arc<Shared>, links: &[crate::netlink::Link]) {
+    let mut dp = shared.dp.lock().unwrap();
+    for l in links {
+        apply_link(shared, &mut dp, LinkEvent::New(l.clone()));
+    }
+    // Attachments and entries left by an earlier daemon for interfaces that are gone.
+    for pin in dp.prune_link_pins() {
+        info!(pin = %pin.display(), "released the attachment of a vanished interface");
+    }
+    let live: Vec<u32> = dp.attached();
+    if let Some(m) = dp.ebpf.map_mut(observer_common::maps::ATTACHED) {
+        if let Ok(mut att) = aya::maps::HashMap::<&mut MapData, u32, u32>::try_from(m) {
+            let stale: Vec<u32> = att
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| !live.contains(k))
+                .collect();
+            for k in stale {
+                let _ = att.remove(&k);
+            }
+        }
+    }
 }
 
 async fn log_task(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
