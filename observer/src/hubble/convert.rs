@@ -256,7 +256,8 @@ impl FieldMask {
 }
 
 /// The fields [`record_of`] reads: what observer's own CLI asks for.
-pub const RECORD_FIELDS: [&str; 9] = [
+pub const RECORD_FIELDS: [&str; 10] = [
+    "interface",
     "time",
     "node_name",
     "verdict",
@@ -920,8 +921,11 @@ mod tests {
             destination: pod("shop", "db", "10.244.0.6", 9),
             ..base.clone()
         };
+        let cli = FieldMask::new(&RECORD_FIELDS.map(String::from));
         for rec in [base, dropped, echo, unreachable, gre, sctp] {
-            let flow = flow_of(&rec, "u".into(), true);
+            // Built and trimmed as for `observer flows`, which asks for RECORD_FIELDS.
+            let mut flow = flow_masked(&rec, String::new(), true, cli);
+            cli.apply(&mut flow);
             // Through the wire, as the CLI receives it.
             let flow = flow::Flow::decode(flow.encode_to_vec().as_slice()).unwrap();
             let back = record_of(&flow).expect("observer's extension");
