@@ -53,7 +53,9 @@ enum Cmd {
     /// Benchmarks; results belong in BENCHMARKS.md.
     Bench {
         /// What to measure: `datapath` (tc and XDP programs per packet), `policy`, `kube`,
-        /// `events` (record pipeline), `snat` (NAT'd connections correlated per second).
+        /// `events` (record pipeline), `snat` (NAT'd connections correlated per second),
+        /// `compare` (observer against no enforcement and the peers' iptables and nftables
+        /// rule shapes, real connections between pods).
         what: String,
         /// One JSON object per measurement.
         #[arg(long)]
@@ -260,8 +262,13 @@ fn main() -> Result<()> {
             };
             demo::run(duration, model)
         }
-        Cmd::Bench { what, json, rest } if ["kube", "events", "snat"].contains(&what.as_str()) => {
+        Cmd::Bench { what, json, rest }
+            if ["kube", "events", "snat", "compare"].contains(&what.as_str()) =>
+        {
             setup::run()?;
+            if what == "compare" {
+                setup::compare()?;
+            }
             // Harnesses around the real daemon (observer/tests/bench_<what>.rs).
             let harness = format!("bench_{what}");
             let mut cmd = Command::new("cargo");
@@ -279,9 +286,9 @@ fn main() -> Result<()> {
                 cmd.env("BENCH_JSON", "1");
             }
             for kv in &rest {
-                let (k, v) = kv
-                    .split_once('=')
-                    .context("bench kube|events|snat take NAME=N settings, e.g. ROUNDS=5")?;
+                let (k, v) = kv.split_once('=').context(
+                    "bench kube|events|snat|compare take NAME=N settings, e.g. ROUNDS=5",
+                )?;
                 cmd.env(format!("BENCH_{}", k.to_uppercase()), v);
             }
             if !cmd.status()?.success() {

@@ -50,6 +50,13 @@ pub fn cluster() -> Result<()> {
     apt_install(APT_CLUSTER)
 }
 
+/// The peers' rule tools for `bench compare` (Azure NPM's iptables and ipset shape).
+const APT_COMPARE: &[&str] = &["iptables", "ipset"];
+
+pub fn compare() -> Result<()> {
+    apt_install(APT_COMPARE)
+}
+
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
