@@ -5,8 +5,8 @@
 //! Cluster: namespace `bench`, pod `server` (app=server, TCP 8080) and pod `client`
 //! (app=client) on node-1, pod `rclient` (app=client) on node-2. Policies at BENCH_RULES rules
 //! (default 1, 100, 1000, 10000): one NetworkPolicy per rule, all selecting the server; the
-//! first N-1 allow port 8080 from an ipBlock no pod is in (10.250.x.y/32), the last from
-//! `app=client` pods. Every new connection is judged against all N.
+//! first N-1 allow port 8080 (TCP and UDP) from an ipBlock no pod is in (10.250.x.y/32), the
+//! last from `app=client` pods. Every new connection is judged against all N.
 //!
 //! Enforcers (a fresh virtual node each, torn down after):
 //! - `none`: the baseline.
@@ -25,7 +25,11 @@
 //! Measures, per enforcer, rule count and placement (`local`: client and server on node-1;
 //! `remote`: from node-2): new TCP connections per second from one client thread pinned to one
 //! CPU (connect, 64-byte request, 64-byte response, close), and the latency of each of those
-//! connections, p50 and p99. Median over BENCH_ROUNDS rounds of BENCH_SECONDS each.
+//! connections, p50 and p99; then (BENCH_THROUGHPUT=1, the default) established-flow
+//! throughput with iperf3: TCP with 1,500-byte packets (Gbit/s received) and UDP with 64-byte
+//! payloads at full speed (datagrams per second received). Median over BENCH_ROUNDS rounds of
+//! BENCH_SECONDS each. BENCH_ENFORCERS=none,observer limits the enforcers;
+//! BENCH_OBSERVER_ARGS adds daemon flags (to see what a feature costs).
 //!
 //! Ignored by `cargo test`: run through xtask (release build, root).
 use std::{
@@ -76,7 +80,7 @@ fn policies_yaml(rules: usize) -> String {
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
              metadata: {{name: rule-{i}, namespace: bench}}\n\
              spec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  policyTypes: [Ingress]\n\
-             \x20 ingress:\n  - from:\n{from}    ports: [{{port: {PORT}, protocol: TCP}}]\n---\n"
+             \x20 ingress:\n  - from:\n{from}    ports: [{{port: {PORT}, protocol: TCP}}, {{port: {PORT}, protocol: UDP}}]\n---\n"
         );
     }
     y
@@ -115,10 +119,13 @@ fn npm_rules(rules: usize, server: &str, clients: &[&str]) -> (String, String) {
             let _ = writeln!(sets, "add {set} {}", decoy(i));
             set
         };
-        let _ = writeln!(
-            ipt,
-            "-A AZURE-NPM-INGRESS-{i} -p tcp --dport {PORT} -m set --match-set {src} src -j MARK --set-xmark 0x2000/0xffffffff"
-        );
+        // One rule per protocol and port, as NPM writes them.
+        for proto in ["tcp", "udp"] {
+            let _ = writeln!(
+                ipt,
+                "-A AZURE-NPM-INGRESS-{i} -p {proto} --dport {PORT} -m set --match-set {src} src -j MARK --set-xmark 0x2000/0xffffffff"
+            );
+        }
     }
     ipt.push_str("-A AZURE-NPM-INGRESS -m mark --mark 0x2000 -j AZURE-NPM-ACCEPT\n");
     ipt.push_str("-A AZURE-NPM-INGRESS -m set --match-set azure-npm-app-server dst -j DROP\n");
@@ -156,7 +163,10 @@ fn nft_rules(rules: usize, server: &str, clients: &[&str]) -> String {
         } else {
             format!("@ipblock-{i}")
         };
-        let _ = writeln!(t, "    ip saddr {src} tcp dport {PORT} accept");
+        let _ = writeln!(
+            t,
+            "    ip saddr {src} meta l4proto {{ tcp, udp }} th dport {PORT} accept"
+        );
     }
     t.push_str("    drop\n  }\n}\n");
     t
@@ -228,6 +238,51 @@ fn connect_loop(ns: &str, dst: SocketAddr, secs: f64) -> (f64, Vec<f64>) {
     .unwrap()
 }
 
+/// One iperf3 test from `client_ns` to the server pod's port (the policies allow it): TCP with
+/// 1,460-byte segments (1,500-byte packets), or UDP with 64-byte payloads at full speed.
+/// Returns bits per second received (TCP) or datagrams per second received (UDP).
+fn iperf(server_ns: &str, client_ns: &str, server_ip: &str, udp: bool, secs: f64) -> f64 {
+    let port = PORT.to_string();
+    let mut server = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", &port,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 (cargo xtask setup installs it)");
+    std::thread::sleep(Duration::from_millis(200));
+    let t = format!("{secs}");
+    let mut args = vec![
+        "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-p", &port, "-t", &t, "-J",
+    ];
+    if udp {
+        args.extend(["-u", "-b", "0", "-l", "64"]);
+    } else {
+        args.extend(["-M", "1460"]);
+    }
+    let out = std::process::Command::new("ip")
+        .args(&args)
+        .output()
+        .unwrap();
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 output: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    if udp {
+        let sum = &v["end"]["sum"];
+        let got = sum["packets"].as_f64().unwrap() - sum["lost_packets"].as_f64().unwrap();
+        got / sum["seconds"].as_f64().unwrap()
+    } else {
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap()
+    }
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -275,7 +330,10 @@ fn node(enforcer: &str, rules: usize) -> (TestBed, Option<observer_tests::Daemon
                 policies_yaml(rules),
             )
             .unwrap();
-            Some(bed.start_daemon(Path::new(OBSERVER), &[]).unwrap())
+            // BENCH_OBSERVER_ARGS: daemon flags to find where the cost is (`--no-snat`, ...).
+            let extra = std::env::var("BENCH_OBSERVER_ARGS").unwrap_or_default();
+            let extra: Vec<&str> = extra.split_whitespace().collect();
+            Some(bed.start_daemon(Path::new(OBSERVER), &extra).unwrap())
         }
         "npm-iptables" => {
             let (sets, ipt) = npm_rules(rules, &server, &clients);
@@ -292,12 +350,73 @@ fn node(enforcer: &str, rules: usize) -> (TestBed, Option<observer_tests::Daemon
     (bed, daemon)
 }
 
+/// Every measure of one enforcer at one rule count, a row per placement.
+fn measure(
+    bed: &TestBed,
+    enforcer: &str,
+    rules: u64,
+    rounds: usize,
+    secs: f64,
+    throughput: bool,
+) -> Vec<serde_json::Value> {
+    let placements = [
+        ("local", bed.pod("client").netns.clone()),
+        ("remote", bed.remote_pod("rclient").netns.clone()),
+    ];
+    let (server_ns, server_ip) = (&bed.pod("server").netns, bed.pod("server").ip4);
+    let dst: SocketAddr = (server_ip, PORT).into();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = serve(server_ns, stop.clone());
+    // Enforced, not just loaded: a pod no rule allows does not get through.
+    let denied =
+        !observer_tests::tcp_connects(&bed.pod("other").netns, dst, Duration::from_millis(300));
+    assert_eq!(denied, enforcer != "none", "{enforcer} at {rules} rules");
+    let mut rows = Vec::new();
+    for (placement, ns) in &placements {
+        // Warm up: the allowed clients get through.
+        connect_loop(ns, dst, 0.2);
+        let (mut rates, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let (rate, mut lat) = connect_loop(ns, dst, secs);
+            rates.push(rate);
+            p50.push(percentile(&mut lat, 0.5));
+            p99.push(percentile(&mut lat, 0.99));
+        }
+        rows.push(json!({
+            "enforcer": enforcer, "rules": rules, "placement": placement,
+            "conn_per_s": median(&mut rates.clone()), "conn_per_s_runs": rates,
+            "p50_us": median(&mut p50.clone()), "p99_us": median(&mut p99.clone()),
+            "p50_runs": p50, "p99_runs": p99,
+        }));
+    }
+    // Woken by one more connection from an allowed client; iperf3 takes the port next.
+    stop.store(true, Ordering::Relaxed);
+    observer_tests::tcp_connects(&placements[0].1, dst, Duration::from_secs(1));
+    server.join().unwrap();
+    if throughput {
+        for ((_, ns), row) in placements.iter().zip(&mut rows) {
+            let ip = server_ip.to_string();
+            let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                tcp.push(iperf(server_ns, ns, &ip, false, secs) / 1e9);
+                udp.push(iperf(server_ns, ns, &ip, true, secs));
+            }
+            row["tcp_gbit_per_s"] = json!(median(&mut tcp.clone()));
+            row["udp64_pkt_per_s"] = json!(median(&mut udp.clone()));
+            row["tcp_runs"] = json!(tcp);
+            row["udp64_runs"] = json!(udp);
+        }
+    }
+    rows
+}
+
 #[test]
 #[ignore = "benchmark: cargo xtask bench compare"]
 fn enforcers_side_by_side() {
     let rule_counts = env_list("BENCH_RULES", &[1, 100, 1000, 10000]);
     let rounds = observer_tests::bench::arg("BENCH_ROUNDS", 3) as usize;
     let secs = observer_tests::bench::arg("BENCH_SECONDS", 2) as f64;
+    let throughput = observer_tests::bench::arg("BENCH_THROUGHPUT", 1) == 1;
     let only: Vec<String> = std::env::var("BENCH_ENFORCERS")
         .map(|v| v.split(',').map(str::to_string).collect())
         .unwrap_or_else(|_| ENFORCERS.iter().map(|s| s.to_string()).collect());
@@ -305,47 +424,15 @@ fn enforcers_side_by_side() {
     for &rules in &rule_counts {
         for enforcer in ENFORCERS.iter().filter(|e| only.iter().any(|o| o == *e)) {
             let (bed, _daemon) = node(enforcer, rules as usize);
-            let stop = Arc::new(AtomicBool::new(false));
-            let server = serve(&bed.pod("server").netns, stop.clone());
-            let dst: SocketAddr = (bed.pod("server").ip4, PORT).into();
-            // Enforced, not just loaded: a pod no rule allows does not get through.
-            let denied = !observer_tests::tcp_connects(
-                &bed.pod("other").netns,
-                dst,
-                Duration::from_millis(300),
-            );
-            assert_eq!(denied, *enforcer != "none", "{enforcer} at {rules} rules");
-            for (placement, ns) in [
-                ("local", bed.pod("client").netns.clone()),
-                ("remote", bed.remote_pod("rclient").netns.clone()),
-            ] {
-                // Warm up: the allowed clients get through.
-                connect_loop(&ns, dst, 0.2);
-                let (mut rates, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
-                for _ in 0..rounds {
-                    let (rate, mut lat) = connect_loop(&ns, dst, secs);
-                    rates.push(rate);
-                    p50.push(percentile(&mut lat, 0.5));
-                    p99.push(percentile(&mut lat, 0.99));
-                }
-                let row = json!({
-                    "enforcer": enforcer, "rules": rules, "placement": placement,
-                    "conn_per_s": median(&mut rates.clone()), "conn_per_s_runs": rates,
-                    "p50_us": median(&mut p50.clone()), "p99_us": median(&mut p99.clone()),
-                    "p50_runs": p50, "p99_runs": p99,
-                });
+            for row in measure(&bed, enforcer, rules, rounds, secs, throughput) {
                 println!("{row}");
                 table.push(row);
             }
-            // Woken by one more connection from an allowed client.
-            stop.store(true, Ordering::Relaxed);
-            observer_tests::tcp_connects(&bed.pod("client").netns, dst, Duration::from_secs(1));
-            server.join().unwrap();
         }
     }
     // Ratios to the baseline of the same rule count and placement.
-    println!("\n| rules | placement | enforcer | conn/s | vs none | p50 µs | p99 µs |");
-    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: |");
+    println!("\n| rules | placement | enforcer | conn/s | vs none | p50 µs | p99 µs | TCP Gbit/s | UDP 64 B pkt/s |");
+    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &table {
         let base = table.iter().find(|b| {
             b["enforcer"] == "none" && b["rules"] == r["rules"] && b["placement"] == r["placement"]
@@ -353,15 +440,21 @@ fn enforcers_side_by_side() {
         let ratio = base
             .map(|b| r["conn_per_s"].as_f64().unwrap() / b["conn_per_s"].as_f64().unwrap())
             .map_or("-".to_string(), |x| format!("{x:.2}"));
+        let opt = |k: &str, digits: usize| {
+            r[k].as_f64()
+                .map_or("-".to_string(), |x| format!("{x:.digits$}"))
+        };
         println!(
-            "| {} | {} | {} | {:.0} | {} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {:.0} | {} | {:.0} | {:.0} | {} | {} |",
             r["rules"],
             r["placement"].as_str().unwrap(),
             r["enforcer"].as_str().unwrap(),
             r["conn_per_s"].as_f64().unwrap(),
             ratio,
             r["p50_us"].as_f64().unwrap(),
-            r["p99_us"].as_f64().unwrap()
+            r["p99_us"].as_f64().unwrap(),
+            opt("tcp_gbit_per_s", 2),
+            opt("udp64_pkt_per_s", 0),
         );
     }
 }

@@ -104,14 +104,16 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     let s = status(&daemon);
     let up = &s["uplinks"][0];
     assert_eq!(up["name"], "eth0", "{s:#}");
+    // Generic mode on a veth uplink: driver mode there costs cross-node TCP most of its
+    // throughput (bpf.rs, `attach_xdp`).
     assert_eq!(
-        up["xdp"], "native",
-        "XDP in driver mode on the veth uplink: {s:#}"
+        up["xdp"], "generic",
+        "XDP in generic mode on the veth uplink: {s:#}"
     );
     let ifindex = up["ifindex"].as_u64().unwrap();
     assert!(daemon
         .pin_dir
-        .join(format!("links/{ifindex}-uplink-xdp-native"))
+        .join(format!("links/{ifindex}-uplink-xdp-generic"))
         .exists());
 
     let web = bed.pod("web").clone();
@@ -181,7 +183,7 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
     wait_policy(&daemon);
     let s = status(&daemon);
-    assert_eq!(s["uplinks"][0]["xdp"], "native", "{s:#}");
+    assert_eq!(s["uplinks"][0]["xdp"], "generic", "{s:#}");
     let b = uplink(&s, "xdp_drop", "pod", "any");
     assert!(!tcp_connects(
         &intruder.netns,

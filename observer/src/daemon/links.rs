@@ -126,7 +126,7 @@ pub(super) fn apply_link(shared: &Shared, dp: &mut Datapath, ev: LinkEvent) {
 }
 
 pub(super) fn attach_uplink(shared: &Shared, dp: &mut Datapath, l: netlink::Link) {
-    match dp.attach_uplink(l.index, &l.name) {
+    match dp.attach_uplink(l.index, &l.name, l.kind == "veth") {
         Ok(a) => {
             match &a.xdp_error {
                 None => {
