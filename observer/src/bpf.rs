@@ -839,17 +839,36 @@ impl Datapath {
     /// walk where the kernel has no batches. A sweep over 200,000 connections went from about
     /// 400,000 system calls to about 50.
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        let map = self.ebpf.map(maps::CONNTRACK).context("ct map")?;
-        let data = match map {
-            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
-            _ => bail!("the conntrack map is not a hash map"),
-        };
-        match lookup_batch::<CtKey, CtEntry>(data) {
-            Ok(v) => Ok(v),
+        let mut out = Vec::new();
+        match lookup_batch(self.conntrack_data()?, |k: &[CtKey], v: &[CtEntry]| {
+            out.extend(k.iter().copied().zip(v.iter().copied()))
+        }) {
+            Ok(()) => Ok(out),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 Ok(self.conntrack()?.iter().filter_map(|r| r.ok()).collect())
             }
             Err(e) => Err(e).context("reading the conntrack map"),
+        }
+    }
+
+    /// How many connections the conntrack map holds, counted batch by batch (nothing kept).
+    pub fn conntrack_len(&self) -> Result<usize> {
+        let mut n = 0;
+        match lookup_batch(self.conntrack_data()?, |k: &[CtKey], _: &[CtEntry]| {
+            n += k.len()
+        }) {
+            Ok(()) => Ok(n),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Ok(self.conntrack()?.keys().count())
+            }
+            Err(e) => Err(e).context("reading the conntrack map"),
+        }
+    }
+
+    fn conntrack_data(&self) -> Result<&MapData> {
+        match self.ebpf.map(maps::CONNTRACK).context("ct map")? {
+            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => Ok(d),
+            _ => bail!("the conntrack map is not a hash map"),
         }
     }
 
@@ -1175,9 +1194,13 @@ pub fn diff_pinned(pin_dir: &Path, want: &Desired) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// All of a hash map's entries through `BPF_MAP_LOOKUP_BATCH`. Entries added or removed while
-/// it runs may or may not be seen, as with the entry-by-entry walk.
-fn lookup_batch<K: aya::Pod, V: aya::Pod>(data: &MapData) -> std::io::Result<Vec<(K, V)>> {
+/// A hash map's entries through `BPF_MAP_LOOKUP_BATCH`, handed to `visit` a batch at a time.
+/// Entries added or removed while it runs may or may not be seen, as with the entry-by-entry
+/// walk.
+fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+    data: &MapData,
+    mut visit: impl FnMut(&[K], &[V]),
+) -> std::io::Result<()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     // `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
     #[repr(C)]
@@ -1197,17 +1220,11 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(data: &MapData) -> std::io::Result<Vec
     let fd = data.fd().as_fd().as_raw_fd() as u32;
     let mut keys: Vec<K> = Vec::with_capacity(CHUNK);
     let mut values: Vec<V> = Vec::with_capacity(CHUNK);
-    let mut out = Vec::new();
-    // The hash table's batch token is its bucket index.
-    let (mut token_in, mut token_out) = (0u32, 0u32);
-    let mut first = true;
+    // The hash table's batch token is its bucket index; none before the first batch.
+    let (mut token_in, mut token_out) = (None::<u32>, 0u32);
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &token_in as *const u32 as u64
-            },
+            in_batch: token_in.as_ref().map_or(0, |t| t as *const u32 as u64),
             out_batch: &mut token_out as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -1225,28 +1242,21 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(data: &MapData) -> std::io::Result<Vec
                 std::mem::size_of::<BatchAttr>(),
             )
         };
-        let err = (r < 0).then(std::io::Error::last_os_error);
-        let n = attr.count as usize;
-        match &err {
-            None => {}
-            // The end of the table, with the last entries in this batch.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Some(e) => {
-                return Err(std::io::Error::from_raw_os_error(
-                    e.raw_os_error().unwrap_or(0),
-                ))
-            }
-        }
-        // SAFETY: the kernel wrote `n` keys and values.
+        // ENOENT: the end of the table, with the last entries in this batch.
+        let last = match (r < 0).then(std::io::Error::last_os_error) {
+            None => false,
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Some(e) => return Err(e),
+        };
+        // SAFETY: the kernel wrote `count` keys and values.
         unsafe {
-            keys.set_len(n);
-            values.set_len(n);
+            keys.set_len(attr.count as usize);
+            values.set_len(attr.count as usize);
         }
-        out.extend(keys.drain(..).zip(values.drain(..)));
-        if err.is_some() {
-            return Ok(out);
+        visit(&keys, &values);
+        if last {
+            return Ok(());
         }
-        token_in = token_out;
-        first = false;
+        token_in = Some(token_out);
     }
 }

@@ -208,7 +208,7 @@ pub fn status_of(shared: &Shared) -> Status {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-        let ct = dp.conntrack_entries().map(|v| v.len()).unwrap_or(0);
+        let ct = dp.conntrack_len().unwrap_or(0);
         let uplink = dp.uplink_counters().unwrap_or_default();
         (kernel, ct, format!("{:?}", dp.mode).to_lowercase(), uplink)
     };

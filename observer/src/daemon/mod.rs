@@ -137,7 +137,7 @@ struct Conn {
 pub struct State {
     pub cluster: Arc<Cluster>,
     pub by_ip: HashMap<IpAddr, Arc<PodInfo>>,
-    /// Keyed with a fast hasher: the sweep visits every connection twice a second.
+    /// Keyed with a fast hasher: every kernel event and the sweep's pruning hash into it.
     conns: foldhash::HashMap<CtKey, Conn>,
     pub history: VecDeque<Arc<FlowRecord>>,
     pub metrics: Metrics,
@@ -396,7 +396,7 @@ fn adopt_links(shared: &Arc<Shared>, links: &[crate::netlink::Link]) {
     }
 }
 
-async fn log_task(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
+async fn log_task(logger: KernelLogger) -> Result<()> {
     let mut fd = crate::netlink::readable(logger)?;
     loop {
         let mut guard = fd.readable_mut().await?;

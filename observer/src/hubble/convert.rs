@@ -148,31 +148,50 @@ pub fn flow_masked(
     }
 }
 
-/// The flow fields observer fills, by their names in flow.proto: what a field mask can name.
-const MASKABLE: [&str; 22] = [
-    "time",
-    "uuid",
-    "verdict",
-    "drop_reason",
-    "drop_reason_desc",
-    "IP",
-    "l4",
-    "source",
-    "destination",
-    "Type",
-    "node_name",
-    "event_type",
-    "source_service",
-    "destination_service",
-    "is_reply",
-    "interface",
-    "Summary",
-    "extensions",
-    "egress_allowed_by",
-    "ingress_allowed_by",
-    "egress_denied_by",
-    "ingress_denied_by",
-];
+/// The flow fields observer fills, and their names in flow.proto: what a field mask can name.
+/// One list makes both [`MASKABLE`] (bit i of a [`FieldMask`] is `MASKABLE[i]`) and
+/// [`clear_unmasked`].
+macro_rules! maskable {
+    ($($field:ident = $name:literal),* $(,)?) => {
+        const MASKABLE: &[&str] = &[$($name),*];
+
+        fn clear_unmasked(bits: u32, f: &mut flow::Flow) {
+            let mut bit = 1u32;
+            $(
+                if bits & bit == 0 {
+                    f.$field = Default::default();
+                }
+                bit <<= 1;
+            )*
+            let _ = bit;
+        }
+    };
+}
+
+maskable!(
+    time = "time",
+    uuid = "uuid",
+    verdict = "verdict",
+    drop_reason = "drop_reason",
+    drop_reason_desc = "drop_reason_desc",
+    ip = "IP",
+    l4 = "l4",
+    source = "source",
+    destination = "destination",
+    r#type = "Type",
+    node_name = "node_name",
+    event_type = "event_type",
+    source_service = "source_service",
+    destination_service = "destination_service",
+    is_reply = "is_reply",
+    interface = "interface",
+    summary = "Summary",
+    extensions = "extensions",
+    egress_allowed_by = "egress_allowed_by",
+    ingress_allowed_by = "ingress_allowed_by",
+    egress_denied_by = "egress_denied_by",
+    ingress_denied_by = "ingress_denied_by",
+);
 
 /// Hubble's field mask (`GetFlowsRequest.field_mask`), read once per request: the flows keep
 /// the top-level fields it names (a path into a field, `source.pod_name`, keeps the whole
@@ -212,46 +231,9 @@ impl FieldMask {
 
     /// Clears the fields the mask leaves out; the filters have seen the whole flow.
     pub fn apply(&self, f: &mut flow::Flow) {
-        if self.0 == u32::MAX {
-            return;
+        if self.0 != u32::MAX {
+            clear_unmasked(self.0, f);
         }
-        // In the order of MASKABLE: bit i is MASKABLE[i].
-        let mut i = 0;
-        macro_rules! keep {
-            ($($field:ident = $name:literal),* $(,)?) => {
-                $(
-                    debug_assert_eq!(MASKABLE[i], $name);
-                    if self.0 & 1 << i == 0 {
-                        f.$field = Default::default();
-                    }
-                    i += 1;
-                )*
-            };
-        }
-        keep!(
-            time = "time",
-            uuid = "uuid",
-            verdict = "verdict",
-            drop_reason = "drop_reason",
-            drop_reason_desc = "drop_reason_desc",
-            ip = "IP",
-            l4 = "l4",
-            source = "source",
-            destination = "destination",
-            r#type = "Type",
-            node_name = "node_name",
-            event_type = "event_type",
-            source_service = "source_service",
-            destination_service = "destination_service",
-            is_reply = "is_reply",
-            interface = "interface",
-            summary = "Summary",
-            extensions = "extensions",
-            egress_allowed_by = "egress_allowed_by",
-            ingress_allowed_by = "ingress_allowed_by",
-            egress_denied_by = "egress_denied_by",
-            ingress_denied_by = "ingress_denied_by",
-        );
     }
 }
 

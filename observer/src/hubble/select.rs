@@ -131,10 +131,9 @@ impl Selection {
             (n, start.unwrap_or(0))
         };
         // Converted as the client reads.
-        let mut history = history;
         let flows = history
-            .split_off(start)
             .into_iter()
+            .skip(start)
             .filter_map(move |r| self.flow(&r).map(|f| Ok(self.response(f))))
             .take(n);
         Box::pin(futures_util::stream::iter(flows))
