@@ -182,6 +182,9 @@ fn check(c: &Layout, case: &str, probes: &[Probe]) {
         })
         .collect();
     eprintln!("[{case}] {} probes in {:.1?}", probes.len(), t.elapsed());
+    if !bad.is_empty() {
+        diagnose(c, probes, &results);
+    }
     assert!(
         bad.is_empty(),
         "[{case}] {} of {} probes wrong:\n{}",
@@ -189,6 +192,44 @@ fn check(c: &Layout, case: &str, probes: &[Probe]) {
         probes.len(),
         bad.join("\n")
     );
+}
+
+/// Prints what a wrong probe needs explained: where its pods are now (a recreated sandbox
+/// has another address), and what observer on each node recorded for its destination.
+fn diagnose(c: &Layout, probes: &[Probe], results: &[Option<String>]) {
+    let wide = ["get", "pods", "-A", "-o", "wide", "--no-headers"];
+    match c.kubectl_out(&wide) {
+        Ok(out) => eprintln!("pods now:\n{out}"),
+        Err(e) => eprintln!("kubectl get pods: {e:#}"),
+    }
+    for n in c.nodes() {
+        let status = observer_pod(c, &n.name).and_then(|pod| {
+            c.kubectl_out(&["-n", "observer", "exec", &pod, "--", "observer", "status"])
+        });
+        match status {
+            Ok(out) => eprintln!("observer status on {}:\n{out}", n.name),
+            Err(e) => eprintln!("observer status on {}: {e:#}", n.name),
+        }
+    }
+    for (p, _) in probes.iter().zip(results).filter(|(_, r)| r.is_some()) {
+        for n in c.nodes() {
+            let args = ["--ip", p.ip.as_str(), "--last", "12"];
+            match observer_flows(c, &n.name, &args) {
+                Ok(recs) => {
+                    eprintln!(
+                        "observer on {} for {}: {} records",
+                        n.name,
+                        p.ip,
+                        recs.len()
+                    );
+                    for r in recs {
+                        eprintln!("  {r}");
+                    }
+                }
+                Err(e) => eprintln!("observer flows on {}: {e:#}", n.name),
+            }
+        }
+    }
 }
 
 /// Waits until every probe of `ps` sees what it should in one round (run in parallel): the

@@ -85,8 +85,15 @@ pub fn create(layout: &Layout) -> Result<()> {
         ns_sysctl(&n.netns, "net.bridge.bridge-nf-call-ip6tables", "1")?;
         if layout.cni == super::layout::Cni::Bridge {
             // kubenet's bridge, made up front: the CNI plugin (1.1) racing to create it and
-            // set its MAC fails the first sandboxes of a node with EINVAL.
-            ip(&["-n", &n.netns, "link", "add", "cbr0", "type", "bridge"])?;
+            // set its MAC fails the first sandboxes of a node with EINVAL. Its MAC is set, as
+            // kubenet sets it: a bridge without one takes its lowest port's, so a pod coming
+            // or going changed the gateway's MAC under every pod of the node, and their
+            // traffic through the gateway (other nodes, Services) went to the old MAC until
+            // their ARP entries aged out, seconds later.
+            let mac = gateway_mac(&n.pod_gateway);
+            ip(&[
+                "-n", &n.netns, "link", "add", "cbr0", "address", &mac, "type", "bridge",
+            ])?;
             let gw = format!(
                 "{}/{}",
                 n.pod_gateway,
@@ -212,4 +219,15 @@ pub fn destroy(_layout: &Layout) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A locally administered unicast MAC for a node's pod gateway, from its address
+/// (10.244.1.1 -> 02:00:0a:f4:01:01): fixed, and unique among the nodes.
+fn gateway_mac(gateway: &str) -> String {
+    let octets: Vec<u8> = gateway.split('.').filter_map(|o| o.parse().ok()).collect();
+    let mut mac = String::from("02:00");
+    for o in octets {
+        mac += &format!(":{o:02x}");
+    }
+    mac
 }
