@@ -34,10 +34,7 @@ fn daemonset_ready_on_every_node_with_its_own_pins() {
 
     let mut all_links = BTreeSet::new();
     for n in c.nodes() {
-        let pod = observer_pod(&c, &n.name).unwrap();
-        let st = c
-            .kubectl_out(&["-n", "observer", "exec", &pod, "--", "observer", "status"])
-            .unwrap();
+        let st = observer_status(&c, &n.name).unwrap();
         assert!(st.contains(&format!("node:          {}", n.name)), "{st}");
         assert!(st.contains("api server:    in sync"), "{st}");
         assert!(
@@ -106,9 +103,7 @@ fn clusterrole_is_exactly_sufficient() {
             "{}: {logs}",
             n.name
         );
-        let st = c
-            .kubectl_out(&["-n", "observer", "exec", &pod, "--", "observer", "status"])
-            .unwrap();
+        let st = observer_status(&c, &n.name).unwrap();
         for kind in [
             "pods",
             "namespaces",

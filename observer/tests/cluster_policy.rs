@@ -203,10 +203,7 @@ fn diagnose(c: &Layout, probes: &[Probe], results: &[Option<String>]) {
         Err(e) => eprintln!("kubectl get pods: {e:#}"),
     }
     for n in c.nodes() {
-        let status = observer_pod(c, &n.name).and_then(|pod| {
-            c.kubectl_out(&["-n", "observer", "exec", &pod, "--", "observer", "status"])
-        });
-        match status {
+        match observer_status(c, &n.name) {
             Ok(out) => eprintln!("observer status on {}:\n{out}", n.name),
             Err(e) => eprintln!("observer status on {}: {e:#}", n.name),
         }

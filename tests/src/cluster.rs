@@ -594,6 +594,12 @@ pub fn observer_flows(
         .collect())
 }
 
+/// `observer status` inside the observer pod on `node`.
+pub fn observer_status(layout: &Layout, node: &str) -> Result<String> {
+    let pod = observer_pod(layout, node)?;
+    layout.kubectl_out(&["-n", "observer", "exec", &pod, "--", "observer", "status"])
+}
+
 /// IDs of the BPF links observer pinned in `node`'s bpffs (pod veths' TCX links, the
 /// uplink's): empty when nothing is pinned.
 pub fn pinned_links(layout: &Layout, node: &Node) -> Vec<u64> {

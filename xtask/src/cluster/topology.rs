@@ -86,11 +86,11 @@ pub fn create(layout: &Layout) -> Result<()> {
         if layout.cni == super::layout::Cni::Bridge {
             // kubenet's bridge, made up front: the CNI plugin (1.1) racing to create it and
             // set its MAC fails the first sandboxes of a node with EINVAL. Its MAC is set, as
-            // kubenet sets it: a bridge without one takes its lowest port's, so a pod coming
-            // or going changed the gateway's MAC under every pod of the node, and their
-            // traffic through the gateway (other nodes, Services) went to the old MAC until
-            // their ARP entries aged out, seconds later.
-            let mac = gateway_mac(&n.pod_gateway);
+            // kubenet sets it: a bridge without one follows its lowest port's, so deleting
+            // the pod that owned it moved the gateway's MAC under every pod of the node, and
+            // their traffic through the gateway (other nodes, Services) went to the old MAC
+            // until their ARP entries aged out, seconds later.
+            let mac = gateway_mac(&n.pod_gateway)?;
             ip(&[
                 "-n", &n.netns, "link", "add", "cbr0", "address", &mac, "type", "bridge",
             ])?;
@@ -223,11 +223,10 @@ pub fn destroy(_layout: &Layout) -> Result<()> {
 
 /// A locally administered unicast MAC for a node's pod gateway, from its address
 /// (10.244.1.1 -> 02:00:0a:f4:01:01): fixed, and unique among the nodes.
-fn gateway_mac(gateway: &str) -> String {
-    let octets: Vec<u8> = gateway.split('.').filter_map(|o| o.parse().ok()).collect();
-    let mut mac = String::from("02:00");
-    for o in octets {
-        mac += &format!(":{o:02x}");
-    }
-    mac
+fn gateway_mac(gateway: &str) -> Result<String> {
+    let ip: std::net::Ipv4Addr = gateway
+        .parse()
+        .with_context(|| format!("pod gateway {gateway:?}"))?;
+    let [a, b, c, d] = ip.octets();
+    Ok(format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}"))
 }
