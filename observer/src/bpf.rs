@@ -372,16 +372,22 @@ impl Datapath {
         if !adopted.is_empty() {
             info!(maps = ?adopted, "re-adopting pinned maps");
         }
+        // Before the loader: both parse the kernel's BTF (about 14 MiB of heap on 6.18 for
+        // the file and its types), and the loader holds its copy until it is dropped, so
+        // detecting while it lives doubled the start's heap peak.
+        let mode = AttachMode::detect();
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         if let Some(n) = ct_entries {
             loader.map_max_entries(maps::CONNTRACK, n);
         }
         let ebpf = loader.load(OBJECT).context("loading the kernel programs")?;
+        // Relocation is done: free its BTF before verification allocates above it.
+        drop(loader);
         let mut dp = Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
-            mode: AttachMode::detect(),
+            mode,
             links: HashMap::new(),
             uplinks: HashMap::new(),
             uplink_loaded: false,

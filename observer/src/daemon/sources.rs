@@ -248,10 +248,7 @@ pub(super) fn kube_sync(shared: &Shared, src: &mut SourceState, kube: &crate::k8
                 .observe(t.elapsed());
         }
         // Give the previous cluster's memory back to the system, not just to malloc.
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        release_freed_memory();
     }
     ok
 }
