@@ -31,6 +31,17 @@
 //! BENCH_SECONDS each. BENCH_ENFORCERS=none,observer limits the enforcers;
 //! BENCH_OBSERVER_ARGS adds daemon flags (to see what a feature costs).
 //!
+//! The denied flood (BENCH_FLOOD=1, the default): the router puts TCP SYNs on node-1's uplink
+//! as fast as one thread pinned to CPU 0 can, each from a new (address, port) of node-2's pod
+//! range (the allowed client's address left out), to the server's port: a spoofed flood no
+//! policy allows. node-1's uplink receive work runs on a NAPI thread of its own pinned to
+//! CPU 1 (GRO on, threaded NAPI), the daemon's threads on CPU 0, so that thread's CPU time is
+//! what the node spends judging and dropping. Per enforcer: packets per CPU-second of that
+//! thread (the per-core drop rate), per wall-clock second, the share that reached the server (must be
+//! under 1% for every enforcer), and for observer the daemon's CPU per million packets (its
+//! drop records). `npm-iptables-raw` is NPM's chains hooked in the raw table, before
+//! conntrack: not a shipped design, the cheapest place netfilter could drop it.
+//!
 //! Ignored by `cargo test`: run through xtask (release build, root).
 use std::{
     fmt::Write as _,
@@ -89,6 +100,13 @@ fn policies_yaml(rules: usize) -> String {
 /// Azure NPM's iptables shape for the same policies: `ipset restore` input, then
 /// `iptables-restore` input.
 fn npm_rules(rules: usize, server: &str, clients: &[&str]) -> (String, String) {
+    npm_rules_in(rules, server, clients, false)
+}
+
+/// The same policy chains hooked in the raw table instead (`raw`): judged before conntrack,
+/// so only SYNs can be judged (no state there). Not a design any peer ships; the cheapest
+/// place netfilter could drop a denied flood with the peer's rules, for the flood measure.
+fn npm_rules_in(rules: usize, server: &str, clients: &[&str], raw: bool) -> (String, String) {
     let mut sets = String::new();
     let _ = writeln!(sets, "create azure-npm-app-server hash:ip family inet");
     let _ = writeln!(sets, "add azure-npm-app-server {server}");
@@ -96,14 +114,17 @@ fn npm_rules(rules: usize, server: &str, clients: &[&str]) -> (String, String) {
     for c in clients {
         let _ = writeln!(sets, "add azure-npm-app-client {c}");
     }
-    let mut ipt = String::from(
-        "*filter\n:AZURE-NPM - [0:0]\n:AZURE-NPM-INGRESS - [0:0]\n:AZURE-NPM-ACCEPT - [0:0]\n",
-    );
+    let mut ipt = String::from(if raw { "*raw\n" } else { "*filter\n" });
+    ipt.push_str(":AZURE-NPM - [0:0]\n:AZURE-NPM-INGRESS - [0:0]\n:AZURE-NPM-ACCEPT - [0:0]\n");
     for i in 0..rules {
         let _ = writeln!(ipt, ":AZURE-NPM-INGRESS-{i} - [0:0]");
     }
-    ipt.push_str("-A FORWARD -j AZURE-NPM\n");
-    ipt.push_str("-A AZURE-NPM -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
+    if raw {
+        ipt.push_str("-A PREROUTING -p tcp --syn -j AZURE-NPM\n");
+    } else {
+        ipt.push_str("-A FORWARD -j AZURE-NPM\n");
+        ipt.push_str("-A AZURE-NPM -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
+    }
     ipt.push_str("-A AZURE-NPM -j AZURE-NPM-INGRESS\n");
     for i in 0..rules {
         // NPM jumps to a policy's chain for the pods it selects.
@@ -288,6 +309,163 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Pids of the threaded NAPI kernel threads of interfaces named `eth0` (any namespace).
+fn napi_threads() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("napi/eth0-"))
+        })
+        .collect()
+}
+
+fn set_affinity(tid: u32, cpu: usize) {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(tid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "pinning {tid} to CPU {cpu}");
+    }
+}
+
+/// Received packets of `dev` in `ns`.
+fn rx_packets(ns: &str, dev: &str) -> u64 {
+    let out = ns_run(ns, &["ip", "-s", "-j", "link", "show", "dev", dev]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+}
+
+fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
+    let out = ns_run(ns, &["ip", "-j", "link", "show", "dev", dev]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut mac = [0u8; 6];
+    for (m, x) in mac
+        .iter_mut()
+        .zip(v[0]["address"].as_str().unwrap().split(':'))
+    {
+        *m = u8::from_str_radix(x, 16).unwrap();
+    }
+    mac
+}
+
+/// Node-1's uplink receive work on a kernel thread of its own, pinned to CPU 1, so that
+/// thread's CPU time is what the node spends on the flood (other work on the machine does not
+/// count). A veth hands packets to a NAPI instance only with GRO on (and a sender without TSO);
+/// `threaded` gives that instance its thread. Returns the thread's id.
+fn isolate_uplink_rx(bed: &TestBed) -> u32 {
+    ns_run(&bed.node_ns, &["ethtool", "-K", "eth0", "gro", "on"]).unwrap();
+    ns_run(&bed.router_ns, &["ethtool", "-K", "vn-node1", "tso", "off"]).unwrap();
+    let before = napi_threads();
+    let threaded = "echo 1 > /sys/class/net/eth0/threaded";
+    ns_run(&bed.node_ns, &["sh", "-c", threaded]).unwrap();
+    let new: Vec<u32> = napi_threads()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert_eq!(new.len(), 1, "one NAPI thread for node-1's eth0: {new:?}");
+    set_affinity(new[0], 1);
+    new[0]
+}
+
+/// The denied flood: SYNs to the server's port from every address of node-2's pod range but
+/// the allowed client's, each from a new source port, put on node-1's uplink by the router.
+/// Per round: packets node-1 received per CPU-second of its receive thread `rx_thread`, per
+/// wall-clock second, the share that reached the server, and the daemon's CPU per
+/// million packets (its records of the drops; pinned to CPU 0 with the sender).
+fn flood_measure(
+    bed: &TestBed,
+    rx_thread: u32,
+    daemon: Option<u32>,
+    raw_variant: bool,
+    rounds: usize,
+    secs: f64,
+) -> serde_json::Value {
+    if let Some(pid) = daemon {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let tid: u32 = t.unwrap().file_name().to_str().unwrap().parse().unwrap();
+            set_affinity(tid, 0);
+        }
+    }
+    let server = bed.pod("server");
+    let allowed = bed.remote_pod("rclient").ip4;
+    let net: std::net::Ipv4Addr = bed.pod_cidrs(2)[0]
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sources = (2..255u8)
+        .map(|h| {
+            let o = net.octets();
+            std::net::Ipv4Addr::new(o[0], o[1], o[2], h)
+        })
+        .filter(|a| std::net::IpAddr::V4(*a) != allowed)
+        .collect();
+    let spec = observer_tests::flood::Flood {
+        ns: bed.router_ns.clone(),
+        ifname: "vn-node1".into(),
+        src_mac: mac_of(&bed.router_ns, "vn-node1"),
+        dst_mac: mac_of(&bed.node_ns, "eth0"),
+        sources,
+        dst: match server.ip4 {
+            std::net::IpAddr::V4(a) => std::net::SocketAddrV4::new(a, PORT),
+            other => panic!("server address {other} is not IPv4"),
+        },
+        cpu: 0,
+    };
+    let run = |secs: f64| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (rx0, del0, busy0) = (
+            rx_packets(&bed.node_ns, "eth0"),
+            rx_packets(&server.netns, "eth0"),
+            observer_tests::bench::cpu_ticks(rx_thread),
+        );
+        let d0 = daemon.map(observer_tests::bench::cpu_ticks);
+        let t0 = Instant::now();
+        let sender = observer_tests::flood::start(spec.clone(), stop.clone());
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        stop.store(true, Ordering::Relaxed);
+        let sent = sender.join().unwrap().unwrap().unwrap();
+        // What is still queued is received in the next few ms.
+        std::thread::sleep(Duration::from_millis(50));
+        let wall = t0.elapsed().as_secs_f64();
+        let rx = rx_packets(&bed.node_ns, "eth0") - rx0;
+        let delivered = rx_packets(&server.netns, "eth0") - del0;
+        let busy = (observer_tests::bench::cpu_ticks(rx_thread) - busy0) as f64 / 100.0;
+        let daemon_s = daemon
+            .zip(d0)
+            .map(|(p, d0)| (observer_tests::bench::cpu_ticks(p) - d0) as f64 / 100.0);
+        (sent, rx, delivered, busy, wall, daemon_s)
+    };
+    run(0.5);
+    let (mut per_core, mut pps, mut delivered, mut daemon_per_m) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (sent, rx, del, busy, wall, daemon_s) = run(secs);
+        assert!(
+            rx > 0 && busy > 0.0,
+            "flood: sent {sent}, node-1 received {rx}"
+        );
+        per_core.push(rx as f64 / busy);
+        pps.push(rx as f64 / wall);
+        delivered.push(del as f64 / rx as f64);
+        if let Some(d) = daemon_s {
+            daemon_per_m.push(d / rx as f64 * 1e6);
+        }
+    }
+    let variant = if raw_variant { "raw" } else { "as designed" };
+    json!({
+        "flood_variant": variant,
+        "flood_per_core_s": median(&mut per_core.clone()), "flood_per_core_runs": per_core,
+        "flood_per_s": median(&mut pps.clone()), "flood_per_s_runs": pps,
+        "flood_delivered_share": median(&mut delivered.clone()),
+        "flood_daemon_cpu_s_per_million": (!daemon_per_m.is_empty())
+            .then(|| median(&mut daemon_per_m.clone())),
+    })
+}
+
 /// One virtual node with the bench's pods, enforced by `enforcer` at `rules` rules.
 fn node(enforcer: &str, rules: usize) -> (TestBed, Option<observer_tests::Daemon>) {
     let mut bed = TestBed::overlay(&format!("cmp{}", &enforcer[..2])).unwrap();
@@ -354,11 +532,11 @@ fn node(enforcer: &str, rules: usize) -> (TestBed, Option<observer_tests::Daemon
 fn measure(
     bed: &TestBed,
     enforcer: &str,
+    daemon: Option<u32>,
     rules: u64,
-    rounds: usize,
-    secs: f64,
-    throughput: bool,
+    settings: &Settings,
 ) -> Vec<serde_json::Value> {
+    let (rounds, secs) = (settings.rounds, settings.secs);
     let placements = [
         ("local", bed.pod("client").netns.clone()),
         ("remote", bed.remote_pod("rclient").netns.clone()),
@@ -393,7 +571,7 @@ fn measure(
     stop.store(true, Ordering::Relaxed);
     observer_tests::tcp_connects(&placements[0].1, dst, Duration::from_secs(1));
     server.join().unwrap();
-    if throughput {
+    if settings.throughput {
         for ((_, ns), row) in placements.iter().zip(&mut rows) {
             let ip = server_ip.to_string();
             let (mut tcp, mut udp) = (Vec::new(), Vec::new());
@@ -407,24 +585,75 @@ fn measure(
             row["udp64_runs"] = json!(udp);
         }
     }
+    if settings.flood {
+        let rx_thread = isolate_uplink_rx(bed);
+        // Without an enforcer nothing is dropped: the pod answers each SYN, so there is no drop
+        // rate to compare.
+        let mut variants = vec![(enforcer.to_string(), false)];
+        if enforcer == "none" {
+            variants.clear();
+        }
+        if enforcer == "npm-iptables" {
+            variants.push(("npm-iptables-raw".to_string(), true));
+        }
+        for (name, raw) in variants {
+            if raw {
+                // The same chains, moved before conntrack.
+                ns_run(
+                    &bed.node_ns,
+                    &["iptables", "-D", "FORWARD", "-j", "AZURE-NPM"],
+                )
+                .unwrap();
+                let clients = [
+                    bed.pod("client").ip4.to_string(),
+                    bed.remote_pod("rclient").ip4.to_string(),
+                ];
+                let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
+                let (_, ipt) = npm_rules_in(rules as usize, &server_ip.to_string(), &clients, true);
+                restore(&bed.node_ns, &["iptables-restore", "--noflush"], &ipt);
+            }
+            let mut row = flood_measure(bed, rx_thread, daemon, raw, rounds, secs);
+            row["enforcer"] = json!(name);
+            row["rules"] = json!(rules);
+            row["placement"] = json!("flood");
+            if enforcer != "none" {
+                assert!(
+                    row["flood_delivered_share"].as_f64().unwrap() < 0.01,
+                    "{name} let the denied flood through: {row}"
+                );
+            }
+            rows.push(row);
+        }
+    }
     rows
+}
+
+struct Settings {
+    rounds: usize,
+    secs: f64,
+    throughput: bool,
+    flood: bool,
 }
 
 #[test]
 #[ignore = "benchmark: cargo xtask bench compare"]
 fn enforcers_side_by_side() {
     let rule_counts = env_list("BENCH_RULES", &[1, 100, 1000, 10000]);
-    let rounds = observer_tests::bench::arg("BENCH_ROUNDS", 3) as usize;
-    let secs = observer_tests::bench::arg("BENCH_SECONDS", 2) as f64;
-    let throughput = observer_tests::bench::arg("BENCH_THROUGHPUT", 1) == 1;
+    let settings = Settings {
+        rounds: observer_tests::bench::arg("BENCH_ROUNDS", 3) as usize,
+        secs: observer_tests::bench::arg("BENCH_SECONDS", 2) as f64,
+        throughput: observer_tests::bench::arg("BENCH_THROUGHPUT", 1) == 1,
+        flood: observer_tests::bench::arg("BENCH_FLOOD", 1) == 1,
+    };
     let only: Vec<String> = std::env::var("BENCH_ENFORCERS")
         .map(|v| v.split(',').map(str::to_string).collect())
         .unwrap_or_else(|_| ENFORCERS.iter().map(|s| s.to_string()).collect());
     let mut table = Vec::new();
     for &rules in &rule_counts {
         for enforcer in ENFORCERS.iter().filter(|e| only.iter().any(|o| o == *e)) {
-            let (bed, _daemon) = node(enforcer, rules as usize);
-            for row in measure(&bed, enforcer, rules, rounds, secs, throughput) {
+            let (bed, daemon) = node(enforcer, rules as usize);
+            let pid = daemon.as_ref().map(|d| d.pid);
+            for row in measure(&bed, enforcer, pid, rules, &settings) {
                 println!("{row}");
                 table.push(row);
             }
@@ -433,7 +662,7 @@ fn enforcers_side_by_side() {
     // Ratios to the baseline of the same rule count and placement.
     println!("\n| rules | placement | enforcer | conn/s | vs none | p50 µs | p99 µs | TCP Gbit/s | UDP 64 B pkt/s |");
     println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for r in &table {
+    for r in table.iter().filter(|r| r["placement"] != "flood") {
         let base = table.iter().find(|b| {
             b["enforcer"] == "none" && b["rules"] == r["rules"] && b["placement"] == r["placement"]
         });
@@ -455,6 +684,21 @@ fn enforcers_side_by_side() {
             r["p99_us"].as_f64().unwrap(),
             opt("tcp_gbit_per_s", 2),
             opt("udp64_pkt_per_s", 0),
+        );
+    }
+    println!("\n| rules | enforcer | denied flood: packets per CPU-second | per second | reached the pod | daemon CPU s per 1M |");
+    println!("| ---: | --- | ---: | ---: | ---: | ---: |");
+    for r in table.iter().filter(|r| r["placement"] == "flood") {
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.4} | {} |",
+            r["rules"],
+            r["enforcer"].as_str().unwrap(),
+            r["flood_per_core_s"].as_f64().unwrap(),
+            r["flood_per_s"].as_f64().unwrap(),
+            r["flood_delivered_share"].as_f64().unwrap(),
+            r["flood_daemon_cpu_s_per_million"]
+                .as_f64()
+                .map_or("-".to_string(), |x| format!("{x:.2}")),
         );
     }
 }

@@ -55,6 +55,7 @@ use anyhow::{bail, Context as _, Result};
 
 pub mod bench;
 pub mod cluster;
+pub mod flood;
 pub mod kubeapi;
 pub mod pki;
 

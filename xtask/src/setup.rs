@@ -50,8 +50,9 @@ pub fn cluster() -> Result<()> {
     apt_install(APT_CLUSTER)
 }
 
-/// The peers' rule tools for `bench compare` (Azure NPM's iptables and ipset shape).
-const APT_COMPARE: &[&str] = &["iptables", "ipset"];
+/// The peers' rule tools for `bench compare` (Azure NPM's iptables and ipset shape), and
+/// ethtool for its denied flood (GRO on the receiving veth gives it a NAPI thread to time).
+const APT_COMPARE: &[&str] = &["iptables", "ipset", "ethtool"];
 
 pub fn compare() -> Result<()> {
     apt_install(APT_COMPARE)
