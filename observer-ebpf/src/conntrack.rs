@@ -9,7 +9,7 @@ use observer_common::{
 
 use crate::{
     classify,
-    events::emit,
+    events::{emit, emit_drop_sampled},
     maps::{stat_inc, CONFIG, CT, NEW_ENTRY},
     parse::Packet,
     policy,
@@ -430,6 +430,14 @@ fn create<C: EbpfContext>(
     if counted {
         e.packets[dir] = 1;
         e.bytes[dir] = bytes;
+    }
+    if matches!(count, Count::Dropped) && denied {
+        // The uplink drops a connection it judged denied without tracking it: a flood of
+        // spoofed openers would otherwise fill the table and evict the node's live
+        // connections, and cost a record per packet. Each dropped opener is its own record
+        // (as Hubble shows each drop), sampled under a flood; every packet is counted.
+        emit_drop_sampled(key, e, cfg.drop_events_per_cpu_s, now);
+        return verdict(e.flags, cfg.enforce);
     }
     match CT.insert(key, &*e, BPF_NOEXIST) {
         Ok(()) => {

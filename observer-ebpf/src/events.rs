@@ -1,7 +1,7 @@
 //! Connection-level events on the ring buffer. A failed reserve is counted, never silent.
 use observer_common::{stat, CtEntry, CtKey, EventKind, FlowEvent};
 
-use crate::maps::{stat_inc, EVENTS};
+use crate::maps::{stat_inc, DROP_BUDGET, EVENTS};
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -44,4 +44,28 @@ pub fn emit(kind: EventKind, key: &CtKey, e: &CtEntry) {
         }
         None => stat_inc(stat::EVENTS_LOST),
     }
+}
+
+/// A drop record for a packet dropped without a conntrack entry, at most `per_s` per CPU and
+/// second (0: no limit): a flood must not cost the daemon a record per packet. What is not
+/// emitted is counted.
+#[inline(always)]
+pub fn emit_drop_sampled(key: &CtKey, e: &CtEntry, per_s: u32, now: u64) {
+    if per_s != 0 {
+        let Some(b) = DROP_BUDGET.get_ptr_mut(0) else {
+            return;
+        };
+        // Per-CPU slot: no other writer.
+        let b = unsafe { &mut *b };
+        if now.wrapping_sub(b[0]) >= 1_000_000_000 {
+            b[0] = now;
+            b[1] = 0;
+        }
+        if b[1] >= per_s as u64 {
+            stat_inc(stat::DROP_EVENTS_SUPPRESSED);
+            return;
+        }
+        b[1] += 1;
+    }
+    emit(EventKind::Drop, key, e);
 }

@@ -81,6 +81,11 @@ pub static NEW_ENTRY: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0)
 #[map(name = "OBS_PACKET")]
 pub static PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU, the drop records of untracked connections emitted in the current one-second
+/// window: [window start ns, records] (see `events::emit_drop_sampled`).
+#[map(name = "OBS_DROP_BUDGET")]
+pub static DROP_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
 #[map(name = "OBS_BENCH_SEQ")]
 pub static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

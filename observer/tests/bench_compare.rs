@@ -337,19 +337,6 @@ fn rx_packets(ns: &str, dev: &str) -> u64 {
     v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
 }
 
-fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
-    let out = ns_run(ns, &["ip", "-j", "link", "show", "dev", dev]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let mut mac = [0u8; 6];
-    for (m, x) in mac
-        .iter_mut()
-        .zip(v[0]["address"].as_str().unwrap().split(':'))
-    {
-        *m = u8::from_str_radix(x, 16).unwrap();
-    }
-    mac
-}
-
 /// Node-1's uplink receive work on a kernel thread of its own, pinned to CPU 1, so that
 /// thread's CPU time is what the node spends on the flood (other work on the machine does not
 /// count). A veth hands packets to a NAPI instance only with GRO on (and a sender without TSO);
@@ -403,18 +390,11 @@ fn flood_measure(
         })
         .filter(|a| std::net::IpAddr::V4(*a) != allowed)
         .collect();
-    let spec = observer_tests::flood::Flood {
-        ns: bed.router_ns.clone(),
-        ifname: "vn-node1".into(),
-        src_mac: mac_of(&bed.router_ns, "vn-node1"),
-        dst_mac: mac_of(&bed.node_ns, "eth0"),
-        sources,
-        dst: match server.ip4 {
-            std::net::IpAddr::V4(a) => std::net::SocketAddrV4::new(a, PORT),
-            other => panic!("server address {other} is not IPv4"),
-        },
-        cpu: 0,
+    let dst = match server.ip4 {
+        std::net::IpAddr::V4(a) => std::net::SocketAddrV4::new(a, PORT),
+        other => panic!("server address {other} is not IPv4"),
     };
+    let spec = observer_tests::flood::onto_node1(bed, sources, dst, 0).unwrap();
     let run = |secs: f64| {
         let stop = Arc::new(AtomicBool::new(false));
         let (rx0, del0, busy0) = (

@@ -3,7 +3,7 @@
 //! the wire side in both directions; the attachments survive a daemon restart.
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     path::Path,
     process::Command,
     sync::{
@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_tests::{in_netns, tcp_connects, Model, PodSpec, TestBed, EXT_IP};
+use observer_tests::{flood, in_netns, tcp_connects, Model, PodSpec, TestBed, EXT_IP};
 use serde_json::Value;
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
@@ -192,8 +192,90 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     ));
     assert!(uplink(&status(&daemon), "xdp_drop", "pod", "any") > b);
     assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
+
+    // A flood of denied openers (spoofed ports from the intruder's address): XDP keeps no
+    // conntrack entry for them, samples their records under --drop-events-per-cpu-second,
+    // and accounts every packet: records + suppressed + lost == dropped.
+    bed.stop_daemon(&daemon);
+    let mut limited = args.clone();
+    limited.extend(["--drop-events-per-cpu-second", "5"]);
+    let daemon = bed.start_daemon(Path::new(OBSERVER), &limited).unwrap();
+    wait_policy(&daemon);
+    let records = || intruder_drops(&daemon);
+    let (s0, r0) = (status(&daemon), records());
+    let IpAddr::V4(src) = intruder.ip4 else {
+        panic!("intruder has no IPv4 address")
+    };
+    let IpAddr::V4(web4) = web.ip4 else {
+        panic!("web has no IPv4 address")
+    };
+    let spec = flood::onto_node1(&bed, vec![src], SocketAddrV4::new(web4, 8080), 0).unwrap();
+    let flooding = Arc::new(AtomicBool::new(false));
+    let sender = flood::start(spec, flooding.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    flooding.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap().unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let s1 = status(&daemon);
+    let dropped = uplink(&s1, "xdp_drop", "pod", "any") - uplink(&s0, "xdp_drop", "pod", "any");
+    // `kernel`: [name, count] pairs.
+    let kernel = |s: &Value, k: &str| {
+        s["kernel"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p[0] == k)
+            .and_then(|p| p[1].as_u64())
+            .unwrap_or_else(|| panic!("no kernel counter {k}: {s:#}"))
+    };
+    let suppressed = kernel(&s1, "drop_events_suppressed") - kernel(&s0, "drop_events_suppressed");
+    let lost = kernel(&s1, "events_lost") - kernel(&s0, "events_lost");
+    assert!(
+        dropped >= 1000,
+        "sent {sent}, XDP dropped {dropped}: {s1:#}"
+    );
+    assert!(suppressed > 0, "{s1:#}");
+    let grown = s1["conntrack_entries"].as_u64().unwrap() as i64
+        - s0["conntrack_entries"].as_u64().unwrap() as i64;
+    assert!(
+        grown < 100,
+        "{dropped} dropped openers took {grown} conntrack entries"
+    );
+    let t0 = Instant::now();
+    loop {
+        let r = records() - r0;
+        if r + suppressed + lost == dropped {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{dropped} dropped: {r} records, {suppressed} suppressed, {lost} lost"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
+}
+
+/// How many drop records of the intruder's connections the daemon holds.
+fn intruder_drops(daemon: &observer_tests::Daemon) -> u64 {
+    let out = Command::new(OBSERVER)
+        .args(["flows", "--socket"])
+        .arg(&daemon.socket)
+        .args([
+            "--verdict",
+            "dropped",
+            "--from-pod",
+            "shop/intruder",
+            "--last",
+            "100000",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count() as u64
 }
 
 /// Overlay: pod egress to the world leaves with the node's address (tc egress `node`/`world`);

@@ -31,6 +31,41 @@ pub struct Flood {
     pub cpu: usize,
 }
 
+/// The MAC address of `dev` in namespace `ns`.
+pub fn mac_of(ns: &str, dev: &str) -> Result<[u8; 6]> {
+    let out = crate::ns_run(ns, &["ip", "-j", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let text = v[0]["address"].as_str().unwrap_or_default();
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        bail!("{dev} in {ns} has no MAC address ({text:?})");
+    }
+    for (m, x) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(x, 16)?;
+    }
+    Ok(mac)
+}
+
+/// The flood from `src` to `dst` that the router puts on node-1's uplink (`vn-node1` is
+/// node-1's `eth0`'s peer on the VNet bridge), sent from CPU `cpu`.
+pub fn onto_node1(
+    bed: &crate::TestBed,
+    sources: Vec<Ipv4Addr>,
+    dst: SocketAddrV4,
+    cpu: usize,
+) -> Result<Flood> {
+    Ok(Flood {
+        ns: bed.router_ns.clone(),
+        ifname: "vn-node1".into(),
+        src_mac: mac_of(&bed.router_ns, "vn-node1")?,
+        dst_mac: mac_of(&bed.node_ns, "eth0")?,
+        sources,
+        dst,
+        cpu,
+    })
+}
+
 const FRAME: usize = 14 + 20 + 20;
 const BATCH: usize = 64;
 

@@ -142,6 +142,16 @@ pub(super) struct DaemonArgs {
         default_value_t = 50_000
     )]
     max_records_per_second: u64,
+    /// Drop records per CPU and second for packets the uplink's XDP program drops without
+    /// tracking them (denied connection openers from other nodes or outside); under a flood
+    /// the rest are counted as `drop_events_suppressed` (`observer status`, metrics), their
+    /// packets in `policy_denied`. 0: unlimited.
+    #[arg(
+        long,
+        env = "OBSERVER_DROP_EVENTS_PER_CPU_SECOND",
+        default_value_t = 1_000
+    )]
+    drop_events_per_cpu_second: u32,
     /// Also serve the whole API (flows, status, conntrack, metrics) on this TCP address, with
     /// mutual TLS only: needs --tls-cert, --tls-key and --tls-client-ca.
     #[arg(long, env = "OBSERVER_LISTEN", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
@@ -292,6 +302,7 @@ pub(super) fn run(a: DaemonArgs) -> Result<()> {
             None => None,
         },
         max_records_per_second: a.max_records_per_second,
+        drop_events_per_cpu_second: a.drop_events_per_cpu_second,
         remote: match a.listen {
             Some(addr) => Some((
                 addr,

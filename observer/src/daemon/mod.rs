@@ -112,6 +112,8 @@ pub struct Options {
     pub flow_log: Option<crate::flowlog::Config>,
     /// Node-wide budget of flow records per second (0: unlimited).
     pub max_records_per_second: u64,
+    /// `Config::drop_events_per_cpu_s`.
+    pub drop_events_per_cpu_second: u32,
     /// The remote API listener: address and certificate files (mutual TLS).
     pub remote: Option<(std::net::SocketAddr, crate::tls::Files)>,
     /// Per-pod bytes and packets metrics, for at most `pod_metrics_max` local pods.
@@ -319,7 +321,7 @@ fn load_datapath(
         } else {
             observer_common::config_flags::ALLOW_NODE
         },
-        _pad: 0,
+        drop_events_per_cpu_s: opts.drop_events_per_cpu_second,
     })?;
     let ring = dp.take_events()?;
     let logger = match aya_log::EbpfLogger::init(&mut dp.ebpf) {
