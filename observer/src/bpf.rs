@@ -861,6 +861,25 @@ impl Datapath {
         }
     }
 
+    /// Hands every conntrack entry to `f`, batch by batch: nothing of the table is kept, so a
+    /// sweep of a full table neither allocates nor faults in tens of MiB.
+    pub fn visit_conntrack(&self, mut f: impl FnMut(&CtKey, &CtEntry)) -> Result<()> {
+        match lookup_batch(self.conntrack_data()?, |k: &[CtKey], v: &[CtEntry]| {
+            for (k, v) in k.iter().zip(v) {
+                f(k, v);
+            }
+        }) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                for (k, v) in self.conntrack()?.iter().filter_map(|r| r.ok()) {
+                    f(&k, &v);
+                }
+                Ok(())
+            }
+            Err(e) => Err(e).context("reading the conntrack map"),
+        }
+    }
+
     /// How many connections the conntrack map holds, counted batch by batch (nothing kept).
     pub fn conntrack_len(&self) -> Result<usize> {
         let mut n = 0;

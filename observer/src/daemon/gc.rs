@@ -68,7 +68,27 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
     let now_ns = flows::mono_now_ns();
     let opts = &shared.opts;
-    let entries = shared.dp.lock().unwrap().conntrack_entries()?;
+    // Only what the sweep acts on is copied out of the kernel's table: closed connections,
+    // idle ones past their timeout, NodePort connections (their notes). Open, active
+    // connections, nearly all of a busy table, are counted and left.
+    let (mut total, mut entries) = (0usize, Vec::new());
+    let mut live = prune.then(foldhash::HashSet::<CtKey>::default);
+    shared.dp.lock().unwrap().visit_conntrack(|k, e| {
+        total += 1;
+        if let Some(live) = live.as_mut() {
+            live.insert(*k);
+        }
+        let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
+        let timeout = if k.proto == IPPROTO_TCP {
+            opts.tcp_timeout
+        } else {
+            opts.other_timeout
+        };
+        let wanted = ct_flags::CLOSED | ct_flags::NODEPORT;
+        if e.flags & wanted != 0 || idle >= timeout {
+            entries.push((*k, *e));
+        }
+    })?;
     sweep_nodeport_notes(shared, &entries, now_ns);
     let mut publish = Vec::new();
     let mut expire = Vec::new();
@@ -118,8 +138,7 @@ pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
                 expire.push(*k);
             }
         }
-        if prune {
-            let live: foldhash::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
+        if let Some(live) = live {
             st.conns.retain(|k, _| live.contains(k));
         }
         st.metrics.conntrack_expired_total += expire.len() as u64;
@@ -141,5 +160,5 @@ pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
             st.conns.remove(k);
         }
     }
-    Ok(entries.len())
+    Ok(total)
 }
