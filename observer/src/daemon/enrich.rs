@@ -65,7 +65,9 @@ impl Shared {
             };
             (rec.service, rec.original_source) = s.map_or((None, None), |(s, c)| (Some(s), c));
         }
-        if self.opts.pod_metrics && rec.verdict != "dropped" {
+        // A connection's traffic is counted at its reports and its close, not at its first
+        // packet: only connections that live past a report interval then need state.
+        if self.opts.pod_metrics && rec.verdict != "dropped" && kind != EventKind::New {
             count_pod_traffic(&mut st, &self.opts, key, &rec);
         }
         rec
@@ -77,12 +79,12 @@ impl Shared {
 pub(super) fn count_pod_traffic(st: &mut State, opts: &Options, key: &CtKey, rec: &FlowRecord) {
     let c = &rec.counters;
     let now = [c.packets_out, c.bytes_out, c.packets_in, c.bytes_in];
-    let conn = st.conns.entry(*key).or_default();
-    let d: [u64; 4] = std::array::from_fn(|i| now[i].saturating_sub(conn.counted[i]));
-    conn.counted = now;
+    let counted = st.conns.get(key).map_or([0; 4], |c| c.counted);
+    let d: [u64; 4] = std::array::from_fn(|i| now[i].saturating_sub(counted[i]));
     if d.iter().all(|v| *v == 0) {
         return;
     }
+    st.conns.entry(*key).or_default().counted = now;
     // [egress packets, egress bytes, ingress packets, ingress bytes] of each local end: the
     // source sends `out` and receives `in`, the destination the reverse.
     let ends = [

@@ -63,12 +63,12 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
     let e = entry_of(&ev);
     match kind {
         EventKind::New | EventKind::Drop => {
-            shared
-                .state
-                .lock()
-                .unwrap()
-                .conns
-                .insert(ev.key, Conn::default());
+            // A reused tuple starts over. A new one gets no state here: most connections
+            // never need any (see `count_pod_traffic`), and a map entry per connection made
+            // the map's growth most of the daemon's work at hundreds of thousands per second.
+            if let Some(c) = shared.state.lock().unwrap().conns.get_mut(&ev.key) {
+                *c = Conn::default();
+            }
             emit(shared, kind, &ev.key, &e);
         }
         EventKind::Report => emit(shared, kind, &ev.key, &e),
