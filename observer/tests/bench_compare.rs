@@ -18,9 +18,11 @@
 //! - `nft`: the nftables shape of kube-network-policies / kindnet with its verdict taken in
 //!   the kernel: a set of pod IPs per selector and per ipBlock, established and related
 //!   accepted by conntrack, the first packet of a connection to an isolated pod checked
-//!   against each rule in turn. (The NFQUEUE variant, the userspace verdict as designed, is not
-//!   measured yet: this kernel lacks `nft queue`, `CONFIG_NFT_QUEUE`; the xtables NFQUEUE
-//!   target through iptables-nft is available.)
+//!   against each rule in turn.
+//! - `nft-nfqueue`: kube-network-policies as designed: the first packet of each new connection
+//!   to the selected pod goes to a userspace verdict program over NFQUEUE (the bench's own,
+//!   `observer_tests::nfqueue`, walking the same rules); iptables-nft's NFQUEUE target stands
+//!   in for nft's `queue`, which this kernel lacks (`CONFIG_NFT_QUEUE`).
 //!
 //! Measures, per enforcer, rule count and placement (`local`: client and server on node-1;
 //! `remote`: from node-2): new TCP connections per second from one client thread pinned to one
@@ -60,7 +62,7 @@ use serde_json::json;
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 const PORT: u16 = 8080;
-const ENFORCERS: [&str; 4] = ["none", "observer", "npm-iptables", "nft"];
+const ENFORCERS: [&str; 5] = ["none", "observer", "npm-iptables", "nft", "nft-nfqueue"];
 
 fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
     match std::env::var(name) {
@@ -446,8 +448,60 @@ fn flood_measure(
     })
 }
 
+/// The NFQUEUE verdict program of the `nft-nfqueue` enforcer, stopped when dropped.
+struct VerdictProgram {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<anyhow::Result<u64>>>>,
+}
+
+impl Drop for VerdictProgram {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// kube-network-policies as designed: established and related accepted by conntrack, the
+/// first packet of every other connection to the selected pod queued to a userspace verdict
+/// program that walks the policy rules (`observer_tests::nfqueue`). iptables-nft's NFQUEUE
+/// target stands in for nft's `queue` statement, which this kernel lacks (`CONFIG_NFT_QUEUE`);
+/// both hand the packet to the same nfnetlink_queue. No bypass: nothing passes unjudged.
+fn nfqueue_rules(server: &str) -> String {
+    format!(
+        "*filter\n:KNP-FORWARD - [0:0]\n-A FORWARD -j KNP-FORWARD\n\
+         -A KNP-FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n\
+         -A KNP-FORWARD -d {server}/32 -j NFQUEUE --queue-num 100\nCOMMIT\n"
+    )
+}
+
+fn verdict_rules(rules: usize, clients: &[&str]) -> Vec<observer_tests::nfqueue::Rule> {
+    (0..rules)
+        .map(|i| {
+            let sources = if i + 1 == rules {
+                clients.iter().map(|c| c.parse().unwrap()).collect()
+            } else {
+                let d = decoy(i);
+                [d.trim_end_matches("/32").parse().unwrap()].into()
+            };
+            observer_tests::nfqueue::Rule {
+                sources,
+                port: PORT,
+            }
+        })
+        .collect()
+}
+
 /// One virtual node with the bench's pods, enforced by `enforcer` at `rules` rules.
-fn node(enforcer: &str, rules: usize) -> (TestBed, Option<observer_tests::Daemon>) {
+fn node(
+    enforcer: &str,
+    rules: usize,
+) -> (
+    TestBed,
+    Option<observer_tests::Daemon>,
+    Option<VerdictProgram>,
+) {
     let mut bed = TestBed::overlay(&format!("cmp{}", &enforcer[..2])).unwrap();
     let spec = |name, labels| PodSpec {
         namespace: "bench",
@@ -480,6 +534,7 @@ fn node(enforcer: &str, rules: usize) -> (TestBed, Option<observer_tests::Daemon
     ];
     let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
     let node_ns = bed.node_ns.clone();
+    let mut verdict = None;
     let daemon = match enforcer {
         "none" => None,
         "observer" => {
@@ -503,9 +558,30 @@ fn node(enforcer: &str, rules: usize) -> (TestBed, Option<observer_tests::Daemon
             observer_tests::nft(&node_ns, &nft_rules(rules, &server, &clients)).unwrap();
             None
         }
+        "nft-nfqueue" => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread = observer_tests::nfqueue::start(
+                &node_ns,
+                100,
+                verdict_rules(rules, &clients),
+                stop.clone(),
+            );
+            verdict = Some(VerdictProgram {
+                stop,
+                thread: Some(thread),
+            });
+            // Bound before the rule that queues to it: nothing waits on an empty queue.
+            std::thread::sleep(Duration::from_millis(200));
+            restore(
+                &node_ns,
+                &["iptables-restore", "--noflush"],
+                &nfqueue_rules(&server),
+            );
+            None
+        }
         other => panic!("unknown enforcer {other}"),
     };
-    (bed, daemon)
+    (bed, daemon, verdict)
 }
 
 /// Every measure of one enforcer at one rule count, a row per placement.
@@ -570,7 +646,9 @@ fn measure(
         // Without an enforcer nothing is dropped: the pod answers each SYN, so there is no drop
         // rate to compare.
         let mut variants = vec![(enforcer.to_string(), false)];
-        if enforcer == "none" {
+        // The queued variant's drop rate would be its queue's overflow (the kernel drops what
+        // the program has no room for), not a judgement: not measured.
+        if enforcer == "none" || enforcer == "nft-nfqueue" {
             variants.clear();
         }
         if enforcer == "npm-iptables" {
@@ -631,7 +709,7 @@ fn enforcers_side_by_side() {
     let mut table = Vec::new();
     for &rules in &rule_counts {
         for enforcer in ENFORCERS.iter().filter(|e| only.iter().any(|o| o == *e)) {
-            let (bed, daemon) = node(enforcer, rules as usize);
+            let (bed, daemon, _verdict) = node(enforcer, rules as usize);
             let pid = daemon.as_ref().map(|d| d.pid);
             for row in measure(&bed, enforcer, pid, rules, &settings) {
                 println!("{row}");

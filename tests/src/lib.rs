@@ -57,6 +57,7 @@ pub mod bench;
 pub mod cluster;
 pub mod flood;
 pub mod kubeapi;
+pub mod nfqueue;
 pub mod pki;
 
 pub const NODE_NAME: &str = "node-1";
