@@ -144,22 +144,8 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     // The drop record names the isolating policy and counts what XDP dropped.
     let t0 = Instant::now();
     let drop = loop {
-        let out = Command::new(OBSERVER)
-            .args(["flows", "--socket"])
-            .arg(&daemon.socket)
-            .args([
-                "--verdict",
-                "dropped",
-                "--from-pod",
-                "shop/intruder",
-                "-o",
-                "json",
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if let Some(l) = text.lines().next() {
-            break serde_json::from_str::<Value>(l).unwrap();
+        if let Some(first) = intruder_drops(&daemon).into_iter().next() {
+            break first;
         }
         assert!(t0.elapsed() < Duration::from_secs(5), "no drop record");
         std::thread::sleep(Duration::from_millis(100));
@@ -201,7 +187,7 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     limited.extend(["--drop-events-per-cpu-second", "5"]);
     let daemon = bed.start_daemon(Path::new(OBSERVER), &limited).unwrap();
     wait_policy(&daemon);
-    let records = || intruder_drops(&daemon);
+    let records = || intruder_drops(&daemon).len() as u64;
     let (s0, r0) = (status(&daemon), records());
     let IpAddr::V4(src) = intruder.ip4 else {
         panic!("intruder has no IPv4 address")
@@ -258,8 +244,8 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     server.join().unwrap();
 }
 
-/// How many drop records of the intruder's connections the daemon holds.
-fn intruder_drops(daemon: &observer_tests::Daemon) -> u64 {
+/// The drop records of the intruder's connections the daemon holds.
+fn intruder_drops(daemon: &observer_tests::Daemon) -> Vec<Value> {
     let out = Command::new(OBSERVER)
         .args(["flows", "--socket"])
         .arg(&daemon.socket)
@@ -275,7 +261,10 @@ fn intruder_drops(daemon: &observer_tests::Daemon) -> u64 {
         ])
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count() as u64
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Overlay: pod egress to the world leaves with the node's address (tc egress `node`/`world`);
