@@ -850,15 +850,8 @@ impl Datapath {
     /// 400,000 system calls to about 50.
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         let mut out = Vec::new();
-        match lookup_batch(self.conntrack_data()?, |k: &[CtKey], v: &[CtEntry]| {
-            out.extend(k.iter().copied().zip(v.iter().copied()))
-        }) {
-            Ok(()) => Ok(out),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                Ok(self.conntrack()?.iter().filter_map(|r| r.ok()).collect())
-            }
-            Err(e) => Err(e).context("reading the conntrack map"),
-        }
+        self.visit_conntrack(|k, e| out.push((*k, *e)))?;
+        Ok(out)
     }
 
     /// Hands every conntrack entry to `f`, batch by batch: nothing of the table is kept, so a
@@ -883,15 +876,8 @@ impl Datapath {
     /// How many connections the conntrack map holds, counted batch by batch (nothing kept).
     pub fn conntrack_len(&self) -> Result<usize> {
         let mut n = 0;
-        match lookup_batch(self.conntrack_data()?, |k: &[CtKey], _: &[CtEntry]| {
-            n += k.len()
-        }) {
-            Ok(()) => Ok(n),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                Ok(self.conntrack()?.keys().count())
-            }
-            Err(e) => Err(e).context("reading the conntrack map"),
-        }
+        self.visit_conntrack(|_, _| n += 1)?;
+        Ok(n)
     }
 
     fn conntrack_data(&self) -> Result<&MapData> {

@@ -234,11 +234,7 @@ fn serve(ns: &str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
 /// Connections per second and each connection's latency (µs), from one thread on CPU 0.
 fn connect_loop(ns: &str, dst: SocketAddr, secs: f64) -> (f64, Vec<f64>) {
     spawn_in_netns(ns, move || {
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        }
+        observer_tests::bench::pin_thread(0, 0);
         let mut lat = Vec::new();
         let (req, mut resp) = ([7u8; 64], [0u8; 64]);
         let t0 = Instant::now();
@@ -323,15 +319,6 @@ fn napi_threads() -> Vec<u32> {
         .collect()
 }
 
-fn set_affinity(tid: u32, cpu: usize) {
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(tid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(rc, 0, "pinning {tid} to CPU {cpu}");
-    }
-}
-
 /// Received packets of `dev` in `ns`.
 fn rx_packets(ns: &str, dev: &str) -> u64 {
     let out = ns_run(ns, &["ip", "-s", "-j", "link", "show", "dev", dev]).unwrap();
@@ -354,7 +341,7 @@ fn isolate_uplink_rx(bed: &TestBed) -> u32 {
         .filter(|p| !before.contains(p))
         .collect();
     assert_eq!(new.len(), 1, "one NAPI thread for node-1's eth0: {new:?}");
-    set_affinity(new[0], 1);
+    observer_tests::bench::pin_thread(new[0], 1);
     new[0]
 }
 
@@ -374,7 +361,7 @@ fn flood_measure(
     if let Some(pid) = daemon {
         for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
             let tid: u32 = t.unwrap().file_name().to_str().unwrap().parse().unwrap();
-            set_affinity(tid, 0);
+            observer_tests::bench::pin_thread(tid, 0);
         }
     }
     let server = bed.pod("server");

@@ -227,14 +227,7 @@ fn record_pipeline_throughput() {
     // `bench_new_conn` numbers connections with a per-CPU sequence: on one CPU every run is a
     // new connection and one event; a thread that migrated would replay the other CPU's
     // numbers, find them in conntrack, and produce fewer events than runs.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
+    observer_tests::bench::pin_thread(0, 0);
     // The daemon's maps, ring included; this process never reads the ring.
     let mut dp = Datapath::load(&pin_dir).unwrap();
     dp.load_program(programs::BENCH_NEW_CONN).unwrap();

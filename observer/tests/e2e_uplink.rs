@@ -196,10 +196,10 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
         panic!("web has no IPv4 address")
     };
     let spec = flood::onto_node1(&bed, vec![src], SocketAddrV4::new(web4, 8080), 0).unwrap();
-    let flooding = Arc::new(AtomicBool::new(false));
-    let sender = flood::start(spec, flooding.clone());
+    let stop_flood = Arc::new(AtomicBool::new(false));
+    let sender = flood::start(spec, stop_flood.clone());
     std::thread::sleep(Duration::from_millis(200));
-    flooding.store(true, Ordering::Relaxed);
+    stop_flood.store(true, Ordering::Relaxed);
     let sent = sender.join().unwrap().unwrap().unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let s1 = status(&daemon);

@@ -116,14 +116,6 @@ pub fn syn_frame(f: &Flood, src: Ipv4Addr, sport: u16, seq: u32) -> [u8; FRAME] 
     b
 }
 
-fn pin_to(cpu: usize) {
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 /// An AF_PACKET socket bound to `ifname` that writes straight to the driver.
 fn packet_socket(ifname: &str) -> Result<i32> {
     let name = std::ffi::CString::new(ifname)?;
@@ -166,7 +158,7 @@ fn packet_socket(ifname: &str) -> Result<i32> {
 pub fn start(f: Flood, stop: Arc<AtomicBool>) -> JoinHandle<Result<Result<u64>>> {
     let ns = f.ns.clone();
     spawn_in_netns(&ns, move || -> Result<u64> {
-        pin_to(f.cpu);
+        crate::bench::pin_thread(0, f.cpu);
         let fd = packet_socket(&f.ifname)?;
         let mut frames = vec![[0u8; FRAME]; BATCH];
         let mut iov: Vec<libc::iovec> = frames

@@ -63,6 +63,15 @@ fn sweep_interval(entries: usize) -> Duration {
 /// at hundreds of thousands of connections for a few stale entries.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How long an open connection may stay idle before it expires.
+fn idle_timeout(opts: &Options, k: &CtKey) -> Duration {
+    if k.proto == IPPROTO_TCP {
+        opts.tcp_timeout
+    } else {
+        opts.other_timeout
+    }
+}
+
 /// One sweep; returns how many connections the kernel has. An open connection that is not
 /// idle costs nothing but its read from the kernel.
 pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
@@ -79,13 +88,8 @@ pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
             live.insert(*k);
         }
         let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
-        let timeout = if k.proto == IPPROTO_TCP {
-            opts.tcp_timeout
-        } else {
-            opts.other_timeout
-        };
         let wanted = ct_flags::CLOSED | ct_flags::NODEPORT;
-        if e.flags & wanted != 0 || idle >= timeout {
+        if e.flags & wanted != 0 || idle >= idle_timeout(opts, k) {
             entries.push((*k, *e));
         }
     })?;
@@ -99,12 +103,7 @@ pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
             if e.flags & ct_flags::SVC_ALIAS != 0 {
                 // A Service connection's pre-DNAT tuple: its records are the translated
                 // connection's. Expired like any connection, published never.
-                let timeout = if k.proto == IPPROTO_TCP {
-                    opts.tcp_timeout
-                } else {
-                    opts.other_timeout
-                };
-                if idle >= timeout {
+                if idle >= idle_timeout(opts, k) {
                     expire.push(*k);
                 }
                 continue;
@@ -112,10 +111,8 @@ pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
             let closed = e.flags & ct_flags::CLOSED != 0;
             let timeout = if closed {
                 opts.close_grace.max(Duration::from_secs(10))
-            } else if k.proto == IPPROTO_TCP {
-                opts.tcp_timeout
             } else {
-                opts.other_timeout
+                idle_timeout(opts, k)
             };
             if !closed && idle < timeout {
                 continue;
