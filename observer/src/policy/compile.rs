@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::{
     engine::Options,
-    model::{PeerSpec, Policy, PortSpec, Protocol, Rule},
+    model::{PeerSpec, Policy, PortRule, PortSpec, Protocol, Rule},
 };
 use crate::cluster::{Cluster, PodInfo};
 
@@ -448,82 +448,26 @@ pub fn compile(
 
     let mut sorted: Vec<&Policy> = cluster.policies.iter().collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    // What a rule's peers stand for does not depend on the local pod: computed once per rule.
-    let mut peer_cache: HashMap<(usize, bool, usize), Option<BTreeSet<u32>>> = HashMap::new();
-    let mut named_cache: HashMap<(usize, bool, usize), Vec<(u32, Vec<(String, u16, Protocol)>)>> =
-        HashMap::new();
-    for pod in cluster
+    // What a rule's peers stand for does not depend on the local pod: computed once per rule,
+    // before the endpoints, for the rules of the policies that select a local pod.
+    let local: Vec<&PodInfo> = cluster
         .pods
         .iter()
         .filter(|p| p.node == node && !p.host_network)
-    {
-        let ep = alloc.endpoint(&pod.namespace, &pod.name);
-        let mut flags = 0;
-        let mut entries: BTreeMap<(u32, PolicyKeyData), PolicyEntry> = BTreeMap::new();
-        for (dir, dir_name) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
-            let ingress = dir == DIR_INGRESS;
-            for (pi, pol) in sorted.iter().enumerate() {
-                let selects = pol.namespace == pod.namespace
-                    && (if ingress {
-                        pol.ingress_isolates
-                    } else {
-                        pol.egress_isolates
-                    })
-                    && pol
-                        .pod_selector
-                        .as_ref()
-                        .is_none_or(|s| s.matches(&pod.labels));
-                if !selects {
+        .map(|p| p.as_ref())
+        .collect();
+    let mut peers: HashMap<RuleKey, Option<BTreeSet<u32>>> = HashMap::new();
+    for pod in &local {
+        for pol in sorted.iter().filter(|p| p.namespace == pod.namespace) {
+            for ingress in [true, false] {
+                if !selects(pol, pod, ingress) {
                     continue;
                 }
-                let audited = opts.audit_all
-                    || pol.audit
-                    || cluster.audit_namespaces.contains(&pol.namespace);
-                flags |= match (ingress, audited) {
-                    (true, false) => ep_flags::INGRESS_ISOLATED,
-                    (true, true) => ep_flags::INGRESS_AUDIT,
-                    (false, false) => ep_flags::EGRESS_ISOLATED,
-                    (false, true) => ep_flags::EGRESS_AUDIT,
-                };
                 let rules = if ingress { &pol.ingress } else { &pol.egress };
                 for (i, rule) in rules.iter().enumerate() {
-                    let id = alloc.rule(RuleRef {
-                        namespace: pol.namespace.clone(),
-                        name: pol.name.clone(),
-                        direction: dir_name.into(),
-                        rule: i,
-                    });
-                    let value = PolicyEntry {
-                        rule: id,
-                        flags: if audited { policy_flags::AUDIT_ONLY } else { 0 },
-                    };
-                    // Numbered ports
-                    // apply to the rule's peers as they are; a named port on egress resolves on
-                    // each destination pod, so it needs the pods' identities even for "any peer".
-                    let named = rule
-                        .ports
-                        .iter()
-                        .any(|p| matches!(p.port, PortSpec::Named(_)));
-                    let numbered = Rule {
-                        peers: Vec::new(),
-                        ports: rule
-                            .ports
-                            .iter()
-                            .filter(|p| !matches!(p.port, PortSpec::Named(_)))
-                            .cloned()
-                            .collect(),
-                    };
-                    let named_only = Rule {
-                        peers: Vec::new(),
-                        ports: rule
-                            .ports
-                            .iter()
-                            .filter(|p| matches!(p.port, PortSpec::Named(_)))
-                            .cloned()
-                            .collect(),
-                    };
-                    let peer_ids: &Option<BTreeSet<u32>> =
-                        peer_cache.entry((pi, ingress, i)).or_insert_with(|| {
+                    peers
+                        .entry((std::ptr::from_ref(*pol) as usize, ingress, i))
+                        .or_insert_with(|| {
                             (!rule.peers.is_empty()).then(|| {
                                 rule.peers
                                     .iter()
@@ -531,74 +475,236 @@ pub fn compile(
                                     .collect()
                             })
                         });
-                    let mut emit = |ident: u32, r: &Rule, dst_ports: &[(String, u16, Protocol)]| {
-                        let keys = match port_keys(r, dst_ports) {
-                            None => vec![key(ep, dir, ident, POLICY_PREFIX_ANY_PROTO, 0, 0)],
-                            Some(v) => v
-                                .into_iter()
-                                .map(|(plen, proto, port)| key(ep, dir, ident, plen, proto, port))
-                                .collect(),
-                        };
-                        for k in keys {
-                            match entries.get(&k) {
-                                // Keep the enforced entry over an audit-only one, else the first.
-                                Some(old)
-                                    if old.flags & policy_flags::AUDIT_ONLY == 0
-                                        || value.flags & policy_flags::AUDIT_ONLY != 0 => {}
-                                _ => {
-                                    entries.insert(k, value);
-                                }
-                            }
-                        }
-                    };
-                    if rule.ports.is_empty() || !numbered.ports.is_empty() {
-                        let r = if rule.ports.is_empty() {
-                            rule
-                        } else {
-                            &numbered
-                        };
-                        match peer_ids {
-                            None => emit(identity::ANY, r, &[]),
-                            Some(ids) => ids.iter().for_each(|id| emit(*id, r, &[])),
-                        }
-                    }
-                    if named {
-                        if ingress {
-                            // Resolved on this pod, the destination.
-                            match peer_ids {
-                                None => emit(identity::ANY, &named_only, &pod.ports),
-                                Some(ids) => {
-                                    ids.iter().for_each(|id| emit(*id, &named_only, &pod.ports))
-                                }
-                            }
-                        } else {
-                            // One (identity, ports) per distinct destination: pods sharing an
-                            // identity share their named ports.
-                            let targets =
-                                named_cache.entry((pi, ingress, i)).or_insert_with(|| {
-                                    cx.groups
-                                        .iter()
-                                        .filter(|(id, _)| {
-                                            peer_ids.as_ref().is_none_or(|ids| ids.contains(id))
-                                        })
-                                        .map(|(id, g)| (*id, g.ports.to_vec()))
-                                        .collect()
-                                });
-                            for (id, ports) in targets.iter() {
-                                emit(*id, &named_only, ports);
-                            }
-                        }
-                    }
                 }
             }
         }
-        shadow_audit(&mut entries);
+    }
+    let view = FullView {
+        cx: &cx,
+        peers,
+        audit_all: opts.audit_all,
+    };
+    for pod in local {
+        let ep = alloc.endpoint(&pod.namespace, &pod.name);
+        let in_ns = sorted
+            .iter()
+            .copied()
+            .filter(|p| p.namespace == pod.namespace);
+        let (flags, entries) = endpoint_policy(pod, ep, in_ns, &view, alloc);
         d.policy.extend(entries);
         for ip in &pod.ips {
             d.endpoints.insert(*ip, EndpointInfo { id: ep, flags });
         }
     }
     d
+}
+
+/// A rule of the full compile: (the policy's address in the cluster, ingress, index among the
+/// direction's rules); addresses, not names, so that two policies of one name stay apart.
+type RuleKey = (usize, bool, usize);
+
+/// The identities a rule's peers stand for: any peer, or the union of the sets.
+pub(crate) struct PeerIds<'a> {
+    pub any: bool,
+    pub sets: [&'a BTreeSet<u32>; 2],
+}
+
+impl PeerIds<'_> {
+    fn contains(&self, id: &u32) -> bool {
+        self.any || self.sets.iter().any(|s| s.contains(id))
+    }
+
+    fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.sets.iter().flat_map(|s| s.iter().copied())
+    }
+}
+
+/// What the per-endpoint compile reads about the rest of the cluster: the full compile and
+/// the incremental one answer it from their own indexes.
+pub(crate) trait View {
+    /// What rule `index` of `pol` in the direction stands for.
+    fn peers(&self, pol: &Policy, ingress: bool, index: usize) -> PeerIds<'_>;
+    /// Pod identities among `peers` with their named ports, for named ports on egress.
+    fn named_targets(&self, peers: &PeerIds<'_>) -> Vec<(u32, &[(String, u16, Protocol)])>;
+    /// Whether `pol` only audits.
+    fn audited(&self, pol: &Policy) -> bool;
+}
+
+struct FullView<'a, 'c> {
+    cx: &'a Ctx<'c>,
+    peers: HashMap<RuleKey, Option<BTreeSet<u32>>>,
+    audit_all: bool,
+}
+
+static NO_IDS: BTreeSet<u32> = BTreeSet::new();
+
+impl View for FullView<'_, '_> {
+    fn peers(&self, pol: &Policy, ingress: bool, index: usize) -> PeerIds<'_> {
+        match self
+            .peers
+            .get(&(std::ptr::from_ref(pol) as usize, ingress, index))
+        {
+            Some(Some(ids)) => PeerIds {
+                any: false,
+                sets: [ids, &NO_IDS],
+            },
+            _ => PeerIds {
+                any: true,
+                sets: [&NO_IDS, &NO_IDS],
+            },
+        }
+    }
+
+    fn named_targets(&self, peers: &PeerIds<'_>) -> Vec<(u32, &[(String, u16, Protocol)])> {
+        self.cx
+            .groups
+            .iter()
+            .filter(|(id, _)| peers.contains(id))
+            .map(|(id, g)| (*id, g.ports))
+            .collect()
+    }
+
+    fn audited(&self, pol: &Policy) -> bool {
+        self.audit_all || pol.audit || self.cx.cluster.audit_namespaces.contains(&pol.namespace)
+    }
+}
+
+/// Whether `pol` isolates `pod` in the direction.
+pub(crate) fn selects(pol: &Policy, pod: &PodInfo, ingress: bool) -> bool {
+    pol.namespace == pod.namespace
+        && (if ingress {
+            pol.ingress_isolates
+        } else {
+            pol.egress_isolates
+        })
+        && pol
+            .pod_selector
+            .as_ref()
+            .is_none_or(|s| s.matches(&pod.labels))
+}
+
+/// One local endpoint's isolation flags and policy entries, from the policies of its namespace
+/// in (namespace, name) order: where two rules give the same key, the enforced entry wins over
+/// an audit-only one, else the first.
+pub(crate) fn endpoint_policy<'p>(
+    pod: &PodInfo,
+    ep: u32,
+    policies: impl Iterator<Item = &'p Policy> + Clone,
+    view: &impl View,
+    alloc: &mut Allocator,
+) -> (u32, BTreeMap<(u32, PolicyKeyData), PolicyEntry>) {
+    let mut flags = 0;
+    let mut entries: BTreeMap<(u32, PolicyKeyData), PolicyEntry> = BTreeMap::new();
+    for (dir, dir_name) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
+        let ingress = dir == DIR_INGRESS;
+        for pol in policies.clone() {
+            if !selects(pol, pod, ingress) {
+                continue;
+            }
+            let audited = view.audited(pol);
+            flags |= match (ingress, audited) {
+                (true, false) => ep_flags::INGRESS_ISOLATED,
+                (true, true) => ep_flags::INGRESS_AUDIT,
+                (false, false) => ep_flags::EGRESS_ISOLATED,
+                (false, true) => ep_flags::EGRESS_AUDIT,
+            };
+            let rules = if ingress { &pol.ingress } else { &pol.egress };
+            for (i, rule) in rules.iter().enumerate() {
+                let id = alloc.rule(RuleRef {
+                    namespace: pol.namespace.clone(),
+                    name: pol.name.clone(),
+                    direction: dir_name.into(),
+                    rule: i,
+                });
+                let value = PolicyEntry {
+                    rule: id,
+                    flags: if audited { policy_flags::AUDIT_ONLY } else { 0 },
+                };
+                let peers = view.peers(pol, ingress, i);
+                rule_entries(rule, ep, dir, &peers, &pod.ports, view, value, &mut entries);
+            }
+        }
+    }
+    shadow_audit(&mut entries);
+    (flags, entries)
+}
+
+/// The entries one rule gives endpoint `ep` (whose own container ports are `own_ports`).
+#[allow(clippy::too_many_arguments)]
+fn rule_entries(
+    rule: &Rule,
+    ep: u32,
+    dir: u8,
+    peers: &PeerIds<'_>,
+    own_ports: &[(String, u16, Protocol)],
+    view: &impl View,
+    value: PolicyEntry,
+    entries: &mut BTreeMap<(u32, PolicyKeyData), PolicyEntry>,
+) {
+    let mut emit = |ident: u32, r: &Rule, dst_ports: &[(String, u16, Protocol)]| {
+        let keys = match port_keys(r, dst_ports) {
+            None => vec![key(ep, dir, ident, POLICY_PREFIX_ANY_PROTO, 0, 0)],
+            Some(v) => v
+                .into_iter()
+                .map(|(plen, proto, port)| key(ep, dir, ident, plen, proto, port))
+                .collect(),
+        };
+        for k in keys {
+            match entries.get(&k) {
+                // Keep the enforced entry over an audit-only one, else the first.
+                Some(old)
+                    if old.flags & policy_flags::AUDIT_ONLY == 0
+                        || value.flags & policy_flags::AUDIT_ONLY != 0 => {}
+                _ => {
+                    entries.insert(k, value);
+                }
+            }
+        }
+    };
+    // Numbered ports apply to the rule's peers as they are; a named port on egress resolves on
+    // each destination pod, so it needs the pods' identities even for "any peer".
+    let (named, numbered): (Vec<PortRule>, Vec<PortRule>) = rule
+        .ports
+        .iter()
+        .cloned()
+        .partition(|p| matches!(p.port, PortSpec::Named(_)));
+    if rule.ports.is_empty() || !numbered.is_empty() {
+        let numbered = Rule {
+            peers: Vec::new(),
+            ports: numbered,
+        };
+        let r = if rule.ports.is_empty() {
+            rule
+        } else {
+            &numbered
+        };
+        if peers.any {
+            emit(identity::ANY, r, &[]);
+        } else {
+            peers.ids().for_each(|id| emit(id, r, &[]));
+        }
+    }
+    if named.is_empty() {
+        return;
+    }
+    let named_only = Rule {
+        peers: Vec::new(),
+        ports: named,
+    };
+    if dir == DIR_INGRESS {
+        // Resolved on this pod, the destination.
+        if peers.any {
+            emit(identity::ANY, &named_only, own_ports);
+        } else {
+            peers.ids().for_each(|id| emit(id, &named_only, own_ports));
+        }
+    } else {
+        // One (identity, ports) per distinct destination: pods sharing an identity share
+        // their named ports.
+        for (id, ports) in view.named_targets(peers) {
+            emit(id, &named_only, ports);
+        }
+    }
 }
 
 /// An audit-only entry inside an enforced one's prefix (same endpoint, direction and identity)
