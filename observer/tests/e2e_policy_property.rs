@@ -9,95 +9,7 @@ use observer::{
         Engine, EnginePeer, Options, Protocol,
     },
 };
-use serde_json::{json, Value};
-
-/// xorshift64*: deterministic, seedable, no dependencies.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len() as u64) as usize]
-    }
-    fn chance(&mut self, pct: u64) -> bool {
-        self.below(100) < pct
-    }
-}
-
-const APPS: [&str; 3] = ["web", "api", "db"];
-const TIERS: [&str; 2] = ["fe", "be"];
-
-fn selector(r: &mut Rng) -> Value {
-    match r.below(5) {
-        0 => json!({}),
-        1 => json!({"matchLabels": {"app": r.pick(&APPS)}}),
-        2 => {
-            json!({"matchExpressions": [{"key": "app", "operator": "In", "values": [r.pick(&APPS), r.pick(&APPS)]}]})
-        }
-        3 => {
-            json!({"matchExpressions": [{"key": "tier", "operator": if r.chance(50) { "Exists" } else { "DoesNotExist" }}]})
-        }
-        _ => {
-            json!({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": [r.pick(&APPS)]}]})
-        }
-    }
-}
-
-fn ns_selector(r: &mut Rng) -> Value {
-    match r.below(3) {
-        0 => json!({}),
-        1 => json!({"matchLabels": {"team": if r.chance(50) { "a" } else { "b" }}}),
-        _ => {
-            json!({"matchExpressions": [{"key": "env", "operator": if r.chance(50) { "Exists" } else { "DoesNotExist" }}]})
-        }
-    }
-}
-
-fn peer(r: &mut Rng) -> Value {
-    match r.below(4) {
-        0 => json!({"podSelector": selector(r)}),
-        1 => json!({"namespaceSelector": ns_selector(r)}),
-        2 => json!({"podSelector": selector(r), "namespaceSelector": ns_selector(r)}),
-        _ => json!({"ipBlock": {"cidr": "203.0.113.0/24", "except": ["203.0.113.128/25"]}}),
-    }
-}
-
-fn port(r: &mut Rng) -> Value {
-    match r.below(6) {
-        0 => json!({"port": 80}),
-        1 => json!({"port": 53, "protocol": "UDP"}),
-        2 => json!({"port": "http"}),
-        3 => json!({"port": "dns", "protocol": "UDP"}),
-        4 => json!({"port": 8000, "endPort": 8100}),
-        _ => json!({"protocol": "UDP"}),
-    }
-}
-
-fn rules(r: &mut Rng, peer_key: &str) -> Value {
-    let n = r.below(3);
-    let mut v = Vec::new();
-    for _ in 0..n {
-        let mut rule = serde_json::Map::new();
-        if r.chance(70) {
-            let peers: Vec<Value> = (0..1 + r.below(2)).map(|_| peer(r)).collect();
-            rule.insert(peer_key.into(), json!(peers));
-        }
-        if r.chance(60) {
-            let ports: Vec<Value> = (0..1 + r.below(2)).map(|_| port(r)).collect();
-            rule.insert("ports".into(), json!(ports));
-        }
-        v.push(Value::Object(rule));
-    }
-    json!(v)
-}
+use observer_tests::policy_gen::{self as gen, Rng};
 
 fn random_cluster(r: &mut Rng) -> Cluster {
     let mut c = Cluster::default();
@@ -105,75 +17,22 @@ fn random_cluster(r: &mut Rng) -> Cluster {
     let n_ns = 2 + r.below(2);
     for n in 0..n_ns {
         let ns = format!("n{n}");
-        let mut labels = serde_json::Map::new();
-        labels.insert("team".into(), json!(if r.chance(50) { "a" } else { "b" }));
-        if r.chance(50) {
-            labels.insert("env".into(), json!("prod"));
-        }
-        cluster::add_object(
-            &mut c,
-            "gen",
-            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}),
-        );
+        let mut obj = gen::namespace(r, &ns);
+        // Audit namespaces are exercised by the policies' own annotation here.
+        obj["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("annotations");
+        cluster::add_object(&mut c, "gen", obj);
         for p in 0..2 + r.below(3) {
-            let mut pl = serde_json::Map::new();
-            pl.insert("app".into(), json!(r.pick(&APPS)));
-            if r.chance(50) {
-                pl.insert("tier".into(), json!(r.pick(&TIERS)));
-            }
-            let mut ports = Vec::new();
-            if r.chance(70) {
-                ports.push(
-                    json!({"name": "http", "containerPort": if r.chance(70) { 80 } else { 8080 }}),
-                );
-            }
-            if r.chance(50) {
-                ports.push(json!({"name": "dns", "containerPort": 53, "protocol": "UDP"}));
-            }
-            cluster::add_object(
-                &mut c,
-                "gen",
-                json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": format!("p{p}"), "namespace": ns, "labels": pl},
-                    "spec": {"containers": [{"name": "c", "image": "i", "ports": ports}]},
-                    "status": {"podIP": format!("10.244.1.{ip}")}
-                }),
-            );
+            let obj = gen::pod(r, &format!("p{p}"), &ns, &format!("10.244.1.{ip}"), None);
+            cluster::add_object(&mut c, "gen", obj);
             ip += 1;
         }
     }
     for i in 0..r.below(4) {
-        let mut spec = serde_json::Map::new();
-        spec.insert("podSelector".into(), selector(r));
-        match r.below(4) {
-            0 => {}
-            1 => {
-                spec.insert("policyTypes".into(), json!(["Ingress"]));
-            }
-            2 => {
-                spec.insert("policyTypes".into(), json!(["Egress"]));
-            }
-            _ => {
-                spec.insert("policyTypes".into(), json!(["Ingress", "Egress"]));
-            }
-        }
-        if r.chance(80) {
-            spec.insert("ingress".into(), rules(r, "from"));
-        }
-        if r.chance(60) {
-            spec.insert("egress".into(), rules(r, "to"));
-        }
-        let mut meta =
-            json!({"name": format!("pol{i}"), "namespace": format!("n{}", r.below(n_ns))});
-        if r.chance(15) {
-            meta["annotations"] = json!({"observer.dev/audit": "true"});
-        }
-        cluster::add_object(
-            &mut c,
-            "gen",
-            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta, "spec": spec}),
-        );
+        let ns = format!("n{}", r.below(n_ns));
+        cluster::add_object(&mut c, "gen", gen::policy(r, &format!("pol{i}"), &ns));
     }
     assert!(
         c.errors.is_empty(),

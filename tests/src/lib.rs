@@ -59,6 +59,7 @@ pub mod flood;
 pub mod kubeapi;
 pub mod nfqueue;
 pub mod pki;
+pub mod policy_gen;
 
 pub const NODE_NAME: &str = "node-1";
 pub const NODE_IP: &str = "10.224.0.4";

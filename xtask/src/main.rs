@@ -196,9 +196,15 @@ fn main() -> Result<()> {
                 "--bins",
             ])?;
             // Unprivileged integration tests: NetworkPolicy truth tables through the reference
-            // engine, the matrix from an API server (loopback), the deployment manifests.
+            // engine, the incremental compile against the full one, the matrix from an API
+            // server (loopback), the deployment manifests.
             let mut unprivileged = vec!["test", "-p", "observer"];
-            for t in ["policy_cases", "kube_matrix", "manifests"] {
+            for t in [
+                "policy_cases",
+                "policy_incremental",
+                "kube_matrix",
+                "manifests",
+            ] {
                 unprivileged.extend(["--test", t]);
             }
             cargo(&unprivileged)?;

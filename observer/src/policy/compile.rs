@@ -19,7 +19,7 @@ use super::{
     engine::Options,
     model::{PeerSpec, Policy, PortRule, PortSpec, Protocol, Rule},
 };
-use crate::cluster::{Cluster, PodInfo};
+use crate::cluster::{Cluster, NodeInfo, PodInfo};
 
 /// Where a rule id comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize, PartialOrd, Ord)]
@@ -31,7 +31,7 @@ pub struct RuleRef {
 }
 
 /// Stable numbering across recompiles.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct Allocator {
     identities: HashMap<String, u32>,
     endpoints: HashMap<(String, String), u32>,
@@ -39,7 +39,7 @@ pub struct Allocator {
 }
 
 impl Allocator {
-    fn identity(&mut self, key: String) -> u32 {
+    pub(crate) fn identity(&mut self, key: String) -> u32 {
         let next = identity::FIRST_ALLOCATED + self.identities.len() as u32;
         *self.identities.entry(key).or_insert(next)
     }
@@ -145,7 +145,7 @@ pub struct Desired {
 /// ports are part of it because a named port in a policy resolves per destination pod, and the
 /// datapath only sees the identity. Identities are node-local numbers, so this costs nothing on
 /// the wire.
-fn pod_identity_key(p: &PodInfo) -> String {
+pub(crate) fn pod_identity_key(p: &PodInfo) -> String {
     let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let mut ports: Vec<String> = p
         .ports
@@ -162,7 +162,7 @@ fn pod_identity_key(p: &PodInfo) -> String {
     )
 }
 
-fn entry(identity: u32, kind: RemoteKind) -> IpcacheEntry {
+pub(crate) fn entry(identity: u32, kind: RemoteKind) -> IpcacheEntry {
     IpcacheEntry {
         identity,
         kind: kind as u8,
@@ -308,7 +308,7 @@ fn key(ep: u32, dir: u8, ident: u32, plen: u32, proto: u8, port: u16) -> (u32, P
 /// Where pods reach Services, as kube-proxy translates them: every frontend address on every
 /// port, and NodePorts on this node's own addresses (another node's NodePort is translated on
 /// that node, after the pod's packet left this one).
-fn frontends(
+pub(crate) fn frontends(
     cluster: &Cluster,
     node: &str,
     host_addrs: &[IpAddr],
@@ -338,6 +338,82 @@ fn frontends(
     out
 }
 
+/// The ipcache without pods and ipBlocks: the world, nodes (this one as the host) and other
+/// nodes' pod CIDRs.
+pub(crate) fn base_ipcache(
+    nodes: &[NodeInfo],
+    node: &str,
+    host_addrs: &[IpAddr],
+    alloc: &mut Allocator,
+) -> BTreeMap<IpNet, IpcacheEntry> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "0.0.0.0/0".parse().unwrap(),
+        entry(identity::WORLD, RemoteKind::World),
+    );
+    m.insert(
+        "::/0".parse().unwrap(),
+        entry(identity::WORLD, RemoteKind::World),
+    );
+    for n in nodes {
+        let local = n.name == node;
+        for a in &n.addresses {
+            let kind = if local {
+                RemoteKind::Host
+            } else {
+                RemoteKind::RemoteNode
+            };
+            m.insert(
+                IpNet::from(*a),
+                entry(alloc.identity(format!("node:{a}")), kind),
+            );
+        }
+        if !local {
+            for c in &n.pod_cidrs {
+                m.insert(
+                    c.trunc(),
+                    entry(identity::UNKNOWN_POD, RemoteKind::RemotePod),
+                );
+            }
+        }
+    }
+    for a in host_addrs {
+        m.insert(
+            IpNet::from(*a),
+            entry(alloc.identity(format!("node:{a}")), RemoteKind::Host),
+        );
+    }
+    m
+}
+
+/// The networks of valid policies' ipBlock peers (cidr and except), which get identities of
+/// their own.
+pub(crate) fn ipblock_nets(policies: &[Policy]) -> BTreeSet<IpNet> {
+    policies
+        .iter()
+        .filter(|p| p.valid())
+        .flat_map(|p| p.ingress.iter().chain(&p.egress))
+        .flat_map(|r| &r.peers)
+        .flat_map(|peer| match peer {
+            PeerSpec::IpBlock { cidr, except } => std::iter::once(cidr)
+                .chain(except)
+                .map(|n| n.trunc())
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+pub(crate) fn cidr_entry(net: IpNet, alloc: &mut Allocator) -> IpcacheEntry {
+    entry(alloc.identity(format!("cidr:{net}")), RemoteKind::World)
+}
+
+/// A pod's own address: not a prefix an ipBlock can contain by identity.
+pub(crate) fn is_pod_address(net: &IpNet, e: &IpcacheEntry) -> bool {
+    (e.kind == RemoteKind::RemotePod as u8 || e.kind == RemoteKind::LocalPod as u8)
+        && net.prefix_len() == net.max_prefix_len()
+}
+
 /// Compiles the maps' contents for node `node` whose own addresses are `host_addrs`.
 pub fn compile(
     cluster: &Cluster,
@@ -346,43 +422,10 @@ pub fn compile(
     opts: &Options,
     alloc: &mut Allocator,
 ) -> Desired {
-    let mut d = Desired::default();
-    d.ipcache.insert(
-        "0.0.0.0/0".parse().unwrap(),
-        entry(identity::WORLD, RemoteKind::World),
-    );
-    d.ipcache.insert(
-        "::/0".parse().unwrap(),
-        entry(identity::WORLD, RemoteKind::World),
-    );
-    for n in &cluster.nodes {
-        let local = n.name == node;
-        for a in &n.addresses {
-            let kind = if local {
-                RemoteKind::Host
-            } else {
-                RemoteKind::RemoteNode
-            };
-            d.ipcache.insert(
-                IpNet::from(*a),
-                entry(alloc.identity(format!("node:{a}")), kind),
-            );
-        }
-        if !local {
-            for c in &n.pod_cidrs {
-                d.ipcache.insert(
-                    c.trunc(),
-                    entry(identity::UNKNOWN_POD, RemoteKind::RemotePod),
-                );
-            }
-        }
-    }
-    for a in host_addrs {
-        d.ipcache.insert(
-            IpNet::from(*a),
-            entry(alloc.identity(format!("node:{a}")), RemoteKind::Host),
-        );
-    }
+    let mut d = Desired {
+        ipcache: base_ipcache(&cluster.nodes, node, host_addrs, alloc),
+        ..Default::default()
+    };
     d.services = frontends(cluster, node, host_addrs);
     let mut groups: BTreeMap<u32, Group<'_>> = BTreeMap::new();
     let mut by_ns: HashMap<&str, Vec<u32>> = HashMap::new();
@@ -415,24 +458,11 @@ pub fn compile(
         }
     }
     // Every ipBlock prefix gets an identity of its own, without displacing pods or nodes.
-    for p in cluster.policies.iter().filter(|p| p.valid()) {
-        for r in p.ingress.iter().chain(&p.egress) {
-            for peer in &r.peers {
-                if let PeerSpec::IpBlock { cidr, except } = peer {
-                    for net in std::iter::once(cidr).chain(except) {
-                        let net = net.trunc();
-                        if !d.ipcache.contains_key(&net) {
-                            d.ipcache.insert(
-                                net,
-                                entry(alloc.identity(format!("cidr:{net}")), RemoteKind::World),
-                            );
-                        }
-                    }
-                }
-            }
+    for net in ipblock_nets(&cluster.policies) {
+        if !d.ipcache.contains_key(&net) {
+            d.ipcache.insert(net, cidr_entry(net, alloc));
         }
     }
-    let pod_kinds = [RemoteKind::RemotePod as u8, RemoteKind::LocalPod as u8];
     let cx = Ctx {
         cluster,
         opts,
@@ -441,7 +471,7 @@ pub fn compile(
         prefixes: d
             .ipcache
             .iter()
-            .filter(|(n, e)| !(pod_kinds.contains(&e.kind) && n.prefix_len() == n.max_prefix_len()))
+            .filter(|(n, e)| !is_pod_address(n, e))
             .map(|(n, e)| (*n, e.identity))
             .collect(),
     };

@@ -8,6 +8,7 @@
 //! denied, never the reverse: the failure is closed, and visible in `explain` and the logs.
 pub mod compile;
 pub mod engine;
+pub mod incremental;
 pub mod kernel;
 pub mod matrix;
 pub mod model;
