@@ -272,7 +272,8 @@ pub mod identity {
     pub const HOST: u32 = 1;
     pub const WORLD: u32 = 2;
     pub const REMOTE_NODE: u32 = 3;
-    /// An address in another node's pod CIDR whose pod is not known (yet).
+    /// Reserved, no longer given out: an address in another node's pod CIDR whose pod is not
+    /// known (yet) takes the identity of its CIDR, one per CIDR.
     pub const UNKNOWN_POD: u32 = 4;
     pub const FIRST_ALLOCATED: u32 = 256;
 }

@@ -369,10 +369,16 @@ pub(crate) fn base_ipcache(
             );
         }
         if !local {
+            // Each CIDR its own identity: an ipBlock holding one node's pod CIDR must not
+            // take in the unknown addresses of every other node's.
             for c in &n.pod_cidrs {
+                let c = c.trunc();
                 m.insert(
-                    c.trunc(),
-                    entry(identity::UNKNOWN_POD, RemoteKind::RemotePod),
+                    c,
+                    entry(
+                        alloc.identity(format!("podcidr:{c}")),
+                        RemoteKind::RemotePod,
+                    ),
                 );
             }
         }
