@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::policy::compile::Desired;
+use crate::policy::{compile::Desired, incremental::MapWrite};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapInfo, PerCpuArray, RingBuf},
     programs::{
@@ -974,6 +974,63 @@ impl Datapath {
         Ok((written, removed))
     }
 
+    /// Performs `writes` in order (see [`crate::policy::incremental::ordered_writes`]);
+    /// returns (written, removed). Stops at the first failure: the caller then rewrites
+    /// everything from what the maps hold.
+    pub fn write(&mut self, writes: &[MapWrite]) -> Result<(usize, usize)> {
+        let (mut written, mut removed) = (0, 0);
+        for w in writes {
+            match *w {
+                MapWrite::Endpoint(ip, v) => {
+                    let mut m = self.endpoints_mut()?;
+                    let k = crate::cluster::ip_key(ip);
+                    match v {
+                        Some(v) => m.insert(k, v, 0).context("writing endpoints map")?,
+                        None => remove_present(m.remove(&k)).context("removing an endpoint")?,
+                    }
+                }
+                MapWrite::Ipcache(net, v) => {
+                    let mut m = self.ipcache_mut()?;
+                    let (plen, data) = crate::cluster::ipcache_key(net);
+                    let k = aya::maps::lpm_trie::Key::new(plen, data);
+                    match v {
+                        Some(v) => m.insert(&k, v, 0).context("writing ipcache map")?,
+                        None => remove_present(m.remove(&k)).context("removing from ipcache")?,
+                    }
+                }
+                MapWrite::Policy((plen, data), v) => {
+                    let mut m = self.policy_mut()?;
+                    let k = aya::maps::lpm_trie::Key::new(plen, data);
+                    match v {
+                        Some(v) => m.insert(&k, v, 0).context("writing policy map")?,
+                        None => remove_present(m.remove(&k)).context("removing a policy entry")?,
+                    }
+                }
+                MapWrite::Service(k, v) => {
+                    let mut m = self.services_mut()?;
+                    match v {
+                        Some(v) => m.insert(svc_key(k), v, 0).context("writing services map")?,
+                        None => remove_present(m.remove(&svc_key(k)))
+                            .context("removing a Service frontend")?,
+                    }
+                }
+            }
+            let gone = matches!(
+                w,
+                MapWrite::Endpoint(_, None)
+                    | MapWrite::Ipcache(_, None)
+                    | MapWrite::Policy(_, None)
+                    | MapWrite::Service(_, None)
+            );
+            if gone {
+                removed += 1;
+            } else {
+                written += 1;
+            }
+        }
+        Ok((written, removed))
+    }
+
     /// Moves the maps from `old` (what this process wrote last) to `want` without reading them
     /// back: new and changed entries first, then removals.
     pub fn apply_diff(&mut self, old: &Desired, want: &Desired) -> Result<(usize, usize)> {
@@ -1096,6 +1153,19 @@ impl Datapath {
             }
         }
         Ok((written, removed))
+    }
+}
+
+/// A removal of an entry that is already gone is done.
+fn remove_present(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
     }
 }
 

@@ -17,218 +17,19 @@ use observer::{
         Options,
     },
 };
-use observer_tests::policy_gen::{self as gen, Rng};
-use serde_json::{json, Value};
+use observer_tests::policy_gen::{Rng, World, NODE};
 
-const NODE: &str = "node-a";
-const NAMESPACES: u64 = 3;
-
-/// The cluster as objects, keyed by (kind, namespace, name).
-struct World {
-    objects: BTreeMap<(String, String, String), Value>,
-    next: u64,
-}
-
-fn key(o: &Value) -> (String, String, String) {
-    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
-    (
-        s(&o["kind"]),
-        s(&o["metadata"]["namespace"]),
-        s(&o["metadata"]["name"]),
-    )
-}
-
-fn node(name: &str, addr: &str, cidr: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-        "spec": {"podCIDR": cidr},
-        "status": {"addresses": [{"type": "InternalIP", "address": addr}]}})
-}
-
-fn service(name: &str, ns: &str, ip: &str, port: u16, node_port: bool) -> Value {
-    let mut p = json!({"name": "p", "port": port, "protocol": "TCP"});
-    if node_port {
-        p["nodePort"] = json!(30000 + port);
+/// The cluster as the watch caches give it: pods and policies in (namespace, name) order.
+fn cluster_of(w: &World) -> Cluster {
+    let mut c = Cluster::default();
+    for o in w.objects.values() {
+        cluster::add_object(&mut c, "gen", o.clone());
     }
-    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-        "spec": {"type": if node_port { "NodePort" } else { "ClusterIP" }, "clusterIP": ip, "clusterIPs": [ip], "ports": [p]}})
-}
-
-impl World {
-    fn random(r: &mut Rng) -> Self {
-        let mut w = World {
-            objects: BTreeMap::new(),
-            next: 0,
-        };
-        w.put(node(NODE, "10.224.0.4", "10.244.1.0/24"));
-        w.put(node("node-b", "10.224.0.5", "10.244.2.0/24"));
-        for n in 0..NAMESPACES {
-            w.put(gen::namespace(r, &format!("n{n}")));
-        }
-        for _ in 0..4 + r.below(5) {
-            let p = w.new_pod(r);
-            w.put(p);
-        }
-        for i in 0..r.below(4) {
-            let ns = format!("n{}", r.below(NAMESPACES));
-            w.put(gen::policy(r, &format!("pol{i}"), &ns));
-        }
-        w
-    }
-
-    fn put(&mut self, o: Value) {
-        self.objects.insert(key(&o), o);
-    }
-
-    fn of_kind(&self, kind: &str) -> Vec<(String, String, String)> {
-        self.objects
-            .keys()
-            .filter(|k| k.0 == kind)
-            .cloned()
-            .collect()
-    }
-
-    fn ip(&mut self, r: &mut Rng) -> String {
-        self.next += 1;
-        match r.below(10) {
-            // Inside the generator's ipBlock, in and out of its except.
-            0 => format!("203.0.113.{}", r.below(256)),
-            // Another pod's address, as during an address's reuse.
-            1 => format!("10.244.{}.{}", 1 + r.below(2), 10 + r.below(4)),
-            _ => format!("10.244.{}.{}", 1 + r.below(2), 10 + self.next % 200),
-        }
-    }
-
-    fn new_pod(&mut self, r: &mut Rng) -> Value {
-        self.next += 1;
-        let name = format!("p{}", self.next);
-        let ns = format!("n{}", r.below(NAMESPACES));
-        let ip = self.ip(r);
-        let node = [Some(NODE), Some("node-b"), None][r.below(3) as usize];
-        gen::pod(r, &name, &ns, &ip, node)
-    }
-
-    /// One random change; returns what it was.
-    fn change(&mut self, r: &mut Rng) -> String {
-        let pods = self.of_kind("Pod");
-        let pick = |r: &mut Rng, v: &[(String, String, String)]| {
-            (!v.is_empty()).then(|| v[r.below(v.len() as u64) as usize].clone())
-        };
-        match r.below(12) {
-            0 | 1 => {
-                let Some(k) = pick(r, &pods) else {
-                    return "nothing".into();
-                };
-                let old = self.objects[&k].clone();
-                let node = old["spec"]["nodeName"].as_str().map(str::to_string);
-                let ip = old["status"]["podIP"]
-                    .as_str()
-                    .unwrap_or("10.244.1.99")
-                    .to_string();
-                self.put(gen::pod(r, &k.2, &k.1, &ip, node.as_deref()));
-                format!("relabel pod {}/{}", k.1, k.2)
-            }
-            2 => {
-                let p = self.new_pod(r);
-                let k = key(&p);
-                self.put(p);
-                format!("add pod {}/{}", k.1, k.2)
-            }
-            3 => {
-                let Some(k) = pick(r, &pods) else {
-                    return "nothing".into();
-                };
-                self.objects.remove(&k);
-                format!("delete pod {}/{}", k.1, k.2)
-            }
-            4 => {
-                let Some(k) = pick(r, &pods) else {
-                    return "nothing".into();
-                };
-                let ip = self.ip(r);
-                let o = self.objects.get_mut(&k).unwrap();
-                match r.below(4) {
-                    0 => o["spec"]["nodeName"] = json!(if r.chance(50) { NODE } else { "node-b" }),
-                    1 => o["status"]["podIP"] = json!(ip),
-                    2 => {
-                        let on = o["spec"]["hostNetwork"].as_bool().unwrap_or(false);
-                        o["spec"]["hostNetwork"] = json!(!on);
-                    }
-                    _ => {
-                        o["status"].as_object_mut().unwrap().remove("podIP");
-                    }
-                }
-                format!("move, re-address or re-network pod {}/{}", k.1, k.2)
-            }
-            5 => {
-                let ns = format!("n{}", r.below(NAMESPACES));
-                self.put(gen::namespace(r, &ns));
-                format!("relabel namespace {ns}")
-            }
-            6 | 7 => {
-                let ns = format!("n{}", r.below(NAMESPACES));
-                let name = format!("pol{}", r.below(5));
-                self.put(gen::policy(r, &name, &ns));
-                format!("add or replace policy {ns}/{name}")
-            }
-            8 => {
-                let Some(k) = pick(r, &self.of_kind("NetworkPolicy")) else {
-                    return "nothing".into();
-                };
-                self.objects.remove(&k);
-                format!("delete policy {}/{}", k.1, k.2)
-            }
-            9 => {
-                let addr = ["10.224.0.5", "203.0.113.7", "203.0.113.140"][r.below(3) as usize];
-                let cidr = ["10.244.2.0/24", "203.0.113.0/28"][r.below(2) as usize];
-                if r.chance(70) {
-                    self.put(node("node-b", addr, cidr));
-                } else {
-                    self.put(node(NODE, addr, "10.244.1.0/24"));
-                }
-                format!("node address {addr}, pod CIDR {cidr}")
-            }
-            10 => {
-                let name = format!("s{}", r.below(3));
-                if r.chance(30) {
-                    self.objects
-                        .remove(&("Service".into(), "n0".into(), name.clone()));
-                } else {
-                    let ip = format!("10.96.0.{}", 10 + r.below(3));
-                    self.put(service(
-                        &name,
-                        "n0",
-                        &ip,
-                        80 + r.below(2) as u16,
-                        r.chance(50),
-                    ));
-                }
-                format!("service {name}")
-            }
-            _ => {
-                let Some(k) = pick(r, &self.of_kind("NetworkPolicy")) else {
-                    return "nothing".into();
-                };
-                let o = self.objects.get_mut(&k).unwrap();
-                let audited = o["metadata"]["annotations"]["observer.dev/audit"] == "true";
-                o["metadata"]["annotations"] =
-                    json!({"observer.dev/audit": if audited { "false" } else { "true" }});
-                format!("toggle audit of policy {}/{}", k.1, k.2)
-            }
-        }
-    }
-
-    /// The cluster as the watch caches give it: pods and policies in (namespace, name) order.
-    fn cluster(&self) -> Cluster {
-        let mut c = Cluster::default();
-        for o in self.objects.values() {
-            cluster::add_object(&mut c, "gen", o.clone());
-        }
-        c.pods
-            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        c.policies
-            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        c
-    }
+    c.pods
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    c.policies
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    c
 }
 
 fn host(c: &Cluster) -> Vec<IpAddr> {
@@ -342,7 +143,7 @@ fn incremental_compile_equals_full_compile_after_every_change() {
             if step > 0 {
                 history.push(w.change(&mut r));
             }
-            let c = w.cluster();
+            let c = cluster_of(&w);
             let addrs = host(&c);
             inc.update(&c, &addrs, &mut alloc);
             let changes = inc.take_changes();

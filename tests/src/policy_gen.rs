@@ -1,5 +1,7 @@
 //! Random NetworkPolicy clusters as Kubernetes objects, for the property tests: selectors,
 //! peers and ports drawn from small sets so that random policies often select random pods.
+use std::collections::BTreeMap;
+
 use serde_json::{json, Value};
 
 /// xorshift64*: deterministic, seedable, no dependencies.
@@ -157,4 +159,204 @@ pub fn pod(r: &mut Rng, name: &str, ns: &str, ip: &str, node: Option<&str>) -> V
         "spec": spec,
         "status": {"phase": "Running", "podIP": ip}
     })
+}
+
+/// The local node of [`World`].
+pub const NODE: &str = "node-a";
+pub const NAMESPACES: u64 = 3;
+
+/// A random cluster as objects, keyed by (kind, namespace, name), that random single changes
+/// move along: two nodes (`node-a` local), three namespaces, a few pods and policies.
+pub struct World {
+    pub objects: BTreeMap<(String, String, String), Value>,
+    next: u64,
+}
+
+pub fn key(o: &Value) -> (String, String, String) {
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (
+        s(&o["kind"]),
+        s(&o["metadata"]["namespace"]),
+        s(&o["metadata"]["name"]),
+    )
+}
+
+pub fn node(name: &str, addr: &str, cidr: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "spec": {"podCIDR": cidr},
+        "status": {"addresses": [{"type": "InternalIP", "address": addr}]}})
+}
+
+pub fn service(name: &str, ns: &str, ip: &str, port: u16, node_port: bool) -> Value {
+    let mut p = json!({"name": "p", "port": port, "protocol": "TCP"});
+    if node_port {
+        p["nodePort"] = json!(30000 + port);
+    }
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+        "spec": {"type": if node_port { "NodePort" } else { "ClusterIP" }, "clusterIP": ip, "clusterIPs": [ip], "ports": [p]}})
+}
+
+impl World {
+    pub fn random(r: &mut Rng) -> Self {
+        let mut w = World {
+            objects: BTreeMap::new(),
+            next: 0,
+        };
+        w.put(node(NODE, "10.224.0.4", "10.244.1.0/24"));
+        w.put(node("node-b", "10.224.0.5", "10.244.2.0/24"));
+        for n in 0..NAMESPACES {
+            w.put(namespace(r, &format!("n{n}")));
+        }
+        for _ in 0..4 + r.below(5) {
+            let p = w.new_pod(r);
+            w.put(p);
+        }
+        for i in 0..r.below(4) {
+            let ns = format!("n{}", r.below(NAMESPACES));
+            w.put(policy(r, &format!("pol{i}"), &ns));
+        }
+        w
+    }
+
+    pub fn put(&mut self, o: Value) {
+        self.objects.insert(key(&o), o);
+    }
+
+    pub fn of_kind(&self, kind: &str) -> Vec<(String, String, String)> {
+        self.objects
+            .keys()
+            .filter(|k| k.0 == kind)
+            .cloned()
+            .collect()
+    }
+
+    pub fn ip(&mut self, r: &mut Rng) -> String {
+        self.next += 1;
+        match r.below(10) {
+            // Inside the generator's ipBlock, in and out of its except.
+            0 => format!("203.0.113.{}", r.below(256)),
+            // Another pod's address, as during an address's reuse.
+            1 => format!("10.244.{}.{}", 1 + r.below(2), 10 + r.below(4)),
+            _ => format!("10.244.{}.{}", 1 + r.below(2), 10 + self.next % 200),
+        }
+    }
+
+    pub fn new_pod(&mut self, r: &mut Rng) -> Value {
+        self.next += 1;
+        let name = format!("p{}", self.next);
+        let ns = format!("n{}", r.below(NAMESPACES));
+        let ip = self.ip(r);
+        let node = [Some(NODE), Some("node-b"), None][r.below(3) as usize];
+        pod(r, &name, &ns, &ip, node)
+    }
+
+    /// One random change; returns what it was.
+    pub fn change(&mut self, r: &mut Rng) -> String {
+        let pods = self.of_kind("Pod");
+        let pick = |r: &mut Rng, v: &[(String, String, String)]| {
+            (!v.is_empty()).then(|| v[r.below(v.len() as u64) as usize].clone())
+        };
+        match r.below(12) {
+            0 | 1 => {
+                let Some(k) = pick(r, &pods) else {
+                    return "nothing".into();
+                };
+                let old = self.objects[&k].clone();
+                let node = old["spec"]["nodeName"].as_str().map(str::to_string);
+                let ip = old["status"]["podIP"]
+                    .as_str()
+                    .unwrap_or("10.244.1.99")
+                    .to_string();
+                self.put(pod(r, &k.2, &k.1, &ip, node.as_deref()));
+                format!("relabel pod {}/{}", k.1, k.2)
+            }
+            2 => {
+                let p = self.new_pod(r);
+                let k = key(&p);
+                self.put(p);
+                format!("add pod {}/{}", k.1, k.2)
+            }
+            3 => {
+                let Some(k) = pick(r, &pods) else {
+                    return "nothing".into();
+                };
+                self.objects.remove(&k);
+                format!("delete pod {}/{}", k.1, k.2)
+            }
+            4 => {
+                let Some(k) = pick(r, &pods) else {
+                    return "nothing".into();
+                };
+                let ip = self.ip(r);
+                let o = self.objects.get_mut(&k).unwrap();
+                match r.below(4) {
+                    0 => o["spec"]["nodeName"] = json!(if r.chance(50) { NODE } else { "node-b" }),
+                    1 => o["status"]["podIP"] = json!(ip),
+                    2 => {
+                        let on = o["spec"]["hostNetwork"].as_bool().unwrap_or(false);
+                        o["spec"]["hostNetwork"] = json!(!on);
+                    }
+                    _ => {
+                        o["status"].as_object_mut().unwrap().remove("podIP");
+                    }
+                }
+                format!("move, re-address or re-network pod {}/{}", k.1, k.2)
+            }
+            5 => {
+                let ns = format!("n{}", r.below(NAMESPACES));
+                self.put(namespace(r, &ns));
+                format!("relabel namespace {ns}")
+            }
+            6 | 7 => {
+                let ns = format!("n{}", r.below(NAMESPACES));
+                let name = format!("pol{}", r.below(5));
+                self.put(policy(r, &name, &ns));
+                format!("add or replace policy {ns}/{name}")
+            }
+            8 => {
+                let Some(k) = pick(r, &self.of_kind("NetworkPolicy")) else {
+                    return "nothing".into();
+                };
+                self.objects.remove(&k);
+                format!("delete policy {}/{}", k.1, k.2)
+            }
+            9 => {
+                let addr = ["10.224.0.5", "203.0.113.7", "203.0.113.140"][r.below(3) as usize];
+                let cidr = ["10.244.2.0/24", "203.0.113.0/28"][r.below(2) as usize];
+                if r.chance(70) {
+                    self.put(node("node-b", addr, cidr));
+                } else {
+                    self.put(node(NODE, addr, "10.244.1.0/24"));
+                }
+                format!("node address {addr}, pod CIDR {cidr}")
+            }
+            10 => {
+                let name = format!("s{}", r.below(3));
+                if r.chance(30) {
+                    self.objects
+                        .remove(&("Service".into(), "n0".into(), name.clone()));
+                } else {
+                    let ip = format!("10.96.0.{}", 10 + r.below(3));
+                    self.put(service(
+                        &name,
+                        "n0",
+                        &ip,
+                        80 + r.below(2) as u16,
+                        r.chance(50),
+                    ));
+                }
+                format!("service {name}")
+            }
+            _ => {
+                let Some(k) = pick(r, &self.of_kind("NetworkPolicy")) else {
+                    return "nothing".into();
+                };
+                let o = self.objects.get_mut(&k).unwrap();
+                let audited = o["metadata"]["annotations"]["observer.dev/audit"] == "true";
+                o["metadata"]["annotations"] =
+                    json!({"observer.dev/audit": if audited { "false" } else { "true" }});
+                format!("toggle audit of policy {}/{}", k.1, k.2)
+            }
+        }
+    }
 }

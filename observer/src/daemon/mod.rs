@@ -37,7 +37,10 @@ use crate::{
     cluster::{self, Cluster, PodInfo},
     flows::{self, FlowRecord},
     netlink::{self, LinkEvent, LinkMonitor},
-    policy::compile::{self, Allocator, Desired, RuleRef},
+    policy::{
+        compile::{self, Allocator, Desired, RuleRef},
+        incremental::{self, Incremental},
+    },
 };
 
 #[derive(Clone, Debug)]

@@ -8,8 +8,11 @@ pub(super) type Fingerprint = (Vec<(PathBuf, std::time::SystemTime, u64)>, Vec<I
 #[derive(Default)]
 pub(super) struct SourceState {
     alloc: Allocator,
-    /// What this process last wrote to the maps.
-    applied: Option<Desired>,
+    /// The compiled cluster, updated in place from one sync to the next.
+    compiled: Option<Incremental>,
+    /// The maps hold what `compiled` says: later syncs write only its changes. False until
+    /// the first sync and after a failed write, when the maps are read back and rewritten.
+    in_sync: bool,
     /// The source's files and the node's addresses when `applied` was written.
     seen: Option<Fingerprint>,
     /// The node's addresses when `applied` was written.
@@ -103,8 +106,18 @@ pub(super) fn reload_source(shared: &Shared, src: &mut SourceState) {
     }
 }
 
-/// What the maps of node `node` must hold: its own addresses are those of its interfaces
-/// (`host`) and of its Node object.
+/// The addresses of node `node`: those of its interfaces (`host`) and of its Node object.
+fn node_addresses(cluster: &Cluster, node: &str, host: &[IpAddr]) -> Vec<IpAddr> {
+    let mut addrs = host.to_vec();
+    for n in &cluster.nodes {
+        if n.name == node {
+            addrs.extend(n.addresses.iter().copied());
+        }
+    }
+    addrs
+}
+
+/// What the maps of node `node` must hold, compiled whole.
 pub fn compile_for_node(
     cluster: &Cluster,
     node: &str,
@@ -112,17 +125,18 @@ pub fn compile_for_node(
     opts: &crate::policy::Options,
     alloc: &mut Allocator,
 ) -> Desired {
-    let mut addrs = host.to_vec();
-    for n in &cluster.nodes {
-        if n.name == node {
-            addrs.extend(n.addresses.iter().copied());
-        }
-    }
-    compile::compile(cluster, node, &addrs, opts, alloc)
+    compile::compile(
+        cluster,
+        node,
+        &node_addresses(cluster, node, host),
+        opts,
+        alloc,
+    )
 }
 
-/// Compiles `cluster` for this node and writes the differences to the maps. On failure what is
-/// enforced stays as it is and `false` asks the caller to try again.
+/// Brings the compiled cluster to `cluster` and writes what changed to the maps (all of it,
+/// against what they hold, the first time and after a failure). On failure what is enforced
+/// stays as it is and `false` asks the caller to try again.
 pub(super) fn apply_cluster(
     shared: &Shared,
     src: &mut SourceState,
@@ -130,20 +144,24 @@ pub(super) fn apply_cluster(
     host: Vec<IpAddr>,
 ) -> bool {
     let t0 = Instant::now();
-    let want = compile_for_node(
+    let node = &shared.opts.node_name;
+    let compiled = src
+        .compiled
+        .get_or_insert_with(|| Incremental::new(node, &shared.opts.policy));
+    compiled.update(
         &cluster,
-        &shared.opts.node_name,
-        &host,
-        &shared.opts.policy,
+        &node_addresses(&cluster, node, &host),
         &mut src.alloc,
     );
+    let changes = compiled.take_changes();
     debug!(compile = ?t0.elapsed(), "compiled");
-    if src.applied.as_ref() != Some(&want) {
+    if !src.in_sync || !changes.is_empty() {
+        let want = compiled.desired();
         let mut dp = shared.dp.lock().unwrap();
-        // Diff against what this process wrote last; read the maps back only the first time.
-        let res = match src.applied.as_ref() {
-            Some(old) => dp.apply_diff(old, &want),
-            None => dp.apply(&want),
+        let res = if src.in_sync {
+            dp.write(&incremental::ordered_writes(&changes, want))
+        } else {
+            dp.apply(want)
         };
         match res {
             Ok((w, r)) => {
@@ -160,10 +178,11 @@ pub(super) fn apply_cluster(
                     prefixes = want.ipcache.len(),
                     "datapath maps synced"
                 );
-                src.applied = Some(want);
+                src.in_sync = true;
             }
             Err(e) => {
                 warn!("map sync: {e:#}");
+                src.in_sync = false;
                 shared.state.lock().unwrap().metrics.map_sync_errors_total += 1;
                 return false;
             }
@@ -269,7 +288,7 @@ pub(super) async fn kube_task(
             _ = tick.tick() => {
                 // The node's own addresses come from its interfaces as well as its Node object.
                 if !retry && host_addresses() == src.host {
-                    if kube.all_synced() && kube.stale_since().is_none() && src.applied.is_some() {
+                    if kube.all_synced() && kube.stale_since().is_none() && src.in_sync {
                         shared.state.lock().unwrap().last_sync = Some(std::time::SystemTime::now());
                     }
                     continue;

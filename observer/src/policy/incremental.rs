@@ -839,3 +839,74 @@ impl View for Incremental {
         self.opts.audit_all || pol.audit || self.audit_namespaces.contains(&pol.namespace)
     }
 }
+
+/// One map write of a sync: the entry's new value, or its removal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapWrite {
+    Endpoint(IpAddr, Option<EndpointInfo>),
+    Ipcache(IpNet, Option<IpcacheEntry>),
+    Policy(PolicyKey, Option<PolicyEntry>),
+    Service((IpAddr, u8, u16), Option<u32>),
+}
+
+/// The writes that move the maps from the state `changes` started from to `want`, ordered so
+/// that no state in between allows a connection that both the old and the new state deny:
+/// first what tightens (entries that go, new endpoints, endpoints isolated in either state),
+/// then the ipcache and Services, then what loosens (entries that come, the endpoints' final
+/// flags, endpoints that go).
+/// Between the phases an endpoint's allows are those of both states and its isolation that
+/// of either, so each side of a connection passes only what both states let through.
+pub fn ordered_writes(changes: &Changes, want: &Desired) -> Vec<MapWrite> {
+    let mut first = Vec::new();
+    let mut middle = Vec::new();
+    let mut last = Vec::new();
+    for (k, old) in &changes.policy {
+        let new = want.policy.get(k).copied();
+        match (old, new) {
+            (Some(_), None) => first.push(MapWrite::Policy(*k, None)),
+            (o, Some(n)) if *o != Some(n) => last.push(MapWrite::Policy(*k, Some(n))),
+            _ => {}
+        }
+    }
+    for (ip, old) in &changes.endpoints {
+        let new = want.endpoints.get(ip).copied();
+        if *old == new {
+            continue;
+        }
+        if let (None, Some(n)) = (old, new) {
+            // A new endpoint is isolated before it gets an address in the ipcache or its
+            // allows: until then it passes nothing that its policies do not.
+            first.push(MapWrite::Endpoint(*ip, Some(n)));
+            continue;
+        }
+        if let (Some(o), Some(n)) = (old, new) {
+            let both = EndpointInfo {
+                id: n.id,
+                flags: o.flags | n.flags,
+            };
+            if both != *o && both != n {
+                first.push(MapWrite::Endpoint(*ip, Some(both)));
+            }
+            if both == n {
+                first.push(MapWrite::Endpoint(*ip, Some(n)));
+                continue;
+            }
+        }
+        last.push(MapWrite::Endpoint(*ip, new));
+    }
+    for (net, old) in &changes.ipcache {
+        let new = want.ipcache.get(net).copied();
+        if *old != new {
+            middle.push(MapWrite::Ipcache(*net, new));
+        }
+    }
+    for (k, old) in &changes.services {
+        let new = want.services.get(k).copied();
+        if *old != new {
+            middle.push(MapWrite::Service(*k, new));
+        }
+    }
+    first.extend(middle);
+    first.extend(last);
+    first
+}

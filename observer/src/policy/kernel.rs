@@ -19,7 +19,8 @@ use crate::{
 };
 
 const TC_ACT_SHOT: u32 = 2;
-const NODE: &str = "kernel-engine";
+/// The node the engine plays: every pod it loads is moved onto it.
+pub const NODE: &str = "kernel-engine";
 
 /// Builds an Ethernet frame opening a connection: TCP SYN, a UDP datagram or an SCTP INIT.
 pub fn opening_packet(
@@ -117,14 +118,30 @@ impl KernelEngine {
             std::sync::Arc::make_mut(p).node = NODE.into();
         }
         let want = compile::compile(&local, NODE, &[], opts, &mut self.alloc);
-        self.dp.apply(&want)?;
         // Fresh connections only: forget every verdict taken for an earlier cluster.
+        self.apply(&want)?;
+        Ok((local, self.alloc.rule_table()))
+    }
+
+    /// Makes the maps hold `want` (compiled for [`NODE`] elsewhere), reading back what they
+    /// hold, and forgets every connection.
+    pub fn apply(&mut self, want: &compile::Desired) -> Result<()> {
+        self.dp.apply(want)?;
+        self.forget_connections()
+    }
+
+    /// Performs map writes as the daemon does.
+    pub fn write(&mut self, writes: &[super::incremental::MapWrite]) -> Result<()> {
+        self.dp.write(writes).map(drop)
+    }
+
+    fn forget_connections(&mut self) -> Result<()> {
         let keys: Vec<_> = self.dp.conntrack()?.keys().filter_map(|k| k.ok()).collect();
         let mut ct = self.dp.conntrack_mut()?;
         for k in keys {
             let _ = ct.remove(&k);
         }
-        Ok((local, self.alloc.rule_table()))
+        Ok(())
     }
 
     /// Runs an arbitrary frame through one program; returns the program's return code.
@@ -161,7 +178,13 @@ impl KernelEngine {
         let ingress =
             !egress && dst_is_pod && self.test_run(programs::TO_POD, &pkt)? == TC_ACT_SHOT;
         let key = crate::flows::ct_key(src, sport, dst, port, proto.number());
-        Ok((egress, ingress, self.dp.conntrack()?.get(&key, 0).ok()))
+        let entry = self.dp.conntrack()?.get(&key, 0).ok();
+        // Each run its own connection: a source port that comes round again must not find the
+        // verdict an earlier map state gave.
+        if entry.is_some() {
+            let _ = self.dp.conntrack_mut()?.remove(&key);
+        }
+        Ok((egress, ingress, entry))
     }
 }
 
