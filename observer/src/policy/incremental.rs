@@ -35,9 +35,13 @@ struct RuleState {
     prefixes: BTreeSet<u32>,
 }
 
+/// A policy and, when its namespace has local pods, its rules' peers: only the policies of
+/// local pods' namespaces can give this node's maps an entry. Uncomputed, the rule lists are
+/// empty.
 #[derive(Debug)]
 struct PolicyState {
     policy: Policy,
+    computed: bool,
     ingress: Vec<RuleState>,
     egress: Vec<RuleState>,
 }
@@ -90,6 +94,8 @@ struct Dirty {
     changed_groups: BTreeSet<u32>,
     /// Namespaces whose labels changed.
     relabelled: BTreeSet<String>,
+    /// Namespaces whose number of local pods changed.
+    local_ns: BTreeSet<String>,
 }
 
 /// The compiled state of one node, updated in place.
@@ -114,6 +120,8 @@ pub struct Incremental {
     /// Every ipcache prefix that is not a pod address, with its identity (ipBlock containment).
     nonpod: BTreeMap<IpNet, u32>,
     local: BTreeMap<PodKey, Endpoint>,
+    /// Namespace -> how many local pods it has.
+    local_ns: HashMap<String, usize>,
     local_ip_owners: HashMap<IpAddr, BTreeSet<PodKey>>,
     desired: Desired,
     changes: Changes,
@@ -140,6 +148,7 @@ impl Incremental {
             cidrs: BTreeSet::new(),
             nonpod: BTreeMap::new(),
             local: BTreeMap::new(),
+            local_ns: HashMap::new(),
             local_ip_owners: HashMap::new(),
             desired: Desired::default(),
             changes: Changes::default(),
@@ -175,8 +184,22 @@ impl Incremental {
         } else if cluster.services != self.services {
             self.update_services(cluster);
         }
-        let changed_policies = self.diff_policies(cluster);
+        let mut changed_policies = self.diff_policies(cluster);
         self.update_pods(cluster, alloc, &mut dirty);
+        // Namespaces that gained their first local pod have their policies computed whole
+        // below, with the changed policies; those that lost their last forget them.
+        for ns in std::mem::take(&mut dirty.local_ns) {
+            let active = self.local_ns.contains_key(&ns);
+            for (name, st) in self.policies.get_mut(&ns).into_iter().flatten() {
+                if active && !st.computed {
+                    changed_policies.insert((ns.clone(), name.clone()));
+                } else if !active && st.computed {
+                    st.computed = false;
+                    st.ingress = Vec::new();
+                    st.egress = Vec::new();
+                }
+            }
+        }
         // Existing rules against the identities and namespaces that changed; changed
         // policies are computed whole below.
         for (ns, name) in &changed_policies {
@@ -207,7 +230,7 @@ impl Incremental {
         };
         for (ns, name) in &changed_policies {
             if let Some(p) = by_key.get(&(ns.as_str(), name.as_str())) {
-                let st = self.policy_state((*p).clone());
+                let st = self.policy_state((*p).clone(), self.local_ns.contains_key(ns));
                 dirty.namespaces.insert(ns.clone());
                 self.policies
                     .entry(ns.clone())
@@ -358,6 +381,19 @@ impl Incremental {
         p.node == self.node && !p.host_network
     }
 
+    fn count_local(&mut self, ns: &str, up: bool, dirty: &mut Dirty) {
+        let n = self.local_ns.entry(ns.to_string()).or_default();
+        if up {
+            *n += 1;
+        } else {
+            *n -= 1;
+        }
+        if *n == 0 {
+            self.local_ns.remove(ns);
+        }
+        dirty.local_ns.insert(ns.to_string());
+    }
+
     fn remove_pod(&mut self, k: &PodKey, p: &PodInfo, dirty: &mut Dirty) {
         if let Some(id) = self.pod_group.remove(k) {
             let g = self.groups.get_mut(&id).expect("a pod's group");
@@ -385,6 +421,7 @@ impl Incremental {
             }
         }
         if self.is_local(p) {
+            self.count_local(&p.namespace, false, dirty);
             dirty.endpoints.insert(k.clone());
             for ip in &p.ips {
                 if let Some(o) = self.local_ip_owners.get_mut(ip) {
@@ -425,6 +462,7 @@ impl Incremental {
             }
         }
         if self.is_local(p) {
+            self.count_local(&p.namespace, true, dirty);
             dirty.endpoints.insert(k.clone());
             for ip in &p.ips {
                 self.local_ip_owners
@@ -614,8 +652,16 @@ impl Incremental {
         }
     }
 
-    /// A policy's rules computed whole.
-    fn policy_state(&self, policy: Policy) -> PolicyState {
+    /// A policy with its rules computed whole, or not at all.
+    fn policy_state(&self, policy: Policy, compute: bool) -> PolicyState {
+        if !compute {
+            return PolicyState {
+                policy,
+                computed: false,
+                ingress: Vec::new(),
+                egress: Vec::new(),
+            };
+        }
         let rules = |rules: &[Rule]| -> Vec<RuleState> {
             rules
                 .iter()
@@ -665,6 +711,7 @@ impl Incremental {
                 .collect()
         };
         PolicyState {
+            computed: true,
             ingress: rules(&policy.ingress),
             egress: rules(&policy.egress),
             policy,
@@ -720,10 +767,10 @@ impl Incremental {
         let mut todo = std::mem::take(&mut dirty.endpoints);
         if !dirty.namespaces.is_empty() {
             todo.extend(
-                self.pods
-                    .iter()
-                    .filter(|(k, p)| dirty.namespaces.contains(&k.0) && self.is_local(p))
-                    .map(|(k, _)| k.clone()),
+                self.local
+                    .keys()
+                    .filter(|k| dirty.namespaces.contains(&k.0))
+                    .cloned(),
             );
         }
         let mut results = Vec::new();
@@ -809,13 +856,19 @@ impl View for Incremental {
                     st.egress.get(index)
                 }
             });
+        debug_assert!(rs.is_some(), "{}: rule not computed", pol.id());
         match rs {
-            Some(rs) if !rs.any => PeerIds {
+            Some(rs) if rs.any => PeerIds {
+                any: true,
+                sets: [&NO_IDS, &NO_IDS],
+            },
+            Some(rs) => PeerIds {
                 any: false,
                 sets: [&rs.groups, &rs.prefixes],
             },
-            _ => PeerIds {
-                any: true,
+            // Never for a local pod's namespace; should it happen, the rule allows nothing.
+            None => PeerIds {
+                any: false,
                 sets: [&NO_IDS, &NO_IDS],
             },
         }
