@@ -92,6 +92,35 @@ pub struct KubeStatus {
     pub stale_since: Option<String>,
     pub stale_seconds: Option<f64>,
     pub resources: Vec<crate::k8s::ResourceStatus>,
+    /// API event to maps written (`observer_kube_sync_latency_seconds`).
+    #[serde(default)]
+    pub propagation: Option<Propagation>,
+}
+
+/// Policy propagation: from the first API event a sync takes in to the maps written, over
+/// the daemon's life; quantiles estimated from the histogram's buckets, as Prometheus'
+/// `histogram_quantile` would from /metrics.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Propagation {
+    pub syncs: u64,
+    pub p50_seconds: f64,
+    pub p99_seconds: f64,
+    /// Syncs slower than the largest bucket bound, `max_bound_seconds` (a quantile among
+    /// them reads as that bound).
+    pub above_max_bound: u64,
+    pub max_bound_seconds: f64,
+}
+
+impl Propagation {
+    pub fn of(h: &crate::daemon::Histogram) -> Option<Self> {
+        Some(Self {
+            syncs: h.count,
+            p50_seconds: h.quantile(0.5)?,
+            p99_seconds: h.quantile(0.99)?,
+            above_max_bound: h.above_bounds(),
+            max_bound_seconds: h.bounds.last().copied().unwrap_or(0.0),
+        })
+    }
 }
 
 fn router(shared: Arc<Shared>) -> Router {
@@ -269,6 +298,7 @@ pub fn status_of(shared: &Shared) -> Status {
                 stale_since: stale.map(crate::flows::rfc3339),
                 stale_seconds: stale.map(|t| t.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0)),
                 resources: k.status(),
+                propagation: Propagation::of(&st.metrics.sync_latency),
             }
         }),
         network: Some(NetworkStatus {

@@ -300,7 +300,7 @@ fn sync_latency(p: &mut Prom, st: &State) {
         p.family(
             "observer_kube_sync_latency_seconds",
             "histogram",
-            "From an API server event to the maps written.",
+            "Policy propagation: from the first API server event a sync takes in to the maps written (any watched kind; Cilium: policy_implementation_delay).",
         );
         for (b, n) in h.bounds.iter().zip(&h.counts) {
             p.sample(

@@ -108,6 +108,24 @@ pub(super) fn run(a: ClientArgs) -> Result<()> {
             (None, false) => "initial list in progress".to_string(),
         };
         println!("api server:    {state}");
+        // Cilium's policy_implementation_delay, for every watched kind.
+        match &k.propagation {
+            Some(p) => println!(
+                "  policy propagation: {} syncs, p50 {}, p99 {} (API event to maps written){}",
+                p.syncs,
+                millis(p.p50_seconds, p),
+                millis(p.p99_seconds, p),
+                if p.above_max_bound > 0 {
+                    format!(
+                        ", {} slower than {} s",
+                        p.above_max_bound, p.max_bound_seconds
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+            None => println!("  policy propagation: no change synced yet"),
+        }
         for r in &k.resources {
             println!(
                 "  {:<16} {:<5} {:>6} objects  {} events  {} lists  {} errors{}",
@@ -128,4 +146,16 @@ pub(super) fn run(a: ClientArgs) -> Result<()> {
         println!("source error:  {e}");
     }
     Ok(())
+}
+
+/// A propagation quantile in milliseconds; one at the largest bucket bound means "at least".
+fn millis(v: f64, p: &observer::api::Propagation) -> String {
+    let ms = v * 1e3;
+    let prec = if ms < 10.0 { 2 } else { 1 };
+    let at_least = if p.above_max_bound > 0 && v >= p.max_bound_seconds {
+        ">= "
+    } else {
+        ""
+    };
+    format!("{at_least}{ms:.prec$} ms")
 }
