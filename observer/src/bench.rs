@@ -521,32 +521,164 @@ pub fn compile_cluster(pods: usize, policies: usize) -> Cluster {
     c
 }
 
+/// The shape of a benchmark cluster: `cargo xtask bench kube -- SIZE=10k|250k`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterSpec {
+    pub pods: usize,
+    pub policies: usize,
+    /// Nodes, `node-0` (the node under test) included.
+    pub nodes: usize,
+    /// Pods on `node-0`: pods `p0` to `p{local_pods - 1}`.
+    pub local_pods: usize,
+}
+
+impl ClusterSpec {
+    /// The shape [`cluster_objects`] has always built: 100 pods per node, 100 of them on
+    /// `node-0`. Kept exactly (addresses included) so runs compare across BENCHMARKS.md.
+    pub fn classic(pods: usize, policies: usize) -> Self {
+        Self {
+            pods,
+            policies,
+            nodes: pods.div_ceil(100).max(1),
+            local_pods: pods.min(100),
+        }
+    }
+
+    /// `10k` (the classic 10,000 pods, 1,000 policies) or `250k` (250,000 pods, 10,000
+    /// policies, 1,000 nodes of 250 pods each).
+    pub fn size(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "10k" => Some(Self::classic(10_000, 1_000)),
+            "250k" => Some(Self {
+                pods: 250_000,
+                policies: 10_000,
+                nodes: 1_000,
+                local_pods: 250,
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn is_classic(&self) -> bool {
+        *self == Self::classic(self.pods, self.policies)
+    }
+
+    fn namespaces(&self) -> usize {
+        (self.pods / 100).max(1)
+    }
+
+    /// Pods per node other than `node-0` (per-node layout).
+    fn per_node(&self) -> usize {
+        (self.pods - self.local_pods).div_ceil(self.nodes.saturating_sub(1).max(1))
+    }
+
+    /// Host bits of a node's pod CIDR (per-node layout): at least a /24, room for the largest
+    /// node's pods plus network, broadcast and one spare address on `node-0`.
+    fn host_bits(&self) -> u32 {
+        let need = self.per_node().max(self.local_pods + 1) + 2;
+        need.next_power_of_two().trailing_zeros().max(8)
+    }
+
+    /// First address of node `n`'s pod CIDR (per-node layout): consecutive blocks from
+    /// 10.100.0.0, below the test bed's 10.224.0.0/16 VNet.
+    fn node_base(&self, n: usize) -> u32 {
+        let base = u32::from(std::net::Ipv4Addr::new(10, 100, 0, 0));
+        base + ((n as u32) << self.host_bits())
+    }
+
+    /// Node `n`'s pod CIDR.
+    pub fn pod_cidr(&self, n: usize) -> String {
+        if self.is_classic() {
+            return format!("10.{}.{}.0/24", 200 + n / 256, n % 256);
+        }
+        format!(
+            "{}/{}",
+            std::net::Ipv4Addr::from(self.node_base(n)),
+            32 - self.host_bits()
+        )
+    }
+
+    /// An address in `node-0`'s pod CIDR that no pod of the cluster holds: for a pod the
+    /// benchmark adds.
+    pub fn spare_local_ip(&self) -> String {
+        if self.is_classic() {
+            return "10.200.0.254".into();
+        }
+        let last = self.node_base(0) + (1u32 << self.host_bits()) - 2;
+        std::net::Ipv4Addr::from(last).to_string()
+    }
+
+    /// Pod `i`'s node and IPv4 address.
+    fn place(&self, i: usize) -> (usize, String) {
+        if self.is_classic() {
+            let node = if i < 100 { 0 } else { 1 + i / 100 };
+            let ip = format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
+            return (node, ip);
+        }
+        let (node, slot) = if i < self.local_pods {
+            (0, i)
+        } else {
+            let r = i - self.local_pods;
+            (1 + r / self.per_node(), r % self.per_node())
+        };
+        let ip = std::net::Ipv4Addr::from(self.node_base(node) + 1 + slot as u32);
+        (node, ip.to_string())
+    }
+}
+
 /// The benchmark cluster as Kubernetes objects: `pods / 100` namespaces and as many nodes
 /// (`node-0` holds the first 100 pods), `pods` pods with 20 app labels and two tiers, and
 /// `policies` NetworkPolicies mixing pod, namespace and ipBlock peers with named ports.
+///
+/// This classic layout does not put pods inside their node's pod CIDR (pods from
+/// 10.100.0.0/16 on, node CIDRs from 10.200.0.0/24), leaves `node-1` empty and puts the last
+/// 100 pods on a node without a Node object; it stays as it is because the compile and sync
+/// figures in BENCHMARKS.md were measured on it. [`cluster_objects_for`] with any other
+/// shape packs each node's pods into its pod CIDR.
 pub fn cluster_objects(pods: usize, policies: usize) -> Vec<serde_json::Value> {
+    cluster_objects_for(&ClusterSpec::classic(pods, policies))
+}
+
+/// The benchmark cluster of shape `spec`. For the classic shape, what [`cluster_objects`]
+/// builds. Otherwise pods `p0..p{local_pods}` are on `node-0` and the others fill
+/// `node-1..node-{nodes - 1}` in order, each node's pod CIDR holding its pods' addresses
+/// (consecutive blocks of at least a /24 from 10.100.0.0). Pod labels, namespaces
+/// (`pods / 100`, pod `i` in `ns{i % namespaces}`) and policies are the same in both.
+pub fn cluster_objects_for(spec: &ClusterSpec) -> Vec<serde_json::Value> {
+    assert!(
+        spec.local_pods <= spec.pods && (spec.nodes > 1 || spec.local_pods == spec.pods),
+        "{spec:?}: pods beyond node-0's need other nodes"
+    );
+    if !spec.is_classic() {
+        assert!(
+            spec.node_base(spec.nodes) <= u32::from(std::net::Ipv4Addr::new(10, 224, 0, 0)),
+            "{spec:?}: the pod CIDRs would reach the test bed's VNet"
+        );
+    }
     let mut out = Vec::new();
-    let namespaces = (pods / 100).max(1);
+    let namespaces = spec.namespaces();
     for n in 0..namespaces {
         out.push(json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": format!("ns{n}"), "labels": {"team": format!("t{}", n % 10)}}}));
     }
-    for n in 0..pods.div_ceil(100).max(1) {
+    for n in 0..spec.nodes {
+        // node-0 is the test bed's node (10.224.0.4); unique up to 64,000 nodes.
         out.push(json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": format!("node-{n}")},
-            "spec": {"podCIDR": format!("10.{}.{}.0/24", 200 + n / 256, n % 256)},
-            "status": {"addresses": [{"type": "InternalIP", "address": format!("10.224.{}.{}", n / 256, 4 + n % 250)}]}}));
+            "spec": {"podCIDR": spec.pod_cidr(n)},
+            "status": {"addresses": [{"type": "InternalIP", "address": format!("10.224.{}.{}", n / 250, 4 + n % 250)}]}}));
     }
-    for i in 0..pods {
+    for i in 0..spec.pods {
         let ns = i % namespaces;
+        let (node, ip) = spec.place(i);
         out.push(json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("p{i}"), "namespace": format!("ns{ns}"),
                 "labels": {"app": format!("app{}", i % 20), "tier": if i % 2 == 0 { "fe" } else { "be" }}},
-            "spec": {"nodeName": if i < 100 { "node-0".to_string() } else { format!("node-{}", 1 + i / 100) },
+            "spec": {"nodeName": format!("node-{node}"),
                 "containers": [{"name": "c", "image": "i", "ports": [{"name": "http", "containerPort": 8080}]}]},
-            "status": {"phase": "Running", "podIP": format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256)}}));
+            "status": {"phase": "Running", "podIP": ip}}));
     }
-    for j in 0..policies {
+    for j in 0..spec.policies {
         let ns = j % namespaces;
         out.push(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": format!("pol{j}"), "namespace": format!("ns{ns}")},
@@ -622,4 +754,89 @@ pub fn compile_bench(rounds: usize) -> Result<Vec<Measurement>> {
         ),
     ));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_250k_shape_packs_pods_into_their_node_cidrs() {
+        let spec = ClusterSpec::size("250k").unwrap();
+        assert!(!spec.is_classic());
+        assert_eq!(spec.pod_cidr(0), "10.100.0.0/24");
+        assert_eq!(spec.pod_cidr(999), "10.103.231.0/24");
+        let mut seen = std::collections::HashSet::new();
+        let mut per_node = vec![0usize; spec.nodes];
+        for i in 0..spec.pods {
+            let (node, ip) = spec.place(i);
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert!(seen.insert(ip), "pod {i}: {ip} twice");
+            let cidr: ipnet::IpNet = spec.pod_cidr(node).parse().unwrap();
+            assert!(cidr.contains(&ip), "pod {i}: {ip} outside {cidr}");
+            assert_eq!(node == 0, i < spec.local_pods);
+            per_node[node] += 1;
+        }
+        assert!(per_node.iter().all(|n| *n == 250), "{per_node:?}");
+        let spare: std::net::IpAddr = spec.spare_local_ip().parse().unwrap();
+        assert!(!seen.contains(&spare));
+        assert!(spec
+            .pod_cidr(0)
+            .parse::<ipnet::IpNet>()
+            .unwrap()
+            .contains(&spare));
+    }
+
+    #[test]
+    fn a_small_per_node_shape_has_every_object() {
+        let spec = ClusterSpec {
+            pods: 2_000,
+            policies: 40,
+            nodes: 4,
+            local_pods: 500,
+        };
+        let objs = cluster_objects_for(&spec);
+        let count = |k: &str| objs.iter().filter(|o| o["kind"] == k).count();
+        assert_eq!(
+            (
+                count("Namespace"),
+                count("Node"),
+                count("Pod"),
+                count("NetworkPolicy")
+            ),
+            (20, 4, 2_000, 40)
+        );
+        // 500 pods per node: a /23 each.
+        assert_eq!(spec.pod_cidr(1), "10.100.2.0/23");
+        let local = objs
+            .iter()
+            .filter(|o| o["kind"] == "Pod" && o["spec"]["nodeName"] == "node-0")
+            .count();
+        assert_eq!(local, 500);
+        let mut c = Cluster::default();
+        for o in objs {
+            add_object(&mut c, "bench", o);
+        }
+        assert!(c.errors.is_empty(), "{:?}", c.errors.first());
+    }
+
+    /// FNV-1a over the objects as JSON text.
+    fn fingerprint(objs: &[serde_json::Value]) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for o in objs {
+            for b in o.to_string().bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        h
+    }
+
+    /// The compile figures of BENCHMARKS.md are compared across runs: the classic cluster must
+    /// stay byte for byte what it was when they were first measured (checked against the
+    /// generator as it was before `ClusterSpec`).
+    #[test]
+    fn the_classic_shape_is_unchanged() {
+        let objs = cluster_objects(10_000, 1_000);
+        assert_eq!(fingerprint(&objs), 2_325_152_987_664_726_867);
+    }
 }

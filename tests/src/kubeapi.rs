@@ -27,6 +27,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    ops::Bound,
     os::fd::AsRawFd,
     path::Path,
     sync::{Arc, Condvar, Mutex, MutexGuard},
@@ -528,7 +529,7 @@ impl Drop for FakeApi {
 
 /// Appends an event to the history.
 fn record(st: &mut State, rv: u64, kind: &str, namespace: &str, etype: &str, obj: &Value) {
-    let line = json!({"type": etype, "object": obj}).to_string();
+    let line = event_line(etype, obj);
     st.history.push(HistEvent {
         rv,
         kind: kind.to_string(),
@@ -970,33 +971,38 @@ fn serve_list(
             (st.rv, None)
         }
     };
-    let matching: Vec<(&Key, &Value)> = st
-        .objects
-        .range((res.kind.to_string(), String::new(), String::new())..)
-        .take_while(|(k, _)| k.0 == res.kind)
-        .filter(|(k, _)| ns.is_none_or(|n| k.1 == n))
-        .filter(|(k, _)| {
-            after
-                .as_ref()
-                .is_none_or(|(ans, aname)| (&k.1, &k.2) > (ans, aname))
-        })
-        .collect();
-    let take = if limit == 0 {
-        matching.len()
-    } else {
-        limit.min(matching.len())
+    // From the continue key on (not from the kind's first object: pages of a large list would
+    // cost the whole list each); a namespace's objects are contiguous in the key order.
+    let from = match &after {
+        Some((ans, aname)) => Bound::Excluded((res.kind.to_string(), ans.clone(), aname.clone())),
+        None => Bound::Included((
+            res.kind.to_string(),
+            ns.unwrap_or_default().to_string(),
+            String::new(),
+        )),
     };
+    let mut matching = st
+        .objects
+        .range((from, Bound::Unbounded))
+        .take_while(|(k, _)| k.0 == res.kind && ns.is_none_or(|n| k.1.as_str() <= n))
+        .filter(|(k, _)| ns.is_none_or(|n| k.1 == n));
+    let page: Vec<(&Key, &Value)> = if limit == 0 {
+        matching.by_ref().collect()
+    } else {
+        matching.by_ref().take(limit).collect()
+    };
+    // `remainingItemCount` is optional (the API server leaves it out with selectors); counting
+    // would walk the rest of a large list for every page.
+    let more = matching.next().is_some();
     let mut meta = Map::new();
     meta.insert("resourceVersion".into(), json!(snapshot.to_string()));
-    if take < matching.len() {
-        let last = matching[take - 1].0;
+    if let Some((last, _)) = page.last().filter(|_| more) {
         meta.insert(
             "continue".into(),
             json!(encode_continue(snapshot, &last.1, &last.2)),
         );
-        meta.insert("remainingItemCount".into(), json!(matching.len() - take));
     }
-    let items: Vec<Value> = matching[..take].iter().map(|(_, v)| (*v).clone()).collect();
+    let items: Vec<Value> = page.into_iter().map(|(_, v)| v.clone()).collect();
     drop(st);
     let body = json!({
         "kind": format!("{}List", res.kind),
@@ -1007,8 +1013,9 @@ fn serve_list(
     write_json(out, 200, &body)
 }
 
+/// `{"type":...,"object":...}`, written straight from `obj` (no copy of it).
 fn event_line(etype: &str, obj: &Value) -> String {
-    json!({"type": etype, "object": obj}).to_string()
+    format!("{{\"type\":{},\"object\":{obj}}}", Value::from(etype))
 }
 
 fn bookmark_line(res: &KindInfo, rv: u64, initial_end: bool) -> String {

@@ -60,7 +60,8 @@ enum Cmd {
         /// One JSON object per measurement.
         #[arg(long)]
         json: bool,
-        /// Extra arguments for `observer bench <what>`.
+        /// Extra arguments for `observer bench <what>`; for kube, events, snat and compare
+        /// `NAME=VALUE` settings (e.g. `cargo xtask bench kube -- SIZE=250k`).
         #[arg(last = true)]
         rest: Vec<String>,
     },
@@ -293,7 +294,7 @@ fn main() -> Result<()> {
             }
             for kv in &rest {
                 let (k, v) = kv.split_once('=').context(
-                    "bench kube|events|snat|compare take NAME=N settings, e.g. ROUNDS=5",
+                    "bench kube|events|snat|compare take NAME=VALUE settings, e.g. ROUNDS=5 or (kube) SIZE=250k",
                 )?;
                 cmd.env(format!("BENCH_{}", k.to_uppercase()), v);
             }
