@@ -93,7 +93,9 @@ pub struct Cluster {
     /// Shared, not copied, between the watch caches, the compiler and the flow enricher.
     pub pods: Vec<std::sync::Arc<PodInfo>>,
     pub nodes: Vec<NodeInfo>,
-    pub policies: Vec<Policy>,
+    /// Shared, not copied, like the pods: a sync hands the same policies to the compiler and
+    /// the enricher.
+    pub policies: Vec<std::sync::Arc<Policy>>,
     pub services: Vec<ServiceInfo>,
     pub endpoint_slices: Vec<EndpointSliceInfo>,
     /// Namespaces annotated `observer.dev/audit: "true"`: their policies are in audit mode.
@@ -399,7 +401,7 @@ pub fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value)
                 for e in &p.errors {
                     cluster.errors.push(format!("{origin}: {e}"));
                 }
-                cluster.policies.push(p);
+                cluster.policies.push(std::sync::Arc::new(p));
             }
             other => bail!("kind {other} is not used by observer"),
         }

@@ -61,7 +61,7 @@ pub const WATCHED: &[Watched] = &[
 pub const VERBS: &[&str] = &["get", "list", "watch"];
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Debug,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -86,7 +86,7 @@ use tracing::{info, warn};
 
 use crate::{
     cluster::{self, Cluster, EndpointSliceInfo, NodeInfo, PodInfo, ServiceInfo},
-    policy::{model, Policy},
+    policy::{incremental::Hints, model, Policy},
 };
 
 /// How to reach the API server.
@@ -142,18 +142,19 @@ pub type ObjKey = (String, String);
 /// cost hundreds of megabytes as `Pod`s and a few as [`PodInfo`]s.
 #[derive(Debug)]
 pub struct KindCache<V> {
-    items: HashMap<ObjKey, V>,
+    /// In key order: a sync takes them sorted without sorting.
+    items: BTreeMap<ObjKey, V>,
     /// Objects that could not be converted, with the reason naming object and field.
     errors: HashMap<ObjKey, String>,
     /// A relist in progress: replaces `items` atomically when complete, so a relist never
     /// flushes what is enforced.
-    relist: Option<(HashMap<ObjKey, V>, HashMap<ObjKey, String>)>,
+    relist: Option<(BTreeMap<ObjKey, V>, HashMap<ObjKey, String>)>,
 }
 
 impl<V> Default for KindCache<V> {
     fn default() -> Self {
         Self {
-            items: HashMap::new(),
+            items: BTreeMap::new(),
             errors: HashMap::new(),
             relist: None,
         }
@@ -176,12 +177,26 @@ pub struct Caches {
     pub pods: KindCache<Arc<PodInfo>>,
     pub namespaces: KindCache<NsInfo>,
     pub nodes: KindCache<NodeInfo>,
-    pub policies: KindCache<Policy>,
+    pub policies: KindCache<Arc<Policy>>,
     pub services: KindCache<ServiceInfo>,
     pub endpoint_slices: KindCache<EndpointSliceInfo>,
+    /// The pods and policies changed since the last sync took them (everything at first and
+    /// after a relist), so that the compiler compares only those.
+    changed: Hints,
 }
 
 impl Caches {
+    /// What changed since the last call: hands the compiler the keys to compare.
+    pub fn take_changed(&mut self) -> Hints {
+        std::mem::replace(
+            &mut self.changed,
+            Hints {
+                pods: Some(BTreeSet::new()),
+                policies: Some(BTreeSet::new()),
+            },
+        )
+    }
+
     /// The cluster as the compiler takes it, in a stable order.
     pub fn cluster(&self) -> Cluster {
         let mut c = Cluster::default();
@@ -191,27 +206,16 @@ impl Caches {
                 c.audit_namespaces.insert(name.clone());
             }
         }
-        let mut pods: Vec<(&ObjKey, &Arc<PodInfo>)> = self.pods.items.iter().collect();
-        pods.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        c.pods = pods.into_iter().map(|(_, p)| p.clone()).collect();
-        let mut nodes: Vec<(&ObjKey, &NodeInfo)> = self.nodes.items.iter().collect();
-        nodes.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        c.nodes = nodes.into_iter().map(|(_, n)| n.clone()).collect();
-        let mut pols: Vec<(&ObjKey, &Policy)> = self.policies.items.iter().collect();
-        pols.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for (_, p) in pols {
+        c.pods = self.pods.items.values().cloned().collect();
+        c.nodes = self.nodes.items.values().cloned().collect();
+        for p in self.policies.items.values() {
             for e in &p.errors {
                 c.errors.push(format!("NetworkPolicy {}: {e}", p.id()));
             }
             c.policies.push(p.clone());
         }
-        let mut svcs: Vec<(&ObjKey, &ServiceInfo)> = self.services.items.iter().collect();
-        svcs.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        c.services = svcs.into_iter().map(|(_, s)| s.clone()).collect();
-        let mut slices: Vec<(&ObjKey, &EndpointSliceInfo)> =
-            self.endpoint_slices.items.iter().collect();
-        slices.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        c.endpoint_slices = slices.into_iter().map(|(_, s)| s.clone()).collect();
+        c.services = self.services.items.values().cloned().collect();
+        c.endpoint_slices = self.endpoint_slices.items.values().cloned().collect();
         let mut errors: Vec<String> = [
             &self.pods.errors,
             &self.namespaces.errors,
@@ -240,6 +244,11 @@ pub trait Watch:
     /// `Ok(None)`: the object exists but plays no part (a finished pod).
     fn info(&self) -> Result<Option<Self::Info>>;
     fn cache(c: &mut Caches) -> &mut KindCache<Self::Info>;
+    /// Where the kind's changed keys are gathered for the compiler, if it is one it takes
+    /// by key.
+    fn changed(_: &mut Hints) -> Option<&mut Option<BTreeSet<ObjKey>>> {
+        None
+    }
 }
 
 impl Watch for Pod {
@@ -256,6 +265,9 @@ impl Watch for Pod {
     }
     fn cache(c: &mut Caches) -> &mut KindCache<Arc<PodInfo>> {
         &mut c.pods
+    }
+    fn changed(h: &mut Hints) -> Option<&mut Option<BTreeSet<ObjKey>>> {
+        Some(&mut h.pods)
     }
 }
 
@@ -293,15 +305,18 @@ impl Watch for Node {
 }
 
 impl Watch for NetworkPolicy {
-    type Info = Policy;
+    type Info = Arc<Policy>;
     const KIND: &'static str = "NetworkPolicy";
     const INDEX: usize = 3;
-    fn info(&self) -> Result<Option<Policy>> {
+    fn info(&self) -> Result<Option<Arc<Policy>>> {
         // Invalid policies are kept: they isolate and allow nothing (fail closed).
-        Ok(Some(model::compile(self)))
+        Ok(Some(Arc::new(model::compile(self))))
     }
-    fn cache(c: &mut Caches) -> &mut KindCache<Policy> {
+    fn cache(c: &mut Caches) -> &mut KindCache<Arc<Policy>> {
         &mut c.policies
+    }
+    fn changed(h: &mut Hints) -> Option<&mut Option<BTreeSet<ObjKey>>> {
+        Some(&mut h.policies)
     }
 }
 
@@ -463,16 +478,30 @@ impl Kube {
         let mut changed = false;
         {
             let mut caches = self.caches.lock().unwrap();
+            match &ev {
+                watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => {
+                    if let Some(Some(keys)) = K::changed(&mut caches.changed) {
+                        keys.insert(key_of(obj));
+                    }
+                }
+                // A relist may have changed anything.
+                watcher::Event::InitDone => {
+                    if let Some(keys) = K::changed(&mut caches.changed) {
+                        *keys = None;
+                    }
+                }
+                _ => {}
+            }
             let cache = K::cache(&mut caches);
             match ev {
                 watcher::Event::Init => {
-                    cache.relist = Some((HashMap::new(), HashMap::new()));
+                    cache.relist = Some((BTreeMap::new(), HashMap::new()));
                 }
                 watcher::Event::InitApply(obj) => {
                     let key = key_of(&obj);
                     let (items, errors) = cache
                         .relist
-                        .get_or_insert_with(|| (HashMap::new(), HashMap::new()));
+                        .get_or_insert_with(|| (BTreeMap::new(), HashMap::new()));
                     match obj.info() {
                         Ok(Some(v)) => {
                             items.insert(key, v);

@@ -13,11 +13,12 @@ use observer::{
     cluster::{self, Cluster},
     policy::{
         compile::{self, Allocator, Desired},
-        incremental::{Changes, Incremental},
+        incremental::{Changes, Hints, Incremental},
         Options,
     },
 };
 use observer_tests::policy_gen::{Rng, World, NODE};
+use serde_json::Value;
 
 /// The cluster as the watch caches give it: pods and policies in (namespace, name) order.
 fn cluster_of(w: &World) -> Cluster {
@@ -30,6 +31,24 @@ fn cluster_of(w: &World) -> Cluster {
     c.policies
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     c
+}
+
+/// The pods and policies whose objects differ, as the watch events name them.
+fn hints_between(
+    a: &BTreeMap<(String, String, String), Value>,
+    b: &BTreeMap<(String, String, String), Value>,
+) -> Hints {
+    let changed = |kind: &str| -> BTreeSet<(String, String)> {
+        a.keys()
+            .chain(b.keys())
+            .filter(|k| k.0 == kind && a.get(*k) != b.get(*k))
+            .map(|k| (k.1.clone(), k.2.clone()))
+            .collect()
+    };
+    Hints {
+        pods: Some(changed("Pod")),
+        policies: Some(changed("NetworkPolicy")),
+    }
 }
 
 fn host(c: &Cluster) -> Vec<IpAddr> {
@@ -137,15 +156,23 @@ fn incremental_compile_equals_full_compile_after_every_change() {
         let mut w = World::random(&mut r);
         let mut alloc = Allocator::default();
         let mut inc = Incremental::new(NODE, &opts);
+        // Half the sequences name the changed pods and policies, as the watch caches do.
+        let hinted = s % 2 == 1;
         let mut before = Desired::default();
         let mut history = vec!["initial cluster".to_string()];
         for step in 0..=steps {
+            let before_objects = w.objects.clone();
             if step > 0 {
                 history.push(w.change(&mut r));
             }
+            let hints = if hinted && step > 0 {
+                hints_between(&before_objects, &w.objects)
+            } else {
+                Hints::everything()
+            };
             let c = cluster_of(&w);
             let addrs = host(&c);
-            inc.update(&c, &addrs, &mut alloc);
+            inc.update_with(&c, &hints, &addrs, &mut alloc);
             let changes = inc.take_changes();
             let full = compile::compile(&c, NODE, &addrs, &opts, &mut alloc.clone());
             let ctx = || {

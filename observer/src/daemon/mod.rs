@@ -39,7 +39,7 @@ use crate::{
     netlink::{self, LinkEvent, LinkMonitor},
     policy::{
         compile::{self, Allocator, Desired, RuleRef},
-        incremental::{self, Incremental},
+        incremental::{self, Hints, Incremental},
     },
 };
 

@@ -13,6 +13,8 @@ pub(super) struct SourceState {
     /// The maps hold what `compiled` says: later syncs write only its changes. False until
     /// the first sync and after a failed write, when the maps are read back and rewritten.
     in_sync: bool,
+    /// Numbers handed out when the rule table was last published.
+    rules_len: usize,
     /// The source's files and the node's addresses when `applied` was written.
     seen: Option<Fingerprint>,
     /// The node's addresses when `applied` was written.
@@ -101,7 +103,7 @@ pub(super) fn reload_source(shared: &Shared, src: &mut SourceState) {
         .as_ref()
         .map(|(_, h)| h.clone())
         .unwrap_or_else(host_addresses);
-    if apply_cluster(shared, src, cluster, host) {
+    if apply_cluster(shared, src, cluster, host, &Hints::everything(), None) {
         src.seen = now;
     }
 }
@@ -135,57 +137,35 @@ pub fn compile_for_node(
 }
 
 /// Brings the compiled cluster to `cluster` and writes what changed to the maps (all of it,
-/// against what they hold, the first time and after a failure). On failure what is enforced
+/// against what they hold, the first time and after a failure), then what the enricher reads.
+/// `since`: when the oldest change in `cluster` arrived. On a failed write what is enforced
 /// stays as it is and `false` asks the caller to try again.
 pub(super) fn apply_cluster(
     shared: &Shared,
     src: &mut SourceState,
     cluster: Cluster,
     host: Vec<IpAddr>,
+    hints: &Hints,
+    since: Option<Instant>,
 ) -> bool {
     let t0 = Instant::now();
     let node = &shared.opts.node_name;
     let compiled = src
         .compiled
         .get_or_insert_with(|| Incremental::new(node, &shared.opts.policy));
-    compiled.update(
+    compiled.update_with(
         &cluster,
+        hints,
         &node_addresses(&cluster, node, &host),
         &mut src.alloc,
     );
     let changes = compiled.take_changes();
     debug!(compile = ?t0.elapsed(), "compiled");
-    if !src.in_sync || !changes.is_empty() {
-        let want = compiled.desired();
-        let mut dp = shared.dp.lock().unwrap();
-        let res = if src.in_sync {
-            dp.write(&incremental::ordered_writes(&changes, want))
-        } else {
-            dp.apply(want)
-        };
-        match res {
-            Ok((w, r)) => {
-                if w + r > 0 {
-                    // Connections take their verdicts again on their next packet.
-                    if let Err(e) = dp.bump_policy_gen() {
-                        warn!("policy generation: {e:#}");
-                    }
-                }
-                info!(
-                    written = w,
-                    removed = r,
-                    endpoints = want.endpoints.len(),
-                    prefixes = want.ipcache.len(),
-                    "datapath maps synced"
-                );
-                src.in_sync = true;
-            }
-            Err(e) => {
-                warn!("map sync: {e:#}");
-                src.in_sync = false;
-                shared.state.lock().unwrap().metrics.map_sync_errors_total += 1;
-                return false;
-            }
+    let written = write_maps(shared, src, &changes);
+    if written {
+        if let Some(t) = since {
+            let mut st = shared.state.lock().unwrap();
+            st.metrics.sync_latency.observe(t.elapsed());
         }
     }
     src.host = host;
@@ -193,25 +173,73 @@ pub(super) fn apply_cluster(
     for err in &cluster.errors {
         warn!("cluster source: {err}");
     }
-    let by_ip: HashMap<IpAddr, Arc<PodInfo>> = cluster
-        .pod_by_ip()
-        .into_iter()
-        .map(|(ip, p)| (ip, p.clone()))
-        .collect();
-    let mut st = shared.state.lock().unwrap();
-    // Series of pods that are gone go with them: cardinality follows the node's pods.
-    {
-        let present: std::collections::HashSet<(&str, &str)> = cluster
-            .pods
-            .iter()
-            .map(|p| (p.namespace.as_str(), p.name.as_str()))
-            .collect();
-        st.pod_traffic
-            .retain(|(ns, name), _| present.contains(&(ns.as_str(), name.as_str())));
+    publish_cluster(shared, src, cluster);
+    if written {
+        shared.state.lock().unwrap().last_sync = Some(std::time::SystemTime::now());
     }
-    st.rules = src.alloc.rule_table();
+    written
+}
+
+/// Writes `changes` to the maps in a safe order, or everything the compiled state holds when
+/// the maps are not known to hold the rest of it.
+fn write_maps(shared: &Shared, src: &mut SourceState, changes: &incremental::Changes) -> bool {
+    if src.in_sync && changes.is_empty() {
+        return true;
+    }
+    let want = src.compiled.as_ref().expect("compiled").desired();
+    let mut dp = shared.dp.lock().unwrap();
+    let res = if src.in_sync {
+        dp.write(&incremental::ordered_writes(changes, want))
+    } else {
+        dp.apply(want)
+    };
+    match res {
+        Ok((w, r)) => {
+            if w + r > 0 {
+                // Connections take their verdicts again on their next packet.
+                if let Err(e) = dp.bump_policy_gen() {
+                    warn!("policy generation: {e:#}");
+                }
+            }
+            info!(
+                written = w,
+                removed = r,
+                endpoints = want.endpoints.len(),
+                prefixes = want.ipcache.len(),
+                "datapath maps synced"
+            );
+            src.in_sync = true;
+            true
+        }
+        Err(e) => {
+            warn!("map sync: {e:#}");
+            src.in_sync = false;
+            shared.state.lock().unwrap().metrics.map_sync_errors_total += 1;
+            false
+        }
+    }
+}
+
+/// What the enricher and the API read: the pod index follows the pods that changed, and
+/// series of pods that are gone go with them (cardinality follows the node's pods).
+fn publish_cluster(shared: &Shared, src: &mut SourceState, cluster: Cluster) {
+    let compiled = src.compiled.as_ref().expect("compiled");
+    let mut st = shared.state.lock().unwrap();
+    let touched = compiled.touched();
+    for ip in &touched.ips {
+        match compiled.pod_at(ip) {
+            Some(p) => st.by_ip.insert(*ip, p.clone()),
+            None => st.by_ip.remove(ip),
+        };
+    }
+    for k in &touched.gone {
+        st.pod_traffic.remove(k);
+    }
+    if src.alloc.len() != src.rules_len {
+        st.rules = src.alloc.rule_table();
+        src.rules_len = src.alloc.len();
+    }
     st.metrics.source_errors = cluster.errors.clone();
-    st.by_ip = by_ip;
     let model = crate::snat::NetModel::resolve(
         &shared.opts.model,
         &cluster,
@@ -224,8 +252,6 @@ pub(super) fn apply_cluster(
     }
     st.model = model;
     st.cluster = Arc::new(cluster);
-    st.last_sync = Some(std::time::SystemTime::now());
-    true
 }
 
 pub(super) async fn source_task(shared: Arc<Shared>, mut source: SourceState) -> Result<()> {
@@ -252,20 +278,14 @@ pub(super) fn kube_sync(shared: &Shared, src: &mut SourceState, kube: &crate::k8
     }
     let since = kube.take_pending();
     let t0 = Instant::now();
-    let cluster = kube.caches.lock().unwrap().cluster();
+    let (cluster, hints) = {
+        let mut c = kube.caches.lock().unwrap();
+        (c.cluster(), c.take_changed())
+    };
     let t_cluster = t0.elapsed();
-    let ok = apply_cluster(shared, src, cluster, host_addresses());
+    let ok = apply_cluster(shared, src, cluster, host_addresses(), &hints, since);
     debug!(cluster = ?t_cluster, total = ?t0.elapsed(), waited = ?since.map(|t| t.elapsed()), "kube sync");
     if ok {
-        if let Some(t) = since {
-            shared
-                .state
-                .lock()
-                .unwrap()
-                .metrics
-                .sync_latency
-                .observe(t.elapsed());
-        }
         // Give the previous cluster's memory back to the system, not just to malloc.
         release_freed_memory();
     }

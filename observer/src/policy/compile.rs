@@ -394,7 +394,7 @@ pub(crate) fn base_ipcache(
 
 /// The networks of valid policies' ipBlock peers (cidr and except), which get identities of
 /// their own.
-pub(crate) fn ipblock_nets(policies: &[Policy]) -> BTreeSet<IpNet> {
+pub(crate) fn ipblock_nets(policies: &[std::sync::Arc<Policy>]) -> BTreeSet<IpNet> {
     policies
         .iter()
         .filter(|p| p.valid())
@@ -482,7 +482,7 @@ pub fn compile(
             .collect(),
     };
 
-    let mut sorted: Vec<&Policy> = cluster.policies.iter().collect();
+    let mut sorted: Vec<&Policy> = cluster.policies.iter().map(|p| &**p).collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     // What a rule's peers stand for does not depend on the local pod: computed once per rule,
     // before the endpoints, for the rules of the policies that select a local pod.

@@ -188,6 +188,7 @@ impl<'a> Engine<'a> {
             .cluster
             .policies
             .iter()
+            .map(|p| &**p)
             .filter(|p| p.namespace == pod.namespace)
             .filter(|p| {
                 if ingress {

@@ -40,7 +40,7 @@ struct RuleState {
 /// empty.
 #[derive(Debug)]
 struct PolicyState {
-    policy: Policy,
+    policy: Arc<Policy>,
     computed: bool,
     ingress: Vec<RuleState>,
     egress: Vec<RuleState>,
@@ -78,6 +78,31 @@ impl Changes {
             && self.policy.is_empty()
             && self.services.is_empty()
     }
+}
+
+/// Which pods and policies may have changed since the previous update, by (namespace, name);
+/// `None`: any of them (the snapshot is compared whole).
+#[derive(Clone, Debug, Default)]
+pub struct Hints {
+    pub pods: Option<BTreeSet<(String, String)>>,
+    pub policies: Option<BTreeSet<(String, String)>>,
+}
+
+impl Hints {
+    /// Nothing known: compare everything.
+    pub fn everything() -> Self {
+        Self::default()
+    }
+}
+
+/// What the last update changed outside the maps: for the daemon's pod index and per-pod
+/// series.
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Addresses whose pod may have changed: see [`Incremental::pod_at`].
+    pub ips: BTreeSet<IpAddr>,
+    /// Pods that are gone.
+    pub gone: Vec<(String, String)>,
 }
 
 /// What one update found changed, before the derived work.
@@ -125,6 +150,7 @@ pub struct Incremental {
     local_ip_owners: HashMap<IpAddr, BTreeSet<PodKey>>,
     desired: Desired,
     changes: Changes,
+    touched: Touched,
     started: bool,
 }
 
@@ -152,6 +178,7 @@ impl Incremental {
             local_ip_owners: HashMap::new(),
             desired: Desired::default(),
             changes: Changes::default(),
+            touched: Touched::default(),
             started: false,
         }
     }
@@ -166,10 +193,34 @@ impl Incremental {
         std::mem::take(&mut self.changes)
     }
 
+    /// What the last update changed outside the maps.
+    pub fn touched(&self) -> &Touched {
+        &self.touched
+    }
+
+    /// The pod an address stands for (the last of its pods in key order), as the ipcache.
+    pub fn pod_at(&self, ip: &IpAddr) -> Option<&Arc<PodInfo>> {
+        self.pods.get(self.ip_owners.get(ip)?.last()?)
+    }
+
     /// Brings the compiled state to `cluster`, with `host` the node's own addresses (its
     /// interfaces and its Node object, as [`compile::compile`] takes them). Pods and policies
     /// are keyed by namespace and name: a snapshot holding two of one name keeps the last.
     pub fn update(&mut self, cluster: &Cluster, host: &[IpAddr], alloc: &mut Allocator) {
+        self.update_with(cluster, &Hints::everything(), host, alloc)
+    }
+
+    /// [`Incremental::update`] comparing only the pods and policies `hints` names; with hints,
+    /// `cluster.pods` and `cluster.policies` must be in (namespace, name) order without
+    /// duplicates, as the watch caches give them.
+    pub fn update_with(
+        &mut self,
+        cluster: &Cluster,
+        hints: &Hints,
+        host: &[IpAddr],
+        alloc: &mut Allocator,
+    ) {
+        self.touched = Touched::default();
         let mut dirty = Dirty::default();
         let first = !self.started;
         self.started = true;
@@ -184,15 +235,24 @@ impl Incremental {
         } else if cluster.services != self.services {
             self.update_services(cluster);
         }
-        let mut changed_policies = self.diff_policies(cluster);
-        self.update_pods(cluster, alloc, &mut dirty);
+        let mut changed_policies = match &hints.policies {
+            Some(keys) => self.diff_hinted_policies(cluster, keys),
+            None => self.diff_policies(cluster),
+        };
+        let changed_pods = match &hints.pods {
+            Some(keys) => self.diff_hinted_pods(cluster, keys),
+            None => self.diff_pods(cluster),
+        };
+        self.update_pods(changed_pods, alloc, &mut dirty);
         // Namespaces that gained their first local pod have their policies computed whole
         // below, with the changed policies; those that lost their last forget them.
         for ns in std::mem::take(&mut dirty.local_ns) {
             let active = self.local_ns.contains_key(&ns);
             for (name, st) in self.policies.get_mut(&ns).into_iter().flatten() {
                 if active && !st.computed {
-                    changed_policies.insert((ns.clone(), name.clone()));
+                    changed_policies
+                        .entry((ns.clone(), name.clone()))
+                        .or_insert_with(|| Some(st.policy.clone()));
                 } else if !active && st.computed {
                     st.computed = false;
                     st.ingress = Vec::new();
@@ -202,13 +262,17 @@ impl Incremental {
         }
         // Existing rules against the identities and namespaces that changed; changed
         // policies are computed whole below.
-        for (ns, name) in &changed_policies {
+        for (ns, name) in changed_policies.keys() {
             if let Some(st) = self.policies.get_mut(ns).and_then(|m| m.remove(name)) {
                 dirty.namespaces.insert(st.policy.namespace.clone());
             }
         }
         self.update_rules(&mut dirty);
-        let cidrs = compile::ipblock_nets(&cluster.policies);
+        let cidrs = if changed_policies.is_empty() && !first {
+            self.cidrs.clone()
+        } else {
+            compile::ipblock_nets(&cluster.policies)
+        };
         if cidrs != self.cidrs {
             dirty
                 .ipcache
@@ -219,18 +283,9 @@ impl Incremental {
         if nonpod_changed {
             self.update_prefixes(&mut dirty);
         }
-        let by_key: HashMap<(&str, &str), &Policy> = if changed_policies.is_empty() {
-            HashMap::new()
-        } else {
-            cluster
-                .policies
-                .iter()
-                .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
-                .collect()
-        };
-        for (ns, name) in &changed_policies {
-            if let Some(p) = by_key.get(&(ns.as_str(), name.as_str())) {
-                let st = self.policy_state((*p).clone(), self.local_ns.contains_key(ns));
+        for ((ns, name), p) in changed_policies {
+            if let Some(p) = p {
+                let st = self.policy_state(p, self.local_ns.contains_key(&ns));
                 dirty.namespaces.insert(ns.clone());
                 self.policies
                     .entry(ns.clone())
@@ -281,31 +336,53 @@ impl Incremental {
         self.desired.services = new;
     }
 
-    /// Policies added, removed or changed, by (namespace, name).
-    fn diff_policies(&self, cluster: &Cluster) -> BTreeSet<(String, String)> {
-        let mut out = BTreeSet::new();
-        let mut seen: HashMap<(&str, &str), &Policy> = HashMap::new();
+    /// Policies added, removed or changed, by (namespace, name), with what they are now.
+    fn diff_policies(&self, cluster: &Cluster) -> BTreeMap<PodKey, Option<Arc<Policy>>> {
+        let mut out = BTreeMap::new();
+        let mut seen: HashMap<(&str, &str), &Arc<Policy>> = HashMap::new();
         for p in &cluster.policies {
             seen.insert((&p.namespace, &p.name), p);
         }
         for (k, p) in &seen {
             let old = self.policies.get(k.0).and_then(|m| m.get(k.1));
-            if old.is_none_or(|o| o.policy != **p) {
-                out.insert((k.0.to_string(), k.1.to_string()));
+            if old.is_none_or(|o| !same(&o.policy, p)) {
+                out.insert((k.0.to_string(), k.1.to_string()), Some((*p).clone()));
             }
         }
         for (ns, m) in &self.policies {
             for name in m.keys() {
                 if !seen.contains_key(&(ns.as_str(), name.as_str())) {
-                    out.insert((ns.clone(), name.clone()));
+                    out.insert((ns.clone(), name.clone()), None);
                 }
             }
         }
         out
     }
 
-    /// Walks the snapshot's pods against the previous ones in key order.
-    fn update_pods(&mut self, cluster: &Cluster, alloc: &mut Allocator, dirty: &mut Dirty) {
+    /// [`Incremental::diff_policies`] for the named policies only.
+    fn diff_hinted_policies(
+        &self,
+        cluster: &Cluster,
+        keys: &BTreeSet<PodKey>,
+    ) -> BTreeMap<PodKey, Option<Arc<Policy>>> {
+        let mut out = BTreeMap::new();
+        for k in keys {
+            let new = find(&cluster.policies, k, |p| (&p.namespace, &p.name));
+            let old = self.policies.get(&k.0).and_then(|m| m.get(&k.1));
+            let same = match (old, new) {
+                (Some(o), Some(n)) => same(&o.policy, n),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                out.insert(k.clone(), new.cloned());
+            }
+        }
+        out
+    }
+
+    /// Pods added, removed or changed, with what they are now, from the whole snapshot.
+    fn diff_pods(&self, cluster: &Cluster) -> Vec<(PodKey, Option<Arc<PodInfo>>)> {
         let key = |p: &PodInfo| (p.namespace.clone(), p.name.clone());
         let sorted = cluster
             .pods
@@ -344,7 +421,7 @@ impl Incremental {
                             it.next();
                         }
                         std::cmp::Ordering::Equal => {
-                            if !Arc::ptr_eq(o, p) && ***o != ***p {
+                            if !same(o, p) {
                                 changed.push((key(p), Some((*p).clone())));
                             }
                             old.next();
@@ -354,11 +431,47 @@ impl Incremental {
                 }
             }
         }
+        changed
+    }
+
+    /// [`Incremental::diff_pods`] for the named pods only.
+    fn diff_hinted_pods(
+        &self,
+        cluster: &Cluster,
+        keys: &BTreeSet<PodKey>,
+    ) -> Vec<(PodKey, Option<Arc<PodInfo>>)> {
+        let mut changed = Vec::new();
+        for k in keys {
+            let new = find(&cluster.pods, k, |p| (&p.namespace, &p.name));
+            let same = match (self.pods.get(k), new) {
+                (Some(o), Some(n)) => same(o, n),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                changed.push((k.clone(), new.cloned()));
+            }
+        }
+        changed
+    }
+
+    /// Moves the changed pods between identities, addresses and endpoints.
+    fn update_pods(
+        &mut self,
+        changed: Vec<(PodKey, Option<Arc<PodInfo>>)>,
+        alloc: &mut Allocator,
+        dirty: &mut Dirty,
+    ) {
         for (k, new) in changed {
             if let Some(old) = self.pods.remove(&k) {
                 self.remove_pod(&k, &old, dirty);
+                self.touched.ips.extend(old.ips.iter().copied());
+                if new.is_none() {
+                    self.touched.gone.push(k.clone());
+                }
             }
             if let Some(p) = new {
+                self.touched.ips.extend(p.ips.iter().copied());
                 self.add_pod(&k, &p, alloc, dirty);
                 self.pods.insert(k, p);
             }
@@ -653,7 +766,7 @@ impl Incremental {
     }
 
     /// A policy with its rules computed whole, or not at all.
-    fn policy_state(&self, policy: Policy, compute: bool) -> PolicyState {
+    fn policy_state(&self, policy: Arc<Policy>, compute: bool) -> PolicyState {
         if !compute {
             return PolicyState {
                 policy,
@@ -784,7 +897,7 @@ impl Incremental {
                 .policies
                 .get(&pod.namespace)
                 .into_iter()
-                .flat_map(|m| m.values().map(|s| &s.policy));
+                .flat_map(|m| m.values().map(|s| &*s.policy));
             let (flags, entries) = compile::endpoint_policy(pod, ep, in_ns, &*self, alloc);
             dirty.endpoint_ips.extend(pod.ips.iter().copied());
             results.push((k.clone(), Some((ep, flags, entries))));
@@ -833,6 +946,22 @@ impl Incremental {
             }
         }
     }
+}
+
+/// The same object, or an equal one.
+fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
+/// The element of key `k` in `v`, sorted by key.
+fn find<'a, T>(
+    v: &'a [Arc<T>],
+    k: &PodKey,
+    key: impl Fn(&T) -> (&String, &String),
+) -> Option<&'a Arc<T>> {
+    v.binary_search_by(|x| key(x).cmp(&(&k.0, &k.1)))
+        .ok()
+        .map(|i| &v[i])
 }
 
 fn has_named(rule: &Rule) -> bool {
