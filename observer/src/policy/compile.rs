@@ -542,7 +542,7 @@ type RuleKey = (usize, bool, usize);
 /// The identities a rule's peers stand for: any peer, or the union of the sets.
 pub(crate) struct PeerIds<'a> {
     pub any: bool,
-    pub sets: [&'a BTreeSet<u32>; 2],
+    pub sets: Vec<&'a BTreeSet<u32>>,
 }
 
 impl PeerIds<'_> {
@@ -550,7 +550,7 @@ impl PeerIds<'_> {
         self.any || self.sets.iter().any(|s| s.contains(id))
     }
 
-    fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+    pub(crate) fn ids(&self) -> impl Iterator<Item = u32> + '_ {
         self.sets.iter().flat_map(|s| s.iter().copied())
     }
 }
@@ -572,8 +572,6 @@ struct FullView<'a, 'c> {
     audit_all: bool,
 }
 
-static NO_IDS: BTreeSet<u32> = BTreeSet::new();
-
 impl View for FullView<'_, '_> {
     fn peers(&self, pol: &Policy, ingress: bool, index: usize) -> PeerIds<'_> {
         match self
@@ -582,11 +580,11 @@ impl View for FullView<'_, '_> {
         {
             Some(Some(ids)) => PeerIds {
                 any: false,
-                sets: [ids, &NO_IDS],
+                sets: vec![ids],
             },
             _ => PeerIds {
                 any: true,
-                sets: [&NO_IDS, &NO_IDS],
+                sets: Vec::new(),
             },
         }
     }

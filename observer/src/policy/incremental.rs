@@ -26,13 +26,30 @@ use crate::cluster::{Cluster, NodeInfo, PodInfo, ServiceInfo};
 type PodKey = (String, String);
 type PolicyKey = (u32, PolicyKeyData);
 
-/// What a rule's peers stand for: pod identities and the identities of the prefixes its
-/// ipBlocks contain.
+/// A peer as the rules of a policy in a namespace name it: pod selectors are relative to the
+/// policy's namespace, the other peers are not, so rules in every namespace share them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SelectorKey {
+    peer: PeerSpec,
+    namespace: Option<String>,
+}
+
+/// The identities one peer stands for, kept once for every rule naming it (as Cilium's
+/// selector cache): pod identities, and the identities of the prefixes its ipBlock contains.
+#[derive(Debug)]
+struct CachedSelector {
+    key: SelectorKey,
+    groups: BTreeSet<u32>,
+    prefixes: BTreeSet<u32>,
+    /// Rules naming it, by their policy's namespace.
+    users: BTreeMap<String, usize>,
+}
+
+/// What a rule's peers stand for: any peer, or its selectors' identities.
 #[derive(Default, Debug)]
 struct RuleState {
     any: bool,
-    groups: BTreeSet<u32>,
-    prefixes: BTreeSet<u32>,
+    selectors: Vec<usize>,
 }
 
 /// A policy and, when its namespace has local pods, its rules' peers: only the policies of
@@ -145,6 +162,13 @@ pub struct Incremental {
     /// Every ipcache prefix that is not a pod address, with its identity (ipBlock containment).
     nonpod: BTreeMap<IpNet, u32>,
     local: BTreeMap<PodKey, Endpoint>,
+    /// The selectors of the computed rules, by index; freed slots are reused.
+    selectors: Vec<Option<CachedSelector>>,
+    selector_index: HashMap<SelectorKey, usize>,
+    free_selectors: Vec<usize>,
+    /// Namespace -> computed egress rules towards any peer with named ports: they resolve on
+    /// every identity.
+    any_named: BTreeMap<String, usize>,
     /// Namespace -> how many local pods it has.
     local_ns: HashMap<String, usize>,
     local_ip_owners: HashMap<IpAddr, BTreeSet<PodKey>>,
@@ -174,6 +198,10 @@ impl Incremental {
             cidrs: BTreeSet::new(),
             nonpod: BTreeMap::new(),
             local: BTreeMap::new(),
+            selectors: Vec::new(),
+            selector_index: HashMap::new(),
+            free_selectors: Vec::new(),
+            any_named: BTreeMap::new(),
             local_ns: HashMap::new(),
             local_ip_owners: HashMap::new(),
             desired: Desired::default(),
@@ -246,6 +274,7 @@ impl Incremental {
         self.update_pods(changed_pods, alloc, &mut dirty);
         // Namespaces that gained their first local pod have their policies computed whole
         // below, with the changed policies; those that lost their last forget them.
+        let mut forget = Vec::new();
         for ns in std::mem::take(&mut dirty.local_ns) {
             let active = self.local_ns.contains_key(&ns);
             for (name, st) in self.policies.get_mut(&ns).into_iter().flatten() {
@@ -255,19 +284,26 @@ impl Incremental {
                         .or_insert_with(|| Some(st.policy.clone()));
                 } else if !active && st.computed {
                     st.computed = false;
-                    st.ingress = Vec::new();
-                    st.egress = Vec::new();
+                    forget.push((
+                        st.policy.clone(),
+                        std::mem::take(&mut st.ingress),
+                        std::mem::take(&mut st.egress),
+                    ));
                 }
             }
+        }
+        for (p, ingress, egress) in forget {
+            self.release_rules(&p, &ingress, &egress);
         }
         // Existing rules against the identities and namespaces that changed; changed
         // policies are computed whole below.
         for (ns, name) in changed_policies.keys() {
             if let Some(st) = self.policies.get_mut(ns).and_then(|m| m.remove(name)) {
                 dirty.namespaces.insert(st.policy.namespace.clone());
+                self.release_rules(&st.policy, &st.ingress, &st.egress);
             }
         }
-        self.update_rules(&mut dirty);
+        self.update_selectors(&mut dirty);
         let cidrs = if changed_policies.is_empty() && !first {
             self.cidrs.clone()
         } else {
@@ -592,13 +628,15 @@ impl Incremental {
         self.namespaces.get(ns).unwrap_or(&EMPTY)
     }
 
-    /// Whether pod identity `id` is one of the peers of a rule of `pol`.
-    fn admits(&self, pol: &Policy, rule: &Rule, id: u32) -> bool {
+    /// Whether pod identity `id` is one of the identities selector `key` stands for.
+    fn admits(&self, key: &SelectorKey, id: u32) -> bool {
         let Some(g) = self.groups.get(&id) else {
             return false;
         };
-        rule.peers.iter().any(|peer| match peer {
-            PeerSpec::Pods(sel) => g.namespace == pol.namespace && sel.matches(&g.labels),
+        match &key.peer {
+            PeerSpec::Pods(sel) => {
+                key.namespace.as_deref() == Some(g.namespace.as_str()) && sel.matches(&g.labels)
+            }
             PeerSpec::Namespaces(nsel) => nsel.matches(self.ns_labels(&g.namespace)),
             PeerSpec::PodsInNamespaces { namespaces, pods } => {
                 namespaces.matches(self.ns_labels(&g.namespace)) && pods.matches(&g.labels)
@@ -617,14 +655,19 @@ impl Incremental {
                             cidr.contains(&n) && !except.iter().any(|e| e.contains(&n))
                         })
             }
-        })
+        }
     }
 
-    /// The existing rules against the identities that appeared, went or changed members, and
-    /// the namespaces whose labels changed.
-    fn update_rules(&mut self, dirty: &mut Dirty) {
-        if dirty.added_groups.is_empty()
-            && dirty.removed_groups.is_empty()
+    /// The selectors against the identities that appeared, went or changed members, and the
+    /// namespaces whose labels changed; the namespaces of the rules naming a selector that
+    /// changed are recompiled.
+    fn update_selectors(&mut self, dirty: &mut Dirty) {
+        let groups_changed = !dirty.added_groups.is_empty() || !dirty.removed_groups.is_empty();
+        if groups_changed {
+            // Named ports towards any peer resolve on every identity.
+            dirty.namespaces.extend(self.any_named.keys().cloned());
+        }
+        if !groups_changed
             && dirty.relabelled.is_empty()
             && (dirty.changed_groups.is_empty() || !self.opts.ipblock_matches_pods)
         {
@@ -635,200 +678,193 @@ impl Incremental {
             .iter()
             .flat_map(|ns| self.by_ns.get(ns).into_iter().flatten().copied())
             .collect();
-        let groups_changed = !dirty.added_groups.is_empty() || !dirty.removed_groups.is_empty();
-        let mut updates: Vec<(String, String, bool, usize, u32, bool)> = Vec::new();
-        let mut touched: BTreeSet<String> = BTreeSet::new();
-        for (ns, m) in &self.policies {
-            for (name, st) in m {
-                let p = &st.policy;
-                for (ingress, rules, states) in [
-                    (true, &p.ingress, &st.ingress),
-                    (false, &p.egress, &st.egress),
-                ] {
-                    for (i, (rule, rs)) in rules.iter().zip(states).enumerate() {
-                        if rs.any {
-                            // Named ports towards any peer resolve on every identity.
-                            if groups_changed && !ingress && has_named(rule) {
-                                touched.insert(ns.clone());
-                            }
-                            continue;
-                        }
-                        let by_ns = rule.peers.iter().any(|p| {
-                            matches!(
-                                p,
-                                PeerSpec::Namespaces(_) | PeerSpec::PodsInNamespaces { .. }
-                            )
-                        });
-                        let by_ip = self.opts.ipblock_matches_pods
-                            && rule
-                                .peers
-                                .iter()
-                                .any(|p| matches!(p, PeerSpec::IpBlock { .. }));
-                        let mut candidates: Vec<u32> = dirty.added_groups.iter().copied().collect();
-                        if by_ns {
-                            candidates.extend(&relabelled);
-                        }
-                        if by_ip {
-                            candidates.extend(&dirty.changed_groups);
-                        }
-                        for id in candidates {
-                            let now = self.admits(p, rule, id);
-                            if now != rs.groups.contains(&id) {
-                                updates.push((ns.clone(), name.clone(), ingress, i, id, now));
-                            }
-                        }
-                        for id in &dirty.removed_groups {
-                            if rs.groups.contains(id) {
-                                updates.push((ns.clone(), name.clone(), ingress, i, *id, false));
-                            }
-                        }
-                    }
+        let mut updates: Vec<(usize, u32, bool)> = Vec::new();
+        for (i, sel) in self.selectors.iter().enumerate() {
+            let Some(sel) = sel else { continue };
+            let mut candidates: Vec<u32> = dirty.added_groups.iter().copied().collect();
+            match sel.key.peer {
+                PeerSpec::Namespaces(_) | PeerSpec::PodsInNamespaces { .. } => {
+                    candidates.extend(&relabelled)
+                }
+                PeerSpec::IpBlock { .. } if self.opts.ipblock_matches_pods => {
+                    candidates.extend(&dirty.changed_groups)
+                }
+                _ => {}
+            }
+            for id in candidates {
+                let now = self.admits(&sel.key, id);
+                if now != sel.groups.contains(&id) {
+                    updates.push((i, id, now));
+                }
+            }
+            for id in &dirty.removed_groups {
+                if sel.groups.contains(id) {
+                    updates.push((i, *id, false));
                 }
             }
         }
-        for (ns, name, ingress, i, id, add) in updates {
-            let st = self
-                .policies
-                .get_mut(&ns)
-                .and_then(|m| m.get_mut(&name))
-                .expect("a rule's policy");
-            let rs = if ingress {
-                &mut st.ingress[i]
-            } else {
-                &mut st.egress[i]
-            };
+        for (i, id, add) in updates {
+            let sel = self.selectors[i].as_mut().expect("a live selector");
             if add {
-                rs.groups.insert(id);
+                sel.groups.insert(id);
             } else {
-                rs.groups.remove(&id);
+                sel.groups.remove(&id);
             }
-            touched.insert(ns);
+            dirty.namespaces.extend(sel.users.keys().cloned());
         }
-        dirty.namespaces.extend(touched);
     }
 
     /// The identities of the non-pod prefixes an ipBlock peer contains.
-    fn prefixes_of(&self, rule: &Rule) -> BTreeSet<u32> {
+    fn prefixes_of(&self, peer: &PeerSpec) -> BTreeSet<u32> {
         let mut out = BTreeSet::new();
-        for peer in &rule.peers {
-            if let PeerSpec::IpBlock { cidr, except } = peer {
-                for (n, id) in &self.nonpod {
-                    if cidr.contains(n) && !except.iter().any(|e| e.contains(n)) {
-                        out.insert(*id);
-                    }
+        if let PeerSpec::IpBlock { cidr, except } = peer {
+            for (n, id) in &self.nonpod {
+                if cidr.contains(n) && !except.iter().any(|e| e.contains(n)) {
+                    out.insert(*id);
                 }
             }
         }
         out
     }
 
-    /// Recomputes the ipBlock rules' prefixes after the non-pod prefixes changed.
+    /// Recomputes the ipBlock selectors' prefixes after the non-pod prefixes changed.
     fn update_prefixes(&mut self, dirty: &mut Dirty) {
         let mut updates = Vec::new();
-        for (ns, m) in &self.policies {
-            for (name, st) in m {
-                let p = &st.policy;
-                for (ingress, rules, states) in [
-                    (true, &p.ingress, &st.ingress),
-                    (false, &p.egress, &st.egress),
-                ] {
-                    for (i, (rule, rs)) in rules.iter().zip(states).enumerate() {
-                        if rs.any
-                            || !rule
-                                .peers
-                                .iter()
-                                .any(|p| matches!(p, PeerSpec::IpBlock { .. }))
-                        {
-                            continue;
-                        }
-                        let now = self.prefixes_of(rule);
-                        if now != rs.prefixes {
-                            updates.push((ns.clone(), name.clone(), ingress, i, now));
-                        }
+        for (i, sel) in self.selectors.iter().enumerate() {
+            let Some(sel) = sel else { continue };
+            if matches!(sel.key.peer, PeerSpec::IpBlock { .. }) {
+                let now = self.prefixes_of(&sel.key.peer);
+                if now != sel.prefixes {
+                    updates.push((i, now));
+                }
+            }
+        }
+        for (i, now) in updates {
+            let sel = self.selectors[i].as_mut().expect("a live selector");
+            sel.prefixes = now;
+            dirty.namespaces.extend(sel.users.keys().cloned());
+        }
+    }
+
+    /// The selector for `peer` in a policy of namespace `ns`, computed if no rule named it yet;
+    /// counts one more user.
+    fn selector(&mut self, peer: &PeerSpec, ns: &str) -> usize {
+        let key = SelectorKey {
+            peer: peer.clone(),
+            namespace: matches!(peer, PeerSpec::Pods(_)).then(|| ns.to_string()),
+        };
+        let i = match self.selector_index.get(&key) {
+            Some(i) => *i,
+            None => {
+                let candidates: Vec<u32> = match peer {
+                    PeerSpec::Pods(_) => {
+                        self.by_ns.get(ns).into_iter().flatten().copied().collect()
+                    }
+                    PeerSpec::Namespaces(sel)
+                    | PeerSpec::PodsInNamespaces {
+                        namespaces: sel, ..
+                    } => self
+                        .by_ns
+                        .iter()
+                        .filter(|(ns, _)| sel.matches(self.ns_labels(ns)))
+                        .flat_map(|(_, ids)| ids.iter().copied())
+                        .collect(),
+                    PeerSpec::IpBlock { .. } if self.opts.ipblock_matches_pods => {
+                        self.groups.keys().copied().collect()
+                    }
+                    PeerSpec::IpBlock { .. } => Vec::new(),
+                };
+                let sel = CachedSelector {
+                    groups: candidates
+                        .into_iter()
+                        .filter(|id| self.admits(&key, *id))
+                        .collect(),
+                    prefixes: self.prefixes_of(peer),
+                    users: BTreeMap::new(),
+                    key: key.clone(),
+                };
+                let i = match self.free_selectors.pop() {
+                    Some(i) => {
+                        self.selectors[i] = Some(sel);
+                        i
+                    }
+                    None => {
+                        self.selectors.push(Some(sel));
+                        self.selectors.len() - 1
+                    }
+                };
+                self.selector_index.insert(key, i);
+                i
+            }
+        };
+        let sel = self.selectors[i].as_mut().expect("a live selector");
+        *sel.users.entry(ns.to_string()).or_default() += 1;
+        i
+    }
+
+    /// Counts one user less for the rules of `p`; a selector no rule names is dropped.
+    fn release_rules(&mut self, p: &Policy, ingress: &[RuleState], egress: &[RuleState]) {
+        for (rules, states, is_ingress) in [(&p.ingress, ingress, true), (&p.egress, egress, false)]
+        {
+            for (rule, rs) in rules.iter().zip(states) {
+                if rs.any && !is_ingress && has_named(rule) {
+                    release_count(&mut self.any_named, &p.namespace);
+                }
+                for &i in &rs.selectors {
+                    let sel = self.selectors[i].as_mut().expect("a live selector");
+                    release_count(&mut sel.users, &p.namespace);
+                    if sel.users.is_empty() {
+                        let sel = self.selectors[i].take().expect("a live selector");
+                        self.selector_index.remove(&sel.key);
+                        self.free_selectors.push(i);
                     }
                 }
             }
         }
-        for (ns, name, ingress, i, now) in updates {
-            let st = self
-                .policies
-                .get_mut(&ns)
-                .and_then(|m| m.get_mut(&name))
-                .expect("a rule's policy");
-            let rs = if ingress {
-                &mut st.ingress[i]
-            } else {
-                &mut st.egress[i]
-            };
-            rs.prefixes = now;
-            dirty.namespaces.insert(ns);
-        }
     }
 
-    /// A policy with its rules computed whole, or not at all.
-    fn policy_state(&self, policy: Arc<Policy>, compute: bool) -> PolicyState {
+    /// A policy with its rules computed, or not at all.
+    fn policy_state(&mut self, policy: Arc<Policy>, compute: bool) -> PolicyState {
+        let mut st = PolicyState {
+            computed: compute,
+            ingress: Vec::new(),
+            egress: Vec::new(),
+            policy,
+        };
         if !compute {
-            return PolicyState {
-                policy,
-                computed: false,
-                ingress: Vec::new(),
-                egress: Vec::new(),
-            };
+            return st;
         }
-        let rules = |rules: &[Rule]| -> Vec<RuleState> {
-            rules
-                .iter()
-                .map(|rule| {
-                    if rule.peers.is_empty() {
-                        return RuleState {
-                            any: true,
-                            ..Default::default()
-                        };
-                    }
-                    let mut groups = BTreeSet::new();
-                    for peer in &rule.peers {
-                        let one = Rule {
-                            peers: vec![peer.clone()],
-                            ports: Vec::new(),
-                        };
-                        let candidates: Box<dyn Iterator<Item = u32>> = match peer {
-                            PeerSpec::Pods(_) => Box::new(
-                                self.by_ns
-                                    .get(&policy.namespace)
-                                    .into_iter()
-                                    .flatten()
-                                    .copied(),
-                            ),
-                            PeerSpec::Namespaces(sel)
-                            | PeerSpec::PodsInNamespaces {
-                                namespaces: sel, ..
-                            } => Box::new(
-                                self.by_ns
-                                    .iter()
-                                    .filter(|(ns, _)| sel.matches(self.ns_labels(ns)))
-                                    .flat_map(|(_, ids)| ids.iter().copied()),
-                            ),
-                            PeerSpec::IpBlock { .. } if self.opts.ipblock_matches_pods => {
-                                Box::new(self.groups.keys().copied())
-                            }
-                            PeerSpec::IpBlock { .. } => Box::new(std::iter::empty()),
-                        };
-                        groups.extend(candidates.filter(|id| self.admits(&policy, &one, *id)));
+        let p = st.policy.clone();
+        for (rules, is_ingress) in [(&p.ingress, true), (&p.egress, false)] {
+            let mut states = Vec::new();
+            for rule in rules {
+                let rs = if rule.peers.is_empty() {
+                    if !is_ingress && has_named(rule) {
+                        *self.any_named.entry(p.namespace.clone()).or_default() += 1;
                     }
                     RuleState {
-                        any: false,
-                        groups,
-                        prefixes: self.prefixes_of(rule),
+                        any: true,
+                        selectors: Vec::new(),
                     }
-                })
-                .collect()
-        };
-        PolicyState {
-            computed: true,
-            ingress: rules(&policy.ingress),
-            egress: rules(&policy.egress),
-            policy,
+                } else {
+                    RuleState {
+                        any: false,
+                        selectors: rule
+                            .peers
+                            .iter()
+                            .map(|peer| self.selector(peer, &p.namespace))
+                            .collect(),
+                    }
+                };
+                states.push(rs);
+            }
+            if is_ingress {
+                st.ingress = states;
+            } else {
+                st.egress = states;
+            }
         }
+        st
     }
 
     /// Recomputes the ipcache entries at `keys` from the layers: a pod's address (the last pod
@@ -970,10 +1006,25 @@ fn has_named(rule: &Rule) -> bool {
         .any(|p| matches!(p.port, super::model::PortSpec::Named(_)))
 }
 
-static NO_IDS: BTreeSet<u32> = BTreeSet::new();
+/// One user less of a count by namespace.
+fn release_count(m: &mut BTreeMap<String, usize>, ns: &str) {
+    if let Some(n) = m.get_mut(ns) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(ns);
+        }
+    }
+}
 
 impl View for Incremental {
     fn peers(&self, pol: &Policy, ingress: bool, index: usize) -> PeerIds<'_> {
+        let sets = |rs: &RuleState| -> Vec<&BTreeSet<u32>> {
+            rs.selectors
+                .iter()
+                .filter_map(|i| self.selectors[*i].as_ref())
+                .flat_map(|s| [&s.groups, &s.prefixes])
+                .collect()
+        };
         let rs = self
             .policies
             .get(&pol.namespace)
@@ -989,16 +1040,16 @@ impl View for Incremental {
         match rs {
             Some(rs) if rs.any => PeerIds {
                 any: true,
-                sets: [&NO_IDS, &NO_IDS],
+                sets: Vec::new(),
             },
             Some(rs) => PeerIds {
                 any: false,
-                sets: [&rs.groups, &rs.prefixes],
+                sets: sets(rs),
             },
             // Never for a local pod's namespace; should it happen, the rule allows nothing.
             None => PeerIds {
                 any: false,
-                sets: [&NO_IDS, &NO_IDS],
+                sets: Vec::new(),
             },
         }
     }
@@ -1010,9 +1061,9 @@ impl View for Incremental {
                 .map(|(id, g)| (*id, g.ports.as_slice()))
                 .collect()
         } else {
-            peers.sets[0]
-                .iter()
-                .filter_map(|id| Some((*id, self.groups.get(id)?.ports.as_slice())))
+            let ids: BTreeSet<u32> = peers.ids().collect();
+            ids.into_iter()
+                .filter_map(|id| Some((id, self.groups.get(&id)?.ports.as_slice())))
                 .collect()
         }
     }

@@ -65,7 +65,7 @@ impl fmt::Display for PolicyError {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
     In(Vec<String>),
     NotIn(Vec<String>),
@@ -74,7 +74,7 @@ pub enum Op {
 }
 
 /// A label selector; the empty selector matches everything.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Selector {
     pub labels: BTreeMap<String, String>,
     pub exprs: Vec<(String, Op)>,
@@ -118,7 +118,7 @@ impl fmt::Display for Selector {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PeerSpec {
     /// Pods of the policy's namespace matching the selector.
     Pods(Selector),
