@@ -733,8 +733,7 @@ pub fn compile_bench(rounds: usize) -> Result<Vec<Measurement>> {
             .iter_mut()
             .find(|p| p.name == "p7")
             .context("pod p7")?;
-        std::sync::Arc::make_mut(pod)
-            .labels
+        std::sync::Arc::make_mut(&mut std::sync::Arc::make_mut(pod).labels)
             .insert("app".into(), format!("app{}", (r + 8) % 20));
         let t = std::time::Instant::now();
         let want = compile::compile(&changed, "node-0", &[], &opts, &mut alloc);

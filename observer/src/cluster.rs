@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -17,6 +18,29 @@ use serde::Deserialize;
 
 use crate::policy::{model, Policy, Protocol};
 
+/// One copy of each distinct label set: pods of a workload share their labels. Sets no pod
+/// uses any more are dropped as new ones come.
+#[derive(Debug, Default)]
+pub struct LabelSets {
+    sets: std::collections::HashSet<Arc<BTreeMap<String, String>>>,
+    added: usize,
+}
+
+impl LabelSets {
+    pub fn intern(&mut self, l: Arc<BTreeMap<String, String>>) -> Arc<BTreeMap<String, String>> {
+        if let Some(s) = self.sets.get(&*l) {
+            return s.clone();
+        }
+        self.added += 1;
+        if self.added > self.sets.len().max(1024) {
+            self.sets.retain(|s| Arc::strong_count(s) > 1);
+            self.added = 0;
+        }
+        self.sets.insert(l.clone());
+        l
+    }
+}
+
 /// A pod as the datapath and the flow logs need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
@@ -24,7 +48,9 @@ pub struct PodInfo {
     pub name: String,
     pub node: String,
     pub ips: Vec<IpAddr>,
-    pub labels: BTreeMap<String, String>,
+    /// Shared between pods with the same labels (see [`intern_labels`]): a rollout's pods
+    /// carry one copy.
+    pub labels: Arc<BTreeMap<String, String>>,
     /// `Kind/name` of the controlling owner, if any.
     pub workload: Option<String>,
     pub host_network: bool,
@@ -105,6 +131,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// One copy of each distinct pod label set.
+    pub fn share_labels(&mut self) {
+        let mut sets = LabelSets::default();
+        for p in &mut self.pods {
+            let labels = sets.intern(p.labels.clone());
+            if !Arc::ptr_eq(&labels, &p.labels) {
+                Arc::make_mut(p).labels = labels;
+            }
+        }
+    }
+
     pub fn pod_by_ip(&self) -> HashMap<IpAddr, &std::sync::Arc<PodInfo>> {
         let mut m = HashMap::new();
         for p in &self.pods {
@@ -168,7 +205,7 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo> {
         name,
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         ips,
-        labels: meta.labels.clone().unwrap_or_default(),
+        labels: Arc::new(meta.labels.clone().unwrap_or_default()),
         workload,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         ports,
@@ -479,6 +516,7 @@ pub fn load_dir(paths: &[PathBuf]) -> Result<Cluster> {
     for (origin, value) in read_documents(paths)? {
         add_object(&mut cluster, &origin, value);
     }
+    cluster.share_labels();
     Ok(cluster)
 }
 

@@ -218,7 +218,7 @@ fn peer(ip: IpAddr, port: u16, pod: Option<&PodInfo>) -> Peer {
         port,
         namespace: pod.map(|p| p.namespace.clone()),
         pod: pod.map(|p| p.name.clone()),
-        labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+        labels: pod.map(|p| (*p.labels).clone()).unwrap_or_default(),
         workload: pod.and_then(|p| p.workload.clone()),
     }
 }

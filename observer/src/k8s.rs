@@ -249,6 +249,10 @@ pub trait Watch:
     fn changed(_: &mut Hints) -> Option<&mut Option<BTreeSet<ObjKey>>> {
         None
     }
+    /// The converted object with what it can share with others shared.
+    fn share(info: Self::Info, _: &Mutex<crate::cluster::LabelSets>) -> Self::Info {
+        info
+    }
 }
 
 impl Watch for Pod {
@@ -268,6 +272,11 @@ impl Watch for Pod {
     }
     fn changed(h: &mut Hints) -> Option<&mut Option<BTreeSet<ObjKey>>> {
         Some(&mut h.pods)
+    }
+    fn share(info: Arc<PodInfo>, labels: &Mutex<crate::cluster::LabelSets>) -> Arc<PodInfo> {
+        let mut p = Arc::unwrap_or_clone(info);
+        p.labels = labels.lock().unwrap().intern(p.labels);
+        Arc::new(p)
     }
 }
 
@@ -383,6 +392,8 @@ pub struct ResourceStatus {
 /// Shared between the watchers and the sync loop.
 pub struct Kube {
     pub caches: Mutex<Caches>,
+    /// Pods' label sets, one copy per distinct set.
+    labels: Mutex<crate::cluster::LabelSets>,
     status: Mutex<Vec<ResourceStatus>>,
     changed: Notify,
     /// When the oldest change not yet written to the maps arrived.
@@ -393,6 +404,7 @@ impl Default for Kube {
     fn default() -> Self {
         Self {
             caches: Mutex::new(Caches::default()),
+            labels: Mutex::default(),
             status: Mutex::new(
                 WATCHED
                     .iter()
@@ -502,7 +514,7 @@ impl Kube {
                     let (items, errors) = cache
                         .relist
                         .get_or_insert_with(|| (BTreeMap::new(), HashMap::new()));
-                    match obj.info() {
+                    match obj.info().map(|i| i.map(|v| K::share(v, &self.labels))) {
                         Ok(Some(v)) => {
                             items.insert(key, v);
                         }
@@ -526,7 +538,7 @@ impl Kube {
                 }
                 watcher::Event::Apply(obj) => {
                     let key = key_of(&obj);
-                    match obj.info() {
+                    match obj.info().map(|i| i.map(|v| K::share(v, &self.labels))) {
                         Ok(Some(v)) => {
                             cache.items.insert(key.clone(), v);
                             cache.errors.remove(&key);

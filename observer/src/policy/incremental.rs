@@ -67,7 +67,7 @@ struct PolicyState {
 #[derive(Debug)]
 struct Group {
     namespace: String,
-    labels: BTreeMap<String, String>,
+    labels: Arc<BTreeMap<String, String>>,
     ports: Vec<(String, u16, Protocol)>,
     members: BTreeSet<PodKey>,
 }
@@ -157,7 +157,7 @@ pub struct Incremental {
     by_ns: HashMap<String, BTreeSet<u32>>,
     /// ipcache layers: nodes and the world; pod addresses with their pods; ipBlock networks.
     base: BTreeMap<IpNet, IpcacheEntry>,
-    ip_owners: HashMap<IpAddr, BTreeSet<PodKey>>,
+    ip_owners: HashMap<IpAddr, Owners>,
     cidrs: BTreeSet<IpNet>,
     /// Every ipcache prefix that is not a pod address, with its identity (ipBlock containment).
     nonpod: BTreeMap<IpNet, u32>,
@@ -171,7 +171,7 @@ pub struct Incremental {
     any_named: BTreeMap<String, usize>,
     /// Namespace -> how many local pods it has.
     local_ns: HashMap<String, usize>,
-    local_ip_owners: HashMap<IpAddr, BTreeSet<PodKey>>,
+    local_ip_owners: HashMap<IpAddr, Owners>,
     desired: Desired,
     changes: Changes,
     touched: Touched,
@@ -1004,6 +1004,34 @@ fn has_named(rule: &Rule) -> bool {
     rule.ports
         .iter()
         .any(|p| matches!(p.port, super::model::PortSpec::Named(_)))
+}
+
+/// The pods holding one address, in key order: almost always one, so a sorted vector (a set
+/// would cost a whole tree node per address).
+#[derive(Debug, Default)]
+struct Owners(Vec<PodKey>);
+
+impl Owners {
+    fn insert(&mut self, k: PodKey) {
+        if let Err(i) = self.0.binary_search(&k) {
+            self.0.insert(i, k);
+        }
+    }
+
+    fn remove(&mut self, k: &PodKey) {
+        if let Ok(i) = self.0.binary_search(k) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The pod the address stands for: the last in key order, as a full compile has it.
+    fn last(&self) -> Option<&PodKey> {
+        self.0.last()
+    }
 }
 
 /// One user less of a count by namespace.
