@@ -69,7 +69,7 @@ struct Group {
     namespace: String,
     labels: Arc<BTreeMap<String, String>>,
     ports: Vec<(String, u16, Protocol)>,
-    members: BTreeSet<PodKey>,
+    members: BTreeSet<PodRef>,
 }
 
 /// A local endpoint as last compiled.
@@ -153,7 +153,6 @@ pub struct Incremental {
     /// Namespace -> name -> policy with its rules' peers.
     policies: BTreeMap<String, BTreeMap<String, PolicyState>>,
     groups: BTreeMap<u32, Group>,
-    pod_group: HashMap<PodKey, u32>,
     by_ns: HashMap<String, BTreeSet<u32>>,
     /// ipcache layers: nodes and the world; pod addresses with their pods; ipBlock networks.
     base: BTreeMap<IpNet, IpcacheEntry>,
@@ -191,7 +190,6 @@ impl Incremental {
             pods: BTreeMap::new(),
             policies: BTreeMap::new(),
             groups: BTreeMap::new(),
-            pod_group: HashMap::new(),
             by_ns: HashMap::new(),
             base: BTreeMap::new(),
             ip_owners: HashMap::new(),
@@ -228,7 +226,7 @@ impl Incremental {
 
     /// The pod an address stands for (the last of its pods in key order), as the ipcache.
     pub fn pod_at(&self, ip: &IpAddr) -> Option<&Arc<PodInfo>> {
-        self.pods.get(self.ip_owners.get(ip)?.last()?)
+        self.ip_owners.get(ip)?.last().map(|(p, _)| &p.0)
     }
 
     /// Brings the compiled state to `cluster`, with `host` the node's own addresses (its
@@ -543,10 +541,16 @@ impl Incremental {
         dirty.local_ns.insert(ns.to_string());
     }
 
-    fn remove_pod(&mut self, k: &PodKey, p: &PodInfo, dirty: &mut Dirty) {
-        if let Some(id) = self.pod_group.remove(k) {
+    fn remove_pod(&mut self, k: &PodKey, p: &Arc<PodInfo>, dirty: &mut Dirty) {
+        let r = PodRef(p.clone());
+        // A pod with an address has a group, found with its first address.
+        let group = p
+            .ips
+            .first()
+            .and_then(|ip| self.ip_owners.get(ip)?.group_of(&r));
+        if let Some(id) = group {
             let g = self.groups.get_mut(&id).expect("a pod's group");
-            g.members.remove(k);
+            g.members.remove(&r);
             if g.members.is_empty() {
                 let g = self.groups.remove(&id).expect("a pod's group");
                 if let Some(ids) = self.by_ns.get_mut(&g.namespace) {
@@ -561,7 +565,7 @@ impl Incremental {
             }
             for ip in &p.ips {
                 if let Some(o) = self.ip_owners.get_mut(ip) {
-                    o.remove(k);
+                    o.remove(&r);
                     if o.is_empty() {
                         self.ip_owners.remove(ip);
                     }
@@ -574,7 +578,7 @@ impl Incremental {
             dirty.endpoints.insert(k.clone());
             for ip in &p.ips {
                 if let Some(o) = self.local_ip_owners.get_mut(ip) {
-                    o.remove(k);
+                    o.remove(&r);
                     if o.is_empty() {
                         self.local_ip_owners.remove(ip);
                     }
@@ -584,7 +588,7 @@ impl Incremental {
         }
     }
 
-    fn add_pod(&mut self, k: &PodKey, p: &PodInfo, alloc: &mut Allocator, dirty: &mut Dirty) {
+    fn add_pod(&mut self, k: &PodKey, p: &Arc<PodInfo>, alloc: &mut Allocator, dirty: &mut Dirty) {
         if !p.host_network && !p.ips.is_empty() {
             let id = alloc.identity(compile::pod_identity_key(p));
             let g = self.groups.entry(id).or_insert_with(|| {
@@ -596,7 +600,7 @@ impl Incremental {
                     members: BTreeSet::new(),
                 }
             });
-            g.members.insert(k.clone());
+            g.members.insert(PodRef(p.clone()));
             if !dirty.added_groups.contains(&id) {
                 dirty.changed_groups.insert(id);
             }
@@ -604,9 +608,11 @@ impl Incremental {
                 .entry(p.namespace.clone())
                 .or_default()
                 .insert(id);
-            self.pod_group.insert(k.clone(), id);
             for ip in &p.ips {
-                self.ip_owners.entry(*ip).or_default().insert(k.clone());
+                self.ip_owners
+                    .entry(*ip)
+                    .or_default()
+                    .insert(PodRef(p.clone()), id);
                 dirty.ipcache.insert(IpNet::from(*ip));
             }
         }
@@ -617,7 +623,7 @@ impl Incremental {
                 self.local_ip_owners
                     .entry(*ip)
                     .or_default()
-                    .insert(k.clone());
+                    .insert(PodRef(p.clone()), 0);
                 dirty.endpoint_ips.insert(*ip);
             }
         }
@@ -647,8 +653,7 @@ impl Incremental {
                 self.opts.ipblock_matches_pods
                     && g.members
                         .iter()
-                        .filter_map(|k| self.pods.get(k))
-                        .flat_map(|p| p.ips.iter())
+                        .flat_map(|p| p.0.ips.iter())
                         .filter(|ip| ip.is_ipv4() == cidr.addr().is_ipv4())
                         .all(|ip| {
                             let n = IpNet::from(*ip);
@@ -877,7 +882,7 @@ impl Incremental {
                 .then(|| self.ip_owners.get(&net.addr()))
                 .flatten()
                 .and_then(|o| o.last())
-                .and_then(|k| Some((self.pods.get(k)?, *self.pod_group.get(k)?)));
+                .map(|(p, id)| (&p.0, *id));
             let new = if let Some((p, id)) = pod {
                 let kind = if p.node == self.node {
                     RemoteKind::LocalPod
@@ -972,7 +977,10 @@ impl Incremental {
                 .local_ip_owners
                 .get(&ip)
                 .and_then(|o| o.last())
-                .and_then(|k| Some(self.local.get(k)?.info));
+                .and_then(|(p, _)| {
+                    let k = (p.0.namespace.clone(), p.0.name.clone());
+                    Some(self.local.get(&k)?.info)
+                });
             let old = match new {
                 Some(e) => self.desired.endpoints.insert(ip, e),
                 None => self.desired.endpoints.remove(&ip),
@@ -1006,22 +1014,59 @@ fn has_named(rule: &Rule) -> bool {
         .any(|p| matches!(p.port, super::model::PortSpec::Named(_)))
 }
 
-/// The pods holding one address, in key order: almost always one, so a sorted vector (a set
-/// would cost a whole tree node per address).
+/// A pod, ordered by (namespace, name): the compiler's indexes hold the shared pod, not a
+/// copy of its key.
+#[derive(Clone, Debug)]
+struct PodRef(Arc<PodInfo>);
+
+impl PodRef {
+    fn key(&self) -> (&str, &str) {
+        (&self.0.namespace, &self.0.name)
+    }
+}
+
+impl PartialEq for PodRef {
+    fn eq(&self, o: &Self) -> bool {
+        self.key() == o.key()
+    }
+}
+
+impl Eq for PodRef {}
+
+impl PartialOrd for PodRef {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for PodRef {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&o.key())
+    }
+}
+
+/// The pods holding one address, in key order, with their identities: almost always one, so
+/// a sorted vector (a set would cost a whole tree node per address).
 #[derive(Debug, Default)]
-struct Owners(Vec<PodKey>);
+struct Owners(Vec<(PodRef, u32)>);
 
 impl Owners {
-    fn insert(&mut self, k: PodKey) {
-        if let Err(i) = self.0.binary_search(&k) {
-            self.0.insert(i, k);
+    fn insert(&mut self, p: PodRef, id: u32) {
+        match self.0.binary_search_by(|(o, _)| o.cmp(&p)) {
+            Ok(i) => self.0[i] = (p, id),
+            Err(i) => self.0.insert(i, (p, id)),
         }
     }
 
-    fn remove(&mut self, k: &PodKey) {
-        if let Ok(i) = self.0.binary_search(k) {
+    fn remove(&mut self, p: &PodRef) {
+        if let Ok(i) = self.0.binary_search_by(|(o, _)| o.cmp(p)) {
             self.0.remove(i);
         }
+    }
+
+    fn group_of(&self, p: &PodRef) -> Option<u32> {
+        let i = self.0.binary_search_by(|(o, _)| o.cmp(p)).ok()?;
+        Some(self.0[i].1)
     }
 
     fn is_empty(&self) -> bool {
@@ -1029,7 +1074,7 @@ impl Owners {
     }
 
     /// The pod the address stands for: the last in key order, as a full compile has it.
-    fn last(&self) -> Option<&PodKey> {
+    fn last(&self) -> Option<&(PodRef, u32)> {
         self.0.last()
     }
 }
