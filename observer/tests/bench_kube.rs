@@ -306,15 +306,20 @@ fn kube_sync_at_scale() {
 
     // (a) Pod labels: one pod at a time, local (the first `local` pods) and remote alternately,
     // a new value of a label no policy selects on, so the pod takes a new identity.
-    let mut pod_lat = Series::default();
-    for i in 0..changes {
+    // Change `i`: a local pod for even `i`, else a remote one `stride` apart, labelled `rev`.
+    let relabelled = |i: usize, stride: usize, rev: String| {
         let idx = if i % 2 == 0 {
             i % local
         } else {
-            local + (i * 37) % (spec.pods - local)
+            local + (i * stride) % (spec.pods - local)
         };
         let mut pod = obj("Pod", &format!("p{idx}"));
-        pod["metadata"]["labels"]["rev"] = json!(format!("r{i}"));
+        pod["metadata"]["labels"]["rev"] = json!(rev);
+        pod
+    };
+    let mut pod_lat = Series::default();
+    for i in 0..changes {
+        let pod = relabelled(i, 37, format!("r{i}"));
         one_change(&api, &r, pod, change_timeout, &mut pod_lat);
     }
     eprintln!("pod label changes done");
@@ -387,21 +392,12 @@ fn kube_sync_at_scale() {
 
     // A burst of pod label changes back to back (a rollout), local and remote alternately,
     // then one new local pod, the sentinel. Pod events reach the daemon in order on one watch
-    // and every sync compiles the whole cache, so the sentinel's endpoint in the maps means
+    // and each sync takes every change gathered before it, so the sentinel's endpoint in the maps means
     // every change before it is there too. Timed from the first apply to that endpoint.
     let synced = syncs(&r);
     let spare: IpAddr = spec.spare_local_ip().parse().unwrap();
     let mut batch: Vec<Value> = (0..burst)
-        .map(|i| {
-            let idx = if i % 2 == 0 {
-                i % local
-            } else {
-                local + (i * 101) % (spec.pods - local)
-            };
-            let mut pod = obj("Pod", &format!("p{idx}"));
-            pod["metadata"]["labels"]["rev"] = json!(format!("b{i}"));
-            pod
-        })
+        .map(|i| relabelled(i, 101, format!("b{i}")))
         .collect();
     let mut sentinel = obj("Pod", "p0");
     sentinel["metadata"]["name"] = json!("bench-sentinel");

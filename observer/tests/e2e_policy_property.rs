@@ -45,14 +45,8 @@ fn random_cluster(r: &mut Rng) -> Cluster {
 #[test]
 fn kernel_verdicts_equal_reference_verdicts_on_random_clusters() {
     observer_tests::ensure_root().unwrap();
-    let clusters: u64 = std::env::var("OBSERVER_PROPERTY_CLUSTERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    let seed: u64 = std::env::var("OBSERVER_PROPERTY_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5eed_0b5e);
+    let clusters: u64 = gen::env_or("OBSERVER_PROPERTY_CLUSTERS", 1000);
+    let seed: u64 = gen::env_or("OBSERVER_PROPERTY_SEED", 0x5eed_0b5e);
     let mut r = Rng(seed);
     let mut k = KernelEngine::new().unwrap();
     let probes = [

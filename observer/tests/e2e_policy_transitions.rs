@@ -15,7 +15,7 @@ use observer::{
         Engine, EnginePeer, Options, Protocol,
     },
 };
-use observer_tests::policy_gen::{Rng, World};
+use observer_tests::policy_gen::{self as gen, Rng, World};
 
 const PROBES: [(Protocol, u16); 4] = [
     (Protocol::Tcp, 80),
@@ -70,15 +70,9 @@ fn denied(e: &Engine<'_>, c: &Cluster, s: IpAddr, d: IpAddr, proto: Protocol, po
 #[test]
 fn no_state_between_two_policies_allows_what_both_deny() {
     observer_tests::ensure_root().unwrap();
-    let sequences: u64 = std::env::var("OBSERVER_PROPERTY_SEQUENCES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(80);
+    let sequences: u64 = gen::env_or("OBSERVER_PROPERTY_SEQUENCES", 80);
     let steps = 25;
-    let seed: u64 = std::env::var("OBSERVER_PROPERTY_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x7a11_5afe);
+    let seed: u64 = gen::env_or("OBSERVER_PROPERTY_SEED", 0x7a11_5afe);
     let mut r = Rng(seed);
     let mut k = KernelEngine::new().unwrap();
     let (mut states, mut tried, mut final_checked) = (0u64, 0u64, 0u64);

@@ -17,7 +17,7 @@ use observer::{
         Options,
     },
 };
-use observer_tests::policy_gen::{Rng, World, NODE};
+use observer_tests::policy_gen::{self as gen, Rng, World, NODE};
 use serde_json::Value;
 
 /// The cluster as the watch caches give it: pods and policies in (namespace, name) order.
@@ -136,15 +136,9 @@ fn differences(a: &Desired, b: &Desired) -> String {
 
 #[test]
 fn incremental_compile_equals_full_compile_after_every_change() {
-    let sequences: u64 = std::env::var("OBSERVER_PROPERTY_SEQUENCES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let sequences: u64 = gen::env_or("OBSERVER_PROPERTY_SEQUENCES", 300);
     let steps = 40;
-    let seed: u64 = std::env::var("OBSERVER_PROPERTY_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x1ac7_e5ed);
+    let seed: u64 = gen::env_or("OBSERVER_PROPERTY_SEED", 0x1ac7_e5ed);
     let mut r = Rng(seed);
     let (mut checked, mut nonempty) = (0u64, 0u64);
     for s in 0..sequences {

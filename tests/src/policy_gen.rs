@@ -92,6 +92,14 @@ pub fn rules(r: &mut Rng, peer_key: &str) -> Value {
     json!(v)
 }
 
+/// The number in environment variable `name` (a property test's size or seed), else `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A random policy `name` in namespace `ns` (one of `n_ns` namespaces `n0`, `n1`, ...).
 pub fn policy(r: &mut Rng, name: &str, ns: &str) -> Value {
     let mut spec = serde_json::Map::new();
