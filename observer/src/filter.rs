@@ -240,7 +240,7 @@ mod tests {
             port,
             namespace: Some(ns.into()),
             pod: Some(pod.into()),
-            labels: [("app".to_string(), pod.to_string())].into(),
+            labels: BTreeMap::from([("app".to_string(), pod.to_string())]).into(),
             workload: None,
         };
         FlowRecord {

@@ -69,10 +69,15 @@ pub struct Peer {
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    /// The pod's own label set, shared: a record does not copy it.
+    #[serde(default, skip_serializing_if = "no_labels")]
+    pub labels: std::sync::Arc<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+}
+
+fn no_labels(l: &std::sync::Arc<BTreeMap<String, String>>) -> bool {
+    l.is_empty()
 }
 
 /// `out`: from the source (the side that opened the connection) to the destination;
@@ -218,7 +223,7 @@ fn peer(ip: IpAddr, port: u16, pod: Option<&PodInfo>) -> Peer {
         port,
         namespace: pod.map(|p| p.namespace.clone()),
         pod: pod.map(|p| p.name.clone()),
-        labels: pod.map(|p| (*p.labels).clone()).unwrap_or_default(),
+        labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
         workload: pod.and_then(|p| p.workload.clone()),
     }
 }

@@ -567,7 +567,8 @@ fn peer_of(e: Option<&Endpoint>, ip: IpAddr, port: u16) -> Peer {
             .filter_map(|l| l.strip_prefix("k8s:")?.split_once('='))
             .filter(|(k, _)| namespace.is_none() || *k != "io.kubernetes.pod.namespace")
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+            .collect::<BTreeMap<_, _>>()
+            .into(),
         namespace,
         pod: nonempty(&e.pod_name),
         workload: e.workloads.first().map(|w| match w.kind.as_str() {
@@ -637,7 +638,7 @@ mod tests {
             port,
             namespace: Some(ns.into()),
             pod: Some(pod.into()),
-            labels: [("app".to_string(), pod.to_string())].into(),
+            labels: BTreeMap::from([("app".to_string(), pod.to_string())]).into(),
             workload: None,
         };
         let rec = FlowRecord {
@@ -741,10 +742,10 @@ mod tests {
             port,
             namespace: Some(ns.into()),
             pod: Some(pod.into()),
-            labels: [
+            labels: BTreeMap::from([
                 ("app".to_string(), pod.to_string()),
                 ("tier".into(), "x".into()),
-            ]
+            ])
             .into(),
             workload: Some(format!("Deployment/{pod}")),
         };
@@ -896,7 +897,7 @@ mod tests {
                 icmp: None,
             },
             source: Peer {
-                labels: BTreeMap::new(),
+                labels: Default::default(),
                 workload: None,
                 ..pod("a", "b", "10.244.0.5", 9)
             },
