@@ -949,12 +949,9 @@ impl Datapath {
     }
 
     /// Moves the Service frontends to `want`, reading the map back only when `old` is unknown.
-    fn apply_services(&mut self, old: Option<&Desired>, want: &Desired) -> Result<(usize, usize)> {
+    fn apply_services(&mut self, want: &Desired) -> Result<(usize, usize)> {
         let mut m = self.services_mut()?;
-        let have: HashMap<SvcKey, u32> = match old {
-            Some(o) => o.services.iter().map(|(k, v)| (svc_key(*k), *v)).collect(),
-            None => m.iter().filter_map(|r| r.ok()).collect(),
-        };
+        let have: HashMap<SvcKey, u32> = m.iter().filter_map(|r| r.ok()).collect();
         let want: HashMap<SvcKey, u32> = want
             .services
             .iter()
@@ -1031,66 +1028,11 @@ impl Datapath {
         Ok((written, removed))
     }
 
-    /// Moves the maps from `old` (what this process wrote last) to `want` without reading them
-    /// back: new and changed entries first, then removals.
-    pub fn apply_diff(&mut self, old: &Desired, want: &Desired) -> Result<(usize, usize)> {
-        let (mut written, mut removed) = self.apply_services(Some(old), want)?;
-        {
-            let mut eps = self.endpoints_mut()?;
-            for (ip, v) in &want.endpoints {
-                if old.endpoints.get(ip) != Some(v) {
-                    eps.insert(crate::cluster::ip_key(*ip), *v, 0)
-                        .context("writing endpoints map")?;
-                    written += 1;
-                }
-            }
-            for ip in old
-                .endpoints
-                .keys()
-                .filter(|ip| !want.endpoints.contains_key(ip))
-            {
-                let _ = eps.remove(&crate::cluster::ip_key(*ip));
-                removed += 1;
-            }
-        }
-        {
-            let mut ipc = self.ipcache_mut()?;
-            for (net, v) in &want.ipcache {
-                if old.ipcache.get(net) != Some(v) {
-                    let (plen, data) = crate::cluster::ipcache_key(*net);
-                    ipc.insert(&aya::maps::lpm_trie::Key::new(plen, data), *v, 0)
-                        .context("writing ipcache map")?;
-                    written += 1;
-                }
-            }
-            for net in old.ipcache.keys().filter(|n| !want.ipcache.contains_key(n)) {
-                let (plen, data) = crate::cluster::ipcache_key(*net);
-                let _ = ipc.remove(&aya::maps::lpm_trie::Key::new(plen, data));
-                removed += 1;
-            }
-        }
-        {
-            let mut pol = self.policy_mut()?;
-            for (k, v) in &want.policy {
-                if old.policy.get(k) != Some(v) {
-                    pol.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), *v, 0)
-                        .context("writing policy map")?;
-                    written += 1;
-                }
-            }
-            for k in old.policy.keys().filter(|k| !want.policy.contains_key(k)) {
-                let _ = pol.remove(&aya::maps::lpm_trie::Key::new(k.0, k.1));
-                removed += 1;
-            }
-        }
-        Ok((written, removed))
-    }
-
     /// Writes `want` into the endpoints, ipcache and policy maps, touching only what differs
     /// from what they hold (used at start, when the maps may come from an earlier daemon).
     /// New entries go in before stale ones go out.
     pub fn apply(&mut self, want: &Desired) -> Result<(usize, usize)> {
-        let (mut written, mut removed) = self.apply_services(None, want)?;
+        let (mut written, mut removed) = self.apply_services(want)?;
         let dp = self;
         {
             let mut eps = dp.endpoints_mut()?;

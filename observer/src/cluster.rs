@@ -1,7 +1,7 @@
 //! The daemon's view of the cluster: namespaces, pods and nodes, whatever the source (YAML on
 //! disk now, the API server later), and what it means for the datapath maps.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -140,19 +140,6 @@ impl Cluster {
                 Arc::make_mut(p).labels = labels;
             }
         }
-    }
-
-    pub fn pod_by_ip(&self) -> HashMap<IpAddr, &std::sync::Arc<PodInfo>> {
-        let mut m = HashMap::new();
-        for p in &self.pods {
-            if p.host_network {
-                continue;
-            }
-            for ip in &p.ips {
-                m.insert(*ip, p);
-            }
-        }
-        m
     }
 }
 

@@ -234,24 +234,16 @@ impl Ctx<'_> {
                 .filter(|id| pods.matches(self.groups[id].labels))
                 .collect(),
             PeerSpec::IpBlock { cidr, except } => {
-                let inside = |n: &IpNet| cidr.contains(n) && !except.iter().any(|e| e.contains(n));
                 let mut ids: BTreeSet<u32> = self
                     .prefixes
                     .iter()
-                    .filter(|(n, _)| inside(n))
+                    .filter(|(n, _)| in_block(cidr, except, n))
                     .map(|(_, id)| *id)
                     .collect();
                 if self.opts.ipblock_matches_pods {
-                    // An identity stands for all its pods: it is included only when every one of
-                    // their addresses of the block's family is inside the block.
                     for (id, g) in &self.groups {
-                        let all_in = g
-                            .pods
-                            .iter()
-                            .flat_map(|p| p.ips.iter())
-                            .filter(|ip| ip.is_ipv4() == cidr.addr().is_ipv4())
-                            .all(|ip| inside(&IpNet::from(*ip)));
-                        if all_in {
+                        let ips = g.pods.iter().flat_map(|p| p.ips.iter());
+                        if all_in_block(cidr, except, ips) {
                             ids.insert(*id);
                         }
                     }
@@ -260,6 +252,22 @@ impl Ctx<'_> {
             }
         }
     }
+}
+
+/// Whether `n` is inside an ipBlock: in `cidr` and in none of `except`.
+pub(crate) fn in_block(cidr: &IpNet, except: &[IpNet], n: &IpNet) -> bool {
+    cidr.contains(n) && !except.iter().any(|e| e.contains(n))
+}
+
+/// Whether an identity's pods, whose addresses are `ips`, are all inside an ipBlock: an
+/// identity stands for all its pods, so it is included only when every one of their addresses
+/// of the block's family is inside the block.
+pub(crate) fn all_in_block<'a>(
+    cidr: &IpNet,
+    except: &[IpNet],
+    mut ips: impl Iterator<Item = &'a IpAddr>,
+) -> bool {
+    ips.all(|ip| ip.is_ipv4() != cidr.addr().is_ipv4() || in_block(cidr, except, &IpNet::from(*ip)))
 }
 
 /// (prefix length, protocol, port) entries a rule's ports stand for, towards `dst_pods`

@@ -1,9 +1,10 @@
 //! The incremental compile: the same maps as [`compile::compile`], kept up to date from one
 //! cluster snapshot to the next by recomputing only what a change touches. A pod's change moves
 //! it between identities and its addresses in the ipcache; an identity that appears or goes is
-//! tried against every rule's peers; a namespace's labels against the rules that select
-//! namespaces; a policy recomputes its own rules. Only the local endpoints whose policies or
-//! rules changed are recompiled, with the same per-endpoint function as the full compile.
+//! tried against the distinct peers of the rules (a selector cache); a namespace's labels
+//! against the peers that select namespaces; a policy recomputes its own rules. Only the local
+//! endpoints whose policies or rules changed are recompiled, with the same per-endpoint
+//! function as the full compile.
 //!
 //! What changed is kept as the entries' values before the change ([`Changes`]), so that the
 //! writer can order its map writes to never allow what both the old and the new state deny.
@@ -302,12 +303,8 @@ impl Incremental {
             }
         }
         self.update_selectors(&mut dirty);
-        let cidrs = if changed_policies.is_empty() && !first {
-            self.cidrs.clone()
-        } else {
-            compile::ipblock_nets(&cluster.policies)
-        };
-        if cidrs != self.cidrs {
+        if first || !changed_policies.is_empty() {
+            let cidrs = compile::ipblock_nets(&cluster.policies);
             dirty
                 .ipcache
                 .extend(self.cidrs.symmetric_difference(&cidrs));
@@ -358,16 +355,17 @@ impl Incremental {
     fn update_services(&mut self, cluster: &Cluster) {
         self.services = cluster.services.clone();
         let new = compile::frontends(cluster, &self.node, &self.host);
-        let old = std::mem::take(&mut self.desired.services);
-        for (k, v) in &old {
-            if new.get(k) != Some(v) {
-                self.changes.services.entry(*k).or_insert(Some(*v));
-            }
+        let keys: BTreeSet<_> = self
+            .desired
+            .services
+            .keys()
+            .chain(new.keys())
+            .copied()
+            .collect();
+        for k in keys {
+            let v = new.get(&k).copied();
+            set_logged(&mut self.desired.services, &mut self.changes.services, k, v);
         }
-        for k in new.keys().filter(|k| !old.contains_key(k)) {
-            self.changes.services.entry(*k).or_insert(None);
-        }
-        self.desired.services = new;
     }
 
     /// Policies added, removed or changed, by (namespace, name), with what they are now.
@@ -403,12 +401,7 @@ impl Incremental {
         for k in keys {
             let new = find(&cluster.policies, k, |p| (&p.namespace, &p.name));
             let old = self.policies.get(&k.0).and_then(|m| m.get(&k.1));
-            let same = match (old, new) {
-                (Some(o), Some(n)) => same(&o.policy, n),
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
+            if differs(old.map(|o| &o.policy), new) {
                 out.insert(k.clone(), new.cloned());
             }
         }
@@ -477,12 +470,7 @@ impl Incremental {
         let mut changed = Vec::new();
         for k in keys {
             let new = find(&cluster.pods, k, |p| (&p.namespace, &p.name));
-            let same = match (self.pods.get(k), new) {
-                (Some(o), Some(n)) => same(o, n),
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
+            if differs(self.pods.get(k), new) {
                 changed.push((k.clone(), new.cloned()));
             }
         }
@@ -648,17 +636,12 @@ impl Incremental {
                 namespaces.matches(self.ns_labels(&g.namespace)) && pods.matches(&g.labels)
             }
             PeerSpec::IpBlock { cidr, except } => {
-                // An identity stands for all its pods: it is included only when every one of
-                // their addresses of the block's family is inside the block.
                 self.opts.ipblock_matches_pods
-                    && g.members
-                        .iter()
-                        .flat_map(|p| p.0.ips.iter())
-                        .filter(|ip| ip.is_ipv4() == cidr.addr().is_ipv4())
-                        .all(|ip| {
-                            let n = IpNet::from(*ip);
-                            cidr.contains(&n) && !except.iter().any(|e| e.contains(&n))
-                        })
+                    && compile::all_in_block(
+                        cidr,
+                        except,
+                        g.members.iter().flat_map(|p| p.0.ips.iter()),
+                    )
             }
         }
     }
@@ -724,7 +707,7 @@ impl Incremental {
         let mut out = BTreeSet::new();
         if let PeerSpec::IpBlock { cidr, except } = peer {
             for (n, id) in &self.nonpod {
-                if cidr.contains(n) && !except.iter().any(|e| e.contains(n)) {
+                if compile::in_block(cidr, except, n) {
                     out.insert(*id);
                 }
             }
@@ -897,13 +880,12 @@ impl Incremental {
             } else {
                 None
             };
-            let old = match new {
-                Some(e) => self.desired.ipcache.insert(*net, e),
-                None => self.desired.ipcache.remove(net),
-            };
-            if old != new {
-                self.changes.ipcache.entry(*net).or_insert(old);
-            }
+            set_logged(
+                &mut self.desired.ipcache,
+                &mut self.changes.ipcache,
+                *net,
+                new,
+            );
             let np = new
                 .filter(|e| !compile::is_pod_address(net, e))
                 .map(|e| e.identity);
@@ -951,17 +933,22 @@ impl Incremental {
             };
             for key in &old_keys {
                 if res.as_ref().is_none_or(|(_, _, e)| !e.contains_key(key)) {
-                    if let Some(old) = self.desired.policy.remove(key) {
-                        self.changes.policy.entry(*key).or_insert(Some(old));
-                    }
+                    set_logged(
+                        &mut self.desired.policy,
+                        &mut self.changes.policy,
+                        *key,
+                        None,
+                    );
                 }
             }
             if let Some((ep, flags, entries)) = res {
                 for (key, v) in entries {
-                    let old = self.desired.policy.insert(key, v);
-                    if old != Some(v) {
-                        self.changes.policy.entry(key).or_insert(old);
-                    }
+                    set_logged(
+                        &mut self.desired.policy,
+                        &mut self.changes.policy,
+                        key,
+                        Some(v),
+                    );
                 }
                 self.local.insert(
                     k,
@@ -981,13 +968,12 @@ impl Incremental {
                     let k = (p.0.namespace.clone(), p.0.name.clone());
                     Some(self.local.get(&k)?.info)
                 });
-            let old = match new {
-                Some(e) => self.desired.endpoints.insert(ip, e),
-                None => self.desired.endpoints.remove(&ip),
-            };
-            if old != new {
-                self.changes.endpoints.entry(ip).or_insert(old);
-            }
+            set_logged(
+                &mut self.desired.endpoints,
+                &mut self.changes.endpoints,
+                ip,
+                new,
+            );
         }
     }
 }
@@ -995,6 +981,30 @@ impl Incremental {
 /// The same object, or an equal one.
 fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
     Arc::ptr_eq(a, b) || **a == **b
+}
+
+/// Whether an object was added, removed or changed.
+fn differs<T: PartialEq>(old: Option<&Arc<T>>, new: Option<&Arc<T>>) -> bool {
+    match (old, new) {
+        (Some(o), Some(n)) => !same(o, n),
+        (o, n) => o.is_some() != n.is_some(),
+    }
+}
+
+/// Sets `k` to `new` in `map` and, the first time it changes, logs its earlier value in `log`.
+fn set_logged<K: Ord + Copy, V: PartialEq + Copy>(
+    map: &mut BTreeMap<K, V>,
+    log: &mut BTreeMap<K, Option<V>>,
+    k: K,
+    new: Option<V>,
+) {
+    let old = match new {
+        Some(v) => map.insert(k, v),
+        None => map.remove(&k),
+    };
+    if old != new {
+        log.entry(k).or_insert(old);
+    }
 }
 
 /// The element of key `k` in `v`, sorted by key.
