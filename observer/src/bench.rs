@@ -741,7 +741,7 @@ pub fn compile_bench(rounds: usize) -> Result<Vec<Measurement>> {
         let pod = changed
             .pods
             .iter_mut()
-            .find(|p| p.name == "p7")
+            .find(|p| &*p.name == "p7")
             .context("pod p7")?;
         std::sync::Arc::make_mut(&mut std::sync::Arc::make_mut(pod).labels)
             .insert("app".into(), format!("app{}", (r + 8) % 20));

@@ -1,7 +1,7 @@
 //! The daemon's view of the cluster: namespaces, pods and nodes, whatever the source (YAML on
 //! disk now, the API server later), and what it means for the datapath maps.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -18,44 +18,74 @@ use serde::Deserialize;
 
 use crate::policy::{model, Policy, Protocol};
 
-/// One copy of each distinct label set: pods of a workload share their labels. Sets no pod
-/// uses any more are dropped as new ones come.
+/// One copy of each distinct value pods repeat: label sets (a rollout's pods carry one),
+/// namespace, node and workload names, container port lists. At 250,000 pods the copies were
+/// most of the daemon's memory. Values no pod uses any more are dropped as new ones come.
 #[derive(Debug, Default)]
-pub struct LabelSets {
-    sets: std::collections::HashSet<Arc<BTreeMap<String, String>>>,
+pub struct Interner {
+    labels: HashSet<Arc<BTreeMap<String, String>>>,
+    names: HashSet<Arc<str>>,
+    ports: HashSet<Arc<[ContainerPort]>>,
     added: usize,
 }
 
-impl LabelSets {
-    pub fn intern(&mut self, l: Arc<BTreeMap<String, String>>) -> Arc<BTreeMap<String, String>> {
-        if let Some(s) = self.sets.get(&*l) {
-            return s.clone();
-        }
-        self.added += 1;
-        if self.added > self.sets.len().max(1024) {
-            self.sets.retain(|s| Arc::strong_count(s) > 1);
+impl Interner {
+    /// The pod with every repeated value replaced by the shared copy.
+    pub fn pod(&mut self, mut p: PodInfo) -> PodInfo {
+        self.sweep();
+        p.labels = share(&mut self.labels, p.labels, &mut self.added);
+        p.namespace = share(&mut self.names, p.namespace, &mut self.added);
+        p.node = share(&mut self.names, p.node, &mut self.added);
+        p.workload = p
+            .workload
+            .map(|w| share(&mut self.names, w, &mut self.added));
+        p.ports = share(&mut self.ports, p.ports, &mut self.added);
+        p
+    }
+
+    /// Drops values only this interner holds, once it has taken in as many new ones as it keeps.
+    fn sweep(&mut self) {
+        if self.added > (self.labels.len() + self.names.len() + self.ports.len()).max(1024) {
+            self.labels.retain(|s| Arc::strong_count(s) > 1);
+            self.names.retain(|s| Arc::strong_count(s) > 1);
+            self.ports.retain(|s| Arc::strong_count(s) > 1);
             self.added = 0;
         }
-        self.sets.insert(l.clone());
-        l
     }
 }
+
+fn share<T: ?Sized + Eq + std::hash::Hash>(
+    set: &mut HashSet<Arc<T>>,
+    v: Arc<T>,
+    added: &mut usize,
+) -> Arc<T> {
+    if let Some(s) = set.get(&*v) {
+        return s.clone();
+    }
+    *added += 1;
+    set.insert(v.clone());
+    v
+}
+
+/// (namespace, name) of a pod or policy, sharing the object's own copies of both.
+pub type Key = (Arc<str>, Arc<str>);
+
+/// A container port: (name, number, protocol), for named ports in policies.
+pub type ContainerPort = (String, u16, Protocol);
 
 /// A pod as the datapath and the flow logs need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
-    pub namespace: String,
-    pub name: String,
-    pub node: String,
-    pub ips: Vec<IpAddr>,
-    /// Shared between pods with the same labels (see [`intern_labels`]): a rollout's pods
-    /// carry one copy.
+    /// The shared fields ([`Interner`]) are one copy for all the pods that repeat them.
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub node: Arc<str>,
+    pub ips: Box<[IpAddr]>,
     pub labels: Arc<BTreeMap<String, String>>,
     /// `Kind/name` of the controlling owner, if any.
-    pub workload: Option<String>,
+    pub workload: Option<Arc<str>>,
     pub host_network: bool,
-    /// Container ports: (name, number, protocol), for named ports in policies.
-    pub ports: Vec<(String, u16, Protocol)>,
+    pub ports: Arc<[ContainerPort]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,15 +160,18 @@ pub struct Cluster {
     pub errors: Vec<String>,
 }
 
+impl PodInfo {
+    pub fn key(&self) -> Key {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
 impl Cluster {
-    /// One copy of each distinct pod label set.
-    pub fn share_labels(&mut self) {
-        let mut sets = LabelSets::default();
+    /// One copy of each value the pods repeat ([`Interner`]).
+    pub fn share(&mut self) {
+        let mut interner = Interner::default();
         for p in &mut self.pods {
-            let labels = sets.intern(p.labels.clone());
-            if !Arc::ptr_eq(&labels, &p.labels) {
-                Arc::make_mut(p).labels = labels;
-            }
+            *p = Arc::new(interner.pod(Arc::unwrap_or_clone(p.clone())));
         }
     }
 }
@@ -188,14 +221,17 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo> {
         .find(|o| o.controller == Some(true))
         .map(|o| format!("{}/{}", o.kind, o.name));
     Ok(PodInfo {
-        namespace,
-        name,
-        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        ips,
+        namespace: namespace.into(),
+        name: name.into(),
+        node: spec
+            .and_then(|s| s.node_name.as_deref())
+            .unwrap_or_default()
+            .into(),
+        ips: ips.into(),
         labels: Arc::new(meta.labels.clone().unwrap_or_default()),
-        workload,
+        workload: workload.map(Into::into),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        ports,
+        ports: ports.into(),
     })
 }
 
@@ -503,7 +539,7 @@ pub fn load_dir(paths: &[PathBuf]) -> Result<Cluster> {
     for (origin, value) in read_documents(paths)? {
         add_object(&mut cluster, &origin, value);
     }
-    cluster.share_labels();
+    cluster.share();
     Ok(cluster)
 }
 

@@ -66,14 +66,14 @@ pub struct Peer {
     pub ip: Option<IpAddr>,
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
+    pub namespace: Option<std::sync::Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
-    /// The pod's own label set, shared: a record does not copy it.
+    pub pod: Option<std::sync::Arc<str>>,
+    /// The pod's own names and label set, shared: a record does not copy them.
     #[serde(default, skip_serializing_if = "no_labels")]
     pub labels: std::sync::Arc<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<String>,
+    pub workload: Option<std::sync::Arc<str>>,
 }
 
 fn no_labels(l: &std::sync::Arc<BTreeMap<String, String>>) -> bool {
@@ -242,7 +242,7 @@ pub fn record<'a>(
     let direction = match class {
         TrafficClass::WorldToPod | TrafficClass::NodeToPod => "ingress",
         // A remote pod opened it: the local pod is the destination.
-        TrafficClass::PodToPodRemote if !lookup(sip).is_some_and(|p| p.node == node) => "ingress",
+        TrafficClass::PodToPodRemote if !lookup(sip).is_some_and(|p| &*p.node == node) => "ingress",
         _ => "egress",
     };
     let tcp = key.proto == observer_common::IPPROTO_TCP;
@@ -447,11 +447,11 @@ mod tests {
             namespace: "x".into(),
             name: "a".into(),
             node: "n1".into(),
-            ips: vec!["10.244.1.10".parse().unwrap()],
+            ips: vec!["10.244.1.10".parse().unwrap()].into(),
             labels: Default::default(),
             workload: None,
             host_network: false,
-            ports: vec![],
+            ports: vec![].into(),
         };
         let r = record(
             "n1",

@@ -136,7 +136,7 @@ pub struct NsInfo {
 }
 
 /// (namespace or "" for cluster-scoped objects, name).
-pub type ObjKey = (String, String);
+pub type ObjKey = crate::cluster::Key;
 
 /// One kind's converted objects. Raw API objects are never kept: a 10,000-pod cluster would
 /// cost hundreds of megabytes as `Pod`s and a few as [`PodInfo`]s.
@@ -201,9 +201,9 @@ impl Caches {
     pub fn cluster(&self) -> Cluster {
         let mut c = Cluster::default();
         for ((_, name), ns) in &self.namespaces.items {
-            c.namespaces.insert(name.clone(), ns.labels.clone());
+            c.namespaces.insert(name.to_string(), ns.labels.clone());
             if ns.audit {
-                c.audit_namespaces.insert(name.clone());
+                c.audit_namespaces.insert(name.to_string());
             }
         }
         c.pods = self.pods.items.values().cloned().collect();
@@ -250,8 +250,13 @@ pub trait Watch:
         None
     }
     /// The converted object with what it can share with others shared.
-    fn share(info: Self::Info, _: &Mutex<crate::cluster::LabelSets>) -> Self::Info {
+    fn share(info: Self::Info, _: &Mutex<crate::cluster::Interner>) -> Self::Info {
         info
+    }
+    /// The cache key for a converted object: the object's own names where it keeps them, so
+    /// the key costs no copy.
+    fn key(_: &Self::Info, key: ObjKey) -> ObjKey {
+        key
     }
 }
 
@@ -273,10 +278,11 @@ impl Watch for Pod {
     fn changed(h: &mut Hints) -> Option<&mut Option<BTreeSet<ObjKey>>> {
         Some(&mut h.pods)
     }
-    fn share(info: Arc<PodInfo>, labels: &Mutex<crate::cluster::LabelSets>) -> Arc<PodInfo> {
-        let mut p = Arc::unwrap_or_clone(info);
-        p.labels = labels.lock().unwrap().intern(p.labels);
-        Arc::new(p)
+    fn share(info: Arc<PodInfo>, interner: &Mutex<crate::cluster::Interner>) -> Arc<PodInfo> {
+        Arc::new(interner.lock().unwrap().pod(Arc::unwrap_or_clone(info)))
+    }
+    fn key(info: &Arc<PodInfo>, _: ObjKey) -> ObjKey {
+        info.key()
     }
 }
 
@@ -355,8 +361,8 @@ impl Watch for EndpointSlice {
 
 fn key_of<K: Resource>(obj: &K) -> ObjKey {
     (
-        obj.meta().namespace.clone().unwrap_or_default(),
-        obj.meta().name.clone().unwrap_or_default(),
+        obj.meta().namespace.as_deref().unwrap_or_default().into(),
+        obj.meta().name.as_deref().unwrap_or_default().into(),
     )
 }
 
@@ -393,7 +399,7 @@ pub struct ResourceStatus {
 pub struct Kube {
     pub caches: Mutex<Caches>,
     /// Pods' label sets, one copy per distinct set.
-    labels: Mutex<crate::cluster::LabelSets>,
+    interner: Mutex<crate::cluster::Interner>,
     status: Mutex<Vec<ResourceStatus>>,
     changed: Notify,
     /// When the oldest change not yet written to the maps arrived.
@@ -404,7 +410,7 @@ impl Default for Kube {
     fn default() -> Self {
         Self {
             caches: Mutex::new(Caches::default()),
-            labels: Mutex::default(),
+            interner: Mutex::default(),
             status: Mutex::new(
                 WATCHED
                     .iter()
@@ -514,9 +520,9 @@ impl Kube {
                     let (items, errors) = cache
                         .relist
                         .get_or_insert_with(|| (BTreeMap::new(), HashMap::new()));
-                    match obj.info().map(|i| i.map(|v| K::share(v, &self.labels))) {
+                    match obj.info().map(|i| i.map(|v| K::share(v, &self.interner))) {
                         Ok(Some(v)) => {
-                            items.insert(key, v);
+                            items.insert(K::key(&v, key), v);
                         }
                         Ok(None) => {}
                         Err(e) => {
@@ -538,10 +544,13 @@ impl Kube {
                 }
                 watcher::Event::Apply(obj) => {
                     let key = key_of(&obj);
-                    match obj.info().map(|i| i.map(|v| K::share(v, &self.labels))) {
+                    match obj.info().map(|i| i.map(|v| K::share(v, &self.interner))) {
                         Ok(Some(v)) => {
-                            cache.items.insert(key.clone(), v);
                             cache.errors.remove(&key);
+                            // Not `insert` alone: it would keep the old key, and with it the
+                            // old object's names.
+                            cache.items.remove(&key);
+                            cache.items.insert(K::key(&v, key), v);
                         }
                         Ok(None) => {
                             cache.items.remove(&key);
@@ -778,7 +787,7 @@ mod tests {
 
     fn names(k: &Kube) -> Vec<String> {
         let c = k.caches.lock().unwrap().cluster();
-        c.pods.iter().map(|p| p.name.clone()).collect()
+        c.pods.iter().map(|p| p.name.to_string()).collect()
     }
 
     #[test]

@@ -169,7 +169,7 @@ impl NetModel {
                 let local_ips: Vec<IpAddr> = cluster
                     .pods
                     .iter()
-                    .filter(|p| p.node == node && !p.host_network)
+                    .filter(|p| &*p.node == node && !p.host_network)
                     .flat_map(|p| p.ips.iter().copied())
                     .collect();
                 let in_vnet = |ip: &IpAddr| vnet_cidrs.iter().any(|n| n.contains(ip));
@@ -437,11 +437,11 @@ mod tests {
             namespace: "a".into(),
             name: "p".into(),
             node: "n1".into(),
-            ips: vec!["10.224.1.10".parse().unwrap()],
+            ips: vec!["10.224.1.10".parse().unwrap()].into(),
             labels: Default::default(),
             workload: None,
             host_network: false,
-            ports: vec![],
+            ports: vec![].into(),
         }));
         let cfg = ModelConfig::default();
         let m = NetModel::resolve(&cfg, &c, "n1", &[net("10.224.0.4/16")], vec![]);

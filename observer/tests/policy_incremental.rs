@@ -38,11 +38,11 @@ fn hints_between(
     a: &BTreeMap<(String, String, String), Value>,
     b: &BTreeMap<(String, String, String), Value>,
 ) -> Hints {
-    let changed = |kind: &str| -> BTreeSet<(String, String)> {
+    let changed = |kind: &str| -> BTreeSet<observer::cluster::Key> {
         a.keys()
             .chain(b.keys())
             .filter(|k| k.0 == kind && a.get(*k) != b.get(*k))
-            .map(|k| (k.1.clone(), k.2.clone()))
+            .map(|k| (k.1.as_str().into(), k.2.as_str().into()))
             .collect()
     };
     Hints {

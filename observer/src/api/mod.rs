@@ -280,7 +280,7 @@ pub fn status_of(shared: &Shared) -> Status {
             .cluster
             .pods
             .iter()
-            .filter(|p| p.node == shared.opts.node_name && !p.host_network)
+            .filter(|p| *p.node == *shared.opts.node_name && !p.host_network)
             .count(),
         source_errors: st.metrics.source_errors.clone(),
         records_rate_limited: st.metrics.records_rate_limited_total,

@@ -95,10 +95,10 @@ pub(super) fn count_pod_traffic(st: &mut State, opts: &Options, key: &CtKey, rec
         let Some(pod) = ip.and_then(|ip| st.by_ip.get(&ip)) else {
             continue;
         };
-        if pod.node != opts.node_name {
+        if *pod.node != *opts.node_name {
             continue;
         }
-        let k = (pod.namespace.clone(), pod.name.clone());
+        let k = pod.key();
         if !st.pod_traffic.contains_key(&k) && st.pod_traffic.len() >= opts.pod_metrics_max {
             st.metrics.pod_metrics_overflow_total += 1;
             continue;

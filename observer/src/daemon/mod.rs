@@ -154,7 +154,7 @@ pub struct State {
     pub rules: HashMap<u32, RuleRef>,
     /// (namespace, pod) of local pods -> [egress packets, egress bytes, ingress packets,
     /// ingress bytes] of forwarded traffic.
-    pub pod_traffic: HashMap<(String, String), [u64; 4]>,
+    pub pod_traffic: HashMap<crate::cluster::Key, [u64; 4]>,
     /// The network model SNAT expectations are judged against.
     pub model: crate::snat::NetModel,
     /// Kernel conntrack entries of local pods' connections, and records waiting for theirs.

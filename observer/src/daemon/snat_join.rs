@@ -72,7 +72,7 @@ pub(super) fn snat_subject(
     }
     let ((sip, sport), (dip, dport)) = flows::orient(key, e.flags);
     let pod = st.by_ip.get(&sip)?;
-    if pod.node != opts.node_name || pod.host_network {
+    if *pod.node != *opts.node_name || pod.host_network {
         return None;
     }
     // The kernel's entry of a Service connection is keyed by the frontend the pod asked for.
@@ -149,7 +149,7 @@ pub(super) fn apply_conntrack(
                     let local = st
                         .by_ip
                         .get(&ev.orig.src)
-                        .is_some_and(|p| p.node == shared.opts.node_name && !p.host_network);
+                        .is_some_and(|p| *p.node == *shared.opts.node_name && !p.host_network);
                     if !local {
                         continue;
                     }

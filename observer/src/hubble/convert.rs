@@ -394,14 +394,14 @@ fn endpoint(p: &Peer) -> Endpoint {
         lab.sort();
     }
     Endpoint {
-        namespace: p.namespace.clone().unwrap_or_default(),
-        pod_name: p.pod.clone().unwrap_or_default(),
+        namespace: p.namespace.as_deref().unwrap_or_default().to_string(),
+        pod_name: p.pod.as_deref().unwrap_or_default().to_string(),
         labels: lab,
         workloads: p
             .workload
             .iter()
             .map(|w| {
-                let (kind, name) = w.split_once('/').unwrap_or(("", w.as_str()));
+                let (kind, name) = w.split_once('/').unwrap_or(("", w));
                 Workload {
                     name: name.to_string(),
                     kind: kind.to_string(),
@@ -569,11 +569,11 @@ fn peer_of(e: Option<&Endpoint>, ip: IpAddr, port: u16) -> Peer {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>()
             .into(),
-        namespace,
-        pod: nonempty(&e.pod_name),
+        namespace: namespace.map(Into::into),
+        pod: nonempty(&e.pod_name).map(Into::into),
         workload: e.workloads.first().map(|w| match w.kind.as_str() {
-            "" => w.name.clone(),
-            kind => format!("{kind}/{}", w.name),
+            "" => w.name.as_str().into(),
+            kind => format!("{kind}/{}", w.name).into(),
         }),
     }
 }
@@ -747,7 +747,7 @@ mod tests {
                 ("tier".into(), "x".into()),
             ])
             .into(),
-            workload: Some(format!("Deployment/{pod}")),
+            workload: Some(format!("Deployment/{pod}").into()),
         };
         let world = |ip: &str, port| Peer {
             ip: Some(ip.parse().unwrap()),

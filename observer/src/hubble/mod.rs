@@ -228,7 +228,7 @@ impl Observer for HubbleApi {
         _: Request<GetNamespacesRequest>,
     ) -> Result<Response<GetNamespacesResponse>, Status> {
         let st = self.shared.state.lock().unwrap();
-        let names: BTreeSet<&String> = st
+        let names: BTreeSet<&std::sync::Arc<str>> = st
             .history
             .iter()
             .flat_map(|r| [&r.source.namespace, &r.destination.namespace])
@@ -238,7 +238,7 @@ impl Observer for HubbleApi {
             namespaces: names
                 .into_iter()
                 .map(|n| Namespace {
-                    namespace: n.clone(),
+                    namespace: n.to_string(),
                     cluster: String::new(),
                 })
                 .collect(),

@@ -452,7 +452,7 @@ pub fn compile(
         groups
             .entry(id)
             .or_insert_with(|| {
-                by_ns.entry(p.namespace.as_str()).or_default().push(id);
+                by_ns.entry(&*p.namespace).or_default().push(id);
                 Group {
                     labels: &p.labels,
                     ports: &p.ports,
@@ -461,7 +461,7 @@ pub fn compile(
             })
             .pods
             .push(p);
-        let local = p.node == node;
+        let local = &*p.node == node;
         for ip in &p.ips {
             let kind = if local {
                 RemoteKind::LocalPod
@@ -497,12 +497,12 @@ pub fn compile(
     let local: Vec<&PodInfo> = cluster
         .pods
         .iter()
-        .filter(|p| p.node == node && !p.host_network)
+        .filter(|p| &*p.node == node && !p.host_network)
         .map(|p| p.as_ref())
         .collect();
     let mut peers: HashMap<RuleKey, Option<BTreeSet<u32>>> = HashMap::new();
     for pod in &local {
-        for pol in sorted.iter().filter(|p| p.namespace == pod.namespace) {
+        for pol in sorted.iter().filter(|p| *p.namespace == *pod.namespace) {
             for ingress in [true, false] {
                 if !selects(pol, pod, ingress) {
                     continue;
@@ -533,7 +533,7 @@ pub fn compile(
         let in_ns = sorted
             .iter()
             .copied()
-            .filter(|p| p.namespace == pod.namespace);
+            .filter(|p| *p.namespace == *pod.namespace);
         let (flags, entries) = endpoint_policy(pod, ep, in_ns, &view, alloc);
         d.policy.extend(entries);
         for ip in &pod.ips {
@@ -613,7 +613,7 @@ impl View for FullView<'_, '_> {
 
 /// Whether `pol` isolates `pod` in the direction.
 pub(crate) fn selects(pol: &Policy, pod: &PodInfo, ingress: bool) -> bool {
-    pol.namespace == pod.namespace
+    *pol.namespace == *pod.namespace
         && (if ingress {
             pol.ingress_isolates
         } else {

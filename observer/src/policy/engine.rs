@@ -189,7 +189,7 @@ impl<'a> Engine<'a> {
             .policies
             .iter()
             .map(|p| &**p)
-            .filter(|p| p.namespace == pod.namespace)
+            .filter(|p| *p.namespace == *pod.namespace)
             .filter(|p| {
                 if ingress {
                     p.ingress_isolates
@@ -212,7 +212,7 @@ impl<'a> Engine<'a> {
         match spec {
             PeerSpec::Pods(sel) => remote
                 .pod()
-                .is_some_and(|p| p.namespace == policy.namespace && sel.matches(&p.labels)),
+                .is_some_and(|p| *p.namespace == *policy.namespace && sel.matches(&p.labels)),
             PeerSpec::Namespaces(ns) => remote
                 .pod()
                 .is_some_and(|p| ns.matches(self.ns_labels(&p.namespace))),
@@ -339,7 +339,7 @@ impl<'a> Engine<'a> {
         self.cluster
             .nodes
             .iter()
-            .any(|n| n.name == pod.node && n.addresses.contains(&ip))
+            .any(|n| *n.name == *pod.node && n.addresses.contains(&ip))
     }
 
     pub fn decide(&self, src: Peer<'_>, dst: Peer<'_>, proto: Protocol, port: u16) -> Decision {
@@ -400,7 +400,7 @@ mod tests {
     }
 
     fn pod<'a>(c: &'a Cluster, name: &str) -> Peer<'a> {
-        Peer::Pod(c.pods.iter().find(|p| p.name == name).unwrap())
+        Peer::Pod(c.pods.iter().find(|p| &*p.name == name).unwrap())
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::cluster::{Cluster, NodeInfo, PodInfo, ServiceInfo};
 
-type PodKey = (String, String);
+type PodKey = crate::cluster::Key;
 type PolicyKey = (u32, PolicyKeyData);
 
 /// A peer as the rules of a policy in a namespace name it: pod selectors are relative to the
@@ -67,9 +67,9 @@ struct PolicyState {
 /// Pods sharing an identity (namespace, labels, named ports).
 #[derive(Debug)]
 struct Group {
-    namespace: String,
+    namespace: Arc<str>,
     labels: Arc<BTreeMap<String, String>>,
-    ports: Vec<(String, u16, Protocol)>,
+    ports: Arc<[crate::cluster::ContainerPort]>,
     members: BTreeSet<PodRef>,
 }
 
@@ -78,6 +78,34 @@ struct Group {
 struct Endpoint {
     info: EndpointInfo,
     keys: Vec<PolicyKey>,
+}
+
+/// The change log as it is written: each entry's value before its first change, in the order
+/// of the changes. Vectors rather than maps for the same reason as [`Dirty::ipcache`].
+#[derive(Default, Debug)]
+struct Log {
+    endpoints: Vec<(IpAddr, Option<EndpointInfo>)>,
+    ipcache: Vec<(IpNet, Option<IpcacheEntry>)>,
+    policy: Vec<(PolicyKey, Option<PolicyEntry>)>,
+    services: Vec<((IpAddr, u8, u16), Option<u32>)>,
+}
+
+impl Log {
+    fn take(&mut self) -> Changes {
+        fn first_old<K: Ord, V>(mut v: Vec<(K, V)>) -> BTreeMap<K, V> {
+            // Stable: of one key's entries, the first holds the value before the update.
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v.dedup_by(|later, first| later.0 == first.0);
+            v.into_iter().collect()
+        }
+        let log = std::mem::take(self);
+        Changes {
+            endpoints: first_old(log.endpoints),
+            ipcache: first_old(log.ipcache),
+            policy: first_old(log.policy),
+            services: first_old(log.services),
+        }
+    }
 }
 
 /// Map entries touched since the writer last took them, with their values before.
@@ -102,8 +130,8 @@ impl Changes {
 /// `None`: any of them (the snapshot is compared whole).
 #[derive(Clone, Debug, Default)]
 pub struct Hints {
-    pub pods: Option<BTreeSet<(String, String)>>,
-    pub policies: Option<BTreeSet<(String, String)>>,
+    pub pods: Option<BTreeSet<crate::cluster::Key>>,
+    pub policies: Option<BTreeSet<crate::cluster::Key>>,
 }
 
 impl Hints {
@@ -118,9 +146,10 @@ impl Hints {
 #[derive(Debug, Default)]
 pub struct Touched {
     /// Addresses whose pod may have changed: see [`Incremental::pod_at`].
-    pub ips: BTreeSet<IpAddr>,
+    /// Sorted, without duplicates.
+    pub ips: Vec<IpAddr>,
     /// Pods that are gone.
-    pub gone: Vec<(String, String)>,
+    pub gone: Vec<PodKey>,
 }
 
 /// What one update found changed, before the derived work.
@@ -130,7 +159,9 @@ struct Dirty {
     namespaces: BTreeSet<String>,
     endpoints: BTreeSet<PodKey>,
     endpoint_ips: BTreeSet<IpAddr>,
-    ipcache: BTreeSet<IpNet>,
+    /// A vector, sorted before use: a full update names every address, and a tree's nodes,
+    /// freed among the ones that stay, would leave the heap in holes malloc cannot return.
+    ipcache: Vec<IpNet>,
     added_groups: BTreeSet<u32>,
     removed_groups: BTreeSet<u32>,
     /// Groups whose members changed (their addresses, for ipBlocks matching pods).
@@ -157,7 +188,9 @@ pub struct Incremental {
     by_ns: HashMap<String, BTreeSet<u32>>,
     /// ipcache layers: nodes and the world; pod addresses with their pods; ipBlock networks.
     base: BTreeMap<IpNet, IpcacheEntry>,
-    ip_owners: HashMap<IpAddr, Owners>,
+    /// A tree, not a hash table: at 250,000 addresses a table's doubling costs twice the
+    /// memory for lookups that happen only per changed pod.
+    ip_owners: BTreeMap<IpAddr, Owners>,
     cidrs: BTreeSet<IpNet>,
     /// Every ipcache prefix that is not a pod address, with its identity (ipBlock containment).
     nonpod: BTreeMap<IpNet, u32>,
@@ -173,7 +206,7 @@ pub struct Incremental {
     local_ns: HashMap<String, usize>,
     local_ip_owners: HashMap<IpAddr, Owners>,
     desired: Desired,
-    changes: Changes,
+    changes: Log,
     touched: Touched,
     started: bool,
 }
@@ -193,7 +226,7 @@ impl Incremental {
             groups: BTreeMap::new(),
             by_ns: HashMap::new(),
             base: BTreeMap::new(),
-            ip_owners: HashMap::new(),
+            ip_owners: BTreeMap::new(),
             cidrs: BTreeSet::new(),
             nonpod: BTreeMap::new(),
             local: BTreeMap::new(),
@@ -204,7 +237,7 @@ impl Incremental {
             local_ns: HashMap::new(),
             local_ip_owners: HashMap::new(),
             desired: Desired::default(),
-            changes: Changes::default(),
+            changes: Log::default(),
             touched: Touched::default(),
             started: false,
         }
@@ -217,7 +250,7 @@ impl Incremental {
 
     /// The entries changed since the last call, with their earlier values.
     pub fn take_changes(&mut self) -> Changes {
-        std::mem::take(&mut self.changes)
+        self.changes.take()
     }
 
     /// What the last update changed outside the maps.
@@ -279,7 +312,7 @@ impl Incremental {
             for (name, st) in self.policies.get_mut(&ns).into_iter().flatten() {
                 if active && !st.computed {
                     changed_policies
-                        .entry((ns.clone(), name.clone()))
+                        .entry((ns.as_str().into(), name.as_str().into()))
                         .or_insert_with(|| Some(st.policy.clone()));
                 } else if !active && st.computed {
                     st.computed = false;
@@ -297,7 +330,7 @@ impl Incremental {
         // Existing rules against the identities and namespaces that changed; changed
         // policies are computed whole below.
         for (ns, name) in changed_policies.keys() {
-            if let Some(st) = self.policies.get_mut(ns).and_then(|m| m.remove(name)) {
+            if let Some(st) = self.policies.get_mut(&**ns).and_then(|m| m.remove(&**name)) {
                 dirty.namespaces.insert(st.policy.namespace.clone());
                 self.release_rules(&st.policy, &st.ingress, &st.egress);
             }
@@ -310,22 +343,26 @@ impl Incremental {
                 .extend(self.cidrs.symmetric_difference(&cidrs));
             self.cidrs = cidrs;
         }
+        dirty.ipcache.sort_unstable();
+        dirty.ipcache.dedup();
         let nonpod_changed = self.update_ipcache(&dirty.ipcache, alloc);
         if nonpod_changed {
             self.update_prefixes(&mut dirty);
         }
         for ((ns, name), p) in changed_policies {
             if let Some(p) = p {
-                let st = self.policy_state(p, self.local_ns.contains_key(&ns));
-                dirty.namespaces.insert(ns.clone());
+                let st = self.policy_state(p, self.local_ns.contains_key(&*ns));
+                dirty.namespaces.insert(ns.to_string());
                 self.policies
-                    .entry(ns.clone())
+                    .entry(ns.to_string())
                     .or_default()
-                    .insert(name.clone(), st);
+                    .insert(name.to_string(), st);
             }
         }
         self.policies.retain(|_, m| !m.is_empty());
         self.update_endpoints(dirty, alloc);
+        self.touched.ips.sort_unstable();
+        self.touched.ips.dedup();
     }
 
     fn update_namespaces(&mut self, cluster: &Cluster, dirty: &mut Dirty) {
@@ -378,13 +415,13 @@ impl Incremental {
         for (k, p) in &seen {
             let old = self.policies.get(k.0).and_then(|m| m.get(k.1));
             if old.is_none_or(|o| !same(&o.policy, p)) {
-                out.insert((k.0.to_string(), k.1.to_string()), Some((*p).clone()));
+                out.insert((k.0.into(), k.1.into()), Some((*p).clone()));
             }
         }
         for (ns, m) in &self.policies {
             for name in m.keys() {
                 if !seen.contains_key(&(ns.as_str(), name.as_str())) {
-                    out.insert((ns.clone(), name.clone()), None);
+                    out.insert((ns.as_str().into(), name.as_str().into()), None);
                 }
             }
         }
@@ -400,7 +437,7 @@ impl Incremental {
         let mut out = BTreeMap::new();
         for k in keys {
             let new = find(&cluster.policies, k, |p| (&p.namespace, &p.name));
-            let old = self.policies.get(&k.0).and_then(|m| m.get(&k.1));
+            let old = self.policies.get(&*k.0).and_then(|m| m.get(&*k.1));
             if differs(old.map(|o| &o.policy), new) {
                 out.insert(k.clone(), new.cloned());
             }
@@ -410,7 +447,6 @@ impl Incremental {
 
     /// Pods added, removed or changed, with what they are now, from the whole snapshot.
     fn diff_pods(&self, cluster: &Cluster) -> Vec<(PodKey, Option<Arc<PodInfo>>)> {
-        let key = |p: &PodInfo| (p.namespace.clone(), p.name.clone());
         let sorted = cluster
             .pods
             .windows(2)
@@ -434,28 +470,26 @@ impl Incremental {
                     old.next();
                 }
                 (None, Some(p)) => {
-                    changed.push((key(p), Some((*p).clone())));
+                    changed.push((p.key(), Some((*p).clone())));
                     it.next();
                 }
-                (Some((k, o)), Some(p)) => {
-                    match (k.0.as_str(), k.1.as_str()).cmp(&(&p.namespace, &p.name)) {
-                        std::cmp::Ordering::Less => {
-                            changed.push(((*k).clone(), None));
-                            old.next();
-                        }
-                        std::cmp::Ordering::Greater => {
-                            changed.push((key(p), Some((*p).clone())));
-                            it.next();
-                        }
-                        std::cmp::Ordering::Equal => {
-                            if !same(o, p) {
-                                changed.push((key(p), Some((*p).clone())));
-                            }
-                            old.next();
-                            it.next();
-                        }
+                (Some((k, o)), Some(p)) => match (&k.0, &k.1).cmp(&(&p.namespace, &p.name)) {
+                    std::cmp::Ordering::Less => {
+                        changed.push(((*k).clone(), None));
+                        old.next();
                     }
-                }
+                    std::cmp::Ordering::Greater => {
+                        changed.push((p.key(), Some((*p).clone())));
+                        it.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if !same(o, p) {
+                            changed.push((p.key(), Some((*p).clone())));
+                        }
+                        old.next();
+                        it.next();
+                    }
+                },
             }
         }
         changed
@@ -513,7 +547,7 @@ impl Incremental {
     }
 
     fn is_local(&self, p: &PodInfo) -> bool {
-        p.node == self.node && !p.host_network
+        *p.node == *self.node && !p.host_network
     }
 
     fn count_local(&mut self, ns: &str, up: bool, dirty: &mut Dirty) {
@@ -541,10 +575,10 @@ impl Incremental {
             g.members.remove(&r);
             if g.members.is_empty() {
                 let g = self.groups.remove(&id).expect("a pod's group");
-                if let Some(ids) = self.by_ns.get_mut(&g.namespace) {
+                if let Some(ids) = self.by_ns.get_mut(&*g.namespace) {
                     ids.remove(&id);
                     if ids.is_empty() {
-                        self.by_ns.remove(&g.namespace);
+                        self.by_ns.remove(&*g.namespace);
                     }
                 }
                 dirty.removed_groups.insert(id);
@@ -558,7 +592,7 @@ impl Incremental {
                         self.ip_owners.remove(ip);
                     }
                 }
-                dirty.ipcache.insert(IpNet::from(*ip));
+                dirty.ipcache.push(IpNet::from(*ip));
             }
         }
         if self.is_local(p) {
@@ -593,7 +627,7 @@ impl Incremental {
                 dirty.changed_groups.insert(id);
             }
             self.by_ns
-                .entry(p.namespace.clone())
+                .entry(p.namespace.to_string())
                 .or_default()
                 .insert(id);
             for ip in &p.ips {
@@ -601,7 +635,7 @@ impl Incremental {
                     .entry(*ip)
                     .or_default()
                     .insert(PodRef(p.clone()), id);
-                dirty.ipcache.insert(IpNet::from(*ip));
+                dirty.ipcache.push(IpNet::from(*ip));
             }
         }
         if self.is_local(p) {
@@ -629,7 +663,7 @@ impl Incremental {
         };
         match &key.peer {
             PeerSpec::Pods(sel) => {
-                key.namespace.as_deref() == Some(g.namespace.as_str()) && sel.matches(&g.labels)
+                key.namespace.as_deref() == Some(&*g.namespace) && sel.matches(&g.labels)
             }
             PeerSpec::Namespaces(nsel) => nsel.matches(self.ns_labels(&g.namespace)),
             PeerSpec::PodsInNamespaces { namespaces, pods } => {
@@ -858,7 +892,7 @@ impl Incremental {
     /// Recomputes the ipcache entries at `keys` from the layers: a pod's address (the last pod
     /// of it in key order) over the base, the base over an ipBlock network. Returns whether
     /// the non-pod prefixes changed.
-    fn update_ipcache(&mut self, keys: &BTreeSet<IpNet>, alloc: &mut Allocator) -> bool {
+    fn update_ipcache(&mut self, keys: &[IpNet], alloc: &mut Allocator) -> bool {
         let mut nonpod_changed = false;
         for net in keys {
             let pod = (net.prefix_len() == net.max_prefix_len())
@@ -867,7 +901,7 @@ impl Incremental {
                 .and_then(|o| o.last())
                 .map(|(p, id)| (&p.0, *id));
             let new = if let Some((p, id)) = pod {
-                let kind = if p.node == self.node {
+                let kind = if *p.node == *self.node {
                     RemoteKind::LocalPod
                 } else {
                     RemoteKind::RemotePod
@@ -905,7 +939,7 @@ impl Incremental {
             todo.extend(
                 self.local
                     .keys()
-                    .filter(|k| dirty.namespaces.contains(&k.0))
+                    .filter(|k| dirty.namespaces.contains(&*k.0))
                     .cloned(),
             );
         }
@@ -918,7 +952,7 @@ impl Incremental {
             let ep = alloc.endpoint(&pod.namespace, &pod.name);
             let in_ns = self
                 .policies
-                .get(&pod.namespace)
+                .get(&*pod.namespace)
                 .into_iter()
                 .flat_map(|m| m.values().map(|s| &*s.policy));
             let (flags, entries) = compile::endpoint_policy(pod, ep, in_ns, &*self, alloc);
@@ -994,7 +1028,7 @@ fn differs<T: PartialEq>(old: Option<&Arc<T>>, new: Option<&Arc<T>>) -> bool {
 /// Sets `k` to `new` in `map` and, the first time it changes, logs its earlier value in `log`.
 fn set_logged<K: Ord + Copy, V: PartialEq + Copy>(
     map: &mut BTreeMap<K, V>,
-    log: &mut BTreeMap<K, Option<V>>,
+    log: &mut Vec<(K, Option<V>)>,
     k: K,
     new: Option<V>,
 ) {
@@ -1003,7 +1037,7 @@ fn set_logged<K: Ord + Copy, V: PartialEq + Copy>(
         None => map.remove(&k),
     };
     if old != new {
-        log.entry(k).or_insert(old);
+        log.push((k, old));
     }
 }
 
@@ -1011,9 +1045,9 @@ fn set_logged<K: Ord + Copy, V: PartialEq + Copy>(
 fn find<'a, T>(
     v: &'a [Arc<T>],
     k: &PodKey,
-    key: impl Fn(&T) -> (&String, &String),
+    key: impl Fn(&T) -> (&str, &str),
 ) -> Option<&'a Arc<T>> {
-    v.binary_search_by(|x| key(x).cmp(&(&k.0, &k.1)))
+    v.binary_search_by(|x| key(x).cmp(&(&*k.0, &*k.1)))
         .ok()
         .map(|i| &v[i])
 }
@@ -1055,37 +1089,76 @@ impl Ord for PodRef {
     }
 }
 
-/// The pods holding one address, in key order, with their identities: almost always one, so
-/// a sorted vector (a set would cost a whole tree node per address).
+/// The pods holding one address, in key order, with their identities. Almost always one,
+/// kept inline: a vector would cost an allocation per address (a set, a tree node).
 #[derive(Debug, Default)]
-struct Owners(Vec<(PodRef, u32)>);
+enum Owners {
+    #[default]
+    None,
+    One((PodRef, u32)),
+    Many(Vec<(PodRef, u32)>),
+}
 
 impl Owners {
+    fn as_slice(&self) -> &[(PodRef, u32)] {
+        match self {
+            Owners::None => &[],
+            Owners::One(o) => std::slice::from_ref(o),
+            Owners::Many(v) => v,
+        }
+    }
+
+    fn find(&self, p: &PodRef) -> Result<usize, usize> {
+        self.as_slice().binary_search_by(|(o, _)| o.cmp(p))
+    }
+
     fn insert(&mut self, p: PodRef, id: u32) {
-        match self.0.binary_search_by(|(o, _)| o.cmp(&p)) {
-            Ok(i) => self.0[i] = (p, id),
-            Err(i) => self.0.insert(i, (p, id)),
+        let at = self.find(&p);
+        match (std::mem::take(self), at) {
+            (Owners::None, _) => *self = Owners::One((p, id)),
+            (Owners::One(_), Ok(_)) => *self = Owners::One((p, id)),
+            (Owners::One(o), Err(i)) => {
+                let mut v = vec![o];
+                v.insert(i, (p, id));
+                *self = Owners::Many(v);
+            }
+            (Owners::Many(mut v), Ok(i)) => {
+                v[i] = (p, id);
+                *self = Owners::Many(v);
+            }
+            (Owners::Many(mut v), Err(i)) => {
+                v.insert(i, (p, id));
+                *self = Owners::Many(v);
+            }
         }
     }
 
     fn remove(&mut self, p: &PodRef) {
-        if let Ok(i) = self.0.binary_search_by(|(o, _)| o.cmp(p)) {
-            self.0.remove(i);
-        }
+        let Ok(i) = self.find(p) else { return };
+        *self = match std::mem::take(self) {
+            Owners::Many(mut v) => {
+                v.remove(i);
+                match v.len() {
+                    1 => Owners::One(v.pop().unwrap()),
+                    _ => Owners::Many(v),
+                }
+            }
+            _ => Owners::None,
+        };
     }
 
     fn group_of(&self, p: &PodRef) -> Option<u32> {
-        let i = self.0.binary_search_by(|(o, _)| o.cmp(p)).ok()?;
-        Some(self.0[i].1)
+        let i = self.find(p).ok()?;
+        Some(self.as_slice()[i].1)
     }
 
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.as_slice().is_empty()
     }
 
     /// The pod the address stands for: the last in key order, as a full compile has it.
     fn last(&self) -> Option<&(PodRef, u32)> {
-        self.0.last()
+        self.as_slice().last()
     }
 }
 
@@ -1139,14 +1212,11 @@ impl View for Incremental {
 
     fn named_targets(&self, peers: &PeerIds<'_>) -> Vec<(u32, &[(String, u16, Protocol)])> {
         if peers.any {
-            self.groups
-                .iter()
-                .map(|(id, g)| (*id, g.ports.as_slice()))
-                .collect()
+            self.groups.iter().map(|(id, g)| (*id, &*g.ports)).collect()
         } else {
             let ids: BTreeSet<u32> = peers.ids().collect();
             ids.into_iter()
-                .filter_map(|id| Some((id, self.groups.get(&id)?.ports.as_slice())))
+                .filter_map(|id| Some((id, &*self.groups.get(&id)?.ports)))
                 .collect()
         }
     }

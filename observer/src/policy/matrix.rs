@@ -136,7 +136,7 @@ pub fn peer<'a>(cluster: &'a Cluster, s: &str) -> Result<Peer<'a>> {
     cluster
         .pods
         .iter()
-        .find(|p| p.namespace == ns && p.name == name)
+        .find(|p| &*p.namespace == ns && &*p.name == name)
         .map(|p| Peer::Pod(p))
         .with_context(|| format!("no pod {ns}/{name} in the cluster"))
 }

@@ -76,7 +76,9 @@ pub enum Op {
 /// A label selector; the empty selector matches everything.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Selector {
-    pub labels: BTreeMap<String, String>,
+    /// Sorted by key: a vector, since a map costs a whole tree node for one label and a
+    /// cluster holds one selector per peer of every policy.
+    pub labels: Vec<(String, String)>,
     pub exprs: Vec<(String, Op)>,
 }
 
@@ -205,7 +207,12 @@ impl Ctx<'_> {
 
 fn selector(cx: &mut Ctx<'_>, field: &str, s: &LabelSelector) -> Option<Selector> {
     let mut out = Selector {
-        labels: s.match_labels.clone().unwrap_or_default(),
+        labels: s
+            .match_labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         exprs: Vec::new(),
     };
     let mut ok = true;
@@ -249,6 +256,7 @@ fn selector(cx: &mut Ctx<'_>, field: &str, s: &LabelSelector) -> Option<Selector
         }
         out.exprs.push((e.key.clone(), op));
     }
+    out.exprs.shrink_to_fit();
     ok.then_some(out)
 }
 
@@ -417,6 +425,16 @@ fn rules(
 }
 
 /// Validates a NetworkPolicy. Always returns a policy; an invalid one has `errors` and no rules.
+/// The rules without spare capacity: a cluster keeps every policy it enforces.
+fn shrunk(mut rules: Vec<Rule>) -> Vec<Rule> {
+    for r in &mut rules {
+        r.peers.shrink_to_fit();
+        r.ports.shrink_to_fit();
+    }
+    rules.shrink_to_fit();
+    rules
+}
+
 pub fn compile(np: &NetworkPolicy) -> Policy {
     let namespace = np
         .metadata
@@ -492,8 +510,8 @@ pub fn compile(np: &NetworkPolicy) -> Policy {
         // An invalid policy that fails to parse its types still isolates in both directions.
         ingress_isolates: ingress_isolates || (!valid && types.is_empty() && !defaulted),
         egress_isolates: egress_isolates || (!valid && types.is_empty() && !defaulted),
-        ingress: if valid { ingress } else { Vec::new() },
-        egress: if valid { egress } else { Vec::new() },
+        ingress: if valid { shrunk(ingress) } else { Vec::new() },
+        egress: if valid { shrunk(egress) } else { Vec::new() },
         errors,
         audit,
     }
