@@ -181,7 +181,9 @@ pub struct Incremental {
     services: Vec<ServiceInfo>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     audit_namespaces: BTreeSet<String>,
-    pods: BTreeMap<PodKey, Arc<PodInfo>>,
+    /// The pods by (namespace, name): a set of the shared pods, looked up by key through
+    /// [`Named`], so the index holds no key of its own.
+    pods: BTreeSet<PodRef>,
     /// Namespace -> name -> policy with its rules' peers.
     policies: BTreeMap<String, BTreeMap<String, PolicyState>>,
     groups: BTreeMap<u32, Group>,
@@ -221,7 +223,7 @@ impl Incremental {
             services: Vec::new(),
             namespaces: BTreeMap::new(),
             audit_namespaces: BTreeSet::new(),
-            pods: BTreeMap::new(),
+            pods: BTreeSet::new(),
             policies: BTreeMap::new(),
             groups: BTreeMap::new(),
             by_ns: HashMap::new(),
@@ -465,17 +467,17 @@ impl Incremental {
         loop {
             match (old.peek(), it.peek()) {
                 (None, None) => break,
-                (Some((k, _)), None) => {
-                    changed.push(((*k).clone(), None));
+                (Some(o), None) => {
+                    changed.push((o.0.key(), None));
                     old.next();
                 }
                 (None, Some(p)) => {
                     changed.push((p.key(), Some((*p).clone())));
                     it.next();
                 }
-                (Some((k, o)), Some(p)) => match (&k.0, &k.1).cmp(&(&p.namespace, &p.name)) {
+                (Some(o), Some(p)) => match o.key().cmp(&(&p.namespace, &p.name)) {
                     std::cmp::Ordering::Less => {
-                        changed.push(((*k).clone(), None));
+                        changed.push((o.0.key(), None));
                         old.next();
                     }
                     std::cmp::Ordering::Greater => {
@@ -483,7 +485,7 @@ impl Incremental {
                         it.next();
                     }
                     std::cmp::Ordering::Equal => {
-                        if !same(o, p) {
+                        if !same(&o.0, p) {
                             changed.push((p.key(), Some((*p).clone())));
                         }
                         old.next();
@@ -504,7 +506,7 @@ impl Incremental {
         let mut changed = Vec::new();
         for k in keys {
             let new = find(&cluster.pods, k, |p| (&p.namespace, &p.name));
-            if differs(self.pods.get(k), new) {
+            if differs(self.pods.get(k as &dyn Named).map(|p| &p.0), new) {
                 changed.push((k.clone(), new.cloned()));
             }
         }
@@ -519,7 +521,7 @@ impl Incremental {
         dirty: &mut Dirty,
     ) {
         for (k, new) in changed {
-            if let Some(old) = self.pods.remove(&k) {
+            if let Some(PodRef(old)) = self.pods.take(&k as &dyn Named) {
                 self.remove_pod(&k, &old, dirty);
                 self.touched.ips.extend(old.ips.iter().copied());
                 if new.is_none() {
@@ -529,7 +531,7 @@ impl Incremental {
             if let Some(p) = new {
                 self.touched.ips.extend(p.ips.iter().copied());
                 self.add_pod(&k, &p, alloc, dirty);
-                self.pods.insert(k, p);
+                self.pods.insert(PodRef(p));
             }
         }
         // An identity that lost and regained its pods in one update was neither added nor
@@ -945,7 +947,12 @@ impl Incremental {
         }
         let mut results = Vec::new();
         for k in &todo {
-            let Some(pod) = self.pods.get(k).filter(|p| self.is_local(p)) else {
+            let Some(pod) = self
+                .pods
+                .get(k as &dyn Named)
+                .map(|p| &p.0)
+                .filter(|p| self.is_local(p))
+            else {
                 results.push((k.clone(), None));
                 continue;
             };
@@ -1066,6 +1073,50 @@ struct PodRef(Arc<PodInfo>);
 impl PodRef {
     fn key(&self) -> (&str, &str) {
         (&self.0.namespace, &self.0.name)
+    }
+}
+
+/// Something with a (namespace, name), compared by it: a [`PodRef`] in an index is found
+/// by a [`PodKey`].
+trait Named {
+    fn names(&self) -> (&str, &str);
+}
+
+impl Named for PodRef {
+    fn names(&self) -> (&str, &str) {
+        self.key()
+    }
+}
+
+impl Named for PodKey {
+    fn names(&self) -> (&str, &str) {
+        (&self.0, &self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn Named + 'a> for PodRef {
+    fn borrow(&self) -> &(dyn Named + 'a) {
+        self
+    }
+}
+
+impl PartialEq for dyn Named + '_ {
+    fn eq(&self, o: &Self) -> bool {
+        self.names() == o.names()
+    }
+}
+
+impl Eq for dyn Named + '_ {}
+
+impl PartialOrd for dyn Named + '_ {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for dyn Named + '_ {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.names().cmp(&o.names())
     }
 }
 
