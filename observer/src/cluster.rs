@@ -70,6 +70,61 @@ fn share<T: ?Sized + Eq + std::hash::Hash>(
 /// (namespace, name) of a pod or policy, sharing the object's own copies of both.
 pub type Key = (Arc<str>, Arc<str>);
 
+/// A pod, ordered by (namespace, name): indexes hold the shared pod, not a copy of its key,
+/// and find it by a [`Key`] through [`Named`].
+#[derive(Clone, Debug)]
+pub struct PodRef(pub Arc<PodInfo>);
+
+impl PodRef {
+    pub fn key(&self) -> (&str, &str) {
+        (&self.0.namespace, &self.0.name)
+    }
+}
+
+/// Something with a (namespace, name), compared by it: a [`PodRef`] in an index is found
+/// by a [`PodKey`].
+pub trait Named {
+    fn names(&self) -> (&str, &str);
+}
+
+impl Named for PodRef {
+    fn names(&self) -> (&str, &str) {
+        self.key()
+    }
+}
+
+impl Named for Key {
+    fn names(&self) -> (&str, &str) {
+        (&self.0, &self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn Named + 'a> for PodRef {
+    fn borrow(&self) -> &(dyn Named + 'a) {
+        self
+    }
+}
+
+impl PartialEq for dyn Named + '_ {
+    fn eq(&self, o: &Self) -> bool {
+        self.names() == o.names()
+    }
+}
+
+impl Eq for dyn Named + '_ {}
+
+impl PartialOrd for dyn Named + '_ {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for dyn Named + '_ {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.names().cmp(&o.names())
+    }
+}
+
 /// A container port: (name, number, protocol), for named ports in policies.
 pub type ContainerPort = (String, u16, Protocol);
 

@@ -85,7 +85,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::{
-    cluster::{self, Cluster, EndpointSliceInfo, NodeInfo, PodInfo, ServiceInfo},
+    cluster::{self, Cluster, EndpointSliceInfo, Named, NodeInfo, PodInfo, PodRef, ServiceInfo},
     policy::{incremental::Hints, model, Policy},
 };
 
@@ -141,40 +141,95 @@ pub type ObjKey = crate::cluster::Key;
 /// One kind's converted objects. Raw API objects are never kept: a 10,000-pod cluster would
 /// cost hundreds of megabytes as `Pod`s and a few as [`PodInfo`]s.
 #[derive(Debug)]
-pub struct KindCache<V> {
+pub struct KindCache<V, S = BTreeMap<ObjKey, V>> {
     /// In key order: a sync takes them sorted without sorting.
-    items: BTreeMap<ObjKey, V>,
+    items: S,
     /// Objects that could not be converted, with the reason naming object and field.
     errors: HashMap<ObjKey, String>,
     /// A relist in progress: replaces `items` atomically when complete, so a relist never
     /// flushes what is enforced.
-    relist: Option<(BTreeMap<ObjKey, V>, HashMap<ObjKey, String>)>,
+    relist: Option<(S, HashMap<ObjKey, String>)>,
+    _v: std::marker::PhantomData<V>,
 }
 
-impl<V> Default for KindCache<V> {
+impl<V, S: Default> Default for KindCache<V, S> {
     fn default() -> Self {
         Self {
-            items: BTreeMap::new(),
+            items: S::default(),
             errors: HashMap::new(),
             relist: None,
+            _v: std::marker::PhantomData,
         }
     }
 }
 
-impl<V> KindCache<V> {
+impl<V: 'static, S: Store<V>> KindCache<V, S> {
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.items.count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.len() == 0
+    }
+}
+
+/// How a kind's cache keeps its objects, in key order.
+pub trait Store<V: 'static>: Default {
+    fn get(&self, k: &ObjKey) -> Option<&V>;
+    /// Adds or replaces the object of key `k` (and the stored key with it).
+    fn put(&mut self, k: ObjKey, v: V);
+    fn take(&mut self, k: &ObjKey);
+    fn count(&self) -> usize;
+    fn all(&self) -> impl Iterator<Item = &V>;
+}
+
+impl<V: 'static> Store<V> for BTreeMap<ObjKey, V> {
+    fn get(&self, k: &ObjKey) -> Option<&V> {
+        BTreeMap::get(self, k)
+    }
+    fn put(&mut self, k: ObjKey, v: V) {
+        // Not `insert` alone: it would keep the old key.
+        self.remove(&k);
+        self.insert(k, v);
+    }
+    fn take(&mut self, k: &ObjKey) {
+        self.remove(k);
+    }
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn all(&self) -> impl Iterator<Item = &V> {
+        self.values()
+    }
+}
+
+/// The pods: a set of the shared pods, ordered by their own (namespace, name), so the cache
+/// holds no key per pod (at 250,000 pods a map's keys and larger tree nodes cost about 15 MiB).
+#[derive(Debug, Default)]
+pub struct PodStore(BTreeSet<PodRef>);
+
+impl Store<Arc<PodInfo>> for PodStore {
+    fn get(&self, k: &ObjKey) -> Option<&Arc<PodInfo>> {
+        self.0.get(k as &dyn Named).map(|p| &p.0)
+    }
+    fn put(&mut self, _: ObjKey, v: Arc<PodInfo>) {
+        self.0.replace(PodRef(v));
+    }
+    fn take(&mut self, k: &ObjKey) {
+        self.0.remove(k as &dyn Named);
+    }
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn all(&self) -> impl Iterator<Item = &Arc<PodInfo>> {
+        self.0.iter().map(|p| &p.0)
     }
 }
 
 /// Everything the watchers have seen.
 #[derive(Default, Debug)]
 pub struct Caches {
-    pub pods: KindCache<Arc<PodInfo>>,
+    pub pods: KindCache<Arc<PodInfo>, PodStore>,
     pub namespaces: KindCache<NsInfo>,
     pub nodes: KindCache<NodeInfo>,
     pub policies: KindCache<Arc<Policy>>,
@@ -206,7 +261,7 @@ impl Caches {
                 c.audit_namespaces.insert(name.to_string());
             }
         }
-        c.pods = self.pods.items.values().cloned().collect();
+        c.pods = self.pods.items.all().cloned().collect();
         c.nodes = self.nodes.items.values().cloned().collect();
         for p in self.policies.items.values() {
             for e in &p.errors {
@@ -243,7 +298,8 @@ pub trait Watch:
     const INDEX: usize;
     /// `Ok(None)`: the object exists but plays no part (a finished pod).
     fn info(&self) -> Result<Option<Self::Info>>;
-    fn cache(c: &mut Caches) -> &mut KindCache<Self::Info>;
+    type Store: Store<Self::Info>;
+    fn cache(c: &mut Caches) -> &mut KindCache<Self::Info, Self::Store>;
     /// Where the kind's changed keys are gathered for the compiler, if it is one it takes
     /// by key.
     fn changed(_: &mut Hints) -> Option<&mut Option<BTreeSet<ObjKey>>> {
@@ -252,11 +308,6 @@ pub trait Watch:
     /// The converted object with what it can share with others shared.
     fn share(info: Self::Info, _: &Mutex<crate::cluster::Interner>) -> Self::Info {
         info
-    }
-    /// The cache key for a converted object: the object's own names where it keeps them, so
-    /// the key costs no copy.
-    fn key(_: &Self::Info, key: ObjKey) -> ObjKey {
-        key
     }
 }
 
@@ -272,7 +323,8 @@ impl Watch for Pod {
         }
         cluster::pod_info(self).map(|p| Some(Arc::new(p)))
     }
-    fn cache(c: &mut Caches) -> &mut KindCache<Arc<PodInfo>> {
+    type Store = PodStore;
+    fn cache(c: &mut Caches) -> &mut KindCache<Arc<PodInfo>, PodStore> {
         &mut c.pods
     }
     fn changed(h: &mut Hints) -> Option<&mut Option<BTreeSet<ObjKey>>> {
@@ -280,9 +332,6 @@ impl Watch for Pod {
     }
     fn share(info: Arc<PodInfo>, interner: &Mutex<crate::cluster::Interner>) -> Arc<PodInfo> {
         Arc::new(interner.lock().unwrap().pod(Arc::unwrap_or_clone(info)))
-    }
-    fn key(info: &Arc<PodInfo>, _: ObjKey) -> ObjKey {
-        info.key()
     }
 }
 
@@ -302,6 +351,7 @@ impl Watch for Namespace {
             audit,
         }))
     }
+    type Store = BTreeMap<ObjKey, NsInfo>;
     fn cache(c: &mut Caches) -> &mut KindCache<NsInfo> {
         &mut c.namespaces
     }
@@ -314,6 +364,7 @@ impl Watch for Node {
     fn info(&self) -> Result<Option<NodeInfo>> {
         cluster::node_info(self).map(Some)
     }
+    type Store = BTreeMap<ObjKey, NodeInfo>;
     fn cache(c: &mut Caches) -> &mut KindCache<NodeInfo> {
         &mut c.nodes
     }
@@ -327,6 +378,7 @@ impl Watch for NetworkPolicy {
         // Invalid policies are kept: they isolate and allow nothing (fail closed).
         Ok(Some(Arc::new(model::compile(self))))
     }
+    type Store = BTreeMap<ObjKey, Arc<Policy>>;
     fn cache(c: &mut Caches) -> &mut KindCache<Arc<Policy>> {
         &mut c.policies
     }
@@ -342,6 +394,7 @@ impl Watch for Service {
     fn info(&self) -> Result<Option<ServiceInfo>> {
         cluster::service_info(self).map(Some)
     }
+    type Store = BTreeMap<ObjKey, ServiceInfo>;
     fn cache(c: &mut Caches) -> &mut KindCache<ServiceInfo> {
         &mut c.services
     }
@@ -354,6 +407,7 @@ impl Watch for EndpointSlice {
     fn info(&self) -> Result<Option<EndpointSliceInfo>> {
         cluster::endpoint_slice_info(self).map(Some)
     }
+    type Store = BTreeMap<ObjKey, EndpointSliceInfo>;
     fn cache(c: &mut Caches) -> &mut KindCache<EndpointSliceInfo> {
         &mut c.endpoint_slices
     }
@@ -513,22 +567,22 @@ impl Kube {
             let cache = K::cache(&mut caches);
             match ev {
                 watcher::Event::Init => {
-                    cache.relist = Some((BTreeMap::new(), HashMap::new()));
+                    cache.relist = Some((Default::default(), HashMap::new()));
                 }
                 watcher::Event::InitApply(obj) => {
                     let key = key_of(&obj);
                     let (items, errors) = cache
                         .relist
-                        .get_or_insert_with(|| (BTreeMap::new(), HashMap::new()));
+                        .get_or_insert_with(|| (Default::default(), HashMap::new()));
                     match obj.info().map(|i| i.map(|v| K::share(v, &self.interner))) {
                         Ok(Some(v)) => {
-                            items.insert(K::key(&v, key), v);
+                            items.put(key, v);
                         }
                         Ok(None) => {}
                         Err(e) => {
                             // Keep what was enforced for it; report the object and field.
                             if let Some(old) = cache.items.get(&key) {
-                                items.insert(key.clone(), old.clone());
+                                items.put(key.clone(), old.clone());
                             }
                             errors
                                 .insert(key.clone(), format!("{}: {e:#}", describe(K::KIND, &key)));
@@ -547,13 +601,10 @@ impl Kube {
                     match obj.info().map(|i| i.map(|v| K::share(v, &self.interner))) {
                         Ok(Some(v)) => {
                             cache.errors.remove(&key);
-                            // Not `insert` alone: it would keep the old key, and with it the
-                            // old object's names.
-                            cache.items.remove(&key);
-                            cache.items.insert(K::key(&v, key), v);
+                            cache.items.put(key, v);
                         }
                         Ok(None) => {
-                            cache.items.remove(&key);
+                            cache.items.take(&key);
                             cache.errors.remove(&key);
                         }
                         Err(e) => {
@@ -566,12 +617,12 @@ impl Kube {
                 }
                 watcher::Event::Delete(obj) => {
                     let key = key_of(&obj);
-                    cache.items.remove(&key);
+                    cache.items.take(&key);
                     cache.errors.remove(&key);
                     changed = true;
                 }
             }
-            let n = cache.items.len();
+            let n = cache.items.count();
             let mut st = self.status.lock().unwrap();
             let s = &mut st[K::INDEX];
             s.events += 1;

@@ -25,6 +25,7 @@ use super::{
 use crate::cluster::{Cluster, NodeInfo, PodInfo, ServiceInfo};
 
 type PodKey = crate::cluster::Key;
+use crate::cluster::{Named, PodRef};
 type PolicyKey = (u32, PolicyKeyData);
 
 /// A peer as the rules of a policy in a namespace name it: pod selectors are relative to the
@@ -1063,61 +1064,6 @@ fn has_named(rule: &Rule) -> bool {
     rule.ports
         .iter()
         .any(|p| matches!(p.port, super::model::PortSpec::Named(_)))
-}
-
-/// A pod, ordered by (namespace, name): the compiler's indexes hold the shared pod, not a
-/// copy of its key.
-#[derive(Clone, Debug)]
-struct PodRef(Arc<PodInfo>);
-
-impl PodRef {
-    fn key(&self) -> (&str, &str) {
-        (&self.0.namespace, &self.0.name)
-    }
-}
-
-/// Something with a (namespace, name), compared by it: a [`PodRef`] in an index is found
-/// by a [`PodKey`].
-trait Named {
-    fn names(&self) -> (&str, &str);
-}
-
-impl Named for PodRef {
-    fn names(&self) -> (&str, &str) {
-        self.key()
-    }
-}
-
-impl Named for PodKey {
-    fn names(&self) -> (&str, &str) {
-        (&self.0, &self.1)
-    }
-}
-
-impl<'a> std::borrow::Borrow<dyn Named + 'a> for PodRef {
-    fn borrow(&self) -> &(dyn Named + 'a) {
-        self
-    }
-}
-
-impl PartialEq for dyn Named + '_ {
-    fn eq(&self, o: &Self) -> bool {
-        self.names() == o.names()
-    }
-}
-
-impl Eq for dyn Named + '_ {}
-
-impl PartialOrd for dyn Named + '_ {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-
-impl Ord for dyn Named + '_ {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.names().cmp(&o.names())
-    }
 }
 
 impl PartialEq for PodRef {
