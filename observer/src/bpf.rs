@@ -948,7 +948,7 @@ impl Datapath {
         )?)
     }
 
-    /// Moves the Service frontends to `want`, reading the map back only when `old` is unknown.
+    /// Moves the Service frontends to `want` from what the map holds.
     fn apply_services(&mut self, want: &Desired) -> Result<(usize, usize)> {
         let mut m = self.services_mut()?;
         let have: HashMap<SvcKey, u32> = m.iter().filter_map(|r| r.ok()).collect();

@@ -75,21 +75,36 @@ pub type Key = (Arc<str>, Arc<str>);
 #[derive(Clone, Debug)]
 pub struct PodRef(pub Arc<PodInfo>);
 
-impl PodRef {
-    pub fn key(&self) -> (&str, &str) {
-        (&self.0.namespace, &self.0.name)
-    }
-}
-
 /// Something with a (namespace, name), compared by it: a [`PodRef`] in an index is found
-/// by a [`PodKey`].
+/// by a [`Key`].
 pub trait Named {
     fn names(&self) -> (&str, &str);
 }
 
 impl Named for PodRef {
     fn names(&self) -> (&str, &str) {
-        self.key()
+        (&self.0.namespace, &self.0.name)
+    }
+}
+
+// The same order as `dyn Named`'s, as `Borrow` requires.
+impl PartialEq for PodRef {
+    fn eq(&self, o: &Self) -> bool {
+        self.names() == o.names()
+    }
+}
+
+impl Eq for PodRef {}
+
+impl PartialOrd for PodRef {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for PodRef {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.names().cmp(&o.names())
     }
 }
 

@@ -452,7 +452,7 @@ pub struct ResourceStatus {
 /// Shared between the watchers and the sync loop.
 pub struct Kube {
     pub caches: Mutex<Caches>,
-    /// Pods' label sets, one copy per distinct set.
+    /// One copy of what pods repeat (labels, names, ports), for all the pods converted.
     interner: Mutex<crate::cluster::Interner>,
     status: Mutex<Vec<ResourceStatus>>,
     changed: Notify,

@@ -22,10 +22,9 @@ use super::{
     engine::Options,
     model::{PeerSpec, Policy, Protocol, Rule},
 };
-use crate::cluster::{Cluster, NodeInfo, PodInfo, ServiceInfo};
+use crate::cluster::{Cluster, Named, NodeInfo, PodInfo, PodRef, ServiceInfo};
 
 type PodKey = crate::cluster::Key;
-use crate::cluster::{Named, PodRef};
 type PolicyKey = (u32, PolicyKeyData);
 
 /// A peer as the rules of a policy in a namespace name it: pod selectors are relative to the
@@ -81,8 +80,9 @@ struct Endpoint {
     keys: Vec<PolicyKey>,
 }
 
-/// The change log as it is written: each entry's value before its first change, in the order
-/// of the changes. Vectors rather than maps for the same reason as [`Dirty::ipcache`].
+/// The change log as it is written: an entry's value before each of its changes, in the order
+/// of the changes ([`Log::take`] keeps the first per entry). Vectors rather than maps for the
+/// same reason as [`Dirty::ipcache`].
 #[derive(Default, Debug)]
 struct Log {
     endpoints: Vec<(IpAddr, Option<EndpointInfo>)>,
@@ -476,7 +476,7 @@ impl Incremental {
                     changed.push((p.key(), Some((*p).clone())));
                     it.next();
                 }
-                (Some(o), Some(p)) => match o.key().cmp(&(&p.namespace, &p.name)) {
+                (Some(o), Some(p)) => match o.names().cmp(&(&p.namespace, &p.name)) {
                     std::cmp::Ordering::Less => {
                         changed.push((o.0.key(), None));
                         old.next();
@@ -1006,10 +1006,7 @@ impl Incremental {
                 .local_ip_owners
                 .get(&ip)
                 .and_then(|o| o.last())
-                .and_then(|(p, _)| {
-                    let k = (p.0.namespace.clone(), p.0.name.clone());
-                    Some(self.local.get(&k)?.info)
-                });
+                .and_then(|(p, _)| Some(self.local.get(&p.0.key())?.info));
             set_logged(
                 &mut self.desired.endpoints,
                 &mut self.changes.endpoints,
@@ -1033,7 +1030,7 @@ fn differs<T: PartialEq>(old: Option<&Arc<T>>, new: Option<&Arc<T>>) -> bool {
     }
 }
 
-/// Sets `k` to `new` in `map` and, the first time it changes, logs its earlier value in `log`.
+/// Sets `k` to `new` in `map` and, if that changes it, logs its earlier value in `log`.
 fn set_logged<K: Ord + Copy, V: PartialEq + Copy>(
     map: &mut BTreeMap<K, V>,
     log: &mut Vec<(K, Option<V>)>,
@@ -1064,26 +1061,6 @@ fn has_named(rule: &Rule) -> bool {
     rule.ports
         .iter()
         .any(|p| matches!(p.port, super::model::PortSpec::Named(_)))
-}
-
-impl PartialEq for PodRef {
-    fn eq(&self, o: &Self) -> bool {
-        self.key() == o.key()
-    }
-}
-
-impl Eq for PodRef {}
-
-impl PartialOrd for PodRef {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-
-impl Ord for PodRef {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.key().cmp(&o.key())
-    }
 }
 
 /// The pods holding one address, in key order, with their identities. Almost always one,

@@ -424,7 +424,6 @@ fn rules(
     out
 }
 
-/// Validates a NetworkPolicy. Always returns a policy; an invalid one has `errors` and no rules.
 /// The rules without spare capacity: a cluster keeps every policy it enforces.
 fn shrunk(mut rules: Vec<Rule>) -> Vec<Rule> {
     for r in &mut rules {
@@ -435,6 +434,7 @@ fn shrunk(mut rules: Vec<Rule>) -> Vec<Rule> {
     rules
 }
 
+/// Validates a NetworkPolicy. Always returns a policy; an invalid one has `errors` and no rules.
 pub fn compile(np: &NetworkPolicy) -> Policy {
     let namespace = np
         .metadata
