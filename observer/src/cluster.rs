@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use ipnet::IpNet;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Service},
     discovery::v1::EndpointSlice,
 };
 use observer_common::{IpKey, IpcacheKeyData};
@@ -246,7 +246,7 @@ impl Cluster {
     }
 }
 
-pub fn pod_info(pod: &Pod) -> Result<PodInfo> {
+pub fn pod_info(pod: &crate::trimmed::Pod) -> Result<PodInfo> {
     let meta = &pod.metadata;
     let name = meta.name.clone().context("metadata.name missing")?;
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
@@ -423,7 +423,7 @@ pub fn endpoint_slice_info(slice: &EndpointSlice) -> Result<EndpointSliceInfo> {
     })
 }
 
-pub fn node_info(node: &Node) -> Result<NodeInfo> {
+pub fn node_info(node: &crate::trimmed::Node) -> Result<NodeInfo> {
     let name = node
         .metadata
         .name
@@ -509,11 +509,11 @@ pub fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value)
                     .insert(name, ns.metadata.labels.unwrap_or_default());
             }
             "Pod" => {
-                let pod: Pod = serde_json::from_value(value)?;
+                let pod: crate::trimmed::Pod = serde_json::from_value(value)?;
                 cluster.pods.push(std::sync::Arc::new(pod_info(&pod)?));
             }
             "Node" => {
-                let node: Node = serde_json::from_value(value)?;
+                let node: crate::trimmed::Node = serde_json::from_value(value)?;
                 cluster.nodes.push(node_info(&node)?);
             }
             "Service" => {

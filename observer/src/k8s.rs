@@ -71,7 +71,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
@@ -87,6 +87,7 @@ use tracing::{info, warn};
 use crate::{
     cluster::{self, Cluster, EndpointSliceInfo, Named, NodeInfo, PodInfo, PodRef, ServiceInfo},
     policy::{incremental::Hints, model, Policy},
+    trimmed::{Node, Pod},
 };
 
 /// How to reach the API server.

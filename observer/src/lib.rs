@@ -17,3 +17,4 @@ pub mod netlink;
 pub mod policy;
 pub mod snat;
 pub mod tls;
+pub mod trimmed;
