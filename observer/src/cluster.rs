@@ -9,10 +9,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ipnet::IpNet;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Namespace;
 use observer_common::{IpKey, IpcacheKeyData};
 use serde::Deserialize;
 
@@ -305,7 +302,7 @@ pub fn pod_info(pod: &crate::trimmed::Pod) -> Result<PodInfo> {
     })
 }
 
-pub fn service_info(svc: &Service) -> Result<ServiceInfo> {
+pub fn service_info(svc: &crate::trimmed::Service) -> Result<ServiceInfo> {
     let meta = &svc.metadata;
     let name = meta.name.clone().context("Service metadata.name missing")?;
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
@@ -375,7 +372,7 @@ pub fn service_info(svc: &Service) -> Result<ServiceInfo> {
     })
 }
 
-pub fn endpoint_slice_info(slice: &EndpointSlice) -> Result<EndpointSliceInfo> {
+pub fn endpoint_slice_info(slice: &crate::trimmed::EndpointSlice) -> Result<EndpointSliceInfo> {
     let meta = &slice.metadata;
     let name = meta
         .name
@@ -390,7 +387,7 @@ pub fn endpoint_slice_info(slice: &EndpointSlice) -> Result<EndpointSliceInfo> {
         .cloned()
         .unwrap_or_default();
     let mut addresses = Vec::new();
-    for (i, e) in slice.endpoints.iter().enumerate() {
+    for (i, e) in slice.endpoints.iter().flatten().enumerate() {
         // Unready endpoints get no traffic from kube-proxy.
         if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
             continue;
@@ -517,11 +514,11 @@ pub fn add_object(cluster: &mut Cluster, origin: &str, value: serde_json::Value)
                 cluster.nodes.push(node_info(&node)?);
             }
             "Service" => {
-                let svc: Service = serde_json::from_value(value)?;
+                let svc: crate::trimmed::Service = serde_json::from_value(value)?;
                 cluster.services.push(service_info(&svc)?);
             }
             "EndpointSlice" => {
-                let slice: EndpointSlice = serde_json::from_value(value)?;
+                let slice: crate::trimmed::EndpointSlice = serde_json::from_value(value)?;
                 cluster.endpoint_slices.push(endpoint_slice_info(&slice)?);
             }
             "NetworkPolicy" => {

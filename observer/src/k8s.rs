@@ -70,11 +70,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
-};
+use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
 use kube::{
     api::{Api, ListParams, WatchEvent, WatchParams},
     runtime::watcher,
@@ -87,7 +83,7 @@ use tracing::{info, warn};
 use crate::{
     cluster::{self, Cluster, EndpointSliceInfo, Named, NodeInfo, PodInfo, PodRef, ServiceInfo},
     policy::{incremental::Hints, model, Policy},
-    trimmed::{Node, Pod},
+    trimmed::{EndpointSlice, Node, Pod, Service},
 };
 
 /// How to reach the API server.

@@ -4,9 +4,9 @@
 //! annotations, the container specs, conditions, container statuses. Decoding each one into
 //! k8s-openapi's full `Pod` allocates all of it for every object of every list page and every
 //! watch event, and the freed pieces stay behind as holes between the long-lived pod records.
-//! Nodes are the same with their image lists. These types let the JSON parser skip the rest
-//! instead. A field they keep has the API's type,
-//! so a value of the wrong type is still an error naming the object.
+//! Nodes, Services and EndpointSlices are the same (a node's image list, an endpoint's target
+//! reference and zone). These types let the JSON parser skip the rest instead. A field they keep
+//! has the API's type, so a value of the wrong type is still an error naming the object.
 
 use std::{borrow::Cow, collections::BTreeMap};
 
@@ -62,29 +62,6 @@ pub struct PodIp {
     pub ip: String,
 }
 
-impl Resource for Pod {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-    fn kind(_: &()) -> Cow<'_, str> {
-        "Pod".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "pods".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
 /// A Node: name, addresses and pod CIDRs. A real node's status also lists every image it
 /// holds, often tens of kilobytes.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -115,28 +92,117 @@ pub struct NodeAddress {
     pub address: String,
 }
 
-impl Resource for Node {
-    type DynamicType = ();
-    type Scope = ClusterResourceScope;
-    fn kind(_: &()) -> Cow<'_, str> {
-        "Node".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "nodes".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+/// A Service: its addresses (cluster, external, load balancer) and ports.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Service {
+    #[serde(default, deserialize_with = "object_meta")]
+    pub metadata: ObjectMeta,
+    pub spec: Option<ServiceSpec>,
+    pub status: Option<ServiceStatus>,
 }
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ServiceSpec {
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Option<Vec<String>>,
+    #[serde(rename = "externalIPs")]
+    pub external_ips: Option<Vec<String>>,
+    pub ports: Option<Vec<ServicePort>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: i32,
+    pub protocol: Option<String>,
+    pub node_port: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    pub load_balancer: Option<LoadBalancerStatus>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct LoadBalancerStatus {
+    pub ingress: Option<Vec<LoadBalancerIngress>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct LoadBalancerIngress {
+    pub ip: Option<String>,
+}
+
+/// An EndpointSlice: its service, ready addresses and ports. Real slices also carry a target
+/// reference, node name, zone and hints per endpoint.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct EndpointSlice {
+    #[serde(default, deserialize_with = "object_meta")]
+    pub metadata: ObjectMeta,
+    pub endpoints: Option<Vec<Endpoint>>,
+    pub ports: Option<Vec<EndpointPort>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Endpoint {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    pub conditions: Option<EndpointConditions>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct EndpointConditions {
+    pub ready: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct EndpointPort {
+    pub name: Option<String>,
+    pub port: Option<i32>,
+    pub protocol: Option<String>,
+}
+
+/// `kube::Resource` for a trimmed type: the API path of the kind it stands for.
+macro_rules! resource {
+    ($ty:ident, $scope:ident, $group:literal, $plural:literal) => {
+        impl Resource for $ty {
+            type DynamicType = ();
+            type Scope = $scope;
+            fn kind(_: &()) -> Cow<'_, str> {
+                stringify!($ty).into()
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                $group.into()
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                "v1".into()
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                $plural.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+resource!(Pod, NamespaceResourceScope, "", "pods");
+resource!(Node, ClusterResourceScope, "", "nodes");
+resource!(Service, NamespaceResourceScope, "", "services");
+resource!(
+    EndpointSlice,
+    NamespaceResourceScope,
+    "discovery.k8s.io",
+    "endpointslices"
+);
 
 /// The metadata observer reads; the rest (managedFields above all) is skipped while parsing.
 #[derive(Deserialize)]
@@ -236,5 +302,47 @@ mod tests {
             (a[0].type_.as_str(), a[0].address.as_str()),
             ("InternalIP", "10.224.0.4")
         );
+    }
+    #[test]
+    fn services_and_endpoint_slices_keep_addresses_and_ports() {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"], "type": "NodePort",
+                     "ports": [{"name": "sql", "port": 80, "targetPort": 5432, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "20.1.2.3", "ipMode": "VIP"}]}}
+        }))
+        .unwrap();
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.20"));
+        let p = &spec.ports.unwrap()[0];
+        assert_eq!((p.port, p.node_port), (80, Some(30080)));
+        let lb = svc.status.unwrap().load_balancer.unwrap().ingress.unwrap();
+        assert_eq!(lb[0].ip.as_deref(), Some("20.1.2.3"));
+
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db-x1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "db"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.5"], "conditions": {"ready": false},
+                           "nodeName": "n1", "zone": "1",
+                           "targetRef": {"kind": "Pod", "name": "db-0", "namespace": "shop"}}],
+            "ports": [{"name": "sql", "port": 5432, "protocol": "TCP"}]
+        }))
+        .unwrap();
+        let e = &slice.endpoints.unwrap()[0];
+        assert_eq!(
+            (
+                e.addresses[0].as_str(),
+                e.conditions.as_ref().unwrap().ready
+            ),
+            ("10.0.0.5", Some(false))
+        );
+        assert_eq!(slice.ports.unwrap()[0].port, Some(5432));
+        // An empty slice comes with `"endpoints": null`.
+        let empty: EndpointSlice = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "e"}, "endpoints": null}),
+        )
+        .unwrap();
+        assert!(empty.endpoints.is_none());
     }
 }
