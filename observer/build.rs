@@ -40,6 +40,40 @@ fn compile_protos() -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     compile_protos()?;
+    build_ebpf()?;
+    strip_dwarf(&PathBuf::from(env::var("OUT_DIR")?).join("observer"))
+}
+
+/// Drops the kernel object's DWARF once bpf-linker has turned it into BTF: the loader reads
+/// BTF only, and the DWARF (about 1.7 of its 2.1 MB) would otherwise sit in the daemon's
+/// binary and memory. `llvm-strip -g` as libbpf's documentation does it; .BTF and .BTF.ext
+/// stay. Without llvm-objcopy the object is embedded whole, with a warning.
+fn strip_dwarf(object: &std::path::Path) -> anyhow::Result<()> {
+    let objcopy = ["/usr/lib/llvm-22/bin/llvm-objcopy"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .or_else(|| which_in_path("llvm-objcopy"));
+    let Some(objcopy) = objcopy else {
+        println!("cargo:warning=llvm-objcopy not found: the eBPF object keeps its DWARF");
+        return Ok(());
+    };
+    let st = Command::new(&objcopy)
+        .arg("--strip-debug")
+        .arg(object)
+        .status()
+        .with_context(|| format!("running {}", objcopy.display()))?;
+    if !st.success() {
+        bail!(
+            "{} --strip-debug {}: {st}",
+            objcopy.display(),
+            object.display()
+        );
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=OBSERVER_EBPF_TOOLCHAIN");
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?)
         .parent()
