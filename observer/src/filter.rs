@@ -244,10 +244,10 @@ mod tests {
             workload: None,
         };
         FlowRecord {
-            time: String::new(),
+            time: Default::default(),
             node: "n".into(),
             event: "new".into(),
-            verdict: verdict.into(),
+            verdict: verdict.to_string().into(),
             drop_reason: (verdict == "dropped").then(|| "policy-denied".into()),
             policy: vec![],
             isolated_by: vec![],
@@ -272,8 +272,8 @@ mod tests {
             destination: peer(dst_ns, "db", "10.0.0.2", port),
             counters: Counters::default(),
             snat: None,
-            first_seen: String::new(),
-            last_seen: String::new(),
+            first_seen: Default::default(),
+            last_seen: Default::default(),
             interface: 0,
         }
     }

@@ -123,7 +123,7 @@ mod tests {
             exclude: vec![parse_spec("verdict=dropped").unwrap()],
         })
         .unwrap();
-        let base: FlowRecord = serde_json::from_str(r#"{"time":"t","node":"n","event":"new","verdict":"forwarded","direction":"egress","traffic_class":"pod-to-world","ip":{"version":4,"src":"10.0.0.1","dst":"10.0.0.2"},"l4":{"protocol":"TCP","src_port":1,"dst_port":2},"source":{"ip":"10.0.0.1","port":1},"destination":{"ip":"10.0.0.2","port":2},"counters":{"packets_out":0,"bytes_out":0,"packets_in":0,"bytes_in":0},"first_seen":"f","last_seen":"l","interface":1}"#).unwrap();
+        let base: FlowRecord = serde_json::from_str(r#"{"time":"2026-12-03T10:00:00Z","node":"n","event":"new","verdict":"forwarded","direction":"egress","traffic_class":"pod-to-world","ip":{"version":4,"src":"10.0.0.1","dst":"10.0.0.2"},"l4":{"protocol":"TCP","src_port":1,"dst_port":2},"source":{"ip":"10.0.0.1","port":1},"destination":{"ip":"10.0.0.2","port":2},"counters":{"packets_out":0,"bytes_out":0,"packets_in":0,"bytes_in":0},"first_seen":"2026-12-03T10:00:00Z","last_seen":"2026-12-03T10:00:01Z","interface":1}"#).unwrap();
         let mut dropped = base.clone();
         dropped.verdict = "dropped".into();
         let mut udp = base.clone();
@@ -157,10 +157,7 @@ mod tests {
             assert!(std::fs::metadata(p).unwrap().len() <= 2000);
             for l in std::fs::read_to_string(p).unwrap().lines() {
                 let r: FlowRecord = serde_json::from_str(l).unwrap();
-                assert_eq!(
-                    (r.l4.protocol.as_str(), r.verdict.as_str()),
-                    ("TCP", "forwarded")
-                );
+                assert_eq!((&*r.l4.protocol, &*r.verdict), ("TCP", "forwarded"));
             }
         }
         std::fs::remove_dir_all(&dir).unwrap();

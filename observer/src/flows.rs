@@ -1,8 +1,11 @@
 //! Flow records: what the daemon tells people about each connection, built from kernel events
 //! and conntrack entries and enriched with the cluster's names.
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
+    fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -14,6 +17,82 @@ use crate::{
     policy::compile::RuleRef,
 };
 
+/// A record's words (event, verdict, class, protocol, flag names): the daemon's come from a
+/// fixed vocabulary and cost no allocation; a record read back from JSON owns its own.
+pub type Word = Cow<'static, str>;
+
+/// A point in time, written as RFC 3339 with nanoseconds only when a record is rendered: the
+/// daemon makes hundreds of thousands of records per second and most are never printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub SystemTime);
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        humantime::format_rfc3339_nanos(self.0).fmt(f)
+    }
+}
+
+impl Timestamp {
+    /// `HH:MM:SS.mmm` (UTC), the time column of one-line output.
+    pub fn time_of_day(&self) -> String {
+        let s = self.to_string();
+        s.get(11..23).unwrap_or(&s).to_string()
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl std::str::FromStr for Timestamp {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        humantime::parse_rfc3339(s)
+            .map(Timestamp)
+            .map_err(|e| anyhow::anyhow!("time {s:?}: {e}"))
+    }
+}
+
+/// The epoch: a record without a time.
+impl Default for Timestamp {
+    fn default() -> Self {
+        Timestamp(SystemTime::UNIX_EPOCH)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Cow::<str>::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Wall time for the kernel's monotonic timestamps, from one reading of both clocks.
+pub struct Clock {
+    wall: SystemTime,
+    mono_ns: u64,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        Clock {
+            mono_ns: mono_now_ns(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    pub fn wall(&self, mono_ns: u64) -> Timestamp {
+        Timestamp(if mono_ns <= self.mono_ns {
+            self.wall - Duration::from_nanos(self.mono_ns - mono_ns)
+        } else {
+            self.wall + Duration::from_nanos(mono_ns - self.mono_ns)
+        })
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IpInfo {
     pub version: u8,
@@ -23,11 +102,11 @@ pub struct IpInfo {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct L4Info {
-    pub protocol: String,
+    pub protocol: Word,
     pub src_port: u16,
     pub dst_port: u16,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tcp_flags: Vec<String>,
+    pub tcp_flags: Vec<Word>,
     /// ICMP and ICMPv6 only: type and code of the first packet, and the echo identifier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<IcmpInfo>,
@@ -92,12 +171,12 @@ pub struct Counters {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FlowRecord {
-    pub time: String,
-    pub node: String,
-    pub event: String,
-    pub verdict: String,
+    pub time: Timestamp,
+    pub node: Arc<str>,
+    pub event: Word,
+    pub verdict: Word,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub drop_reason: Option<String>,
+    pub drop_reason: Option<Word>,
     /// The policy rules that allowed the connection (egress at the source, ingress at the
     /// destination), when a policy isolates that side.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -109,7 +188,7 @@ pub struct FlowRecord {
     /// from the pod's own node passes ingress isolation, as Kubernetes requires for kubelet
     /// probes; off with `--deny-from-node`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allowed_by: Option<String>,
+    pub allowed_by: Option<Word>,
     /// A connection a pod opened to a Service: the Service and the frontend the pod used. The
     /// record's destination is the backend kube-proxy chose, which policy judged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,8 +198,8 @@ pub struct FlowRecord {
     /// judged this client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_source: Option<SocketAddr>,
-    pub direction: String,
-    pub traffic_class: String,
+    pub direction: Word,
+    pub traffic_class: Word,
     pub ip: IpInfo,
     pub l4: L4Info,
     pub source: Peer,
@@ -130,27 +209,27 @@ pub struct FlowRecord {
     /// wire carried it, and whether the network model predicted the difference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat: Option<crate::snat::SnatInfo>,
-    pub first_seen: String,
-    pub last_seen: String,
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
     pub interface: u32,
 }
 
-pub fn protocol_name(p: u8) -> String {
+pub fn protocol_name(p: u8) -> Word {
     match p {
         1 => "ICMP".into(),
         6 => "TCP".into(),
         17 => "UDP".into(),
         58 => "ICMPv6".into(),
         132 => "SCTP".into(),
-        n => format!("proto-{n}"),
+        n => format!("proto-{n}").into(),
     }
 }
 
-pub fn tcp_flag_names(bits: u8) -> Vec<String> {
+pub fn tcp_flag_names(bits: u8) -> Vec<Word> {
     const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
     (0..8)
         .filter(|i| bits & (1 << i) != 0)
-        .map(|i| NAMES[i].to_string())
+        .map(|i| Word::Borrowed(NAMES[i]))
         .collect()
 }
 
@@ -230,7 +309,7 @@ fn peer(ip: IpAddr, port: u16, pod: Option<&PodInfo>) -> Peer {
 
 /// Builds a record from an entry's state. `lookup` resolves an address to its pod.
 pub fn record<'a>(
-    node: &str,
+    node: &Arc<str>,
     event: EventKind,
     key: &CtKey,
     e: &CtEntry,
@@ -242,7 +321,7 @@ pub fn record<'a>(
     let direction = match class {
         TrafficClass::WorldToPod | TrafficClass::NodeToPod => "ingress",
         // A remote pod opened it: the local pod is the destination.
-        TrafficClass::PodToPodRemote if !lookup(sip).is_some_and(|p| &*p.node == node) => "ingress",
+        TrafficClass::PodToPodRemote if !lookup(sip).is_some_and(|p| p.node == *node) => "ingress",
         _ => "egress",
     };
     let tcp = key.proto == observer_common::IPPROTO_TCP;
@@ -265,9 +344,10 @@ pub fn record<'a>(
         (sport, dport, None)
     };
     let flags = (e.tcp_flags & 0xff) as u8 | ((e.tcp_flags >> 8) & 0xff) as u8;
+    let clock = Clock::now();
     FlowRecord {
-        time: rfc3339(SystemTime::now()),
-        node: node.to_string(),
+        time: Timestamp(clock.wall),
+        node: node.clone(),
         event: match event {
             EventKind::New => "new",
             EventKind::Report => "report",
@@ -283,7 +363,7 @@ pub fn record<'a>(
             "forwarded"
         }
         .into(),
-        drop_reason: (e.flags & ct_flags::DENIED != 0).then(|| "policy-denied".to_string()),
+        drop_reason: (e.flags & ct_flags::DENIED != 0).then_some(Word::Borrowed("policy-denied")),
         policy: [e.egress_rule, e.ingress_rule]
             .into_iter()
             .filter(|r| *r != 0 && *r != observer_common::RULE_NODE)
@@ -320,8 +400,8 @@ pub fn record<'a>(
             bytes_in: e.bytes[DIR_REPLY],
         },
         snat: None,
-        first_seen: rfc3339(mono_to_wall(e.first_seen_ns)),
-        last_seen: rfc3339(mono_to_wall(e.last_seen_ns)),
+        first_seen: clock.wall(e.first_seen_ns),
+        last_seen: clock.wall(e.last_seen_ns),
         interface: e.ifindex,
     }
 }
@@ -374,7 +454,7 @@ impl FlowRecord {
                 .policy
                 .iter()
                 .map(|r| format!("{}/{}[{} {}]", r.namespace, r.name, r.direction, r.rule))
-                .chain(self.allowed_by.clone())
+                .chain(self.allowed_by.as_deref().map(str::to_string))
                 .collect();
             format!(" by {}", names.join(","))
         } else {
@@ -392,7 +472,7 @@ impl FlowRecord {
         };
         format!(
             "{} {:<6} {} -> {} {} {} {}{} {} out {}p/{}B in {}p/{}B",
-            self.time.get(11..23).unwrap_or(&self.time),
+            self.time.time_of_day(),
             self.event,
             self.source_with_snat(),
             dst,
@@ -454,7 +534,7 @@ mod tests {
             ports: vec![].into(),
         };
         let r = record(
-            "n1",
+            &"n1".into(),
             EventKind::New,
             &key,
             &e,

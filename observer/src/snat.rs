@@ -471,7 +471,7 @@ mod tests {
             t,
             Pending {
                 rec: crate::flows::record(
-                    "n",
+                    &"n".into(),
                     observer_common::EventKind::New,
                     &Default::default(),
                     &Default::default(),

@@ -301,7 +301,7 @@ fn icmp_echo_request_and_reply_pair_by_identifier() {
     assert_eq!(e.packets, [1, 1]);
     assert_eq!(e.icmp_type, 8);
     let rec = observer::flows::record(
-        "n",
+        &"n".into(),
         observer_common::EventKind::New,
         &k,
         &e,

@@ -267,7 +267,7 @@ pub fn status_of(shared: &Shared) -> Status {
         st.interfaces.iter().map(|(i, n)| (*i, n.clone())).collect();
     interfaces.sort();
     Status {
-        node: shared.opts.node_name.clone(),
+        node: shared.opts.node_name.to_string(),
         attach_mode: mode,
         kernel_features: shared.kernel_features.clone(),
         pin_dir: shared.opts.pin_dir.display().to_string(),

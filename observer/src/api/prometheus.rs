@@ -85,7 +85,7 @@ fn records(p: &mut Prom, st: &State) {
     recs.sort();
     for ((ev, class, proto, verdict), n) in recs {
         let labels = [
-            ("event", ev.as_str()),
+            ("event", &**ev),
             ("traffic_class", class),
             ("protocol", proto),
             ("verdict", verdict),

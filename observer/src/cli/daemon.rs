@@ -237,7 +237,7 @@ pub(super) fn run(a: DaemonArgs) -> Result<()> {
         context: a.context.clone(),
     };
     let opts = daemon::Options {
-        node_name,
+        node_name: node_name.into(),
         source: match a.source {
             Some(daemon::Source::Kube(_)) => daemon::Source::Kube(kube_conn.clone()),
             Some(s) => s,

@@ -229,7 +229,7 @@ impl<W: Write> Render<W> {
             }
             Output::Table => self.row(&table_row(rec))?,
             Output::Compact if self.color => {
-                let c = match rec.event.as_str() {
+                let c = match &*rec.event {
                     "new" => "32",
                     "close" => "90",
                     _ => "0",
@@ -274,12 +274,12 @@ fn table_row(rec: &FlowRecord) -> [String; 9] {
         None => "-".into(),
     };
     [
-        rec.time.get(11..23).unwrap_or(&rec.time).to_string(),
-        rec.event.clone(),
+        rec.time.time_of_day(),
+        rec.event.to_string(),
         side(&rec.source),
         side(&rec.destination),
-        rec.l4.protocol.clone(),
-        rec.verdict.clone(),
+        rec.l4.protocol.to_string(),
+        rec.verdict.to_string(),
         format!("{}/{}", c.packets_out, c.bytes_out),
         format!("{}/{}", c.packets_in, c.bytes_in),
         snat,

@@ -1,5 +1,6 @@
 //! What the daemon counts about itself for /metrics and `observer status`.
 use super::*;
+use crate::flows::Word;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -16,10 +17,10 @@ pub struct Metrics {
     /// Lookups that found the connection only the other way round (published without snat).
     pub snat_unknown_total: u64,
     /// (event, traffic class, protocol, verdict) -> records.
-    pub records: HashMap<(String, String, String, String), u64>,
+    pub records: HashMap<(Word, Word, Word, Word), u64>,
     /// (policy, direction, verdict) -> records: the policy that allowed a record, or the one
     /// that isolated the side that dropped it.
-    pub policy_verdicts: HashMap<(String, String, String), u64>,
+    pub policy_verdicts: HashMap<(String, String, Word), u64>,
     pub records_rate_limited_total: u64,
     pub flow_log_errors_total: u64,
     pub links_attached_total: u64,

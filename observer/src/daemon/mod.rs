@@ -79,7 +79,7 @@ impl std::str::FromStr for Source {
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub node_name: String,
+    pub node_name: std::sync::Arc<str>,
     pub source: Source,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,

@@ -211,7 +211,7 @@ impl Observer for HubbleApi {
         let (num, seen) = self.counts();
         Ok(Response::new(GetNodesResponse {
             nodes: vec![Node {
-                name: self.shared.opts.node_name.clone(),
+                name: self.shared.opts.node_name.to_string(),
                 version: format!("observer {}", env!("CARGO_PKG_VERSION")),
                 state: proto::relay::NodeState::NodeConnected as i32,
                 uptime_ns: self.uptime_ns(),
