@@ -3,15 +3,15 @@
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, EbpfContext};
 use aya_log_ebpf::error;
 use observer_common::{
-    ct_flags, stat, Config, CtEntry, CtKey, EventKind, TrafficClass, DIR_EGRESS, DIR_INGRESS,
-    DIR_ORIG, DIR_REPLY, IPPROTO_TCP,
+    ct_flags, stat, Config, CtEntry, CtKey, EventKind, TrafficClass, AF_INET, DIR_EGRESS,
+    DIR_INGRESS, DIR_ORIG, DIR_REPLY, IPPROTO_TCP,
 };
 
 use crate::{
     classify,
     events::{emit, emit_drop_sampled},
     maps::{stat_inc, CONFIG, CT, NEW_ENTRY},
-    parse::Packet,
+    parse::{Packet, Plain},
     policy,
     service::{self, Link},
 };
@@ -325,6 +325,59 @@ pub fn process<C: EbpfContext>(
     create(
         ctx, &key, from_a, bytes, now, pkt, ifindex, class, hook, count, &cfg, link,
     )
+}
+
+/// A packet of an established connection, settled before the parser's slot and the global
+/// functions (a pod veth's tc programs): the same lookup, verdict and update `process` would
+/// make, for the connections where `process` would take no other step. None for everything
+/// else, which `process` then sees in full: a new or closed connection, a Service or NodePort
+/// one, an original-direction packet whose verdicts are not all taken, or taken under an older
+/// policy. `count`: whether this hook adds the packet to the connection's counters.
+#[inline(always)]
+pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<Action> {
+    // An opener is nearly always a new connection (a reused tuple is `process`'s case): spare
+    // it a lookup that would miss.
+    if p.proto == IPPROTO_TCP && p.tcp_flags & TCP_SYN != 0 {
+        return None;
+    }
+    let (key, from_a) = key_of_pair(
+        AF_INET,
+        p.proto,
+        &[p.src, 0, 0, 0],
+        p.sport,
+        &[p.dst, 0, 0, 0],
+        p.dport,
+    );
+    let e = unsafe { &mut *CT.get_ptr_mut(&key)? };
+    let cfg = config();
+    let special = ct_flags::SVC_ALIAS | ct_flags::SERVICE | ct_flags::NODEPORT | ct_flags::CLOSED;
+    if e.flags & special != 0 || e.policy_gen != cfg.policy_gen {
+        return None;
+    }
+    // `judge_all` would take no verdict: the source's egress is taken, and the destination's
+    // ingress too unless the egress denied.
+    let orig = from_a == (e.flags & ct_flags::ORIG_IS_A != 0);
+    let judged = e.flags & ct_flags::EGRESS_DONE != 0
+        && e.flags & (ct_flags::DENIED | ct_flags::INGRESS_DONE) != 0;
+    if orig && !judged {
+        return None;
+    }
+    let action = verdict(e.flags, cfg.enforce);
+    if count {
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let is_tcp = p.proto == IPPROTO_TCP;
+        update(
+            &key,
+            e,
+            from_a,
+            bytes,
+            now,
+            p.tcp_flags,
+            is_tcp,
+            cfg.report_interval_ns,
+        );
+    }
+    Some(action)
 }
 
 /// Rare (the LRU map makes room by evicting): counted, and logged through aya-log.

@@ -5,9 +5,9 @@ use observer_common::{ep_flags, stat, AF_INET, AF_INET6, NODEPORT_MARK, SVC_MARK
 
 use crate::{
     classify,
-    conntrack::{process, Action, Count, Hook},
+    conntrack::{established, process, Action, Count, Hook},
     maps::{stat_inc, ATTACHED, BENCH_SEQ, CONFIG},
-    parse::{ip_addrs, observer_parse_tc, parsed, PacketCtx},
+    parse::{ip_addrs, observer_parse_tc, parsed, plain_ipv4, PacketCtx},
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
@@ -78,9 +78,43 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     observe_from_pod(&ctx)
 }
 
+/// Established IPv4 TCP and UDP connections are settled first (`conntrack::established`);
+/// None: the full path decides.
+#[inline(always)]
+fn settle_established(ctx: &TcContext, count: bool) -> Option<i32> {
+    match observer_established_tc(ctx.skb.skb, count as u64) {
+        NOT_SETTLED => None,
+        a => Some(act(ctx, Action::from_raw(a))),
+    }
+}
+
+const NOT_SETTLED: i32 = -1;
+
+/// A global function of its own, like the parser and conntrack: its stack frame is gone by the
+/// time the full path's calls need theirs (the 512 bytes are shared along a call chain).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn observer_established_tc(skb: *mut __sk_buff, count: u64) -> i32 {
+    if skb.is_null() {
+        return NOT_SETTLED;
+    }
+    let ctx = TcContext::new(skb);
+    let Some(p) = plain_ipv4(&ctx) else {
+        return NOT_SETTLED;
+    };
+    let bytes = (PacketCtx::len(&ctx) - 14) as u64;
+    match established(&p, bytes, count != 0) {
+        Some(a) => a as i32,
+        None => NOT_SETTLED,
+    }
+}
+
 #[inline(always)]
 fn observe_from_pod(ctx: &TcContext) -> i32 {
     stat_inc(stat::PACKETS);
+    if let Some(verdict) = settle_established(ctx, true) {
+        return verdict;
+    }
     let reason = observer_parse_tc(ctx.skb.skb);
     if reason != 0 {
         return unparsed(ctx, reason, Hook::FromPod);
@@ -144,6 +178,9 @@ fn observe_to_pod(ctx: &TcContext) -> i32 {
     let count = !(iif != 0 && unsafe { ATTACHED.get(&iif) }.is_some());
     if count {
         stat_inc(stat::PACKETS);
+    }
+    if let Some(verdict) = settle_established(ctx, count) {
+        return verdict;
     }
     let reason = observer_parse_tc(ctx.skb.skb);
     if reason != 0 {

@@ -165,6 +165,48 @@ pub fn parsed() -> Option<&'static mut Packet> {
     PACKET.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
+/// The common packet read straight from its headers, for `conntrack::established`.
+pub struct Plain {
+    pub src: u32,
+    pub dst: u32,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    /// Host byte order, as `Packet`'s.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// An untagged IPv4 packet without options or fragmentation, carrying TCP or UDP, its headers
+/// in the linear area. Anything else is None and goes through `parse`.
+#[inline(always)]
+pub fn plain_ipv4<C: PacketCtx>(ctx: &C) -> Option<Plain> {
+    // Ethernet (14) and IPv4 without options (20).
+    let h = hdr::<34, C>(ctx, 0).ok()?;
+    if be16(h, 12) != ETH_P_IP || h[14] != 0x45 || be16(h, 20) & 0x3fff != 0 {
+        return None;
+    }
+    let proto = h[23];
+    let (sport, dport, tcp_flags) = match proto {
+        IPPROTO_TCP => {
+            let t = hdr::<20, C>(ctx, 34).ok()?;
+            (be16(t, 0), be16(t, 2), t[13])
+        }
+        IPPROTO_UDP => {
+            let u = hdr::<8, C>(ctx, 34).ok()?;
+            (be16(u, 0), be16(u, 2), 0)
+        }
+        _ => return None,
+    };
+    Some(Plain {
+        src: raw32(h, 26),
+        dst: raw32(h, 30),
+        proto,
+        tcp_flags,
+        sport,
+        dport,
+    })
+}
+
 /// Parses the packet; on failure returns the stats index that accounts for it.
 #[inline(always)]
 pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, u32> {
