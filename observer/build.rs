@@ -49,10 +49,8 @@ fn main() -> anyhow::Result<()> {
 /// binary and memory. `llvm-strip -g` as libbpf's documentation does it; .BTF and .BTF.ext
 /// stay. Without llvm-objcopy the object is embedded whole, with a warning.
 fn strip_dwarf(object: &std::path::Path) -> anyhow::Result<()> {
-    let objcopy = ["/usr/lib/llvm-22/bin/llvm-objcopy"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
+    let objcopy = Some(PathBuf::from("/usr/lib/llvm-22/bin/llvm-objcopy"))
+        .filter(|p| p.is_file())
         .or_else(|| which_in_path("llvm-objcopy"));
     let Some(objcopy) = objcopy else {
         println!("cargo:warning=llvm-objcopy not found: the eBPF object keeps its DWARF");

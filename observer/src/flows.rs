@@ -233,22 +233,6 @@ pub fn tcp_flag_names(bits: u8) -> Vec<Word> {
         .collect()
 }
 
-/// Converts `CLOCK_MONOTONIC` nanoseconds (what `bpf_ktime_get_ns` returns) to wall time.
-pub fn mono_to_wall(ns: u64) -> SystemTime {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now_mono = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    let now = SystemTime::now();
-    if ns <= now_mono {
-        now - Duration::from_nanos(now_mono - ns)
-    } else {
-        now + Duration::from_nanos(ns - now_mono)
-    }
-}
-
 pub fn mono_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

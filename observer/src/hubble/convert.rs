@@ -1,7 +1,6 @@
 //! observer's flow records as Hubble `flow.Flow` messages: what `hubble observe` prints and
 //! filters on, with what Hubble itself leaves out filled in (the policy behind default-deny
 //! drops and audit verdicts).
-use crate::flows::Word;
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::proto::flow::{
@@ -9,7 +8,7 @@ use super::proto::flow::{
     Policy, TrafficDirection, Verdict, Workload,
 };
 use super::proto::observer::ext;
-use crate::flows::{FlowRecord, Peer};
+use crate::flows::{FlowRecord, Peer, Word};
 
 /// Hubble's monitor event types (`CiliumEventType.type`).
 pub const EVENT_DROP: i32 = 1;
@@ -444,18 +443,14 @@ pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
         Some(Protocol::IcmPv6(i)) => (0, 0, Vec::new(), Some((i.r#type, i.code))),
         _ => (0, 0, Vec::new(), None),
     };
-    // A flow from observer always has its times; the epoch stands for one without.
-    let time = |t: Option<prost_types::Timestamp>| {
-        Timestamp(
-            t.and_then(|t| std::time::SystemTime::try_from(t).ok())
-                .unwrap_or(std::time::UNIX_EPOCH),
-        )
-    };
-    let parsed = |s: &str| Timestamp(humantime::parse_rfc3339(s).unwrap_or(std::time::UNIX_EPOCH));
     let c = x.counters.unwrap_or_default();
     let nonempty = |s: String| (!s.is_empty()).then(|| Word::from(s));
     Some(FlowRecord {
-        time: time(f.time),
+        // A flow from observer always has its times; the epoch (the default) stands for none.
+        time: f
+            .time
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .map_or_else(Timestamp::default, Timestamp),
         node: f.node_name.as_str().into(),
         event: x.event.into(),
         verdict: match Verdict::try_from(f.verdict) {
@@ -531,8 +526,8 @@ pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
                     .ok()?,
             })
         }),
-        first_seen: parsed(&x.first_seen),
-        last_seen: parsed(&x.last_seen),
+        first_seen: x.first_seen.parse().unwrap_or_default(),
+        last_seen: x.last_seen.parse().unwrap_or_default(),
         interface: f.interface.as_ref().map_or(0, |i| i.index),
     })
 }
