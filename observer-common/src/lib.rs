@@ -31,9 +31,21 @@ pub mod maps {
     pub const SERVICES: &str = "OBS_SERVICES";
     pub const SVC_NAT: &str = "OBS_SVC_NAT";
     pub const NODEPORT: &str = "OBS_NODEPORT";
-    pub const ALL: [&str; 12] = [
-        CONNTRACK, ENDPOINTS, IPCACHE, ATTACHED, EVENTS, STATS, CONFIG, POLICY, UPLINK, SERVICES,
-        SVC_NAT, NODEPORT,
+    pub const LOCAL_RANGE: &str = "OBS_LOCAL_RANGE";
+    pub const ALL: [&str; 13] = [
+        CONNTRACK,
+        ENDPOINTS,
+        IPCACHE,
+        ATTACHED,
+        EVENTS,
+        STATS,
+        CONFIG,
+        POLICY,
+        UPLINK,
+        SERVICES,
+        SVC_NAT,
+        NODEPORT,
+        LOCAL_RANGE,
     ];
 }
 
@@ -377,6 +389,59 @@ pub struct Config {
     pub drop_events_per_cpu_s: u32,
 }
 
+/// The lowest and highest IPv4 address among this node's pods (host byte order), so the
+/// uplink's XDP program settles a packet for anything else (the node itself, in the overlay
+/// models most of its ingress) without an endpoints lookup. A hint only: a packet inside the
+/// range is still looked up, and the pod's veth judges whatever XDP passes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalRange {
+    pub lo: u32,
+    pub hi: u32,
+    /// 0 (a map nobody wrote yet): no hint, every address is looked up.
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+impl LocalRange {
+    /// Whether `addr` (host byte order) may be a local pod's.
+    #[inline(always)]
+    pub fn may_hold(&self, addr: u32) -> bool {
+        self.valid == 0 || (addr >= self.lo && addr <= self.hi)
+    }
+
+    /// The range widened to hold `addr` (host byte order).
+    pub fn with(self, addr: u32) -> Self {
+        if self.valid == 0 || self.lo > self.hi {
+            return Self {
+                lo: addr,
+                hi: addr,
+                valid: 1,
+                _pad: 0,
+            };
+        }
+        Self {
+            lo: self.lo.min(addr),
+            hi: self.hi.max(addr),
+            valid: 1,
+            _pad: 0,
+        }
+    }
+
+    /// Exactly `addrs` (host byte order); with none, a range that holds nothing.
+    pub fn of(addrs: impl Iterator<Item = u32>) -> Self {
+        addrs.fold(Self::EMPTY, Self::with)
+    }
+
+    /// Valid and holding nothing: no pods on this node.
+    pub const EMPTY: Self = Self {
+        lo: 1,
+        hi: 0,
+        valid: 1,
+        _pad: 0,
+    };
+}
+
 pub mod config_flags {
     /// Traffic from the node's own addresses to its pods passes ingress isolation (Kubernetes
     /// semantics: kubelet probes).
@@ -540,6 +605,7 @@ mod pod {
     unsafe impl aya::Pod for SvcKey {}
     unsafe impl aya::Pod for SvcNat {}
     unsafe impl aya::Pod for NodePortLink {}
+    unsafe impl aya::Pod for LocalRange {}
 }
 
 #[cfg(test)]
@@ -560,5 +626,18 @@ mod layout {
         assert_eq!(size_of::<IpKey>(), 20);
         assert_eq!(size_of::<IpcacheKeyData>(), 20);
         assert_eq!(size_of::<IpcacheEntry>(), 8);
+        assert_eq!(size_of::<LocalRange>(), 16);
+    }
+
+    #[test]
+    fn local_range_holds_what_it_was_given() {
+        let unknown = LocalRange::default();
+        assert!(unknown.may_hold(0) && unknown.may_hold(u32::MAX));
+        assert!(!LocalRange::EMPTY.may_hold(0) && !LocalRange::EMPTY.may_hold(1));
+        let r = LocalRange::of([0x0af4_010a, 0x0af4_0103, 0x0af4_0120].into_iter());
+        assert_eq!((r.lo, r.hi, r.valid), (0x0af4_0103, 0x0af4_0120, 1));
+        assert!(r.may_hold(0x0af4_0110));
+        assert!(!r.may_hold(0x0af4_0102) && !r.may_hold(0x0af4_0121));
+        assert!(r.with(0x0a00_0001).may_hold(0x0a00_0001));
     }
 }

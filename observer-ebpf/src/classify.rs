@@ -4,7 +4,7 @@ use observer_common::{
     EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, RemoteKind, TrafficClass,
 };
 
-use crate::maps::{ENDPOINTS, IPCACHE};
+use crate::maps::{ENDPOINTS, IPCACHE, LOCAL_RANGE};
 
 #[inline(always)]
 pub fn endpoint(family: u8, addr: &[u32; 4]) -> Option<&'static EndpointInfo> {
@@ -14,6 +14,18 @@ pub fn endpoint(family: u8, addr: &[u32; 4]) -> Option<&'static EndpointInfo> {
         _pad: [0; 3],
     };
     unsafe { ENDPOINTS.get(&key) }
+}
+
+/// Whether the IPv4 address `addr` (network byte order) is a local pod's: the range first,
+/// then the endpoints map.
+#[inline(always)]
+pub fn local_pod_v4(addr: u32) -> bool {
+    if let Some(r) = LOCAL_RANGE.get(0) {
+        if !r.may_hold(u32::from_be(addr)) {
+            return false;
+        }
+    }
+    endpoint(observer_common::AF_INET, &[addr, 0, 0, 0]).is_some()
 }
 
 /// The ipcache entry of an address: its identity and what it is.

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, NodePortLink,
-    PolicyEntry, PolicyKeyData, SvcKey, SvcNat, UplinkCounter, ATTACHED_MAX_ENTRIES,
+    Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, LocalRange,
+    NodePortLink, PolicyEntry, PolicyKeyData, SvcKey, SvcNat, UplinkCounter, ATTACHED_MAX_ENTRIES,
     CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES, IPCACHE_MAX_ENTRIES,
     NODEPORT_MAX_ENTRIES, POLICY_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SVC_NAT_MAX_ENTRIES,
 };
@@ -57,6 +57,11 @@ pub static NODEPORT: LruHashMap<SvcKey, NodePortLink> = LruHashMap::pinned(NODEP
 
 #[map(name = "OBS_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// The span of this node's IPv4 pod addresses (see `LocalRange`): an array lookup, which the
+/// JIT inlines, before the endpoints hash lookup, which it cannot.
+#[map(name = "OBS_LOCAL_RANGE")]
+pub static LOCAL_RANGE: Array<LocalRange> = Array::pinned(1, 0);
 
 /// Ports of IPv4/IPv6 first fragments, so later fragments (which carry no L4 header) are
 /// accounted to their flow.

@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use observer_common::{
-    stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
+    stat, uplink, RemoteKind, UplinkCounter, AF_INET, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
 };
 
 use crate::{
@@ -17,7 +17,7 @@ use crate::{
     conntrack::{process, Action, Count, Hook},
     datapath::{tc_conn, unparsed_denied},
     maps::{stat_inc, UPLINK},
-    parse::{ip_addrs, observer_parse_tc, parse, parsed, PacketCtx},
+    parse::{ip_addrs, observer_parse_tc, parse, parsed, plain_ipv4, PacketCtx},
     service,
 };
 
@@ -39,7 +39,12 @@ fn add(idx: u32, bytes: u64) {
 /// What the node-side address of a wire packet is.
 #[inline(always)]
 fn local_kind(family: u8, addr: &[u32; 4]) -> u32 {
-    if classify::endpoint(family, addr).is_some() {
+    let pod = if family == AF_INET {
+        classify::local_pod_v4(addr[0])
+    } else {
+        classify::endpoint(family, addr).is_some()
+    };
+    if pod {
         return uplink::LOCAL_POD;
     }
     match classify::remote(family, addr) {
@@ -142,18 +147,35 @@ pub fn uplink_xdp(ctx: XdpContext) -> u32 {
     observe_uplink_xdp(&ctx)
 }
 
+/// A packet that cannot open a connection: XDP counts it and leaves it to the stack.
+#[inline(always)]
+fn pass_counted(ctx: &XdpContext, local: u32) -> u32 {
+    let len = PacketCtx::len(ctx);
+    add(
+        uplink::index(uplink::XDP_IN, local, uplink::REMOTE_ANY),
+        len.saturating_sub(14) as u64,
+    );
+    xdp_action::XDP_PASS
+}
+
 /// Kept to hash lookups only (endpoints, conntrack): the budget is tens of nanoseconds.
 #[inline(always)]
 fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
     // Most of an overlay node's ingress is for the node itself: settle it from the IP header.
     if let Some((family, _, dst)) = ip_addrs(ctx) {
-        if classify::endpoint(family, &dst).is_none() {
-            let len = PacketCtx::len(ctx);
-            add(
-                uplink::index(uplink::XDP_IN, uplink::LOCAL_OTHER, uplink::REMOTE_ANY),
-                len.saturating_sub(14) as u64,
-            );
-            return xdp_action::XDP_PASS;
+        let local = if family == AF_INET {
+            classify::local_pod_v4(dst[0])
+        } else {
+            classify::endpoint(family, &dst).is_some()
+        };
+        if !local {
+            return pass_counted(ctx, uplink::LOCAL_OTHER);
+        }
+        // For a pod, a packet that cannot open a connection (see below) from the fixed headers.
+        if let Some(p) = plain_ipv4(ctx) {
+            if p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+                return pass_counted(ctx, uplink::LOCAL_POD);
+            }
         }
     }
     let pkt = match parse(ctx) {

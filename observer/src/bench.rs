@@ -200,11 +200,9 @@ fn named_measurement(
 
 /// Fills the maps the way a node with `identities` remote prefixes would look.
 fn populate(dp: &mut Datapath, identities: u32) -> Result<()> {
-    let mut eps = dp.endpoints_mut()?;
-    eps.insert(
-        cluster::ip_key(std::net::IpAddr::from(SRC)),
+    dp.insert_endpoint(
+        std::net::IpAddr::from(SRC),
         EndpointInfo { id: 1, flags: 0 },
-        0,
     )?;
     let mut ipc = dp.ipcache_mut()?;
     for i in 0..identities {

@@ -23,7 +23,8 @@ use aya::{
 };
 use observer_common::{
     maps, programs, stat, uplink, Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry,
-    IpcacheKeyData, NodePortLink, PolicyEntry, PolicyKeyData, SvcKey, SvcNat, UplinkCounter,
+    IpcacheKeyData, LocalRange, NodePortLink, PolicyEntry, PolicyKeyData, SvcKey, SvcNat,
+    UplinkCounter,
 };
 use tracing::{info, warn};
 
@@ -152,6 +153,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         maps::SERVICES => (size_of::<SvcKey>() as u32, 4),
         maps::SVC_NAT => (size_of::<SvcKey>() as u32, size_of::<SvcNat>() as u32),
         maps::NODEPORT => (size_of::<SvcKey>() as u32, size_of::<NodePortLink>() as u32),
+        maps::LOCAL_RANGE => (4, size_of::<LocalRange>() as u32),
         _ => return None,
     })
 }
@@ -893,6 +895,38 @@ impl Datapath {
         )?)
     }
 
+    /// Adds or changes a local pod, widening the local address range first: XDP must never
+    /// skip the lookup of a pod the endpoints map holds.
+    pub fn insert_endpoint(&mut self, ip: IpAddr, v: EndpointInfo) -> Result<()> {
+        if let IpAddr::V4(a) = ip {
+            let r = self.local_range()?;
+            if !r.may_hold(u32::from(a)) {
+                self.set_local_range(r.with(u32::from(a)))?;
+            }
+        }
+        self.endpoints_mut()?
+            .insert(crate::cluster::ip_key(ip), v, 0)
+            .context("writing endpoints map")
+    }
+
+    pub fn local_range(&self) -> Result<LocalRange> {
+        let arr: Array<&MapData, LocalRange> = Array::try_from(
+            self.ebpf
+                .map(maps::LOCAL_RANGE)
+                .context("local range map")?,
+        )?;
+        Ok(arr.get(&0, 0)?)
+    }
+
+    fn set_local_range(&mut self, r: LocalRange) -> Result<()> {
+        let mut arr: Array<&mut MapData, LocalRange> = Array::try_from(
+            self.ebpf
+                .map_mut(maps::LOCAL_RANGE)
+                .context("local range map")?,
+        )?;
+        arr.set(0, r, 0).context("writing local range map")
+    }
+
     pub fn endpoints_mut(&mut self) -> Result<BpfHashMap<&mut MapData, IpKey, EndpointInfo>> {
         Ok(BpfHashMap::try_from(
             self.ebpf
@@ -978,14 +1012,15 @@ impl Datapath {
         let (mut written, mut removed) = (0, 0);
         for w in writes {
             match *w {
-                MapWrite::Endpoint(ip, v) => {
-                    let mut m = self.endpoints_mut()?;
-                    let k = crate::cluster::ip_key(ip);
-                    match v {
-                        Some(v) => m.insert(k, v, 0).context("writing endpoints map")?,
-                        None => remove_present(m.remove(&k)).context("removing an endpoint")?,
+                MapWrite::Endpoint(ip, v) => match v {
+                    Some(v) => self.insert_endpoint(ip, v)?,
+                    None => {
+                        // The range narrows at the next full write; wider only costs lookups.
+                        let mut m = self.endpoints_mut()?;
+                        let k = crate::cluster::ip_key(ip);
+                        remove_present(m.remove(&k)).context("removing an endpoint")?
                     }
-                }
+                },
                 MapWrite::Ipcache(net, v) => {
                     let mut m = self.ipcache_mut()?;
                     let (plen, data) = crate::cluster::ipcache_key(net);
@@ -1035,9 +1070,11 @@ impl Datapath {
         let (mut written, mut removed) = self.apply_services(want)?;
         let dp = self;
         {
-            let mut eps = dp.endpoints_mut()?;
-            let have = held_endpoints(&eps);
+            let have = held_endpoints(&dp.endpoints_mut()?);
             let want_keys = wanted_endpoints(want);
+            // Wide enough for old and new pods while they change, exactly the new ones after.
+            dp.set_local_range(v4_range(have.keys().chain(want_keys.keys())))?;
+            let mut eps = dp.endpoints_mut()?;
             for (k, v) in &want_keys {
                 if have.get(k) != Some(v) {
                     eps.insert(k, v, 0).context("writing endpoints map")?;
@@ -1050,6 +1087,7 @@ impl Datapath {
                     removed += 1;
                 }
             }
+            dp.set_local_range(v4_range(want_keys.keys()))?;
         }
         {
             let mut ipc = dp.ipcache_mut()?;
@@ -1121,6 +1159,14 @@ fn svc_key((ip, proto, port): (IpAddr, u8, u16)) -> SvcKey {
     }
 }
 
+/// The range of the IPv4 endpoints among `keys`.
+fn v4_range<'a>(keys: impl Iterator<Item = &'a IpKey>) -> LocalRange {
+    LocalRange::of(
+        keys.filter(|k| k.family == observer_common::AF_INET)
+            .map(|k| u32::from_be(k.addr[0])),
+    )
+}
+
 /// What the kernel maps hold, keyed as the writer and the checker compare them.
 fn held_endpoints<T: std::borrow::Borrow<MapData>>(
     m: &BpfHashMap<T, IpKey, EndpointInfo>,
@@ -1187,6 +1233,17 @@ pub fn diff_pinned(pin_dir: &Path, want: &Desired) -> Result<Vec<String>> {
     }
     for k in have.keys().filter(|k| !want_eps.contains_key(*k)) {
         out.push(format!("endpoints: stale entry {k:?}"));
+    }
+    // Wider than the pods is allowed (it narrows at the next full write), narrower is not:
+    // XDP would count a pod's packets as the node's.
+    let ranges: Array<MapData, LocalRange> = Array::try_from(Map::Array(open(maps::LOCAL_RANGE)?))?;
+    let range = ranges.get(&0, 0)?;
+    for ip in want.endpoints.keys() {
+        if let IpAddr::V4(a) = ip {
+            if !range.may_hold(u32::from(*a)) {
+                out.push(format!("local range {range:?} does not hold endpoint {ip}"));
+            }
+        }
     }
     let ipc: LpmTrie<MapData, IpcacheKeyData, IpcacheEntry> =
         LpmTrie::try_from(Map::LpmTrie(open(maps::IPCACHE)?))?;
