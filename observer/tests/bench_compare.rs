@@ -8,7 +8,8 @@
 //! first N-1 allow port 8080 (TCP and UDP) from an ipBlock no pod is in (10.250.x.y/32), the
 //! last from `app=client` pods. Every new connection is judged against all N.
 //!
-//! Enforcers (a fresh virtual node each, torn down after):
+//! Enforcers (a virtual node each; the nodes of one rule count live side by side, so the
+//! connection rounds interleave: round by round, every enforcer in turn):
 //! - `none`: the baseline.
 //! - `observer`: the daemon with the policies as YAML (`--source dir:`).
 //! - `npm-iptables`: the shape Azure NPM (iptables mode) writes: an ipset per selector and per
@@ -480,16 +481,25 @@ fn verdict_rules(rules: usize, clients: &[&str]) -> Vec<observer_tests::nfqueue:
         .collect()
 }
 
+/// A virtual node with the bench's pods and its enforcer.
+struct Node {
+    enforcer: &'static str,
+    // Stopped before the bed goes (fields drop in order).
+    daemon: Option<observer_tests::Daemon>,
+    _verdict: Option<VerdictProgram>,
+    bed: TestBed,
+}
+
+impl Node {
+    fn server_addr(&self) -> SocketAddr {
+        (self.bed.pod("server").ip4, PORT).into()
+    }
+}
+
 /// One virtual node with the bench's pods, enforced by `enforcer` at `rules` rules.
-fn node(
-    enforcer: &str,
-    rules: usize,
-) -> (
-    TestBed,
-    Option<observer_tests::Daemon>,
-    Option<VerdictProgram>,
-) {
-    let mut bed = TestBed::overlay(&format!("cmp{}", &enforcer[..2])).unwrap();
+fn node(enforcer: &'static str, rules: usize) -> Node {
+    let tag = ENFORCERS.iter().position(|e| *e == enforcer).unwrap();
+    let mut bed = TestBed::overlay(&format!("cmp{tag}")).unwrap();
     let spec = |name, labels| PodSpec {
         namespace: "bench",
         name,
@@ -568,54 +578,103 @@ fn node(
         }
         other => panic!("unknown enforcer {other}"),
     };
-    (bed, daemon, verdict)
+    Node {
+        enforcer,
+        daemon,
+        _verdict: verdict,
+        bed,
+    }
 }
 
-/// Every measure of one enforcer at one rule count, a row per placement.
+/// The two client placements of a bed: `local` (node-1) and `remote` (node-2).
+fn placements(bed: &TestBed) -> [(&'static str, String); 2] {
+    [
+        ("local", bed.pod("client").netns.clone()),
+        ("remote", bed.remote_pod("rclient").netns.clone()),
+    ]
+}
+
+/// New connections through every node of one rule count, a row per enforcer and placement.
+/// Round by round, each node in turn: whatever the machine does meanwhile (the namespaces of
+/// earlier beds torn down in the background, other load) falls on every enforcer alike, and
+/// the ratios to `none` compare rounds taken side by side.
+fn connections(nodes: &[Node], rules: u64, settings: &Settings) -> Vec<serde_json::Value> {
+    let mut servers = Vec::new();
+    for n in nodes {
+        let dst = n.server_addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        servers.push((serve(&n.bed.pod("server").netns, stop.clone()), stop));
+        // Enforced, not just loaded: a pod no rule allows does not get through.
+        let denied = !observer_tests::tcp_connects(
+            &n.bed.pod("other").netns,
+            dst,
+            Duration::from_millis(300),
+        );
+        assert_eq!(
+            denied,
+            n.enforcer != "none",
+            "{} at {rules} rules",
+            n.enforcer
+        );
+        // Warm up: the allowed clients get through.
+        for (_, ns) in placements(&n.bed) {
+            connect_loop(&ns, dst, 0.2);
+        }
+    }
+    // Per node and placement: rates, p50s, p99s.
+    let mut runs = vec![[(); 2].map(|_| (Vec::new(), Vec::new(), Vec::new())); nodes.len()];
+    for _ in 0..settings.rounds {
+        for pi in 0..2 {
+            for (n, run) in nodes.iter().zip(&mut runs) {
+                let ns = &placements(&n.bed)[pi].1;
+                let (rate, mut lat) = connect_loop(ns, n.server_addr(), settings.secs);
+                run[pi].0.push(rate);
+                run[pi].1.push(percentile(&mut lat, 0.5));
+                run[pi].2.push(percentile(&mut lat, 0.99));
+            }
+        }
+    }
+    for (n, (server, stop)) in nodes.iter().zip(servers) {
+        // Woken by one more connection from an allowed client.
+        stop.store(true, Ordering::Relaxed);
+        observer_tests::tcp_connects(
+            &placements(&n.bed)[0].1,
+            n.server_addr(),
+            Duration::from_secs(1),
+        );
+        server.join().unwrap();
+    }
+    let mut rows = Vec::new();
+    for (n, run) in nodes.iter().zip(runs) {
+        for ((placement, _), (rates, p50, p99)) in placements(&n.bed).into_iter().zip(run) {
+            rows.push(json!({
+                "enforcer": n.enforcer, "rules": rules, "placement": placement,
+                "conn_per_s": median(&mut rates.clone()), "conn_per_s_runs": rates,
+                "p50_us": median(&mut p50.clone()), "p99_us": median(&mut p99.clone()),
+                "p50_runs": p50, "p99_runs": p99,
+            }));
+        }
+    }
+    rows
+}
+
+/// The measures after the connection rounds, one enforcer at a time (each loads the whole
+/// machine): established throughput into its `rows` (local, remote), then the denied flood,
+/// whose rows it returns.
 fn measure(
     bed: &TestBed,
     enforcer: &str,
     daemon: Option<u32>,
     rules: u64,
     settings: &Settings,
+    rows: &mut [serde_json::Value],
 ) -> Vec<serde_json::Value> {
     let (rounds, secs) = (settings.rounds, settings.secs);
-    let placements = [
-        ("local", bed.pod("client").netns.clone()),
-        ("remote", bed.remote_pod("rclient").netns.clone()),
-    ];
+    let placements = placements(bed);
     let (server_ns, server_ip) = (&bed.pod("server").netns, bed.pod("server").ip4);
-    let dst: SocketAddr = (server_ip, PORT).into();
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = serve(server_ns, stop.clone());
-    // Enforced, not just loaded: a pod no rule allows does not get through.
-    let denied =
-        !observer_tests::tcp_connects(&bed.pod("other").netns, dst, Duration::from_millis(300));
-    assert_eq!(denied, enforcer != "none", "{enforcer} at {rules} rules");
-    let mut rows = Vec::new();
-    for (placement, ns) in &placements {
-        // Warm up: the allowed clients get through.
-        connect_loop(ns, dst, 0.2);
-        let (mut rates, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            let (rate, mut lat) = connect_loop(ns, dst, secs);
-            rates.push(rate);
-            p50.push(percentile(&mut lat, 0.5));
-            p99.push(percentile(&mut lat, 0.99));
-        }
-        rows.push(json!({
-            "enforcer": enforcer, "rules": rules, "placement": placement,
-            "conn_per_s": median(&mut rates.clone()), "conn_per_s_runs": rates,
-            "p50_us": median(&mut p50.clone()), "p99_us": median(&mut p99.clone()),
-            "p50_runs": p50, "p99_runs": p99,
-        }));
-    }
-    // Woken by one more connection from an allowed client; iperf3 takes the port next.
-    stop.store(true, Ordering::Relaxed);
-    observer_tests::tcp_connects(&placements[0].1, dst, Duration::from_secs(1));
-    server.join().unwrap();
+    let mut flood_rows = Vec::new();
     if settings.throughput {
-        for ((_, ns), row) in placements.iter().zip(&mut rows) {
+        for ((_, ns), row) in placements.iter().zip(rows.iter_mut()) {
             let ip = server_ip.to_string();
             let (mut tcp, mut udp) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
@@ -667,10 +726,10 @@ fn measure(
                     "{name} let the denied flood through: {row}"
                 );
             }
-            rows.push(row);
+            flood_rows.push(row);
         }
     }
-    rows
+    flood_rows
 }
 
 struct Settings {
@@ -695,13 +754,21 @@ fn enforcers_side_by_side() {
         .unwrap_or_else(|_| ENFORCERS.iter().map(|s| s.to_string()).collect());
     let mut table = Vec::new();
     for &rules in &rule_counts {
-        for enforcer in ENFORCERS.iter().filter(|e| only.iter().any(|o| o == *e)) {
-            let (bed, daemon, _verdict) = node(enforcer, rules as usize);
-            let pid = daemon.as_ref().map(|d| d.pid);
-            for row in measure(&bed, enforcer, pid, rules, &settings) {
-                println!("{row}");
-                table.push(row);
-            }
+        // Every enforcer's node at once, for connection rounds taken side by side.
+        let nodes: Vec<Node> = ENFORCERS
+            .iter()
+            .filter(|e| only.iter().any(|o| o == *e))
+            .map(|e| node(e, rules as usize))
+            .collect();
+        let mut rows = connections(&nodes, rules, &settings);
+        for (n, rows) in nodes.iter().zip(rows.chunks_mut(2)) {
+            let pid = n.daemon.as_ref().map(|d| d.pid);
+            let floods = measure(&n.bed, n.enforcer, pid, rules, &settings, rows);
+            table.extend(rows.iter().cloned());
+            table.extend(floods);
+        }
+        for row in table.iter().filter(|r| r["rules"] == rules) {
+            println!("{row}");
         }
     }
     // Ratios to the baseline of the same rule count and placement.
