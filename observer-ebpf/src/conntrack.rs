@@ -1,6 +1,6 @@
 //! Our own connection tracking: one LRU entry per connection under a canonical key, with
 //! per-direction counters, TCP flags and timestamps.
-use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, EbpfContext};
+use aya_ebpf::EbpfContext;
 use aya_log_ebpf::error;
 use observer_common::{
     ct_flags, stat, Config, CtEntry, CtKey, EventKind, TrafficClass, AF_INET, DIR_EGRESS,
@@ -252,7 +252,7 @@ pub fn process<C: EbpfContext>(
 ) -> Action {
     let (key, from_a) = key_of(pkt);
     // Coarse (jiffies) time is plenty for idle timeouts and reports, at a fraction of the cost.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now_ns();
     let flags = pkt.tcp_flags;
     let is_tcp = pkt.proto == IPPROTO_TCP;
     let cfg = config();
@@ -364,7 +364,7 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<Action> {
     }
     let action = verdict(e.flags, cfg.enforce);
     if count {
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let now = crate::clock::now_ns();
         let is_tcp = p.proto == IPPROTO_TCP;
         update(
             &key,

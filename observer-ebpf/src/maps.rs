@@ -91,6 +91,10 @@ pub static PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "OBS_DROP_BUDGET")]
 pub static DROP_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU, [jiffies, coarse monotonic ns] of the last reading (see `clock::now_ns`).
+#[map(name = "OBS_CLOCK")]
+pub static CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
 #[map(name = "OBS_BENCH_SEQ")]
 pub static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

@@ -8,7 +8,6 @@
 //! address and port, which kube-proxy keeps (it masquerades only hairpin and NodePort traffic
 //! from outside). The translated connection is the connection of record; its packets are
 //! counted once, where the client pod sends and receives them, through the alias.
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use observer_common::{
     ct_flags, nodeport_flags, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind, SvcKey,
     SvcNat, DIR_ORIG, DIR_REPLY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
@@ -58,7 +57,7 @@ pub fn frontend(pkt: &Packet) -> Option<u32> {
 // take stack from every hook's 512 bytes.
 #[inline(never)]
 pub fn open_alias(key: &CtKey, pkt: &Packet, svc_id: u32, from_a: bool, cfg: &Config) -> Action {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now_ns();
     // The per-CPU scratch slot new entries are built in, not the stack.
     let Some(e) = NEW_ENTRY.get_ptr_mut(0) else {
         return Action::PassMarked;
@@ -98,7 +97,7 @@ pub fn through_alias(
     bytes: u64,
     cfg: &Config,
 ) -> Action {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now_ns();
     alias.last_seen_ns = now;
     let orig = from_a == (alias.flags & ct_flags::ORIG_IS_A != 0);
     let pass = if orig {
@@ -200,7 +199,7 @@ pub fn note_nodeport(pkt: &Packet) -> bool {
         frontend_port: pkt.dport,
         svc_id,
         flags: 0,
-        noted_ns: unsafe { bpf_ktime_get_coarse_ns() },
+        noted_ns: crate::clock::now_ns(),
     };
     let _ = NODEPORT.insert(&opener_key(pkt), &link, 0);
     true

@@ -77,6 +77,11 @@ pub fn probe() -> Features {
             "5.11",
             helper(bpf_func_id::BPF_FUNC_ktime_get_coarse_ns),
         ),
+        f(
+            "helper bpf_jiffies64",
+            "5.5",
+            helper(bpf_func_id::BPF_FUNC_jiffies64),
+        ),
         // Pinned XDP links let a restarted daemon take the uplink over without a gap.
         f(
             "BPF links for XDP",

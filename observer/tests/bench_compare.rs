@@ -31,7 +31,8 @@
 //! connections, p50 and p99; then (BENCH_THROUGHPUT=1, the default) established-flow
 //! throughput with iperf3: TCP with 1,500-byte packets (Gbit/s received) and UDP with 64-byte
 //! payloads at full speed (datagrams per second received). Median over BENCH_ROUNDS rounds of
-//! BENCH_SECONDS each. BENCH_ENFORCERS=none,observer limits the enforcers;
+//! BENCH_SECONDS each; a connection rate's ratio to `none` is the median of the round-by-round
+//! ratios (the rounds interleave). BENCH_ENFORCERS=none,observer limits the enforcers;
 //! BENCH_OBSERVER_ARGS adds daemon flags (to see what a feature costs).
 //!
 //! The denied flood (BENCH_FLOOD=1, the default): the router puts TCP SYNs on node-1's uplink
@@ -732,6 +733,19 @@ fn measure(
     flood_rows
 }
 
+/// The median of `a[i] / b[i]` over rounds.
+fn paired_ratio(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
+    let num = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let mut r: Vec<f64> = num(a).iter().zip(num(b)).map(|(x, y)| x / y).collect();
+    median(&mut r)
+}
+
 struct Settings {
     rounds: usize,
     secs: f64,
@@ -778,8 +792,9 @@ fn enforcers_side_by_side() {
         let base = table.iter().find(|b| {
             b["enforcer"] == "none" && b["rules"] == r["rules"] && b["placement"] == r["placement"]
         });
+        // The rounds were taken side by side: the median of the round-by-round ratios.
         let ratio = base
-            .map(|b| r["conn_per_s"].as_f64().unwrap() / b["conn_per_s"].as_f64().unwrap())
+            .map(|b| paired_ratio(&r["conn_per_s_runs"], &b["conn_per_s_runs"]))
             .map_or("-".to_string(), |x| format!("{x:.2}"));
         let opt = |k: &str, digits: usize| {
             r[k].as_f64()

@@ -85,7 +85,7 @@ fn a_pod_created_after_start_is_attached_counted_and_released() {
         // The kernel was probed, and the attach mode follows what it offers (TCX on >= 6.6,
         // clsact before: this test also runs in the Linux 6.1 guest).
         let features = s["kernel_features"].as_str().unwrap();
-        assert!(features.starts_with("10/10 required present"), "{features}");
+        assert!(features.starts_with("11/11 required present"), "{features}");
         let tcx = s["attach_mode"] == "tcx";
         assert_eq!(
             features.ends_with("TCX yes"),
