@@ -530,6 +530,24 @@ impl Listener {
         self.read_some(out).map(|(overrun, _)| overrun)
     }
 
+    /// Blocks until an event is queued (true) or `timeout` passed (false).
+    pub fn wait(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        match unsafe { libc::poll(&mut p, 1, ms) } {
+            n if n > 0 => Ok(true),
+            0 => Ok(false),
+            _ => match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::EINTR) => Ok(false),
+                e => Err(e),
+            },
+        }
+    }
+
     /// Overruns reported so far. One report can stand for any number of lost events.
     pub fn overruns(&self) -> u64 {
         self.overruns

@@ -226,15 +226,25 @@ pub(super) fn settle_overdue(shared: &Shared) {
 /// Receive buffer of the ctnetlink socket: room for a burst of about 50k events.
 pub(super) const CONNTRACK_RCVBUF: usize = 16 << 20;
 
-/// How long conntrack events gather after a batch before the next read: at most 200 wake-ups a
-/// second, far inside `--snat-wait`; the socket holds ~50k events, 250k a second for 200 ms.
+/// How long conntrack events gather before a read: at most 200 wake-ups a second, far inside
+/// `--snat-wait`; the socket holds ~50k events, 250k a second for 200 ms.
 const CONNTRACK_GATHER: Duration = Duration::from_millis(5);
 
 /// Follows the kernel's connection tracking (ctnetlink events, a dump at start and after any
 /// overrun) so local pods' records carry their SNAT. If that fails the daemon goes on without
 /// it: records lose `snat`, nothing else.
 pub(super) async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
-    if let Err(e) = follow_conntrack(&shared).await {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let s = shared.clone();
+    // A thread of its own, not a task: see `follow_conntrack`. Never joined; it lives as long
+    // as the daemon.
+    std::thread::Builder::new()
+        .name("conntrack".into())
+        .spawn(move || {
+            let _ = tx.send(follow_conntrack(&s));
+        })
+        .context("starting the conntrack thread")?;
+    if let Ok(Err(e)) = rx.await {
         warn!("kernel conntrack unavailable, records go without snat: {e:#}");
         let waiting = {
             let mut st = shared.state.lock().unwrap();
@@ -250,10 +260,16 @@ pub(super) async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
     Ok(())
 }
 
-pub(super) async fn follow_conntrack(shared: &Shared) -> Result<()> {
-    let listener = crate::ctnetlink::Listener::open(CONNTRACK_RCVBUF)
+/// How often records past `--snat-wait` are settled by a lookup.
+const SETTLE_TICK: Duration = Duration::from_millis(20);
+
+/// The ctnetlink reader. Asleep in `poll`, the first event after a quiet spell wakes it; it then
+/// sleeps [`CONNTRACK_GATHER`] before reading, and asleep in that pause nothing wakes it. A task
+/// on the runtime could not pause so: the runtime's epoll is woken by every event on a socket
+/// it watches (two per connection), and those wake-ups cost the daemon more CPU than reading.
+fn follow_conntrack(shared: &Shared) -> Result<()> {
+    let mut l = crate::ctnetlink::Listener::open(CONNTRACK_RCVBUF)
         .context("subscribing to conntrack events (ctnetlink)")?;
-    let mut l = crate::ctnetlink::AsyncListener::new(listener)?;
     let dump = |shared: &Shared| match crate::ctnetlink::dump() {
         Ok(all) => {
             shared.state.lock().unwrap().metrics.conntrack_dumps_total += 1;
@@ -265,25 +281,31 @@ pub(super) async fn follow_conntrack(shared: &Shared) -> Result<()> {
         }
     };
     dump(shared);
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::new();
+    let mut settled = Instant::now();
     loop {
-        tokio::select! {
-            r = l.next_batch(&mut batch) => {
-                let overrun = r.context("reading conntrack events")?;
-                apply_conntrack(shared, &batch, "event");
-                batch.clear();
-                if overrun {
-                    shared.state.lock().unwrap().metrics.conntrack_overruns_total += 1;
-                    warn!("conntrack events lost (socket overrun); resyncing with a dump");
-                    dump(shared);
-                }
-                // Let the next events gather in the socket: woken for each one, the daemon
-                // spent more CPU switching in and out than reading (two events per connection).
-                tokio::time::sleep(CONNTRACK_GATHER).await;
+        let wait = SETTLE_TICK.saturating_sub(settled.elapsed());
+        if l.wait(wait).context("waiting for conntrack events")? {
+            std::thread::sleep(CONNTRACK_GATHER);
+            let overrun = l
+                .read_pending(&mut batch)
+                .context("reading conntrack events")?;
+            apply_conntrack(shared, &batch, "event");
+            batch.clear();
+            if overrun {
+                shared
+                    .state
+                    .lock()
+                    .unwrap()
+                    .metrics
+                    .conntrack_overruns_total += 1;
+                warn!("conntrack events lost (socket overrun); resyncing with a dump");
+                dump(shared);
             }
-            _ = tick.tick() => settle_overdue(shared),
+        }
+        if settled.elapsed() >= SETTLE_TICK {
+            settled = Instant::now();
+            settle_overdue(shared);
         }
     }
 }
