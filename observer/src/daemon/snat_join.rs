@@ -226,9 +226,9 @@ pub(super) fn settle_overdue(shared: &Shared) {
 /// Receive buffer of the ctnetlink socket: room for a burst of about 50k events.
 pub(super) const CONNTRACK_RCVBUF: usize = 16 << 20;
 
-/// How long conntrack events gather before a read: at most 200 wake-ups a second, far inside
+/// How long conntrack events gather before a read: at most 100 wake-ups a second, far inside
 /// `--snat-wait`; the socket holds ~50k events, 250k a second for 200 ms.
-const CONNTRACK_GATHER: Duration = Duration::from_millis(5);
+const CONNTRACK_GATHER: Duration = Duration::from_millis(10);
 
 /// Follows the kernel's connection tracking (ctnetlink events, a dump at start and after any
 /// overrun) so local pods' records carry their SNAT. If that fails the daemon goes on without
