@@ -412,14 +412,6 @@ impl LocalRange {
 
     /// The range widened to hold `addr` (host byte order).
     pub fn with(self, addr: u32) -> Self {
-        if self.valid == 0 || self.lo > self.hi {
-            return Self {
-                lo: addr,
-                hi: addr,
-                valid: 1,
-                _pad: 0,
-            };
-        }
         Self {
             lo: self.lo.min(addr),
             hi: self.hi.max(addr),
@@ -435,7 +427,7 @@ impl LocalRange {
 
     /// Valid and holding nothing: no pods on this node.
     pub const EMPTY: Self = Self {
-        lo: 1,
+        lo: u32::MAX,
         hi: 0,
         valid: 1,
         _pad: 0,

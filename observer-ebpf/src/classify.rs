@@ -16,16 +16,18 @@ pub fn endpoint(family: u8, addr: &[u32; 4]) -> Option<&'static EndpointInfo> {
     unsafe { ENDPOINTS.get(&key) }
 }
 
-/// Whether the IPv4 address `addr` (network byte order) is a local pod's: the range first,
+/// Whether `addr` is a local pod's: for IPv4 the local range first (an inlined array read),
 /// then the endpoints map.
 #[inline(always)]
-pub fn local_pod_v4(addr: u32) -> bool {
-    if let Some(r) = LOCAL_RANGE.get(0) {
-        if !r.may_hold(u32::from_be(addr)) {
-            return false;
+pub fn local_pod(family: u8, addr: &[u32; 4]) -> bool {
+    if family == observer_common::AF_INET {
+        if let Some(r) = LOCAL_RANGE.get(0) {
+            if !r.may_hold(u32::from_be(addr[0])) {
+                return false;
+            }
         }
     }
-    endpoint(observer_common::AF_INET, &[addr, 0, 0, 0]).is_some()
+    endpoint(family, addr).is_some()
 }
 
 /// The ipcache entry of an address: its identity and what it is.

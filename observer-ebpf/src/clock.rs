@@ -15,7 +15,8 @@ pub fn now_ns() -> u64 {
     };
     // Per-CPU slot: no other writer.
     let c = unsafe { &mut *c };
-    if c[0] == j && c[1] != 0 {
+    // The slot starts at 0, which jiffies never is (they start at 2^32 - 300 s of ticks).
+    if c[0] == j {
         return c[1];
     }
     // A tick moves jiffies an instant before it moves the coarse time: read in that instant,

@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use observer_common::{
-    stat, uplink, RemoteKind, UplinkCounter, AF_INET, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
+    stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
 };
 
 use crate::{
@@ -39,12 +39,7 @@ fn add(idx: u32, bytes: u64) {
 /// What the node-side address of a wire packet is.
 #[inline(always)]
 fn local_kind(family: u8, addr: &[u32; 4]) -> u32 {
-    let pod = if family == AF_INET {
-        classify::local_pod_v4(addr[0])
-    } else {
-        classify::endpoint(family, addr).is_some()
-    };
-    if pod {
+    if classify::local_pod(family, addr) {
         return uplink::LOCAL_POD;
     }
     match classify::remote(family, addr) {
@@ -163,12 +158,7 @@ fn pass_counted(ctx: &XdpContext, local: u32) -> u32 {
 fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
     // Most of an overlay node's ingress is for the node itself: settle it from the IP header.
     if let Some((family, _, dst)) = ip_addrs(ctx) {
-        let local = if family == AF_INET {
-            classify::local_pod_v4(dst[0])
-        } else {
-            classify::endpoint(family, &dst).is_some()
-        };
-        if !local {
+        if !classify::local_pod(family, &dst) {
             return pass_counted(ctx, uplink::LOCAL_OTHER);
         }
         // For a pod, a packet that cannot open a connection (see below) from the fixed headers.
