@@ -537,7 +537,9 @@ impl Listener {
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // Rounded up: a timeout under a millisecond rounded down to 0 made poll return at
+        // once, and a caller waiting out a deadline spun until it passed.
+        let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
         match unsafe { libc::poll(&mut p, 1, ms) } {
             n if n > 0 => Ok(true),
             0 => Ok(false),
