@@ -1,5 +1,5 @@
-//! The conntrack sweep: idle and closed connections leave the kernel table with their last
-//! record; NodePort notes nothing took expire.
+//! The conntrack sweep: idle connections leave the kernel table with their last record, closed
+//! ones once they lingered; NodePort notes nothing took expire.
 use super::*;
 
 /// NodePort clients the kernel noted: those a live connection took are marked taken (never
@@ -46,16 +46,20 @@ pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
             last_prune = Instant::now();
         }
         let entries = gc_once(&shared, prune)?;
-        tokio::time::sleep(sweep_interval(entries)).await;
+        tokio::time::sleep(sweep_interval(&shared.opts, entries)).await;
     }
 }
 
-/// Every 500 ms per 65,536 connections, at most every 5 s: reading the table costs about
-/// 0.3 µs per connection, so a full table of hundreds of thousands read twice a second would
-/// take a sixth of a CPU. Closed connections wait that much longer for their record.
-fn sweep_interval(entries: usize) -> Duration {
+/// Every second per 65,536 connections, at most every 5 s, and at least twice per idle timeout:
+/// reading the table costs about 0.3 µs per connection, and most of a busy table is closed
+/// connections lingering ([`CLOSED_LINGER`]) for this sweep to remove; their records go out
+/// from the close queue, not from here.
+fn sweep_interval(opts: &Options, entries: usize) -> Duration {
     let per = entries.div_ceil(65_536).max(1) as u32;
-    (Duration::from_millis(500) * per).min(Duration::from_secs(5))
+    (Duration::from_secs(1) * per)
+        .min(Duration::from_secs(5))
+        .min(opts.other_timeout / 2)
+        .max(Duration::from_millis(100))
 }
 
 /// How often the daemon's own connection state is pruned of connections the kernel no longer
@@ -72,14 +76,23 @@ fn idle_timeout(opts: &Options, k: &CtKey) -> Duration {
     }
 }
 
+/// How long a connection stays in the kernel's table after its last packet.
+fn timeout(opts: &Options, k: &CtKey, e: &CtEntry) -> Duration {
+    if e.flags & ct_flags::CLOSED != 0 {
+        opts.close_grace.max(CLOSED_LINGER)
+    } else {
+        idle_timeout(opts, k)
+    }
+}
+
 /// One sweep; returns how many connections the kernel has. An open connection that is not
 /// idle costs nothing but its read from the kernel.
 pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
     let now_ns = flows::mono_now_ns();
     let opts = &shared.opts;
-    // Only what the sweep acts on is copied out of the kernel's table: closed connections,
-    // idle ones past their timeout, NodePort connections (their notes). Open, active
-    // connections, nearly all of a busy table, are counted and left.
+    // Only what the sweep acts on is copied out of the kernel's table: connections past their
+    // timeout, NodePort connections (their notes). The rest, nearly all of a busy table, is
+    // counted and left.
     let (mut total, mut entries) = (0usize, Vec::new());
     let mut live = prune.then(foldhash::HashSet::<CtKey>::default);
     shared.dp.lock().unwrap().visit_conntrack(|k, e| {
@@ -88,8 +101,7 @@ pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
             live.insert(*k);
         }
         let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
-        let wanted = ct_flags::CLOSED | ct_flags::NODEPORT;
-        if e.flags & wanted != 0 || idle >= idle_timeout(opts, k) {
+        if e.flags & ct_flags::NODEPORT != 0 || idle >= timeout(opts, k, e) {
             entries.push((*k, *e));
         }
     })?;
@@ -108,32 +120,15 @@ pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
                 }
                 continue;
             }
-            let closed = e.flags & ct_flags::CLOSED != 0;
-            let timeout = if closed {
-                opts.close_grace.max(Duration::from_secs(10))
-            } else {
-                idle_timeout(opts, k)
-            };
-            if !closed && idle < timeout {
+            if idle < timeout(opts, k, e) {
                 continue;
             }
-            let conn = st.conns.entry(*k).or_default();
-            if closed && conn.closed_at.is_none() {
-                conn.closed_at = Some(Instant::now());
-            }
-            let due = conn
-                .closed_at
-                .is_some_and(|t| t.elapsed() >= opts.close_grace);
-            if due && !conn.close_published {
-                conn.close_published = true;
+            // A closed connection's record went out at its close (see `closes`); an idle one
+            // gets its last record now.
+            if e.flags & ct_flags::CLOSED == 0 {
                 publish.push((*k, *e));
             }
-            if idle >= timeout {
-                if !conn.close_published {
-                    publish.push((*k, *e));
-                }
-                expire.push(*k);
-            }
+            expire.push(*k);
         }
         if let Some(live) = live {
             st.conns.retain(|k, _| live.contains(k));

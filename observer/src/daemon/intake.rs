@@ -72,13 +72,7 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
             emit(shared, kind, &ev.key, &e);
         }
         EventKind::Report => emit(shared, kind, &ev.key, &e),
-        EventKind::Close => {
-            // Published after a grace period with the entry's final counters: the last ACK of
-            // a FIN exchange comes after the close.
-            let mut st = shared.state.lock().unwrap();
-            let c = st.conns.entry(ev.key).or_default();
-            c.closed_at = Some(Instant::now());
-        }
+        EventKind::Close => close_seen(shared, ev.key, e),
     }
 }
 

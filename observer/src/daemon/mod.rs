@@ -3,7 +3,8 @@
 //! `intake` (kernel events) -> `enrich` (pods, Services, the policies behind a verdict) ->
 //! `snat_join` (the kernel's conntrack, for the wire's source) -> `publish` (history, live
 //! stream, metrics counts). Around it: `links` (interfaces), `sources` (the cluster view into
-//! the maps), `gc` (the conntrack sweep), `metrics`. This file: options, shared state, `run`.
+//! the maps), `closes` (a TCP close's record after its grace), `gc` (the conntrack sweep), `metrics`. This file: options, shared state, `run`.
+mod closes;
 mod enrich;
 mod gc;
 mod intake;
@@ -24,7 +25,7 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-use {gc::*, intake::*, links::*, snat_join::*, sources::*};
+use {closes::*, gc::*, intake::*, links::*, snat_join::*, sources::*};
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
@@ -127,9 +128,6 @@ pub struct Options {
 /// Per-connection bookkeeping in userspace.
 #[derive(Default)]
 struct Conn {
-    /// When the kernel reported the close; the record goes out after `close_grace`.
-    closed_at: Option<Instant>,
-    close_published: bool,
     /// Counters already added to the per-pod traffic metrics.
     counted: [u64; 4],
     /// The connection's SNAT, once joined with the kernel's conntrack entry.
@@ -144,6 +142,8 @@ pub struct State {
     pub by_ip: HashMap<IpAddr, Arc<PodInfo>>,
     /// Keyed with a fast hasher: every kernel event and the sweep's pruning hash into it.
     conns: foldhash::HashMap<CtKey, Conn>,
+    /// TCP closes waiting for `close_grace`, oldest first.
+    closing: VecDeque<Closing>,
     pub history: VecDeque<Arc<FlowRecord>>,
     pub metrics: Metrics,
     pub last_sync: Option<std::time::SystemTime>,
@@ -241,6 +241,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.spawn(events_task(shared.clone(), ring));
     tasks.spawn(links_task(shared.clone(), monitor));
     tasks.spawn(gc_task(shared.clone()));
+    tasks.spawn(closes_task(shared.clone()));
     if opts.snat {
         tasks.spawn(conntrack_task(shared.clone()));
     }
@@ -344,6 +345,7 @@ impl State {
             cluster: Arc::new(Cluster::default()),
             by_ip: HashMap::new(),
             conns: Default::default(),
+            closing: VecDeque::new(),
             history: VecDeque::new(),
             metrics: Metrics::default(),
             last_sync: None,
