@@ -139,16 +139,18 @@ pub(super) fn isolated_by(
     let mut out = Vec::new();
     let mut add = |ip: Option<IpAddr>, ingress: bool| {
         if let Some(pod) = ip.and_then(|ip| st.by_ip.get(&ip)) {
-            for p in engine.isolating(pod, ingress) {
-                let n = flows::PolicyName {
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    direction: if ingress { "ingress" } else { "egress" }.into(),
-                };
-                if !out.contains(&n) {
-                    out.push(n);
-                }
-            }
+            // Each policy once per direction already: no search of `out` (at 10,000 policies
+            // selecting a pod that search made one denied record cost tens of milliseconds).
+            out.extend(
+                engine
+                    .isolating(pod, ingress)
+                    .into_iter()
+                    .map(|p| flows::PolicyName {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        direction: if ingress { "ingress" } else { "egress" }.into(),
+                    }),
+            );
         }
     };
     if flags & ct_flags::EGRESS_DENIED != 0 {
