@@ -257,3 +257,87 @@ fn kill_9_and_restart(tag: &str, extra: &[&str]) {
     );
     assert!(after_in >= total, "packets_in {after_in} < {total} echoes");
 }
+
+/// Closes in flight at a SIGKILL: those the killed daemon had read and was holding for their
+/// grace, and those that happened while no daemon ran (their events wait in the pinned ring).
+/// The next daemon publishes each exactly once, with the final counters.
+#[test]
+fn closes_in_flight_at_a_kill_are_published_once() {
+    let mut bed = TestBed::overlay("rsclose").unwrap();
+    bed.add_app_pods("x", &[("client", "client"), ("server", "server")])
+        .unwrap();
+    let (client, server) = (bed.pod("client").clone(), bed.pod("server").clone());
+    let dst = SocketAddr::new(server.ip4, 9000);
+    let l = in_netns(&server.netns, || {
+        TcpListener::bind(("0.0.0.0", 9000)).unwrap()
+    })
+    .unwrap();
+    // One exchange per connection, then both sides close.
+    let echo = std::thread::spawn(move || {
+        for _ in 0..6 {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&buf).unwrap();
+            let _ = s.read(&mut buf);
+        }
+    });
+    let exchange = |n: usize| -> Vec<u16> {
+        spawn_in_netns(&client.netns, move || {
+            (0..n)
+                .map(|_| {
+                    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
+                    s.write_all(b"ping").unwrap();
+                    let mut buf = [0u8; 4];
+                    s.read_exact(&mut buf).unwrap();
+                    s.local_addr().unwrap().port()
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
+        .unwrap()
+    };
+    let args = ["--source", "none", "--close-grace", "4s"];
+    let first = bed.start_daemon(OBSERVER.as_ref(), &args).unwrap();
+    // Read by the first daemon and held for their grace when it dies.
+    let mut ports = exchange(3);
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
+    bed.stop_daemon(&first);
+    // Closed while no daemon runs.
+    ports.extend(exchange(3));
+    echo.join().unwrap();
+    let second = bed.start_daemon(OBSERVER.as_ref(), &args).unwrap();
+
+    let closes = |d: &observer_tests::Daemon| -> Vec<Value> {
+        d.flows()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r["event"] == "close" && r["l4"]["dst_port"] == 9000)
+            .collect()
+    };
+    let t0 = Instant::now();
+    while closes(&second).len() < ports.len() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A little longer: a second record of any of them would come now.
+    std::thread::sleep(Duration::from_millis(1500));
+    let got = closes(&second);
+    for p in &ports {
+        let of: Vec<&Value> = got.iter().filter(|r| r["l4"]["src_port"] == *p).collect();
+        assert_eq!(
+            of.len(),
+            1,
+            "close records of port {p}: {of:?}\nall: {got:?}"
+        );
+        // From the client at least SYN, request, FIN and the last ACK; from the server at
+        // least SYN-ACK, reply and FIN.
+        let c = &of[0]["counters"];
+        assert!(
+            c["packets_out"].as_u64().unwrap() >= 4 && c["packets_in"].as_u64().unwrap() >= 3,
+            "port {p}: {c}"
+        );
+    }
+    bed.stop_daemon(&second);
+}

@@ -24,6 +24,11 @@ pub(super) struct Closing {
 /// Queues a close event; in arrival order, so the queue is ordered by deadline.
 pub(super) fn close_seen(shared: &Shared, key: CtKey, entry: CtEntry) {
     let mut st = shared.state.lock().unwrap();
+    // Adopted from the table at start, and now its event from the ring's backlog: once is
+    // enough.
+    if !st.adopted.is_empty() && st.adopted.remove(&key) {
+        return;
+    }
     if st.closing.len() < CLOSING_MAX {
         st.closing.push_back(Closing {
             key,
@@ -65,8 +70,9 @@ pub(super) async fn closes_task(shared: Arc<Shared>) -> Result<()> {
     }
 }
 
-/// At start, the closes a daemon before this one (a restart) cannot have published yet: those
-/// still inside their grace. The kernel's table has them, the earlier daemon's queue is gone.
+/// At start, the closes a daemon before this one (a restart) had queued and not published:
+/// those still inside their grace. The kernel's table has them, the earlier daemon's queue is
+/// gone. Closes older than that are not adopted: the earlier daemon may have published them.
 fn adopt_closing(shared: &Shared) -> Result<()> {
     let now_ns = flows::mono_now_ns();
     let grace = shared.opts.close_grace;
@@ -82,9 +88,16 @@ fn adopt_closing(shared: &Shared) -> Result<()> {
     found.sort_by_key(|f| std::cmp::Reverse(f.2));
     let now = Instant::now();
     let mut st = shared.state.lock().unwrap();
+    // The ring keeps events while no daemon reads it: a close already queued from its backlog
+    // is not adopted, and one whose event comes later is not queued twice (`close_seen`).
+    let queued: foldhash::HashSet<CtKey> = st.closing.iter().map(|c| c.key).collect();
     for (key, entry, idle) in found {
+        if queued.contains(&key) {
+            continue;
+        }
         let at = now.checked_sub(idle).unwrap_or(now);
         st.closing.push_back(Closing { key, entry, at });
+        st.adopted.insert(key);
     }
     Ok(())
 }
@@ -100,6 +113,14 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
             }
         }
     };
+    {
+        let mut st = shared.state.lock().unwrap();
+        if !st.adopted.is_empty() {
+            for c in &due {
+                st.adopted.remove(&c.key);
+            }
+        }
+    }
     for (c, now) in due.iter().zip(now) {
         match now {
             // The same connection, with its counters after the grace.

@@ -144,6 +144,8 @@ pub struct State {
     conns: foldhash::HashMap<CtKey, Conn>,
     /// TCP closes waiting for `close_grace`, oldest first.
     closing: VecDeque<Closing>,
+    /// Closes in `closing` adopted from the kernel's table at start (see `adopt_closing`).
+    adopted: foldhash::HashSet<CtKey>,
     pub history: VecDeque<Arc<FlowRecord>>,
     pub metrics: Metrics,
     pub last_sync: Option<std::time::SystemTime>,
@@ -346,6 +348,7 @@ impl State {
             by_ip: HashMap::new(),
             conns: Default::default(),
             closing: VecDeque::new(),
+            adopted: Default::default(),
             history: VecDeque::new(),
             metrics: Metrics::default(),
             last_sync: None,
