@@ -330,9 +330,11 @@ pub fn process<C: EbpfContext>(
 /// A packet of an established connection, settled before the parser's slot and the global
 /// functions (a pod veth's tc programs): the same lookup, verdict and update `process` would
 /// make, for the connections where `process` would take no other step. None for everything
-/// else, which `process` then sees in full: a new or closed connection, a Service or NodePort
-/// one, an original-direction packet whose verdicts are not all taken, or taken under an older
-/// policy. `count`: whether this hook adds the packet to the connection's counters.
+/// else, which `process` then sees in full: a new connection or a SYN (on a closed one it
+/// reopens the tuple), a Service or NodePort one, an original-direction packet whose verdicts
+/// are not all taken, or taken under an older policy. A closed connection's last ACKs and
+/// retransmissions are settled here: `process` takes the same steps for them. `count`:
+/// whether this hook adds the packet to the connection's counters.
 #[inline(always)]
 pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<Action> {
     // An opener is nearly always a new connection (a reused tuple is `process`'s case): spare
@@ -350,7 +352,7 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<Action> {
     );
     let e = unsafe { &mut *CT.get_ptr_mut(&key)? };
     let cfg = config();
-    let special = ct_flags::SVC_ALIAS | ct_flags::SERVICE | ct_flags::NODEPORT | ct_flags::CLOSED;
+    let special = ct_flags::SVC_ALIAS | ct_flags::SERVICE | ct_flags::NODEPORT;
     if e.flags & special != 0 || e.policy_gen != cfg.policy_gen {
         return None;
     }
