@@ -45,7 +45,9 @@ pub(super) fn close_seen(shared: &Shared, key: CtKey, entry: CtEntry) {
 /// closed entry at every pass of its linger, about twenty times, and kept daemon state for it.
 pub(super) async fn closes_task(shared: Arc<Shared>) -> Result<()> {
     let grace = shared.opts.close_grace;
-    adopt_closing(&shared)?;
+    if let Err(e) = adopt_closing(&shared) {
+        warn!("adopting closes an earlier daemon held: {e:#}");
+    }
     loop {
         let (due, next) = {
             let mut st = shared.state.lock().unwrap();
@@ -129,8 +131,9 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
             {
                 publish_close(shared, &c.key, &e)
             }
-            // The tuple was opened again: that connection has its own records, and its own
-            // state, which this close must not take.
+            // The tuple was opened again within the grace: the new connection's entry and
+            // state replaced this one's, and its counters are not this connection's. Its
+            // `new` record stands in for this close, as it did when the sweep published.
             Some(_) => {}
             // Gone (evicted from a full table, or removed): the event's counters are the last.
             None => publish_close(shared, &c.key, &c.entry),
