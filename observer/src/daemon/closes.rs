@@ -57,6 +57,11 @@ pub(super) async fn closes_task(shared: Arc<Shared>) -> Result<()> {
                 .take_while(|c| c.at.elapsed() >= grace)
                 .count();
             let due: Vec<Closing> = st.closing.drain(..n).collect();
+            if !st.adopted.is_empty() {
+                for c in &due {
+                    st.adopted.remove(&c.key);
+                }
+            }
             let next = st
                 .closing
                 .front()
@@ -115,14 +120,6 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
             }
         }
     };
-    {
-        let mut st = shared.state.lock().unwrap();
-        if !st.adopted.is_empty() {
-            for c in &due {
-                st.adopted.remove(&c.key);
-            }
-        }
-    }
     for (c, now) in due.iter().zip(now) {
         match now {
             // The same connection, with its counters after the grace.

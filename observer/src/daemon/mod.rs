@@ -3,7 +3,8 @@
 //! `intake` (kernel events) -> `enrich` (pods, Services, the policies behind a verdict) ->
 //! `snat_join` (the kernel's conntrack, for the wire's source) -> `publish` (history, live
 //! stream, metrics counts). Around it: `links` (interfaces), `sources` (the cluster view into
-//! the maps), `closes` (a TCP close's record after its grace), `gc` (the conntrack sweep), `metrics`. This file: options, shared state, `run`.
+//! the maps), `closes` (a TCP close's record after its grace), `gc` (the conntrack sweep),
+//! `metrics`. This file: options, shared state, `run`.
 mod closes;
 mod enrich;
 mod gc;
