@@ -383,8 +383,8 @@ pub struct Config {
     pub enforce: u32,
     /// `config_flags`.
     pub flags: u32,
-    /// Drop records the uplink's XDP program emits per CPU and second for connections it
-    /// drops without tracking them (0: no limit); the rest are counted in
+    /// Drop records the programs emit per CPU and second for packets policy denies (denied
+    /// connections are not tracked; 0: no limit); the rest are counted in
     /// `stat::DROP_EVENTS_SUPPRESSED`.
     pub drop_events_per_cpu_s: u32,
 }
@@ -558,8 +558,8 @@ pub mod stat {
     pub const UNPARSED_DENIED: u32 = 10;
     /// Packets that passed only because the policies denying them are audited.
     pub const AUDIT_PASSED: u32 = 11;
-    /// Drop records not emitted for packets XDP dropped over `Config::drop_events_per_cpu_s`
-    /// (the packets are in `POLICY_DENIED`).
+    /// Drop records not emitted for packets dropped by policy over
+    /// `Config::drop_events_per_cpu_s` (the packets are in `POLICY_DENIED`).
     pub const DROP_EVENTS_SUPPRESSED: u32 = 12;
     pub const COUNT: u32 = 13;
     pub const NAMES: [&str; COUNT as usize] = [

@@ -486,11 +486,15 @@ fn create<C: EbpfContext>(
         e.packets[dir] = 1;
         e.bytes[dir] = bytes;
     }
-    if matches!(count, Count::Dropped) && denied {
-        // The uplink drops a connection it judged denied without tracking it: a flood of
-        // spoofed openers would otherwise fill the table and evict the node's live
-        // connections, and cost a record per packet. Each dropped opener is its own record
-        // (as Hubble shows each drop), sampled under a flood; every packet is counted.
+    if denied {
+        // A connection judged denied is dropped without tracking it, at every hook: a pod
+        // spraying denied openers, or a denied flood, would otherwise fill the shared table
+        // and evict the node's live connections (whose next packets would then be judged as
+        // new). Each dropped packet is its own record (as Hubble shows each drop), sampled
+        // under a flood; every packet is counted in `policy_denied`.
+        if link == Link::Service {
+            service::unresolve(pkt);
+        }
         emit_drop_sampled(key, e, cfg.drop_events_per_cpu_s, now);
         return verdict(e.flags, cfg.enforce);
     }

@@ -275,6 +275,18 @@ pub fn resolve(pkt: &Packet) -> Link {
     Link::Service
 }
 
+/// Unlinks a Service connection denied behind the DNAT, which is dropped untracked: its
+/// client's next packet passes the alias unjudged and is linked and judged again behind the
+/// DNAT, under the policy of that moment and with its Service named. The note keeps its
+/// frontend and backend for the daemon's record of the drop.
+#[inline(always)]
+pub fn unresolve(pkt: &Packet) {
+    let client = svc_key(pkt.family, pkt.proto, &pkt.src, pkt.sport);
+    if let Some(nat) = SVC_NAT.get_ptr_mut(&client) {
+        unsafe { (*nat).flags &= !svc_nat::RESOLVED };
+    }
+}
+
 /// Accounts a packet to the translated connection of an alias: counters, TCP flags and the
 /// close. Kept to straight-line work: the whole per-packet update (with its events) a second
 /// time in every hook takes `to_pod` past what the verifiers of kernels before 6.6 accept. The

@@ -286,6 +286,7 @@ fn services_and_dns(mut c: Cluster) {
             .any(|p| p["name"] == "default-deny" && p["direction"] == "egress"),
         "{denied:?}"
     );
+    denied_connections_take_no_entries(&c, &d);
     // `observer flows --service` selects a Service's connections, whichever backend.
     let out = std::process::Command::new(OBSERVER)
         .args(["flows", "--to-service", "shop/db", "-o", "json", "--socket"])
@@ -339,6 +340,115 @@ fn services_and_dns(mut c: Cluster) {
             .join("\n")
     );
     c.bed.stop_daemon(&d);
+}
+
+/// `kernel` in `/v1/status`: [name, count] pairs.
+fn kernel_stat(status: &Value, name: &str) -> u64 {
+    status["kernel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p[0] == name)
+        .and_then(|p| p[1].as_u64())
+        .unwrap_or_else(|| panic!("no kernel counter {name}: {status:#}"))
+}
+
+fn status(d: &observer_tests::Daemon) -> Value {
+    serde_json::from_str(&d.get("/v1/status").unwrap()).unwrap()
+}
+
+/// A denied connection is dropped at the pod's veth without a conntrack entry: a pod spraying
+/// denied openers must not fill the table the node's live connections share. Each dropped
+/// packet is a record (sampled under a flood, the rest counted), and a denied Service
+/// connection's retransmitted opener is judged again behind the DNAT, its Service named.
+fn denied_connections_take_no_entries(c: &Cluster, d: &observer_tests::Daemon) {
+    let other = c.bed.pod("other");
+    let other_ip = other.ip4.to_string();
+    // The SYN and its retransmission one second later.
+    assert!(!tcp_connects(
+        &other.netns,
+        sa("10.96.0.20", 80),
+        Duration::from_millis(2500)
+    ));
+    let by_port = |recs: &[Value]| {
+        let mut m: HashMap<u64, Vec<Value>> = HashMap::new();
+        for r in recs {
+            m.entry(r["l4"]["src_port"].as_u64().unwrap())
+                .or_default()
+                .push(r.clone());
+        }
+        m
+    };
+    let t = Instant::now();
+    let retried = loop {
+        let drops = records(d, |r| {
+            r["event"] == "drop" && r["source"]["ip"] == other_ip && r["service"]["name"] == "db"
+        });
+        if let Some(v) = by_port(&drops).into_values().find(|v| v.len() >= 2) {
+            break v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{drops:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for r in &retried {
+        assert_eq!(r["verdict"], "dropped", "{r}");
+        assert_eq!(r["ip"]["dst"], c.bed.pod("db").ip4.to_string(), "{r}");
+        assert_eq!(r["service"]["ip"], "10.96.0.20", "{r}");
+        assert_eq!(
+            r["counters"]["packets_out"], 1,
+            "one record per dropped packet: {r}"
+        );
+    }
+
+    // A spray of denied UDP openers to 3,000 ports.
+    let s0 = status(d);
+    let sprayed = || {
+        let flows = d.flows().unwrap();
+        flows
+            .iter()
+            .filter(|r| {
+                r["event"] == "drop"
+                    && r["source"]["ip"] == other_ip
+                    && r["l4"]["protocol"] == "UDP"
+                    && (20_000..23_000).contains(&r["l4"]["dst_port"].as_u64().unwrap_or(0))
+            })
+            .count() as u64
+    };
+    let db = c.bed.pod("db").ip4;
+    observer_tests::spawn_in_netns(&other.netns, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for port in 20_000..23_000u16 {
+            let _ = sock.send_to(b"x", SocketAddr::new(db, port));
+        }
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let s1 = status(d);
+    let denied = kernel_stat(&s1, "policy_denied") - kernel_stat(&s0, "policy_denied");
+    let suppressed =
+        kernel_stat(&s1, "drop_events_suppressed") - kernel_stat(&s0, "drop_events_suppressed");
+    let lost = kernel_stat(&s1, "events_lost") - kernel_stat(&s0, "events_lost");
+    assert_eq!(denied, 3000, "{s1:#}");
+    let grown = s1["conntrack_entries"].as_u64().unwrap() as i64
+        - s0["conntrack_entries"].as_u64().unwrap() as i64;
+    assert!(
+        grown < 100,
+        "3,000 denied openers took {grown} conntrack entries"
+    );
+    let t = Instant::now();
+    loop {
+        let r = sprayed();
+        if r + suppressed + lost == denied {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{denied} dropped: {r} records, {suppressed} suppressed, {lost} lost"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -142,10 +142,11 @@ pub(super) struct DaemonArgs {
         default_value_t = 50_000
     )]
     max_records_per_second: u64,
-    /// Drop records per CPU and second for packets the uplink's XDP program drops without
-    /// tracking them (denied connection openers from other nodes or outside); under a flood
-    /// the rest are counted as `drop_events_suppressed` (`observer status`, metrics), their
-    /// packets in `policy_denied`. 0: unlimited.
+    /// Drop records per CPU and second for packets policy denies. A denied connection is
+    /// dropped without a conntrack entry, so each dropped packet (a retransmitted opener
+    /// included) is a record of its own; under a flood the rest are counted as
+    /// `drop_events_suppressed` (`observer status`, metrics), their packets in
+    /// `policy_denied`. 0: unlimited.
     #[arg(
         long,
         env = "OBSERVER_DROP_EVENTS_PER_CPU_SECOND",
