@@ -251,6 +251,7 @@ mod tests {
             drop_reason: (verdict == "dropped").then(|| "policy-denied".into()),
             policy: vec![],
             isolated_by: vec![],
+            isolated_by_more: 0,
             allowed_by: None,
             service: None,
             original_source: None,

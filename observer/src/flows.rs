@@ -184,6 +184,10 @@ pub struct FlowRecord {
     /// For connections denied by policy: the policies that isolate the denying side.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub isolated_by: Vec<PolicyName>,
+    /// How many more policies isolate the denying side than `isolated_by` names (it names at
+    /// most 16).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub isolated_by_more: u32,
     /// Why a connection passed an isolated side without a policy rule: `from-node` (traffic
     /// from the pod's own node passes ingress isolation, as Kubernetes requires for kubelet
     /// probes; off with `--deny-from-node`).
@@ -357,6 +361,7 @@ pub fn record<'a>(
         service: None,
         original_source: None,
         isolated_by: Vec::new(),
+        isolated_by_more: 0,
         direction: direction.into(),
         traffic_class: class.as_str().into(),
         ip: IpInfo {
@@ -427,11 +432,14 @@ impl FlowRecord {
     pub fn compact(&self) -> String {
         let c = &self.counters;
         let cause = if !self.isolated_by.is_empty() {
-            let names: Vec<String> = self
+            let mut names: Vec<String> = self
                 .isolated_by
                 .iter()
                 .map(|p| format!("{}/{}", p.namespace, p.name))
                 .collect();
+            if self.isolated_by_more > 0 {
+                names.push(format!("+{} more", self.isolated_by_more));
+            }
             format!(" by {}", names.join(","))
         } else if !self.policy.is_empty() || self.allowed_by.is_some() {
             let names: Vec<String> = self
@@ -542,4 +550,8 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"traffic_class\":\"world-to-pod\""));
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

@@ -55,6 +55,12 @@ fn flows_filters_outputs_and_metrics() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-http, namespace: y}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{ports: [{port: 80}]}]\n",
     )
     .unwrap();
+    // 20 more policies isolate b (each admits only a port nobody uses): a drop record names 16
+    // of the 21 and counts the rest.
+    let more: String = (0..20)
+        .map(|i| format!("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: z-iso-{i:02}, namespace: y}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress: [{{ports: [{{port: 9999}}]}}]\n"))
+        .collect();
+    std::fs::write(bed.cluster_dir().join("more.yaml"), more).unwrap();
     let flow_log = bed.dir.join("log").join("flows.jsonl");
     let flow_log_arg = flow_log.display().to_string();
     let daemon = bed
@@ -99,6 +105,10 @@ fn flows_filters_outputs_and_metrics() {
         assert_eq!(r["destination"]["port"], 81);
         assert_eq!(r["drop_reason"], "policy-denied");
         assert_eq!(r["isolated_by"][0]["name"], "b-http", "{r}");
+        let names = r["isolated_by"].as_array().unwrap();
+        assert_eq!(names.len(), 16, "{r}");
+        assert_eq!(names[15]["name"], "z-iso-14", "{r}");
+        assert_eq!(r["isolated_by_more"], 5, "{r}");
     }
 
     let (_, out, _) = cli(
@@ -155,7 +165,7 @@ fn flows_filters_outputs_and_metrics() {
     );
     let (_, out, _) = cli(&sock, &["--since", "1h", "--from-ip", &a.ip4.to_string()]);
     assert!(
-        out.contains("x/a") && out.contains("DROPPED by y/b-http"),
+        out.contains("x/a") && out.contains("DROPPED by y/b-http,") && out.contains(",+5 more"),
         "{out}"
     );
     let (ok, _, err) = cli(&sock, &["--verdict", "maybe"]);

@@ -50,7 +50,8 @@ impl Shared {
             |id| st.rules.get(&id).cloned(),
         );
         if e.flags & ct_flags::DENIED != 0 {
-            rec.isolated_by = isolated_by(&st, &self.opts, &rec, e.flags);
+            (rec.isolated_by, rec.isolated_by_more) =
+                isolated_by(&mut st, &self.opts, &rec, e.flags);
         }
         if linked {
             let s = match st.conns.get(key).and_then(|c| c.service.clone()) {
@@ -128,30 +129,50 @@ pub(super) fn service_ref(
     Some((s, client))
 }
 
-/// The policies that isolate the side that denied a connection: default-deny drops name them.
+/// Drop records name at most this many of the policies isolating the denying side, in
+/// namespace/name order; `isolated_by_more` counts the rest. A namespace may hold thousands
+/// of policies selecting one pod, and every dropped packet is a record: naming them all made
+/// each record megabytes and its metrics thousands of series updates.
+pub const ISOLATED_BY_MAX: usize = 16;
+
+/// The policies isolating one side of a dropped connection, as records name them.
+#[derive(Clone, Default)]
+pub(super) struct Isolating {
+    names: Vec<flows::PolicyName>,
+    more: u32,
+}
+
+/// The policies that isolate the side(s) that denied a connection (cached per pod and
+/// direction until the cluster changes).
 pub(super) fn isolated_by(
-    st: &State,
+    st: &mut State,
     opts: &Options,
     rec: &FlowRecord,
     flags: u32,
-) -> Vec<flows::PolicyName> {
-    let engine = crate::policy::Engine::new(&st.cluster, opts.policy.clone());
+) -> (Vec<flows::PolicyName>, u32) {
     let mut out = Vec::new();
+    let mut more = 0;
     let mut add = |ip: Option<IpAddr>, ingress: bool| {
-        if let Some(pod) = ip.and_then(|ip| st.by_ip.get(&ip)) {
-            // Each policy once per direction already: no search of `out` (at 10,000 policies
-            // selecting a pod that search made one denied record cost tens of milliseconds).
-            out.extend(
-                engine
-                    .isolating(pod, ingress)
+        let Some(ip) = ip else { return };
+        let Some(pod) = st.by_ip.get(&ip) else { return };
+        let i = st.isolating.entry((ip, ingress)).or_insert_with(|| {
+            let engine = crate::policy::Engine::new(&st.cluster, opts.policy.clone());
+            let all = engine.isolating(pod, ingress);
+            Isolating {
+                more: all.len().saturating_sub(ISOLATED_BY_MAX) as u32,
+                names: all
                     .into_iter()
+                    .take(ISOLATED_BY_MAX)
                     .map(|p| flows::PolicyName {
-                        namespace: p.namespace.clone(),
-                        name: p.name.clone(),
+                        namespace: p.namespace.to_string(),
+                        name: p.name.to_string(),
                         direction: if ingress { "ingress" } else { "egress" }.into(),
-                    }),
-            );
-        }
+                    })
+                    .collect(),
+            }
+        });
+        out.extend(i.names.iter().cloned());
+        more += i.more;
     };
     if flags & ct_flags::EGRESS_DENIED != 0 {
         add(rec.source.ip, false);
@@ -159,5 +180,5 @@ pub(super) fn isolated_by(
     if flags & ct_flags::INGRESS_DENIED != 0 {
         add(rec.destination.ip, true);
     }
-    out
+    (out, more)
 }

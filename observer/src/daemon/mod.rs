@@ -147,6 +147,9 @@ pub struct State {
     closing: VecDeque<Closing>,
     /// Closes in `closing` adopted from the kernel's table at start (see `adopt_closing`).
     adopted: foldhash::HashSet<CtKey>,
+    /// The policies isolating a pod (by address) in a direction (true: ingress), as drop
+    /// records name them: worked out once per pod and cluster, not per dropped packet.
+    isolating: HashMap<(IpAddr, bool), enrich::Isolating>,
     pub history: VecDeque<Arc<FlowRecord>>,
     pub metrics: Metrics,
     pub last_sync: Option<std::time::SystemTime>,
@@ -350,6 +353,7 @@ impl State {
             conns: Default::default(),
             closing: VecDeque::new(),
             adopted: Default::default(),
+            isolating: HashMap::new(),
             history: VecDeque::new(),
             metrics: Metrics::default(),
             last_sync: None,

@@ -252,6 +252,7 @@ fn publish_cluster(shared: &Shared, src: &mut SourceState, cluster: Cluster) {
     }
     st.model = model;
     st.cluster = Arc::new(cluster);
+    st.isolating.clear();
 }
 
 pub(super) async fn source_task(shared: Arc<Shared>, mut source: SourceState) -> Result<()> {

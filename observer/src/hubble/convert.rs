@@ -308,6 +308,7 @@ fn extension(rec: &FlowRecord) -> prost_types::Any {
                 direction: p.direction.clone(),
             })
             .collect(),
+        isolated_by_more: rec.isolated_by_more,
         direction: rec.direction.to_string(),
         icmp_id: rec.l4.icmp.as_ref().and_then(|i| i.id).map(u32::from),
         drop_reason: rec.drop_reason.as_deref().unwrap_or_default().to_string(),
@@ -479,6 +480,7 @@ pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
                 direction: p.direction,
             })
             .collect(),
+        isolated_by_more: x.isolated_by_more,
         allowed_by: nonempty(x.allowed_by),
         service: match (&f.destination_service, x.service_ip.parse()) {
             (Some(s), Ok(ip)) => Some(ServiceRef {
@@ -647,6 +649,7 @@ mod tests {
                 name: "db-ingress".into(),
                 direction: "ingress".into(),
             }],
+            isolated_by_more: 0,
             allowed_by: None,
             service: None,
             original_source: None,
@@ -765,6 +768,7 @@ mod tests {
                 name: "web-egress".into(),
                 direction: "egress".into(),
             }],
+            isolated_by_more: 0,
             allowed_by: Some("from-node".into()),
             service: Some(ServiceRef {
                 namespace: "shop".into(),
@@ -950,6 +954,7 @@ mod tests {
             drop_reason: None,
             policy: vec![],
             isolated_by: vec![],
+            isolated_by_more: 0,
             allowed_by: None,
             service: None,
             original_source: None,
