@@ -114,7 +114,7 @@ pub struct CtKey {
 pub mod ct_flags {
     /// The connection was opened by endpoint `a` of the key.
     pub const ORIG_IS_A: u32 = 1 << 0;
-    /// A close event was emitted (RST, or FIN in both directions).
+    /// The connection closed (RST, or FIN in both directions).
     pub const CLOSED: u32 = 1 << 1;
     pub const FIN_ORIG: u32 = 1 << 2;
     pub const FIN_REPLY: u32 = 1 << 3;
@@ -136,6 +136,10 @@ pub mod ct_flags {
     /// A connection from outside the node to a NodePort or load-balancer frontend: judged
     /// against the client kube-proxy masqueraded, not the node address it arrives from.
     pub const NODEPORT: u32 = 1 << 12;
+    /// The close event is in the ring. A closed connection without it (a Service connection,
+    /// whose packets are counted on a path without events; an event lost to a full ring) has
+    /// its close published by the daemon's sweep.
+    pub const CLOSE_SENT: u32 = 1 << 13;
     pub const DENIED: u32 = EGRESS_DENIED | INGRESS_DENIED;
 }
 

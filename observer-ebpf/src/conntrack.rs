@@ -594,7 +594,9 @@ pub fn update(
             let both_fin = ct_flags::FIN_ORIG | ct_flags::FIN_REPLY;
             if e.flags & ct_flags::RST != 0 || e.flags & both_fin == both_fin {
                 e.flags |= ct_flags::CLOSED;
-                emit(EventKind::Close, key, e);
+                if emit(EventKind::Close, key, e) {
+                    e.flags |= ct_flags::CLOSE_SENT;
+                }
                 return;
             }
         }

@@ -10,7 +10,7 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 const WAKEUP_BYTES: u64 = 64 * 1024;
 
 #[inline(always)]
-pub fn emit(kind: EventKind, key: &CtKey, e: &CtEntry) {
+pub fn emit(kind: EventKind, key: &CtKey, e: &CtEntry) -> bool {
     match EVENTS.reserve::<FlowEvent>(0) {
         Some(mut slot) => {
             // Field by field into the ring: a `FlowEvent` built first would be one more copy,
@@ -41,8 +41,12 @@ pub fn emit(kind: EventKind, key: &CtKey, e: &CtEntry) {
                 BPF_RB_NO_WAKEUP
             };
             slot.submit(flags);
+            true
         }
-        None => stat_inc(stat::EVENTS_LOST),
+        None => {
+            stat_inc(stat::EVENTS_LOST);
+            false
+        }
     }
 }
 

@@ -256,6 +256,35 @@ fn services_and_dns(mut c: Cluster) {
         r["snat"]["translated_src_ip"],
         c.bed.pod("web").ip4.to_string()
     );
+    // Its close too, with both directions counted, published once, within a few seconds of
+    // the FINs (the Service path counts packets without events of its own).
+    let t = Instant::now();
+    let close = loop {
+        let closes = d
+            .flows()
+            .unwrap()
+            .into_iter()
+            .filter(|c| {
+                c["event"] == "close"
+                    && c["service"]["name"] == "db"
+                    && c["l4"]["src_port"] == r["l4"]["src_port"]
+            })
+            .collect::<Vec<_>>();
+        if let Some(c) = closes.first() {
+            assert_eq!(closes.len(), 1, "{closes:#?}");
+            break c.clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no close record for {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(close["ip"]["dst"], db_ip.to_string(), "{close}");
+    assert!(
+        close["counters"]["packets_in"].as_u64() >= Some(2),
+        "{close}"
+    );
     let v6 = records(&d, |r| r["event"] == "new" && r["service"]["name"] == "db6");
     assert_eq!(v6.len(), 1, "{v6:?}");
     assert_eq!(v6[0]["ip"]["dst"], c.bed.pod("db").ip6.to_string());

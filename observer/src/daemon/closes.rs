@@ -86,7 +86,9 @@ fn adopt_closing(shared: &Shared) -> Result<()> {
     let mut found = Vec::new();
     shared.dp.lock().unwrap().visit_conntrack(|k, e| {
         let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
-        let closed = e.flags & (ct_flags::CLOSED | ct_flags::SVC_ALIAS) == ct_flags::CLOSED;
+        // Closes whose event never reached the ring are the sweep's (`gc::unsent_close`).
+        let sent = ct_flags::CLOSED | ct_flags::CLOSE_SENT;
+        let closed = e.flags & (sent | ct_flags::SVC_ALIAS) == sent;
         if closed && idle < grace {
             found.push((*k, *e, idle));
         }
@@ -138,7 +140,7 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
     }
 }
 
-fn publish_close(shared: &Shared, key: &CtKey, e: &CtEntry) {
+pub(super) fn publish_close(shared: &Shared, key: &CtKey, e: &CtEntry) {
     emit(shared, EventKind::Close, key, e);
     // After the record: it accounts the connection's last counters against this state.
     shared.state.lock().unwrap().conns.remove(key);

@@ -40,12 +40,14 @@ pub(super) const NODEPORT_NOTE_TTL: Duration = Duration::from_secs(2);
 
 pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
     let mut last_prune = Instant::now();
+    let mut first = true;
     loop {
         let prune = last_prune.elapsed() >= PRUNE_INTERVAL;
         if prune {
             last_prune = Instant::now();
         }
-        let entries = gc_once(&shared, prune)?;
+        let entries = gc_once(&shared, prune, first)?;
+        first = false;
         tokio::time::sleep(sweep_interval(&shared.opts, entries)).await;
     }
 }
@@ -85,9 +87,18 @@ fn timeout(opts: &Options, k: &CtKey, e: &CtEntry) -> Duration {
     }
 }
 
+/// A closed connection whose close event is not in the ring: a Service connection (counted
+/// through its alias, on a path without events) or an event lost to a full ring. The sweep
+/// publishes its close once its grace has passed, with the entry's counters.
+fn unsent_close(e: &CtEntry) -> bool {
+    e.flags & (ct_flags::CLOSED | ct_flags::CLOSE_SENT | ct_flags::SVC_ALIAS) == ct_flags::CLOSED
+}
+
 /// One sweep; returns how many connections the kernel has. An open connection that is not
-/// idle costs nothing but its read from the kernel.
-pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
+/// idle costs nothing but its read from the kernel. `first`: the daemon's first sweep, which
+/// takes the unsent closes already past their grace as published by the daemon before it (a
+/// restart), as the close queue's adoption does.
+pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize> {
     let now_ns = flows::mono_now_ns();
     let opts = &shared.opts;
     // Only what the sweep acts on is copied out of the kernel's table: connections past their
@@ -101,12 +112,16 @@ pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
             live.insert(*k);
         }
         let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
-        if e.flags & ct_flags::NODEPORT != 0 || idle >= timeout(opts, k, e) {
+        if e.flags & ct_flags::NODEPORT != 0
+            || idle >= timeout(opts, k, e)
+            || (unsent_close(e) && idle >= opts.close_grace)
+        {
             entries.push((*k, *e));
         }
     })?;
     sweep_nodeport_notes(shared, &entries, now_ns);
     let mut publish = Vec::new();
+    let mut late_closes = Vec::new();
     let mut expire = Vec::new();
     {
         let mut st = shared.state.lock().unwrap();
@@ -120,18 +135,29 @@ pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
                 }
                 continue;
             }
+            let late = unsent_close(e).then_some((*k, e.first_seen_ns));
+            if let Some(l) = late.filter(|l| !st.late_closes.contains(l)) {
+                if !first {
+                    late_closes.push((*k, *e));
+                }
+                st.late_closes.insert(l);
+            }
             if idle < timeout(opts, k, e) {
                 continue;
             }
-            // A closed connection's record went out at its close (see `closes`); an idle one
-            // gets its last record now.
+            // A closed connection's record went out at its close (see `closes`), or above; an
+            // idle one gets its last record now.
             if e.flags & ct_flags::CLOSED == 0 {
                 publish.push((*k, *e));
+            }
+            if let Some(l) = late {
+                st.late_closes.remove(&l);
             }
             expire.push(*k);
         }
         if let Some(live) = live {
             st.conns.retain(|k, _| live.contains(k));
+            st.late_closes.retain(|(k, _)| live.contains(k));
         }
         st.metrics.conntrack_expired_total += expire.len() as u64;
     }
@@ -144,6 +170,9 @@ pub(super) fn gc_once(shared: &Shared, prune: bool) -> Result<usize> {
     }
     for (k, e) in publish {
         emit(shared, EventKind::Close, &k, &e);
+    }
+    for (k, e) in late_closes {
+        super::closes::publish_close(shared, &k, &e);
     }
     // After the close records: they account the connections' last counters.
     if !expire.is_empty() {

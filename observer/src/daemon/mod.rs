@@ -150,6 +150,9 @@ pub struct State {
     /// The policies isolating a pod (by address) in a direction (true: ingress), as drop
     /// records name them: worked out once per pod and cluster, not per dropped packet.
     isolating: HashMap<(IpAddr, bool), enrich::Isolating>,
+    /// Closed connections without a close event whose close the sweep published (see
+    /// `gc::unsent_close`), by key and first packet, until the sweep removes them.
+    late_closes: foldhash::HashSet<(CtKey, u64)>,
     pub history: VecDeque<Arc<FlowRecord>>,
     pub metrics: Metrics,
     pub last_sync: Option<std::time::SystemTime>,
@@ -354,6 +357,7 @@ impl State {
             closing: VecDeque::new(),
             adopted: Default::default(),
             isolating: HashMap::new(),
+            late_closes: Default::default(),
             history: VecDeque::new(),
             metrics: Metrics::default(),
             last_sync: None,
