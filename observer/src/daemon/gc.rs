@@ -135,7 +135,9 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
                 }
                 continue;
             }
-            let late = unsent_close(e).then_some((*k, e.first_seen_ns));
+            // (A NodePort entry is here whatever its age.)
+            let late =
+                (unsent_close(e) && idle >= opts.close_grace).then_some((*k, e.first_seen_ns));
             if let Some(l) = late.filter(|l| !st.late_closes.contains(l)) {
                 if !first {
                     late_closes.push((*k, *e));
