@@ -32,7 +32,8 @@ pub mod maps {
     pub const SVC_NAT: &str = "OBS_SVC_NAT";
     pub const NODEPORT: &str = "OBS_NODEPORT";
     pub const LOCAL_RANGE: &str = "OBS_LOCAL_RANGE";
-    pub const ALL: [&str; 13] = [
+    pub const LOCAL_BITS: &str = "OBS_LOCAL_BITS";
+    pub const ALL: [&str; 14] = [
         CONNTRACK,
         ENDPOINTS,
         IPCACHE,
@@ -46,6 +47,7 @@ pub mod maps {
         SVC_NAT,
         NODEPORT,
         LOCAL_RANGE,
+        LOCAL_BITS,
     ];
 }
 
@@ -395,8 +397,9 @@ pub struct Config {
 
 /// The lowest and highest IPv4 address among this node's pods (host byte order), so the
 /// uplink's XDP program settles a packet for anything else (the node itself, in the overlay
-/// models most of its ingress) without an endpoints lookup. A hint only: a packet inside the
-/// range is still looked up, and the pod's veth judges whatever XDP passes.
+/// models most of its ingress) without an endpoints lookup. Within one /16 (a node's pod CIDR
+/// always is) a bitmap, `LOCAL_BITS`, then tells exactly which addresses are pods', without
+/// the lookup either. A hint only: the pod's veth judges whatever XDP passes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LocalRange {
@@ -404,8 +407,13 @@ pub struct LocalRange {
     pub hi: u32,
     /// 0 (a map nobody wrote yet): no hint, every address is looked up.
     pub valid: u32,
-    pub _pad: u32,
+    /// 1: `LOCAL_BITS` holds every pod address of the range (and, but for a moment while one
+    /// is added or removed, only those), bit `a - (lo & !0xffff)`; 0: look addresses up.
+    pub exact: u32,
 }
+
+/// Words of `LOCAL_BITS`: a bit for each address of a /16.
+pub const LOCAL_BITS_WORDS: u32 = 1024;
 
 impl LocalRange {
     /// Whether `addr` (host byte order) may be a local pod's.
@@ -414,14 +422,30 @@ impl LocalRange {
         self.valid == 0 || (addr >= self.lo && addr <= self.hi)
     }
 
-    /// The range widened to hold `addr` (host byte order).
+    /// The range widened to hold `addr` (host byte order), not exact.
     pub fn with(self, addr: u32) -> Self {
         Self {
             lo: self.lo.min(addr),
             hi: self.hi.max(addr),
             valid: 1,
-            _pad: 0,
+            exact: 0,
         }
+    }
+
+    /// The word of `LOCAL_BITS` and the bit in it that stand for `addr` (host byte order), if
+    /// `addr` is in the /16 of `lo`.
+    #[inline(always)]
+    pub fn bit(&self, addr: u32) -> Option<(u32, u64)> {
+        let off = addr.wrapping_sub(self.lo & !0xffff);
+        if off >= LOCAL_BITS_WORDS * 64 {
+            return None;
+        }
+        Some((off / 64, 1u64 << (off % 64)))
+    }
+
+    /// Whether the range lies in one /16, so `LOCAL_BITS` can hold it.
+    pub fn fits_bits(&self) -> bool {
+        self.valid != 0 && self.lo <= self.hi && self.lo >> 16 == self.hi >> 16
     }
 
     /// Exactly `addrs` (host byte order); with none, a range that holds nothing.
@@ -434,7 +458,7 @@ impl LocalRange {
         lo: u32::MAX,
         hi: 0,
         valid: 1,
-        _pad: 0,
+        exact: 0,
     };
 }
 
@@ -635,5 +659,12 @@ mod layout {
         assert!(r.may_hold(0x0af4_0110));
         assert!(!r.may_hold(0x0af4_0102) && !r.may_hold(0x0af4_0121));
         assert!(r.with(0x0a00_0001).may_hold(0x0a00_0001));
+        // The bitmap covers the /16 of `lo`: 10.244.0.0 - 10.244.255.255 here.
+        assert!(r.fits_bits() && !r.with(0x0af5_0001).fits_bits());
+        assert_eq!(r.bit(0x0af4_0103), Some((4, 1 << 3)));
+        assert_eq!(r.bit(0x0af4_ffff), Some((1023, 1 << 63)));
+        assert_eq!(r.bit(0x0af5_0000), None);
+        assert_eq!(r.bit(0x0af3_ffff), None);
+        assert!(!LocalRange::EMPTY.fits_bits() && !LocalRange::default().fits_bits());
     }
 }

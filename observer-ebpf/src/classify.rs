@@ -4,7 +4,7 @@ use observer_common::{
     EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, RemoteKind, TrafficClass,
 };
 
-use crate::maps::{ENDPOINTS, IPCACHE, LOCAL_RANGE};
+use crate::maps::{ENDPOINTS, IPCACHE, LOCAL_BITS, LOCAL_RANGE};
 
 #[inline(always)]
 pub fn endpoint(family: u8, addr: &[u32; 4]) -> Option<&'static EndpointInfo> {
@@ -16,14 +16,22 @@ pub fn endpoint(family: u8, addr: &[u32; 4]) -> Option<&'static EndpointInfo> {
     unsafe { ENDPOINTS.get(&key) }
 }
 
-/// Whether `addr` is a local pod's: for IPv4 the local range first (an inlined array read),
-/// then the endpoints map.
+/// Whether `addr` is a local pod's: for IPv4 the local range first and, when exact, its bitmap
+/// (inlined array reads), else the endpoints map.
 #[inline(always)]
 pub fn local_pod(family: u8, addr: &[u32; 4]) -> bool {
     if family == observer_common::AF_INET {
         if let Some(r) = LOCAL_RANGE.get(0) {
-            if !r.may_hold(u32::from_be(addr[0])) {
+            let a = u32::from_be(addr[0]);
+            if !r.may_hold(a) {
                 return false;
+            }
+            if r.exact != 0 {
+                if let Some((w, bit)) = r.bit(a) {
+                    if let Some(word) = LOCAL_BITS.get(w) {
+                        return *word & bit != 0;
+                    }
+                }
             }
         }
     }

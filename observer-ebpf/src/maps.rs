@@ -8,7 +8,8 @@ use observer_common::{
     Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, LocalRange,
     NodePortLink, PolicyEntry, PolicyKeyData, SvcKey, SvcNat, UplinkCounter, ATTACHED_MAX_ENTRIES,
     CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES, IPCACHE_MAX_ENTRIES,
-    NODEPORT_MAX_ENTRIES, POLICY_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SVC_NAT_MAX_ENTRIES,
+    LOCAL_BITS_WORDS, NODEPORT_MAX_ENTRIES, POLICY_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
+    SVC_NAT_MAX_ENTRIES,
 };
 
 use crate::parse::{FragKey, FragPorts, Packet};
@@ -62,6 +63,11 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 /// JIT inlines, before the endpoints hash lookup, which it cannot.
 #[map(name = "OBS_LOCAL_RANGE")]
 pub static LOCAL_RANGE: Array<LocalRange> = Array::pinned(1, 0);
+
+/// Which addresses of the local range are pods' (see `LocalRange::exact`): another inlined
+/// array read in place of the endpoints lookup.
+#[map(name = "OBS_LOCAL_BITS")]
+pub static LOCAL_BITS: Array<u64> = Array::pinned(LOCAL_BITS_WORDS, 0);
 
 /// Ports of IPv4/IPv6 first fragments, so later fragments (which carry no L4 header) are
 /// accounted to their flow.

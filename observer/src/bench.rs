@@ -204,6 +204,8 @@ fn populate(dp: &mut Datapath, identities: u32) -> Result<()> {
         std::net::IpAddr::from(SRC),
         EndpointInfo { id: 1, flags: 0 },
     )?;
+    // As the daemon's full write leaves them: the exact range and its bitmap.
+    dp.settle_local_range_from_endpoints()?;
     let mut ipc = dp.ipcache_mut()?;
     for i in 0..identities {
         let net: ipnet::IpNet = format!("10.{}.{}.0/24", 100 + (i >> 8) % 100, i & 0xff).parse()?;

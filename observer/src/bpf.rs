@@ -154,6 +154,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         maps::SVC_NAT => (size_of::<SvcKey>() as u32, size_of::<SvcNat>() as u32),
         maps::NODEPORT => (size_of::<SvcKey>() as u32, size_of::<NodePortLink>() as u32),
         maps::LOCAL_RANGE => (4, size_of::<LocalRange>() as u32),
+        maps::LOCAL_BITS => (4, 8),
         _ => return None,
     })
 }
@@ -895,18 +896,92 @@ impl Datapath {
         )?)
     }
 
-    /// Adds or changes a local pod, widening the local address range first: XDP must never
-    /// skip the lookup of a pod the endpoints map holds.
+    /// Adds or changes a local pod, widening the local address range and marking its bit
+    /// first: XDP must never take a pod the endpoints map holds for the node.
     pub fn insert_endpoint(&mut self, ip: IpAddr, v: EndpointInfo) -> Result<()> {
         if let IpAddr::V4(a) = ip {
+            let a = u32::from(a);
             let r = self.local_range()?;
-            if !r.may_hold(u32::from(a)) {
-                self.set_local_range(r.with(u32::from(a)))?;
+            let mut next = if r.may_hold(a) { r } else { r.with(a) };
+            // Still exact if the pod is in the bitmap's /16: its bit goes in first.
+            match r.bit(a) {
+                Some((w, bit)) if r.exact != 0 => {
+                    self.set_local_bit(w, bit, true)?;
+                    next.exact = 1;
+                }
+                _ => next.exact = 0,
+            }
+            if next != r {
+                self.set_local_range(next)?;
             }
         }
         self.endpoints_mut()?
             .insert(crate::cluster::ip_key(ip), v, 0)
             .context("writing endpoints map")
+    }
+
+    /// Removes a local pod; its bit goes after it. The range narrows at the next full write
+    /// (wider only costs lookups).
+    fn remove_endpoint(&mut self, ip: IpAddr) -> Result<()> {
+        let k = crate::cluster::ip_key(ip);
+        remove_present(self.endpoints_mut()?.remove(&k)).context("removing an endpoint")?;
+        if let IpAddr::V4(a) = ip {
+            let r = self.local_range()?;
+            if let Some((w, bit)) = r.bit(u32::from(a)).filter(|_| r.exact != 0) {
+                self.set_local_bit(w, bit, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn local_bits_mut(&mut self) -> Result<Array<&mut MapData, u64>> {
+        Ok(Array::try_from(
+            self.ebpf
+                .map_mut(maps::LOCAL_BITS)
+                .context("local bits map")?,
+        )?)
+    }
+
+    fn set_local_bit(&mut self, word: u32, bit: u64, on: bool) -> Result<()> {
+        let mut arr = self.local_bits_mut()?;
+        let w = arr.get(&word, 0)?;
+        let next = if on { w | bit } else { w & !bit };
+        if next != w {
+            arr.set(word, next, 0).context("writing local bits map")?;
+        }
+        Ok(())
+    }
+
+    /// Sets the local range to exactly the IPv4 endpoints among `keys` (the endpoints map must
+    /// already hold them all), with the bitmap when they lie in one /16.
+    fn settle_local_range<'a>(
+        &mut self,
+        keys: impl Iterator<Item = &'a IpKey> + Clone,
+    ) -> Result<()> {
+        let mut r = v4_range(keys.clone());
+        if r.fits_bits() {
+            let mut want = vec![0u64; observer_common::LOCAL_BITS_WORDS as usize];
+            for k in keys.filter(|k| k.family == observer_common::AF_INET) {
+                if let Some((w, bit)) = r.bit(u32::from_be(k.addr[0])) {
+                    want[w as usize] |= bit;
+                }
+            }
+            let mut arr = self.local_bits_mut()?;
+            for (i, w) in want.iter().enumerate() {
+                if arr.get(&(i as u32), 0)? != *w {
+                    arr.set(i as u32, *w, 0).context("writing local bits map")?;
+                }
+            }
+            r.exact = 1;
+        }
+        self.set_local_range(r)
+    }
+
+    /// The local range and bitmap as a full write leaves them, from what the endpoints map
+    /// holds (for benchmarks that fill the maps by hand).
+    pub fn settle_local_range_from_endpoints(&mut self) -> Result<()> {
+        let held = held_endpoints(&self.endpoints_mut()?);
+        self.settle_local_range(held.keys())
     }
 
     pub fn local_range(&self) -> Result<LocalRange> {
@@ -1014,12 +1089,7 @@ impl Datapath {
             match *w {
                 MapWrite::Endpoint(ip, v) => match v {
                     Some(v) => self.insert_endpoint(ip, v)?,
-                    None => {
-                        // The range narrows at the next full write; wider only costs lookups.
-                        let mut m = self.endpoints_mut()?;
-                        let k = crate::cluster::ip_key(ip);
-                        remove_present(m.remove(&k)).context("removing an endpoint")?
-                    }
+                    None => self.remove_endpoint(ip)?,
                 },
                 MapWrite::Ipcache(net, v) => {
                     let mut m = self.ipcache_mut()?;
@@ -1072,7 +1142,8 @@ impl Datapath {
         {
             let have = held_endpoints(&dp.endpoints_mut()?);
             let want_keys = wanted_endpoints(want);
-            // Wide enough for old and new pods while they change, exactly the new ones after.
+            // Wide enough for old and new pods while they change (and not exact: the bitmap is
+            // rewritten), exactly the new ones after.
             dp.set_local_range(v4_range(have.keys().chain(want_keys.keys())))?;
             let mut eps = dp.endpoints_mut()?;
             for (k, v) in &want_keys {
@@ -1087,7 +1158,7 @@ impl Datapath {
                     removed += 1;
                 }
             }
-            dp.set_local_range(v4_range(want_keys.keys()))?;
+            dp.settle_local_range(want_keys.keys())?;
         }
         {
             let mut ipc = dp.ipcache_mut()?;
@@ -1242,6 +1313,27 @@ pub fn diff_pinned(pin_dir: &Path, want: &Desired) -> Result<Vec<String>> {
         if let IpAddr::V4(a) = ip {
             if !range.may_hold(u32::from(*a)) {
                 out.push(format!("local range {range:?} does not hold endpoint {ip}"));
+            }
+        }
+    }
+    // An exact range's bitmap holds every IPv4 pod and nothing else.
+    if range.exact != 0 {
+        let bits: Array<MapData, u64> = Array::try_from(Map::Array(open(maps::LOCAL_BITS)?))?;
+        let mut want_bits = vec![0u64; observer_common::LOCAL_BITS_WORDS as usize];
+        for ip in want.endpoints.keys() {
+            if let IpAddr::V4(a) = ip {
+                match range.bit(u32::from(*a)) {
+                    Some((w, bit)) => want_bits[w as usize] |= bit,
+                    None => out.push(format!("local range {range:?} is exact, {ip} outside it")),
+                }
+            }
+        }
+        for (i, w) in want_bits.iter().enumerate() {
+            let have = bits.get(&(i as u32), 0)?;
+            if have != *w {
+                out.push(format!(
+                    "local bits word {i}: kernel {have:#018x}, want {w:#018x}"
+                ));
             }
         }
     }

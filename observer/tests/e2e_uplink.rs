@@ -126,6 +126,17 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
     // Denied: the intruder's SYNs die in XDP on the uplink.
     let before = status(&daemon);
+    // XDP took the allowed connection's packets for the pod's (the local range's bitmap),
+    // every one that tc then saw arrive for it.
+    let tc_in: u64 = ["pod", "node", "world"]
+        .iter()
+        .map(|r| uplink(&before, "tc_ingress", "pod", r))
+        .sum();
+    assert!(tc_in > 0, "{before:#}");
+    assert!(
+        uplink(&before, "xdp", "pod", "any") >= tc_in,
+        "XDP counted fewer packets for the pod than tc: {before:#}"
+    );
     let intruder = bed.remote_pod("intruder").clone();
     assert!(!tcp_connects(
         &intruder.netns,
