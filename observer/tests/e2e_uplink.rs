@@ -215,41 +215,14 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     std::thread::sleep(Duration::from_millis(100));
     let s1 = status(&daemon);
     let dropped = uplink(&s1, "xdp_drop", "pod", "any") - uplink(&s0, "xdp_drop", "pod", "any");
-    // `kernel`: [name, count] pairs.
-    let kernel = |s: &Value, k: &str| {
-        s["kernel"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p[0] == k)
-            .and_then(|p| p[1].as_u64())
-            .unwrap_or_else(|| panic!("no kernel counter {k}: {s:#}"))
-    };
-    let suppressed = kernel(&s1, "drop_events_suppressed") - kernel(&s0, "drop_events_suppressed");
-    let lost = kernel(&s1, "events_lost") - kernel(&s0, "events_lost");
     assert!(
         dropped >= 1000,
         "sent {sent}, XDP dropped {dropped}: {s1:#}"
     );
+    let suppressed = observer_tests::kernel_stat(&s1, "drop_events_suppressed")
+        - observer_tests::kernel_stat(&s0, "drop_events_suppressed");
     assert!(suppressed > 0, "{s1:#}");
-    let grown = s1["conntrack_entries"].as_u64().unwrap() as i64
-        - s0["conntrack_entries"].as_u64().unwrap() as i64;
-    assert!(
-        grown < 100,
-        "{dropped} dropped openers took {grown} conntrack entries"
-    );
-    let t0 = Instant::now();
-    loop {
-        let r = records() - r0;
-        if r + suppressed + lost == dropped {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "{dropped} dropped: {r} records, {suppressed} suppressed, {lost} lost"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    observer_tests::assert_drops_untracked(&s0, &s1, dropped, || records() - r0);
     assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();

@@ -113,6 +113,48 @@ pub fn ns_run(ns: &str, args: &[&str]) -> Result<String> {
 }
 
 /// Whether a TCP connection from namespace `ns` to `dst` is established within `timeout`.
+/// A kernel counter from `/v1/status` (`kernel`: [name, count] pairs).
+pub fn kernel_stat(status: &serde_json::Value, name: &str) -> u64 {
+    status["kernel"]
+        .as_array()
+        .expect("kernel counters in the status")
+        .iter()
+        .find(|p| p[0] == name)
+        .and_then(|p| p[1].as_u64())
+        .unwrap_or_else(|| panic!("no kernel counter {name}: {status:#}"))
+}
+
+/// `dropped` denied packets between the status reads `s0` and `s1` took no conntrack entries
+/// (fewer than 100 more), and each is accounted within 5 s: a drop record (`records()` counts
+/// those since `s0`), suppressed by the drop-record budget, or an event lost.
+pub fn assert_drops_untracked(
+    s0: &serde_json::Value,
+    s1: &serde_json::Value,
+    dropped: u64,
+    records: impl Fn() -> u64,
+) {
+    let delta = |k: &str| kernel_stat(s1, k) - kernel_stat(s0, k);
+    let (suppressed, lost) = (delta("drop_events_suppressed"), delta("events_lost"));
+    let grown = s1["conntrack_entries"].as_u64().unwrap() as i64
+        - s0["conntrack_entries"].as_u64().unwrap() as i64;
+    assert!(
+        grown < 100,
+        "{dropped} dropped openers took {grown} conntrack entries"
+    );
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = records();
+        if r + suppressed + lost == dropped {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{dropped} dropped: {r} records, {suppressed} suppressed, {lost} lost"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn tcp_connects(ns: &str, dst: std::net::SocketAddr, timeout: Duration) -> bool {
     spawn_in_netns(ns, move || {
         std::net::TcpStream::connect_timeout(&dst, timeout).is_ok()
