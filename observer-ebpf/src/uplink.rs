@@ -85,9 +85,20 @@ fn count_tc<C: PacketCtx>(ctx: &C, point: u32, ingress: bool) -> u32 {
     local
 }
 
+/// `count_tc` in a frame of its own: its map keys and lookups must not sit on the stack of a
+/// program that goes on to call the conntrack functions (Linux 6.1 refuses a call chain over
+/// 512 bytes of stack in all).
+#[inline(never)]
+fn count_tc_skb(skb: *mut __sk_buff, point: u32, ingress: bool) -> u32 {
+    if skb.is_null() {
+        return uplink::LOCAL_OTHER;
+    }
+    count_tc(&TcContext::new(skb), point, ingress)
+}
+
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    if count_tc(&ctx, uplink::TC_IN, true) != uplink::LOCAL_POD {
+    if count_tc_skb(ctx.skb.skb, uplink::TC_IN, true) != uplink::LOCAL_POD {
         note_opener(&ctx);
     }
     TC_ACT_UNSPEC
@@ -114,7 +125,7 @@ fn note_opener(ctx: &TcContext) {
 
 #[classifier]
 pub fn uplink_egress(ctx: TcContext) -> i32 {
-    count_tc(&ctx, uplink::TC_OUT, false);
+    count_tc_skb(ctx.skb.skb, uplink::TC_OUT, false);
     // A pod's packet to a Service frontend, now translated to a backend on another node: its
     // egress verdict is taken here, against that backend. Nothing else pays for a lookup.
     let mark = unsafe { (*ctx.skb.skb).mark };
