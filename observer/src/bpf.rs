@@ -960,12 +960,7 @@ impl Datapath {
     ) -> Result<()> {
         let mut r = v4_range(keys.clone());
         if r.fits_bits() {
-            let mut want = vec![0u64; observer_common::LOCAL_BITS_WORDS as usize];
-            for k in keys.filter(|k| k.family == observer_common::AF_INET) {
-                if let Some((w, bit)) = r.bit(u32::from_be(k.addr[0])) {
-                    want[w as usize] |= bit;
-                }
-            }
+            let want = local_bits(&r, keys.filter_map(v4_addr));
             let mut arr = self.local_bits_mut()?;
             for (i, w) in want.iter().enumerate() {
                 if arr.get(&(i as u32), 0)? != *w {
@@ -1230,12 +1225,24 @@ fn svc_key((ip, proto, port): (IpAddr, u8, u16)) -> SvcKey {
     }
 }
 
+/// An IPv4 endpoint key's address (host byte order).
+fn v4_addr(k: &IpKey) -> Option<u32> {
+    (k.family == observer_common::AF_INET).then(|| u32::from_be(k.addr[0]))
+}
+
 /// The range of the IPv4 endpoints among `keys`.
 fn v4_range<'a>(keys: impl Iterator<Item = &'a IpKey>) -> LocalRange {
-    LocalRange::of(
-        keys.filter(|k| k.family == observer_common::AF_INET)
-            .map(|k| u32::from_be(k.addr[0])),
-    )
+    LocalRange::of(keys.filter_map(v4_addr))
+}
+
+/// The `LOCAL_BITS` words that mark `addrs` (host byte order) in the bitmap of range `r`;
+/// addresses outside its /16 are left out.
+fn local_bits(r: &LocalRange, addrs: impl Iterator<Item = u32>) -> Vec<u64> {
+    let mut words = vec![0u64; observer_common::LOCAL_BITS_WORDS as usize];
+    for (w, bit) in addrs.filter_map(|a| r.bit(a)) {
+        words[w as usize] |= bit;
+    }
+    words
 }
 
 /// What the kernel maps hold, keyed as the writer and the checker compare them.
@@ -1316,18 +1323,11 @@ pub fn diff_pinned(pin_dir: &Path, want: &Desired) -> Result<Vec<String>> {
             }
         }
     }
-    // An exact range's bitmap holds every IPv4 pod and nothing else.
+    // An exact range's bitmap holds every IPv4 pod and nothing else (a pod outside the range,
+    // and so outside its /16, is reported above).
     if range.exact != 0 {
         let bits: Array<MapData, u64> = Array::try_from(Map::Array(open(maps::LOCAL_BITS)?))?;
-        let mut want_bits = vec![0u64; observer_common::LOCAL_BITS_WORDS as usize];
-        for ip in want.endpoints.keys() {
-            if let IpAddr::V4(a) = ip {
-                match range.bit(u32::from(*a)) {
-                    Some((w, bit)) => want_bits[w as usize] |= bit,
-                    None => out.push(format!("local range {range:?} is exact, {ip} outside it")),
-                }
-            }
-        }
+        let want_bits = local_bits(&range, want_eps.keys().filter_map(v4_addr));
         for (i, w) in want_bits.iter().enumerate() {
             let have = bits.get(&(i as u32), 0)?;
             if have != *w {

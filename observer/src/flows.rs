@@ -489,6 +489,10 @@ impl FlowRecord {
     }
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,8 +554,4 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"traffic_class\":\"world-to-pod\""));
     }
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
 }

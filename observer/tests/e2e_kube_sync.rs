@@ -137,10 +137,6 @@ fn wait_maps(bed: &TestBed, d: &Daemon, world: &World, what: &str) {
     );
 }
 
-fn status(d: &Daemon) -> Value {
-    serde_json::from_str(&d.get("/v1/status").unwrap()).unwrap()
-}
-
 fn connects(ns: &str, dst: SocketAddr) -> bool {
     tcp_connects(ns, dst, Duration::from_millis(500))
 }
@@ -207,7 +203,7 @@ fn the_maps_follow_the_api_server_through_watch_errors_and_outages() {
         )
         .unwrap();
     wait_maps(&bed, &d, &world, "initial list");
-    let s = status(&d);
+    let s = d.status();
     assert_eq!(s["kube"]["synced"], true, "{s}");
     assert_eq!(s["pods"], 3, "{s}");
     assert_eq!(s["policies"], json!(["x/db-from-web"]), "{s}");
@@ -246,7 +242,7 @@ fn the_maps_follow_the_api_server_through_watch_errors_and_outages() {
     // gone, the host-network pod is no endpoint, the pending one is (without an address yet).
     let t0 = Instant::now();
     loop {
-        let s = status(&d);
+        let s = d.status();
         if s["pods"] == 5 && s["local_endpoints"] == 4 {
             break;
         }
@@ -256,7 +252,7 @@ fn the_maps_follow_the_api_server_through_watch_errors_and_outages() {
     wait_maps(&bed, &d, &world, "pending, finished and host-network pods");
 
     // 410 Gone: the watch relists without flushing, and what changed meanwhile lands.
-    let lists_before: u64 = status(&d)["kube"]["resources"][0]["lists"]
+    let lists_before: u64 = d.status()["kube"]["resources"][0]["lists"]
         .as_u64()
         .unwrap();
     api.expire_history();
@@ -264,7 +260,7 @@ fn the_maps_follow_the_api_server_through_watch_errors_and_outages() {
     wait_maps(&bed, &d, &world, "after 410 Gone");
     wait_connects(&other.netns, db_addr, false, "other back to app=other");
     let t0 = Instant::now();
-    while status(&d)["kube"]["resources"][0]["lists"]
+    while d.status()["kube"]["resources"][0]["lists"]
         .as_u64()
         .unwrap()
         <= lists_before
@@ -293,7 +289,7 @@ fn the_maps_follow_the_api_server_through_watch_errors_and_outages() {
     api.set_unavailable(true);
     let t0 = Instant::now();
     loop {
-        let s = status(&d);
+        let s = d.status();
         if s["kube"]["stale_since"].is_string() {
             break;
         }
@@ -333,7 +329,7 @@ fn the_maps_follow_the_api_server_through_watch_errors_and_outages() {
         "db-from-other deleted during the outage",
     );
     let t0 = Instant::now();
-    while !status(&d)["kube"]["stale_since"].is_null() {
+    while !d.status()["kube"]["stale_since"].is_null() {
         assert!(t0.elapsed() < Duration::from_secs(15), "never recovered");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -371,10 +371,6 @@ fn services_and_dns(mut c: Cluster) {
     c.bed.stop_daemon(&d);
 }
 
-fn status(d: &observer_tests::Daemon) -> Value {
-    serde_json::from_str(&d.get("/v1/status").unwrap()).unwrap()
-}
-
 /// A denied connection is dropped at the pod's veth without a conntrack entry: a pod spraying
 /// denied openers must not fill the table the node's live connections share. Each dropped
 /// packet is a record (sampled under a flood, the rest counted), and a denied Service
@@ -419,7 +415,7 @@ fn denied_connections_take_no_entries(c: &Cluster, d: &observer_tests::Daemon) {
     }
 
     // A spray of denied UDP openers to 3,000 ports.
-    let s0 = status(d);
+    let s0 = d.status();
     let sprayed = || {
         let flows = d.flows().unwrap();
         flows
@@ -443,7 +439,7 @@ fn denied_connections_take_no_entries(c: &Cluster, d: &observer_tests::Daemon) {
     .unwrap()
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let s1 = status(d);
+    let s1 = d.status();
     let denied = kernel_stat(&s1, "policy_denied") - kernel_stat(&s0, "policy_denied");
     assert_eq!(denied, 3000, "{s1:#}");
     observer_tests::assert_drops_untracked(&s0, &s1, denied, sprayed);

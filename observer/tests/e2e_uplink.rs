@@ -31,10 +31,6 @@ spec:
     - {protocol: TCP, port: 8080}
 "#;
 
-fn status(d: &observer_tests::Daemon) -> Value {
-    serde_json::from_str(&d.get("/v1/status").unwrap()).unwrap()
-}
-
 /// Packets of an uplink counter (point, local, remote) from `observer status`.
 fn uplink(s: &Value, point: &str, local: &str, remote: &str) -> u64 {
     s["uplink_counters"]
@@ -70,7 +66,7 @@ fn serve(ns: &str, addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::Join
 
 fn wait_policy(d: &observer_tests::Daemon) {
     let t0 = Instant::now();
-    while status(d)["policies"].as_array().unwrap().is_empty() {
+    while d.status()["policies"].as_array().unwrap().is_empty() {
         assert!(t0.elapsed() < Duration::from_secs(10), "policy not loaded");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -101,7 +97,7 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
     wait_policy(&daemon);
 
-    let s = status(&daemon);
+    let s = daemon.status();
     let up = &s["uplinks"][0];
     assert_eq!(up["name"], "eth0", "{s:#}");
     // Generic mode on a veth uplink: driver mode there costs cross-node TCP most of its
@@ -125,7 +121,7 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     let api = bed.remote_pod("api").clone();
     assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
     // Denied: the intruder's SYNs die in XDP on the uplink.
-    let before = status(&daemon);
+    let before = daemon.status();
     // XDP took the allowed connection's packets for the pod's (the local range's bitmap),
     // every one that tc then saw arrive for it.
     let tc_in: u64 = ["pod", "node", "world"]
@@ -143,7 +139,7 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
         dst,
         Duration::from_millis(1500)
     ));
-    let after = status(&daemon);
+    let after = daemon.status();
     let xdp_drops =
         uplink(&after, "xdp_drop", "pod", "any") - uplink(&before, "xdp_drop", "pod", "any");
     assert!(xdp_drops >= 1, "{after:#}");
@@ -179,7 +175,7 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     ));
     let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
     wait_policy(&daemon);
-    let s = status(&daemon);
+    let s = daemon.status();
     assert_eq!(s["uplinks"][0]["xdp"], "generic", "{s:#}");
     let b = uplink(&s, "xdp_drop", "pod", "any");
     assert!(!tcp_connects(
@@ -187,7 +183,7 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
         dst,
         Duration::from_millis(1500)
     ));
-    assert!(uplink(&status(&daemon), "xdp_drop", "pod", "any") > b);
+    assert!(uplink(&daemon.status(), "xdp_drop", "pod", "any") > b);
     assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
 
     // A flood of denied openers (spoofed ports from the intruder's address): XDP keeps no
@@ -199,7 +195,7 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     let daemon = bed.start_daemon(Path::new(OBSERVER), &limited).unwrap();
     wait_policy(&daemon);
     let records = || intruder_drops(&daemon).len() as u64;
-    let (s0, r0) = (status(&daemon), records());
+    let (s0, r0) = (daemon.status(), records());
     let IpAddr::V4(src) = intruder.ip4 else {
         panic!("intruder has no IPv4 address")
     };
@@ -213,7 +209,7 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     stop_flood.store(true, Ordering::Relaxed);
     let sent = sender.join().unwrap().unwrap().unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let s1 = status(&daemon);
+    let s1 = daemon.status();
     let dropped = uplink(&s1, "xdp_drop", "pod", "any") - uplink(&s0, "xdp_drop", "pod", "any");
     assert!(
         dropped >= 1000,
@@ -262,12 +258,12 @@ fn tc_counts_the_wire_side_and_can_be_turned_off() {
     let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
     let web = bed.pod("web").clone();
     let ext: SocketAddr = format!("{EXT_IP}:9").parse().unwrap();
-    let before = status(&daemon);
+    let before = daemon.status();
     // Nothing listens on the external host: the SYN goes out, a RST comes back.
     let _ = in_netns(&web.netns, move || {
         TcpStream::connect_timeout(&ext, Duration::from_secs(1))
     });
-    let after = status(&daemon);
+    let after = daemon.status();
     let out = uplink(&after, "tc_egress", "node", "world")
         - uplink(&before, "tc_egress", "node", "world");
     let back = uplink(&after, "tc_ingress", "node", "world")
@@ -284,7 +280,7 @@ fn tc_counts_the_wire_side_and_can_be_turned_off() {
     let mut bed = TestBed::new("upn", Model::Overlay).unwrap();
     bed.add_app_pods("shop", &[("web", "web")]).unwrap();
     let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
-    let s = status(&daemon);
+    let s = daemon.status();
     assert!(s["uplinks"].as_array().unwrap().is_empty(), "{s:#}");
     // No uplink link pins (on clsact kernels there may be no link pins at all).
     let links = daemon.pin_dir.join("links").read_dir();

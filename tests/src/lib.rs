@@ -112,7 +112,6 @@ pub fn ns_run(ns: &str, args: &[&str]) -> Result<String> {
     run(&v)
 }
 
-/// Whether a TCP connection from namespace `ns` to `dst` is established within `timeout`.
 /// A kernel counter from `/v1/status` (`kernel`: [name, count] pairs).
 pub fn kernel_stat(status: &serde_json::Value, name: &str) -> u64 {
     status["kernel"]
@@ -155,6 +154,7 @@ pub fn assert_drops_untracked(
     }
 }
 
+/// Whether a TCP connection from namespace `ns` to `dst` is established within `timeout`.
 pub fn tcp_connects(ns: &str, dst: std::net::SocketAddr, timeout: Duration) -> bool {
     spawn_in_netns(ns, move || {
         std::net::TcpStream::connect_timeout(&dst, timeout).is_ok()
@@ -1161,6 +1161,11 @@ impl Daemon {
     }
 
     /// GET on the daemon's unix socket; returns the body.
+    /// `/v1/status` as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/v1/status").expect("GET /v1/status")).expect("status JSON")
+    }
+
     pub fn get(&self, path: &str) -> Result<String> {
         use std::io::{Read, Write};
         let mut s = std::os::unix::net::UnixStream::connect(&self.socket)?;

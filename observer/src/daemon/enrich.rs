@@ -136,7 +136,6 @@ pub(super) fn service_ref(
 pub const ISOLATED_BY_MAX: usize = 16;
 
 /// The policies isolating one side of a dropped connection, as records name them.
-#[derive(Clone, Default)]
 pub(super) struct Isolating {
     names: Vec<flows::PolicyName>,
     more: u32,
