@@ -589,7 +589,11 @@ pub mod stat {
     /// Drop records not emitted for packets dropped by policy over
     /// `Config::drop_events_per_cpu_s` (the packets are in `POLICY_DENIED`).
     pub const DROP_EVENTS_SUPPRESSED: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// Packets between two pods of the node that the destination's veth passed on the
+    /// source veth's conntrack lookup and verdict, without its own (counted once, in
+    /// `PACKETS`, at the source).
+    pub const HANDED_OVER: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
         "events_lost",
@@ -604,6 +608,7 @@ pub mod stat {
         "unparsed_denied",
         "audit_passed",
         "drop_events_suppressed",
+        "handed_over",
     ];
 }
 

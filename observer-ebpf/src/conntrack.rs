@@ -334,9 +334,10 @@ pub fn process<C: EbpfContext>(
 /// reopens the tuple), a Service or NodePort one, an original-direction packet whose verdicts
 /// are not all taken, or taken under an older policy. A closed connection's last ACKs and
 /// retransmissions are settled here: `process` takes the same steps for them. `count`:
-/// whether this hook adds the packet to the connection's counters.
+/// whether this hook adds the packet to the connection's counters. Returns the action and the
+/// connection's `TrafficClass`.
 #[inline(always)]
-pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<Action> {
+pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<(Action, u8)> {
     // An opener is nearly always a new connection (a reused tuple is `process`'s case): spare
     // it a lookup that would miss.
     if p.proto == IPPROTO_TCP && p.tcp_flags & TCP_SYN != 0 {
@@ -379,7 +380,7 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<Action> {
             cfg.report_interval_ns,
         );
     }
-    Some(action)
+    Some((action, e.class))
 }
 
 /// Rare (the LRU map makes room by evicting): counted, and logged through aya-log.

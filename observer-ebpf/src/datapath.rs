@@ -1,11 +1,12 @@
 //! The tc entry points. Allowed traffic returns `TC_ACT_UNSPEC` (`TCX_NEXT`), so other programs
 //! on the hook still decide; traffic denied by policy is dropped with `TC_ACT_SHOT`.
 use aya_ebpf::{bindings::__sk_buff, macros::classifier, programs::TcContext};
-use observer_common::{ep_flags, stat, AF_INET, AF_INET6, NODEPORT_MARK, SVC_MARK};
+use observer_common::{ep_flags, stat, TrafficClass, AF_INET, AF_INET6, NODEPORT_MARK, SVC_MARK};
 
 use crate::{
     classify,
     conntrack::{established, process, Action, Count, Hook},
+    handoff,
     maps::{stat_inc, ATTACHED, BENCH_SEQ, CONFIG},
     parse::{ip_addrs, observer_parse_tc, parsed, plain_ipv4, PacketCtx},
 };
@@ -79,32 +80,52 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 }
 
 /// Established IPv4 TCP and UDP connections are settled first (`conntrack::established`);
-/// None: the full path decides.
+/// None: the full path decides. `mode`: `COUNT`, `HAND_OVER` bits.
 #[inline(always)]
-fn settle_established(ctx: &TcContext, count: bool) -> Option<i32> {
-    match observer_established_tc(ctx.skb.skb, count as u64) {
+fn settle_established(ctx: &TcContext, mode: u64) -> Option<i32> {
+    match observer_established_tc(ctx.skb.skb, mode) {
         NOT_SETTLED => None,
         a => Some(act(ctx, Action::from_raw(a))),
     }
 }
 
 const NOT_SETTLED: i32 = -1;
+/// The hook adds the packet to the connection's counters.
+const COUNT: u64 = 1;
+/// `from_pod`: a packet it passes is handed over to `to_pod` (see `handoff`).
+const HAND_OVER: u64 = 2;
 
 /// A global function of its own, like the parser and conntrack: its stack frame is gone by the
 /// time the full path's calls need theirs (the 512 bytes are shared along a call chain).
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn observer_established_tc(skb: *mut __sk_buff, count: u64) -> i32 {
+pub extern "C" fn observer_established_tc(skb: *mut __sk_buff, mode: u64) -> i32 {
     if skb.is_null() {
         return NOT_SETTLED;
+    }
+    // Every `from_pod` run voids what this CPU handed over before, unless it hands over anew.
+    let mut slot = if mode & HAND_OVER != 0 {
+        handoff::slot()
+    } else {
+        None
+    };
+    if let Some(s) = slot.as_deref_mut() {
+        s.clear();
     }
     let ctx = TcContext::new(skb);
     let Some(p) = plain_ipv4(&ctx) else {
         return NOT_SETTLED;
     };
     let bytes = (PacketCtx::len(&ctx) - 14) as u64;
-    match established(&p, bytes, count != 0) {
-        Some(a) => a as i32,
+    match established(&p, bytes, mode & COUNT != 0) {
+        Some((a, class)) => {
+            if let Some(s) = slot {
+                if a == Action::Pass && class == TrafficClass::PodToPodLocal as u8 {
+                    s.hand_over(unsafe { (*skb).ifindex }, &p);
+                }
+            }
+            a as i32
+        }
         None => NOT_SETTLED,
     }
 }
@@ -112,7 +133,7 @@ pub extern "C" fn observer_established_tc(skb: *mut __sk_buff, count: u64) -> i3
 #[inline(always)]
 fn observe_from_pod(ctx: &TcContext) -> i32 {
     stat_inc(stat::PACKETS);
-    if let Some(verdict) = settle_established(ctx, true) {
+    if let Some(verdict) = settle_established(ctx, COUNT | HAND_OVER) {
         return verdict;
     }
     let reason = observer_parse_tc(ctx.skb.skb);
@@ -172,14 +193,18 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn observe_to_pod(ctx: &TcContext) -> i32 {
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if iif != 0 && handoff::taken_over(ctx, iif) {
+        stat_inc(stat::HANDED_OVER);
+        return TC_ACT_UNSPEC;
+    }
     // Forwarded from another observed pod: `from_pod` already counted it there, but the
     // destination's ingress policy is judged here.
-    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let count = !(iif != 0 && unsafe { ATTACHED.get(&iif) }.is_some());
     if count {
         stat_inc(stat::PACKETS);
     }
-    if let Some(verdict) = settle_established(ctx, count) {
+    if let Some(verdict) = settle_established(ctx, count as u64 * COUNT) {
         return verdict;
     }
     let reason = observer_parse_tc(ctx.skb.skb);

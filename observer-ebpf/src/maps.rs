@@ -12,7 +12,10 @@ use observer_common::{
     SVC_NAT_MAX_ENTRIES,
 };
 
-use crate::parse::{FragKey, FragPorts, Packet};
+use crate::{
+    handoff::Handoff,
+    parse::{FragKey, FragPorts, Packet},
+};
 
 #[map(name = "OBS_CT")]
 pub static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
@@ -100,6 +103,11 @@ pub static DROP_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1,
 /// Per CPU, [jiffies, coarse monotonic ns] of the last reading (see `clock::now_ns`).
 #[map(name = "OBS_CLOCK")]
 pub static CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU, the packet `from_pod` settled last, for `to_pod` to pass without a second lookup
+/// (see `handoff`): not pinned, nothing outlives the packet that wrote it.
+#[map(name = "OBS_HANDOFF")]
+pub static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
 #[map(name = "OBS_BENCH_SEQ")]

@@ -290,7 +290,101 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
             format!("repeat={repeat}, median of {rounds} rounds, LRU evicting"),
         ));
     }
+    out.extend(to_pod_local(repeat, rounds)?);
     Ok(out)
+}
+
+/// A second pod of the node, the destination of the local cases.
+const PEER: [u8; 4] = [10, 244, 1, 11];
+
+/// `to_pod` on a packet between two pods of the node, on an established TCP connection, after
+/// `from_pod` settled it at the source's veth (a test run's interface, ifindex 1, marked as a
+/// pod veth). `handed_over`: the last `from_pod` run on this CPU was this packet, so `to_pod`
+/// passes it on that run's lookup. `looked_up`: the last was another connection's packet, so
+/// `to_pod` looks the connection up itself, as every local packet did before the handoff.
+fn to_pod_local(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
+    let pkt = packet64_between(SRC, PEER, 6, 40000, 80, 0x10);
+    let other = packet64_between(SRC, PEER, 6, 40001, 80, 0x10);
+    let (handed, looked, base) = with_datapath(None, |dp| {
+        dp.insert_endpoint(PEER.into(), EndpointInfo { id: 2, flags: 0 })?;
+        dp.settle_local_range_from_endpoints()?;
+        dp.mark_attached(1)?;
+        // The handoff is per CPU: every run on one.
+        let _pinned = PinnedToCpu::new(0)?;
+        // The first packet of each opens its connection (picked up mid-way), the second is
+        // settled as established.
+        for p in [&other, &other, &pkt, &pkt] {
+            run(dp, programs::FROM_POD, p, 1)?;
+        }
+        let (mut handed, mut looked, mut base) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            base.push(run(dp, programs::TC_EMPTY, &pkt, repeat)?);
+            run(dp, programs::FROM_POD, &pkt, 1)?;
+            handed.push(run_from(dp, programs::TO_POD, &pkt, repeat, 1)?);
+            run(dp, programs::FROM_POD, &other, 1)?;
+            looked.push(run_from(dp, programs::TO_POD, &pkt, repeat, 1)?);
+        }
+        Ok((handed, looked, base))
+    })?;
+    let method = format!("repeat={repeat}, median of {rounds} rounds, one CPU");
+    Ok(vec![
+        measurement(
+            "to_pod/tcp/local_established_handed_over".into(),
+            handed,
+            base.clone(),
+            method.clone(),
+        ),
+        measurement(
+            "to_pod/tcp/local_established_looked_up".into(),
+            looked,
+            base,
+            method,
+        ),
+    ])
+}
+
+/// A tc test run of a packet that entered the node through `ingress_ifindex`.
+fn run_from(
+    dp: &mut Datapath,
+    prog: &str,
+    pkt: &[u8],
+    repeat: u32,
+    ingress_ifindex: u32,
+) -> Result<f64> {
+    // `struct __sk_buff` up to `ingress_ifindex` (the tenth u32 of the UAPI layout); the
+    // kernel zero-fills the rest.
+    let mut ctx = [0u8; 40];
+    ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    let mut opts = test_opts(pkt, repeat);
+    opts.ctx_in = Some(&ctx);
+    elapsed_ns(dp.prog(prog)?.test_run(opts), prog)
+}
+
+/// The calling thread on one CPU until dropped (test runs run on the caller's CPU).
+struct PinnedToCpu(libc::cpu_set_t);
+
+impl PinnedToCpu {
+    fn new(cpu: usize) -> Result<Self> {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        unsafe {
+            libc::CPU_SET(cpu, &mut one);
+            if libc::sched_getaffinity(0, size, &mut old) != 0
+                || libc::sched_setaffinity(0, size, &one) != 0
+            {
+                anyhow::bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+            }
+        }
+        Ok(Self(old))
+    }
+}
+
+impl Drop for PinnedToCpu {
+    fn drop(&mut self) {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        unsafe { libc::sched_setaffinity(0, size, &self.0) };
+    }
 }
 
 /// Loads the programs on fresh maps (the benchmark's own pin directory, removed afterwards),

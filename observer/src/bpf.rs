@@ -667,6 +667,11 @@ impl Datapath {
             }
         };
         self.links.insert(ifindex, [ingress, egress]);
+        self.mark_attached(ifindex)
+    }
+
+    /// Tells `to_pod` that packets entering through `ifindex` passed `from_pod` there.
+    pub fn mark_attached(&mut self, ifindex: u32) -> Result<()> {
         let mut attached: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut(maps::ATTACHED).context("attached map")?)?;
         attached.insert(ifindex, 1, 0)?;
