@@ -35,6 +35,12 @@
 //! ratios (the rounds interleave). BENCH_ENFORCERS=none,observer limits the enforcers;
 //! BENCH_OBSERVER_ARGS adds daemon flags (to see what a feature costs).
 //!
+//! Where the daemon runs: as the DaemonSet places it, in a CPU cgroup of its own with the
+//! weight of its pod's request (BENCH_DAEMON_CPU_M, millicores, default 100 as in
+//! `manifests/daemonset.yaml`), beside the pods' threads in the harness's cgroup, each of which
+//! weighs what a pod with a 1-CPU request weighs. BENCH_DAEMON_CPU_M=0 leaves the daemon in the
+//! harness's cgroup, an equal of each pod thread (a daemon run by hand on a host).
+//!
 //! The denied flood (BENCH_FLOOD=1, the default): the router puts TCP SYNs on node-1's uplink
 //! as fast as one thread pinned to CPU 0 can, each from a new (address, port) of node-2's pod
 //! range (the allowed client's address left out), to the server's port: a spoofed flood no
@@ -487,6 +493,8 @@ struct Node {
     enforcer: &'static str,
     // Stopped before the bed goes (fields drop in order).
     daemon: Option<observer_tests::Daemon>,
+    /// The daemon's CPU cgroup, removed once the daemon is gone.
+    cgroup: Option<observer_tests::bench::CpuCgroup>,
     _verdict: Option<VerdictProgram>,
     bed: TestBed,
 }
@@ -533,6 +541,7 @@ fn node(enforcer: &'static str, rules: usize) -> Node {
     let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
     let node_ns = bed.node_ns.clone();
     let mut verdict = None;
+    let mut cgroup = None;
     let daemon = match enforcer {
         "none" => None,
         "observer" => {
@@ -544,7 +553,16 @@ fn node(enforcer: &'static str, rules: usize) -> Node {
             // BENCH_OBSERVER_ARGS: daemon flags to find where the cost is (`--no-snat`, ...).
             let extra = std::env::var("BENCH_OBSERVER_ARGS").unwrap_or_default();
             let extra: Vec<&str> = extra.split_whitespace().collect();
-            Some(bed.start_daemon(Path::new(OBSERVER), &extra).unwrap())
+            let daemon = bed.start_daemon(Path::new(OBSERVER), &extra).unwrap();
+            let request = daemon_request();
+            if request > 0 {
+                let name = format!("observer-bench-{}", daemon.pid);
+                cgroup = observer_tests::bench::CpuCgroup::place(&name, daemon.pid, request);
+                if cgroup.is_none() {
+                    eprintln!("note: no CPU cgroup controller: the daemon runs beside the pods as their equal");
+                }
+            }
+            Some(daemon)
         }
         "npm-iptables" => {
             let (sets, ipt) = npm_rules(rules, &server, &clients);
@@ -582,9 +600,15 @@ fn node(enforcer: &'static str, rules: usize) -> Node {
     Node {
         enforcer,
         daemon,
+        cgroup,
         _verdict: verdict,
         bed,
     }
+}
+
+/// The daemon pod's CPU request the bench places it with, in millicores (0: no cgroup).
+fn daemon_request() -> u64 {
+    observer_tests::bench::arg("BENCH_DAEMON_CPU_M", 100)
 }
 
 /// The two client placements of a bed: `local` (node-1) and `remote` (node-2).
@@ -653,6 +677,8 @@ fn connections(nodes: &[Node], rules: u64, settings: &Settings) -> Vec<serde_jso
                 "conn_per_s": median(&mut rates.clone()), "conn_per_s_runs": rates,
                 "p50_us": median(&mut p50.clone()), "p99_us": median(&mut p99.clone()),
                 "p50_runs": p50, "p99_runs": p99,
+                // The request the daemon was placed with; null: beside the pods as their equal.
+                "daemon_cpu_request_m": n.cgroup.as_ref().map(|_| daemon_request()),
             }));
         }
     }
@@ -786,7 +812,16 @@ fn enforcers_side_by_side() {
         }
     }
     // Ratios to the baseline of the same rule count and placement.
-    println!("\n| rules | placement | enforcer | conn/s | vs none | p50 µs | p99 µs | TCP Gbit/s | UDP 64 B pkt/s |");
+    match table
+        .iter()
+        .find_map(|r| r["daemon_cpu_request_m"].as_u64())
+    {
+        Some(m) => {
+            println!("\nobserver's daemon: in a CPU cgroup with the weight of a {m}m request")
+        }
+        None => println!("\nobserver's daemon: beside the pods' threads, as their equal"),
+    }
+    println!("| rules | placement | enforcer | conn/s | vs none | p50 µs | p99 µs | TCP Gbit/s | UDP 64 B pkt/s |");
     println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in table.iter().filter(|r| r["placement"] != "flood") {
         let base = table.iter().find(|b| {

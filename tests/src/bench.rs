@@ -40,3 +40,52 @@ pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
+
+/// A CPU cgroup of its own for a process, with the weight a Kubernetes CPU request gives its
+/// pod (the kubelet's conversion: `cpu.shares` = millicores * 1024 / 1000 on cgroup v1,
+/// `cpu.weight` = 1 + (shares - 2) * 9999 / 262142 on v2), so a benchmark places the daemon as
+/// the DaemonSet places it beside pods. Removed on drop, once the process is gone (drop it
+/// after the process).
+pub struct CpuCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl CpuCgroup {
+    /// Moves `pid` (all its threads) into a new cgroup named `name` with the weight of a
+    /// request of `millicores`. None where no CPU controller is mounted.
+    pub fn place(name: &str, pid: u32, millicores: u64) -> Option<Self> {
+        let shares = (millicores * 1024 / 1000).max(2);
+        let (dir, file, value) = if std::path::Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists() {
+            ("/sys/fs/cgroup/cpu", "cpu.shares", shares)
+        } else if std::fs::read_to_string("/sys/fs/cgroup/cgroup.subtree_control")
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"))
+        {
+            (
+                "/sys/fs/cgroup",
+                "cpu.weight",
+                1 + (shares - 2) * 9999 / 262142,
+            )
+        } else {
+            return None;
+        };
+        let dir = std::path::Path::new(dir).join(name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let g = CpuCgroup { dir };
+        std::fs::write(g.dir.join(file), value.to_string()).unwrap();
+        std::fs::write(g.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        Some(g)
+    }
+}
+
+impl Drop for CpuCgroup {
+    fn drop(&mut self) {
+        // The process is gone by now; an emptied cgroup is removed with rmdir.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("note: could not remove {}", self.dir.display());
+    }
+}
