@@ -167,10 +167,17 @@ pub fn tc_conn(skb: *mut __sk_buff, count: u64, hook: Hook) -> i32 {
     }
     let count = if count != 0 { Count::All } else { Count::None };
     let pkt = &*pkt;
-    process(&ctx, pkt, bytes, ifindex, hook, count, || match hook {
+    let action = process(&ctx, pkt, bytes, ifindex, hook, count, || match hook {
         Hook::ToPod => classify::to_pod(pkt.family, &pkt.src),
         Hook::FromPod | Hook::Uplink => classify::from_pod(pkt.family, &pkt.dst),
-    }) as i32
+    });
+    // Wherever it goes: only a local pod's `to_pod` can take it over.
+    if hook == Hook::FromPod && action == Action::Pass && pkt.family == AF_INET {
+        if let Some(s) = handoff::slot() {
+            s.hand_over_parsed(ifindex, pkt);
+        }
+    }
+    action as i32
 }
 
 #[unsafe(no_mangle)]

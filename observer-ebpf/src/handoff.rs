@@ -4,12 +4,14 @@
 //! allowed packet of an established connection, `to_pod` would look up the same entry and find
 //! the same verdict: both ends' verdicts are taken at the source's veth, and `to_pod` does not
 //! count what `from_pod` counted. So `from_pod` leaves the packet's tuple in a per-CPU slot and
-//! `to_pod` passes a packet from that veth with that tuple without a second lookup. A packet
-//! whose tuple changed on the way (a Service's DNAT, a masquerade) does not match and is looked
-//! up in full; the slot is cleared by every `from_pod` run that does not settle its packet.
+//! `to_pod` passes a packet from that veth with that tuple without a second lookup. The same
+//! holds for a packet `from_pod` passed through the full path (a connection's opening packets):
+//! there too it took the destination's ingress verdict. A packet whose tuple changed on the way
+//! (a Service's DNAT, a masquerade) does not match and is looked up in full; the slot is
+//! cleared by every `from_pod` run that does not pass its packet.
 use crate::{
     maps::HANDOFF,
-    parse::{plain_ipv4, PacketCtx, Plain},
+    parse::{plain_ipv4, Packet, PacketCtx, Plain},
 };
 
 #[repr(C)]
@@ -46,12 +48,26 @@ impl Handoff {
     /// to another pod of the node.
     #[inline(always)]
     pub fn hand_over(&mut self, ifindex: u32, p: &Plain) {
+        self.fill(ifindex, p.src, p.dst, p.sport, p.dport, p.proto);
+    }
+
+    /// `from_pod` on `ifindex` passed `pkt` through the full path: both ends' verdicts are
+    /// taken there too (an IPv4 packet `plain_ipv4` cannot read never matches at `to_pod`).
+    #[inline(always)]
+    pub fn hand_over_parsed(&mut self, ifindex: u32, pkt: &Packet) {
+        self.fill(
+            ifindex, pkt.src[0], pkt.dst[0], pkt.sport, pkt.dport, pkt.proto,
+        );
+    }
+
+    #[inline(always)]
+    fn fill(&mut self, ifindex: u32, src: u32, dst: u32, sport: u16, dport: u16, proto: u8) {
         *self = Handoff {
-            src: p.src,
-            dst: p.dst,
-            sport: p.sport,
-            dport: p.dport,
-            proto: p.proto,
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
             valid: 1,
             _pad: [0; 2],
             ifindex,
