@@ -7,7 +7,6 @@
 //! addresses, ports), never by timing: a record waits for its ctnetlink entry, and when none
 //! comes an exact GET settles it.
 use std::{
-    collections::HashMap,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -245,8 +244,8 @@ pub struct Pending<K> {
 /// ctnetlink entries of local pods' connections not yet joined to a record, and records
 /// waiting for theirs.
 pub struct NatTable<K> {
-    entries: HashMap<FlowTuple, NatEntry>,
-    pending: HashMap<FlowTuple, Vec<Pending<K>>>,
+    entries: foldhash::HashMap<FlowTuple, NatEntry>,
+    pending: foldhash::HashMap<FlowTuple, Vec<Pending<K>>>,
     pending_count: usize,
     max_entries: usize,
     /// Entries refused because the table was full (a bound, counted).
@@ -256,8 +255,8 @@ pub struct NatTable<K> {
 impl<K> NatTable<K> {
     pub fn new(max_entries: usize) -> Self {
         Self {
-            entries: HashMap::new(),
-            pending: HashMap::new(),
+            entries: Default::default(),
+            pending: Default::default(),
             pending_count: 0,
             max_entries,
             overflow_total: 0,

@@ -493,10 +493,10 @@ struct Node {
     enforcer: &'static str,
     // Stopped before the bed goes (fields drop in order).
     daemon: Option<observer_tests::Daemon>,
-    /// The daemon's CPU cgroup, removed once the daemon is gone.
-    cgroup: Option<observer_tests::bench::CpuCgroup>,
     _verdict: Option<VerdictProgram>,
     bed: TestBed,
+    /// The daemon's CPU cgroup, removed once the bed stopped the daemon.
+    cgroup: Option<observer_tests::bench::CpuCgroup>,
 }
 
 impl Node {

@@ -5,10 +5,10 @@ use crate::flows::Word;
 #[derive(Default)]
 pub struct Metrics {
     /// Connections of local pods by SNAT expectation.
-    pub snat_flows: HashMap<crate::snat::Expectation, u64>,
+    pub snat_flows: foldhash::HashMap<crate::snat::Expectation, u64>,
     /// How each connection's SNAT was settled: "event" (ctnetlink event or dump), "lookup"
     /// (exact GET after waiting), "absent" (the kernel had no entry: untranslated).
-    pub snat_settled: HashMap<&'static str, u64>,
+    pub snat_settled: foldhash::HashMap<&'static str, u64>,
     pub conntrack_events_total: u64,
     /// ctnetlink overruns (events lost by the kernel): each is followed by a full dump.
     pub conntrack_overruns_total: u64,
@@ -17,10 +17,11 @@ pub struct Metrics {
     /// Lookups that found the connection only the other way round (published without snat).
     pub snat_unknown_total: u64,
     /// (event, traffic class, protocol, verdict) -> records.
-    pub records: HashMap<(Word, Word, Word, Word), u64>,
+    /// Fast hashers: touched by every record.
+    pub records: foldhash::HashMap<(Word, Word, Word, Word), u64>,
     /// (policy, direction, verdict) -> records: the policy that allowed a record, or the one
     /// that isolated the side that dropped it.
-    pub policy_verdicts: HashMap<(String, String, Word), u64>,
+    pub policy_verdicts: foldhash::HashMap<(String, String, Word), u64>,
     pub records_rate_limited_total: u64,
     pub flow_log_errors_total: u64,
     pub links_attached_total: u64,

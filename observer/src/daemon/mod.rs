@@ -140,7 +140,8 @@ struct Conn {
 
 pub struct State {
     pub cluster: Arc<Cluster>,
-    pub by_ip: HashMap<IpAddr, Arc<PodInfo>>,
+    /// Fast hashers here and below: each record looks its ends up, counts and names them.
+    pub by_ip: foldhash::HashMap<IpAddr, Arc<PodInfo>>,
     /// Keyed with a fast hasher: every kernel event and the sweep's pruning hash into it.
     conns: foldhash::HashMap<CtKey, Conn>,
     /// TCP closes waiting for `close_grace`, oldest first.
@@ -149,7 +150,7 @@ pub struct State {
     adopted: foldhash::HashSet<CtKey>,
     /// The policies isolating a pod (by address) in a direction (true: ingress), as drop
     /// records name them: worked out once per pod and cluster, not per dropped packet.
-    isolating: HashMap<(IpAddr, bool), enrich::Isolating>,
+    isolating: foldhash::HashMap<(IpAddr, bool), enrich::Isolating>,
     /// Closed connections without a close event whose close the sweep published (see
     /// `gc::unsent_close`), by key and first packet, until the sweep removes them.
     late_closes: foldhash::HashSet<(CtKey, u64)>,
@@ -160,10 +161,10 @@ pub struct State {
     /// The node's uplinks with programs attached: ifindex -> (name, XDP mode).
     pub uplinks: HashMap<u32, (String, &'static str)>,
     /// Rule id -> the policy rule it stands for.
-    pub rules: HashMap<u32, RuleRef>,
+    pub rules: foldhash::HashMap<u32, RuleRef>,
     /// (namespace, pod) of local pods -> [egress packets, egress bytes, ingress packets,
     /// ingress bytes] of forwarded traffic.
-    pub pod_traffic: HashMap<crate::cluster::Key, [u64; 4]>,
+    pub pod_traffic: foldhash::HashMap<crate::cluster::Key, [u64; 4]>,
     /// The network model SNAT expectations are judged against.
     pub model: crate::snat::NetModel,
     /// Kernel conntrack entries of local pods' connections, and records waiting for theirs.
@@ -352,19 +353,19 @@ impl State {
     fn new(opts: &Options) -> State {
         State {
             cluster: Arc::new(Cluster::default()),
-            by_ip: HashMap::new(),
+            by_ip: Default::default(),
             conns: Default::default(),
             closing: VecDeque::new(),
             adopted: Default::default(),
-            isolating: HashMap::new(),
+            isolating: Default::default(),
             late_closes: Default::default(),
             history: VecDeque::new(),
             metrics: Metrics::default(),
             last_sync: None,
             interfaces: HashMap::new(),
             uplinks: HashMap::new(),
-            rules: HashMap::new(),
-            pod_traffic: HashMap::new(),
+            rules: Default::default(),
+            pod_traffic: Default::default(),
             model: crate::snat::NetModel::resolve(
                 &opts.model,
                 &Cluster::default(),

@@ -236,7 +236,7 @@ fn publish_cluster(shared: &Shared, src: &mut SourceState, cluster: Cluster) {
         st.pod_traffic.remove(k);
     }
     if src.alloc.len() != src.rules_len {
-        st.rules = src.alloc.rule_table();
+        st.rules = src.alloc.rule_table().into_iter().collect();
         src.rules_len = src.alloc.len();
     }
     st.metrics.source_errors = cluster.errors.clone();
