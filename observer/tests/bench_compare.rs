@@ -39,7 +39,9 @@
 //! weight of its pod's request (BENCH_DAEMON_CPU_M, millicores, default 100 as in
 //! `manifests/daemonset.yaml`), beside the pods' threads in the harness's cgroup, each of which
 //! weighs what a pod with a 1-CPU request weighs. BENCH_DAEMON_CPU_M=0 leaves the daemon in the
-//! harness's cgroup, an equal of each pod thread (a daemon run by hand on a host).
+//! harness's cgroup, an equal of each pod thread (a daemon run by hand on a host). The daemon's
+//! CPU (utime + stime) over the connection rounds, per connection of both placements, is in
+//! each observer row.
 //!
 //! The denied flood (BENCH_FLOOD=1, the default): the router puts TCP SYNs on node-1's uplink
 //! as fast as one thread pinned to CPU 0 can, each from a new (address, port) of node-2's pod
@@ -648,6 +650,13 @@ fn connections(nodes: &[Node], rules: u64, settings: &Settings) -> Vec<serde_jso
     }
     // Per node and placement: rates, p50s, p99s.
     let mut runs = vec![[(); 2].map(|_| (Vec::new(), Vec::new(), Vec::new())); nodes.len()];
+    // The daemon's CPU over the rounds (its start and warm-up left out).
+    let ticks = |n: &Node| {
+        n.daemon
+            .as_ref()
+            .map(|d| observer_tests::bench::cpu_ticks(d.pid))
+    };
+    let ticks0: Vec<_> = nodes.iter().map(ticks).collect();
     for _ in 0..settings.rounds {
         for pi in 0..2 {
             for (n, run) in nodes.iter().zip(&mut runs) {
@@ -659,6 +668,7 @@ fn connections(nodes: &[Node], rules: u64, settings: &Settings) -> Vec<serde_jso
             }
         }
     }
+    let ticks1: Vec<_> = nodes.iter().map(ticks).collect();
     for (n, (server, stop)) in nodes.iter().zip(servers) {
         // Woken by one more connection from an allowed client.
         stop.store(true, Ordering::Relaxed);
@@ -670,7 +680,12 @@ fn connections(nodes: &[Node], rules: u64, settings: &Settings) -> Vec<serde_jso
         server.join().unwrap();
     }
     let mut rows = Vec::new();
-    for (n, run) in nodes.iter().zip(runs) {
+    for (i, (n, run)) in nodes.iter().zip(runs).enumerate() {
+        // Daemon CPU µs per connection of both placements' rounds.
+        let conns: f64 = run.iter().flat_map(|r| &r.0).sum::<f64>() * settings.secs;
+        let daemon_us = ticks0[i]
+            .zip(ticks1[i])
+            .map(|(a, b)| (b - a) as f64 * 10_000.0 / conns);
         for ((placement, _), (rates, p50, p99)) in placements(&n.bed).into_iter().zip(run) {
             rows.push(json!({
                 "enforcer": n.enforcer, "rules": rules, "placement": placement,
@@ -679,6 +694,7 @@ fn connections(nodes: &[Node], rules: u64, settings: &Settings) -> Vec<serde_jso
                 "p50_runs": p50, "p99_runs": p99,
                 // The request the daemon was placed with; null: beside the pods as their equal.
                 "daemon_cpu_request_m": n.cgroup.as_ref().map(|_| daemon_request()),
+                "daemon_cpu_us_per_conn": daemon_us,
             }));
         }
     }
@@ -821,8 +837,8 @@ fn enforcers_side_by_side() {
         }
         None => println!("\nobserver's daemon: beside the pods' threads, as their equal"),
     }
-    println!("| rules | placement | enforcer | conn/s | vs none | p50 µs | p99 µs | TCP Gbit/s | UDP 64 B pkt/s |");
-    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| rules | placement | enforcer | conn/s | vs none | p50 µs | p99 µs | daemon CPU µs/conn | TCP Gbit/s | UDP 64 B pkt/s |");
+    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in table.iter().filter(|r| r["placement"] != "flood") {
         let base = table.iter().find(|b| {
             b["enforcer"] == "none" && b["rules"] == r["rules"] && b["placement"] == r["placement"]
@@ -836,7 +852,7 @@ fn enforcers_side_by_side() {
                 .map_or("-".to_string(), |x| format!("{x:.digits$}"))
         };
         println!(
-            "| {} | {} | {} | {:.0} | {} | {:.0} | {:.0} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {:.0} | {:.0} | {} | {} | {} |",
             r["rules"],
             r["placement"].as_str().unwrap(),
             r["enforcer"].as_str().unwrap(),
@@ -844,6 +860,7 @@ fn enforcers_side_by_side() {
             ratio,
             r["p50_us"].as_f64().unwrap(),
             r["p99_us"].as_f64().unwrap(),
+            opt("daemon_cpu_us_per_conn", 1),
             opt("tcp_gbit_per_s", 2),
             opt("udp64_pkt_per_s", 0),
         );
