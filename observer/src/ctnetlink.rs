@@ -478,14 +478,21 @@ fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Recv> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let n = n as usize;
-    if sa.nl_pid != 0 {
-        return Ok(Recv::Foreign);
+    Ok(Recv::of(sa.nl_pid, n as usize, buf.len(), 0))
+}
+
+impl Recv {
+    /// A datagram from port `nl_pid`, `len` bytes long (its full length: received with
+    /// `MSG_TRUNC`) into `room` bytes, with the `msg_flags` it came with.
+    fn of(nl_pid: u32, len: usize, room: usize, msg_flags: i32) -> Recv {
+        if nl_pid != 0 {
+            Recv::Foreign
+        } else if len > room || msg_flags & libc::MSG_TRUNC != 0 {
+            Recv::Truncated
+        } else {
+            Recv::Data(len)
+        }
     }
-    if n > buf.len() {
-        return Ok(Recv::Truncated);
-    }
-    Ok(Recv::Data(n))
 }
 
 /// Event datagrams one `recvmmsg` call takes, and the room for each: an event is one entry, a
@@ -524,14 +531,12 @@ fn recv_many(fd: RawFd, buf: &mut [u8], got: &mut Vec<Recv>) -> io::Result<()> {
     }
     got.clear();
     for (m, a) in msgs.iter().zip(&addrs).take(n as usize) {
-        let len = m.msg_len as usize;
-        got.push(if a.nl_pid != 0 {
-            Recv::Foreign
-        } else if len > EVENT_SLOT || m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-            Recv::Truncated
-        } else {
-            Recv::Data(len)
-        });
+        got.push(Recv::of(
+            a.nl_pid,
+            m.msg_len as usize,
+            EVENT_SLOT,
+            m.msg_hdr.msg_flags,
+        ));
     }
     Ok(())
 }
