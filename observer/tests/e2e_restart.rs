@@ -177,14 +177,27 @@ fn kill_9_and_restart(tag: &str, extra: &[&str]) {
             }
         }
     });
-    let (new_ok, new_failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // Each failure with when it started (ms since the traffic began), how long it took and why:
+    // a failure says whether it fell into the restart window or the machine stalled.
+    let (new_ok, new_failed) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::<String>::new())),
+    );
     let (st, ok2, f2) = (stop.clone(), new_ok.clone(), new_failed.clone());
     let connect = Duration::from_millis(1000 * u64::from(observer_tests::slow_factor()));
+    let traffic_t0 = Instant::now();
     let client_t = spawn_in_netns(&client.netns, move || {
         while !st.load(Ordering::Relaxed) {
+            let at = traffic_t0.elapsed();
             match TcpStream::connect_timeout(&dst, connect) {
-                Ok(_) => ok2.fetch_add(1, Ordering::Relaxed),
-                Err(_) => f2.fetch_add(1, Ordering::Relaxed),
+                Ok(_) => {
+                    ok2.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => f2.lock().unwrap().push(format!(
+                    "at {} ms, after {} ms: {e}",
+                    at.as_millis(),
+                    (traffic_t0.elapsed() - at).as_millis()
+                )),
             };
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -196,6 +209,7 @@ fn kill_9_and_restart(tag: &str, extra: &[&str]) {
     assert!(before_out > 0);
 
     // SIGKILL: no cleanup at all. The pinned links keep the programs on the interfaces.
+    let killed_at = traffic_t0.elapsed();
     unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
     bed.stop_daemon(&first);
     let sent_at_kill = sent.load(Ordering::Relaxed);
@@ -204,7 +218,9 @@ fn kill_9_and_restart(tag: &str, extra: &[&str]) {
     let sent_while_down = sent.load(Ordering::Relaxed) - sent_at_kill;
     let tried_while_down = intrusions_tried.load(Ordering::Relaxed) - tried_at_kill;
 
+    let restarted_at = traffic_t0.elapsed();
     let second = bed.start_daemon(OBSERVER.as_ref(), &args).unwrap();
+    let ready_at = traffic_t0.elapsed();
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::Relaxed);
     for t in [established, intruder_t, client_t] {
@@ -230,10 +246,13 @@ fn kill_9_and_restart(tag: &str, extra: &[&str]) {
         sent_while_down >= 20,
         "messages flowed while the daemon was down ({sent_while_down})"
     );
-    assert_eq!(
-        new_failed.load(Ordering::Relaxed),
-        0,
-        "a new allowed connection failed"
+    let failed = new_failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "a new allowed connection failed (killed at {} ms, restarted at {} ms, ready at {} ms): {failed:?}",
+        killed_at.as_millis(),
+        restarted_at.as_millis(),
+        ready_at.as_millis()
     );
     assert!(new_ok.load(Ordering::Relaxed) >= 20);
     // The second daemon took the pinned attachments over and found the maps already right.
