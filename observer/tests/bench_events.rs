@@ -6,6 +6,9 @@
 //!    Rate = events the daemon turned into enriched records / wall time until it caught up;
 //!    losses are the kernel's `events_lost` counter. Baseline: the rate the kernel produced them.
 //!    The daemon's CPU time (utime + stime) gives its cost per 100,000 events.
+//!    Burst: the same events produced while the daemon is stopped, then the wall time it takes
+//!    to drain them once it runs again: its own rate, where the sustained rate above is the
+//!    producer's on this two-vCPU machine.
 //! 2. Daemon to CLI: `observer flows --last N -o json` to a pipe, over the gRPC flow API on
 //!    the unix socket, against the same request read raw by this process (decoded, not
 //!    rendered: the daemon's side and the transport alone).
@@ -182,6 +185,114 @@ fn follow_under_load(
     })
 }
 
+fn records(socket: &std::path::Path) -> u64 {
+    metric_sum(
+        &String::from_utf8_lossy(&get(socket, "/metrics")),
+        "observer_flow_records_total{",
+    )
+}
+
+/// The ring's consumer and producer positions, read through read-only mappings of the
+/// daemon's pinned ring: how far the daemon has read, without asking it (a metrics scrape
+/// every millisecond took the daemon's state lock and CPU in the middle of what it measures).
+struct RingPositions {
+    consumer: *const u64,
+    producer: *const u64,
+}
+
+impl RingPositions {
+    fn map(ring: &impl std::os::fd::AsRawFd) -> RingPositions {
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let at = |offset: usize| {
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    page,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    ring.as_raw_fd(),
+                    offset as libc::off_t,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED, "mapping the event ring's positions");
+            p as *const u64
+        };
+        RingPositions {
+            consumer: at(0),
+            producer: at(page),
+        }
+    }
+
+    /// Whether the reader has taken everything the kernel put in.
+    fn drained(&self) -> bool {
+        unsafe { self.consumer.read_volatile() >= self.producer.read_volatile() }
+    }
+}
+
+/// The daemon's own rate, apart from the producer's: with the daemon stopped (SIGSTOP) the
+/// kernel fills the ring with `n` new connections' events; from SIGCONT, the wall time until
+/// the daemon has read, enriched and published every one. The producer shares this machine's
+/// two vCPUs with the daemon in the sustained case; here it is done before the daemon runs.
+/// Until the daemon has read the ring, progress is watched on the ring's positions; then the
+/// metrics are scraped every millisecond until every record is counted as published.
+fn burst_drain(
+    socket: &std::path::Path,
+    dp: &mut Datapath,
+    ring: &RingPositions,
+    pid: u32,
+    n: u32,
+) -> serde_json::Value {
+    let lost = |dp: &Datapath| {
+        dp.stats()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| *k == "events_lost")
+            .map(|(_, v)| v)
+            .unwrap()
+    };
+    let before = records(socket);
+    let lost_before = lost(dp);
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let pkt = observer::bench::packet64(17, 40000, 53, 0);
+    let mut opts = aya::programs::TestRunOptions::new();
+    opts.data_in = Some(&pkt);
+    opts.repeat = n;
+    dp.prog(programs::BENCH_NEW_CONN)
+        .unwrap()
+        .test_run(opts)
+        .unwrap();
+    let lost_n = lost(dp) - lost_before;
+    let want = n as u64 - lost_n;
+    let cpu0 = observer_tests::bench::cpu_ns(pid);
+    let t0 = Instant::now();
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGCONT) }, 0);
+    while !ring.drained() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "daemon never read the ring after a burst"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    loop {
+        let got = records(socket) - before;
+        if got >= want {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "daemon stalled at {got} of {want} records after a burst"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = (observer_tests::bench::cpu_ns(pid) - cpu0) as f64 / 1e9;
+    json!({
+        "events": n, "lost": lost_n, "records": want, "wall_s": wall,
+        "daemon_events_per_s": want as f64 / wall,
+        "daemon_cpu_s_per_100k_events": cpu / (want as f64 / 100_000.0),
+    })
+}
+
 #[test]
 #[ignore = "benchmark: cargo xtask bench events"]
 fn record_pipeline_throughput() {
@@ -191,6 +302,8 @@ fn record_pipeline_throughput() {
     let rounds = arg("BENCH_ROUNDS", 3) as usize;
     let follow_rate = arg("BENCH_FOLLOW_RATE", 100_000);
     let follow_events = arg("BENCH_FOLLOW_EVENTS", 1_000_000);
+    // 128 bytes a `new` event takes in the ring: 100,000 fill 12.8 of its 16 MiB.
+    let burst = arg("BENCH_BURST", 100_000) as u32;
 
     let bed = TestBed::overlay("be").unwrap();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/observer-bench-{}", bed.prefix));
@@ -288,6 +401,20 @@ fn record_pipeline_throughput() {
     let daemon_rate = want as f64 / caught_up.as_secs_f64();
     let kernel_rate = produced as f64 / produce_wall.as_secs_f64();
 
+    let ring = dp.take_events().unwrap();
+    let positions = RingPositions::map(&ring);
+    let burst_rounds: Vec<_> = (0..rounds)
+        .map(|_| burst_drain(&socket, &mut dp, &positions, pid, burst))
+        .collect();
+    let mut burst_rates: Vec<f64> = burst_rounds
+        .iter()
+        .map(|r| r["daemon_events_per_s"].as_f64().unwrap())
+        .collect();
+    let mut burst_cpu: Vec<f64> = burst_rounds
+        .iter()
+        .map(|r| r["daemon_cpu_s_per_100k_events"].as_f64().unwrap())
+        .collect();
+
     // Daemon to CLI: the CLI against the same request read raw (decoded, not rendered) here.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -331,6 +458,12 @@ fn record_pipeline_throughput() {
             "kernel_ns_per_event": kernel_ns / produced as f64,
             "lost": lost_n, "records": want,
             "daemon_cpu_s_per_100k_events": cpu_s / (want as f64 / 100_000.0),
+        },
+        "burst": {
+            "events": burst,
+            "daemon_events_per_s": median(&mut burst_rates),
+            "daemon_cpu_s_per_100k_events": median(&mut burst_cpu),
+            "rounds": burst_rounds,
         },
         "daemon_to_cli": {
             "records": render,
