@@ -228,7 +228,17 @@ async fn conntrack(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-pub fn status_of(shared: &Shared) -> Status {
+/// How `status_of` counts the kernel's connections.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Read the table now (`observer status`, asked for now and then).
+    Exact,
+    /// As of the last conntrack sweep, at most a few seconds old (the metrics, scraped
+    /// periodically: a full read at every scrape costs more than the rest of the daemon).
+    Swept,
+}
+
+pub fn status_of(shared: &Shared, count: Count) -> Status {
     let (kernel, ct, mode, uplink) = {
         let dp = shared.dp.lock().unwrap();
         let kernel = dp
@@ -237,7 +247,12 @@ pub fn status_of(shared: &Shared) -> Status {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-        let ct = dp.conntrack_len().unwrap_or(0);
+        let ct = match count {
+            Count::Exact => dp.conntrack_len().unwrap_or(0),
+            Count::Swept => shared
+                .conntrack_swept
+                .load(std::sync::atomic::Ordering::Relaxed),
+        };
         let uplink = dp.uplink_counters().unwrap_or_default();
         (kernel, ct, format!("{:?}", dp.mode).to_lowercase(), uplink)
     };
@@ -354,7 +369,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
-    axum::Json(status_of(&shared)).into_response()
+    axum::Json(status_of(&shared, Count::Exact)).into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

@@ -30,7 +30,7 @@ impl Prom {
 
 /// The whole exposition: the kernel's counters and the daemon's, read once.
 pub(super) fn render(shared: &Shared) -> String {
-    let s = super::status_of(shared);
+    let s = super::status_of(shared, super::Count::Swept);
     let mut p = Prom::default();
     datapath(&mut p, &s);
     {
@@ -63,7 +63,7 @@ fn datapath(p: &mut Prom, s: &Status) {
     p.single(
         "observer_conntrack_entries",
         "gauge",
-        "Connections in the kernel conntrack map.",
+        "Connections in the kernel conntrack map, as of the daemon's last sweep of it (every 1-5 s).",
         s.conntrack_entries,
     );
     p.single(

@@ -119,6 +119,9 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
             entries.push((*k, *e));
         }
     })?;
+    shared
+        .conntrack_swept
+        .store(total, std::sync::atomic::Ordering::Relaxed);
     sweep_nodeport_notes(shared, &entries, now_ns);
     let mut publish = Vec::new();
     let mut late_closes = Vec::new();
