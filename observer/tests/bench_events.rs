@@ -185,6 +185,17 @@ fn follow_under_load(
     })
 }
 
+/// Events the kernel could not put into the ring (`events_lost`).
+fn events_lost(dp: &Datapath) -> u64 {
+    dp.stats()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == "events_lost")
+        .map(|(_, v)| v)
+        .unwrap()
+}
+
+/// Records the daemon published (`observer_flow_records_total`).
 fn records(socket: &std::path::Path) -> u64 {
     metric_sum(
         &String::from_utf8_lossy(&get(socket, "/metrics")),
@@ -242,16 +253,8 @@ fn burst_drain(
     pid: u32,
     n: u32,
 ) -> serde_json::Value {
-    let lost = |dp: &Datapath| {
-        dp.stats()
-            .unwrap()
-            .into_iter()
-            .find(|(k, _)| *k == "events_lost")
-            .map(|(_, v)| v)
-            .unwrap()
-    };
     let before = records(socket);
-    let lost_before = lost(dp);
+    let lost_before = events_lost(dp);
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
     let pkt = observer::bench::packet64(17, 40000, 53, 0);
     let mut opts = aya::programs::TestRunOptions::new();
@@ -261,7 +264,7 @@ fn burst_drain(
         .unwrap()
         .test_run(opts)
         .unwrap();
-    let lost_n = lost(dp) - lost_before;
+    let lost_n = events_lost(dp) - lost_before;
     let want = n as u64 - lost_n;
     let cpu0 = observer_tests::bench::cpu_ns(pid);
     let t0 = Instant::now();
@@ -346,19 +349,8 @@ fn record_pipeline_throughput() {
     dp.load_program(programs::BENCH_NEW_CONN).unwrap();
     let pkt = observer::bench::packet64(17, 40000, 53, 0);
 
-    let records_before = metric_sum(
-        &String::from_utf8_lossy(&get(&socket, "/metrics")),
-        "observer_flow_records_total{",
-    );
-    let lost = |dp: &Datapath| {
-        dp.stats()
-            .unwrap()
-            .into_iter()
-            .find(|(k, _)| *k == "events_lost")
-            .map(|(_, v)| v)
-            .unwrap()
-    };
-    let lost_before = lost(&dp);
+    let records_before = records(&socket);
+    let lost_before = events_lost(&dp);
     let cpu_before = cpu_ticks(pid);
     let start = Instant::now();
     let mut produced = 0u64;
@@ -376,15 +368,12 @@ fn record_pipeline_throughput() {
         produced += batch as u64;
     }
     let produce_wall = start.elapsed();
-    let lost_n = lost(&dp) - lost_before;
+    let lost_n = events_lost(&dp) - lost_before;
     // Wait until the daemon has turned every event that reached the ring into a record.
     let want = produced - lost_n;
     let mut last = (0u64, Instant::now());
     let caught_up = loop {
-        let n = metric_sum(
-            &String::from_utf8_lossy(&get(&socket, "/metrics")),
-            "observer_flow_records_total{",
-        ) - records_before;
+        let n = records(&socket) - records_before;
         if n >= want {
             break start.elapsed();
         }
