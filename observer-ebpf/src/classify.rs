@@ -16,26 +16,45 @@ pub fn endpoint(family: u8, addr: &[u32; 4]) -> Option<&'static EndpointInfo> {
     unsafe { ENDPOINTS.get(&key) }
 }
 
-/// Whether `addr` is a local pod's: for IPv4 the local range first and, when exact, its bitmap
-/// (inlined array reads), else the endpoints map.
+/// What the IPv4 local range and, when exact, its bitmap say of `addr` (inlined array reads):
+/// `Some(false)` when it is no local pod's, `Some(true)` when the bitmap has it, `None` when
+/// only the endpoints map can tell. The daemon sets a pod's bit before its endpoint entry and
+/// clears it after, so the bitmap never misses a pod the map holds.
+#[inline(always)]
+fn local_hint(family: u8, addr: &[u32; 4]) -> Option<bool> {
+    if family != observer_common::AF_INET {
+        return None;
+    }
+    let r = LOCAL_RANGE.get(0)?;
+    let a = u32::from_be(addr[0]);
+    if !r.may_hold(a) {
+        return Some(false);
+    }
+    if r.exact == 0 {
+        return None;
+    }
+    let (w, bit) = r.bit(a)?;
+    LOCAL_BITS.get(w).map(|word| *word & bit != 0)
+}
+
+/// Whether `addr` is a local pod's: the local range and bitmap first, else the endpoints map.
 #[inline(always)]
 pub fn local_pod(family: u8, addr: &[u32; 4]) -> bool {
-    if family == observer_common::AF_INET {
-        if let Some(r) = LOCAL_RANGE.get(0) {
-            let a = u32::from_be(addr[0]);
-            if !r.may_hold(a) {
-                return false;
-            }
-            if r.exact != 0 {
-                if let Some((w, bit)) = r.bit(a) {
-                    if let Some(word) = LOCAL_BITS.get(w) {
-                        return *word & bit != 0;
-                    }
-                }
-            }
-        }
+    match local_hint(family, addr) {
+        Some(local) => local,
+        None => endpoint(family, addr).is_some(),
     }
-    endpoint(family, addr).is_some()
+}
+
+/// A local pod's endpoint entry; an address the local range rules out (every remote end of a
+/// new connection, on a node whose pods are in one IPv4 range) is settled without the hash
+/// lookup, which would miss.
+#[inline(always)]
+pub fn local_endpoint(family: u8, addr: &[u32; 4]) -> Option<&'static EndpointInfo> {
+    if local_hint(family, addr) == Some(false) {
+        return None;
+    }
+    endpoint(family, addr)
 }
 
 /// The ipcache entry of an address: its identity and what it is.
@@ -65,7 +84,7 @@ fn remote_kind(family: u8, addr: &[u32; 4]) -> u8 {
 /// Class of a connection whose first packet left a local pod towards `dst`.
 #[inline(always)]
 pub fn from_pod(family: u8, dst: &[u32; 4]) -> TrafficClass {
-    if endpoint(family, dst).is_some() {
+    if local_pod(family, dst) {
         return TrafficClass::PodToPodLocal;
     }
     match remote_kind(family, dst) {
@@ -80,7 +99,7 @@ pub fn from_pod(family: u8, dst: &[u32; 4]) -> TrafficClass {
 /// Class of a connection whose first packet arrived for a local pod from `src`.
 #[inline(always)]
 pub fn to_pod(family: u8, src: &[u32; 4]) -> TrafficClass {
-    if endpoint(family, src).is_some() {
+    if local_pod(family, src) {
         return TrafficClass::PodToPodLocal;
     }
     match remote_kind(family, src) {

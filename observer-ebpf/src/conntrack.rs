@@ -182,7 +182,7 @@ fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
     } else {
         (&key.addr_b, &key.addr_a)
     };
-    let Some(ep) = classify::endpoint(key.family, local) else {
+    let Some(ep) = classify::local_endpoint(key.family, local) else {
         return;
     };
     let v = policy::evaluate(ep, dir, key.family, remote, key.proto, dport);
@@ -205,7 +205,7 @@ pub fn judge_nodeport(e: &mut CtEntry, key: &CtKey, from_a: bool, dport: u16, cl
     e.flags &= !(ct_flags::INGRESS_DENIED | ct_flags::AUDIT);
     e.flags |= ct_flags::NODEPORT | ct_flags::EGRESS_DONE | ct_flags::INGRESS_DONE;
     let dst = if from_a { &key.addr_b } else { &key.addr_a };
-    let Some(ep) = classify::endpoint(key.family, dst) else {
+    let Some(ep) = classify::local_endpoint(key.family, dst) else {
         return;
     };
     let v = policy::evaluate(ep, DIR_INGRESS, key.family, client, key.proto, dport);

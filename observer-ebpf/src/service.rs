@@ -236,7 +236,7 @@ pub fn resolve(pkt: &Packet) -> Link {
     if !service_proto(pkt.proto) {
         return Link::None;
     }
-    let src_is_pod = classify::endpoint(pkt.family, &pkt.src).is_some();
+    let src_is_pod = classify::local_pod(pkt.family, &pkt.src);
     // Hairpin: kube-proxy masqueraded the source to this node (keeping the port when free) and
     // the backend is the client itself. Nothing from off the node can claim it. A NodePort
     // client from outside arrives masqueraded to the node too, or (externalTrafficPolicy:
