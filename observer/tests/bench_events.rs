@@ -142,13 +142,7 @@ fn follow_under_load(
         if let Some(wait) = slot.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        let mut opts = aya::programs::TestRunOptions::new();
-        opts.data_in = Some(&pkt);
-        opts.repeat = batch;
-        dp.prog(programs::BENCH_NEW_CONN)
-            .unwrap()
-            .test_run(opts)
-            .unwrap();
+        new_conns(dp, &pkt, batch);
         produced += batch as u64;
     }
     let produce_s = start.elapsed().as_secs_f64();
@@ -183,6 +177,17 @@ fn follow_under_load(
         "published": published_n, "received": flows, "reported_lost": lost,
         "unaccounted": published_n as i64 - (flows + lost) as i64,
     })
+}
+
+/// `n` runs of `bench_new_conn` on `pkt`: `n` new connections, one `new` event each.
+fn new_conns(dp: &mut Datapath, pkt: &[u8], n: u32) {
+    let mut opts = aya::programs::TestRunOptions::new();
+    opts.data_in = Some(pkt);
+    opts.repeat = n;
+    dp.prog(programs::BENCH_NEW_CONN)
+        .unwrap()
+        .test_run(opts)
+        .unwrap();
 }
 
 /// Events the kernel could not put into the ring (`events_lost`).
@@ -257,13 +262,7 @@ fn burst_drain(
     let lost_before = events_lost(dp);
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
     let pkt = observer::bench::packet64(17, 40000, 53, 0);
-    let mut opts = aya::programs::TestRunOptions::new();
-    opts.data_in = Some(&pkt);
-    opts.repeat = n;
-    dp.prog(programs::BENCH_NEW_CONN)
-        .unwrap()
-        .test_run(opts)
-        .unwrap();
+    new_conns(dp, &pkt, n);
     let lost_n = events_lost(dp) - lost_before;
     let want = n as u64 - lost_n;
     let cpu0 = observer_tests::bench::cpu_ns(pid);
@@ -356,14 +355,8 @@ fn record_pipeline_throughput() {
     let mut produced = 0u64;
     let mut kernel_ns = 0f64;
     while produced < events {
-        let mut opts = aya::programs::TestRunOptions::new();
-        opts.data_in = Some(&pkt);
-        opts.repeat = batch;
         let t = Instant::now();
-        dp.prog(programs::BENCH_NEW_CONN)
-            .unwrap()
-            .test_run(opts)
-            .unwrap();
+        new_conns(&mut dp, &pkt, batch);
         kernel_ns += t.elapsed().as_nanos() as f64;
         produced += batch as u64;
     }
