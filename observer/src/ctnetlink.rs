@@ -541,8 +541,17 @@ fn recv_many(fd: RawFd, buf: &mut [u8], got: &mut Vec<Recv>) -> io::Result<()> {
     Ok(())
 }
 
-/// A subscription to conntrack NEW and DESTROY events of the current network namespace (the
-/// one the calling thread is in when [`Listener::open`] runs; the socket stays there).
+/// Which conntrack events a [`Listener`] receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Events {
+    /// New entries only: half the messages of [`Events::NewAndDestroy`], for a reader that
+    /// only needs to know how each connection was translated.
+    New,
+    NewAndDestroy,
+}
+
+/// A subscription to conntrack events of the current network namespace (the one the calling
+/// thread is in when [`Listener::open`] runs; the socket stays there).
 pub struct Listener {
     fd: OwnedFd,
     /// `EVENTS_PER_CALL` slots of `EVENT_SLOT` bytes.
@@ -556,7 +565,7 @@ impl Listener {
     /// `rcvbuf` bytes of receive buffer: `SO_RCVBUFFORCE` (we have `CAP_NET_ADMIN`) so
     /// `net.core.rmem_max` does not cap it, `SO_RCVBUF` without the capability. The kernel
     /// doubles the value for its bookkeeping, as for any socket.
-    pub fn open(rcvbuf: usize) -> io::Result<Self> {
+    pub fn open(rcvbuf: usize, events: Events) -> io::Result<Self> {
         let fd = socket()?;
         let size = i32::try_from(rcvbuf).unwrap_or(i32::MAX);
         if setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size).is_err() {
@@ -566,10 +575,11 @@ impl Listener {
         // view wrong with no reason to resync.
         setsockopt_int(&fd, libc::SOL_NETLINK, libc::NETLINK_NO_ENOBUFS, 0)?;
         // Sized before subscribing, so no burst lands in the default buffer.
-        crate::netlink::bind(
-            &fd,
-            (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1)),
-        )?;
+        let destroy = match events {
+            Events::New => 0,
+            Events::NewAndDestroy => 1 << (NFNLGRP_CONNTRACK_DESTROY - 1),
+        };
+        crate::netlink::bind(&fd, (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | destroy)?;
         Ok(Self {
             fd,
             buf: vec![0; EVENTS_PER_CALL * EVENT_SLOT],

@@ -222,9 +222,13 @@ pub struct Kernel {
 struct NatEntry {
     kernel: Kernel,
     inserted_at: Instant,
-    /// `CLOCK_MONOTONIC` ns when the kernel destroyed the entry: only a connection first seen
-    /// before then may take it (a reused tuple must not inherit an old translation).
-    destroyed_ns: Option<u64>,
+    /// `CLOCK_MONOTONIC` ns when the daemon read the kernel's entry. The kernel creates its
+    /// entry after observer's program saw the connection's first packet (the pod's veth comes
+    /// before the host's netfilter), so an entry read before a connection's first packet
+    /// belongs to an earlier connection on the same tuple, and a reused tuple does not inherit
+    /// an old translation. (The kernel's destroy events used to say so; they were half of
+    /// the reader's messages.)
+    read_ns: u64,
 }
 
 /// The wire-side source of a connection when it differs from the original.
@@ -275,12 +279,14 @@ impl<K> NatTable<K> {
         self.pending_count
     }
 
-    /// A new (or dumped) conntrack entry. Returns the records that were waiting for it.
+    /// A new (or dumped) conntrack entry, read at `now` (`now_ns` monotonic). Returns the
+    /// records that were waiting for it.
     pub fn insert(
         &mut self,
         t: FlowTuple,
         kernel: Kernel,
         now: Instant,
+        now_ns: u64,
     ) -> Option<Vec<Pending<K>>> {
         if let Some(waiting) = self.pending.remove(&t) {
             self.pending_count -= waiting.len();
@@ -295,31 +301,19 @@ impl<K> NatTable<K> {
             NatEntry {
                 kernel,
                 inserted_at: now,
-                destroyed_ns: None,
+                read_ns: now_ns,
             },
         );
         None
-    }
-
-    /// The kernel forgot the entry (at `now_ns`, monotonic); it stays a little while for a
-    /// record still on its way.
-    pub fn destroyed(&mut self, t: &FlowTuple, now_ns: u64) {
-        if let Some(e) = self.entries.get_mut(t) {
-            e.destroyed_ns.get_or_insert(now_ns);
-        }
     }
 
     /// Joins a record's tuple with its entry: `Some` when the kernel's entry of this
     /// connection (first seen at `first_seen_ns`) is known (consumed: the connection keeps the
     /// result), `None` when it is not (yet).
     pub fn take(&mut self, t: &FlowTuple, first_seen_ns: u64) -> Option<Kernel> {
-        let e = self.entries.get(t)?;
-        if e.destroyed_ns.is_some_and(|d| first_seen_ns > d) {
-            // An earlier connection on the same tuple.
-            self.entries.remove(t);
-            return None;
-        }
-        self.entries.remove(t).map(|e| e.kernel)
+        let e = self.entries.remove(t)?;
+        // Otherwise an earlier connection on the same tuple.
+        (e.read_ns >= first_seen_ns).then_some(e.kernel)
     }
 
     pub fn park(&mut self, t: FlowTuple, p: Pending<K>) {
@@ -351,15 +345,10 @@ impl<K> NatTable<K> {
         out
     }
 
-    /// Drops entries the kernel destroyed more than `grace` ago (`now_ns` monotonic) and
-    /// entries no record claimed within [`UNJOINED_TTL`].
-    pub fn gc(&mut self, grace: Duration, now: Instant, now_ns: u64) {
-        let grace = grace.as_nanos() as u64;
-        self.entries.retain(|_, e| {
-            e.destroyed_ns
-                .is_none_or(|d| now_ns.saturating_sub(d) < grace)
-                && now.duration_since(e.inserted_at) < UNJOINED_TTL
-        });
+    /// Drops entries no record claimed within [`UNJOINED_TTL`].
+    pub fn gc(&mut self, now: Instant) {
+        self.entries
+            .retain(|_, e| now.duration_since(e.inserted_at) < UNJOINED_TTL);
     }
 }
 
@@ -462,7 +451,7 @@ mod tests {
         let mut table: NatTable<u32> = NatTable::new(10);
         // Entry first, record second.
         let nat = k(Some((ip("10.224.0.4"), 40000)));
-        assert!(table.insert(t, nat, now).is_none());
+        assert!(table.insert(t, nat, now, 10).is_none());
         assert_eq!(table.take(&t, 5), Some(nat));
         assert_eq!(table.take(&t, 5), None);
         // Record first: it waits, and the entry hands it back.
@@ -482,28 +471,31 @@ mod tests {
             },
         );
         assert_eq!(table.pending_len(), 1);
-        let waiting = table.insert(t, nat, now).expect("the parked record");
+        let waiting = table.insert(t, nat, now, 10).expect("the parked record");
         assert_eq!(waiting[0].key, 7);
         assert_eq!((table.pending_len(), table.len()), (0, 0));
-        // A destroyed entry is not handed to a later connection on the same tuple.
-        table.insert(t, nat, now);
-        table.destroyed(&t, 100);
+        // An entry read before a connection's first packet is an earlier connection's: not
+        // handed to this one, and gone.
+        table.insert(t, nat, now, 100);
         assert_eq!(table.take(&t, 200), None);
-        table.insert(t, nat, now);
-        table.destroyed(&t, 100);
+        assert!(table.is_empty());
+        // Read after it (the reader gathers for a while): this connection's.
+        table.insert(t, nat, now, 100);
         assert_eq!(table.take(&t, 50), Some(nat));
+        // A reused tuple's new entry replaces the old one.
+        table.insert(t, k(None), now, 100);
+        table.insert(t, nat, now, 300);
+        assert_eq!(table.take(&t, 200), Some(nat));
         // Bounded.
         let mut small: NatTable<u32> = NatTable::new(1);
-        small.insert(t, k(None), now);
-        small.insert((17, t.1, 1, t.3, 2), k(None), now);
+        small.insert(t, k(None), now, 0);
+        small.insert((17, t.1, 1, t.3, 2), k(None), now, 0);
         assert_eq!(small.overflow_total, 1);
         assert_eq!(small.len(), 1);
-        // Destroyed entries go after the grace period, unclaimed ones after their TTL.
-        small.destroyed(&t, 1_000);
-        small.gc(Duration::from_secs(5), now, 1_000 + 10_000_000_000);
-        assert!(small.is_empty());
-        small.insert(t, k(None), now - UNJOINED_TTL);
-        small.gc(Duration::from_secs(5), now, 0);
+        // Unclaimed entries go after their TTL.
+        small.gc(now);
+        assert_eq!(small.len(), 1);
+        small.gc(now + UNJOINED_TTL);
         assert!(small.is_empty());
     }
 }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use observer::ctnetlink::{self, AsyncListener, CtEvent, CtEventKind, Listener, Tuple};
+use observer::ctnetlink::{self, AsyncListener, CtEvent, CtEventKind, Events, Listener, Tuple};
 use observer_tests::{in_netns, nft, ns_run, run, spawn_in_netns, unique_prefix};
 
 const UDP_PORT: u16 = 7000;
@@ -394,8 +394,12 @@ fn masquerade_is_read_exactly_from_events_dump_and_get() {
     let topo = Topology::build("ct").expect("building A-R-B");
     let _server = Server::start(&topo.b).expect("server");
     let mut listener = topo
-        .in_r(|| Listener::open(4 << 20))
+        .in_r(|| Listener::open(4 << 20, Events::NewAndDestroy))
         .expect("listener in R");
+    // The daemon's subscription: new entries only.
+    let mut new_only = topo
+        .in_r(|| Listener::open(4 << 20, Events::New))
+        .expect("new-only listener in R");
     eprintln!("setup: {:?}", t0.elapsed());
 
     let t1 = Instant::now();
@@ -567,6 +571,25 @@ fn masquerade_is_read_exactly_from_events_dump_and_get() {
         "destroy names the entry the new event named"
     );
     assert_eq!(gone.reply, first.reply);
+    // The new-only listener saw both new entries of the tuple and not the destroy between.
+    let mut only = Vec::new();
+    let of_tuple = |only: &[CtEvent]| -> Vec<CtEventKind> {
+        only.iter()
+            .filter(|e| e.orig == orig)
+            .map(|e| e.kind)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while of_tuple(&only).len() < 2 && Instant::now() < deadline {
+        new_only.read_pending(&mut only).expect("read_pending");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Whatever came late would show here.
+    std::thread::sleep(Duration::from_millis(100));
+    new_only.read_pending(&mut only).expect("read_pending");
+    let of_tuple = of_tuple(&only);
+    assert_eq!(of_tuple, [CtEventKind::New, CtEventKind::New], "{only:#?}");
+    assert!(only.iter().all(|e| e.kind == CtEventKind::New), "{only:#?}");
     eprintln!("destroy: {:?}", t5.elapsed());
     eprintln!("total: {:?}", t0.elapsed());
 }
@@ -580,14 +603,16 @@ fn overrun_is_reported_and_dump_still_sees_every_flow() {
     const FIRST_PORT: u16 = 20000;
     let t0 = Instant::now();
     let topo = Topology::build("cto").expect("building A-R-B");
-    let mut listener = topo.in_r(|| Listener::open(4096)).expect("listener in R");
+    let mut listener = topo
+        .in_r(|| Listener::open(4096, Events::New))
+        .expect("listener in R");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let mut async_listener = {
         let l = topo
-            .in_r(|| Listener::open(4096))
+            .in_r(|| Listener::open(4096, Events::New))
             .expect("second listener in R");
         let _enter = rt.enter();
         AsyncListener::new(l).expect("async listener")

@@ -48,9 +48,6 @@ impl Shared {
 /// ctnetlink entries kept for joining at most (local pods' connections not yet recorded).
 pub(super) const NAT_TABLE_MAX: usize = 262_144;
 
-/// How long an entry the kernel destroyed stays joinable.
-pub(super) const NAT_DESTROYED_GRACE: Duration = Duration::from_secs(5);
-
 /// The kernel conntrack tuple of a record that gets an `snat` object: a local pod opened the
 /// connection, it was not dropped, and it is something the kernel tracks on its own (ICMP
 /// errors are not: they belong to the connection they report on).
@@ -143,7 +140,8 @@ pub(super) fn apply_conntrack(
         for ev in events {
             let t = tuple_of(&ev.orig);
             match ev.kind {
-                CtEventKind::Destroy => st.nat.destroyed(&t, now_ns),
+                // Not subscribed to (see `NatTable::take` for how a reused tuple is told).
+                CtEventKind::Destroy => {}
                 CtEventKind::New | CtEventKind::Update => {
                     // Only connections local pods opened are joined.
                     let local = st
@@ -159,7 +157,7 @@ pub(super) fn apply_conntrack(
                         continue;
                     }
                     let k = kernel_of(ev);
-                    if let Some(waiting) = st.nat.insert(t, k, now) {
+                    if let Some(waiting) = st.nat.insert(t, k, now, now_ns) {
                         for mut p in waiting {
                             settle(&mut st, &p.key, &mut p.rec, t, k, how);
                             ready.push(p.rec);
@@ -168,7 +166,7 @@ pub(super) fn apply_conntrack(
                 }
             }
         }
-        st.nat.gc(NAT_DESTROYED_GRACE, now, now_ns);
+        st.nat.gc(now);
     }
     for rec in ready {
         shared.publish(rec);
@@ -227,7 +225,8 @@ pub(super) fn settle_overdue(shared: &Shared) {
 pub(super) const CONNTRACK_RCVBUF: usize = 16 << 20;
 
 /// How long conntrack events gather before a read: at most 100 wake-ups a second, far inside
-/// `--snat-wait`; the socket holds ~50k events, 250k a second for 200 ms.
+/// `--snat-wait`; the socket holds ~50k events (one per new connection: destroys are not
+/// subscribed to), 250k new connections a second for 200 ms.
 const CONNTRACK_GATHER: Duration = Duration::from_millis(10);
 
 /// Follows the kernel's connection tracking (ctnetlink events, a dump at start and after any
@@ -268,7 +267,7 @@ const SETTLE_TICK: Duration = Duration::from_millis(20);
 /// on the runtime could not pause so: the runtime's epoll is woken by every event on a socket
 /// it watches (two per connection), and those wake-ups cost the daemon more CPU than reading.
 fn follow_conntrack(shared: &Shared) -> Result<()> {
-    let mut l = crate::ctnetlink::Listener::open(CONNTRACK_RCVBUF)
+    let mut l = crate::ctnetlink::Listener::open(CONNTRACK_RCVBUF, crate::ctnetlink::Events::New)
         .context("subscribing to conntrack events (ctnetlink)")?;
     let dump = |shared: &Shared| match crate::ctnetlink::dump() {
         Ok(all) => {
