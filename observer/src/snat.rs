@@ -243,6 +243,9 @@ pub struct Pending<K> {
     pub rec: FlowRecord,
     pub key: K,
     pub since: Instant,
+    /// The connection's last record (its close, come while its `new` record waited): the
+    /// connection's state goes once it is out.
+    pub last: bool,
 }
 
 /// ctnetlink entries of local pods' connections not yet joined to a record, and records
@@ -314,6 +317,11 @@ impl<K> NatTable<K> {
         let e = self.entries.remove(t)?;
         // Otherwise an earlier connection on the same tuple.
         (e.read_ns >= first_seen_ns).then_some(e.kernel)
+    }
+
+    /// Whether records of `t` wait for its entry.
+    pub fn is_waiting(&self, t: &FlowTuple) -> bool {
+        self.pending.contains_key(t)
     }
 
     pub fn park(&mut self, t: FlowTuple, p: Pending<K>) {
@@ -468,6 +476,7 @@ mod tests {
                 ),
                 key: 7,
                 since: now,
+                last: false,
             },
         );
         assert_eq!(table.pending_len(), 1);

@@ -394,3 +394,99 @@ fn missing_masquerade_is_missing() {
     let rec = snat_record(&n.daemon.socket, "UDP", client, dst);
     check(&rec, client, saw, "missing");
 }
+
+/// Short connections, one after another from the same source port (closed with a RST, so the
+/// port is free at once): each one's `new` and `close` come in one batch of the ring, often
+/// before the kernel's entry is read. Every record of each carries the translation the server
+/// saw, the join counts each connection once, and no record needed the fallback lookup.
+#[test]
+fn short_connections_on_a_reused_tuple_keep_their_snat() {
+    const CONNS: usize = 20;
+    let n = node("snr", Model::Overlay);
+    let bed = &n.bed;
+    let web = bed.pod("web").clone();
+    let ext = Servers::start(&bed.ext_ns, EXT_IP.parse().unwrap(), 8080);
+    let dst: SocketAddr = format!("{EXT_IP}:8080").parse().unwrap();
+    let metrics = || n.daemon.get("/metrics").unwrap();
+    let before = metric(
+        &metrics(),
+        "observer_snat_flows_total{expectation=\"expected\"}",
+    );
+    let web_ip = web.ip4;
+    let clients: Vec<SocketAddr> = spawn_in_netns(&web.netns, move || {
+        let mut port = 0;
+        (0..CONNS)
+            .map(|_| {
+                use socket2::{Domain, Socket, Type};
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                s.set_reuse_address(true).unwrap();
+                s.bind(&SocketAddr::new(web_ip.into(), port).into())
+                    .unwrap();
+                s.connect_timeout(&dst.into(), Duration::from_secs(2))
+                    .unwrap();
+                let mut s: TcpStream = s.into();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                s.write_all(b"hello").unwrap();
+                let mut buf = [0u8; 5];
+                s.read_exact(&mut buf).unwrap();
+                let local = s.local_addr().unwrap();
+                port = local.port();
+                // A RST: no TIME_WAIT, the next connection reuses the tuple.
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(s);
+                // Apart by more than the daemon takes to read both the ring (100 ms at
+                // most) and the kernel's events (10 ms): which comes first varies, and the
+                // records must not care.
+                std::thread::sleep(Duration::from_millis(150));
+                local
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    assert!(clients.iter().all(|c| *c == clients[0]), "{clients:?}");
+    let saw = ext.saw();
+    assert_eq!(saw.len(), CONNS, "{saw:?}");
+
+    // Each connection's `new` and `close`, in order; the server saw each translation.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let recs = loop {
+        let recs: Vec<Value> = flows(&n.daemon.socket, &["--protocol", "TCP"])
+            .into_iter()
+            .filter(|r| {
+                r["source"]["port"] == clients[0].port()
+                    && r["destination"]["ip"] == EXT_IP
+                    && (r["event"] == "new" || r["event"] == "close")
+            })
+            .collect();
+        if recs.len() >= 2 * CONNS || Instant::now() > deadline {
+            break recs;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(recs.len(), 2 * CONNS, "{recs:#?}");
+    for (i, pair) in recs.chunks(2).enumerate() {
+        assert_eq!(
+            (&pair[0]["event"], &pair[1]["event"]),
+            (&Value::from("new"), &Value::from("close")),
+            "{recs:#?}"
+        );
+        for r in pair {
+            check(r, clients[0], saw[i], "expected");
+        }
+    }
+    let m = metrics();
+    assert_eq!(
+        metric(&m, "observer_snat_flows_total{expectation=\"expected\"}") - before,
+        CONNS as u64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "observer_snat_settled_total{how=\"lookup\"}"),
+        0,
+        "{m}"
+    );
+}

@@ -29,13 +29,20 @@ impl Shared {
                 settle(&mut st, key, &mut rec, t, k, "event");
                 Some(rec)
             }
-            None if kind == EventKind::New => {
+            // A close read while its connection's `new` record still waits (a short
+            // connection: both events in one batch of the ring) waits behind it, so it carries
+            // the same SNAT and the connection's state goes with it, not before the `new`
+            // record's join brings it back for a later connection on the tuple to trip on.
+            None if kind == EventKind::New
+                || (kind == EventKind::Close && st.nat.is_waiting(&t)) =>
+            {
                 st.nat.park(
                     t,
                     crate::snat::Pending {
                         rec,
                         key: *key,
                         since: Instant::now(),
+                        last: kind == EventKind::Close,
                     },
                 );
                 None
@@ -119,6 +126,21 @@ pub(super) fn settle(
     rec.snat = Some(info);
 }
 
+/// [`settle`] for a record that waited: a close that waited behind its connection's `new`
+/// record takes what that one settled (counted once per connection).
+fn settle_waiting(
+    st: &mut State,
+    p: &mut crate::snat::Pending<CtKey>,
+    t: crate::snat::FlowTuple,
+    k: crate::snat::Kernel,
+    how: &'static str,
+) {
+    match st.conns.get(&p.key).and_then(|c| c.snat.clone()) {
+        Some(info) if p.last => p.rec.snat = Some(info),
+        _ => settle(st, &p.key, &mut p.rec, t, k, how),
+    }
+}
+
 pub(super) fn tuple_of(t: &crate::ctnetlink::Tuple) -> crate::snat::FlowTuple {
     (t.proto, t.src, t.sport, t.dst, t.dport)
 }
@@ -159,8 +181,8 @@ pub(super) fn apply_conntrack(
                     let k = kernel_of(ev);
                     if let Some(waiting) = st.nat.insert(t, k, now, now_ns) {
                         for mut p in waiting {
-                            settle(&mut st, &p.key, &mut p.rec, t, k, how);
-                            ready.push(p.rec);
+                            settle_waiting(&mut st, &mut p, t, k, how);
+                            ready.push(p);
                         }
                     }
                 }
@@ -168,8 +190,17 @@ pub(super) fn apply_conntrack(
         }
         st.nat.gc(now);
     }
-    for rec in ready {
-        shared.publish(rec);
+    publish_waited(shared, ready);
+}
+
+/// Publishes records that waited for their join, in the order they came; a connection's last
+/// one takes its state along.
+pub(super) fn publish_waited(shared: &Shared, ready: Vec<crate::snat::Pending<CtKey>>) {
+    for p in ready {
+        shared.publish(p.rec);
+        if p.last {
+            shared.state.lock().unwrap().conns.remove(&p.key);
+        }
     }
 }
 
@@ -184,21 +215,34 @@ pub(super) fn settle_overdue(shared: &Shared) {
         return;
     }
     let mut ready = Vec::with_capacity(overdue.len());
+    // A tuple's records come together (a `new` and the close that waited behind it): one
+    // lookup for them.
+    let mut last: Option<(
+        crate::snat::FlowTuple,
+        Result<Option<crate::ctnetlink::CtEvent>, String>,
+    )> = None;
     for (t, mut p) in overdue {
-        let orig = crate::ctnetlink::Tuple {
-            proto: t.0,
-            src: t.1,
-            sport: t.2,
-            dst: t.3,
-            dport: t.4,
+        let found = match &last {
+            Some((lt, found)) if *lt == t => found.clone(),
+            _ => {
+                let orig = crate::ctnetlink::Tuple {
+                    proto: t.0,
+                    src: t.1,
+                    sport: t.2,
+                    dst: t.3,
+                    dport: t.4,
+                };
+                let found = crate::ctnetlink::get(&orig).map_err(|e| e.to_string());
+                last = Some((t, found.clone()));
+                found
+            }
         };
-        let found = crate::ctnetlink::get(&orig);
         let mut st = shared.state.lock().unwrap();
         match found {
             // A lookup also matches an entry whose reply tuple this is (the pod answered a
             // connection the kernel saw the other way round): only the original counts.
             Ok(Some(ev)) if tuple_of(&ev.orig) == t => {
-                settle(&mut st, &p.key, &mut p.rec, t, kernel_of(&ev), "lookup")
+                settle_waiting(&mut st, &mut p, t, kernel_of(&ev), "lookup")
             }
             Ok(Some(_)) => st.metrics.snat_unknown_total += 1,
             Ok(None) => {
@@ -206,7 +250,7 @@ pub(super) fn settle_overdue(shared: &Shared) {
                     translated: None,
                     dst: t.3,
                 };
-                settle(&mut st, &p.key, &mut p.rec, t, k, "absent")
+                settle_waiting(&mut st, &mut p, t, k, "absent")
             }
             Err(e) => {
                 // Published without `snat` rather than with a guess.
@@ -214,11 +258,9 @@ pub(super) fn settle_overdue(shared: &Shared) {
                 debug!("conntrack lookup: {e}");
             }
         }
-        ready.push(p.rec);
+        ready.push(p);
     }
-    for rec in ready {
-        shared.publish(rec);
-    }
+    publish_waited(shared, ready);
 }
 
 /// Receive buffer of the ctnetlink socket: room for a burst of about 50k events.
@@ -251,9 +293,7 @@ pub(super) async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
             st.metrics.conntrack_errors_total += 1;
             st.nat.drain_pending()
         };
-        for p in waiting {
-            shared.publish(p.rec);
-        }
+        publish_waited(&shared, waiting);
     }
     std::future::pending::<()>().await;
     Ok(())
@@ -265,7 +305,7 @@ const SETTLE_TICK: Duration = Duration::from_millis(20);
 /// The ctnetlink reader. Asleep in `poll`, the first event after a quiet spell wakes it; it then
 /// sleeps [`CONNTRACK_GATHER`] before reading, and asleep in that pause nothing wakes it. A task
 /// on the runtime could not pause so: the runtime's epoll is woken by every event on a socket
-/// it watches (two per connection), and those wake-ups cost the daemon more CPU than reading.
+/// it watches (one per connection), and those wake-ups cost the daemon more CPU than reading.
 fn follow_conntrack(shared: &Shared) -> Result<()> {
     let mut l = crate::ctnetlink::Listener::open(CONNTRACK_RCVBUF, crate::ctnetlink::Events::New)
         .context("subscribing to conntrack events (ctnetlink)")?;
