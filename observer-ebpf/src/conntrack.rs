@@ -553,15 +553,6 @@ fn create<C: EbpfContext>(
     }
 }
 
-/// The close event; the connection is marked as having sent it only if the ring took it, so the
-/// daemon's sweep publishes any close the ring lost.
-#[inline(always)]
-fn close(key: &CtKey, e: &mut CtEntry) {
-    if emit(EventKind::Close, key, e) {
-        e.flags |= ct_flags::CLOSE_SENT;
-    }
-}
-
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn update(
@@ -602,24 +593,13 @@ pub fn update(
         if closing != 0 && e.flags & ct_flags::CLOSED == 0 {
             e.flags |= closing;
             let both_fin = ct_flags::FIN_ORIG | ct_flags::FIN_REPLY;
-            if e.flags & ct_flags::RST != 0 {
+            if e.flags & ct_flags::RST != 0 || e.flags & both_fin == both_fin {
                 e.flags |= ct_flags::CLOSED;
-                close(key, e);
+                if emit(EventKind::Close, key, e) {
+                    e.flags |= ct_flags::CLOSE_SENT;
+                }
                 return;
             }
-            if e.flags & both_fin == both_fin {
-                // Closed, but the ACK of this FIN is still to come: the close event waits for
-                // it, so its counters are final and the daemon need not read them again.
-                e.flags |= ct_flags::CLOSED;
-                return;
-            }
-        } else if e.flags & (ct_flags::CLOSED | ct_flags::CLOSE_SENT) == ct_flags::CLOSED
-            && flags & TCP_FIN == 0
-        {
-            // The first packet after both FINs that carries none: the last ACK (or a RST).
-            // Without it the daemon's sweep publishes the close after `--close-grace`.
-            close(key, e);
-            return;
         }
     }
     if interval != 0 && now - e.last_report_ns >= interval {

@@ -92,18 +92,13 @@ impl Drop for Servers {
 
 /// One TCP exchange from namespace `ns`; returns the client's local address.
 fn tcp_exchange(ns: &str, dst: SocketAddr) -> SocketAddr {
-    tcp_exchange_open(ns, dst).0
-}
-
-/// The same, with the connection left open (closed when the stream is dropped).
-fn tcp_exchange_open(ns: &str, dst: SocketAddr) -> (SocketAddr, TcpStream) {
     spawn_in_netns(ns, move || {
         let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         s.write_all(b"hello").unwrap();
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).expect("echo");
-        (s.local_addr().unwrap(), s)
+        s.local_addr().unwrap()
     })
     .join()
     .unwrap()
@@ -279,9 +274,8 @@ fn both_protocols_to_every_destination(model: Model) {
     let rec = snat_record(&n.daemon.socket, "TCP", client, svc);
     check(&rec, client, client, "none");
 
-    // Replies are attributed to the pod: the connection's live entry counts them. (Open: a
-    // closed connection's record is out, and its entry lingers without the daemon's state.)
-    let (client, _open) = tcp_exchange_open(&web.netns, format!("{EXT_IP}:8080").parse().unwrap());
+    // Replies are attributed to the pod: the connection's live entry counts them.
+    let client = tcp_exchange(&web.netns, format!("{EXT_IP}:8080").parse().unwrap());
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let ct = n.daemon.get_lines("/v1/conntrack").unwrap();

@@ -102,9 +102,7 @@ pub(super) struct DaemonArgs {
     /// Idle UDP, ICMP and other connections are forgotten after this long.
     #[arg(long, env = "OBSERVER_OTHER_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     other_timeout: Duration,
-    /// A TCP close is reported with its last ACK; when that never comes (or the close has no
-    /// event: a Service connection's, one lost to a full ring), it is reported this long after
-    /// the connection's last packet.
+    /// Wait this long after a TCP close before reporting it, so the final ACK is counted.
     #[arg(long, env = "OBSERVER_CLOSE_GRACE", default_value = "1s", value_parser = humantime::parse_duration)]
     close_grace: Duration,
     /// Observe only: report what policy would drop, drop nothing.

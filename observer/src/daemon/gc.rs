@@ -88,9 +88,8 @@ fn timeout(opts: &Options, k: &CtKey, e: &CtEntry) -> Duration {
 }
 
 /// A closed connection whose close event is not in the ring: a Service connection (counted
-/// through its alias, on a path without events), one whose last ACK after the FINs never came
-/// (the kernel sends the event with it), or an event lost to a full ring. The sweep publishes
-/// its close once its grace has passed, with the entry's counters.
+/// through its alias, on a path without events) or an event lost to a full ring. The sweep
+/// publishes its close once its grace has passed, with the entry's counters.
 fn unsent_close(e: &CtEntry) -> bool {
     e.flags & (ct_flags::CLOSED | ct_flags::CLOSE_SENT | ct_flags::SVC_ALIAS) == ct_flags::CLOSED
 }
@@ -98,7 +97,7 @@ fn unsent_close(e: &CtEntry) -> bool {
 /// One sweep; returns how many connections the kernel has. An open connection that is not
 /// idle costs nothing but its read from the kernel. `first`: the daemon's first sweep, which
 /// takes the unsent closes already past their grace as published by the daemon before it (a
-/// restart).
+/// restart), as the close queue's adoption does.
 pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize> {
     let now_ns = flows::mono_now_ns();
     let opts = &shared.opts;
@@ -151,7 +150,7 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
             if idle < timeout(opts, k, e) {
                 continue;
             }
-            // A closed connection's record went out with its close event (see `closes`), or above; an
+            // A closed connection's record went out at its close (see `closes`), or above; an
             // idle one gets its last record now.
             if e.flags & ct_flags::CLOSED == 0 {
                 publish.push((*k, *e));

@@ -3,7 +3,7 @@
 //! `intake` (kernel events) -> `enrich` (pods, Services, the policies behind a verdict) ->
 //! `snat_join` (the kernel's conntrack, for the wire's source) -> `publish` (history, live
 //! stream, metrics counts). Around it: `links` (interfaces), `sources` (the cluster view into
-//! the maps), `closes` (a TCP close's record), `gc` (the conntrack sweep),
+//! the maps), `closes` (a TCP close's record after its grace), `gc` (the conntrack sweep),
 //! `metrics`. This file: options, shared state, `run`.
 mod closes;
 mod enrich;
@@ -144,6 +144,10 @@ pub struct State {
     pub by_ip: foldhash::HashMap<IpAddr, Arc<PodInfo>>,
     /// Keyed with a fast hasher: every kernel event and the sweep's pruning hash into it.
     conns: foldhash::HashMap<CtKey, Conn>,
+    /// TCP closes waiting for `close_grace`, oldest first.
+    closing: VecDeque<Closing>,
+    /// Closes in `closing` adopted from the kernel's table at start (see `adopt_closing`).
+    adopted: foldhash::HashSet<CtKey>,
     /// The policies isolating a pod (by address) in a direction (true: ingress), as drop
     /// records name them: worked out once per pod and cluster, not per dropped packet.
     isolating: foldhash::HashMap<(IpAddr, bool), enrich::Isolating>,
@@ -252,6 +256,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.spawn(events_task(shared.clone(), ring));
     tasks.spawn(links_task(shared.clone(), monitor));
     tasks.spawn(gc_task(shared.clone()));
+    tasks.spawn(closes_task(shared.clone()));
     if opts.snat {
         tasks.spawn(conntrack_task(shared.clone()));
     }
@@ -355,6 +360,8 @@ impl State {
             cluster: Arc::new(Cluster::default()),
             by_ip: Default::default(),
             conns: Default::default(),
+            closing: VecDeque::new(),
+            adopted: Default::default(),
             isolating: Default::default(),
             late_closes: Default::default(),
             history: VecDeque::new(),
