@@ -449,6 +449,46 @@ fn setsockopt_int(fd: &OwnedFd, level: i32, name: i32, value: i32) -> io::Result
     Ok(())
 }
 
+/// A classic BPF program for [`Listener::keep_v4_sources`]: the netlink attribute extensions
+/// find `CTA_TUPLE_ORIG` after the message and nfgenmsg headers, then `CTA_TUPLE_IP` and
+/// `CTA_IP_V4_SRC` inside it; a message without them (IPv6, or not an entry) is kept.
+fn v4_source_filter(lo: u32, hi: u32) -> Vec<libc::sock_filter> {
+    // linux/filter.h, linux/bpf_common.h.
+    const LD_IMM: u16 = 0x00;
+    const LDX_IMM: u16 = 0x01;
+    const LD_W_ABS: u16 = 0x20;
+    const LD_W_IND: u16 = 0x40;
+    const TAX: u16 = 0x07;
+    const JEQ: u16 = 0x15;
+    const JGT: u16 = 0x25;
+    const JGE: u16 = 0x35;
+    const RET: u16 = 0x06;
+    const AD_OFF: u32 = (-0x1000i32) as u32;
+    const AD_NLATTR: u32 = AD_OFF + 12;
+    const AD_NLATTR_NEST: u32 = AD_OFF + 16;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    // Instructions 14 (keep) and 15 (drop); jumps count the instructions they skip.
+    vec![
+        op(LD_IMM, 0, 0, (NLMSG_HDRLEN + NFGENMSG_LEN) as u32),
+        op(LDX_IMM, 0, 0, CTA_TUPLE_ORIG as u32),
+        op(LD_W_ABS, 0, 0, AD_NLATTR),
+        op(JEQ, 10, 0, 0),
+        op(LDX_IMM, 0, 0, CTA_TUPLE_IP as u32),
+        op(LD_W_ABS, 0, 0, AD_NLATTR_NEST),
+        op(JEQ, 7, 0, 0),
+        op(LDX_IMM, 0, 0, CTA_IP_V4_SRC as u32),
+        op(LD_W_ABS, 0, 0, AD_NLATTR_NEST),
+        op(JEQ, 4, 0, 0),
+        op(TAX, 0, 0, 0),
+        // The address after the attribute's 4-byte header, in network order as loaded.
+        op(LD_W_IND, 0, 0, 4),
+        op(JGE, 0, 2, lo),
+        op(JGT, 1, 0, hi),
+        op(RET, 0, 0, u32::MAX),
+        op(RET, 0, 0, 0),
+    ]
+}
+
 /// What one `recv` produced.
 #[derive(Clone, Copy)]
 enum Recv {
@@ -615,6 +655,31 @@ impl Listener {
                 e => Err(e),
             },
         }
+    }
+
+    /// Has the kernel drop, before they are queued, the events of IPv4 connections whose
+    /// original source is outside `lo..=hi` (events of other families pass): a socket filter,
+    /// so a reader that only wants some sources is neither woken nor copied the others.
+    /// Replaces any filter set before.
+    pub fn keep_v4_sources(&self, lo: Ipv4Addr, hi: Ipv4Addr) -> io::Result<()> {
+        let mut prog = v4_source_filter(u32::from(lo), u32::from(hi));
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_mut_ptr(),
+        };
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&fprog as *const libc::sock_fprog).cast(),
+                std::mem::size_of::<libc::sock_fprog>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Overruns reported so far. One report can stand for any number of lost events.

@@ -400,6 +400,15 @@ fn masquerade_is_read_exactly_from_events_dump_and_get() {
     let mut new_only = topo
         .in_r(|| Listener::open(4 << 20, Events::New))
         .expect("new-only listener in R");
+    // And IPv4 sources in a range (one client of two): the kernel drops the rest.
+    let one: std::net::Ipv4Addr = "10.1.0.2".parse().unwrap();
+    let mut filtered = topo
+        .in_r(move || -> std::io::Result<Listener> {
+            let l = Listener::open(4 << 20, Events::New)?;
+            l.keep_v4_sources(one, one)?;
+            Ok(l)
+        })
+        .expect("filtered listener in R");
     eprintln!("setup: {:?}", t0.elapsed());
 
     let t1 = Instant::now();
@@ -450,6 +459,30 @@ fn masquerade_is_read_exactly_from_events_dump_and_get() {
     .expect("entering A")
     .expect("traffic from A to B");
     eprintln!("traffic: {:?}", t1.elapsed());
+    // Every probe's entry from the kept client and from IPv6; none from the other client.
+    let mut kept = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let wanted = |p: &Probe| p.client.ip() != IpAddr::from([10, 1, 0, 3]);
+    while !probes
+        .iter()
+        .filter(|p| wanted(p))
+        .all(|p| kept.iter().any(|e: &CtEvent| e.orig == p.orig()))
+        && Instant::now() < deadline
+    {
+        filtered.read_pending(&mut kept).expect("read_pending");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    filtered.read_pending(&mut kept).expect("read_pending");
+    for p in &probes {
+        let n = kept.iter().filter(|e| e.orig == p.orig()).count();
+        assert_eq!(n, usize::from(wanted(p)), "{} in {kept:#?}", p.orig());
+    }
+    assert!(
+        kept.iter()
+            .all(|e| e.orig.src.is_ipv6() || e.orig.src == IpAddr::from(one)),
+        "{kept:#?}"
+    );
     for p in &probes {
         eprintln!(
             "{} {} -> {}: server saw {}",
