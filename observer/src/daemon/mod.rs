@@ -190,6 +190,10 @@ pub struct Shared {
     /// report this rather than reading a full table (a quarter of a million entries, 0.1 s of
     /// CPU with the datapath lock held) at every scrape.
     pub conntrack_swept: std::sync::atomic::AtomicUsize,
+    /// The span of this node's pods' IPv4 addresses (`lo << 32 | hi`, 0 before the first
+    /// sync), for the ctnetlink reader: the kernel drops the events of other IPv4 sources,
+    /// which the SNAT join never uses.
+    pub local_v4_span: std::sync::atomic::AtomicU64,
 }
 
 impl State {
@@ -240,6 +244,7 @@ pub async fn run(opts: Options) -> Result<()> {
         started: std::time::SystemTime::now(),
         kernel_features: features.summary(),
         conntrack_swept: Default::default(),
+        local_v4_span: Default::default(),
     });
 
     // Cluster state before interfaces, so the first flows are already classified.

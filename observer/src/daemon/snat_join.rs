@@ -145,13 +145,10 @@ pub(super) fn tuple_of(t: &crate::ctnetlink::Tuple) -> crate::snat::FlowTuple {
     (t.proto, t.src, t.sport, t.dst, t.dport)
 }
 
-/// Feeds kernel conntrack entries (events or a dump) into the join; publishes the records that
-/// were waiting for them.
-pub(super) fn apply_conntrack(
-    shared: &Shared,
-    events: &[crate::ctnetlink::CtEvent],
-    how: &'static str,
-) {
+/// Feeds kernel conntrack entries (events, or a `dump`) into the join; publishes the records
+/// that were waiting for them.
+pub(super) fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEvent], dump: bool) {
+    let how = "event";
     use crate::ctnetlink::CtEventKind;
     let mut ready = Vec::new();
     {
@@ -173,9 +170,12 @@ pub(super) fn apply_conntrack(
                     if !local {
                         continue;
                     }
-                    // Already joined (a dump repeats live connections).
+                    // Already joined: a dump repeats live connections. Not so an event, a new
+                    // kernel entry: an earlier connection on its tuple may still hold its state
+                    // (its close waits for its grace), and skipping would leave this one's
+                    // record to a lookup.
                     let key = flows::ct_key(t.1, t.2, t.3, t.4, t.0);
-                    if st.conns.get(&key).is_some_and(|c| c.snat.is_some()) {
+                    if dump && st.conns.get(&key).is_some_and(|c| c.snat.is_some()) {
                         continue;
                     }
                     let k = kernel_of(ev);
@@ -263,6 +263,24 @@ pub(super) fn settle_overdue(shared: &Shared) {
     publish_waited(shared, ready);
 }
 
+/// Has the kernel keep only the events of this node's pods' IPv4 sources (and IPv6 ones) when
+/// the span of their addresses changed since `applied`. A pod new to the span may have its
+/// first connections' events dropped until this runs (within `SETTLE_TICK`): its records then
+/// settle by a lookup. If the filter cannot be set every event is read, as before.
+fn keep_local_sources(shared: &Shared, l: &crate::ctnetlink::Listener, applied: &mut u64) {
+    let span = shared
+        .local_v4_span
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if span == *applied || span == 0 {
+        return;
+    }
+    *applied = span;
+    let (lo, hi) = ((span >> 32) as u32, span as u32);
+    if let Err(e) = l.keep_v4_sources(lo.into(), hi.into()) {
+        warn!("filtering conntrack events by source: {e}; reading them all");
+    }
+}
+
 /// Receive buffer of the ctnetlink socket: room for a burst of about 50k events.
 pub(super) const CONNTRACK_RCVBUF: usize = 16 << 20;
 
@@ -312,7 +330,7 @@ fn follow_conntrack(shared: &Shared) -> Result<()> {
     let dump = |shared: &Shared| match crate::ctnetlink::dump() {
         Ok(all) => {
             shared.state.lock().unwrap().metrics.conntrack_dumps_total += 1;
-            apply_conntrack(shared, &all, "event");
+            apply_conntrack(shared, &all, true);
         }
         Err(e) => {
             shared.state.lock().unwrap().metrics.conntrack_errors_total += 1;
@@ -322,14 +340,16 @@ fn follow_conntrack(shared: &Shared) -> Result<()> {
     dump(shared);
     let mut batch = Vec::new();
     let mut settled = Instant::now();
+    let mut span = 0;
     loop {
+        keep_local_sources(shared, &l, &mut span);
         let wait = SETTLE_TICK.saturating_sub(settled.elapsed());
         if l.wait(wait).context("waiting for conntrack events")? {
             std::thread::sleep(CONNTRACK_GATHER);
             let overrun = l
                 .read_pending(&mut batch)
                 .context("reading conntrack events")?;
-            apply_conntrack(shared, &batch, "event");
+            apply_conntrack(shared, &batch, false);
             batch.clear();
             if overrun {
                 shared
