@@ -335,8 +335,9 @@ impl<K> NatTable<K> {
         self.pending.drain().flat_map(|(_, v)| v).collect()
     }
 
-    /// Records that waited longer than `wait`.
-    pub fn overdue(&mut self, wait: Duration, now: Instant) -> Vec<(FlowTuple, Pending<K>)> {
+    /// Records that waited longer than `wait`, with the others of their tuple (a `new` and a
+    /// close waiting behind it), in the order they came.
+    pub fn overdue(&mut self, wait: Duration, now: Instant) -> Vec<(FlowTuple, Vec<Pending<K>>)> {
         let due: Vec<FlowTuple> = self
             .pending
             .iter()
@@ -347,7 +348,7 @@ impl<K> NatTable<K> {
         for t in due {
             if let Some(v) = self.pending.remove(&t) {
                 self.pending_count -= v.len();
-                out.extend(v.into_iter().map(|p| (t, p)));
+                out.push((t, v));
             }
         }
         out

@@ -148,7 +148,6 @@ pub(super) fn tuple_of(t: &crate::ctnetlink::Tuple) -> crate::snat::FlowTuple {
 /// Feeds kernel conntrack entries (events, or a `dump`) into the join; publishes the records
 /// that were waiting for them.
 pub(super) fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEvent], dump: bool) {
-    let how = "event";
     use crate::ctnetlink::CtEventKind;
     let mut ready = Vec::new();
     {
@@ -181,7 +180,7 @@ pub(super) fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEve
                     let k = kernel_of(ev);
                     if let Some(waiting) = st.nat.insert(t, k, now, now_ns) {
                         for mut p in waiting {
-                            settle_waiting(&mut st, &mut p, t, k, how);
+                            settle_waiting(&mut st, &mut p, t, k, "event");
                             ready.push(p);
                         }
                     }
@@ -215,50 +214,40 @@ pub(super) fn settle_overdue(shared: &Shared) {
         return;
     }
     let mut ready = Vec::with_capacity(overdue.len());
-    // A tuple's records come together (a `new` and the close that waited behind it): one
-    // lookup for them.
-    let mut last: Option<(
-        crate::snat::FlowTuple,
-        Result<Option<crate::ctnetlink::CtEvent>, String>,
-    )> = None;
-    for (t, mut p) in overdue {
-        let found = match &last {
-            Some((lt, found)) if *lt == t => found.clone(),
-            _ => {
-                let orig = crate::ctnetlink::Tuple {
-                    proto: t.0,
-                    src: t.1,
-                    sport: t.2,
-                    dst: t.3,
-                    dport: t.4,
-                };
-                let found = crate::ctnetlink::get(&orig).map_err(|e| e.to_string());
-                last = Some((t, found.clone()));
-                found
-            }
+    // One lookup per tuple, for all of its records.
+    for (t, waiting) in overdue {
+        let orig = crate::ctnetlink::Tuple {
+            proto: t.0,
+            src: t.1,
+            sport: t.2,
+            dst: t.3,
+            dport: t.4,
         };
+        let found = crate::ctnetlink::get(&orig);
         let mut st = shared.state.lock().unwrap();
-        match found {
-            // A lookup also matches an entry whose reply tuple this is (the pod answered a
-            // connection the kernel saw the other way round): only the original counts.
-            Ok(Some(ev)) if tuple_of(&ev.orig) == t => {
-                settle_waiting(&mut st, &mut p, t, kernel_of(&ev), "lookup")
+        for mut p in waiting {
+            match &found {
+                // A lookup also matches an entry whose reply tuple this is (the pod answered a
+                // connection the kernel saw the other way round): only the original counts.
+                Ok(Some(ev)) if tuple_of(&ev.orig) == t => {
+                    settle_waiting(&mut st, &mut p, t, kernel_of(ev), "lookup")
+                }
+                Ok(Some(_)) => st.metrics.snat_unknown_total += 1,
+                Ok(None) => {
+                    let k = crate::snat::Kernel {
+                        translated: None,
+                        dst: t.3,
+                    };
+                    settle_waiting(&mut st, &mut p, t, k, "absent")
+                }
+                Err(e) => {
+                    // Published without `snat` rather than with a guess.
+                    st.metrics.conntrack_errors_total += 1;
+                    debug!("conntrack lookup: {e}");
+                }
             }
-            Ok(Some(_)) => st.metrics.snat_unknown_total += 1,
-            Ok(None) => {
-                let k = crate::snat::Kernel {
-                    translated: None,
-                    dst: t.3,
-                };
-                settle_waiting(&mut st, &mut p, t, k, "absent")
-            }
-            Err(e) => {
-                // Published without `snat` rather than with a guess.
-                st.metrics.conntrack_errors_total += 1;
-                debug!("conntrack lookup: {e}");
-            }
+            ready.push(p);
         }
-        ready.push(p);
     }
     publish_waited(shared, ready);
 }
