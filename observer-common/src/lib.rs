@@ -142,8 +142,16 @@ pub mod ct_flags {
     /// whose packets are counted on a path without events; an event lost to a full ring) has
     /// its close published by the daemon's sweep.
     pub const CLOSE_SENT: u32 = 1 << 13;
+    /// On an [`super::EventKind::AfterClose`] event: the connection's last one; the daemon
+    /// reads the entry back for packets after it.
+    pub const AFTER_CLOSE_LAST: u32 = 1 << 14;
     pub const DENIED: u32 = EGRESS_DENIED | INGRESS_DENIED;
 }
+
+/// [`EventKind::AfterClose`] events per connection at most: a FIN exchange ends with one ACK
+/// (two in a simultaneous close); retransmissions may add a few. A peer that keeps sending on
+/// a closed connection costs no more events than this.
+pub const AFTER_CLOSE_EVENTS: u8 = 4;
 
 /// Index into the per-direction arrays of [`CtEntry`] and [`FlowEvent`].
 pub const DIR_ORIG: usize = 0;
@@ -172,7 +180,9 @@ pub struct CtEntry {
     /// flow, whose ports carry the identifier, from others, whose key carries type and code.
     pub icmp_type: u8,
     pub icmp_code: u8,
-    pub _pad: u8,
+    /// [`EventKind::AfterClose`] events sent for the connection (at most
+    /// [`AFTER_CLOSE_EVENTS`]).
+    pub after_close: u8,
     /// Rule ids that allowed the connection (0: none needed or none found).
     pub egress_rule: u32,
     pub ingress_rule: u32,
@@ -227,6 +237,9 @@ pub enum EventKind {
     Close = 3,
     /// The connection was denied by policy (emitted once per connection).
     Drop = 4,
+    /// A packet of a TCP connection after its close event (the last ACK of a FIN exchange):
+    /// the counters the close record waits for, so the daemon need not read the entry back.
+    AfterClose = 5,
 }
 
 impl EventKind {
@@ -236,6 +249,7 @@ impl EventKind {
             2 => Some(Self::Report),
             3 => Some(Self::Close),
             4 => Some(Self::Drop),
+            5 => Some(Self::AfterClose),
             _ => None,
         }
     }

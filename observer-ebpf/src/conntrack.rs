@@ -3,8 +3,8 @@
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::error;
 use observer_common::{
-    ct_flags, stat, Config, CtEntry, CtKey, EventKind, TrafficClass, AF_INET, DIR_EGRESS,
-    DIR_INGRESS, DIR_ORIG, DIR_REPLY, IPPROTO_TCP,
+    ct_flags, stat, Config, CtEntry, CtKey, EventKind, TrafficClass, AFTER_CLOSE_EVENTS, AF_INET,
+    DIR_EGRESS, DIR_INGRESS, DIR_ORIG, DIR_REPLY, IPPROTO_TCP,
 };
 
 use crate::{
@@ -443,7 +443,7 @@ fn create<C: EbpfContext>(
         class: class as u8,
         icmp_type: pkt.icmp_type,
         icmp_code: pkt.icmp_code,
-        _pad: 0,
+        after_close: 0,
         egress_rule: 0,
         ingress_rule: 0,
         policy_gen: cfg.policy_gen,
@@ -601,9 +601,30 @@ pub fn update(
                 return;
             }
         }
+        if e.flags & ct_flags::CLOSE_SENT != 0 {
+            after_close(key, e);
+            return;
+        }
     }
     if interval != 0 && now - e.last_report_ns >= interval {
         e.last_report_ns = now;
         emit(EventKind::Report, key, e);
     }
+}
+
+/// A packet of a connection whose close event went out (the last ACK of its FIN exchange,
+/// retransmissions): the daemon holds the close record for its grace and takes the last
+/// counters from these events instead of reading the entry back, up to
+/// [`AFTER_CLOSE_EVENTS`]; the last one says so, and the daemon reads the entry for any packet
+/// after it.
+#[inline(always)]
+fn after_close(key: &CtKey, e: &mut CtEntry) {
+    if e.after_close >= AFTER_CLOSE_EVENTS {
+        return;
+    }
+    e.after_close += 1;
+    if e.after_close == AFTER_CLOSE_EVENTS {
+        e.flags |= ct_flags::AFTER_CLOSE_LAST;
+    }
+    emit(EventKind::AfterClose, key, e);
 }

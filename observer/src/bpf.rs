@@ -846,6 +846,13 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Events the kernel could not put in the ring, all CPUs (`stat::EVENTS_LOST`).
+    pub fn events_lost(&self) -> Result<u64> {
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(maps::STATS).context("stats map")?)?;
+        Ok(arr.get(&stat::EVENTS_LOST, 0)?.iter().sum())
+    }
+
     pub fn conntrack(&self) -> Result<aya::maps::HashMap<&MapData, CtKey, CtEntry>> {
         Ok(aya::maps::HashMap::try_from(
             self.ebpf.map(maps::CONNTRACK).context("ct map")?,

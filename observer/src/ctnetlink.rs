@@ -66,6 +66,7 @@ const CTA_PROTO_ICMPV6_TYPE: u16 = 8;
 const CTA_PROTO_ICMPV6_CODE: u16 = 9;
 
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
 const IPPROTO_ICMPV6: u8 = 58;
 /// (echo request, echo reply) per ICMP version.
 const ICMP_ECHO: (u8, u8) = (8, 0);
@@ -449,44 +450,167 @@ fn setsockopt_int(fd: &OwnedFd, level: i32, name: i32, value: i32) -> io::Result
     Ok(())
 }
 
-/// A classic BPF program for [`Listener::keep_v4_sources`]: the netlink attribute extensions
-/// find `CTA_TUPLE_ORIG` after the message and nfgenmsg headers, then `CTA_TUPLE_IP` and
-/// `CTA_IP_V4_SRC` inside it; a message without them (IPv6, or not an entry) is kept.
-fn v4_source_filter(lo: u32, hi: u32) -> Vec<libc::sock_filter> {
-    // linux/filter.h, linux/bpf_common.h.
-    const LD_IMM: u16 = 0x00;
-    const LDX_IMM: u16 = 0x01;
-    const LD_W_ABS: u16 = 0x20;
-    const LD_W_IND: u16 = 0x40;
-    const TAX: u16 = 0x07;
-    const JEQ: u16 = 0x15;
-    const JGT: u16 = 0x25;
-    const JGE: u16 = 0x35;
-    const RET: u16 = 0x06;
-    const AD_OFF: u32 = (-0x1000i32) as u32;
-    const AD_NLATTR: u32 = AD_OFF + 12;
-    const AD_NLATTR_NEST: u32 = AD_OFF + 16;
-    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    // Instructions 14 (keep) and 15 (drop); jumps count the instructions they skip.
-    vec![
-        op(LD_IMM, 0, 0, (NLMSG_HDRLEN + NFGENMSG_LEN) as u32),
-        op(LDX_IMM, 0, 0, CTA_TUPLE_ORIG as u32),
-        op(LD_W_ABS, 0, 0, AD_NLATTR),
-        op(JEQ, 10, 0, 0),
-        op(LDX_IMM, 0, 0, CTA_TUPLE_IP as u32),
-        op(LD_W_ABS, 0, 0, AD_NLATTR_NEST),
-        op(JEQ, 7, 0, 0),
-        op(LDX_IMM, 0, 0, CTA_IP_V4_SRC as u32),
-        op(LD_W_ABS, 0, 0, AD_NLATTR_NEST),
-        op(JEQ, 4, 0, 0),
-        op(TAX, 0, 0, 0),
+/// What a [`Listener`]'s socket filter keeps: the kernel drops the rest before it is queued,
+/// so the reader is neither woken nor copied what it would skip.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only IPv4 connections whose original source is in this range (inclusive); other
+    /// families pass.
+    pub v4_sources: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// Only TCP connections the kernel translated, the source or the destination
+    /// (`IPS_SRC_NAT`, `IPS_DST_NAT` in the entry's status); other protocols pass.
+    pub tcp_translated_only: bool,
+}
+
+/// `IPS_SRC_NAT` and `IPS_DST_NAT` of `CTA_STATUS` (linux/netfilter/nf_conntrack_common.h):
+/// the kernel set up a translation that changed the tuple (masquerade, SNAT, a clash's port
+/// change; DNAT, a Service, a redirect).
+const IPS_NAT: u32 = (1 << 4) | (1 << 5);
+const CTA_STATUS: u16 = 3;
+
+/// The classic BPF program of a [`Filter`]. The netlink attribute extensions find a top-level
+/// attribute after the message and nfgenmsg headers (`CTA_STATUS`, `CTA_TUPLE_ORIG`) and one
+/// nested in it (`CTA_TUPLE_PROTO` then `CTA_PROTO_NUM`, `CTA_TUPLE_IP` then
+/// `CTA_IP_V4_SRC`); a message without what a test reads (not an entry, another family) is
+/// kept, never dropped on a guess.
+fn filter_program(f: &Filter) -> Vec<libc::sock_filter> {
+    use bpf_asm::*;
+    let base = (NLMSG_HDRLEN + NFGENMSG_LEN) as u32;
+    let mut a = Asm::default();
+    if f.tcp_translated_only {
+        // Translated: on to the source test.
+        a.op(LD_IMM, base);
+        a.op(LDX_IMM, CTA_STATUS.into());
+        a.op(LD_W_ABS, AD_NLATTR);
+        a.jump(JEQ, 0, To::Label("source"), To::Next);
+        a.op(TAX, 0);
+        a.op(LD_W_IND, 4);
+        a.jump(JSET, IPS_NAT, To::Label("source"), To::Next);
+        // Untranslated: dropped if TCP.
+        a.op(LD_IMM, base);
+        a.op(LDX_IMM, CTA_TUPLE_ORIG.into());
+        a.op(LD_W_ABS, AD_NLATTR);
+        a.jump(JEQ, 0, To::Label("source"), To::Next);
+        a.op(LDX_IMM, CTA_TUPLE_PROTO.into());
+        a.op(LD_W_ABS, AD_NLATTR_NEST);
+        a.jump(JEQ, 0, To::Label("source"), To::Next);
+        a.op(LDX_IMM, CTA_PROTO_NUM.into());
+        a.op(LD_W_ABS, AD_NLATTR_NEST);
+        a.jump(JEQ, 0, To::Label("source"), To::Next);
+        a.op(TAX, 0);
+        a.op(LD_B_IND, 4);
+        a.jump(
+            JEQ,
+            IPPROTO_TCP.into(),
+            To::Label("drop"),
+            To::Label("source"),
+        );
+    }
+    a.label("source");
+    if let Some((lo, hi)) = f.v4_sources {
+        a.op(LD_IMM, base);
+        a.op(LDX_IMM, CTA_TUPLE_ORIG.into());
+        a.op(LD_W_ABS, AD_NLATTR);
+        a.jump(JEQ, 0, To::Label("keep"), To::Next);
+        a.op(LDX_IMM, CTA_TUPLE_IP.into());
+        a.op(LD_W_ABS, AD_NLATTR_NEST);
+        a.jump(JEQ, 0, To::Label("keep"), To::Next);
+        a.op(LDX_IMM, CTA_IP_V4_SRC.into());
+        a.op(LD_W_ABS, AD_NLATTR_NEST);
+        a.jump(JEQ, 0, To::Label("keep"), To::Next);
+        a.op(TAX, 0);
         // The address after the attribute's 4-byte header, in network order as loaded.
-        op(LD_W_IND, 0, 0, 4),
-        op(JGE, 0, 2, lo),
-        op(JGT, 1, 0, hi),
-        op(RET, 0, 0, u32::MAX),
-        op(RET, 0, 0, 0),
-    ]
+        a.op(LD_W_IND, 4);
+        a.jump(JGE, u32::from(lo), To::Next, To::Label("drop"));
+        a.jump(JGT, u32::from(hi), To::Label("drop"), To::Label("keep"));
+    }
+    a.label("keep");
+    a.op(RET, u32::MAX);
+    a.label("drop");
+    a.op(RET, 0);
+    a.finish()
+}
+
+/// A few classic BPF instructions (linux/filter.h, linux/bpf_common.h) and jumps by label,
+/// resolved into the forward offsets the kernel takes.
+mod bpf_asm {
+    pub const LD_IMM: u16 = 0x00;
+    pub const LDX_IMM: u16 = 0x01;
+    pub const LD_W_ABS: u16 = 0x20;
+    pub const LD_W_IND: u16 = 0x40;
+    pub const LD_B_IND: u16 = 0x50;
+    pub const TAX: u16 = 0x07;
+    pub const JEQ: u16 = 0x15;
+    pub const JGT: u16 = 0x25;
+    pub const JGE: u16 = 0x35;
+    pub const JSET: u16 = 0x45;
+    pub const RET: u16 = 0x06;
+    const AD_OFF: u32 = (-0x1000i32) as u32;
+    /// `A` = offset of the first attribute of type `X` from offset `A` on (0: none).
+    pub const AD_NLATTR: u32 = AD_OFF + 12;
+    /// `A` = offset of the attribute of type `X` nested in the attribute at offset `A`.
+    pub const AD_NLATTR_NEST: u32 = AD_OFF + 16;
+
+    #[derive(Clone, Copy)]
+    pub enum To {
+        Next,
+        Label(&'static str),
+    }
+
+    #[derive(Default)]
+    pub struct Asm {
+        ops: Vec<(u16, u32, To, To)>,
+        labels: Vec<(&'static str, usize)>,
+    }
+
+    impl Asm {
+        pub fn op(&mut self, code: u16, k: u32) {
+            self.ops.push((code, k, To::Next, To::Next));
+        }
+        pub fn jump(&mut self, code: u16, k: u32, jt: To, jf: To) {
+            self.ops.push((code, k, jt, jf));
+        }
+        /// Names the next instruction.
+        pub fn label(&mut self, name: &'static str) {
+            self.labels.push((name, self.ops.len()));
+        }
+        /// Panics on a label never placed or behind its jump: a fault of this file's
+        /// programs, caught by their unit tests.
+        pub fn finish(self) -> Vec<libc::sock_filter> {
+            let at = |to: To, i: usize| -> u8 {
+                let target = match to {
+                    To::Next => i + 1,
+                    To::Label(l) => {
+                        self.labels
+                            .iter()
+                            .find(|(n, _)| *n == l)
+                            .unwrap_or_else(|| panic!("label {l} not placed"))
+                            .1
+                    }
+                };
+                u8::try_from(target - (i + 1)).expect("a forward jump of at most 255")
+            };
+            self.ops
+                .iter()
+                .enumerate()
+                .map(|(i, &(code, k, jt, jf))| libc::sock_filter {
+                    code,
+                    jt: at(jt, i),
+                    jf: at(jf, i),
+                    k,
+                })
+                .collect()
+        }
+    }
+}
+
+/// What one [`Listener::read_batch`] found besides its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Events were lost (`ENOBUFS`, or a datagram too large): resync with [`dump`].
+    pub overrun: bool,
+    /// The socket said it had nothing more (`EAGAIN`).
+    pub emptied: bool,
 }
 
 /// What one `recv` produced.
@@ -637,6 +761,13 @@ impl Listener {
         self.read_some(out).map(|(overrun, _)| overrun)
     }
 
+    /// [`Self::read_pending`], also saying whether the socket was left empty (`emptied`): then
+    /// every event the kernel queued before the call was read (or, with `overrun`, lost).
+    pub fn read_batch(&mut self, out: &mut Vec<CtEvent>) -> io::Result<Batch> {
+        self.read_some(out)
+            .map(|(overrun, emptied)| Batch { overrun, emptied })
+    }
+
     /// Blocks until an event is queued (true) or `timeout` passed (false).
     pub fn wait(&self, timeout: std::time::Duration) -> io::Result<bool> {
         let mut p = libc::pollfd {
@@ -657,12 +788,10 @@ impl Listener {
         }
     }
 
-    /// Has the kernel drop, before they are queued, the events of IPv4 connections whose
-    /// original source is outside `lo..=hi` (events of other families pass): a socket filter,
-    /// so a reader that only wants some sources is neither woken nor copied the others.
-    /// Replaces any filter set before.
-    pub fn keep_v4_sources(&self, lo: Ipv4Addr, hi: Ipv4Addr) -> io::Result<()> {
-        let mut prog = v4_source_filter(u32::from(lo), u32::from(hi));
+    /// Has the kernel drop, before they are queued, the events `f` does not keep. Replaces any
+    /// filter set before.
+    pub fn set_filter(&self, f: &Filter) -> io::Result<()> {
+        let mut prog = filter_program(f);
         let fprog = libc::sock_fprog {
             len: prog.len() as u16,
             filter: prog.as_mut_ptr(),
@@ -1052,6 +1181,42 @@ pub fn get(orig: &Tuple) -> io::Result<Option<CtEvent>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_programs_jump_inside_themselves() {
+        let keep_all = filter_program(&Filter::default());
+        assert_eq!(keep_all.len(), 2);
+        assert_eq!((keep_all[0].code, keep_all[0].k), (0x06, u32::MAX));
+        let lo = "10.244.1.0".parse().unwrap();
+        let hi = "10.244.1.255".parse().unwrap();
+        for f in [
+            Filter {
+                v4_sources: Some((lo, hi)),
+                tcp_translated_only: false,
+            },
+            Filter {
+                v4_sources: None,
+                tcp_translated_only: true,
+            },
+            Filter {
+                v4_sources: Some((lo, hi)),
+                tcp_translated_only: true,
+            },
+        ] {
+            let p = filter_program(&f);
+            let n = p.len();
+            for (i, op) in p.iter().enumerate() {
+                let jump = op.code & 0x07 == 0x05;
+                assert!(
+                    !jump || i + 1 + usize::from(op.jt.max(op.jf)) < n,
+                    "{f:?}: {i}"
+                );
+            }
+            // Ends keeping, then dropping; nothing falls off the end.
+            assert_eq!((p[n - 2].code, p[n - 2].k), (0x06, u32::MAX));
+            assert_eq!((p[n - 1].code, p[n - 1].k), (0x06, 0));
+        }
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

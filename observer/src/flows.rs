@@ -339,7 +339,8 @@ pub fn record<'a>(
         event: match event {
             EventKind::New => "new",
             EventKind::Report => "report",
-            EventKind::Close => "close",
+            // (Never a record: it updates a close's counters.)
+            EventKind::Close | EventKind::AfterClose => "close",
             EventKind::Drop => "drop",
         }
         .into(),

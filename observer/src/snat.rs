@@ -246,6 +246,9 @@ pub struct Pending<K> {
     /// The connection's last record (its close, come while its `new` record waited): the
     /// connection's state goes once it is out.
     pub last: bool,
+    /// `CLOCK_MONOTONIC` ns from which the absence of a kernel entry settles the record as
+    /// untranslated (see [`NatTable::read_through`]); `None`: only an entry or a lookup does.
+    pub untranslated_from: Option<u64>,
 }
 
 /// ctnetlink entries of local pods' connections not yet joined to a record, and records
@@ -257,6 +260,8 @@ pub struct NatTable<K> {
     max_entries: usize,
     /// Entries refused because the table was full (a bound, counted).
     pub overflow_total: u64,
+    /// Every kernel entry created before this time (`CLOCK_MONOTONIC` ns) has been read.
+    read_through_ns: u64,
 }
 
 impl<K> NatTable<K> {
@@ -267,6 +272,7 @@ impl<K> NatTable<K> {
             pending_count: 0,
             max_entries,
             overflow_total: 0,
+            read_through_ns: 0,
         }
     }
 
@@ -345,6 +351,40 @@ impl<K> NatTable<K> {
             .map(|(t, _)| *t)
             .collect();
         let mut out = Vec::new();
+        for t in due {
+            if let Some(v) = self.pending.remove(&t) {
+                self.pending_count -= v.len();
+                out.push((t, v));
+            }
+        }
+        out
+    }
+
+    /// The reader has read every entry the kernel created before `ns`: the socket was found
+    /// empty after that time, without an overrun since (or with one, and a dump after it).
+    pub fn set_read_through(&mut self, ns: u64) {
+        self.read_through_ns = self.read_through_ns.max(ns);
+    }
+
+    pub fn read_through(&self) -> u64 {
+        self.read_through_ns
+    }
+
+    /// Records whose connection would have had its entry read by now if the kernel had made
+    /// one (see [`Pending::untranslated_from`]), with the others of their tuple.
+    pub fn untranslated(&mut self) -> Vec<(FlowTuple, Vec<Pending<K>>)> {
+        let through = self.read_through_ns;
+        let due: Vec<FlowTuple> = self
+            .pending
+            .iter()
+            .filter(|(_, v)| {
+                v.first()
+                    .and_then(|p| p.untranslated_from)
+                    .is_some_and(|from| from <= through)
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        let mut out = Vec::with_capacity(due.len());
         for t in due {
             if let Some(v) = self.pending.remove(&t) {
                 self.pending_count -= v.len();
@@ -478,6 +518,7 @@ mod tests {
                 key: 7,
                 since: now,
                 last: false,
+                untranslated_from: None,
             },
         );
         assert_eq!(table.pending_len(), 1);
@@ -507,5 +548,47 @@ mod tests {
         assert_eq!(small.len(), 1);
         small.gc(now + UNJOINED_TTL);
         assert!(small.is_empty());
+    }
+
+    #[test]
+    fn absence_settles_only_once_read_through() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let t: FlowTuple = (6, ip("10.244.1.10"), 40000, ip("10.244.2.10"), 80);
+        let u: FlowTuple = (17, ip("10.244.1.10"), 40001, ip("10.244.2.10"), 53);
+        let rec = || {
+            crate::flows::record(
+                &"n".into(),
+                observer_common::EventKind::New,
+                &Default::default(),
+                &Default::default(),
+                |_| None,
+                |_| None,
+            )
+        };
+        let p = |key, from| Pending {
+            rec: rec(),
+            key,
+            since: Instant::now(),
+            last: false,
+            untranslated_from: from,
+        };
+        let mut table: NatTable<u32> = NatTable::new(10);
+        table.park(t, p(1, Some(1_000)));
+        table.park(t, p(2, None));
+        table.park(u, p(3, None));
+        table.set_read_through(999);
+        assert!(table.untranslated().is_empty());
+        table.set_read_through(1_000);
+        let due = table.untranslated();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].0, t);
+        // The close waiting behind its `new` record goes with it.
+        assert_eq!(due[0].1.iter().map(|p| p.key).collect::<Vec<_>>(), [1, 2]);
+        // A record without a start (UDP: the kernel may hold an older entry) waits on.
+        assert_eq!(table.pending_len(), 1);
+        assert!(table.untranslated().is_empty());
+        // Never moves back.
+        table.set_read_through(5);
+        assert_eq!(table.read_through(), 1_000);
     }
 }

@@ -510,6 +510,16 @@ fn per_flow_packets_and_bytes_are_exact() {
     if lost != 0 {
         failures.push(format!("{lost} events lost"));
     }
+    // The close records' last counters (the final ACKs) came with the kernel's after-close
+    // events: none was read back from the table.
+    let metrics = daemon.get("/metrics").unwrap();
+    let read_back = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("observer_closes_read_back_total "))
+        .map(|v| v.trim().parse::<u64>().unwrap());
+    if read_back != Some(0) {
+        failures.push(format!("closes read back: {read_back:?}"));
+    }
     assert!(
         failures.is_empty(),
         "mismatches:\n{}\ndaemon log:\n{}",

@@ -312,6 +312,17 @@ fn both_protocols_to_every_destination(model: Model) {
         metric(&m, "observer_snat_flows_total{expectation=\"unexpected\"}"),
         0
     );
+    // TCP to the pod on node-2 was translated neither way: the kernel dropped its event and
+    // its SYN settled it; nothing waited for a lookup.
+    assert!(
+        metric(&m, "observer_snat_settled_total{how=\"untranslated\"}") >= 1,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "observer_snat_settled_total{how=\"lookup\"}"),
+        0,
+        "{m}"
+    );
     assert_eq!(metric(&m, "observer_kernel_conntrack_overruns_total"), 0);
     let status = n.daemon.get("/v1/status").unwrap();
     let status: Value = serde_json::from_str(&status).unwrap();
@@ -422,7 +433,7 @@ fn short_connections_on_a_reused_tuple_keep_their_snat() {
                 use socket2::{Domain, Socket, Type};
                 let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
                 s.set_reuse_address(true).unwrap();
-                s.bind(&SocketAddr::new(web_ip.into(), port).into())
+                s.bind(&SocketAddr::new(web_ip, port).into())
                     .unwrap();
                 s.connect_timeout(&dst.into(), Duration::from_secs(2))
                     .unwrap();
@@ -488,6 +499,58 @@ fn short_connections_on_a_reused_tuple_keep_their_snat() {
     assert_eq!(
         metric(&m, "observer_snat_settled_total{how=\"lookup\"}"),
         0,
+        "{m}"
+    );
+}
+
+/// A first SYN that a firewall on the node drops after observer's program saw it: the kernel's
+/// translated entry comes with the retransmission a second later, long after the `new` record
+/// was settled untranslated (an entry comes within microseconds of its SYN). The connection's
+/// `close` record carries the translation the server saw, and the correction is counted.
+#[test]
+fn a_translation_read_late_reaches_the_close_record() {
+    const PORT: u16 = 8091;
+    let n = node_with("snl", Model::Overlay, &["--close-grace", "100ms"]);
+    let bed = &n.bed;
+    let web = bed.pod("web").clone();
+    let ext = Servers::start(&bed.ext_ns, EXT_IP.parse().unwrap(), PORT);
+    // The first SYN to PORT only: `numgen inc` counts the packets this rule sees.
+    nft(
+        &bed.node_ns,
+        &format!(
+            "table ip late {{\n chain first_syn {{\n  \
+             type filter hook forward priority filter; policy accept;\n  \
+             tcp dport {PORT} tcp flags syn numgen inc mod 1000 == 0 drop\n }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let dst: SocketAddr = format!("{EXT_IP}:{PORT}").parse().unwrap();
+    let t0 = Instant::now();
+    let client = tcp_exchange(&web.netns, dst);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "the first SYN was not dropped: connected in {:?}",
+        t0.elapsed()
+    );
+    let saw = ext.saw()[0];
+    assert_eq!(saw.ip(), NODE_IP.parse::<IpAddr>().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let close = loop {
+        let recs = flows(&n.daemon.socket, &["--protocol", "TCP", "--type", "close"]);
+        if let Some(r) = recs
+            .iter()
+            .find(|r| r["source"]["port"] == client.port() && r["destination"]["ip"] == EXT_IP)
+        {
+            break r.clone();
+        }
+        assert!(Instant::now() < deadline, "no close record: {recs:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    check(&close, client, saw, "expected");
+    let m = n.daemon.get("/metrics").unwrap();
+    assert_eq!(
+        metric(&m, "observer_snat_settled_total{how=\"late\"}"),
+        1,
         "{m}"
     );
 }

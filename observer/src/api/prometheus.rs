@@ -151,6 +151,12 @@ fn daemon(p: &mut Prom, st: &State) {
         st.metrics.conntrack_expired_total,
     );
     p.single(
+        "observer_closes_read_back_total",
+        "counter",
+        "TCP closes whose last counters were read back from the kernel's table, not sent by it.",
+        st.metrics.closes_read_back_total,
+    );
+    p.single(
         "observer_source_errors",
         "gauge",
         "Objects in the cluster source that could not be used.",
@@ -208,9 +214,9 @@ fn snat(p: &mut Prom, s: &Status, st: &State) {
     p.family(
         "observer_snat_settled_total",
         "counter",
-        "How connections' SNAT was settled: event (kernel conntrack event or dump), lookup (exact lookup after waiting), absent (no kernel entry: untranslated).",
+        "How connections' SNAT was settled: event (kernel conntrack event or dump), lookup (exact lookup after waiting), absent (no kernel entry: untranslated), untranslated (a TCP SYN's entry not translated, its event filtered out), late (a translated entry read after the connection was settled untranslated).",
     );
-    for how in ["event", "lookup", "absent"] {
+    for how in ["event", "lookup", "absent", "untranslated", "late"] {
         let n = st.metrics.snat_settled.get(how).copied().unwrap_or(0);
         p.sample("observer_snat_settled_total", &[("how", how)], n);
     }

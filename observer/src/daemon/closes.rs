@@ -1,7 +1,8 @@
 //! Closed connections: a TCP close's record goes out `--close-grace` after the kernel's close
-//! event, with the entry's counters then (the last ACK of a FIN exchange comes after the
-//! close). The entry itself stays in the kernel's table for the sweep to remove
-//! ([`CLOSED_LINGER`]), so late packets of the connection still find it.
+//! event, with the connection's counters then: the last ACK of a FIN exchange comes after the
+//! close, and the kernel sends its counters in an `AfterClose` event. The entry itself stays in
+//! the kernel's table for the sweep to remove ([`CLOSED_LINGER`]), so late packets of the
+//! connection still find it.
 use super::*;
 
 /// How long a closed connection's entry stays in the kernel's table after its last packet:
@@ -16,9 +17,83 @@ const CLOSING_MAX: usize = 262_144;
 /// A close the kernel reported, waiting for its grace.
 pub(super) struct Closing {
     key: CtKey,
-    /// The entry as the close event carried it.
+    /// The entry as the close event carried it, then the `AfterClose` events.
     entry: CtEntry,
     at: Instant,
+    /// The last counters must be read back from the kernel's table: an event of the
+    /// connection may be lost (a full ring, a restart) or not sent (past
+    /// `AFTER_CLOSE_EVENTS`).
+    read_back: bool,
+    /// The tuple was opened again within the grace: the new connection's `new` record stands
+    /// in for this close, and the state under the key is the new connection's.
+    reopened: bool,
+}
+
+/// Closes in the order they came (so by deadline), and the latest of each key.
+#[derive(Default)]
+pub(super) struct CloseQueue {
+    queue: VecDeque<Closing>,
+    /// Key -> sequence number of its latest close in `queue`.
+    latest: foldhash::HashMap<CtKey, u64>,
+    /// Sequence number of `queue[0]`.
+    front: u64,
+    /// Events the kernel could not put in the ring, as last read.
+    events_lost: u64,
+    /// When a loss was last seen (`CLOCK_MONOTONIC` ns): a close from before it may have
+    /// lost its after-close events and is read back.
+    lost_through_ns: u64,
+}
+
+impl CloseQueue {
+    pub(super) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn push(&mut self, c: Closing) {
+        self.latest
+            .insert(c.key, self.front + self.queue.len() as u64);
+        self.queue.push_back(c);
+    }
+
+    fn latest_mut(&mut self, key: &CtKey) -> Option<&mut Closing> {
+        let seq = *self.latest.get(key)?;
+        self.queue.get_mut((seq - self.front) as usize)
+    }
+
+    /// The closes whose grace ended by `through`.
+    fn pop_due(&mut self, grace: Duration, through: Instant) -> Vec<Closing> {
+        let n = self
+            .queue
+            .iter()
+            .take_while(|c| c.at + grace <= through)
+            .count();
+        let due: Vec<Closing> = self.queue.drain(..n).collect();
+        for (i, c) in due.iter().enumerate() {
+            let seq = self.front + i as u64;
+            if self.latest.get(&c.key) == Some(&seq) {
+                self.latest.remove(&c.key);
+            }
+        }
+        self.front += n as u64;
+        due
+    }
+
+    /// When the next close's grace ends.
+    fn next_due(&self, grace: Duration) -> Option<Instant> {
+        self.queue.front().map(|c| c.at + grace)
+    }
+
+    /// The kernel's count of events lost is now `lost` (read at `now_ns`): if it grew, every
+    /// close queued or still in the ring may be missing an after-close event.
+    fn events_lost(&mut self, lost: u64, now_ns: u64) {
+        if lost != self.events_lost {
+            self.events_lost = lost;
+            self.lost_through_ns = now_ns;
+            for c in self.queue.iter_mut() {
+                c.read_back = true;
+            }
+        }
+    }
 }
 
 /// Queues a close event; in arrival order, so the queue is ordered by deadline.
@@ -30,10 +105,13 @@ pub(super) fn close_seen(shared: &Shared, key: CtKey, entry: CtEntry) {
         return;
     }
     if st.closing.len() < CLOSING_MAX {
-        st.closing.push_back(Closing {
+        let read_back = entry.last_seen_ns <= st.closing.lost_through_ns;
+        st.closing.push(Closing {
             key,
             entry,
             at: Instant::now(),
+            read_back,
+            reopened: false,
         });
         return;
     }
@@ -41,38 +119,68 @@ pub(super) fn close_seen(shared: &Shared, key: CtKey, entry: CtEntry) {
     publish_close(shared, &key, &entry);
 }
 
-/// Publishes closes as their grace ends. A queue rather than the sweep: the sweep read each
-/// closed entry at every pass of its linger, about twenty times, and kept daemon state for it.
+/// A packet of a closed connection (the last ACK): its counters for the queued close.
+pub(super) fn after_close_seen(shared: &Shared, key: &CtKey, e: &CtEntry) {
+    let mut st = shared.state.lock().unwrap();
+    let Some(c) = st.closing.latest_mut(key) else {
+        // Published already (past its grace, or read back), or adopted.
+        return;
+    };
+    if c.entry.first_seen_ns != e.first_seen_ns {
+        return;
+    }
+    // Two CPUs may count packets of the connection at once: their events need not come in
+    // the order of the counts.
+    for d in 0..2 {
+        c.entry.packets[d] = c.entry.packets[d].max(e.packets[d]);
+        c.entry.bytes[d] = c.entry.bytes[d].max(e.bytes[d]);
+    }
+    c.entry.last_seen_ns = c.entry.last_seen_ns.max(e.last_seen_ns);
+    c.entry.tcp_flags |= e.tcp_flags;
+    if e.flags & ct_flags::AFTER_CLOSE_LAST != 0 {
+        c.read_back = true;
+    }
+}
+
+/// A `new` (or drop) event for `key`: a close waiting for its grace belongs to an earlier
+/// connection on the tuple.
+pub(super) fn reopened(st: &mut State, key: &CtKey) {
+    if let Some(c) = st.closing.latest_mut(key) {
+        c.reopened = true;
+    }
+}
+
+/// Publishes closes as their grace ends and the ring has been read past it (an after-close
+/// event may wait there). A queue rather than the sweep: the sweep read each closed entry at
+/// every pass of its linger, about twenty times, and kept daemon state for it.
 pub(super) async fn closes_task(shared: Arc<Shared>) -> Result<()> {
     let grace = shared.opts.close_grace;
     if let Err(e) = adopt_closing(&shared) {
         warn!("adopting closes an earlier daemon held: {e:#}");
     }
     loop {
+        // Lost events first: a close is published only up to when they were read.
+        let checked = Instant::now();
+        let lost = shared.dp.lock().unwrap().events_lost().unwrap_or(u64::MAX);
         let (due, next) = {
             let mut st = shared.state.lock().unwrap();
-            let n = st
-                .closing
-                .iter()
-                .take_while(|c| c.at.elapsed() >= grace)
-                .count();
-            let due: Vec<Closing> = st.closing.drain(..n).collect();
+            st.closing.events_lost(lost, flows::mono_now_ns());
+            let through = st.ring_read_through.min(checked);
+            let due = st.closing.pop_due(grace, through);
             if !st.adopted.is_empty() {
                 for c in &due {
                     st.adopted.remove(&c.key);
                 }
             }
-            let next = st
-                .closing
-                .front()
-                .map(|c| grace.saturating_sub(c.at.elapsed()));
-            (due, next)
+            (due, st.closing.next_due(grace))
         };
         if !due.is_empty() {
             publish_due(&shared, due);
         }
         // At most ten passes a second: closes gather into batches under load.
-        let wait = next.unwrap_or(grace).max(Duration::from_millis(100));
+        let wait = next
+            .map_or(grace, |t| t.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(100));
         tokio::time::sleep(wait).await;
     }
 }
@@ -99,30 +207,48 @@ fn adopt_closing(shared: &Shared) -> Result<()> {
     let mut st = shared.state.lock().unwrap();
     // The ring keeps events while no daemon reads it: a close already queued from its backlog
     // is not adopted, and one whose event comes later is not queued twice (`close_seen`).
-    let queued: foldhash::HashSet<CtKey> = st.closing.iter().map(|c| c.key).collect();
+    let queued: foldhash::HashSet<CtKey> = st.closing.queue.iter().map(|c| c.key).collect();
     for (key, entry, idle) in found {
         if queued.contains(&key) {
             continue;
         }
         let at = now.checked_sub(idle).unwrap_or(now);
-        st.closing.push_back(Closing { key, entry, at });
+        // Its after-close events went to the daemon before this one.
+        st.closing.push(Closing {
+            key,
+            entry,
+            at,
+            read_back: true,
+            reopened: false,
+        });
         st.adopted.insert(key);
     }
     Ok(())
 }
 
 fn publish_due(shared: &Shared, due: Vec<Closing>) {
+    let (read_back, from_events): (Vec<Closing>, Vec<Closing>) = due
+        .into_iter()
+        .filter(|c| !c.reopened)
+        .partition(|c| c.read_back);
+    for c in &from_events {
+        publish_close(shared, &c.key, &c.entry);
+    }
+    if read_back.is_empty() {
+        return;
+    }
+    shared.state.lock().unwrap().metrics.closes_read_back_total += read_back.len() as u64;
     let now: Vec<Option<CtEntry>> = {
         let dp = shared.dp.lock().unwrap();
         match dp.conntrack() {
-            Ok(ct) => due.iter().map(|c| ct.get(&c.key, 0).ok()).collect(),
+            Ok(ct) => read_back.iter().map(|c| ct.get(&c.key, 0).ok()).collect(),
             Err(e) => {
                 warn!("reading closed connections: {e:#}");
-                vec![None; due.len()]
+                vec![None; read_back.len()]
             }
         }
     };
-    for (c, now) in due.iter().zip(now) {
+    for (c, now) in read_back.iter().zip(now) {
         match now {
             // The same connection, with its counters after the grace.
             Some(e)
@@ -130,11 +256,10 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
             {
                 publish_close(shared, &c.key, &e)
             }
-            // The tuple was opened again within the grace: the new connection's entry and
-            // state replaced this one's, and its counters are not this connection's. Its
-            // `new` record stands in for this close, as it did when the sweep published.
+            // The tuple was opened again within the grace, and its `new` event was lost: as
+            // `reopened`.
             Some(_) => {}
-            // Gone (evicted from a full table, or removed): the event's counters are the last.
+            // Gone (evicted from a full table, or removed): the events' counters are the last.
             None => publish_close(shared, &c.key, &c.entry),
         }
     }

@@ -30,6 +30,8 @@ pub(super) async fn events_task(shared: Arc<Shared>, ring: RingBuf<MapData>) -> 
 
 /// Reads and handles what the ring holds, [`EVENT_BATCH`] events at a time.
 fn drain(shared: &Shared, ring: &mut RingBuf<MapData>, batch: &mut Vec<FlowEvent>) {
+    let began = Instant::now();
+    catch_up_with_reader(shared);
     loop {
         while batch.len() < EVENT_BATCH {
             let Some(item) = ring.next() else { break };
@@ -42,6 +44,7 @@ fn drain(shared: &Shared, ring: &mut RingBuf<MapData>, batch: &mut Vec<FlowEvent
             handle_event(shared, ev);
         }
         if !more {
+            shared.state.lock().unwrap().ring_read_through = began;
             return;
         }
     }
@@ -60,7 +63,7 @@ pub(super) fn entry_of(ev: &FlowEvent) -> CtEntry {
         class: ev.class,
         icmp_type: ev.icmp_type,
         icmp_code: ev.icmp_code,
-        _pad: 0,
+        after_close: 0,
         egress_rule: ev.egress_rule,
         ingress_rule: ev.ingress_rule,
         policy_gen: 0,
@@ -79,13 +82,18 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
             // A reused tuple starts over. A new one gets no state here: most connections
             // never need any (see `count_pod_traffic`), and a map entry per connection made
             // the map's growth most of the daemon's work at hundreds of thousands per second.
-            if let Some(c) = shared.state.lock().unwrap().conns.get_mut(&ev.key) {
-                *c = Conn::default();
+            {
+                let mut st = shared.state.lock().unwrap();
+                if let Some(c) = st.conns.get_mut(&ev.key) {
+                    *c = Conn::default();
+                }
+                reopened(&mut st, &ev.key);
             }
             emit(shared, kind, &ev.key, &e);
         }
         EventKind::Report => emit(shared, kind, &ev.key, &e),
         EventKind::Close => close_seen(shared, ev.key, e),
+        EventKind::AfterClose => after_close_seen(shared, &ev.key, &e),
     }
 }
 

@@ -7,7 +7,9 @@ pub struct Metrics {
     /// Connections of local pods by SNAT expectation.
     pub snat_flows: foldhash::HashMap<crate::snat::Expectation, u64>,
     /// How each connection's SNAT was settled: "event" (ctnetlink event or dump), "lookup"
-    /// (exact GET after waiting), "absent" (the kernel had no entry: untranslated).
+    /// (exact GET after waiting), "absent" (the kernel had no entry: untranslated),
+    /// "untranslated" (a TCP SYN's entry not translated: its event filtered out), "late" (a
+    /// translated entry after all, corrected on a later record).
     pub snat_settled: foldhash::HashMap<&'static str, u64>,
     pub conntrack_events_total: u64,
     /// ctnetlink overruns (events lost by the kernel): each is followed by a full dump.
@@ -29,6 +31,9 @@ pub struct Metrics {
     pub map_sync_errors_total: u64,
     pub source_errors: Vec<String>,
     pub conntrack_expired_total: u64,
+    /// Closes whose last counters were read back from the kernel's table rather than taken
+    /// from its after-close events (a loss, a restart, a connection past its events).
+    pub closes_read_back_total: u64,
     /// Local pods left out of the per-pod metrics by `--pod-metrics-max`.
     pub pod_metrics_overflow_total: u64,
     /// API event to maps written, with `--source kube`.

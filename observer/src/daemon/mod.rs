@@ -133,6 +133,9 @@ struct Conn {
     counted: [u64; 4],
     /// The connection's SNAT, once joined with the kernel's conntrack entry.
     snat: Option<crate::snat::SnatInfo>,
+    /// `snat` says untranslated because no kernel entry was read in time (see
+    /// `snat_join::untranslated_from`); an entry read later corrects it.
+    snat_assumed: bool,
     /// The Service it was opened to (and, from outside, the client before kube-proxy's
     /// masquerade), once read from the kernel's links.
     service: Option<(flows::ServiceRef, Option<std::net::SocketAddr>)>,
@@ -145,7 +148,10 @@ pub struct State {
     /// Keyed with a fast hasher: every kernel event and the sweep's pruning hash into it.
     conns: foldhash::HashMap<CtKey, Conn>,
     /// TCP closes waiting for `close_grace`, oldest first.
-    closing: VecDeque<Closing>,
+    closing: CloseQueue,
+    /// When the last read of the kernel's event ring that emptied it began: every event the
+    /// kernel queued before then has been handled.
+    ring_read_through: Instant,
     /// Closes in `closing` adopted from the kernel's table at start (see `adopt_closing`).
     adopted: foldhash::HashSet<CtKey>,
     /// The policies isolating a pod (by address) in a direction (true: ingress), as drop
@@ -194,6 +200,8 @@ pub struct Shared {
     /// sync), for the ctnetlink reader: the kernel drops the events of other IPv4 sources,
     /// which the SNAT join never uses.
     pub local_v4_span: std::sync::atomic::AtomicU64,
+    /// The ctnetlink reader's state, once it runs (see `snat_join::ReaderGate`).
+    conntrack_gate: std::sync::OnceLock<Arc<ReaderGate>>,
 }
 
 impl State {
@@ -245,6 +253,7 @@ pub async fn run(opts: Options) -> Result<()> {
         kernel_features: features.summary(),
         conntrack_swept: Default::default(),
         local_v4_span: Default::default(),
+        conntrack_gate: Default::default(),
     });
 
     // Cluster state before interfaces, so the first flows are already classified.
@@ -365,7 +374,8 @@ impl State {
             cluster: Arc::new(Cluster::default()),
             by_ip: Default::default(),
             conns: Default::default(),
-            closing: VecDeque::new(),
+            closing: CloseQueue::default(),
+            ring_read_through: Instant::now(),
             adopted: Default::default(),
             isolating: Default::default(),
             late_closes: Default::default(),

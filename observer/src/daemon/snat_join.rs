@@ -20,9 +20,16 @@ impl Shared {
         let Some(t) = snat_subject(&st, &self.opts, kind, key, e, rec.service.as_ref()) else {
             return Some(rec);
         };
-        if let Some(info) = st.conns.get(key).and_then(|c| c.snat.clone()) {
-            rec.snat = Some(info);
-            return Some(rec);
+        if let Some(c) = st.conns.get(key) {
+            if let Some(info) = c.snat.clone() {
+                // Settled by absence, and the kernel's entry came after all: it wins.
+                let late = c.snat_assumed && kind != EventKind::New;
+                match late.then(|| st.nat.take(&t, e.first_seen_ns)).flatten() {
+                    Some(k) => settle(&mut st, key, &mut rec, t, k, "late"),
+                    None => rec.snat = Some(info),
+                }
+                return Some(rec);
+            }
         }
         match st.nat.take(&t, e.first_seen_ns) {
             Some(k) => {
@@ -33,22 +40,126 @@ impl Shared {
             // connection: both events in one batch of the ring) waits behind it, so it carries
             // the same SNAT and the connection's state goes with it, not before the `new`
             // record's join brings it back for a later connection on the tuple to trip on.
-            None if kind == EventKind::New
-                || (kind == EventKind::Close && st.nat.is_waiting(&t)) =>
-            {
-                st.nat.park(
-                    t,
-                    crate::snat::Pending {
-                        rec,
-                        key: *key,
-                        since: Instant::now(),
-                        last: kind == EventKind::Close,
-                    },
-                );
+            None if kind == EventKind::Close && st.nat.is_waiting(&t) => {
+                st.nat.park(t, pending(rec, key, true, None));
+                None
+            }
+            None if kind == EventKind::New => {
+                let from = untranslated_from(key, e);
+                if from.is_some_and(|f| f <= st.nat.read_through()) {
+                    let k = untranslated(&rec, t);
+                    settle(&mut st, key, &mut rec, t, k, "untranslated");
+                    return Some(rec);
+                }
+                st.nat.park(t, pending(rec, key, false, from));
                 None
             }
             None => Some(rec),
         }
+    }
+}
+
+fn pending(
+    rec: FlowRecord,
+    key: &CtKey,
+    last: bool,
+    untranslated_from: Option<u64>,
+) -> crate::snat::Pending<CtKey> {
+    crate::snat::Pending {
+        rec,
+        key: *key,
+        since: Instant::now(),
+        last,
+        untranslated_from,
+    }
+}
+
+/// How long after a connection's first packet its kernel entry is surely queued to the
+/// reader, if the kernel made one. The kernel confirms the entry, and queues its event, while
+/// it handles that packet, microseconds after observer's program at the pod's veth saw it;
+/// the packet's time is the programs' coarse clock, up to two ticks behind (`clock.rs`): the
+/// coarse clock's resolution is the tick. 2 ms more for the rest.
+fn entry_queued_within_ns() -> u64 {
+    static NS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NS.get_or_init(|| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let tick = if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } == 0 {
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        } else {
+            // HZ=100, the coarsest there is.
+            10_000_000
+        };
+        2 * tick + 2_000_000
+    })
+}
+
+/// What the events intake needs of the ctnetlink reader to settle a record as untranslated
+/// at once, not after the reader's next pass: that the reader's socket holds nothing and no
+/// read of it was under way. `reads` is odd while the reader reads and applies a batch.
+pub(super) struct ReaderGate {
+    reads: std::sync::atomic::AtomicU64,
+    /// The reader's socket (it lives as long as the daemon).
+    fd: std::os::fd::RawFd,
+}
+
+impl ReaderGate {
+    fn reading(&self) {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// `Some(now)` when every entry the kernel queued before now has been applied to the
+    /// join; `None` when that cannot be told (events queued, a read under way).
+    fn quiet_now(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let before = self.reads.load(Ordering::Acquire);
+        if before % 2 == 1 {
+            return None;
+        }
+        let now = flows::mono_now_ns();
+        let mut p = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if unsafe { libc::poll(&mut p, 1, 0) } != 0 {
+            return None;
+        }
+        (self.reads.load(Ordering::Acquire) == before).then_some(now)
+    }
+}
+
+/// Before a batch of the ring's records: lets those whose connection's kernel entry would
+/// have been read by now settle as untranslated without waiting for the reader's next pass.
+pub(super) fn catch_up_with_reader(shared: &Shared) {
+    let Some(now) = shared.conntrack_gate.get().and_then(|g| g.quiet_now()) else {
+        return;
+    };
+    shared.state.lock().unwrap().nat.set_read_through(now);
+}
+
+/// From when a `new` record may be settled as untranslated with no kernel entry read: a TCP
+/// connection opened by its SYN, whose first packet made the kernel's entry (a SYN on a closed
+/// tuple replaces the old entry). Not so other protocols, nor TCP picked up mid-way: the
+/// kernel may hold an older entry of the tuple, made before observer's, that no event
+/// announces; those wait for the event or the lookup after `--snat-wait`. The reader's socket
+/// filter drops untranslated TCP entries ([`set_filter`]): for most connections of a cluster
+/// no event is built into a message, queued, or read.
+fn untranslated_from(key: &CtKey, e: &CtEntry) -> Option<u64> {
+    const SYN: u32 = 0x02;
+    const ACK: u32 = 0x10;
+    let opened = key.proto == IPPROTO_TCP && e.tcp_flags & (SYN | ACK) == SYN;
+    opened.then(|| e.first_seen_ns + entry_queued_within_ns())
+}
+
+/// What the kernel's entry would have said of a connection it did not translate: where the
+/// record says it went (a Service's backend, not the frontend of the tuple).
+fn untranslated(rec: &FlowRecord, t: crate::snat::FlowTuple) -> crate::snat::Kernel {
+    crate::snat::Kernel {
+        translated: None,
+        dst: rec.destination.ip.unwrap_or(t.3),
     }
 }
 
@@ -120,9 +231,14 @@ pub(super) fn settle(
         },
         ..info
     };
-    *st.metrics.snat_flows.entry(info.expectation).or_default() += 1;
+    // A late entry corrects the connection's SNAT; the connection was counted once already.
+    if how != "late" {
+        *st.metrics.snat_flows.entry(info.expectation).or_default() += 1;
+    }
     *st.metrics.snat_settled.entry(how).or_default() += 1;
-    st.conns.entry(*key).or_default().snat = Some(info.clone());
+    let conn = st.conns.entry(*key).or_default();
+    conn.snat = Some(info.clone());
+    conn.snat_assumed = how == "untranslated";
     rec.snat = Some(info);
 }
 
@@ -192,6 +308,24 @@ pub(super) fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEve
     publish_waited(shared, ready);
 }
 
+/// Every entry the kernel made before `ns` has been read: the records that would have had
+/// theirs by then are untranslated ([`untranslated_from`]).
+fn read_through(shared: &Shared, ns: u64) {
+    let mut ready = Vec::new();
+    {
+        let mut st = shared.state.lock().unwrap();
+        st.nat.set_read_through(ns);
+        for (t, waiting) in st.nat.untranslated() {
+            for mut p in waiting {
+                let k = untranslated(&p.rec, t);
+                settle_waiting(&mut st, &mut p, t, k, "untranslated");
+                ready.push(p);
+            }
+        }
+    }
+    publish_waited(shared, ready);
+}
+
 /// Publishes records that waited for their join, in the order they came; a connection's last
 /// one takes its state along.
 pub(super) fn publish_waited(shared: &Shared, ready: Vec<crate::snat::Pending<CtKey>>) {
@@ -252,21 +386,32 @@ pub(super) fn settle_overdue(shared: &Shared) {
     publish_waited(shared, ready);
 }
 
-/// Has the kernel keep only the events of this node's pods' IPv4 sources (and IPv6 ones) when
-/// the span of their addresses changed since `applied`. A pod new to the span may have its
-/// first connections' events dropped until this runs (within `SETTLE_TICK`): its records then
-/// settle by a lookup. If the filter cannot be set every event is read, as before.
-fn keep_local_sources(shared: &Shared, l: &crate::ctnetlink::Listener, applied: &mut u64) {
+/// Has the kernel keep only the events the join uses: of translated TCP connections (an
+/// untranslated one is settled by the entry's absence, see [`untranslated_from`]) and of this
+/// node's pods' IPv4 sources (and IPv6 ones), set again when the span of their addresses
+/// changed. A pod new to the span may have its first connections' events dropped until this
+/// runs (within `SETTLE_TICK`): its records then settle by a lookup, or as untranslated. If
+/// the filter cannot be set every event is read, as before.
+fn set_filter(
+    shared: &Shared,
+    l: &crate::ctnetlink::Listener,
+    applied: &mut Option<crate::ctnetlink::Filter>,
+) {
     let span = shared
         .local_v4_span
         .load(std::sync::atomic::Ordering::Relaxed);
-    if span == *applied || span == 0 {
+    let f = crate::ctnetlink::Filter {
+        v4_sources: (span != 0)
+            .then(|| ((span >> 32) as u32).into())
+            .map(|lo| (lo, (span as u32).into())),
+        tcp_translated_only: true,
+    };
+    if *applied == Some(f) {
         return;
     }
-    *applied = span;
-    let (lo, hi) = ((span >> 32) as u32, span as u32);
-    if let Err(e) = l.keep_v4_sources(lo.into(), hi.into()) {
-        warn!("filtering conntrack events by source: {e}; reading them all");
+    *applied = Some(f);
+    if let Err(e) = l.set_filter(&f) {
+        warn!("filtering conntrack events: {e}; reading them all");
     }
 }
 
@@ -326,21 +471,34 @@ fn follow_conntrack(shared: &Shared) -> Result<()> {
             warn!("conntrack dump: {e}");
         }
     };
+    let gate = Arc::new(ReaderGate {
+        // Odd: the dump below is a read under way.
+        reads: 1.into(),
+        fd: std::os::fd::AsRawFd::as_raw_fd(&l),
+    });
+    let _ = shared.conntrack_gate.set(gate.clone());
+    let mut filter = None;
+    set_filter(shared, &l, &mut filter);
+    let started = flows::mono_now_ns();
     dump(shared);
+    read_through(shared, started);
+    gate.reading();
     let mut batch = Vec::new();
     let mut settled = Instant::now();
-    let mut span = 0;
     loop {
-        keep_local_sources(shared, &l, &mut span);
+        set_filter(shared, &l, &mut filter);
         let wait = SETTLE_TICK.saturating_sub(settled.elapsed());
+        let quiet_from = flows::mono_now_ns();
         if l.wait(wait).context("waiting for conntrack events")? {
             std::thread::sleep(CONNTRACK_GATHER);
-            let overrun = l
-                .read_pending(&mut batch)
+            gate.reading();
+            let from = flows::mono_now_ns();
+            let read = l
+                .read_batch(&mut batch)
                 .context("reading conntrack events")?;
             apply_conntrack(shared, &batch, false);
             batch.clear();
-            if overrun {
+            if read.overrun {
                 shared
                     .state
                     .lock()
@@ -350,6 +508,13 @@ fn follow_conntrack(shared: &Shared) -> Result<()> {
                 warn!("conntrack events lost (socket overrun); resyncing with a dump");
                 dump(shared);
             }
+            // (After an overrun, the dump began after `from`.)
+            if read.emptied || read.overrun {
+                read_through(shared, from);
+            }
+            gate.reading();
+        } else {
+            read_through(shared, quiet_from);
         }
         if settled.elapsed() >= SETTLE_TICK {
             settled = Instant::now();
