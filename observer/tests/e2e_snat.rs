@@ -433,8 +433,7 @@ fn short_connections_on_a_reused_tuple_keep_their_snat() {
                 use socket2::{Domain, Socket, Type};
                 let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
                 s.set_reuse_address(true).unwrap();
-                s.bind(&SocketAddr::new(web_ip, port).into())
-                    .unwrap();
+                s.bind(&SocketAddr::new(web_ip, port).into()).unwrap();
                 s.connect_timeout(&dst.into(), Duration::from_secs(2))
                     .unwrap();
                 let mut s: TcpStream = s.into();

@@ -142,11 +142,14 @@ pub(super) fn after_close_seen(shared: &Shared, key: &CtKey, e: &CtEntry) {
     }
 }
 
-/// A `new` (or drop) event for `key`: a close waiting for its grace belongs to an earlier
-/// connection on the tuple.
-pub(super) fn reopened(st: &mut State, key: &CtKey) {
+/// A `new` (or drop) event for `key`, of the connection first seen at `first_seen_ns`: a close
+/// waiting for its grace that is not this connection's belongs to an earlier one on the tuple.
+/// (A drop event can be the closed connection's own: a policy change denying its last ACK.)
+pub(super) fn reopened(st: &mut State, key: &CtKey, first_seen_ns: u64) {
     if let Some(c) = st.closing.latest_mut(key) {
-        c.reopened = true;
+        if c.entry.first_seen_ns != first_seen_ns {
+            c.reopened = true;
+        }
     }
 }
 

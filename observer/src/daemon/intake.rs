@@ -87,7 +87,7 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
                 if let Some(c) = st.conns.get_mut(&ev.key) {
                     *c = Conn::default();
                 }
-                reopened(&mut st, &ev.key);
+                reopened(&mut st, &ev.key, ev.first_seen_ns);
             }
             emit(shared, kind, &ev.key, &e);
         }
