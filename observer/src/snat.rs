@@ -262,6 +262,12 @@ pub struct NatTable<K> {
     pub overflow_total: u64,
     /// Every kernel entry created before this time (`CLOCK_MONOTONIC` ns) has been read.
     read_through_ns: u64,
+    /// A record whose `untranslated_from` is at or before this is not settled by absence: an
+    /// entry of its time may have been refused (table full), lost (an overrun without a
+    /// dump) or filtered out (before the reader's filter covered its source).
+    distrust_from_ns: u64,
+    /// How long after a connection's first packet its entry is surely queued to the reader.
+    absence_margin_ns: u64,
 }
 
 impl<K> NatTable<K> {
@@ -273,6 +279,8 @@ impl<K> NatTable<K> {
             max_entries,
             overflow_total: 0,
             read_through_ns: 0,
+            distrust_from_ns: 0,
+            absence_margin_ns: 0,
         }
     }
 
@@ -303,6 +311,7 @@ impl<K> NatTable<K> {
         }
         if self.entries.len() >= self.max_entries && !self.entries.contains_key(&t) {
             self.overflow_total += 1;
+            self.distrust_absence(now_ns);
             return None;
         }
         self.entries.insert(
@@ -370,26 +379,57 @@ impl<K> NatTable<K> {
         self.read_through_ns
     }
 
+    /// How long after a connection's first packet its kernel entry is surely queued.
+    pub fn set_absence_margin(&mut self, ns: u64) {
+        self.absence_margin_ns = ns;
+    }
+
+    /// `untranslated_from` of a connection first seen at `first_seen_ns`.
+    pub fn absence_from(&self, first_seen_ns: u64) -> u64 {
+        first_seen_ns + self.absence_margin_ns
+    }
+
+    /// Entries of connections first seen before `ns` may be missing without saying anything
+    /// (refused, lost, filtered out): their records wait for a lookup instead.
+    pub fn distrust_absence(&mut self, ns: u64) {
+        self.distrust_from_ns = self.distrust_from_ns.max(self.absence_from(ns));
+    }
+
+    /// Whether a record with this `untranslated_from` is untranslated, no entry having come.
+    pub fn absence_settles(&self, from: u64) -> bool {
+        from <= self.read_through_ns && from > self.distrust_from_ns
+    }
+
     /// Records whose connection would have had its entry read by now if the kernel had made
-    /// one (see [`Pending::untranslated_from`]), with the others of their tuple.
+    /// one (see [`Pending::untranslated_from`]), with the closes waiting behind them. A later
+    /// connection's record on the tuple waits on for its own time.
     pub fn untranslated(&mut self) -> Vec<(FlowTuple, Vec<Pending<K>>)> {
-        let through = self.read_through_ns;
-        let due: Vec<FlowTuple> = self
+        let due: Vec<(FlowTuple, usize)> = self
             .pending
             .iter()
-            .filter(|(_, v)| {
-                v.first()
-                    .and_then(|p| p.untranslated_from)
-                    .is_some_and(|from| from <= through)
+            .filter_map(|(t, v)| {
+                let n = v
+                    .iter()
+                    .take_while(|p| {
+                        p.last || p.untranslated_from.is_some_and(|f| self.absence_settles(f))
+                    })
+                    .count();
+                // Not a close alone: it follows its `new` record.
+                (n > 0 && !v[0].last).then_some((*t, n))
             })
-            .map(|(t, _)| *t)
             .collect();
         let mut out = Vec::with_capacity(due.len());
-        for t in due {
-            if let Some(v) = self.pending.remove(&t) {
-                self.pending_count -= v.len();
-                out.push((t, v));
-            }
+        for (t, n) in due {
+            let Some(v) = self.pending.get_mut(&t) else {
+                continue;
+            };
+            let settled: Vec<Pending<K>> = if n == v.len() {
+                self.pending.remove(&t).unwrap_or_default()
+            } else {
+                v.drain(..n).collect()
+            };
+            self.pending_count -= settled.len();
+            out.push((t, settled));
         }
         out
     }
@@ -572,9 +612,15 @@ mod tests {
             last: false,
             untranslated_from: from,
         };
+        let close = |key| Pending {
+            last: true,
+            ..p(key, None)
+        };
         let mut table: NatTable<u32> = NatTable::new(10);
         table.park(t, p(1, Some(1_000)));
-        table.park(t, p(2, None));
+        table.park(t, close(2));
+        // A later connection on the tuple, with a later time of its own.
+        table.park(t, p(4, Some(2_000)));
         table.park(u, p(3, None));
         table.set_read_through(999);
         assert!(table.untranslated().is_empty());
@@ -582,13 +628,22 @@ mod tests {
         let due = table.untranslated();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].0, t);
-        // The close waiting behind its `new` record goes with it.
+        // The close waiting behind its `new` record goes with it, the later connection not.
         assert_eq!(due[0].1.iter().map(|p| p.key).collect::<Vec<_>>(), [1, 2]);
         // A record without a start (UDP: the kernel may hold an older entry) waits on.
-        assert_eq!(table.pending_len(), 1);
+        assert_eq!(table.pending_len(), 2);
         assert!(table.untranslated().is_empty());
         // Never moves back.
         table.set_read_through(5);
         assert_eq!(table.read_through(), 1_000);
+        // An entry refused (table full) read at 1,500: absence says nothing up to then (with
+        // the margin), so the later connection waits for its lookup.
+        table.set_absence_margin(600);
+        table.distrust_absence(1_500);
+        table.set_read_through(3_000);
+        assert!(table.untranslated().is_empty());
+        assert!(!table.absence_settles(2_000));
+        assert!(table.absence_settles(2_200));
+        assert_eq!(table.pending_len(), 2);
     }
 }

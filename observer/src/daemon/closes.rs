@@ -131,6 +131,10 @@ pub(super) fn after_close_seen(shared: &Shared, key: &CtKey, e: &CtEntry) {
     }
     // Two CPUs may count packets of the connection at once: their events need not come in
     // the order of the counts.
+    // The verdict of the latest (a policy change may have denied the last ACK).
+    if e.packets.iter().sum::<u64>() >= c.entry.packets.iter().sum::<u64>() {
+        c.entry.flags = e.flags & !ct_flags::AFTER_CLOSE_LAST;
+    }
     for d in 0..2 {
         c.entry.packets[d] = c.entry.packets[d].max(e.packets[d]);
         c.entry.bytes[d] = c.entry.bytes[d].max(e.bytes[d]);
@@ -142,9 +146,8 @@ pub(super) fn after_close_seen(shared: &Shared, key: &CtKey, e: &CtEntry) {
     }
 }
 
-/// A `new` (or drop) event for `key`, of the connection first seen at `first_seen_ns`: a close
-/// waiting for its grace that is not this connection's belongs to an earlier one on the tuple.
-/// (A drop event can be the closed connection's own: a policy change denying its last ACK.)
+/// A `new` event for `key`, of the connection first seen at `first_seen_ns`: a close waiting for
+/// its grace that is not this connection's belongs to an earlier one on the tuple.
 pub(super) fn reopened(st: &mut State, key: &CtKey, first_seen_ns: u64) {
     if let Some(c) = st.closing.latest_mut(key) {
         if c.entry.first_seen_ns != first_seen_ns {

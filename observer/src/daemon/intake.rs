@@ -78,7 +78,7 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
     };
     let e = entry_of(&ev);
     match kind {
-        EventKind::New | EventKind::Drop => {
+        EventKind::New => {
             // A reused tuple starts over. A new one gets no state here: most connections
             // never need any (see `count_pod_traffic`), and a map entry per connection made
             // the map's growth most of the daemon's work at hundreds of thousands per second.
@@ -91,6 +91,9 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
             }
             emit(shared, kind, &ev.key, &e);
         }
+        // Not a new connection's entry: a denied SYN leaves a closed connection on the tuple
+        // in place, and a policy change denying a live one keeps its state.
+        EventKind::Drop => emit(shared, kind, &ev.key, &e),
         EventKind::Report => emit(shared, kind, &ev.key, &e),
         EventKind::Close => close_seen(shared, ev.key, e),
         EventKind::AfterClose => after_close_seen(shared, &ev.key, &e),

@@ -393,7 +393,11 @@ impl State {
                 &interface_nets(&opts.uplinks),
                 host_addresses(),
             ),
-            nat: crate::snat::NatTable::new(NAT_TABLE_MAX),
+            nat: {
+                let mut nat = crate::snat::NatTable::new(NAT_TABLE_MAX);
+                nat.set_absence_margin(entry_queued_within_ns());
+                nat
+            },
             snat_live: opts.snat,
             bucket: opts.max_records_per_second as f64,
             bucket_at: Instant::now(),

@@ -45,8 +45,8 @@ impl Shared {
                 None
             }
             None if kind == EventKind::New => {
-                let from = untranslated_from(key, e);
-                if from.is_some_and(|f| f <= st.nat.read_through()) {
+                let from = opened_by_syn(key, e).then(|| st.nat.absence_from(e.first_seen_ns));
+                if from.is_some_and(|f| st.nat.absence_settles(f)) {
                     let k = untranslated(&rec, t);
                     settle(&mut st, key, &mut rec, t, k, "untranslated");
                     return Some(rec);
@@ -79,7 +79,7 @@ fn pending(
 /// it handles that packet, microseconds after observer's program at the pod's veth saw it;
 /// the packet's time is the programs' coarse clock, up to two ticks behind (`clock.rs`): the
 /// coarse clock's resolution is the tick. 2 ms more for the rest.
-fn entry_queued_within_ns() -> u64 {
+pub(super) fn entry_queued_within_ns() -> u64 {
     static NS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *NS.get_or_init(|| {
         let mut ts = libc::timespec {
@@ -140,18 +140,17 @@ pub(super) fn catch_up_with_reader(shared: &Shared) {
     shared.state.lock().unwrap().nat.set_read_through(now);
 }
 
-/// From when a `new` record may be settled as untranslated with no kernel entry read: a TCP
-/// connection opened by its SYN, whose first packet made the kernel's entry (a SYN on a closed
-/// tuple replaces the old entry). Not so other protocols, nor TCP picked up mid-way: the
-/// kernel may hold an older entry of the tuple, made before observer's, that no event
-/// announces; those wait for the event or the lookup after `--snat-wait`. The reader's socket
-/// filter drops untranslated TCP entries ([`set_filter`]): for most connections of a cluster
-/// no event is built into a message, queued, or read.
-fn untranslated_from(key: &CtKey, e: &CtEntry) -> Option<u64> {
+/// Whether a `new` record may be settled as untranslated when no kernel entry was read in
+/// time (`NatTable::absence_settles`): a TCP connection opened by its SYN, whose first packet
+/// made the kernel's entry (a SYN on a closed tuple replaces the old entry). Not so other
+/// protocols, nor TCP picked up mid-way: the kernel may hold an older entry of the tuple, made
+/// before observer's, that no event announces; those wait for the event or the lookup after
+/// `--snat-wait`. The reader's socket filter drops untranslated TCP entries ([`set_filter`]):
+/// for most connections of a cluster no event is built into a message, queued, or read.
+fn opened_by_syn(key: &CtKey, e: &CtEntry) -> bool {
     const SYN: u32 = 0x02;
     const ACK: u32 = 0x10;
-    let opened = key.proto == IPPROTO_TCP && e.tcp_flags & (SYN | ACK) == SYN;
-    opened.then(|| e.first_seen_ns + entry_queued_within_ns())
+    key.proto == IPPROTO_TCP && e.tcp_flags & (SYN | ACK) == SYN
 }
 
 /// What the kernel's entry would have said of a connection it did not translate: where the
@@ -282,7 +281,10 @@ pub(super) fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEve
                         .by_ip
                         .get(&ev.orig.src)
                         .is_some_and(|p| *p.node == *shared.opts.node_name && !p.host_network);
-                    if !local {
+                    // An event of TCP (the filter keeps translated TCP only) is kept even
+                    // so: its pod may be in the cluster view only by the time its record is
+                    // joined, which would take the absence of its entry for no translation.
+                    if !local && (dump || t.0 != IPPROTO_TCP) {
                         continue;
                     }
                     // Already joined: a dump repeats live connections. Not so an event, a new
@@ -409,6 +411,12 @@ fn set_filter(
     if *applied == Some(f) {
         return;
     }
+    // Events of sources the filter before this one dropped and this one keeps (a pod new to
+    // the span) are gone: their connections' records wait for a lookup.
+    if applied.is_some() {
+        let now = flows::mono_now_ns();
+        shared.state.lock().unwrap().nat.distrust_absence(now);
+    }
     *applied = Some(f);
     if let Err(e) = l.set_filter(&f) {
         warn!("filtering conntrack events: {e}; reading them all");
@@ -461,14 +469,20 @@ const SETTLE_TICK: Duration = Duration::from_millis(20);
 fn follow_conntrack(shared: &Shared) -> Result<()> {
     let mut l = crate::ctnetlink::Listener::open(CONNTRACK_RCVBUF, crate::ctnetlink::Events::New)
         .context("subscribing to conntrack events (ctnetlink)")?;
+    // Whether the dump read the whole table: if not, entries lost before it say nothing by
+    // their absence.
     let dump = |shared: &Shared| match crate::ctnetlink::dump() {
         Ok(all) => {
             shared.state.lock().unwrap().metrics.conntrack_dumps_total += 1;
             apply_conntrack(shared, &all, true);
+            true
         }
         Err(e) => {
-            shared.state.lock().unwrap().metrics.conntrack_errors_total += 1;
+            let mut st = shared.state.lock().unwrap();
+            st.metrics.conntrack_errors_total += 1;
+            st.nat.distrust_absence(flows::mono_now_ns());
             warn!("conntrack dump: {e}");
+            false
         }
     };
     let gate = Arc::new(ReaderGate {
@@ -480,8 +494,9 @@ fn follow_conntrack(shared: &Shared) -> Result<()> {
     let mut filter = None;
     set_filter(shared, &l, &mut filter);
     let started = flows::mono_now_ns();
-    dump(shared);
-    read_through(shared, started);
+    if dump(shared) {
+        read_through(shared, started);
+    }
     gate.reading();
     let mut batch = Vec::new();
     let mut settled = Instant::now();
@@ -498,6 +513,7 @@ fn follow_conntrack(shared: &Shared) -> Result<()> {
                 .context("reading conntrack events")?;
             apply_conntrack(shared, &batch, false);
             batch.clear();
+            let mut through = read.emptied;
             if read.overrun {
                 shared
                     .state
@@ -506,10 +522,10 @@ fn follow_conntrack(shared: &Shared) -> Result<()> {
                     .metrics
                     .conntrack_overruns_total += 1;
                 warn!("conntrack events lost (socket overrun); resyncing with a dump");
-                dump(shared);
+                // The dump began after `from`.
+                through = dump(shared);
             }
-            // (After an overrun, the dump began after `from`.)
-            if read.emptied || read.overrun {
+            if through {
                 read_through(shared, from);
             }
             gate.reading();
