@@ -487,17 +487,11 @@ fn filter_program(f: &Filter) -> Vec<libc::sock_filter> {
         a.op(LD_W_IND, 4);
         a.jump(JSET, IPS_NAT, To::Label("source"), To::Next);
         // Untranslated: dropped if TCP.
-        a.op(LD_IMM, base);
-        a.op(LDX_IMM, CTA_TUPLE_ORIG.into());
-        a.op(LD_W_ABS, AD_NLATTR);
-        a.jump(JEQ, 0, To::Label("source"), To::Next);
-        a.op(LDX_IMM, CTA_TUPLE_PROTO.into());
-        a.op(LD_W_ABS, AD_NLATTR_NEST);
-        a.jump(JEQ, 0, To::Label("source"), To::Next);
-        a.op(LDX_IMM, CTA_PROTO_NUM.into());
-        a.op(LD_W_ABS, AD_NLATTR_NEST);
-        a.jump(JEQ, 0, To::Label("source"), To::Next);
-        a.op(TAX, 0);
+        a.find(
+            base,
+            [CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_PROTO_NUM],
+            To::Label("source"),
+        );
         a.op(LD_B_IND, 4);
         a.jump(
             JEQ,
@@ -508,17 +502,11 @@ fn filter_program(f: &Filter) -> Vec<libc::sock_filter> {
     }
     a.label("source");
     if let Some((lo, hi)) = f.v4_sources {
-        a.op(LD_IMM, base);
-        a.op(LDX_IMM, CTA_TUPLE_ORIG.into());
-        a.op(LD_W_ABS, AD_NLATTR);
-        a.jump(JEQ, 0, To::Label("keep"), To::Next);
-        a.op(LDX_IMM, CTA_TUPLE_IP.into());
-        a.op(LD_W_ABS, AD_NLATTR_NEST);
-        a.jump(JEQ, 0, To::Label("keep"), To::Next);
-        a.op(LDX_IMM, CTA_IP_V4_SRC.into());
-        a.op(LD_W_ABS, AD_NLATTR_NEST);
-        a.jump(JEQ, 0, To::Label("keep"), To::Next);
-        a.op(TAX, 0);
+        a.find(
+            base,
+            [CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_IP_V4_SRC],
+            To::Label("keep"),
+        );
         // The address after the attribute's 4-byte header, in network order as loaded.
         a.op(LD_W_IND, 4);
         a.jump(JGE, u32::from(lo), To::Next, To::Label("drop"));
@@ -570,6 +558,21 @@ mod bpf_asm {
         pub fn jump(&mut self, code: u16, k: u32, jt: To, jf: To) {
             self.ops.push((code, k, jt, jf));
         }
+        /// `X` = offset of the attribute `path[2]`, nested in `path[1]`, nested in the
+        /// top-level `path[0]` after `base`; on to `missing` when one of them is absent.
+        pub fn find(&mut self, base: u32, path: [u16; 3], missing: To) {
+            self.op(LD_IMM, base);
+            self.op(LDX_IMM, path[0].into());
+            self.op(LD_W_ABS, AD_NLATTR);
+            self.jump(JEQ, 0, missing, To::Next);
+            for attr in &path[1..] {
+                self.op(LDX_IMM, (*attr).into());
+                self.op(LD_W_ABS, AD_NLATTR_NEST);
+                self.jump(JEQ, 0, missing, To::Next);
+            }
+            self.op(TAX, 0);
+        }
+
         /// Names the next instruction.
         pub fn label(&mut self, name: &'static str) {
             self.labels.push((name, self.ops.len()));

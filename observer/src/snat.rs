@@ -528,6 +528,17 @@ mod tests {
         assert_eq!(m.model, Model::Overlay);
     }
 
+    fn new_record() -> crate::flows::FlowRecord {
+        crate::flows::record(
+            &"n".into(),
+            observer_common::EventKind::New,
+            &Default::default(),
+            &Default::default(),
+            |_| None,
+            |_| None,
+        )
+    }
+
     #[test]
     fn join_waits_for_the_entry_either_way_round() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
@@ -547,14 +558,7 @@ mod tests {
         table.park(
             t,
             Pending {
-                rec: crate::flows::record(
-                    &"n".into(),
-                    observer_common::EventKind::New,
-                    &Default::default(),
-                    &Default::default(),
-                    |_| None,
-                    |_| None,
-                ),
+                rec: new_record(),
                 key: 7,
                 since: now,
                 last: false,
@@ -595,18 +599,8 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let t: FlowTuple = (6, ip("10.244.1.10"), 40000, ip("10.244.2.10"), 80);
         let u: FlowTuple = (17, ip("10.244.1.10"), 40001, ip("10.244.2.10"), 53);
-        let rec = || {
-            crate::flows::record(
-                &"n".into(),
-                observer_common::EventKind::New,
-                &Default::default(),
-                &Default::default(),
-                |_| None,
-                |_| None,
-            )
-        };
         let p = |key, from| Pending {
-            rec: rec(),
+            rec: new_record(),
             key,
             since: Instant::now(),
             last: false,

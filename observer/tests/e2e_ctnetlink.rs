@@ -680,21 +680,19 @@ fn the_socket_filter_keeps_translated_tcp_and_sources_in_range() {
             let mut s = tcp_connect_from(SocketAddr::new(src, 0), to_b)?;
             read_seen(&mut s)?;
             out.push((tuple(TCP, s.local_addr()?, to_b), true));
-            // Nothing listens in R: refused, but R's conntrack made an entry for the SYN.
-            let to_r = SocketAddr::new(r.parse()?, TCP_PORT);
-            let local = SocketAddr::new(src, 41_000 + i as u16);
-            match tcp_connect_from(local, to_r) {
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-                other => bail!("TCP to R: {other:?}"),
+            // Nothing listens in R: refused, but R's conntrack made an entry for the SYN; the
+            // second port is redirected first (a destination translation).
+            for (port, first_local, translated) in
+                [(TCP_PORT, 41_000, false), (REDIRECTED_PORT, 42_000, true)]
+            {
+                let to_r = SocketAddr::new(r.parse()?, port);
+                let local = SocketAddr::new(src, first_local + i as u16);
+                match tcp_connect_from(local, to_r) {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                    other => bail!("TCP to R port {port}: {other:?}"),
+                }
+                out.push((tuple(TCP, local, to_r), translated));
             }
-            out.push((tuple(TCP, local, to_r), false));
-            let to_r = SocketAddr::new(r.parse()?, REDIRECTED_PORT);
-            let local = SocketAddr::new(src, 42_000 + i as u16);
-            match tcp_connect_from(local, to_r) {
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-                other => bail!("TCP redirected in R: {other:?}"),
-            }
-            out.push((tuple(TCP, local, to_r), true));
             let to_r = SocketAddr::new(r.parse()?, UDP_PORT);
             let u = UdpSocket::bind(SocketAddr::new(src, 0))?;
             u.send_to(b"x", to_r)?;

@@ -224,3 +224,89 @@ fn upstream_cases_hold_for_real_connections() {
         daemon.log_text()
     );
 }
+
+/// A connection closes, a policy then denies its tuple, and a SYN from the same source port is
+/// dropped within the first connection's close grace. The denied attempt is no new connection
+/// on the tuple (the kernel keeps the closed entry): the first connection's `close` record
+/// still goes out, once, and the attempt has its `drop` record.
+#[test]
+fn a_denied_syn_on_a_closed_tuple_leaves_its_close_record() {
+    let mut bed = TestBed::overlay("pold").unwrap();
+    for (name, ports) in [("a", vec![]), ("b", vec![("serve-80-tcp", 80, "TCP")])] {
+        bed.add_pod(PodSpec {
+            namespace: "x",
+            name,
+            labels: &[("pod", name)],
+            ports: &ports,
+        })
+        .unwrap();
+    }
+    let daemon = bed
+        .start_daemon(
+            OBSERVER.as_ref(),
+            &["--report-interval", "0", "--close-grace", "5s"],
+        )
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let servers = serve(&b.netns, stop.clone());
+    let dst = SocketAddr::new(b.ip4, 80);
+    let src = SocketAddr::new(a.ip4, 43_210);
+    // From `src`; a RST at the end, so the port is free again at once.
+    let connect = move || -> bool {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&src.into()).unwrap();
+        let ok = s.connect_timeout(&dst.into(), PROBE_TIMEOUT).is_ok();
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        ok
+    };
+    assert!(spawn_in_netns(&a.netns, connect).join().unwrap().unwrap());
+
+    let policy_file = bed.cluster_dir().join("policies.json");
+    let deny = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": "x", "name": "deny-b"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}
+    });
+    std::fs::write(&policy_file, serde_json::to_vec(&deny).unwrap()).unwrap();
+    wait_policies(&daemon, &["x/deny-b".to_string()]);
+    assert!(!spawn_in_netns(&a.netns, connect).join().unwrap().unwrap());
+
+    let of_src = |r: &&Value| {
+        r["source"]["port"] == src.port() && r["destination"]["ip"] == b.ip4.to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let recs = loop {
+        let recs: Vec<Value> = daemon
+            .flows()
+            .unwrap()
+            .iter()
+            .filter(of_src)
+            .cloned()
+            .collect();
+        if recs.iter().any(|r| r["event"] == "close") || Instant::now() > deadline {
+            break recs;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+    let events: Vec<&str> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["new", "drop", "close"], "{recs:#?}");
+    let close = &recs[2];
+    assert_eq!(close["verdict"], "forwarded", "{close:#}");
+    // The handshake and the RST: the first connection's own packets.
+    assert!(
+        close["counters"]["packets_out"].as_u64() >= Some(3),
+        "{close:#}"
+    );
+    assert!(
+        close["counters"]["packets_in"].as_u64() >= Some(1),
+        "{close:#}"
+    );
+}
