@@ -124,11 +124,11 @@ pub struct ServiceRef {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PolicyName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: std::sync::Arc<str>,
+    pub name: std::sync::Arc<str>,
     /// The side it isolates: `egress` (the source) or `ingress` (the destination).
     #[serde(default)]
-    pub direction: String,
+    pub direction: std::sync::Arc<str>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -99,7 +99,8 @@ fn records(p: &mut Prom, st: &State) {
     );
     let mut pv: Vec<_> = st.metrics.policy_verdicts.iter().collect();
     pv.sort();
-    for ((policy, dir, verdict), n) in pv {
+    for ((ns, name, dir, verdict), n) in pv {
+        let policy = format!("{ns}/{name}");
         let labels = [
             ("policy", policy.as_str()),
             ("direction", dir),

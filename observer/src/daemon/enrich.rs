@@ -163,8 +163,8 @@ pub(super) fn isolated_by(
                     .into_iter()
                     .take(ISOLATED_BY_MAX)
                     .map(|p| flows::PolicyName {
-                        namespace: p.namespace.to_string(),
-                        name: p.name.to_string(),
+                        namespace: p.namespace.as_str().into(),
+                        name: p.name.as_str().into(),
                         direction: if ingress { "ingress" } else { "egress" }.into(),
                     })
                     .collect(),

@@ -2,6 +2,9 @@
 use super::*;
 use crate::flows::Word;
 
+/// (policy namespace, policy name, direction, verdict) of `observer_policy_verdicts_total`.
+pub type PolicyVerdict = (Arc<str>, Arc<str>, Arc<str>, Word);
+
 #[derive(Default)]
 pub struct Metrics {
     /// Connections of local pods by SNAT expectation.
@@ -23,7 +26,8 @@ pub struct Metrics {
     pub records: foldhash::HashMap<(Word, Word, Word, Word), u64>,
     /// (policy, direction, verdict) -> records: the policy that allowed a record, or the one
     /// that isolated the side that dropped it.
-    pub policy_verdicts: foldhash::HashMap<(String, String, Word), u64>,
+    /// No string built per record: the key's parts are the record's own, shared.
+    pub policy_verdicts: foldhash::HashMap<PolicyVerdict, u64>,
     pub records_rate_limited_total: u64,
     pub flow_log_errors_total: u64,
     pub links_attached_total: u64,

@@ -28,24 +28,18 @@ impl Shared {
                 rec.verdict.clone(),
             );
             *st.metrics.records.entry(k).or_default() += 1;
-            for p in &rec.policy {
+            let names = rec
+                .policy
+                .iter()
+                .map(|p| (&p.namespace, &p.name, &p.direction));
+            let isolating = rec
+                .isolated_by
+                .iter()
+                .map(|p| (&p.namespace, &p.name, &p.direction));
+            for (ns, name, dir) in names.chain(isolating) {
                 *st.metrics
                     .policy_verdicts
-                    .entry((
-                        format!("{}/{}", p.namespace, p.name),
-                        p.direction.clone(),
-                        rec.verdict.clone(),
-                    ))
-                    .or_default() += 1;
-            }
-            for p in &rec.isolated_by {
-                *st.metrics
-                    .policy_verdicts
-                    .entry((
-                        format!("{}/{}", p.namespace, p.name),
-                        p.direction.clone(),
-                        rec.verdict.clone(),
-                    ))
+                    .entry((ns.clone(), name.clone(), dir.clone(), rec.verdict.clone()))
                     .or_default() += 1;
             }
             if st.history.len() >= self.opts.history.max(1) {

@@ -66,7 +66,7 @@ pub fn flow_masked(
     let (mut egress_allowed, mut ingress_allowed) = (Vec::new(), Vec::new());
     for r in rec.policy.iter().filter(|_| policies) {
         let p = policy(&r.namespace, &r.name);
-        if r.direction == "egress" {
+        if &*r.direction == "egress" {
             egress_allowed.push(p);
         } else {
             ingress_allowed.push(p);
@@ -78,7 +78,7 @@ pub fn flow_masked(
             continue;
         }
         let pol = policy(&p.namespace, &p.name);
-        if p.direction == "egress" {
+        if &*p.direction == "egress" {
             egress_denied.push(pol);
         } else {
             ingress_denied.push(pol);
@@ -293,9 +293,9 @@ fn extension(rec: &FlowRecord) -> prost_types::Any {
             .policy
             .iter()
             .map(|r| ext::Rule {
-                namespace: r.namespace.clone(),
-                name: r.name.clone(),
-                direction: r.direction.clone(),
+                namespace: r.namespace.to_string(),
+                name: r.name.to_string(),
+                direction: r.direction.to_string(),
                 rule: r.rule as u32,
             })
             .collect(),
@@ -303,9 +303,9 @@ fn extension(rec: &FlowRecord) -> prost_types::Any {
             .isolated_by
             .iter()
             .map(|p| ext::PolicyRef {
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
-                direction: p.direction.clone(),
+                namespace: p.namespace.to_string(),
+                name: p.name.to_string(),
+                direction: p.direction.to_string(),
             })
             .collect(),
         isolated_by_more: rec.isolated_by_more,
@@ -465,9 +465,9 @@ pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
             .rules
             .into_iter()
             .map(|r| RuleRef {
-                namespace: r.namespace,
-                name: r.name,
-                direction: r.direction,
+                namespace: r.namespace.into(),
+                name: r.name.into(),
+                direction: r.direction.into(),
                 rule: r.rule as usize,
             })
             .collect(),
@@ -475,9 +475,9 @@ pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
             .isolated_by
             .into_iter()
             .map(|p| PolicyName {
-                namespace: p.namespace,
-                name: p.name,
-                direction: p.direction,
+                namespace: p.namespace.into(),
+                name: p.name.into(),
+                direction: p.direction.into(),
             })
             .collect(),
         isolated_by_more: x.isolated_by_more,

@@ -24,9 +24,9 @@ use crate::cluster::{Cluster, NodeInfo, PodInfo};
 /// Where a rule id comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize, PartialOrd, Ord)]
 pub struct RuleRef {
-    pub namespace: String,
-    pub name: String,
-    pub direction: String,
+    pub namespace: std::sync::Arc<str>,
+    pub name: std::sync::Arc<str>,
+    pub direction: std::sync::Arc<str>,
     pub rule: usize,
 }
 
@@ -653,8 +653,8 @@ pub(crate) fn endpoint_policy<'p>(
             let rules = if ingress { &pol.ingress } else { &pol.egress };
             for (i, rule) in rules.iter().enumerate() {
                 let id = alloc.rule(RuleRef {
-                    namespace: pol.namespace.clone(),
-                    name: pol.name.clone(),
+                    namespace: pol.namespace.as_str().into(),
+                    name: pol.name.as_str().into(),
                     direction: dir_name.into(),
                     rule: i,
                 });
@@ -798,7 +798,7 @@ mod tests {
         assert_eq!(b.identity("pod:x:app=b:".into()), i2);
         assert_eq!(b.identity("pod:x:app=a:".into()), i1);
         assert_eq!(b.endpoint("x", "a"), e);
-        assert_eq!(b.rule_table()[&r].name, "p");
+        assert_eq!(&*b.rule_table()[&r].name, "p");
         assert_eq!(
             b.identity("pod:x:app=c:".into()),
             i2 + 1,
