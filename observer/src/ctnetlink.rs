@@ -761,7 +761,7 @@ impl Listener {
     /// reported an overrun (`ENOBUFS`: events were lost, the caller must resync with [`dump`]),
     /// `Ok(false)` otherwise. A datagram too large for the buffer counts as an overrun too.
     pub fn read_pending(&mut self, out: &mut Vec<CtEvent>) -> io::Result<bool> {
-        self.read_some(out).map(|(overrun, _)| overrun)
+        self.read_batch(out).map(|b| b.overrun)
     }
 
     /// [`Self::read_pending`], also saying whether the socket was left empty (`emptied`): then

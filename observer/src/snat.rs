@@ -260,6 +260,12 @@ pub struct NatTable<K> {
     max_entries: usize,
     /// Entries refused because the table was full (a bound, counted).
     pub overflow_total: u64,
+    absence: Absence,
+}
+
+/// When the absence of a connection's kernel entry says it was not translated.
+#[derive(Clone, Copy, Default)]
+struct Absence {
     /// Every kernel entry created before this time (`CLOCK_MONOTONIC` ns) has been read.
     read_through_ns: u64,
     /// A record whose `untranslated_from` is at or before this is not settled by absence: an
@@ -267,7 +273,13 @@ pub struct NatTable<K> {
     /// dump) or filtered out (before the reader's filter covered its source).
     distrust_from_ns: u64,
     /// How long after a connection's first packet its entry is surely queued to the reader.
-    absence_margin_ns: u64,
+    margin_ns: u64,
+}
+
+impl Absence {
+    fn settles(&self, from: u64) -> bool {
+        from <= self.read_through_ns && from > self.distrust_from_ns
+    }
 }
 
 impl<K> NatTable<K> {
@@ -278,9 +290,7 @@ impl<K> NatTable<K> {
             pending_count: 0,
             max_entries,
             overflow_total: 0,
-            read_through_ns: 0,
-            distrust_from_ns: 0,
-            absence_margin_ns: 0,
+            absence: Absence::default(),
         }
     }
 
@@ -353,18 +363,38 @@ impl<K> NatTable<K> {
     /// Records that waited longer than `wait`, with the others of their tuple (a `new` and a
     /// close waiting behind it), in the order they came.
     pub fn overdue(&mut self, wait: Duration, now: Instant) -> Vec<(FlowTuple, Vec<Pending<K>>)> {
-        let due: Vec<FlowTuple> = self
+        self.take_due(|v| {
+            if v.iter().any(|p| now.duration_since(p.since) >= wait) {
+                v.len()
+            } else {
+                0
+            }
+        })
+    }
+
+    /// Takes, of each tuple, the first `due(records)` records waiting for its entry.
+    fn take_due(
+        &mut self,
+        due: impl Fn(&[Pending<K>]) -> usize,
+    ) -> Vec<(FlowTuple, Vec<Pending<K>>)> {
+        let due: Vec<(FlowTuple, usize)> = self
             .pending
             .iter()
-            .filter(|(_, v)| v.iter().any(|p| now.duration_since(p.since) >= wait))
-            .map(|(t, _)| *t)
+            .map(|(t, v)| (*t, due(v)))
+            .filter(|(_, n)| *n > 0)
             .collect();
-        let mut out = Vec::new();
-        for t in due {
-            if let Some(v) = self.pending.remove(&t) {
-                self.pending_count -= v.len();
-                out.push((t, v));
-            }
+        let mut out = Vec::with_capacity(due.len());
+        for (t, n) in due {
+            let Some(v) = self.pending.get_mut(&t) else {
+                continue;
+            };
+            let taken: Vec<Pending<K>> = if n >= v.len() {
+                self.pending.remove(&t).unwrap_or_default()
+            } else {
+                v.drain(..n).collect()
+            };
+            self.pending_count -= taken.len();
+            out.push((t, taken));
         }
         out
     }
@@ -372,66 +402,51 @@ impl<K> NatTable<K> {
     /// The reader has read every entry the kernel created before `ns`: the socket was found
     /// empty after that time, without an overrun since (or with one, and a dump after it).
     pub fn set_read_through(&mut self, ns: u64) {
-        self.read_through_ns = self.read_through_ns.max(ns);
+        let a = &mut self.absence;
+        a.read_through_ns = a.read_through_ns.max(ns);
     }
 
     pub fn read_through(&self) -> u64 {
-        self.read_through_ns
+        self.absence.read_through_ns
     }
 
     /// How long after a connection's first packet its kernel entry is surely queued.
     pub fn set_absence_margin(&mut self, ns: u64) {
-        self.absence_margin_ns = ns;
+        self.absence.margin_ns = ns;
     }
 
     /// `untranslated_from` of a connection first seen at `first_seen_ns`.
     pub fn absence_from(&self, first_seen_ns: u64) -> u64 {
-        first_seen_ns + self.absence_margin_ns
+        first_seen_ns + self.absence.margin_ns
     }
 
     /// Entries of connections first seen before `ns` may be missing without saying anything
     /// (refused, lost, filtered out): their records wait for a lookup instead.
     pub fn distrust_absence(&mut self, ns: u64) {
-        self.distrust_from_ns = self.distrust_from_ns.max(self.absence_from(ns));
+        let from = self.absence_from(ns);
+        let a = &mut self.absence;
+        a.distrust_from_ns = a.distrust_from_ns.max(from);
     }
 
     /// Whether a record with this `untranslated_from` is untranslated, no entry having come.
     pub fn absence_settles(&self, from: u64) -> bool {
-        from <= self.read_through_ns && from > self.distrust_from_ns
+        self.absence.settles(from)
     }
 
     /// Records whose connection would have had its entry read by now if the kernel had made
     /// one (see [`Pending::untranslated_from`]), with the closes waiting behind them. A later
     /// connection's record on the tuple waits on for its own time.
     pub fn untranslated(&mut self) -> Vec<(FlowTuple, Vec<Pending<K>>)> {
-        let due: Vec<(FlowTuple, usize)> = self
-            .pending
-            .iter()
-            .filter_map(|(t, v)| {
-                let n = v
-                    .iter()
-                    .take_while(|p| {
-                        p.last || p.untranslated_from.is_some_and(|f| self.absence_settles(f))
-                    })
-                    .count();
-                // Not a close alone: it follows its `new` record.
-                (n > 0 && !v[0].last).then_some((*t, n))
-            })
-            .collect();
-        let mut out = Vec::with_capacity(due.len());
-        for (t, n) in due {
-            let Some(v) = self.pending.get_mut(&t) else {
-                continue;
-            };
-            let settled: Vec<Pending<K>> = if n == v.len() {
-                self.pending.remove(&t).unwrap_or_default()
-            } else {
-                v.drain(..n).collect()
-            };
-            self.pending_count -= settled.len();
-            out.push((t, settled));
-        }
-        out
+        let absence = self.absence;
+        self.take_due(|v| {
+            // Not a close alone: it follows its `new` record.
+            if v.first().is_none_or(|p| p.last) {
+                return 0;
+            }
+            v.iter()
+                .take_while(|p| p.last || p.untranslated_from.is_some_and(|f| absence.settles(f)))
+                .count()
+        })
     }
 
     /// Drops entries no record claimed within [`UNJOINED_TTL`].

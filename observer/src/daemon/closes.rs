@@ -55,6 +55,10 @@ impl CloseQueue {
         self.queue.push_back(c);
     }
 
+    fn contains(&self, key: &CtKey) -> bool {
+        self.latest.contains_key(key)
+    }
+
     fn latest_mut(&mut self, key: &CtKey) -> Option<&mut Closing> {
         let seq = *self.latest.get(key)?;
         self.queue.get_mut((seq - self.front) as usize)
@@ -130,8 +134,8 @@ pub(super) fn after_close_seen(shared: &Shared, key: &CtKey, e: &CtEntry) {
         return;
     }
     // Two CPUs may count packets of the connection at once: their events need not come in
-    // the order of the counts.
-    // The verdict of the latest (a policy change may have denied the last ACK).
+    // the order of the counts. The flags (the verdict: a policy change may have denied the
+    // last ACK) are the most counted event's.
     if e.packets.iter().sum::<u64>() >= c.entry.packets.iter().sum::<u64>() {
         c.entry.flags = e.flags & !ct_flags::AFTER_CLOSE_LAST;
     }
@@ -213,9 +217,8 @@ fn adopt_closing(shared: &Shared) -> Result<()> {
     let mut st = shared.state.lock().unwrap();
     // The ring keeps events while no daemon reads it: a close already queued from its backlog
     // is not adopted, and one whose event comes later is not queued twice (`close_seen`).
-    let queued: foldhash::HashSet<CtKey> = st.closing.queue.iter().map(|c| c.key).collect();
     for (key, entry, idle) in found {
-        if queued.contains(&key) {
+        if st.closing.contains(&key) {
             continue;
         }
         let at = now.checked_sub(idle).unwrap_or(now);

@@ -134,7 +134,7 @@ struct Conn {
     /// The connection's SNAT, once joined with the kernel's conntrack entry.
     snat: Option<crate::snat::SnatInfo>,
     /// `snat` says untranslated because no kernel entry was read in time (see
-    /// `snat_join::untranslated_from`); an entry read later corrects it.
+    /// `snat_join::opened_by_syn`); an entry read later corrects it.
     snat_assumed: bool,
     /// The Service it was opened to (and, from outside, the client before kube-proxy's
     /// masquerade), once read from the kernel's links.

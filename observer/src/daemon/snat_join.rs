@@ -80,20 +80,17 @@ fn pending(
 /// the packet's time is the programs' coarse clock, up to two ticks behind (`clock.rs`): the
 /// coarse clock's resolution is the tick. 2 ms more for the rest.
 pub(super) fn entry_queued_within_ns() -> u64 {
-    static NS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *NS.get_or_init(|| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        let tick = if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } == 0 {
-            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-        } else {
-            // HZ=100, the coarsest there is.
-            10_000_000
-        };
-        2 * tick + 2_000_000
-    })
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let tick = if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } == 0 {
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    } else {
+        // HZ=100, the coarsest there is.
+        10_000_000
+    };
+    2 * tick + 2_000_000
 }
 
 /// What the events intake needs of the ctnetlink reader to settle a record as untranslated
@@ -311,7 +308,7 @@ pub(super) fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEve
 }
 
 /// Every entry the kernel made before `ns` has been read: the records that would have had
-/// theirs by then are untranslated ([`untranslated_from`]).
+/// theirs by then are untranslated ([`opened_by_syn`]).
 fn read_through(shared: &Shared, ns: u64) {
     let mut ready = Vec::new();
     {
@@ -389,7 +386,7 @@ pub(super) fn settle_overdue(shared: &Shared) {
 }
 
 /// Has the kernel keep only the events the join uses: of translated TCP connections (an
-/// untranslated one is settled by the entry's absence, see [`untranslated_from`]) and of this
+/// untranslated one is settled by the entry's absence, see [`opened_by_syn`]) and of this
 /// node's pods' IPv4 sources (and IPv6 ones), set again when the span of their addresses
 /// changed. A pod new to the span may have its first connections' events dropped until this
 /// runs (within `SETTLE_TICK`): its records then settle by a lookup, or as untranslated. If
