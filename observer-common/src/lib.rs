@@ -607,7 +607,11 @@ pub mod stat {
     /// source veth's conntrack lookup and verdict, without its own (counted once, in
     /// `PACKETS`, at the source).
     pub const HANDED_OVER: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Service connections closed on their alias's path, which sends no close event (see
+    /// `observer-ebpf/src/service.rs`): the daemon sweeps the table for their closes soon
+    /// after this moves.
+    pub const CLOSES_WITHOUT_EVENT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
         "events_lost",
@@ -623,6 +627,7 @@ pub mod stat {
         "audit_passed",
         "drop_events_suppressed",
         "handed_over",
+        "closes_without_event",
     ];
 }
 

@@ -9,14 +9,14 @@
 //! from outside). The translated connection is the connection of record; its packets are
 //! counted once, where the client pod sends and receives them, through the alias.
 use observer_common::{
-    ct_flags, nodeport_flags, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind, SvcKey,
-    SvcNat, DIR_ORIG, DIR_REPLY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    ct_flags, nodeport_flags, stat, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind,
+    SvcKey, SvcNat, DIR_ORIG, DIR_REPLY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     classify,
     conntrack::{add, key_of_pair, verdict, Action},
-    maps::{CT, NEW_ENTRY, NODEPORT, SERVICES, SVC_NAT},
+    maps::{stat_inc, CT, NEW_ENTRY, NODEPORT, SERVICES, SVC_NAT},
     parse::Packet,
 };
 
@@ -290,7 +290,8 @@ pub fn unresolve(pkt: &Packet) {
 /// Accounts a packet to the translated connection of an alias: counters, TCP flags and the
 /// close. Kept to straight-line work: the whole per-packet update (with its events) a second
 /// time in every hook takes `to_pod` past what the verifiers of kernels before 6.6 accept. The
-/// daemon publishes the close from the entry's flags.
+/// daemon publishes the close from the entry's flags; the close is counted so that its sweep
+/// looks for it soon.
 #[inline(always)]
 fn count(t: &mut CtEntry, from_a: bool, bytes: u64, now: u64, pkt: &Packet) {
     let dir = if from_a == (t.flags & ct_flags::ORIG_IS_A != 0) {
@@ -318,9 +319,13 @@ fn count(t: &mut CtEntry, from_a: bool, bytes: u64, now: u64, pkt: &Packet) {
     if flags & TCP_FIN != 0 {
         closing |= fin;
     }
+    let open = t.flags & ct_flags::CLOSED == 0;
     t.flags |= closing;
     let both = ct_flags::FIN_ORIG | ct_flags::FIN_REPLY;
     if t.flags & both == both {
         t.flags |= ct_flags::CLOSED;
+    }
+    if open && t.flags & ct_flags::CLOSED != 0 {
+        stat_inc(stat::CLOSES_WITHOUT_EVENT);
     }
 }

@@ -848,9 +848,39 @@ impl Datapath {
 
     /// Events the kernel could not put in the ring, all CPUs (`stat::EVENTS_LOST`).
     pub fn events_lost(&self) -> Result<u64> {
+        self.stat(stat::EVENTS_LOST)
+    }
+
+    /// One kernel counter, summed over the CPUs.
+    pub fn stat(&self, index: u32) -> Result<u64> {
         let arr: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map(maps::STATS).context("stats map")?)?;
-        Ok(arr.get(&stat::EVENTS_LOST, 0)?.iter().sum())
+        Ok(arr.get(&index, 0)?.iter().sum())
+    }
+
+    /// Removes these connections from the kernel's table, thousands per system call
+    /// (`BPF_MAP_DELETE_BATCH`, Linux 5.6); one call each where the kernel has no batches.
+    /// A key already gone is skipped. Returns how many were removed.
+    pub fn remove_conntrack(&mut self, keys: &[CtKey]) -> Result<usize> {
+        let data = match self.ebpf.map_mut(maps::CONNTRACK).context("ct map")? {
+            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
+            _ => bail!("the conntrack map is not a hash map"),
+        };
+        match delete_batch(data, keys) {
+            Ok(n) => Ok(n),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let mut ct = self.conntrack_mut()?;
+                Ok(keys.iter().filter(|k| ct.remove(k).is_ok()).count())
+            }
+            Err(e) => Err(e).context("removing conntrack entries"),
+        }
+    }
+
+    /// Whether the kernel holds NodePort client notes (one system call).
+    pub fn has_nodeport_notes(&self) -> Result<bool> {
+        let m: BpfHashMap<&MapData, SvcKey, NodePortLink> =
+            BpfHashMap::try_from(self.ebpf.map(maps::NODEPORT).context("nodeport map")?)?;
+        Ok(m.keys().next().is_some())
     }
 
     pub fn conntrack(&self) -> Result<aya::maps::HashMap<&MapData, CtKey, CtEntry>> {
@@ -1382,6 +1412,64 @@ pub fn diff_pinned(pin_dir: &Path, want: &Desired) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: `attr` points at the kernel's layout of the command's attributes; its buffers
+    // are the caller's, sized for `count` keys and values of the map.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Deletes `keys` from a hash map through `BPF_MAP_DELETE_BATCH`. The kernel stops at the
+/// first key it cannot delete, saying how many it did: a missing key is stepped over.
+fn delete_batch<K: aya::Pod>(data: &MapData, keys: &[K]) -> std::io::Result<usize> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+    let fd = data.fd().as_fd().as_raw_fd() as u32;
+    let (mut at, mut removed) = (0, 0);
+    while at < keys.len() {
+        let rest = &keys[at..];
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: rest.len().min(u32::MAX as usize) as u32,
+            map_fd: fd,
+            ..Default::default()
+        };
+        let r = bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr);
+        removed += attr.count as usize;
+        at += attr.count as usize;
+        match r {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => at += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 /// A hash map's entries through `BPF_MAP_LOOKUP_BATCH`, handed to `visit` a batch at a time.
 /// Entries added or removed while it runs may or may not be seen, as with the entry-by-entry
 /// walk.
@@ -1390,19 +1478,6 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(
     mut visit: impl FnMut(&[K], &[V]),
 ) -> std::io::Result<()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
-    // `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const CHUNK: usize = 4096;
     let fd = data.fd().as_fd().as_raw_fd() as u32;
@@ -1420,21 +1495,13 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(
             map_fd: fd,
             ..Default::default()
         };
-        // SAFETY: the buffers hold CHUNK keys and values of the map's sizes (checked when
-        // the map was loaded), and the kernel writes at most `count` of each.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
+        // The buffers hold CHUNK keys and values of the map's sizes (checked when the map
+        // was loaded), and the kernel writes at most `count` of each.
         // ENOENT: the end of the table, with the last entries in this batch.
-        let last = match (r < 0).then(std::io::Error::last_os_error) {
-            None => false,
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Some(e) => return Err(e),
+        let last = match bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
         };
         // SAFETY: the kernel wrote `count` keys and values.
         unsafe {

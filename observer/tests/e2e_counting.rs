@@ -631,3 +631,72 @@ fn inbound_flows_from_the_node_and_the_world_are_classified_and_counted() {
         );
     }
 }
+
+/// A closed connection's entry stays in the kernel's table for its linger (10 s after its last
+/// packet: a retransmitted FIN or a late ACK is still its own, not a new connection to judge),
+/// then leaves it. The close queue removes it when the linger ends, from its events; the sweep,
+/// which reads the whole table, only every 10 s when nothing waits for it, would take up to
+/// 10 s more.
+#[test]
+fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
+    let mut bed = TestBed::overlay("lng").expect("test bed");
+    for (name, ports) in [("a", vec![]), ("b", vec![("http", TCP_PORT, "TCP")])] {
+        bed.add_pod(PodSpec {
+            namespace: "x",
+            name,
+            labels: &[("pod", name)],
+            ports: &ports,
+        })
+        .unwrap();
+    }
+    let daemon = bed
+        .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"])
+        .expect("daemon");
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let dst = SocketAddr::new(b.ip4, TCP_PORT);
+    let listener = in_netns(&b.netns, move || TcpListener::bind(dst))
+        .unwrap()
+        .unwrap();
+    let server = std::thread::spawn(move || tcp_server(listener, 1));
+    let src = SocketAddr::new(a.ip4, 41_900);
+    let got = spawn_in_netns(&a.netns, move || tcp_client(src, dst, 100, 100))
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, 100);
+    server.join().unwrap();
+    let closed = std::time::Instant::now();
+
+    let in_table = || -> Option<Value> {
+        daemon
+            .get("/v1/conntrack")
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|r| {
+                r["source"]["port"] == src.port() && r["destination"]["ip"] == b.ip4.to_string()
+            })
+    };
+    let entry = in_table().expect("the closed connection in the kernel's table");
+    assert_eq!(entry["event"], "close", "{entry:#}");
+    let gone = loop {
+        let at = closed.elapsed();
+        if in_table().is_none() {
+            break at;
+        }
+        assert!(
+            at < Duration::from_secs(25),
+            "still in the table {at:?} after its close\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        gone >= Duration::from_millis(9_500),
+        "left the table {gone:?} after its close, before its linger ended"
+    );
+    assert!(
+        gone <= Duration::from_millis(12_500),
+        "left the table {gone:?} after its close: not when its linger ended"
+    );
+}

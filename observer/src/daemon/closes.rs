@@ -1,8 +1,8 @@
 //! Closed connections: a TCP close's record goes out `--close-grace` after the kernel's close
 //! event, with the connection's counters then: the last ACK of a FIN exchange comes after the
 //! close, and the kernel sends its counters in an `AfterClose` event. The entry itself stays in
-//! the kernel's table for the sweep to remove ([`CLOSED_LINGER`]), so late packets of the
-//! connection still find it.
+//! the kernel's table [`CLOSED_LINGER`] after its last packet, so late packets of the connection
+//! still find it; then the queue removes it ([`Linger`]), without the sweep.
 use super::*;
 
 /// How long a closed connection's entry stays in the kernel's table after its last packet:
@@ -42,6 +42,96 @@ pub(super) struct CloseQueue {
     /// When a loss was last seen (`CLOCK_MONOTONIC` ns): a close from before it may have
     /// lost its after-close events and is read back.
     lost_through_ns: u64,
+    /// Published closes waiting out their linger.
+    linger: Linger,
+}
+
+/// Published closes whose entries the queue removes from the kernel's table once they lingered
+/// [`CLOSED_LINGER`] after their last packet. The sweep would otherwise find them, reading the
+/// whole table every second or two for them (most of a busy table is closed connections): the
+/// queue knows each one's last packet from its events. A connection whose last packets sent no
+/// event (past `AFTER_CLOSE_EVENTS`) is left to the sweep, as is one whose events were lost.
+#[derive(Default)]
+struct Linger {
+    /// (when the linger ends as last known, `CLOCK_MONOTONIC` ns; key), in publishing order:
+    /// about deadline order, the closes' graces being equal.
+    queue: VecDeque<(u64, CtKey)>,
+    /// Key -> (first seen, last packet) of the connection lingering on it.
+    by_key: foldhash::HashMap<CtKey, (u64, u64)>,
+    /// Closes were left to the sweep since it last ran: it should run soon.
+    left_to_sweep: bool,
+}
+
+/// Closes lingering at most, about 110 bytes each; past that (over 13,000 closes a second)
+/// the sweep removes the rest.
+const LINGER_MAX: usize = 131_072;
+
+impl Linger {
+    fn push(&mut self, key: CtKey, e: &CtEntry) {
+        if e.flags & ct_flags::AFTER_CLOSE_LAST != 0 || self.by_key.len() >= LINGER_MAX {
+            self.left_to_sweep = true;
+            return;
+        }
+        self.by_key.insert(key, (e.first_seen_ns, e.last_seen_ns));
+        self.queue.push_back((linger_end(e.last_seen_ns), key));
+    }
+
+    /// A packet of a published close, seen in its `AfterClose` event: the linger starts over.
+    fn after_close(&mut self, key: &CtKey, e: &CtEntry) {
+        let Some(l) = self.by_key.get_mut(key) else {
+            return;
+        };
+        if l.0 != e.first_seen_ns {
+            return;
+        }
+        if e.flags & ct_flags::AFTER_CLOSE_LAST != 0 {
+            self.by_key.remove(key);
+            self.left_to_sweep = true;
+        } else {
+            l.1 = l.1.max(e.last_seen_ns);
+        }
+    }
+
+    /// Another connection on the tuple: its entry is not this queue's to remove.
+    fn reopened(&mut self, key: &CtKey, first_seen_ns: u64) {
+        if self.by_key.get(key).is_some_and(|l| l.0 != first_seen_ns) {
+            self.by_key.remove(key);
+        }
+    }
+
+    /// Every close whose linger ended by `through_ns`, the time through which the ring's
+    /// events were read (an event of a packet or a reopening before it would have been seen).
+    fn pop_due(&mut self, through_ns: u64) -> Vec<CtKey> {
+        let mut due = Vec::new();
+        while let Some(&(end, key)) = self.queue.front() {
+            if end > through_ns {
+                break;
+            }
+            self.queue.pop_front();
+            let Some(&(_, last)) = self.by_key.get(&key) else {
+                continue;
+            };
+            let now_end = linger_end(last);
+            if now_end > end {
+                self.queue.push_back((now_end, key));
+            } else {
+                self.by_key.remove(&key);
+                due.push(key);
+            }
+        }
+        due
+    }
+}
+
+impl CloseQueue {
+    /// Whether closes were left to the sweep since this was last asked.
+    pub(super) fn take_left_to_sweep(&mut self) -> bool {
+        std::mem::take(&mut self.linger.left_to_sweep)
+    }
+}
+
+fn linger_end(last_seen_ns: u64) -> u64 {
+    last_seen_ns.saturating_add(CLOSED_LINGER.as_nanos() as u64)
 }
 
 impl CloseQueue {
@@ -96,6 +186,11 @@ impl CloseQueue {
             for c in self.queue.iter_mut() {
                 c.read_back = true;
             }
+            // An after-close event may be among those lost: the sweep removes these.
+            self.linger = Linger {
+                left_to_sweep: true,
+                ..Linger::default()
+            };
         }
     }
 }
@@ -128,6 +223,7 @@ pub(super) fn after_close_seen(shared: &Shared, key: &CtKey, e: &CtEntry) {
     let mut st = shared.state.lock().unwrap();
     let Some(c) = st.closing.latest_mut(key) else {
         // Published already (past its grace, or read back), or adopted.
+        st.closing.linger.after_close(key, e);
         return;
     };
     if c.entry.first_seen_ns != e.first_seen_ns {
@@ -158,6 +254,7 @@ pub(super) fn reopened(st: &mut State, key: &CtKey, first_seen_ns: u64) {
             c.reopened = true;
         }
     }
+    st.closing.linger.reopened(key, first_seen_ns);
 }
 
 /// Publishes closes as their grace ends and the ring has been read past it (an after-close
@@ -187,6 +284,7 @@ pub(super) async fn closes_task(shared: Arc<Shared>) -> Result<()> {
         if !due.is_empty() {
             publish_due(&shared, due);
         }
+        remove_lingered(&shared, checked);
         // At most ten passes a second: closes gather into batches under load.
         let wait = next
             .map_or(grace, |t| t.saturating_duration_since(Instant::now()))
@@ -235,6 +333,24 @@ fn adopt_closing(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
+/// Removes the closed entries whose linger ended before the ring was last read through.
+fn remove_lingered(shared: &Shared, checked: Instant) {
+    let due = {
+        let mut st = shared.state.lock().unwrap();
+        let behind = checked.saturating_duration_since(st.ring_read_through.min(checked));
+        let through_ns = flows::mono_now_ns().saturating_sub(behind.as_nanos() as u64);
+        st.closing.linger.pop_due(through_ns)
+    };
+    if due.is_empty() {
+        return;
+    }
+    let removed = shared.dp.lock().unwrap().remove_conntrack(&due);
+    match removed {
+        Ok(n) => shared.state.lock().unwrap().metrics.conntrack_expired_total += n as u64,
+        Err(e) => warn!("removing closed connections: {e:#}"),
+    }
+}
+
 fn publish_due(shared: &Shared, due: Vec<Closing>) {
     let (read_back, from_events): (Vec<Closing>, Vec<Closing>) = due
         .into_iter()
@@ -242,6 +358,12 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
         .partition(|c| c.read_back);
     for c in &from_events {
         publish_close(shared, &c.key, &c.entry);
+    }
+    {
+        let mut st = shared.state.lock().unwrap();
+        for c in &from_events {
+            st.closing.linger.push(c.key, &c.entry);
+        }
     }
     if read_back.is_empty() {
         return;
@@ -263,7 +385,8 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
             Some(e)
                 if e.flags & ct_flags::CLOSED != 0 && e.first_seen_ns == c.entry.first_seen_ns =>
             {
-                publish_close(shared, &c.key, &e)
+                publish_close(shared, &c.key, &e);
+                shared.state.lock().unwrap().closing.linger.push(c.key, &e);
             }
             // The tuple was opened again within the grace, and its `new` event was lost: as
             // `reopened`.
@@ -278,4 +401,58 @@ pub(super) fn publish_close(shared: &Shared, key: &CtKey, e: &CtEntry) {
     emit(shared, EventKind::Close, key, e);
     // After the record: it accounts the connection's last counters against this state.
     shared.state.lock().unwrap().conns.remove(key);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn closed(port: u16, first: u64, last: u64) -> (CtKey, CtEntry) {
+        let key = CtKey {
+            port_a: port,
+            ..CtKey::default()
+        };
+        let e = CtEntry {
+            first_seen_ns: first,
+            last_seen_ns: last,
+            flags: ct_flags::CLOSED | ct_flags::CLOSE_SENT,
+            ..CtEntry::default()
+        };
+        (key, e)
+    }
+
+    #[test]
+    fn a_close_is_removed_when_its_linger_ends_after_its_last_packet() {
+        let mut l = Linger::default();
+        let (k1, e1) = closed(1, S, 2 * S);
+        let (k2, mut e2) = closed(2, S, 2 * S);
+        l.push(k1, &e1);
+        l.push(k2, &e2);
+        assert!(l.pop_due(11 * S).is_empty());
+        // A late ACK of the second, at 5 s: its linger starts over.
+        e2.last_seen_ns = 5 * S;
+        l.after_close(&k2, &e2);
+        assert_eq!(l.pop_due(12 * S), vec![k1]);
+        assert!(l.pop_due(14 * S).is_empty());
+        assert_eq!(l.pop_due(15 * S), vec![k2]);
+        assert!(!l.left_to_sweep);
+    }
+
+    #[test]
+    fn a_reopened_tuple_or_unannounced_packets_are_left_to_the_sweep() {
+        let mut l = Linger::default();
+        let (k1, e1) = closed(1, S, 2 * S);
+        let (k2, mut e2) = closed(2, S, 2 * S);
+        l.push(k1, &e1);
+        l.push(k2, &e2);
+        // Another connection on the first tuple: not this queue's entry any more.
+        l.reopened(&k1, 3 * S);
+        // The second's packets go on past its last after-close event.
+        e2.flags |= ct_flags::AFTER_CLOSE_LAST;
+        l.after_close(&k2, &e2);
+        assert!(l.pop_due(30 * S).is_empty());
+        assert!(l.left_to_sweep);
+    }
 }

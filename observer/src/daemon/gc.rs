@@ -1,6 +1,7 @@
 //! The conntrack sweep: idle connections leave the kernel table with their last record, closed
 //! ones once they lingered; NodePort notes nothing took expire.
 use super::*;
+use observer_common::stat;
 
 /// NodePort clients the kernel noted: those a live connection took are marked taken (never
 /// linked to another connection, a kubelet probe reusing the port), those no connection took
@@ -41,6 +42,7 @@ pub(super) const NODEPORT_NOTE_TTL: Duration = Duration::from_secs(2);
 pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
     let mut last_prune = Instant::now();
     let mut first = true;
+    let mut watch = Watch::default();
     loop {
         let prune = last_prune.elapsed() >= PRUNE_INTERVAL;
         if prune {
@@ -48,21 +50,78 @@ pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
         }
         let entries = gc_once(&shared, prune, first)?;
         first = false;
-        tokio::time::sleep(sweep_interval(&shared.opts, entries)).await;
+        // Soon when something is waiting for the sweep, at a slow pace otherwise.
+        let swept = Instant::now();
+        let mut next = swept + sweep_interval(&shared.opts, entries, false);
+        loop {
+            let now = Instant::now();
+            if now >= next {
+                break;
+            }
+            tokio::time::sleep((next - now).min(WATCH_INTERVAL)).await;
+            if let Some(wait) = watch.wanted(&shared) {
+                next = next.min(
+                    (Instant::now() + wait)
+                        .max(swept + sweep_interval(&shared.opts, entries, true)),
+                );
+            }
+        }
     }
 }
 
-/// Every second per 65,536 connections, at most every 5 s, and at least twice per idle timeout:
-/// reading the table costs about 0.3 µs per connection, and most of a busy table is closed
-/// connections lingering ([`CLOSED_LINGER`]) for this sweep to remove; their records go out
-/// from the close queue, not from here.
-fn sweep_interval(opts: &Options, entries: usize) -> Duration {
-    let per = entries.div_ceil(65_536).max(1) as u32;
-    (Duration::from_secs(1) * per)
-        .min(Duration::from_secs(5))
-        .min(opts.other_timeout / 2)
+/// How often the gc task looks at what may want the sweep sooner.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What makes the sweep run sooner than its slow pace: closes no event announced (a Service
+/// connection's, counted on its alias; an event lost to a full ring), closes the close queue
+/// left to it, and NodePort notes (which the sweep marks taken or expires).
+#[derive(Default)]
+struct Watch {
+    without_event: u64,
+    events_lost: u64,
+}
+
+impl Watch {
+    /// Whether the sweep is wanted, and in how long: a close is due once its grace passed.
+    fn wanted(&mut self, shared: &Shared) -> Option<Duration> {
+        let (without_event, events_lost, notes) = {
+            let dp = shared.dp.lock().unwrap();
+            (
+                dp.stat(stat::CLOSES_WITHOUT_EVENT).unwrap_or(u64::MAX),
+                dp.events_lost().unwrap_or(u64::MAX),
+                dp.has_nodeport_notes().unwrap_or(true),
+            )
+        };
+        let moved = without_event != self.without_event || events_lost != self.events_lost;
+        self.without_event = without_event;
+        self.events_lost = events_lost;
+        let left = shared.state.lock().unwrap().closing.take_left_to_sweep();
+        if moved || left {
+            Some(shared.opts.close_grace)
+        } else if notes {
+            Some(Duration::ZERO)
+        } else {
+            None
+        }
+    }
+}
+
+/// When nothing waits for it, a sweep every 10 s (at least twice per idle timeout): what it
+/// finds then is idle connections. When something does, every second per 65,536
+/// connections, at most every 5 s: reading the table costs about 0.3 µs per connection.
+fn sweep_interval(opts: &Options, entries: usize, wanted: bool) -> Duration {
+    let pace = if wanted {
+        let per = entries.div_ceil(65_536).max(1) as u32;
+        (Duration::from_secs(1) * per).min(Duration::from_secs(5))
+    } else {
+        SLOW_SWEEP
+    };
+    pace.min(opts.other_timeout / 2)
         .max(Duration::from_millis(100))
 }
+
+/// The sweep's pace when nothing waits for it.
+const SLOW_SWEEP: Duration = Duration::from_secs(10);
 
 /// How often the daemon's own connection state is pruned of connections the kernel no longer
 /// has (evicted by its LRU table): a hash of every connection, too much to pay at every sweep
@@ -167,11 +226,7 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
         st.metrics.conntrack_expired_total += expire.len() as u64;
     }
     if !expire.is_empty() {
-        let mut dp = shared.dp.lock().unwrap();
-        let mut ct = dp.conntrack_mut()?;
-        for k in &expire {
-            let _ = ct.remove(k);
-        }
+        shared.dp.lock().unwrap().remove_conntrack(&expire)?;
     }
     for (k, e) in publish {
         emit(shared, EventKind::Close, &k, &e);
