@@ -138,9 +138,8 @@ pub mod ct_flags {
     /// A connection from outside the node to a NodePort or load-balancer frontend: judged
     /// against the client kube-proxy masqueraded, not the node address it arrives from.
     pub const NODEPORT: u32 = 1 << 12;
-    /// The close event is in the ring. A closed connection without it (a Service connection,
-    /// whose packets are counted on a path without events; an event lost to a full ring) has
-    /// its close published by the daemon's sweep.
+    /// The close event is in the ring. A closed connection without it (its event lost to a
+    /// full ring) has its close published by the daemon's sweep.
     pub const CLOSE_SENT: u32 = 1 << 13;
     /// On an [`super::EventKind::AfterClose`] event: the connection's last one; the daemon
     /// reads the entry back for packets after it.
@@ -607,11 +606,7 @@ pub mod stat {
     /// source veth's conntrack lookup and verdict, without its own (counted once, in
     /// `PACKETS`, at the source).
     pub const HANDED_OVER: u32 = 13;
-    /// Service connections closed on their alias's path, which sends no close event (see
-    /// `observer-ebpf/src/service.rs`): the daemon sweeps the table for their closes soon
-    /// after this moves.
-    pub const CLOSES_WITHOUT_EVENT: u32 = 14;
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 14;
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
         "events_lost",
@@ -627,7 +622,6 @@ pub mod stat {
         "audit_passed",
         "drop_events_suppressed",
         "handed_over",
-        "closes_without_event",
     ];
 }
 

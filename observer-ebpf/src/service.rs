@@ -9,20 +9,18 @@
 //! from outside). The translated connection is the connection of record; its packets are
 //! counted once, where the client pod sends and receives them, through the alias.
 use observer_common::{
-    ct_flags, nodeport_flags, stat, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind,
-    SvcKey, SvcNat, DIR_ORIG, DIR_REPLY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    ct_flags, nodeport_flags, svc_nat, Config, CtEntry, CtKey, NodePortLink, RemoteKind, SvcKey,
+    SvcNat, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     classify,
-    conntrack::{add, key_of_pair, verdict, Action},
-    maps::{stat_inc, CT, NEW_ENTRY, NODEPORT, SERVICES, SVC_NAT},
+    conntrack::{key_of_pair, update, verdict, Action},
+    maps::{CT, NEW_ENTRY, NODEPORT, SERVICES, SVC_NAT},
     parse::Packet,
 };
 
-const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 #[inline(always)]
@@ -138,7 +136,20 @@ pub fn through_alias(
         return pass;
     }
     let action = verdict(t.flags, cfg.enforce);
-    count(t, orig == client_is_a, bytes, now, pkt);
+    // The same per-packet update as any connection's, with its report, close and after-close
+    // events: since the parser and each hook's conntrack are global functions of their own,
+    // kernels before 6.6 accept it here too (a lighter count without events once kept `to_pod`
+    // inside their verifier's budget).
+    update(
+        &tkey,
+        t,
+        orig == client_is_a,
+        bytes,
+        now,
+        pkt.tcp_flags,
+        pkt.proto == IPPROTO_TCP,
+        cfg.report_interval_ns,
+    );
     match action {
         Action::Drop => Action::Drop,
         _ => pass,
@@ -284,48 +295,5 @@ pub fn unresolve(pkt: &Packet) {
     let client = svc_key(pkt.family, pkt.proto, &pkt.src, pkt.sport);
     if let Some(nat) = SVC_NAT.get_ptr_mut(&client) {
         unsafe { (*nat).flags &= !svc_nat::RESOLVED };
-    }
-}
-
-/// Accounts a packet to the translated connection of an alias: counters, TCP flags and the
-/// close. Kept to straight-line work: the whole per-packet update (with its events) a second
-/// time in every hook takes `to_pod` past what the verifiers of kernels before 6.6 accept. The
-/// daemon publishes the close from the entry's flags; the close is counted so that its sweep
-/// looks for it soon.
-#[inline(always)]
-fn count(t: &mut CtEntry, from_a: bool, bytes: u64, now: u64, pkt: &Packet) {
-    let dir = if from_a == (t.flags & ct_flags::ORIG_IS_A != 0) {
-        DIR_ORIG
-    } else {
-        DIR_REPLY
-    };
-    add(&mut t.packets[dir], 1);
-    add(&mut t.bytes[dir], bytes);
-    t.last_seen_ns = now;
-    if pkt.proto != IPPROTO_TCP {
-        return;
-    }
-    let flags = pkt.tcp_flags;
-    t.tcp_flags |= (flags as u32) << (dir * 8);
-    let fin = if dir == DIR_ORIG {
-        ct_flags::FIN_ORIG
-    } else {
-        ct_flags::FIN_REPLY
-    };
-    let mut closing = 0;
-    if flags & TCP_RST != 0 {
-        closing |= ct_flags::RST | ct_flags::CLOSED;
-    }
-    if flags & TCP_FIN != 0 {
-        closing |= fin;
-    }
-    let open = t.flags & ct_flags::CLOSED == 0;
-    t.flags |= closing;
-    let both = ct_flags::FIN_ORIG | ct_flags::FIN_REPLY;
-    if t.flags & both == both {
-        t.flags |= ct_flags::CLOSED;
-    }
-    if open && t.flags & ct_flags::CLOSED != 0 {
-        stat_inc(stat::CLOSES_WITHOUT_EVENT);
     }
 }

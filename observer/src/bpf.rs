@@ -848,14 +848,9 @@ impl Datapath {
 
     /// Events the kernel could not put in the ring, all CPUs (`stat::EVENTS_LOST`).
     pub fn events_lost(&self) -> Result<u64> {
-        self.stat(stat::EVENTS_LOST)
-    }
-
-    /// One kernel counter, summed over the CPUs.
-    pub fn stat(&self, index: u32) -> Result<u64> {
         let arr: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map(maps::STATS).context("stats map")?)?;
-        Ok(arr.get(&index, 0)?.iter().sum())
+        Ok(arr.get(&stat::EVENTS_LOST, 0)?.iter().sum())
     }
 
     /// Removes these connections from the kernel's table, thousands per system call

@@ -233,8 +233,9 @@ fn main() -> Result<()> {
             cargo(&args)?;
             cluster_e2e()?;
             // What older kernels do differently is how programs attach (clsact, no TCX) and
-            // what their verifier accepts: the attach, restart and uplink tests there too.
-            let old: Vec<String> = ["e2e_lifecycle", "e2e_restart", "e2e_uplink"]
+            // what their verifier accepts: the attach, restart and uplink tests there too, and
+            // Services (the path through a connection's alias, with its events).
+            let old: Vec<String> = ["e2e_lifecycle", "e2e_restart", "e2e_uplink", "e2e_services"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect();

@@ -1,7 +1,6 @@
 //! The conntrack sweep: idle connections leave the kernel table with their last record, closed
 //! ones once they lingered; NodePort notes nothing took expire.
 use super::*;
-use observer_common::stat;
 
 /// NodePort clients the kernel noted: those a live connection took are marked taken (never
 /// linked to another connection, a kubelet probe reusing the port), those no connection took
@@ -72,28 +71,25 @@ pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
 /// How often the gc task looks at what may want the sweep sooner.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
-/// What makes the sweep run sooner than its slow pace: closes no event announced (a Service
-/// connection's, counted on its alias; an event lost to a full ring), closes the close queue
-/// left to it, and NodePort notes (which the sweep marks taken or expires).
+/// What makes the sweep run sooner than its slow pace: events lost to a full ring (a close
+/// among them is the sweep's to publish), closes the close queue left to it, and NodePort
+/// notes (which the sweep marks taken or expires).
 #[derive(Default)]
 struct Watch {
-    without_event: u64,
     events_lost: u64,
 }
 
 impl Watch {
     /// Whether the sweep is wanted, and in how long: a close is due once its grace passed.
     fn wanted(&mut self, shared: &Shared) -> Option<Duration> {
-        let (without_event, events_lost, notes) = {
+        let (events_lost, notes) = {
             let dp = shared.dp.lock().unwrap();
             (
-                dp.stat(stat::CLOSES_WITHOUT_EVENT).unwrap_or(u64::MAX),
                 dp.events_lost().unwrap_or(u64::MAX),
                 dp.has_nodeport_notes().unwrap_or(true),
             )
         };
-        let moved = without_event != self.without_event || events_lost != self.events_lost;
-        self.without_event = without_event;
+        let moved = events_lost != self.events_lost;
         self.events_lost = events_lost;
         let left = shared.state.lock().unwrap().closing.take_left_to_sweep();
         if moved || left {
@@ -146,9 +142,9 @@ fn timeout(opts: &Options, k: &CtKey, e: &CtEntry) -> Duration {
     }
 }
 
-/// A closed connection whose close event is not in the ring: a Service connection (counted
-/// through its alias, on a path without events) or an event lost to a full ring. The sweep
-/// publishes its close once its grace has passed, with the entry's counters.
+/// A closed connection whose close event is not in the ring: lost to a full ring, or from a
+/// daemon before this one whose datapath counted Service connections without events. The
+/// sweep publishes its close once its grace has passed, with the entry's counters.
 fn unsent_close(e: &CtEntry) -> bool {
     e.flags & (ct_flags::CLOSED | ct_flags::CLOSE_SENT | ct_flags::SVC_ALIAS) == ct_flags::CLOSED
 }
