@@ -266,7 +266,7 @@ mod tests {
                 protocol: "TCP".into(),
                 src_port: 40000,
                 dst_port: port,
-                tcp_flags: vec![],
+                tcp_flags: Default::default(),
                 icmp: None,
             },
             source: peer("x", src_pod, "10.0.0.1", 40000),

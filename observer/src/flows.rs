@@ -105,8 +105,8 @@ pub struct L4Info {
     pub protocol: Word,
     pub src_port: u16,
     pub dst_port: u16,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tcp_flags: Vec<Word>,
+    #[serde(default, skip_serializing_if = "TcpFlags::is_empty")]
+    pub tcp_flags: TcpFlags,
     /// ICMP and ICMPv6 only: type and code of the first packet, and the echo identifier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<IcmpInfo>,
@@ -229,12 +229,54 @@ pub fn protocol_name(p: u8) -> Word {
     }
 }
 
-pub fn tcp_flag_names(bits: u8) -> Vec<Word> {
-    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    (0..8)
-        .filter(|i| bits & (1 << i) != 0)
-        .map(|i| Word::Borrowed(NAMES[i]))
-        .collect()
+/// The TCP flags seen on a connection, as the header's bits: named only when a record is
+/// rendered (a list of names in JSON, `["SYN", "ACK"]`), so a record holds no list of its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TcpFlags(pub u8);
+
+impl TcpFlags {
+    const NAMES: [&'static str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+
+    /// The names of the flags set, in the header's bit order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        (0..8)
+            .filter(move |i| self.0 & (1 << i) != 0)
+            .map(|i| Self::NAMES[i])
+    }
+
+    pub fn has(self, name: &str) -> bool {
+        self.names().any(|n| n == name)
+    }
+
+    pub fn join(self, sep: &str) -> String {
+        self.names().collect::<Vec<_>>().join(sep)
+    }
+
+    /// From names; `None` names one that is not a TCP flag.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Self> {
+        names.into_iter().try_fold(Self(0), |f, n| {
+            let i = Self::NAMES.iter().position(|k| *k == n)?;
+            Some(Self(f.0 | 1 << i))
+        })
+    }
+}
+
+impl Serialize for TcpFlags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.names())
+    }
+}
+
+impl<'de> Deserialize<'de> for TcpFlags {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let names = Vec::<Cow<'de, str>>::deserialize(d)?;
+        Self::from_names(names.iter().map(|n| &**n))
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown TCP flag among {names:?}")))
+    }
 }
 
 pub fn mono_now_ns() -> u64 {
@@ -374,11 +416,7 @@ pub fn record<'a>(
             protocol: protocol_name(key.proto),
             src_port: sport,
             dst_port: dport,
-            tcp_flags: if tcp {
-                tcp_flag_names(flags)
-            } else {
-                Vec::new()
-            },
+            tcp_flags: TcpFlags(if tcp { flags } else { 0 }),
             icmp: icmp_info,
         },
         source: peer(sip, sport, lookup(sip)),
@@ -500,6 +538,27 @@ mod tests {
     use crate::cluster::ip_key;
 
     #[test]
+    fn tcp_flags_are_a_list_of_names_in_json() {
+        let f = TcpFlags(0x02 | 0x10 | 0x01);
+        let json = serde_json::to_string(&f).unwrap();
+        assert_eq!(json, r#"["FIN","SYN","ACK"]"#);
+        assert_eq!(serde_json::from_str::<TcpFlags>(&json).unwrap(), f);
+        assert_eq!(f.join(","), "FIN,SYN,ACK");
+        assert!(f.has("ACK") && !f.has("RST"));
+        let bad = serde_json::from_str::<TcpFlags>(r#"["SYN","NOPE"]"#).unwrap_err();
+        assert!(bad.to_string().contains("NOPE"), "{bad}");
+        // Left out of a record that has none.
+        let l4 = L4Info {
+            protocol: "UDP".into(),
+            src_port: 1,
+            dst_port: 2,
+            tcp_flags: TcpFlags::default(),
+            icmp: None,
+        };
+        assert!(!serde_json::to_string(&l4).unwrap().contains("tcp_flags"));
+    }
+
+    #[test]
     fn record_orients_by_originator_and_names_pods() {
         let a = ip_key("10.244.1.10".parse().unwrap());
         let b = ip_key("203.0.113.10".parse().unwrap());
@@ -551,7 +610,7 @@ mod tests {
                 bytes_in: 120
             }
         );
-        assert_eq!(r.l4.tcp_flags, vec!["SYN", "ACK"]);
+        assert_eq!(r.l4.tcp_flags.names().collect::<Vec<_>>(), ["SYN", "ACK"]);
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"traffic_class\":\"world-to-pod\""));
     }

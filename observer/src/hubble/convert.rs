@@ -329,8 +329,8 @@ fn policy(namespace: &str, name: &str) -> Policy {
     }
 }
 
-fn tcp_flags(names: &[Word]) -> flow::TcpFlags {
-    let has = |n: &str| names.iter().any(|f| f == n);
+fn tcp_flags(names: crate::flows::TcpFlags) -> flow::TcpFlags {
+    let has = |n: &str| names.has(n);
     flow::TcpFlags {
         fin: has("FIN"),
         syn: has("SYN"),
@@ -352,7 +352,7 @@ fn layer4(rec: &FlowRecord) -> Option<Layer4> {
         "TCP" => Protocol::Tcp(flow::Tcp {
             source_port: l4.src_port as u32,
             destination_port: l4.dst_port as u32,
-            flags: Some(tcp_flags(&l4.tcp_flags)),
+            flags: Some(tcp_flags(l4.tcp_flags)),
         }),
         "UDP" => Protocol::Udp(flow::Udp {
             source_port: l4.src_port as u32,
@@ -438,11 +438,11 @@ pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
             t.flags.as_ref().map(flag_names).unwrap_or_default(),
             None,
         ),
-        Some(Protocol::Udp(u)) => (u.source_port, u.destination_port, Vec::new(), None),
-        Some(Protocol::Sctp(s)) => (s.source_port, s.destination_port, Vec::new(), None),
-        Some(Protocol::IcmPv4(i)) => (0, 0, Vec::new(), Some((i.r#type, i.code))),
-        Some(Protocol::IcmPv6(i)) => (0, 0, Vec::new(), Some((i.r#type, i.code))),
-        _ => (0, 0, Vec::new(), None),
+        Some(Protocol::Udp(u)) => (u.source_port, u.destination_port, Default::default(), None),
+        Some(Protocol::Sctp(s)) => (s.source_port, s.destination_port, Default::default(), None),
+        Some(Protocol::IcmPv4(i)) => (0, 0, Default::default(), Some((i.r#type, i.code))),
+        Some(Protocol::IcmPv6(i)) => (0, 0, Default::default(), Some((i.r#type, i.code))),
+        _ => (0, 0, Default::default(), None),
     };
     let c = x.counters.unwrap_or_default();
     let nonempty = |s: String| (!s.is_empty()).then(|| Word::from(s));
@@ -534,12 +534,12 @@ pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
     })
 }
 
-fn flag_names(f: &flow::TcpFlags) -> Vec<Word> {
+fn flag_names(f: &flow::TcpFlags) -> crate::flows::TcpFlags {
     let bits = [f.fin, f.syn, f.rst, f.psh, f.ack, f.urg, f.ece, f.cwr]
         .iter()
         .enumerate()
         .fold(0u8, |b, (i, set)| b | (u8::from(*set) << i));
-    crate::flows::tcp_flag_names(bits)
+    crate::flows::TcpFlags(bits)
 }
 
 /// The inverse of `endpoint`: Hubble's `k8s:key=value` labels without the namespace label it
@@ -664,7 +664,7 @@ mod tests {
                 protocol: "TCP".into(),
                 src_port: 40000,
                 dst_port: 5432,
-                tcp_flags: vec!["SYN".into()],
+                tcp_flags: crate::flows::TcpFlags::from_names(["SYN"]).unwrap(),
                 icmp: None,
             },
             source: peer("shop", "web", "10.244.0.5", 40000),
@@ -788,7 +788,7 @@ mod tests {
                 protocol: "TCP".into(),
                 src_port: 40000,
                 dst_port: 5432,
-                tcp_flags: vec!["FIN".into(), "SYN".into(), "ACK".into()],
+                tcp_flags: crate::flows::TcpFlags::from_names(["FIN", "SYN", "ACK"]).unwrap(),
                 icmp: None,
             },
             source: pod("shop", "web", "10.244.0.5", 40000),
@@ -823,7 +823,7 @@ mod tests {
                 protocol: "UDP".into(),
                 src_port: 5353,
                 dst_port: 53,
-                tcp_flags: vec![],
+                tcp_flags: Default::default(),
                 icmp: None,
             },
             source: pod("shop", "web", "10.244.0.5", 5353),
@@ -842,7 +842,7 @@ mod tests {
                 protocol: "ICMPv6".into(),
                 src_port: 0,
                 dst_port: 0,
-                tcp_flags: vec![],
+                tcp_flags: Default::default(),
                 icmp: Some(IcmpInfo {
                     icmp_type: 128,
                     code: 0,
@@ -863,7 +863,7 @@ mod tests {
                 protocol: "ICMP".into(),
                 src_port: 0,
                 dst_port: 0,
-                tcp_flags: vec![],
+                tcp_flags: Default::default(),
                 icmp: Some(IcmpInfo {
                     icmp_type: 3,
                     code: 1,
@@ -879,7 +879,7 @@ mod tests {
                 protocol: "proto-47".into(),
                 src_port: 0,
                 dst_port: 0,
-                tcp_flags: vec![],
+                tcp_flags: Default::default(),
                 icmp: None,
             },
             source: pod("shop", "web", "10.244.0.5", 0),
@@ -891,7 +891,7 @@ mod tests {
                 protocol: "SCTP".into(),
                 src_port: 9,
                 dst_port: 9,
-                tcp_flags: vec![],
+                tcp_flags: Default::default(),
                 icmp: None,
             },
             source: Peer {
@@ -969,7 +969,7 @@ mod tests {
                 protocol: "UDP".into(),
                 src_port: 1,
                 dst_port: 2,
-                tcp_flags: vec![],
+                tcp_flags: Default::default(),
                 icmp: None,
             },
             source: Peer::default(),
