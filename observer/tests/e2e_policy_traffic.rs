@@ -310,3 +310,106 @@ fn a_denied_syn_on_a_closed_tuple_leaves_its_close_record() {
         "{close:#}"
     );
 }
+
+/// With `--no-enforce`, a denied connection keeps its entry: one that reuses a closed
+/// connection's tuple takes the closed entry's place (its first record a `drop`, not a `new`).
+/// The closed connection's 10 s linger must not remove it: the daemon removes a lingering
+/// entry by its key, so a `drop` of another connection on the key lets the linger go.
+#[test]
+fn a_kept_denied_connection_on_a_closed_tuple_outlives_the_old_linger() {
+    let mut bed = TestBed::overlay("polk").unwrap();
+    for (name, ports) in [("a", vec![]), ("b", vec![("serve-82-tcp", 82, "TCP")])] {
+        bed.add_pod(PodSpec {
+            namespace: "x",
+            name,
+            labels: &[("pod", name)],
+            ports: &ports,
+        })
+        .unwrap();
+    }
+    let daemon = bed
+        .start_daemon(
+            OBSERVER.as_ref(),
+            &["--report-interval", "0", "--no-enforce"],
+        )
+        .unwrap();
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let dst = SocketAddr::new(b.ip4, 82);
+    // Holds what it accepts until the end of the test.
+    let l = in_netns(&b.netns, move || TcpListener::bind(dst).unwrap()).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(l.accept().unwrap().0);
+        }
+        held
+    });
+    let src = SocketAddr::new(a.ip4, 43_300);
+    // From `src`; `close_with_rst`: a RST at the end, so the port is free again at once.
+    let connect = move |close_with_rst: bool| {
+        spawn_in_netns(&a.netns, move || {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&src.into()).unwrap();
+            s.connect_timeout(&dst.into(), PROBE_TIMEOUT).unwrap();
+            if close_with_rst {
+                s.set_linger(Some(Duration::ZERO)).unwrap();
+                None
+            } else {
+                Some(s)
+            }
+        })
+        .join()
+        .unwrap()
+        .unwrap()
+    };
+    assert!(connect(true).is_none());
+    let closed = Instant::now();
+
+    let policy_file = bed.cluster_dir().join("policies.json");
+    let deny = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": "x", "name": "deny-b"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}
+    });
+    std::fs::write(&policy_file, serde_json::to_vec(&deny).unwrap()).unwrap();
+    wait_policies(&daemon, &["x/deny-b".to_string()]);
+    let second = connect(false).expect("kept open");
+    let held = server.join().unwrap();
+
+    let of_src = |r: &Value| {
+        r["source"]["port"] == src.port() && r["destination"]["ip"] == b.ip4.to_string()
+    };
+    // Past the first connection's linger and the close queue's pass.
+    std::thread::sleep(
+        (closed + Duration::from_millis(12_500)).saturating_duration_since(Instant::now()),
+    );
+    let table: Vec<Value> = daemon
+        .get("/v1/conntrack")
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(of_src)
+        .collect();
+    let records: Vec<Value> = daemon.flows().unwrap().into_iter().filter(of_src).collect();
+    let of =
+        |event: &str| -> Vec<&Value> { records.iter().filter(|r| r["event"] == event).collect() };
+    let (new, close, drop_) = (of("new"), of("close"), of("drop"));
+    assert!(
+        new.len() == 1 && close.len() == 1 && drop_.len() == 1 && records.len() == 3,
+        "{records:#?}"
+    );
+    assert_eq!(
+        table.len(),
+        1,
+        "the kept connection's entry is gone: {records:#?}"
+    );
+    assert_eq!(table[0]["event"], "report", "{:#}", table[0]);
+    // The same connection (times to the millisecond: each is converted to wall-clock time
+    // when it is rendered).
+    let ms = |v: &Value| v["first_seen"].as_str().unwrap()[..23].to_string();
+    assert_eq!(ms(&table[0]), ms(drop_[0]), "{:#}", table[0]);
+    drop((second, held));
+}

@@ -27,6 +27,9 @@ pub(super) struct Closing {
     /// The tuple was opened again within the grace: the new connection's `new` record stands
     /// in for this close, and the state under the key is the new connection's.
     reopened: bool,
+    /// Another connection may hold the tuple's entry (a `drop` event of it came): the entry is
+    /// not this close's to remove when its linger ends; the sweep judges it.
+    retaken: bool,
 }
 
 /// Closes in the order they came (so by deadline), and the latest of each key.
@@ -92,11 +95,14 @@ impl Linger {
         }
     }
 
-    /// Another connection on the tuple: its entry is not this queue's to remove.
-    fn reopened(&mut self, key: &CtKey, first_seen_ns: u64) {
-        if self.by_key.get(key).is_some_and(|l| l.0 != first_seen_ns) {
+    /// Another connection on the tuple: its entry is not this queue's to remove. Whether a
+    /// lingering close was let go.
+    fn reopened(&mut self, key: &CtKey, first_seen_ns: u64) -> bool {
+        let other = self.by_key.get(key).is_some_and(|l| l.0 != first_seen_ns);
+        if other {
             self.by_key.remove(key);
         }
+        other
     }
 
     /// Every close whose linger ended by `through_ns`, the time through which the ring's
@@ -211,9 +217,12 @@ pub(super) fn close_seen(shared: &Shared, key: CtKey, entry: CtEntry) {
             at: Instant::now(),
             read_back,
             reopened: false,
+            retaken: false,
         });
         return;
     }
+    // Past the queue's bound: published at once, its entry left to the sweep.
+    st.closing.linger.left_to_sweep = true;
     drop(st);
     publish_close(shared, &key, &entry);
 }
@@ -257,6 +266,23 @@ pub(super) fn reopened(st: &mut State, key: &CtKey, first_seen_ns: u64) {
     st.closing.linger.reopened(key, first_seen_ns);
 }
 
+/// A `drop` event for `key`, of the connection first seen at `first_seen_ns`: a denied
+/// connection that took the tuple's entry (`--no-enforce` keeps denied connections) or a
+/// denied packet that left the closed one in place. Either way the entry is no longer the
+/// lingering close's to remove by key: the sweep, which reads each entry, takes it.
+pub(super) fn dropped_on(st: &mut State, key: &CtKey, first_seen_ns: u64) {
+    let mut let_go = st.closing.linger.reopened(key, first_seen_ns);
+    if let Some(c) = st.closing.latest_mut(key) {
+        if c.entry.first_seen_ns != first_seen_ns && !c.retaken {
+            c.retaken = true;
+            let_go = true;
+        }
+    }
+    if let_go {
+        st.closing.linger.left_to_sweep = true;
+    }
+}
+
 /// Publishes closes as their grace ends and the ring has been read past it (an after-close
 /// event may wait there). A queue rather than the sweep: the sweep read each closed entry at
 /// every pass of its linger, about twenty times, and kept daemon state for it.
@@ -267,24 +293,31 @@ pub(super) async fn closes_task(shared: Arc<Shared>) -> Result<()> {
     }
     loop {
         // Lost events first: a close is published only up to when they were read.
-        let checked = Instant::now();
+        let (checked, checked_ns) = (Instant::now(), flows::mono_now_ns());
         let lost = shared.dp.lock().unwrap().events_lost().unwrap_or(u64::MAX);
-        let (due, next) = {
+        let (due, next, lingered) = {
             let mut st = shared.state.lock().unwrap();
-            st.closing.events_lost(lost, flows::mono_now_ns());
+            st.closing.events_lost(lost, checked_ns);
             let through = st.ring_read_through.min(checked);
             let due = st.closing.pop_due(grace, through);
+            // Into the linger under the same hold of the state: an after-close event read
+            // from now on finds them there.
+            for c in due.iter().filter(|c| !c.reopened && !c.retaken) {
+                st.closing.linger.push(c.key, &c.entry);
+            }
             if !st.adopted.is_empty() {
                 for c in &due {
                     st.adopted.remove(&c.key);
                 }
             }
-            (due, st.closing.next_due(grace))
+            let through_ns = checked_ns.saturating_sub((checked - through).as_nanos() as u64);
+            let lingered = st.closing.linger.pop_due(through_ns);
+            (due, st.closing.next_due(grace), lingered)
         };
         if !due.is_empty() {
             publish_due(&shared, due);
         }
-        remove_lingered(&shared, checked);
+        remove_lingered(&shared, &lingered);
         // At most ten passes a second: closes gather into batches under load.
         let wait = next
             .map_or(grace, |t| t.saturating_duration_since(Instant::now()))
@@ -327,6 +360,7 @@ fn adopt_closing(shared: &Shared) -> Result<()> {
             at,
             read_back: true,
             reopened: false,
+            retaken: false,
         });
         st.adopted.insert(key);
     }
@@ -334,17 +368,11 @@ fn adopt_closing(shared: &Shared) -> Result<()> {
 }
 
 /// Removes the closed entries whose linger ended before the ring was last read through.
-fn remove_lingered(shared: &Shared, checked: Instant) {
-    let due = {
-        let mut st = shared.state.lock().unwrap();
-        let behind = checked.saturating_duration_since(st.ring_read_through.min(checked));
-        let through_ns = flows::mono_now_ns().saturating_sub(behind.as_nanos() as u64);
-        st.closing.linger.pop_due(through_ns)
-    };
+fn remove_lingered(shared: &Shared, due: &[CtKey]) {
     if due.is_empty() {
         return;
     }
-    let removed = shared.dp.lock().unwrap().remove_conntrack(&due);
+    let removed = shared.dp.lock().unwrap().remove_conntrack(due);
     match removed {
         Ok(n) => shared.state.lock().unwrap().metrics.conntrack_expired_total += n as u64,
         Err(e) => warn!("removing closed connections: {e:#}"),
@@ -358,12 +386,6 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
         .partition(|c| c.read_back);
     for c in &from_events {
         publish_close(shared, &c.key, &c.entry);
-    }
-    {
-        let mut st = shared.state.lock().unwrap();
-        for c in &from_events {
-            st.closing.linger.push(c.key, &c.entry);
-        }
     }
     if read_back.is_empty() {
         return;
@@ -386,11 +408,21 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
                 if e.flags & ct_flags::CLOSED != 0 && e.first_seen_ns == c.entry.first_seen_ns =>
             {
                 publish_close(shared, &c.key, &e);
-                shared.state.lock().unwrap().closing.linger.push(c.key, &e);
+                // Its last packet as read (past the after-close events, to the sweep).
+                shared
+                    .state
+                    .lock()
+                    .unwrap()
+                    .closing
+                    .linger
+                    .after_close(&c.key, &e);
             }
             // The tuple was opened again within the grace, and its `new` event was lost: as
             // `reopened`.
-            Some(_) => {}
+            Some(e) => {
+                let mut st = shared.state.lock().unwrap();
+                st.closing.linger.reopened(&c.key, e.first_seen_ns);
+            }
             // Gone (evicted from a full table, or removed): the events' counters are the last.
             None => publish_close(shared, &c.key, &c.entry),
         }
@@ -447,8 +479,10 @@ mod tests {
         let (k2, mut e2) = closed(2, S, 2 * S);
         l.push(k1, &e1);
         l.push(k2, &e2);
-        // Another connection on the first tuple: not this queue's entry any more.
-        l.reopened(&k1, 3 * S);
+        // Another connection on the first tuple (its `new` or, kept though denied, its `drop`
+        // event): not this queue's entry any more. The same connection's is.
+        assert!(!l.reopened(&k1, S));
+        assert!(l.reopened(&k1, 3 * S));
         // The second's packets go on past its last after-close event.
         e2.flags |= ct_flags::AFTER_CLOSE_LAST;
         l.after_close(&k2, &e2);

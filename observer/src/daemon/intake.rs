@@ -93,7 +93,10 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
         }
         // Not a new connection's entry: a denied SYN leaves a closed connection on the tuple
         // in place, and a policy change denying a live one keeps its state.
-        EventKind::Drop => emit(shared, kind, &ev.key, &e),
+        EventKind::Drop => {
+            dropped_on(&mut shared.state.lock().unwrap(), &ev.key, ev.first_seen_ns);
+            emit(shared, kind, &ev.key, &e)
+        }
         EventKind::Report => emit(shared, kind, &ev.key, &e),
         EventKind::Close => close_seen(shared, ev.key, e),
         EventKind::AfterClose => after_close_seen(shared, &ev.key, &e),
