@@ -639,16 +639,7 @@ fn inbound_flows_from_the_node_and_the_world_are_classified_and_counted() {
 /// 10 s more.
 #[test]
 fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
-    let mut bed = TestBed::overlay("lng").expect("test bed");
-    for (name, ports) in [("a", vec![]), ("b", vec![("http", TCP_PORT, "TCP")])] {
-        bed.add_pod(PodSpec {
-            namespace: "x",
-            name,
-            labels: &[("pod", name)],
-            ports: &ports,
-        })
-        .unwrap();
-    }
+    let mut bed = TestBed::client_and_server("lng", TCP_PORT).expect("test bed");
     let daemon = bed
         .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"])
         .expect("daemon");

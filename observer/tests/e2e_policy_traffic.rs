@@ -225,22 +225,26 @@ fn upstream_cases_hold_for_real_connections() {
     );
 }
 
+/// Puts pod `b` of `x` under a policy that admits nothing, and waits for the daemon to have it.
+fn isolate_b(bed: &TestBed, daemon: &observer_tests::Daemon) {
+    let deny = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": "x", "name": "deny-b"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}
+    });
+    let policy_file = bed.cluster_dir().join("policies.json");
+    std::fs::write(&policy_file, serde_json::to_vec(&deny).unwrap()).unwrap();
+    wait_policies(daemon, &["x/deny-b".to_string()]);
+}
+
 /// A connection closes, a policy then denies its tuple, and a SYN from the same source port is
 /// dropped within the first connection's close grace. The denied attempt is no new connection
 /// on the tuple (the kernel keeps the closed entry): the first connection's `close` record
 /// still goes out, once, and the attempt has its `drop` record.
 #[test]
 fn a_denied_syn_on_a_closed_tuple_leaves_its_close_record() {
-    let mut bed = TestBed::overlay("pold").unwrap();
-    for (name, ports) in [("a", vec![]), ("b", vec![("serve-80-tcp", 80, "TCP")])] {
-        bed.add_pod(PodSpec {
-            namespace: "x",
-            name,
-            labels: &[("pod", name)],
-            ports: &ports,
-        })
-        .unwrap();
-    }
+    let mut bed = TestBed::client_and_server("pold", 80).unwrap();
     let daemon = bed
         .start_daemon(
             OBSERVER.as_ref(),
@@ -264,15 +268,7 @@ fn a_denied_syn_on_a_closed_tuple_leaves_its_close_record() {
     };
     assert!(spawn_in_netns(&a.netns, connect).join().unwrap().unwrap());
 
-    let policy_file = bed.cluster_dir().join("policies.json");
-    let deny = serde_json::json!({
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"namespace": "x", "name": "deny-b"},
-        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}
-    });
-    std::fs::write(&policy_file, serde_json::to_vec(&deny).unwrap()).unwrap();
-    wait_policies(&daemon, &["x/deny-b".to_string()]);
+    isolate_b(&bed, &daemon);
     assert!(!spawn_in_netns(&a.netns, connect).join().unwrap().unwrap());
 
     let of_src = |r: &&Value| {
@@ -317,16 +313,7 @@ fn a_denied_syn_on_a_closed_tuple_leaves_its_close_record() {
 /// entry by its key, so a `drop` of another connection on the key lets the linger go.
 #[test]
 fn a_kept_denied_connection_on_a_closed_tuple_outlives_the_old_linger() {
-    let mut bed = TestBed::overlay("polk").unwrap();
-    for (name, ports) in [("a", vec![]), ("b", vec![("serve-82-tcp", 82, "TCP")])] {
-        bed.add_pod(PodSpec {
-            namespace: "x",
-            name,
-            labels: &[("pod", name)],
-            ports: &ports,
-        })
-        .unwrap();
-    }
+    let mut bed = TestBed::client_and_server("polk", 82).unwrap();
     let daemon = bed
         .start_daemon(
             OBSERVER.as_ref(),
@@ -367,15 +354,7 @@ fn a_kept_denied_connection_on_a_closed_tuple_outlives_the_old_linger() {
     assert!(connect(true).is_none());
     let closed = Instant::now();
 
-    let policy_file = bed.cluster_dir().join("policies.json");
-    let deny = serde_json::json!({
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"namespace": "x", "name": "deny-b"},
-        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}
-    });
-    std::fs::write(&policy_file, serde_json::to_vec(&deny).unwrap()).unwrap();
-    wait_policies(&daemon, &["x/deny-b".to_string()]);
+    isolate_b(&bed, &daemon);
     let second = connect(false).expect("kept open");
     let held = server.join().unwrap();
 

@@ -686,6 +686,22 @@ impl TestBed {
         Ok(idx)
     }
 
+    /// An overlay bed with two pods of namespace `x` on node-1, labelled `pod=<name>`: `a`, a
+    /// client, and `b`, serving TCP `port`.
+    pub fn client_and_server(tag: &str, port: u16) -> Result<Self> {
+        let mut bed = Self::overlay(tag)?;
+        let serving = [("serve", port, "TCP")];
+        for (name, ports) in [("a", &[][..]), ("b", &serving[..])] {
+            bed.add_pod(PodSpec {
+                namespace: "x",
+                name,
+                labels: &[("pod", name)],
+                ports,
+            })?;
+        }
+        Ok(bed)
+    }
+
     /// Adds a pod on node-2 like [`TestBed::add_pod`]. Returns its index in
     /// [`TestBed::remote_pods`].
     pub fn add_remote_pod(&mut self, spec: PodSpec<'_>) -> Result<usize> {
