@@ -124,17 +124,23 @@ pub fn through_alias(
         &nat.backend,
         nat.backend_port,
     );
-    let Some(t) = CT.get_ptr_mut(&tkey) else {
+    let t = CT.get_ptr_mut(&tkey);
+    // A fresh SYN on the client's tuple after its connection closed, or after the closed
+    // connection left the table (the alias outlives it by up to a sweep): a new connection,
+    // maybe to another backend, linked anew behind the DNAT.
+    let syn = orig
+        && pkt.proto == IPPROTO_TCP
+        && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && t.is_none_or(|t| unsafe { (*t).flags } & ct_flags::CLOSED != 0);
+    if syn {
+        nat.flags = 0;
+        alias.flags &= !ct_flags::CLOSED;
+        return pass;
+    }
+    let Some(t) = t else {
         return pass;
     };
     let t = unsafe { &mut *t };
-    // A fresh SYN after the connection closed reuses the client's tuple: a new connection,
-    // maybe to another backend, linked anew behind the DNAT.
-    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if orig && syn && pkt.proto == IPPROTO_TCP && t.flags & ct_flags::CLOSED != 0 {
-        nat.flags = 0;
-        return pass;
-    }
     let action = verdict(t.flags, cfg.enforce);
     // The same per-packet update as any connection's, with its report, close and after-close
     // events: since the parser and each hook's conntrack are global functions of their own,
@@ -150,6 +156,11 @@ pub fn through_alias(
         pkt.proto == IPPROTO_TCP,
         cfg.report_interval_ns,
     );
+    // The alias ends with its connection: the sweep removes it after the same linger, not
+    // after the TCP idle timeout.
+    if t.flags & ct_flags::CLOSED != 0 {
+        alias.flags |= ct_flags::CLOSED;
+    }
     match action {
         Action::Drop => Action::Drop,
         _ => pass,

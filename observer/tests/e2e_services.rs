@@ -175,6 +175,46 @@ fn services_and_dns_under_default_deny_are_judged_against_their_backends() {
     services_and_dns(cluster("svc", false));
 }
 
+/// A Service connection is tracked under its pre-DNAT tuple too (its alias). The alias leaves
+/// the table with its connection, a linger after the close, not after the 6 h TCP idle
+/// timeout: a node opening many short Service connections would otherwise fill its table with
+/// the aliases of closed ones.
+#[test]
+fn a_closed_service_connection_leaves_no_alias_behind() {
+    let mut c = cluster("svcgone", false);
+    // A 2 s sweep (half the idle timeout of UDP): the test need not wait for the 10 s one.
+    let d = c
+        .bed
+        .start_daemon(OBSERVER.as_ref(), &["--other-timeout", "4s"])
+        .unwrap();
+    let web = web(&c);
+    let entries = || d.status()["conntrack_entries"].as_u64().unwrap();
+    let before = entries();
+    // The client closes first: the server's side of the exchange comes back to it.
+    assert!(tcp_connects(&web, sa("10.96.0.20", 80), T));
+    let closed = Instant::now();
+    let grown = entries();
+    assert!(
+        grown >= before + 2,
+        "alias and connection: {before} -> {grown}"
+    );
+    loop {
+        let now = entries();
+        if now <= before {
+            break;
+        }
+        assert!(
+            closed.elapsed() < Duration::from_secs(16),
+            "{now} entries {:?} after the close, {before} before it",
+            closed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(closed.elapsed() >= Duration::from_millis(9_500));
+    let new = records(&d, |r| r["event"] == "new" && r["service"]["name"] == "db");
+    assert_eq!(new.len(), 1, "{new:?}");
+}
+
 /// The same on kubenet's bridge: same-node pod traffic is bridged, br_netfilter hands it to
 /// kube-proxy's rules.
 #[test]

@@ -190,8 +190,9 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
             let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
             if e.flags & ct_flags::SVC_ALIAS != 0 {
                 // A Service connection's pre-DNAT tuple: its records are the translated
-                // connection's. Expired like any connection, published never.
-                if idle >= idle_timeout(opts, k) {
+                // connection's. Expired like any connection (closed with it: the kernel marks
+                // it so), published never.
+                if idle >= timeout(opts, k, e) {
                     expire.push(*k);
                 }
                 continue;
