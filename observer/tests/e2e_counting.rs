@@ -686,8 +686,10 @@ fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
         gone >= Duration::from_millis(9_500),
         "left the table {gone:?} after its close, before its linger ended"
     );
+    // The queue's pass, at most a second apart when idle, and room for a loaded machine; a
+    // sweep (every 10 s from the daemon's start) would take it at 18-20 s.
     assert!(
-        gone <= Duration::from_millis(12_500),
+        gone <= Duration::from_millis(14_000),
         "left the table {gone:?} after its close: not when its linger ended"
     );
 }
