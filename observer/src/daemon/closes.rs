@@ -47,6 +47,9 @@ pub(super) struct CloseQueue {
     lost_through_ns: u64,
     /// Published closes waiting out their linger.
     linger: Linger,
+    /// Events were lost since the sweep last asked: a close among them is the sweep's to
+    /// publish, a grace after the loss.
+    lost_unswept: bool,
 }
 
 /// Published closes whose entries the queue removes from the kernel's table once they lingered
@@ -130,9 +133,16 @@ impl Linger {
 }
 
 impl CloseQueue {
-    /// Whether closes were left to the sweep since this was last asked.
-    pub(super) fn take_left_to_sweep(&mut self) -> bool {
-        std::mem::take(&mut self.linger.left_to_sweep)
+    /// Whether the sweep is wanted for closes since this was last asked, and within how long:
+    /// a grace after a loss (when its closes are due), at once for closes left to it.
+    pub(super) fn take_sweep_wanted(&mut self, grace: Duration) -> Option<Duration> {
+        let lost = std::mem::take(&mut self.lost_unswept);
+        let left = std::mem::take(&mut self.linger.left_to_sweep);
+        if lost {
+            Some(grace)
+        } else {
+            left.then_some(Duration::ZERO)
+        }
     }
 }
 
@@ -193,10 +203,8 @@ impl CloseQueue {
                 c.read_back = true;
             }
             // An after-close event may be among those lost: the sweep removes these.
-            self.linger = Linger {
-                left_to_sweep: true,
-                ..Linger::default()
-            };
+            self.linger = Linger::default();
+            self.lost_unswept = true;
         }
     }
 }

@@ -41,7 +41,6 @@ pub(super) const NODEPORT_NOTE_TTL: Duration = Duration::from_secs(2);
 pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
     let mut last_prune = Instant::now();
     let mut first = true;
-    let mut watch = Watch::default();
     loop {
         let prune = last_prune.elapsed() >= PRUNE_INTERVAL;
         if prune {
@@ -58,7 +57,7 @@ pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
                 break;
             }
             tokio::time::sleep((next - now).min(WATCH_INTERVAL)).await;
-            if let Some(wait) = watch.wanted(&shared) {
+            if let Some(wait) = sweep_wanted(&shared) {
                 next = next.min(
                     (Instant::now() + wait)
                         .max(swept + sweep_interval(&shared.opts, entries, true)),
@@ -71,38 +70,23 @@ pub(super) async fn gc_task(shared: Arc<Shared>) -> Result<()> {
 /// How often the gc task looks at what may want the sweep sooner.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
-/// What makes the sweep run sooner than its slow pace: events lost to a full ring (a close
-/// among them is the sweep's to publish), closes the close queue left to it, and NodePort
-/// notes (which the sweep marks taken or expires).
-#[derive(Default)]
-struct Watch {
-    events_lost: u64,
-}
-
-impl Watch {
-    /// Whether the sweep is wanted, and in how long: a close is due once its grace passed.
-    fn wanted(&mut self, shared: &Shared) -> Option<Duration> {
-        let (events_lost, notes) = {
-            let dp = shared.dp.lock().unwrap();
-            (
-                dp.events_lost().unwrap_or(u64::MAX),
-                dp.has_nodeport_notes().unwrap_or(true),
-            )
-        };
-        let moved = events_lost != self.events_lost;
-        self.events_lost = events_lost;
-        let left = shared.state.lock().unwrap().closing.take_left_to_sweep();
-        // A lost close is due a grace after it; the others want the sweep at its busy pace
-        // (closes left to it come in numbers past the close queue's bound, at thousands a
-        // second, and lingering entries fill the table).
-        if moved {
-            Some(shared.opts.close_grace)
-        } else if left || notes {
-            Some(Duration::ZERO)
-        } else {
-            None
-        }
-    }
+/// Whether the sweep should run sooner than its slow pace, and within how long: for closes
+/// (lost events, closes the close queue left to it; see `CloseQueue::take_sweep_wanted`) and
+/// for NodePort notes (which the sweep marks taken or expires).
+fn sweep_wanted(shared: &Shared) -> Option<Duration> {
+    let notes = shared
+        .dp
+        .lock()
+        .unwrap()
+        .has_nodeport_notes()
+        .unwrap_or(true);
+    let closes = shared
+        .state
+        .lock()
+        .unwrap()
+        .closing
+        .take_sweep_wanted(shared.opts.close_grace);
+    closes.or(notes.then_some(Duration::ZERO))
 }
 
 /// When nothing waits for it, a sweep every 10 s (at least twice per idle timeout): what it

@@ -329,17 +329,17 @@ fn policy(namespace: &str, name: &str) -> Policy {
     }
 }
 
-fn tcp_flags(names: crate::flows::TcpFlags) -> flow::TcpFlags {
-    let has = |n: &str| names.has(n);
+fn tcp_flags(f: crate::flows::TcpFlags) -> flow::TcpFlags {
+    let bit = |i: u8| f.0 & (1 << i) != 0;
     flow::TcpFlags {
-        fin: has("FIN"),
-        syn: has("SYN"),
-        rst: has("RST"),
-        psh: has("PSH"),
-        ack: has("ACK"),
-        urg: has("URG"),
-        ece: has("ECE"),
-        cwr: has("CWR"),
+        fin: bit(0),
+        syn: bit(1),
+        rst: bit(2),
+        psh: bit(3),
+        ack: bit(4),
+        urg: bit(5),
+        ece: bit(6),
+        cwr: bit(7),
         ns: false,
     }
 }
@@ -435,7 +435,7 @@ pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
         Some(Protocol::Tcp(t)) => (
             t.source_port,
             t.destination_port,
-            t.flags.as_ref().map(flag_names).unwrap_or_default(),
+            t.flags.as_ref().map(flags_of).unwrap_or_default(),
             None,
         ),
         Some(Protocol::Udp(u)) => (u.source_port, u.destination_port, Default::default(), None),
@@ -534,7 +534,7 @@ pub fn record_of(f: &flow::Flow) -> Option<FlowRecord> {
     })
 }
 
-fn flag_names(f: &flow::TcpFlags) -> crate::flows::TcpFlags {
+fn flags_of(f: &flow::TcpFlags) -> crate::flows::TcpFlags {
     let bits = [f.fin, f.syn, f.rst, f.psh, f.ack, f.urg, f.ece, f.cwr]
         .iter()
         .enumerate()
