@@ -330,8 +330,8 @@ pub fn process<C: EbpfContext>(
 /// A packet of an established connection, settled before the parser's slot and the global
 /// functions (a pod veth's tc programs): the same lookup, verdict and update `process` would
 /// make, for the connections where `process` would take no other step. None for everything
-/// else, which `process` then sees in full: a new connection or a SYN (on a closed one it
-/// reopens the tuple), a Service or NodePort one, an original-direction packet whose verdicts
+/// else, which `process` then sees in full: a new connection or a SYN without ACK (on a
+/// closed one it reopens the tuple), a Service or NodePort one, an original-direction packet whose verdicts
 /// are not all taken, or taken under an older policy. A closed connection's last ACKs and
 /// retransmissions are settled here: `process` takes the same steps for them. `count`:
 /// whether this hook adds the packet to the connection's counters. Returns the action and the
@@ -339,8 +339,8 @@ pub fn process<C: EbpfContext>(
 #[inline(always)]
 pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<(Action, u8)> {
     // An opener is nearly always a new connection (a reused tuple is `process`'s case): spare
-    // it a lookup that would miss.
-    if p.proto == IPPROTO_TCP && p.tcp_flags & TCP_SYN != 0 {
+    // it a lookup that would miss. Its SYN-ACK is a reply like any other.
+    if p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return None;
     }
     let (key, from_a) = key_of_pair(

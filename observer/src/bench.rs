@@ -290,12 +290,35 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
             format!("repeat={repeat}, median of {rounds} rounds, LRU evicting"),
         ));
     }
+    out.push(from_pod_syn_ack(repeat, rounds)?);
     out.extend(to_pod_local(repeat, rounds)?);
     Ok(out)
 }
 
 /// A second pod of the node, the destination of the local cases.
 const PEER: [u8; 4] = [10, 244, 1, 11];
+
+/// `from_pod` on a pod's SYN-ACK: the reply of a connection the world opened to the pod (its SYN
+/// went through `to_pod`), one per accepted connection, a conntrack hit like any reply.
+fn from_pod_syn_ack(repeat: u32, rounds: usize) -> Result<Measurement> {
+    let syn = packet64_between(DST, SRC, 6, 41000, 8080, 0x02);
+    let syn_ack = packet64_between(SRC, DST, 6, 8080, 41000, 0x12);
+    let (subj, base) = with_datapath(None, |dp| {
+        run(dp, programs::TO_POD, &syn, 1)?;
+        let (mut subj, mut base) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            base.push(run(dp, programs::TC_EMPTY, &syn_ack, repeat)?);
+            subj.push(run(dp, programs::FROM_POD, &syn_ack, repeat)?);
+        }
+        Ok((subj, base))
+    })?;
+    Ok(measurement(
+        "from_pod/tcp/syn_ack_reply".into(),
+        subj,
+        base,
+        format!("repeat={repeat}, median of {rounds} rounds"),
+    ))
+}
 
 /// `to_pod` on a packet between two pods of the node, on an established TCP connection, after
 /// `from_pod` settled it at the source's veth (a test run's interface, ifindex 1, marked as a
