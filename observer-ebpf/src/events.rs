@@ -1,11 +1,12 @@
 //! Connection-level events on the ring buffer. A failed reserve is counted, never silent.
 use observer_common::{stat, CtEntry, CtKey, EventKind, FlowEvent};
 
-use crate::maps::{stat_inc, DROP_BUDGET, EVENTS};
+use crate::maps::{stat_inc, DROP_BUDGET, EVENTS, WOKE_AT};
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_CONS_POS: u64 = 2;
 /// About 600 events.
 const WAKEUP_BYTES: u64 = 64 * 1024;
 
@@ -33,20 +34,35 @@ pub fn emit(kind: EventKind, key: &CtKey, e: &CtEntry) -> bool {
                 (*ev).ingress_rule = e.ingress_rule;
                 (*ev)._pad = 0;
             }
-            // Waking the reader costs an irq_work per event; the daemon also polls on a short
-            // timer, so wake it only once a batch worth reading has built up.
-            let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            slot.submit(flags);
+            slot.submit(wakeup());
             true
         }
         None => {
             stat_inc(stat::EVENTS_LOST);
             false
         }
+    }
+}
+
+/// Waking the reader costs an irq_work (a self-interrupt, an exit of a virtual machine) and a
+/// wake-up; the daemon also polls on a short timer, so it is woken only once a batch worth
+/// reading has built up, and then once per CPU until it has read something: a reader that is
+/// slow to get a CPU is already woken, and every event after the threshold woke it again.
+#[inline(always)]
+fn wakeup() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) < WAKEUP_BYTES {
+        return BPF_RB_NO_WAKEUP;
+    }
+    // Stored plus one: the zeroed slot means "never woke", not "woke at position 0".
+    let cons = EVENTS.query(BPF_RB_CONS_POS) + 1;
+    match WOKE_AT.get_ptr_mut(0) {
+        // Per-CPU slot: no other writer.
+        Some(w) if unsafe { *w } == cons => BPF_RB_NO_WAKEUP,
+        Some(w) => {
+            unsafe { *w = cons };
+            BPF_RB_FORCE_WAKEUP
+        }
+        None => BPF_RB_FORCE_WAKEUP,
     }
 }
 

@@ -109,6 +109,11 @@ pub static CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "OBS_HANDOFF")]
 pub static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU, the ring's consumer position when this CPU last woke the reader (see
+/// `events::emit`): one wake-up per CPU until the reader has read something.
+#[map(name = "OBS_WOKE_AT")]
+pub static WOKE_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
 #[map(name = "OBS_BENCH_SEQ")]
 pub static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

@@ -20,8 +20,10 @@ pub(super) async fn events_task(shared: Arc<Shared>, ring: RingBuf<MapData>) -> 
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(&shared, guard.get_inner_mut(), &mut batch);
+                // Cleared before the read: the kernel wakes the reader once per CPU until it
+                // reads something, and a wake-up during the read must not be lost.
                 guard.clear_ready();
+                drain(&shared, guard.get_inner_mut(), &mut batch);
             }
             _ = tick.tick() => drain(&shared, fd.get_mut(), &mut batch),
         }
