@@ -331,11 +331,11 @@ pub fn process<C: EbpfContext>(
 /// functions (a pod veth's tc programs): the same lookup, verdict and update `process` would
 /// make, for the connections where `process` would take no other step. None for everything
 /// else, which `process` then sees in full: a new connection or a SYN without ACK (on a
-/// closed one it reopens the tuple), a Service or NodePort one, an original-direction packet whose verdicts
-/// are not all taken, or taken under an older policy. A closed connection's last ACKs and
-/// retransmissions are settled here: `process` takes the same steps for them. `count`:
-/// whether this hook adds the packet to the connection's counters. Returns the action and the
-/// connection's `TrafficClass`.
+/// closed one it reopens the tuple), a Service or NodePort one, an original-direction packet
+/// whose verdicts are not all taken, or taken under an older policy. A closed connection's
+/// last ACKs and retransmissions are settled here: `process` takes the same steps for them.
+/// `count`: whether this hook adds the packet to the connection's counters. Returns the
+/// action and the connection's `TrafficClass`.
 #[inline(always)]
 pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<(Action, u8)> {
     // An opener is nearly always a new connection (a reused tuple is `process`'s case): spare
