@@ -248,6 +248,7 @@ pub fn process<C: EbpfContext>(
     ifindex: u32,
     hook: Hook,
     count: Count,
+    missing: bool,
     class_of_new: impl FnOnce() -> TrafficClass,
 ) -> Action {
     let (key, from_a) = key_of(pkt);
@@ -257,7 +258,10 @@ pub fn process<C: EbpfContext>(
     let is_tcp = pkt.proto == IPPROTO_TCP;
     let cfg = config();
 
-    if let Some(e) = CT.get_ptr_mut(&key) {
+    // `missing`: the established path's lookup of this tuple just missed; a connection another
+    // CPU creates meanwhile is found by the insert below.
+    let hit = if missing { None } else { CT.get_ptr_mut(&key) };
+    if let Some(e) = hit {
         let e = unsafe { &mut *e };
         if e.flags & ct_flags::SVC_ALIAS != 0 {
             return service::through_alias(e, pkt, from_a, bytes, &cfg);
@@ -329,7 +333,7 @@ pub fn process<C: EbpfContext>(
 
 /// A packet of an established connection, settled before the parser's slot and the global
 /// functions (a pod veth's tc programs): the same lookup, verdict and update `process` would
-/// make, for the connections where `process` would take no other step. None for everything
+/// make, for the connections where `process` would take no other step. `Full` for everything
 /// else, which `process` then sees in full: a new connection or a SYN without ACK (on a
 /// closed one it reopens the tuple), a Service or NodePort one, an original-direction packet
 /// whose verdicts are not all taken, or taken under an older policy. A closed connection's
@@ -337,11 +341,11 @@ pub fn process<C: EbpfContext>(
 /// `count`: whether this hook adds the packet to the connection's counters. Returns the
 /// action and the connection's `TrafficClass`.
 #[inline(always)]
-pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<(Action, u8)> {
+pub fn established(p: &Plain, bytes: u64, count: bool) -> Established {
     // An opener is nearly always a new connection (a reused tuple is `process`'s case): spare
     // it a lookup that would miss. Its SYN-ACK is a reply like any other.
     if p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        return None;
+        return Established::Full;
     }
     let (key, from_a) = key_of_pair(
         AF_INET,
@@ -351,11 +355,14 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<(Action, u8)> {
         &[p.dst, 0, 0, 0],
         p.dport,
     );
-    let e = unsafe { &mut *CT.get_ptr_mut(&key)? };
+    let Some(e) = CT.get_ptr_mut(&key) else {
+        return Established::Missing;
+    };
+    let e = unsafe { &mut *e };
     let cfg = config();
     let special = ct_flags::SVC_ALIAS | ct_flags::SERVICE | ct_flags::NODEPORT;
     if e.flags & special != 0 || e.policy_gen != cfg.policy_gen {
-        return None;
+        return Established::Full;
     }
     // `judge_all` would take no verdict: the source's egress is taken, and the destination's
     // ingress too unless the egress denied.
@@ -363,7 +370,7 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<(Action, u8)> {
     let judged = e.flags & ct_flags::EGRESS_DONE != 0
         && e.flags & (ct_flags::DENIED | ct_flags::INGRESS_DONE) != 0;
     if orig && !judged {
-        return None;
+        return Established::Full;
     }
     let action = verdict(e.flags, cfg.enforce);
     if count {
@@ -380,7 +387,17 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Option<(Action, u8)> {
             cfg.report_interval_ns,
         );
     }
-    Some((action, e.class))
+    Established::Settled(action, e.class)
+}
+
+/// What [`established`] made of a packet.
+pub enum Established {
+    /// Settled: the action, and the connection's `TrafficClass`.
+    Settled(Action, u8),
+    /// No connection on the tuple: the full path need not look it up again.
+    Missing,
+    /// Left to the full path.
+    Full,
 }
 
 /// Rare (the LRU map makes room by evicting): counted, and logged through aya-log.

@@ -5,7 +5,7 @@ use observer_common::{ep_flags, stat, TrafficClass, AF_INET, AF_INET6, NODEPORT_
 
 use crate::{
     classify,
-    conntrack::{established, process, Action, Count, Hook},
+    conntrack::{established, process, Action, Count, Established, Hook},
     handoff,
     maps::{stat_inc, ATTACHED, BENCH_SEQ, CONFIG},
     parse::{ip_addrs, observer_parse_tc, parsed, plain_ipv4, PacketCtx},
@@ -80,16 +80,23 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 }
 
 /// Established IPv4 TCP and UDP connections are settled first (`conntrack::established`);
-/// None: the full path decides. `mode`: `COUNT`, `HAND_OVER` bits.
+/// `Err`: the full path decides, with `KNOWN_MISSING` set when the tuple has no connection.
+/// `mode`: `COUNT`, `HAND_OVER` bits.
 #[inline(always)]
-fn settle_established(ctx: &TcContext, mode: u64) -> Option<i32> {
+fn settle_established(ctx: &TcContext, mode: u64) -> Result<i32, u64> {
     match observer_established_tc(ctx.skb.skb, mode) {
-        NOT_SETTLED => None,
-        a => Some(act(ctx, Action::from_raw(a))),
+        NOT_SETTLED => Err(0),
+        MISSING => Err(KNOWN_MISSING),
+        a => Ok(act(ctx, Action::from_raw(a))),
     }
 }
 
 const NOT_SETTLED: i32 = -1;
+/// Not settled, and no connection on the tuple.
+const MISSING: i32 = -2;
+/// The full path's conntrack functions: the established path's lookup of the tuple missed, so
+/// `process` does not look again.
+const KNOWN_MISSING: u64 = 4;
 /// The hook adds the packet to the connection's counters.
 const COUNT: u64 = 1;
 /// `from_pod`: a packet it passes is handed over to `to_pod` (see `handoff`).
@@ -118,7 +125,7 @@ pub extern "C" fn observer_established_tc(skb: *mut __sk_buff, mode: u64) -> i32
     };
     let bytes = (PacketCtx::len(&ctx) - 14) as u64;
     match established(&p, bytes, mode & COUNT != 0) {
-        Some((a, class)) => {
+        Established::Settled(a, class) => {
             if let Some(s) = slot {
                 if a == Action::Pass && class == TrafficClass::PodToPodLocal as u8 {
                     s.hand_over(unsafe { (*skb).ifindex }, &p);
@@ -126,32 +133,34 @@ pub extern "C" fn observer_established_tc(skb: *mut __sk_buff, mode: u64) -> i32
             }
             a as i32
         }
-        None => NOT_SETTLED,
+        Established::Missing => MISSING,
+        Established::Full => NOT_SETTLED,
     }
 }
 
 #[inline(always)]
 fn observe_from_pod(ctx: &TcContext) -> i32 {
     stat_inc(stat::PACKETS);
-    if let Some(verdict) = settle_established(ctx, COUNT | HAND_OVER) {
-        return verdict;
-    }
+    let missing = match settle_established(ctx, COUNT | HAND_OVER) {
+        Ok(verdict) => return verdict,
+        Err(missing) => missing,
+    };
     let reason = observer_parse_tc(ctx.skb.skb);
     if reason != 0 {
         return unparsed(ctx, reason, Hook::FromPod);
     }
     act(
         ctx,
-        Action::from_raw(observer_from_pod_conn(ctx.skb.skb, 1)),
+        Action::from_raw(observer_from_pod_conn(ctx.skb.skb, COUNT | missing)),
     )
 }
 
-/// Conntrack and verdicts at `hook` for the packet `observer_parse_tc` parsed; `count`: whether
-/// this hook adds it to the connection's counters. Behind a global function per hook (below),
+/// Conntrack and verdicts at `hook` for the packet `observer_parse_tc` parsed; `mode`: `COUNT`
+/// (this hook adds it to the connection's counters), `KNOWN_MISSING`. Behind a global function per hook (below),
 /// verified once, apart from the parser: inlined after it, every path through the parser
 /// multiplied the paths through conntrack, past the 1M-instruction budget of Linux 6.1.
 #[inline(always)]
-pub fn tc_conn(skb: *mut __sk_buff, count: u64, hook: Hook) -> i32 {
+pub fn tc_conn(skb: *mut __sk_buff, mode: u64, hook: Hook) -> i32 {
     // Fail closed on what cannot happen (the verifier wants the checks).
     if skb.is_null() {
         return Action::Drop as i32;
@@ -165,12 +174,26 @@ pub fn tc_conn(skb: *mut __sk_buff, count: u64, hook: Hook) -> i32 {
     if hook == Hook::ToPod {
         pkt.outside = (unsafe { (*skb).mark } & NODEPORT_MARK != 0) as u8;
     }
-    let count = if count != 0 { Count::All } else { Count::None };
+    let missing = mode & KNOWN_MISSING != 0;
+    let count = if mode & COUNT != 0 {
+        Count::All
+    } else {
+        Count::None
+    };
     let pkt = &*pkt;
-    let action = process(&ctx, pkt, bytes, ifindex, hook, count, || match hook {
-        Hook::ToPod => classify::to_pod(pkt.family, &pkt.src),
-        Hook::FromPod | Hook::Uplink => classify::from_pod(pkt.family, &pkt.dst),
-    });
+    let action = process(
+        &ctx,
+        pkt,
+        bytes,
+        ifindex,
+        hook,
+        count,
+        missing,
+        || match hook {
+            Hook::ToPod => classify::to_pod(pkt.family, &pkt.src),
+            Hook::FromPod | Hook::Uplink => classify::from_pod(pkt.family, &pkt.dst),
+        },
+    );
     // Wherever it goes: only a local pod's `to_pod` can take it over.
     if hook == Hook::FromPod && action == Action::Pass && pkt.family == AF_INET {
         if let Some(s) = handoff::slot() {
@@ -182,14 +205,14 @@ pub fn tc_conn(skb: *mut __sk_buff, count: u64, hook: Hook) -> i32 {
 
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn observer_from_pod_conn(skb: *mut __sk_buff, count: u64) -> i32 {
-    tc_conn(skb, count, Hook::FromPod)
+pub extern "C" fn observer_from_pod_conn(skb: *mut __sk_buff, mode: u64) -> i32 {
+    tc_conn(skb, mode, Hook::FromPod)
 }
 
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn observer_to_pod_conn(skb: *mut __sk_buff, count: u64) -> i32 {
-    tc_conn(skb, count, Hook::ToPod)
+pub extern "C" fn observer_to_pod_conn(skb: *mut __sk_buff, mode: u64) -> i32 {
+    tc_conn(skb, mode, Hook::ToPod)
 }
 
 /// Host side of a pod veth, egress: packets delivered to the pod.
@@ -211,16 +234,17 @@ fn observe_to_pod(ctx: &TcContext) -> i32 {
     if count {
         stat_inc(stat::PACKETS);
     }
-    if let Some(verdict) = settle_established(ctx, count as u64 * COUNT) {
-        return verdict;
-    }
+    let missing = match settle_established(ctx, count as u64 * COUNT) {
+        Ok(verdict) => return verdict,
+        Err(missing) => missing,
+    };
     let reason = observer_parse_tc(ctx.skb.skb);
     if reason != 0 {
         return unparsed(ctx, reason, Hook::ToPod);
     }
     act(
         ctx,
-        Action::from_raw(observer_to_pod_conn(ctx.skb.skb, count as u64)),
+        Action::from_raw(observer_to_pod_conn(ctx.skb.skb, count as u64 | missing)),
     )
 }
 

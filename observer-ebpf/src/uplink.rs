@@ -214,6 +214,7 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
         ifindex,
         Hook::ToPod,
         Count::Dropped,
+        false,
         || classify::to_pod(pkt.family, &pkt.src),
     ) {
         Action::Pass | Action::PassMarked => xdp_action::XDP_PASS,
