@@ -156,9 +156,10 @@ fn observe_from_pod(ctx: &TcContext) -> i32 {
 }
 
 /// Conntrack and verdicts at `hook` for the packet `observer_parse_tc` parsed; `mode`: `COUNT`
-/// (this hook adds it to the connection's counters), `KNOWN_MISSING`. Behind a global function per hook (below),
-/// verified once, apart from the parser: inlined after it, every path through the parser
-/// multiplied the paths through conntrack, past the 1M-instruction budget of Linux 6.1.
+/// (this hook adds it to the connection's counters), `KNOWN_MISSING`. Behind a global function
+/// per hook (below), verified once, apart from the parser: inlined after it, every path
+/// through the parser multiplied the paths through conntrack, past the 1M-instruction budget
+/// of Linux 6.1.
 #[inline(always)]
 pub fn tc_conn(skb: *mut __sk_buff, mode: u64, hook: Hook) -> i32 {
     // Fail closed on what cannot happen (the verifier wants the checks).

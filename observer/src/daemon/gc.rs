@@ -74,19 +74,17 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// (lost events, closes the close queue left to it; see `CloseQueue::take_sweep_wanted`) and
 /// for NodePort notes (which the sweep marks taken or expires).
 fn sweep_wanted(shared: &Shared) -> Option<Duration> {
-    let notes = shared
-        .dp
-        .lock()
-        .unwrap()
-        .has_nodeport_notes()
-        .unwrap_or(true);
     let closes = shared
         .state
         .lock()
         .unwrap()
         .closing
         .take_sweep_wanted(shared.opts.close_grace);
-    closes.or(notes.then_some(Duration::ZERO))
+    // The notes' map is read only when closes do not already want the sweep.
+    closes.or_else(|| {
+        let notes = shared.dp.lock().unwrap().has_nodeport_notes();
+        notes.unwrap_or(true).then_some(Duration::ZERO)
+    })
 }
 
 /// When nothing waits for it, a sweep every 10 s (at least twice per idle timeout): what it
