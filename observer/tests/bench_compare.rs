@@ -9,7 +9,7 @@
 //! last from `app=client` pods. Every new connection is judged against all N.
 //!
 //! Enforcers (a virtual node each; the nodes of one rule count live side by side, so the
-//! connection rounds interleave: round by round, every enforcer in turn):
+//! connection and throughput rounds interleave: round by round, every enforcer in turn):
 //! - `none`: the baseline.
 //! - `observer`: the daemon with the policies as YAML (`--source dir:`).
 //! - `npm-iptables`: the shape Azure NPM (iptables mode) writes: an ipset per selector and per
@@ -31,8 +31,9 @@
 //! connections, p50 and p99; then (BENCH_THROUGHPUT=1, the default) established-flow
 //! throughput with iperf3: TCP with 1,500-byte packets (Gbit/s received) and UDP with 64-byte
 //! payloads at full speed (datagrams per second received). Median over BENCH_ROUNDS rounds of
-//! BENCH_SECONDS each; a connection rate's ratio to `none` is the median of the round-by-round
-//! ratios (the rounds interleave). BENCH_ENFORCERS=none,observer limits the enforcers;
+//! BENCH_SECONDS each; every measure's ratio to `none` (`vs_none`) and observer's to each peer
+//! (`vs_peers`) is the median of the round-by-round ratios (the rounds interleave), printed
+//! with the lowest and highest. BENCH_ENFORCERS=none,observer limits the enforcers;
 //! BENCH_OBSERVER_ARGS adds daemon flags (to see what a feature costs).
 //!
 //! Where the daemon runs: as the DaemonSet places it, in a CPU cgroup of its own with the
@@ -701,91 +702,174 @@ fn connections(nodes: &[Node], rules: u64, settings: &Settings) -> Vec<serde_jso
     rows
 }
 
-/// The measures after the connection rounds, one enforcer at a time (each loads the whole
-/// machine): established throughput into its `rows` (local, remote), then the denied flood,
-/// whose rows it returns.
-fn measure(
-    bed: &TestBed,
-    enforcer: &str,
-    daemon: Option<u32>,
-    rules: u64,
-    settings: &Settings,
-    rows: &mut [serde_json::Value],
-) -> Vec<serde_json::Value> {
-    let (rounds, secs) = (settings.rounds, settings.secs);
-    let placements = placements(bed);
-    let (server_ns, server_ip) = (&bed.pod("server").netns, bed.pod("server").ip4);
-    let mut flood_rows = Vec::new();
-    if settings.throughput {
-        for ((_, ns), row) in placements.iter().zip(rows.iter_mut()) {
-            let ip = server_ip.to_string();
-            let (mut tcp, mut udp) = (Vec::new(), Vec::new());
-            for _ in 0..rounds {
-                tcp.push(iperf(server_ns, ns, &ip, false, secs) / 1e9);
-                udp.push(iperf(server_ns, ns, &ip, true, secs));
+/// Established-flow throughput through every node of one rule count, into each node's
+/// `rows` (local, remote). Interleaved as the connection rounds are: round by round, each
+/// placement, each node in turn, so the ratios to `none` compare measures taken side by side.
+fn throughput(nodes: &[Node], settings: &Settings, rows: &mut [serde_json::Value]) {
+    // Per node and placement: TCP Gbit/s, UDP datagrams/s.
+    let mut runs = vec![[(); 2].map(|_| (Vec::new(), Vec::new())); nodes.len()];
+    for _ in 0..settings.rounds {
+        for pi in 0..2 {
+            for (n, run) in nodes.iter().zip(&mut runs) {
+                let server = n.bed.pod("server");
+                let (ns, ip) = (&placements(&n.bed)[pi].1, server.ip4.to_string());
+                run[pi]
+                    .0
+                    .push(iperf(&server.netns, ns, &ip, false, settings.secs) / 1e9);
+                run[pi]
+                    .1
+                    .push(iperf(&server.netns, ns, &ip, true, settings.secs));
             }
+        }
+    }
+    for (run, rows) in runs.into_iter().zip(rows.chunks_mut(2)) {
+        for ((tcp, udp), row) in run.into_iter().zip(rows) {
             row["tcp_gbit_per_s"] = json!(median(&mut tcp.clone()));
             row["udp64_pkt_per_s"] = json!(median(&mut udp.clone()));
             row["tcp_runs"] = json!(tcp);
             row["udp64_runs"] = json!(udp);
         }
     }
-    if settings.flood {
-        let rx_thread = isolate_uplink_rx(bed);
-        // Without an enforcer nothing is dropped: the pod answers each SYN, so there is no drop
-        // rate to compare.
-        let mut variants = vec![(enforcer.to_string(), false)];
-        // The queued variant's drop rate would be its queue's overflow (the kernel drops what
-        // the program has no room for), not a judgement: not measured.
-        if enforcer == "none" || enforcer == "nft-nfqueue" {
-            variants.clear();
+}
+
+/// The denied flood against one enforcer (it loads the whole machine): its rows.
+fn flood(
+    bed: &TestBed,
+    enforcer: &str,
+    daemon: Option<u32>,
+    rules: u64,
+    settings: &Settings,
+) -> Vec<serde_json::Value> {
+    let (rounds, secs) = (settings.rounds, settings.secs);
+    // Without an enforcer nothing is dropped: the pod answers each SYN, so there is no drop
+    // rate to compare. The queued variant's drop rate would be its queue's overflow (the
+    // kernel drops what the program has no room for), not a judgement: not measured.
+    if enforcer == "none" || enforcer == "nft-nfqueue" {
+        return Vec::new();
+    }
+    let mut variants = vec![(enforcer.to_string(), false)];
+    if enforcer == "npm-iptables" {
+        variants.push(("npm-iptables-raw".to_string(), true));
+    }
+    let server_ip = bed.pod("server").ip4;
+    let rx_thread = isolate_uplink_rx(bed);
+    let mut flood_rows = Vec::new();
+    for (name, raw) in variants {
+        if raw {
+            // The same chains, moved before conntrack.
+            ns_run(
+                &bed.node_ns,
+                &["iptables", "-D", "FORWARD", "-j", "AZURE-NPM"],
+            )
+            .unwrap();
+            let clients = [
+                bed.pod("client").ip4.to_string(),
+                bed.remote_pod("rclient").ip4.to_string(),
+            ];
+            let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
+            let (_, ipt) = npm_rules_in(rules as usize, &server_ip.to_string(), &clients, true);
+            restore(&bed.node_ns, &["iptables-restore", "--noflush"], &ipt);
         }
-        if enforcer == "npm-iptables" {
-            variants.push(("npm-iptables-raw".to_string(), true));
+        let mut row = flood_measure(bed, rx_thread, daemon, raw, rounds, secs);
+        row["enforcer"] = json!(name);
+        row["rules"] = json!(rules);
+        row["placement"] = json!("flood");
+        if enforcer != "none" {
+            assert!(
+                row["flood_delivered_share"].as_f64().unwrap() < 0.01,
+                "{name} let the denied flood through: {row}"
+            );
         }
-        for (name, raw) in variants {
-            if raw {
-                // The same chains, moved before conntrack.
-                ns_run(
-                    &bed.node_ns,
-                    &["iptables", "-D", "FORWARD", "-j", "AZURE-NPM"],
-                )
-                .unwrap();
-                let clients = [
-                    bed.pod("client").ip4.to_string(),
-                    bed.remote_pod("rclient").ip4.to_string(),
-                ];
-                let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
-                let (_, ipt) = npm_rules_in(rules as usize, &server_ip.to_string(), &clients, true);
-                restore(&bed.node_ns, &["iptables-restore", "--noflush"], &ipt);
-            }
-            let mut row = flood_measure(bed, rx_thread, daemon, raw, rounds, secs);
-            row["enforcer"] = json!(name);
-            row["rules"] = json!(rules);
-            row["placement"] = json!("flood");
-            if enforcer != "none" {
-                assert!(
-                    row["flood_delivered_share"].as_f64().unwrap() < 0.01,
-                    "{name} let the denied flood through: {row}"
-                );
-            }
-            flood_rows.push(row);
-        }
+        flood_rows.push(row);
     }
     flood_rows
 }
 
-/// The median of `a[i] / b[i]` over rounds.
-fn paired_ratio(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
+/// `a[i] / b[i]` round by round (the rounds of `a` and `b` were taken side by side).
+fn paired_ratios(a: &serde_json::Value, b: &serde_json::Value) -> Vec<f64> {
     let num = |v: &serde_json::Value| -> Vec<f64> {
         v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
+            .map(|v| v.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default()
     };
-    let mut r: Vec<f64> = num(a).iter().zip(num(b)).map(|(x, y)| x / y).collect();
-    median(&mut r)
+    num(a).iter().zip(num(b)).map(|(x, y)| x / y).collect()
+}
+
+/// The measures compared round by round: (name, runs key; for latency lower is better).
+const COMPARED: [(&str, &str); 5] = [
+    ("conn", "conn_per_s_runs"),
+    ("p50", "p50_runs"),
+    ("p99", "p99_runs"),
+    ("tcp", "tcp_runs"),
+    ("udp64", "udp64_runs"),
+];
+
+/// Adds to each row of `rules` its ratios to `none` (`vs_none`) and, to observer's rows, to
+/// each peer (`vs_peers`): per measure the median of the round-by-round ratios and the rounds'.
+fn add_ratios(table: &mut [serde_json::Value], rules: u64) {
+    let rows: Vec<serde_json::Value> = table
+        .iter()
+        .filter(|r| r["rules"] == rules && r["placement"] != "flood")
+        .cloned()
+        .collect();
+    let against = |r: &serde_json::Value, other: &serde_json::Value| {
+        let mut m = serde_json::Map::new();
+        for (name, key) in COMPARED {
+            let runs = paired_ratios(&r[key], &other[key]);
+            if !runs.is_empty() {
+                m.insert(
+                    name.into(),
+                    json!({ "median": median(&mut runs.clone()), "runs": runs }),
+                );
+            }
+        }
+        serde_json::Value::Object(m)
+    };
+    for r in table
+        .iter_mut()
+        .filter(|r| r["rules"] == rules && r["placement"] != "flood")
+    {
+        let placement = r["placement"].clone();
+        let same = |e: &str| {
+            rows.iter()
+                .find(|b| b["enforcer"] == e && b["placement"] == placement)
+        };
+        if let Some(base) = same("none") {
+            r["vs_none"] = against(r, base);
+        }
+        if r["enforcer"] == "observer" {
+            let mut peers = serde_json::Map::new();
+            for peer in ENFORCERS
+                .iter()
+                .filter(|e| !["none", "observer"].contains(e))
+            {
+                if let Some(p) = same(peer) {
+                    peers.insert(peer.to_string(), against(r, p));
+                }
+            }
+            r["vs_peers"] = serde_json::Value::Object(peers);
+        }
+    }
+}
+
+/// "median (lowest-highest)" of a ratio `add_ratios` recorded, or "-".
+fn ratio_cell(ratios: &serde_json::Value) -> String {
+    let runs: Vec<f64> = ratios["runs"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default();
+    match ratios["median"].as_f64() {
+        Some(m) => {
+            let lo = runs.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = runs.iter().cloned().fold(0.0, f64::max);
+            if format!("{lo:.2}") == format!("{hi:.2}") {
+                format!("{m:.2}")
+            } else {
+                format!("{m:.2} ({lo:.2}-{hi:.2})")
+            }
+        }
+        None => "-".to_string(),
+    }
 }
 
 struct Settings {
@@ -817,12 +901,17 @@ fn enforcers_side_by_side() {
             .map(|e| node(e, rules as usize))
             .collect();
         let mut rows = connections(&nodes, rules, &settings);
-        for (n, rows) in nodes.iter().zip(rows.chunks_mut(2)) {
-            let pid = n.daemon.as_ref().map(|d| d.pid);
-            let floods = measure(&n.bed, n.enforcer, pid, rules, &settings, rows);
-            table.extend(rows.iter().cloned());
-            table.extend(floods);
+        if settings.throughput {
+            throughput(&nodes, &settings, &mut rows);
         }
+        table.extend(rows);
+        if settings.flood {
+            for n in &nodes {
+                let pid = n.daemon.as_ref().map(|d| d.pid);
+                table.extend(flood(&n.bed, n.enforcer, pid, rules, &settings));
+            }
+        }
+        add_ratios(&mut table, rules);
         for row in table.iter().filter(|r| r["rules"] == rules) {
             println!("{row}");
         }
@@ -837,33 +926,52 @@ fn enforcers_side_by_side() {
         }
         None => println!("\nobserver's daemon: beside the pods' threads, as their equal"),
     }
-    println!("| rules | placement | enforcer | conn/s | vs none | p50 µs | p99 µs | daemon CPU µs/conn | TCP Gbit/s | UDP 64 B pkt/s |");
-    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    // Ratios: the median of the round-by-round ratios (the rounds were taken side by side),
+    // the lowest and highest in brackets.
+    println!("| rules | placement | enforcer | conn/s | vs none | p50 µs | p99 µs | p99 vs none | daemon CPU µs/conn | TCP Gbit/s | vs none | UDP 64 B pkt/s | vs none |");
+    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in table.iter().filter(|r| r["placement"] != "flood") {
-        let base = table.iter().find(|b| {
-            b["enforcer"] == "none" && b["rules"] == r["rules"] && b["placement"] == r["placement"]
-        });
-        // The rounds were taken side by side: the median of the round-by-round ratios.
-        let ratio = base
-            .map(|b| paired_ratio(&r["conn_per_s_runs"], &b["conn_per_s_runs"]))
-            .map_or("-".to_string(), |x| format!("{x:.2}"));
         let opt = |k: &str, digits: usize| {
             r[k].as_f64()
                 .map_or("-".to_string(), |x| format!("{x:.digits$}"))
         };
+        let vs = |m: &str| ratio_cell(&r["vs_none"][m]);
         println!(
-            "| {} | {} | {} | {:.0} | {} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
             r["rules"],
             r["placement"].as_str().unwrap(),
             r["enforcer"].as_str().unwrap(),
             r["conn_per_s"].as_f64().unwrap(),
-            ratio,
+            vs("conn"),
             r["p50_us"].as_f64().unwrap(),
             r["p99_us"].as_f64().unwrap(),
+            vs("p99"),
             opt("daemon_cpu_us_per_conn", 1),
             opt("tcp_gbit_per_s", 2),
+            vs("tcp"),
             opt("udp64_pkt_per_s", 0),
+            vs("udp64"),
         );
+    }
+    println!("\nobserver against each peer (observer / peer; above 1 is observer ahead, except latency):");
+    println!("| rules | placement | peer | conn/s | p50 | p99 | TCP | UDP 64 B |");
+    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    for r in table
+        .iter()
+        .filter(|r| r["enforcer"] == "observer" && r["placement"] != "flood")
+    {
+        for (peer, v) in r["vs_peers"].as_object().into_iter().flatten() {
+            println!(
+                "| {} | {} | {peer} | {} | {} | {} | {} | {} |",
+                r["rules"],
+                r["placement"].as_str().unwrap(),
+                ratio_cell(&v["conn"]),
+                ratio_cell(&v["p50"]),
+                ratio_cell(&v["p99"]),
+                ratio_cell(&v["tcp"]),
+                ratio_cell(&v["udp64"]),
+            );
+        }
     }
     println!("\n| rules | enforcer | denied flood: packets per CPU-second | per second | reached the pod | daemon CPU s per 1M |");
     println!("| ---: | --- | ---: | ---: | ---: | ---: |");
