@@ -15,6 +15,7 @@ use observer_common::{
 use crate::{
     handoff::Handoff,
     parse::{FragKey, FragPorts, Packet},
+    uplink::{self, KindSlot},
 };
 
 #[map(name = "OBS_CT")]
@@ -113,6 +114,12 @@ pub static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 /// `events::emit`): one wake-up per CPU until the reader has read something.
 #[map(name = "OBS_WOKE_AT")]
 pub static WOKE_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU, the ipcache's answer for recently seen IPv4 addresses (see `uplink::ipcache_kind`):
+/// not pinned, a cache.
+#[map(name = "OBS_KIND_CACHE")]
+pub static KIND_CACHE: PerCpuArray<KindSlot> =
+    PerCpuArray::with_max_entries(uplink::KIND_CACHE_SLOTS, 0);
 
 /// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
 #[map(name = "OBS_BENCH_SEQ")]

@@ -171,6 +171,48 @@ pub fn uplink(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
     Ok(out)
 }
 
+/// The uplink's tc programs against the empty tc program, on an established flow between a
+/// local pod and a pod of another node (an address of the ipcache): the wire-side count each
+/// packet gets on its way in and out.
+pub fn uplink_tc(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
+    const REMOTE_POD: [u8; 4] = [10, 100, 0, 7];
+    let mut out = Vec::new();
+    for (proto, name) in [(6u8, "tcp"), (17u8, "udp")] {
+        let flags = if proto == 6 { 0x10 } else { 0 };
+        let cases = [
+            (
+                "in_from_remote_pod",
+                programs::UPLINK_INGRESS,
+                packet64_between(REMOTE_POD, SRC, proto, 80, 40000, flags),
+            ),
+            (
+                "out_to_remote_pod",
+                programs::UPLINK_EGRESS,
+                packet64_between(SRC, REMOTE_POD, proto, 40000, 80, flags),
+            ),
+        ];
+        for (case, prog, pkt) in cases {
+            let (subj, base) = with_datapath(None, |dp| {
+                dp.load_uplink_programs()?;
+                let (mut subj, mut base) = (Vec::new(), Vec::new());
+                for _ in 0..rounds {
+                    base.push(run(dp, programs::TC_EMPTY, &pkt, repeat)?);
+                    subj.push(run(dp, prog, &pkt, repeat)?);
+                }
+                Ok((subj, base))
+            })?;
+            out.push(named_measurement(
+                "uplink",
+                format!("uplink_tc/{name}/{case}"),
+                subj,
+                base,
+                format!("repeat={repeat}, median of {rounds} rounds, against tc_empty"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]

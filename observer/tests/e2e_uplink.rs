@@ -290,3 +290,74 @@ fn tc_counts_the_wire_side_and_can_be_turned_off() {
         .flatten()
         .any(|e| e.file_name().to_string_lossy().contains("uplink")));
 }
+
+/// The uplink's tc programs sort each wire packet by its far end through the ipcache, whose
+/// IPv4 answers they keep per CPU: a change to the cluster's addresses must show in the counts
+/// from the next packet on, not when the cached answer happens to be replaced.
+#[test]
+fn wire_counts_follow_changes_to_the_cluster_addresses() {
+    use aya::programs::{TestRun, TestRunOptions};
+    use observer::bpf::{Datapath, ScratchPins};
+    use observer_common::{programs, uplink, EndpointInfo, IpcacheEntry, RemoteKind};
+
+    observer_tests::ensure_root().unwrap();
+    let pins = ScratchPins::new("test-uplink-kinds");
+    let mut dp = Datapath::load(pins.path()).expect("load programs");
+    dp.load_uplink_programs().unwrap();
+    let (pod, far) = ([10, 244, 1, 10], [10, 100, 0, 7]);
+    dp.insert_endpoint(IpAddr::from(pod), EndpointInfo { id: 1, flags: 0 })
+        .unwrap();
+    dp.settle_local_range_from_endpoints().unwrap();
+    let pkt = observer::bench::packet64_between(far, pod, 17, 53, 40000, 0);
+    let mut send = |dp: &mut Datapath, n: u32| {
+        let mut o = TestRunOptions::new();
+        o.data_in = Some(&pkt);
+        o.repeat = n;
+        let r = dp
+            .prog(programs::UPLINK_INGRESS)
+            .unwrap()
+            .test_run(o)
+            .unwrap();
+        assert_eq!(r.return_value as i32, -1, "the uplink's tc only counts");
+    };
+    let count = |dp: &Datapath, remote: u32| {
+        dp.uplink_counters().unwrap()
+            [uplink::index(uplink::TC_IN, uplink::LOCAL_POD, remote) as usize]
+            .packets
+    };
+    let far_net: ipnet::IpNet = "10.100.0.0/24".parse().unwrap();
+    let key = || {
+        let (plen, data) = observer::cluster::ipcache_key(far_net);
+        aya::maps::lpm_trie::Key::new(plen, data)
+    };
+
+    send(&mut dp, 3);
+    assert_eq!(count(&dp, uplink::REMOTE_WORLD), 3);
+    assert_eq!(count(&dp, uplink::REMOTE_POD), 0);
+
+    // The address becomes a pod of another node, as the daemon writes it: the map, then the
+    // generation.
+    dp.ipcache_mut()
+        .unwrap()
+        .insert(
+            &key(),
+            IpcacheEntry {
+                identity: 7,
+                kind: RemoteKind::RemotePod as u8,
+                _pad: [0; 3],
+            },
+            0,
+        )
+        .unwrap();
+    dp.bump_policy_gen().unwrap();
+    send(&mut dp, 2);
+    assert_eq!(count(&dp, uplink::REMOTE_POD), 2);
+    assert_eq!(count(&dp, uplink::REMOTE_WORLD), 3);
+
+    // And stops being one.
+    dp.ipcache_mut().unwrap().remove(&key()).unwrap();
+    dp.bump_policy_gen().unwrap();
+    send(&mut dp, 4);
+    assert_eq!(count(&dp, uplink::REMOTE_WORLD), 7);
+    assert_eq!(count(&dp, uplink::REMOTE_POD), 2);
+}

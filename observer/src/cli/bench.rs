@@ -70,6 +70,7 @@ pub(super) fn run(what: BenchCmd) -> Result<()> {
             }
             if only.as_deref() != Some("from-pod") {
                 ms.extend(observer::bench::uplink(repeat, rounds)?);
+                ms.extend(observer::bench::uplink_tc(repeat, rounds)?);
             }
             for m in ms {
                 if json {
