@@ -4,7 +4,7 @@ use observer_common::{
     EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, RemoteKind, TrafficClass,
 };
 
-use crate::maps::{ENDPOINTS, IPCACHE, LOCAL_BITS, LOCAL_RANGE};
+use crate::maps::{CONFIG, ENDPOINTS, IPCACHE, KIND_CACHE, LOCAL_BITS, LOCAL_RANGE};
 
 #[inline(always)]
 pub fn endpoint(family: u8, addr: &[u32; 4]) -> Option<&'static EndpointInfo> {
@@ -73,11 +73,60 @@ pub fn remote(family: u8, addr: &[u32; 4]) -> Option<&'static IpcacheEntry> {
     IPCACHE.get(&key)
 }
 
+/// Slots of `KIND_CACHE`: the top 8 bits of a multiplicative hash of the address.
+pub const KIND_CACHE_SLOTS: u32 = 256;
+
+/// An IPv4 address's ipcache kind (`NO_ENTRY`: none) as of policy generation `gen`.
+#[repr(C)]
+pub struct KindSlot {
+    addr: u32,
+    gen: u32,
+    kind: u32,
+    valid: u32,
+}
+
+pub const NO_ENTRY: u32 = u32::MAX;
+
+/// The ipcache kind of an address (`NO_ENTRY`: none). The ipcache is an LPM trie, a walk of
+/// several nodes, asked about an end of every new connection (its class) and by the uplink's
+/// tc programs about both ends of every wire packet (their counts), while those ends repeat;
+/// so IPv4 answers are kept per CPU in a small direct-mapped cache, valid within one policy
+/// generation (the daemon bumps it after any write to the endpoints, ipcache or policy maps).
+/// Classes and counts use it, never a verdict: policy reads the ipcache itself. A plain `u32`,
+/// not an `Option`: the compiler may leave a `None`'s payload unset, which the verifier refuses.
+#[inline(always)]
+pub fn cached_kind(family: u8, addr: &[u32; 4]) -> u32 {
+    let lookup = || remote(family, addr).map_or(NO_ENTRY, |e| e.kind as u32);
+    if family != observer_common::AF_INET {
+        return lookup();
+    }
+    let Some(gen) = CONFIG.get(0).map(|c| c.policy_gen) else {
+        return lookup();
+    };
+    let a = addr[0];
+    let Some(s) = KIND_CACHE.get_ptr_mut(a.wrapping_mul(0x9E37_79B1) >> 24) else {
+        return lookup();
+    };
+    // Per-CPU slot, and the programs run with bottom halves off: no other writer.
+    let s = unsafe { &mut *s };
+    if s.valid != 0 && s.addr == a && s.gen == gen {
+        return s.kind;
+    }
+    let kind = lookup();
+    *s = KindSlot {
+        addr: a,
+        gen,
+        kind,
+        valid: 1,
+    };
+    kind
+}
+
 #[inline(always)]
 fn remote_kind(family: u8, addr: &[u32; 4]) -> u8 {
-    match remote(family, addr) {
-        Some(e) => e.kind,
-        None => RemoteKind::World as u8,
+    match cached_kind(family, addr) {
+        NO_ENTRY => RemoteKind::World as u8,
+        k => k as u8,
     }
 }
 

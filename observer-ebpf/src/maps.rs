@@ -13,9 +13,9 @@ use observer_common::{
 };
 
 use crate::{
+    classify::{self, KindSlot},
     handoff::Handoff,
     parse::{FragKey, FragPorts, Packet},
-    uplink::{self, KindSlot},
 };
 
 #[map(name = "OBS_CT")]
@@ -115,11 +115,11 @@ pub static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "OBS_WOKE_AT")]
 pub static WOKE_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per CPU, the ipcache's answer for recently seen IPv4 addresses (see `uplink::ipcache_kind`):
-/// not pinned, a cache.
+/// Per CPU, the ipcache's answer for recently seen IPv4 addresses (see
+/// `classify::cached_kind`): not pinned, a cache.
 #[map(name = "OBS_KIND_CACHE")]
 pub static KIND_CACHE: PerCpuArray<KindSlot> =
-    PerCpuArray::with_max_entries(uplink::KIND_CACHE_SLOTS, 0);
+    PerCpuArray::with_max_entries(classify::KIND_CACHE_SLOTS, 0);
 
 /// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
 #[map(name = "OBS_BENCH_SEQ")]

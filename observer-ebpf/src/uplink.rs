@@ -9,14 +9,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use observer_common::{
-    stat, uplink, RemoteKind, UplinkCounter, AF_INET, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
+    stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
 };
 
 use crate::{
     classify,
     conntrack::{process, Action, Count, Hook},
     datapath::{tc_conn, unparsed_denied},
-    maps::{stat_inc, CONFIG, KIND_CACHE, UPLINK},
+    maps::{stat_inc, UPLINK},
     parse::{ip_addrs, observer_parse_tc, parse, parsed, plain_ipv4, PacketCtx},
     service,
 };
@@ -36,61 +36,13 @@ fn add(idx: u32, bytes: u64) {
     }
 }
 
-/// Slots of `KIND_CACHE`: the top 8 bits of a multiplicative hash of the address.
-pub const KIND_CACHE_SLOTS: u32 = 256;
-
-/// An IPv4 address's ipcache kind (`NO_ENTRY`: none) as of policy generation `gen`.
-#[repr(C)]
-pub struct KindSlot {
-    addr: u32,
-    gen: u32,
-    kind: u32,
-    valid: u32,
-}
-
-const NO_ENTRY: u32 = u32::MAX;
-
-/// The ipcache kind of an address (`NO_ENTRY`: none). The ipcache is an LPM trie, a walk of
-/// several nodes, and the uplink's tc programs ask it about both ends of every packet, while a
-/// wire flow's ends repeat; so IPv4 answers are kept per CPU in a small direct-mapped cache,
-/// valid within one policy generation (the daemon bumps it after any write to the endpoints,
-/// ipcache or policy maps). Only the uplink's counters use it, never a verdict. A plain `u32`,
-/// not an `Option`: the compiler may leave a `None`'s payload unset, which the verifier refuses.
-#[inline(always)]
-fn ipcache_kind(family: u8, addr: &[u32; 4]) -> u32 {
-    let lookup = || classify::remote(family, addr).map_or(NO_ENTRY, |e| e.kind as u32);
-    if family != AF_INET {
-        return lookup();
-    }
-    let Some(gen) = CONFIG.get(0).map(|c| c.policy_gen) else {
-        return lookup();
-    };
-    let a = addr[0];
-    let Some(s) = KIND_CACHE.get_ptr_mut(a.wrapping_mul(0x9E37_79B1) >> 24) else {
-        return lookup();
-    };
-    // Per-CPU slot, and tc runs with bottom halves off: no other writer.
-    let s = unsafe { &mut *s };
-    if s.valid != 0 && s.addr == a && s.gen == gen {
-        return s.kind;
-    }
-    let kind = lookup();
-    *s = KindSlot {
-        addr: a,
-        gen,
-        kind,
-        valid: 1,
-    };
-    kind
-}
-
 /// What the node-side address of a wire packet is.
 #[inline(always)]
 fn local_kind(family: u8, addr: &[u32; 4]) -> u32 {
     if classify::local_pod(family, addr) {
         return uplink::LOCAL_POD;
     }
-    if ipcache_kind(family, addr) == RemoteKind::Host as u32 {
+    if classify::cached_kind(family, addr) == RemoteKind::Host as u32 {
         uplink::LOCAL_NODE
     } else {
         uplink::LOCAL_OTHER
@@ -100,7 +52,7 @@ fn local_kind(family: u8, addr: &[u32; 4]) -> u32 {
 /// What the far side of a wire packet is.
 #[inline(always)]
 fn remote_kind(family: u8, addr: &[u32; 4]) -> u32 {
-    let k = ipcache_kind(family, addr);
+    let k = classify::cached_kind(family, addr);
     if k == RemoteKind::RemotePod as u32 || k == RemoteKind::LocalPod as u32 {
         uplink::REMOTE_POD
     } else if k == RemoteKind::RemoteNode as u32 || k == RemoteKind::Host as u32 {

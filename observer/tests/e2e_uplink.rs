@@ -291,14 +291,15 @@ fn tc_counts_the_wire_side_and_can_be_turned_off() {
         .any(|e| e.file_name().to_string_lossy().contains("uplink")));
 }
 
-/// The uplink's tc programs sort each wire packet by its far end through the ipcache, whose
-/// IPv4 answers they keep per CPU: a change to the cluster's addresses must show in the counts
-/// from the next packet on, not when the cached answer happens to be replaced.
+/// The uplink's tc programs sort each wire packet by its far end through the ipcache, and a
+/// pod's new connection takes its class from it; both keep the ipcache's IPv4 answers per CPU.
+/// A change to the cluster's addresses must show from the next packet on, not when the cached
+/// answer happens to be replaced.
 #[test]
-fn wire_counts_follow_changes_to_the_cluster_addresses() {
+fn wire_counts_and_classes_follow_changes_to_the_cluster_addresses() {
     use aya::programs::{TestRun, TestRunOptions};
     use observer::bpf::{Datapath, ScratchPins};
-    use observer_common::{programs, uplink, EndpointInfo, IpcacheEntry, RemoteKind};
+    use observer_common::{programs, uplink, EndpointInfo, IpcacheEntry, RemoteKind, TrafficClass};
 
     observer_tests::ensure_root().unwrap();
     let pins = ScratchPins::new("test-uplink-kinds");
@@ -331,9 +332,24 @@ fn wire_counts_follow_changes_to_the_cluster_addresses() {
         aya::maps::lpm_trie::Key::new(plen, data)
     };
 
+    // A new connection from the pod to `far` on source port `sport`: its class.
+    let class_of_new = |dp: &mut Datapath, sport: u16| {
+        let pkt = observer::bench::packet64_between(pod, far, 17, sport, 53, 0);
+        let mut o = TestRunOptions::new();
+        o.data_in = Some(&pkt);
+        dp.prog(programs::FROM_POD).unwrap().test_run(o).unwrap();
+        let entries = dp.conntrack_entries().unwrap();
+        let (_, e) = entries
+            .iter()
+            .find(|(k, _)| k.port_a == sport || k.port_b == sport)
+            .expect("the connection's entry");
+        TrafficClass::from_u8(e.class)
+    };
+
     send(&mut dp, 3);
     assert_eq!(count(&dp, uplink::REMOTE_WORLD), 3);
     assert_eq!(count(&dp, uplink::REMOTE_POD), 0);
+    assert_eq!(class_of_new(&mut dp, 41000), TrafficClass::PodToWorld);
 
     // The address becomes a pod of another node, as the daemon writes it: the map, then the
     // generation.
@@ -353,6 +369,7 @@ fn wire_counts_follow_changes_to_the_cluster_addresses() {
     send(&mut dp, 2);
     assert_eq!(count(&dp, uplink::REMOTE_POD), 2);
     assert_eq!(count(&dp, uplink::REMOTE_WORLD), 3);
+    assert_eq!(class_of_new(&mut dp, 41001), TrafficClass::PodToPodRemote);
 
     // And stops being one.
     dp.ipcache_mut().unwrap().remove(&key()).unwrap();
@@ -360,4 +377,5 @@ fn wire_counts_follow_changes_to_the_cluster_addresses() {
     send(&mut dp, 4);
     assert_eq!(count(&dp, uplink::REMOTE_WORLD), 7);
     assert_eq!(count(&dp, uplink::REMOTE_POD), 2);
+    assert_eq!(class_of_new(&mut dp, 41002), TrafficClass::PodToWorld);
 }
