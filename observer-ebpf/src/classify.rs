@@ -85,7 +85,7 @@ pub struct KindSlot {
     valid: u32,
 }
 
-pub const NO_ENTRY: u32 = u32::MAX;
+const NO_ENTRY: u32 = u32::MAX;
 
 /// The ipcache kind of an address (`NO_ENTRY`: none). The ipcache is an LPM trie, a walk of
 /// several nodes, asked about an end of every new connection (its class) and by the uplink's

@@ -310,7 +310,7 @@ fn wire_counts_and_classes_follow_changes_to_the_cluster_addresses() {
         .unwrap();
     dp.settle_local_range_from_endpoints().unwrap();
     let pkt = observer::bench::packet64_between(far, pod, 17, 53, 40000, 0);
-    let mut send = |dp: &mut Datapath, n: u32| {
+    let send = |dp: &mut Datapath, n: u32| {
         let mut o = TestRunOptions::new();
         o.data_in = Some(&pkt);
         o.repeat = n;
