@@ -59,6 +59,7 @@ pub mod programs {
     /// The node's uplink: XDP at the earliest point of ingress, tc on both directions.
     pub const UPLINK_XDP: &str = "uplink_xdp";
     pub const UPLINK_INGRESS: &str = "uplink_ingress";
+    pub const UPLINK_INGRESS_POLICY: &str = "uplink_ingress_policy";
     pub const UPLINK_EGRESS: &str = "uplink_egress";
     /// Benchmark baseline: the cost of running any XDP program at all.
     pub const XDP_EMPTY: &str = "xdp_empty";
@@ -547,8 +548,11 @@ pub mod uplink {
     pub const XDP_DROP: u32 = 1;
     pub const TC_IN: u32 = 2;
     pub const TC_OUT: u32 = 3;
-    pub const POINTS: u32 = 4;
-    pub const POINT_NAMES: [&str; POINTS as usize] = ["xdp", "xdp_drop", "tc_ingress", "tc_egress"];
+    /// Dropped by tc ingress: ingress policy of a local pod, where no XDP program judges it.
+    pub const TC_DROP: u32 = 4;
+    pub const POINTS: u32 = 5;
+    pub const POINT_NAMES: [&str; POINTS as usize] =
+        ["xdp", "xdp_drop", "tc_ingress", "tc_egress", "tc_drop"];
 
     pub const LOCAL_POD: u32 = 0;
     pub const LOCAL_NODE: u32 = 1;

@@ -94,12 +94,124 @@ fn count_tc_skb(skb: *mut __sk_buff, point: u32, ingress: bool) -> u32 {
     count_tc(&TcContext::new(skb), point, ingress)
 }
 
+/// Ingress next to an XDP program that judges the local pods' openers (`uplink_xdp`).
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
     if count_tc_skb(ctx.skb.skb, uplink::TC_IN, true) != uplink::LOCAL_POD {
         note_opener(&ctx);
     }
     TC_ACT_UNSPEC
+}
+
+/// Ingress where no XDP program judges (a veth, a NIC without driver-mode XDP): what
+/// `uplink_xdp` decides, decided here. Generic XDP would run at this same point, before the
+/// stack's netfilter and conntrack, after building an XDP buffer over every socket buffer and
+/// copying those without its headroom: most of the uplink's cost on a veth (BENCHMARKS.md).
+/// Each step is a function of its own, so that only the conntrack call's frames add up along
+/// the call chain (Linux 6.1 refuses more than 512 bytes of stack in all).
+#[classifier]
+pub fn uplink_ingress_policy(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    match count_in_skb(skb) {
+        POD_OPENER => {}
+        POD => return TC_ACT_UNSPEC,
+        _ => {
+            note_opener_skb(skb);
+            return TC_ACT_UNSPEC;
+        }
+    }
+    let reason = observer_parse_tc(skb);
+    if reason != 0 {
+        return unparsed_skb(skb, reason);
+    }
+    match Action::from_raw(observer_uplink_ingress_conn(skb)) {
+        Action::Drop => early_drop(&ctx, uplink::TC_DROP),
+        _ => TC_ACT_UNSPEC,
+    }
+}
+
+#[inline(never)]
+fn note_opener_skb(skb: *mut __sk_buff) {
+    if !skb.is_null() {
+        note_opener(&TcContext::new(skb));
+    }
+}
+
+const NOT_POD: u32 = 0;
+const POD: u32 = 1;
+const POD_OPENER: u32 = 2;
+
+/// Counts an ingress packet; for a local pod, also whether it may open a connection (see
+/// `observe_uplink_xdp`), from the fixed headers where they settle it.
+#[inline(never)]
+fn count_in_skb(skb: *mut __sk_buff) -> u32 {
+    if skb.is_null() {
+        return NOT_POD;
+    }
+    let ctx = TcContext::new(skb);
+    if count_tc(&ctx, uplink::TC_IN, true) != uplink::LOCAL_POD {
+        return NOT_POD;
+    }
+    match plain_ipv4(&ctx) {
+        Some(p) if p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => POD,
+        _ => POD_OPENER,
+    }
+}
+
+/// A packet for a pod that could not be parsed: as `uplink_xdp` treats it.
+#[inline(never)]
+fn unparsed_skb(skb: *mut __sk_buff, reason: u32) -> i32 {
+    if skb.is_null() {
+        return TC_ACT_UNSPEC;
+    }
+    let ctx = TcContext::new(skb);
+    if reason != stat::FRAGMENT && unparsed_denied(&ctx, reason, Hook::ToPod) {
+        stat_inc(reason);
+        return early_drop(&ctx, uplink::TC_DROP);
+    }
+    TC_ACT_UNSPEC
+}
+
+/// A packet for a local pod dropped on the uplink: it never reaches the veth, where packets
+/// are counted.
+#[inline(always)]
+fn early_drop(ctx: &TcContext, point: u32) -> i32 {
+    stat_inc(stat::PACKETS);
+    let l3 = PacketCtx::len(ctx).saturating_sub(14);
+    add(
+        uplink::index(point, uplink::LOCAL_POD, uplink::REMOTE_ANY),
+        l3 as u64,
+    );
+    TC_ACT_SHOT
+}
+
+/// The ingress policy of a TCP opener for a local pod, as `uplink_xdp` judges it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn observer_uplink_ingress_conn(skb: *mut __sk_buff) -> i32 {
+    if skb.is_null() {
+        return Action::Drop as i32;
+    }
+    let Some(pkt) = parsed() else {
+        return Action::Drop as i32;
+    };
+    if pkt.proto != IPPROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Action::Pass as i32;
+    }
+    let ctx = TcContext::new(skb);
+    let bytes = (PacketCtx::len(&ctx) - pkt.l3_off as u32) as u64;
+    let ifindex = unsafe { (*skb).ifindex };
+    let pkt = &*pkt;
+    process(
+        &ctx,
+        pkt,
+        bytes,
+        ifindex,
+        Hook::ToPod,
+        Count::Dropped,
+        false,
+        || classify::to_pod(pkt.family, &pkt.src),
+    ) as i32
 }
 
 /// A packet for the node (not one of its pods) that may open a connection to a NodePort or

@@ -173,16 +173,17 @@ pub fn uplink(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
 
 /// The uplink's tc programs against the empty tc program, on an established flow between a
 /// local pod and a pod of another node (an address of the ipcache): the wire-side count each
-/// packet gets on its way in and out.
+/// packet gets on its way in and out; and the ingress policy of an opener where XDP is off.
 pub fn uplink_tc(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
     const REMOTE_POD: [u8; 4] = [10, 100, 0, 7];
     let mut out = Vec::new();
     for (proto, name) in [(6u8, "tcp"), (17u8, "udp")] {
         let flags = if proto == 6 { 0x10 } else { 0 };
-        let cases = [
+        // Ingress as a veth uplink runs it, without XDP (`uplink_ingress_policy`).
+        let mut cases = vec![
             (
                 "in_from_remote_pod",
-                programs::UPLINK_INGRESS,
+                programs::UPLINK_INGRESS_POLICY,
                 packet64_between(REMOTE_POD, SRC, proto, 80, 40000, flags),
             ),
             (
@@ -191,6 +192,15 @@ pub fn uplink_tc(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
                 packet64_between(SRC, REMOTE_POD, proto, 40000, 80, flags),
             ),
         ];
+        if proto == 6 {
+            // A remote pod opening a connection to the local pod: judged here, a conntrack hit
+            // after the first run.
+            cases.push((
+                "in_syn_conntrack_hit",
+                programs::UPLINK_INGRESS_POLICY,
+                packet64_between(REMOTE_POD, SRC, proto, 41000, 8080, 0x02),
+            ));
+        }
         for (case, prog, pkt) in cases {
             let (subj, base) = with_datapath(None, |dp| {
                 dp.load_uplink_programs()?;

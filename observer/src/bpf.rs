@@ -93,9 +93,6 @@ pub struct Datapath {
     pub mode: AttachMode,
     links: HashMap<u32, [Kept; 2]>,
     uplinks: HashMap<u32, Uplink>,
-    /// The uplink programs are verified on first use: a node without uplinks (or with
-    /// `--no-uplink-programs`) never depends on them.
-    uplink_loaded: bool,
 }
 
 /// The programs on one of the node's uplinks.
@@ -108,11 +105,38 @@ struct Uplink {
 /// How XDP ended up attached to an uplink.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UplinkAttach {
-    /// "native" (driver mode), "generic" (skb mode: the driver has no XDP), or "none" with
-    /// the reason in `xdp_error` (tc still counts; ingress policy is then judged at the pod's
-    /// veth as usual).
+    /// "native" (driver mode), "generic" (skb mode, on request only), or "off": tc ingress
+    /// then judges what XDP would (a local pod's TCP openers), at the point generic XDP would
+    /// run. `xdp_error`: why an XDP mode asked for did not attach.
     pub xdp_mode: &'static str,
     pub xdp_error: Option<String>,
+}
+
+/// Whether the uplinks get XDP (`--uplink-xdp`), which then judges a local pod's ingress
+/// openers before the stack; without it, the uplink's tc ingress program does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UplinkXdp {
+    /// Driver mode where the NIC's driver has it, never on a veth; tc otherwise.
+    #[default]
+    Auto,
+    /// Driver mode, on any interface (a veth included).
+    Native,
+    /// skb mode: runs where tc ingress does, after building an XDP buffer over each socket
+    /// buffer (kept to compare with).
+    Generic,
+    /// tc only.
+    Off,
+}
+
+impl UplinkXdp {
+    /// The XDP mode to attach in on an interface, if any.
+    fn mode(self, veth: bool) -> Option<(XdpMode, &'static str)> {
+        match (self, veth) {
+            (UplinkXdp::Off, _) | (UplinkXdp::Auto, true) => None,
+            (UplinkXdp::Auto, false) | (UplinkXdp::Native, _) => Some((XdpMode::Driver, "native")),
+            (UplinkXdp::Generic, _) => Some((XdpMode::Skb, "generic")),
+        }
+    }
 }
 
 /// An attachment that outlives the daemon: a kill -9 or a restart never leaves a pod
@@ -338,8 +362,12 @@ fn check_pins(pin_dir: &Path) -> Result<Vec<String>> {
         let (key, value) = expected_layout(name).expect("every map has a layout");
         let ok = match MapInfo::from_pin(&path) {
             Ok(info) => {
-                // The statistics array also grows when a counter is added.
-                let sized = name != maps::STATS || info.max_entries() == stat::COUNT;
+                // The statistics and uplink arrays also grow when a counter is added.
+                let sized = match name {
+                    maps::STATS => info.max_entries() == stat::COUNT,
+                    maps::UPLINK => info.max_entries() == uplink::ENTRIES,
+                    _ => true,
+                };
                 sized
                     && ((key == 0 && value == 0)
                         || (info.key_size() == key && info.value_size() == value))
@@ -397,7 +425,6 @@ impl Datapath {
             mode,
             links: HashMap::new(),
             uplinks: HashMap::new(),
-            uplink_loaded: false,
         };
         for name in [programs::FROM_POD, programs::TO_POD] {
             dp.load_program(name)?;
@@ -405,15 +432,35 @@ impl Datapath {
         Ok(dp)
     }
 
-    /// Verifies and loads the uplink programs (once).
+    /// Verifies and loads every uplink program (benchmarks, tests). The daemon verifies the
+    /// ones an uplink needs on first use: a node without uplinks (or with
+    /// `--no-uplink-programs`) never depends on them.
     pub fn load_uplink_programs(&mut self) -> Result<()> {
-        if !self.uplink_loaded {
-            self.load_program(programs::UPLINK_INGRESS)?;
-            self.load_program(programs::UPLINK_EGRESS)?;
-            self.load_xdp(programs::UPLINK_XDP)?;
-            self.uplink_loaded = true;
+        for name in [
+            programs::UPLINK_INGRESS,
+            programs::UPLINK_INGRESS_POLICY,
+            programs::UPLINK_EGRESS,
+            programs::UPLINK_XDP,
+        ] {
+            self.load_once(name)?;
         }
         Ok(())
+    }
+
+    /// Verifies and loads a program of the object unless it is loaded.
+    fn load_once(&mut self, name: &str) -> Result<()> {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?;
+        if prog.fd().is_ok() {
+            return Ok(());
+        }
+        if matches!(prog, aya::programs::Program::Xdp(_)) {
+            self.load_xdp(name)
+        } else {
+            self.load_program(name)
+        }
     }
 
     /// Verifies and loads one XDP program of the object.
@@ -433,17 +480,18 @@ impl Datapath {
             .try_into()?)
     }
 
-    /// Attaches the uplink programs: tc on both directions and XDP on ingress. Like pod
-    /// interfaces, attachments left by an earlier daemon are taken over in place. XDP tries
-    /// driver mode, then generic mode; when neither works the uplink still gets tc (counting)
-    /// and ingress policy stays at the pods' veths.
-    /// `veth`: the uplink is a veth (kind's nodes, the virtual node), where XDP goes in generic
-    /// mode: see [`Datapath::attach_xdp`].
+    /// Attaches the uplink programs: tc on both directions, and XDP on ingress as `xdp` says
+    /// (see [`UplinkXdp`]). A local pod's ingress openers are judged by XDP when it is
+    /// attached, by tc ingress otherwise; the pod's veth judges everything again either way,
+    /// so this is an early drop, never the only one. Like pod interfaces, attachments left by
+    /// an earlier daemon are taken over in place (a program swapped in a pinned link).
+    /// `veth`: the uplink is a veth (kind's nodes, the virtual node).
     pub fn attach_uplink(
         &mut self,
         ifindex: u32,
         ifname: &str,
         veth: bool,
+        xdp: UplinkXdp,
     ) -> Result<UplinkAttach> {
         if let Some(u) = self.uplinks.get(&ifindex) {
             return Ok(UplinkAttach {
@@ -451,103 +499,111 @@ impl Datapath {
                 xdp_error: None,
             });
         }
-        self.load_uplink_programs()?;
         if self.mode == AttachMode::Clsact {
             ensure_clsact(&self.pin_dir, ifindex, ifname)?;
         }
-        let ingress = self
-            .attach_one_as(
-                programs::UPLINK_INGRESS,
-                ifindex,
-                ifname,
-                TcAttachType::Ingress,
-                "uplink-ingress",
-            )
-            .with_context(|| format!("attaching uplink_ingress to {ifname}"))?;
-        let egress = match self.attach_one_as(
-            programs::UPLINK_EGRESS,
-            ifindex,
-            ifname,
-            TcAttachType::Egress,
-            "uplink-egress",
-        ) {
-            Ok(k) => k,
+        let (xdp, xdp_mode, xdp_error) = match xdp.mode(veth) {
+            None => (None, "off", None),
+            Some(mode) => match self.attach_xdp(ifindex, mode) {
+                Ok(k) => (Some(k), mode.1, None),
+                Err(e) => (None, "off", Some(format!("{e:#}"))),
+            },
+        };
+        let ingress_prog = if xdp.is_some() {
+            programs::UPLINK_INGRESS
+        } else {
+            programs::UPLINK_INGRESS_POLICY
+        };
+        let tc = self.attach_uplink_tc(ifindex, ifname, ingress_prog);
+        let tc = match tc {
+            Ok(tc) => tc,
             Err(e) => {
-                release(ingress, ifname, TcAttachType::Ingress);
-                return Err(e).with_context(|| format!("attaching uplink_egress to {ifname}"));
+                if let Some(x) = xdp {
+                    release(x, "", TcAttachType::Ingress);
+                }
+                return Err(e);
             }
         };
-        let (xdp, xdp_mode, xdp_error) = match self.attach_xdp(ifindex, veth) {
-            Ok((k, mode)) => (Some(k), mode, None),
-            Err(e) => (None, "none", Some(format!("{e:#}"))),
-        };
-        self.uplinks.insert(
-            ifindex,
-            Uplink {
-                tc: [ingress, egress],
-                xdp,
-                xdp_mode,
-            },
-        );
+        // A mode given up (an earlier daemon's XDP, `--uplink-xdp` changed): tc judges now.
+        for mode in ["native", "generic"] {
+            if mode != xdp_mode {
+                let _ = std::fs::remove_file(self.xdp_pin(ifindex, mode));
+            }
+        }
+        self.uplinks.insert(ifindex, Uplink { tc, xdp, xdp_mode });
         Ok(UplinkAttach {
             xdp_mode,
             xdp_error,
         })
     }
 
-    /// Driver mode where the NIC driver has it, generic mode otherwise, and generic mode first
-    /// on a veth: a veth runs a driver-mode program on a copy of each (already built) socket
-    /// buffer and takes segmentation offload away from its peer, so cross-node TCP fell from
-    /// about 12 to 2.5 Gbit/s on the virtual node (`cargo xtask bench compare`); in generic
-    /// mode it ran at 12 (none: 13.6). A link re-adopted from pins keeps the mode it has.
-    fn attach_xdp(&mut self, ifindex: u32, veth: bool) -> Result<(Kept, &'static str)> {
-        // The pin's name records the mode the link was created in: a link keeps its mode.
-        let pin_of = |mode: &str| {
-            self.pin_dir
-                .join(LINKS_DIR)
-                .join(format!("{ifindex}-uplink-xdp-{mode}"))
-        };
-        let pins = [("native", pin_of("native")), ("generic", pin_of("generic"))];
-        let prog = self.xdp(programs::UPLINK_XDP)?;
-        for (mode, pin) in &pins {
-            if let Ok(old) = PinnedLink::from_pin(pin) {
-                let link = XdpLink::try_from(FdLink::from(old))?;
-                let id = prog.attach_to_link(link)?;
-                let link: FdLink = prog.take_link(id)?.try_into()?;
-                return Ok((
-                    Kept::Pinned {
-                        _link: link,
-                        pin: pin.clone(),
-                    },
-                    mode,
-                ));
+    fn attach_uplink_tc(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        ingress_prog: &str,
+    ) -> Result<[Kept; 2]> {
+        self.load_once(ingress_prog)?;
+        self.load_once(programs::UPLINK_EGRESS)?;
+        let ingress = self
+            .attach_one_as(
+                ingress_prog,
+                ifindex,
+                ifname,
+                TcAttachType::Ingress,
+                "uplink-ingress",
+            )
+            .with_context(|| format!("attaching {ingress_prog} to {ifname}"))?;
+        match self.attach_one_as(
+            programs::UPLINK_EGRESS,
+            ifindex,
+            ifname,
+            TcAttachType::Egress,
+            "uplink-egress",
+        ) {
+            Ok(egress) => Ok([ingress, egress]),
+            Err(e) => {
+                release(ingress, ifname, TcAttachType::Ingress);
+                Err(e).with_context(|| format!("attaching uplink_egress to {ifname}"))
             }
         }
-        let order = if veth {
-            [(XdpMode::Skb, "generic"), (XdpMode::Driver, "native")]
-        } else {
-            [(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")]
-        };
-        let (id, mode) = match prog.attach_to_if_index(ifindex, order[0].0) {
-            Ok(id) => (id, order[0].1),
-            Err(first) => match prog.attach_to_if_index(ifindex, order[1].0) {
-                Ok(id) => (id, order[1].1),
-                Err(second) => bail!(
-                    "XDP attach failed: {} mode: {first}; {} mode: {second}",
-                    order[0].1,
-                    order[1].1
-                ),
-            },
-        };
+    }
+
+    /// The pin of an uplink's XDP link; its name records the mode the link was created in (a
+    /// link keeps its mode).
+    fn xdp_pin(&self, ifindex: u32, mode: &str) -> PathBuf {
+        self.pin_dir
+            .join(LINKS_DIR)
+            .join(format!("{ifindex}-uplink-xdp-{mode}"))
+    }
+
+    /// XDP in `mode`; a link of that mode left by an earlier daemon is taken over. Driver mode
+    /// is never chosen for a veth unasked: a veth runs a driver-mode program on a copy of each
+    /// (already built) socket buffer and takes segmentation offload away from its peer, so
+    /// cross-node TCP fell from about 12 to 2.5 Gbit/s on the virtual node.
+    fn attach_xdp(&mut self, ifindex: u32, (mode, name): (XdpMode, &str)) -> Result<Kept> {
+        self.load_once(programs::UPLINK_XDP)?;
+        let pin = self.xdp_pin(ifindex, name);
+        // One XDP mode at a time on an interface: the other one's link goes first.
+        for other in ["native", "generic"] {
+            if other != name {
+                let _ = std::fs::remove_file(self.xdp_pin(ifindex, other));
+            }
+        }
+        let prog = self.xdp(programs::UPLINK_XDP)?;
+        if let Ok(old) = PinnedLink::from_pin(&pin) {
+            let link = XdpLink::try_from(FdLink::from(old))?;
+            let id = prog.attach_to_link(link)?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            return Ok(Kept::Pinned { _link: link, pin });
+        }
+        let id = prog
+            .attach_to_if_index(ifindex, mode)
+            .with_context(|| format!("XDP attach in {name} mode"))?;
         let link: FdLink = prog
             .take_link(id)?
             .try_into()
             .context("XDP attached without a bpf_link (kernel < 5.9): cannot pin it")?;
-        let pin = if mode == "native" {
-            pins[0].1.clone()
-        } else {
-            pins[1].1.clone()
-        };
         if let Some(dir) = pin.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -555,13 +611,10 @@ impl Datapath {
         let pinned = link
             .pin(&pin)
             .with_context(|| format!("pinning link {}", pin.display()))?;
-        Ok((
-            Kept::Pinned {
-                _link: FdLink::from(pinned),
-                pin,
-            },
-            mode,
-        ))
+        Ok(Kept::Pinned {
+            _link: FdLink::from(pinned),
+            pin,
+        })
     }
 
     /// Forgets an uplink that went away and releases its pins.

@@ -19,12 +19,13 @@ fn uninstall_as_documented_leaves_nothing() {
             "observer has pinned links on {} before the uninstall",
             n.name
         );
-        let xdp = c
-            .node_out(n, &["ip", "-d", "link", "show", "eth0"])
+        // kind's uplink is a veth: tc ingress judges there, XDP stays off.
+        let net = c
+            .node_out(n, &["bpftool", "net", "show", "dev", "eth0"])
             .unwrap();
         assert!(
-            xdp.contains("xdp"),
-            "{}'s uplink has observer's XDP program: {xdp}",
+            net.contains("uplink_ingress") && !net.contains("xdp:\neth0"),
+            "{}'s uplink has observer's tc programs and no XDP: {net}",
             n.name
         );
     }

@@ -1,6 +1,7 @@
-//! The uplink programs: XDP judges the ingress policy of packets addressed straight to local pods
-//! (flat model, routed cross-node pod traffic) and drops denied ones before the stack; tc counts
-//! the wire side in both directions; the attachments survive a daemon restart.
+//! The uplink programs: tc ingress (or XDP, where it is attached) judges the ingress policy of
+//! packets addressed straight to local pods (flat model, routed cross-node pod traffic) and drops
+//! denied ones before the stack; tc counts the wire side in both directions; the attachments
+//! survive a daemon restart.
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
@@ -72,137 +73,168 @@ fn wait_policy(d: &observer_tests::Daemon) {
     }
 }
 
-#[test]
-fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
-    let mut bed = TestBed::new("upx", Model::Flat).unwrap();
-    bed.add_pod(PodSpec {
-        namespace: "shop",
-        name: "web",
-        labels: &[("app", "web")],
-        ports: &[("http", 8080, "TCP")],
-    })
-    .unwrap();
-    for (name, app) in [("api", "api"), ("intruder", "intruder")] {
-        bed.add_remote_pod(PodSpec {
+/// A flat-model node with `web` isolated to `api` on port 8080, and `api` and `intruder` on
+/// node-2, reaching web across the VNet with their pod IPs.
+struct Flat {
+    bed: TestBed,
+    args: Vec<String>,
+    dst: SocketAddr,
+    api: String,
+    intruder: String,
+    stop: Arc<AtomicBool>,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flat {
+    fn new(tag: &str) -> Flat {
+        let mut bed = TestBed::new(tag, Model::Flat).unwrap();
+        bed.add_pod(PodSpec {
             namespace: "shop",
-            name,
-            labels: &[("app", app)],
-            ports: &[],
+            name: "web",
+            labels: &[("app", "web")],
+            ports: &[("http", 8080, "TCP")],
         })
         .unwrap();
+        for (name, app) in [("api", "api"), ("intruder", "intruder")] {
+            bed.add_remote_pod(PodSpec {
+                namespace: "shop",
+                name,
+                labels: &[("app", app)],
+                ports: &[],
+            })
+            .unwrap();
+        }
+        std::fs::write(bed.cluster_dir().join("policy.yaml"), POLICY).unwrap();
+        let web = bed.pod("web").clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = serve(&web.netns, SocketAddr::new(web.ip4, 8080), stop.clone());
+        Flat {
+            args: bed.model_args(),
+            dst: SocketAddr::new(web.ip4, 8080),
+            api: bed.remote_pod("api").netns.clone(),
+            intruder: bed.remote_pod("intruder").netns.clone(),
+            bed,
+            stop,
+            server: Some(server),
+        }
     }
-    std::fs::write(bed.cluster_dir().join("policy.yaml"), POLICY).unwrap();
-    let args = bed.model_args();
-    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
-    wait_policy(&daemon);
 
+    fn start(&mut self, extra: &[&str]) -> observer_tests::Daemon {
+        let mut args: Vec<&str> = self.args.iter().map(|s| s.as_str()).collect();
+        args.extend(extra);
+        let daemon = self.bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
+        wait_policy(&daemon);
+        daemon
+    }
+
+    fn api_connects(&self) -> bool {
+        tcp_connects(&self.api, self.dst, Duration::from_secs(2))
+    }
+
+    fn intruder_connects(&self) -> bool {
+        tcp_connects(&self.intruder, self.dst, Duration::from_millis(1500))
+    }
+
+    /// Whether the node's uplink has an XDP program, as `ip link` shows it.
+    fn uplink_has_xdp(&self) -> bool {
+        let out = Command::new("ip")
+            .args(["-n", &self.bed.node_ns, "link", "show", "eth0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("xdp")
+    }
+
+    /// The denied intruder's openers die at `point` on the uplink (`xdp_drop`, `tc_drop`) and
+    /// the allowed api's connect; the drop record names the policy and the uplink. Returns
+    /// the uplink's ifindex.
+    fn judged_at(&self, daemon: &observer_tests::Daemon, point: &str) -> u64 {
+        let s = daemon.status();
+        let ifindex = s["uplinks"][0]["ifindex"].as_u64().unwrap();
+        assert!(self.api_connects());
+        let before = daemon.status();
+        assert!(!self.intruder_connects());
+        let after = daemon.status();
+        let drops = uplink(&after, point, "pod", "any") - uplink(&before, point, "pod", "any");
+        assert!(drops >= 1, "{point}: {after:#}");
+        // Wire-side tc counters saw the allowed connection both ways, pod IP to pod IP.
+        assert!(uplink(&after, "tc_ingress", "pod", "pod") > 0, "{after:#}");
+        assert!(uplink(&after, "tc_egress", "pod", "pod") > 0, "{after:#}");
+        let t0 = Instant::now();
+        let drop = loop {
+            if let Some(first) = intruder_drops(daemon).into_iter().next() {
+                break first;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "no drop record");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(drop["destination"]["pod"], "web", "{drop:#}");
+        assert_eq!(drop["isolated_by"][0]["name"], "web-from-api", "{drop:#}");
+        assert_eq!(drop["interface"], ifindex, "judged on the uplink: {drop:#}");
+        assert!(drop["counters"]["packets_out"].as_u64().unwrap() >= 1);
+        assert!(
+            drop.get("snat").is_none(),
+            "a dropped connection never left"
+        );
+        ifindex
+    }
+}
+
+impl Drop for Flat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = self.server.take() {
+            let _ = s.join();
+        }
+    }
+}
+
+/// On a veth uplink (kind's nodes, the virtual node) XDP stays off by default: generic XDP
+/// would run where tc ingress runs, at a cost. tc ingress drops the denied openers instead,
+/// before netfilter and the kernel's conntrack, through a restart and under a flood.
+#[test]
+fn tc_drops_denied_cross_node_openers_before_the_stack() {
+    let mut f = Flat::new("upx");
+    let daemon = f.start(&[]);
     let s = daemon.status();
     let up = &s["uplinks"][0];
     assert_eq!(up["name"], "eth0", "{s:#}");
-    // Generic mode on a veth uplink: driver mode there costs cross-node TCP most of its
-    // throughput (bpf.rs, `attach_xdp`).
     assert_eq!(
-        up["xdp"], "generic",
-        "XDP in generic mode on the veth uplink: {s:#}"
+        up["xdp"], "off",
+        "no XDP on a veth uplink by default: {s:#}"
     );
-    let ifindex = up["ifindex"].as_u64().unwrap();
-    assert!(daemon
-        .pin_dir
-        .join(format!("links/{ifindex}-uplink-xdp-generic"))
-        .exists());
+    assert_eq!(up["ingress_policy"], "tc", "{s:#}");
+    assert!(!f.uplink_has_xdp());
+    f.judged_at(&daemon, "tc_drop");
+    assert_eq!(uplink(&daemon.status(), "xdp", "pod", "any"), 0);
 
-    let web = bed.pod("web").clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = serve(&web.netns, SocketAddr::new(web.ip4, 8080), stop.clone());
-    let dst = SocketAddr::new(web.ip4, 8080);
-
-    // Allowed: api on node-2 reaches web across the VNet with its pod IP.
-    let api = bed.remote_pod("api").clone();
-    assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
-    // Denied: the intruder's SYNs die in XDP on the uplink.
-    let before = daemon.status();
-    // XDP took the allowed connection's packets for the pod's (the local range's bitmap),
-    // every one that tc then saw arrive for it.
-    let tc_in: u64 = ["pod", "node", "world"]
-        .iter()
-        .map(|r| uplink(&before, "tc_ingress", "pod", r))
-        .sum();
-    assert!(tc_in > 0, "{before:#}");
-    assert!(
-        uplink(&before, "xdp", "pod", "any") >= tc_in,
-        "XDP counted fewer packets for the pod than tc: {before:#}"
-    );
-    let intruder = bed.remote_pod("intruder").clone();
+    // Restart: the tc link is taken over in place and keeps dropping.
+    f.bed.stop_daemon(&daemon);
     assert!(!tcp_connects(
-        &intruder.netns,
-        dst,
-        Duration::from_millis(1500)
-    ));
-    let after = daemon.status();
-    let xdp_drops =
-        uplink(&after, "xdp_drop", "pod", "any") - uplink(&before, "xdp_drop", "pod", "any");
-    assert!(xdp_drops >= 1, "{after:#}");
-    assert!(uplink(&after, "xdp", "pod", "any") >= xdp_drops);
-    // Wire-side tc counters saw the allowed connection both ways, pod IP to pod IP.
-    assert!(uplink(&after, "tc_ingress", "pod", "pod") > 0, "{after:#}");
-    assert!(uplink(&after, "tc_egress", "pod", "pod") > 0, "{after:#}");
-
-    // The drop record names the isolating policy and counts what XDP dropped.
-    let t0 = Instant::now();
-    let drop = loop {
-        if let Some(first) = intruder_drops(&daemon).into_iter().next() {
-            break first;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(5), "no drop record");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(drop["destination"]["pod"], "web", "{drop:#}");
-    assert_eq!(drop["isolated_by"][0]["name"], "web-from-api", "{drop:#}");
-    assert_eq!(drop["interface"], ifindex, "judged on the uplink: {drop:#}");
-    assert!(drop["counters"]["packets_out"].as_u64().unwrap() >= 1);
-    assert!(
-        drop.get("snat").is_none(),
-        "a dropped connection never left"
-    );
-
-    // Restart: the XDP link is taken over in place and keeps dropping.
-    bed.stop_daemon(&daemon);
-    assert!(!tcp_connects(
-        &intruder.netns,
-        dst,
+        &f.intruder,
+        f.dst,
         Duration::from_millis(500)
     ));
-    let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
-    wait_policy(&daemon);
-    let s = daemon.status();
-    assert_eq!(s["uplinks"][0]["xdp"], "generic", "{s:#}");
-    let b = uplink(&s, "xdp_drop", "pod", "any");
-    assert!(!tcp_connects(
-        &intruder.netns,
-        dst,
-        Duration::from_millis(1500)
-    ));
-    assert!(uplink(&daemon.status(), "xdp_drop", "pod", "any") > b);
-    assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
+    let daemon = f.start(&[]);
+    let b = uplink(&daemon.status(), "tc_drop", "pod", "any");
+    assert!(!f.intruder_connects());
+    assert!(uplink(&daemon.status(), "tc_drop", "pod", "any") > b);
+    assert!(f.api_connects());
 
-    // A flood of denied openers (spoofed ports from the intruder's address): XDP keeps no
+    // A flood of denied openers (spoofed ports from the intruder's address): tc keeps no
     // conntrack entry for them, samples their records under --drop-events-per-cpu-second,
     // and accounts every packet: records + suppressed + lost == dropped.
-    bed.stop_daemon(&daemon);
-    let mut limited = args.clone();
-    limited.extend(["--drop-events-per-cpu-second", "5"]);
-    let daemon = bed.start_daemon(Path::new(OBSERVER), &limited).unwrap();
-    wait_policy(&daemon);
+    f.bed.stop_daemon(&daemon);
+    let daemon = f.start(&["--drop-events-per-cpu-second", "5"]);
     let records = || intruder_drops(&daemon).len() as u64;
     let (s0, r0) = (daemon.status(), records());
+    let intruder = f.bed.remote_pod("intruder").clone();
     let IpAddr::V4(src) = intruder.ip4 else {
         panic!("intruder has no IPv4 address")
     };
-    let IpAddr::V4(web4) = web.ip4 else {
+    let IpAddr::V4(web4) = f.dst.ip() else {
         panic!("web has no IPv4 address")
     };
-    let spec = flood::onto_node1(&bed, vec![src], SocketAddrV4::new(web4, 8080), 0).unwrap();
+    let spec = flood::onto_node1(&f.bed, vec![src], SocketAddrV4::new(web4, 8080), 0).unwrap();
     let stop_flood = Arc::new(AtomicBool::new(false));
     let sender = flood::start(spec, stop_flood.clone());
     std::thread::sleep(Duration::from_millis(200));
@@ -210,18 +242,56 @@ fn xdp_drops_denied_cross_node_traffic_before_the_stack() {
     let sent = sender.join().unwrap().unwrap().unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let s1 = daemon.status();
-    let dropped = uplink(&s1, "xdp_drop", "pod", "any") - uplink(&s0, "xdp_drop", "pod", "any");
-    assert!(
-        dropped >= 1000,
-        "sent {sent}, XDP dropped {dropped}: {s1:#}"
-    );
+    let dropped = uplink(&s1, "tc_drop", "pod", "any") - uplink(&s0, "tc_drop", "pod", "any");
+    assert!(dropped >= 1000, "sent {sent}, tc dropped {dropped}: {s1:#}");
     let suppressed = observer_tests::kernel_stat(&s1, "drop_events_suppressed")
         - observer_tests::kernel_stat(&s0, "drop_events_suppressed");
     assert!(suppressed > 0, "{s1:#}");
     observer_tests::assert_drops_untracked(&s0, &s1, dropped, || records() - r0);
-    assert!(tcp_connects(&api.netns, dst, Duration::from_secs(2)));
-    stop.store(true, Ordering::Relaxed);
-    server.join().unwrap();
+    assert!(f.api_connects());
+}
+
+/// XDP judges the openers where it is asked for (`--uplink-xdp native`: driver mode, as on a
+/// NIC that has it), and keeps doing so through a restart; turned off, tc takes over on the
+/// next start and the XDP link goes.
+#[test]
+fn xdp_judges_when_asked_and_tc_takes_over_without_it() {
+    let mut f = Flat::new("upq");
+    let daemon = f.start(&["--uplink-xdp", "native"]);
+    let s = daemon.status();
+    assert_eq!(s["uplinks"][0]["xdp"], "native", "{s:#}");
+    assert_eq!(s["uplinks"][0]["ingress_policy"], "xdp", "{s:#}");
+    let ifindex = f.judged_at(&daemon, "xdp_drop");
+    let pin = daemon
+        .pin_dir
+        .join(format!("links/{ifindex}-uplink-xdp-native"));
+    assert!(pin.exists());
+    assert!(f.uplink_has_xdp());
+    let s = daemon.status();
+    // XDP took the allowed connection's packets for the pod's (the local range's bitmap),
+    // every one that tc then saw arrive for it; tc judged none.
+    let tc_in: u64 = ["pod", "node", "world"]
+        .iter()
+        .map(|r| uplink(&s, "tc_ingress", "pod", r))
+        .sum();
+    assert!(uplink(&s, "xdp", "pod", "any") >= tc_in, "{s:#}");
+    assert_eq!(uplink(&s, "tc_drop", "pod", "any"), 0, "{s:#}");
+
+    // Restart: the XDP link is taken over in place.
+    f.bed.stop_daemon(&daemon);
+    let daemon = f.start(&["--uplink-xdp", "native"]);
+    let b = uplink(&daemon.status(), "xdp_drop", "pod", "any");
+    assert!(!f.intruder_connects());
+    assert!(uplink(&daemon.status(), "xdp_drop", "pod", "any") > b);
+
+    // Back to the default: tc judges, XDP is gone from the uplink and from the pins.
+    f.bed.stop_daemon(&daemon);
+    let daemon = f.start(&[]);
+    let s = daemon.status();
+    assert_eq!(s["uplinks"][0]["xdp"], "off", "{s:#}");
+    assert!(!pin.exists());
+    assert!(!f.uplink_has_xdp(), "XDP left on the uplink");
+    f.judged_at(&daemon, "tc_drop");
 }
 
 /// The drop records of the intruder's connections the daemon holds.

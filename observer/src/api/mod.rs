@@ -71,8 +71,12 @@ pub struct NetworkStatus {
 pub struct UplinkStatus {
     pub ifindex: u32,
     pub name: String,
-    /// native, generic, or none (tc only).
+    /// XDP's mode: native, generic, or off.
     pub xdp: String,
+    /// Which program drops a local pod's denied openers before the stack: `xdp`, or `tc`
+    /// (ingress) where XDP is off. The pod's veth judges them again either way.
+    #[serde(default)]
+    pub ingress_policy: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -336,6 +340,7 @@ pub fn status_of(shared: &Shared, count: Count) -> Status {
                     ifindex: *i,
                     name: n.clone(),
                     xdp: x.to_string(),
+                    ingress_policy: if *x == "off" { "tc" } else { "xdp" }.into(),
                 })
                 .collect();
             v.sort_by_key(|u| u.ifindex);

@@ -57,9 +57,14 @@ pub(super) struct DaemonArgs {
         default_value = "eth0"
     )]
     uplinks: Vec<String>,
-    /// Leave the uplinks without programs (no wire-side counters, no XDP ingress policy).
+    /// Leave the uplinks without programs (no wire-side counters, no early ingress policy).
     #[arg(long, env = "OBSERVER_NO_UPLINK_PROGRAMS")]
     no_uplink_programs: bool,
+    /// XDP on the uplinks: `auto` (driver mode where the NIC's driver has it, never on a
+    /// veth), `native`, `generic` or `off`. Without XDP, the uplink's tc ingress program drops
+    /// a local pod's denied openers before the stack instead.
+    #[arg(long, env = "OBSERVER_UPLINK_XDP", value_enum, default_value = "auto")]
+    uplink_xdp: observer::bpf::UplinkXdp,
     /// How tc programs attach: `auto` (TCX on Linux >= 6.6, clsact before), or `tcx` /
     /// `clsact` to choose (clsact works on every kernel: what nodes before 6.6 run).
     #[arg(long, env = "OBSERVER_ATTACH_MODE", default_value = "auto", value_parser = ["auto", "tcx", "clsact"])]
@@ -260,6 +265,7 @@ pub(super) fn run(a: DaemonArgs) -> Result<()> {
         metrics_addr: a.metrics_addr,
         uplinks: a.uplinks,
         uplink_programs: !a.no_uplink_programs,
+        uplink_xdp: a.uplink_xdp,
         attach_mode: match a.attach_mode.as_str() {
             "tcx" => Some(observer::bpf::AttachMode::Tcx),
             "clsact" => Some(observer::bpf::AttachMode::Clsact),

@@ -88,8 +88,8 @@ pub(super) fn run(a: ClientArgs) -> Result<()> {
     }
     for u in &s.uplinks {
         println!(
-            "uplink:        {}({}) tc + xdp {}",
-            u.name, u.ifindex, u.xdp
+            "uplink:        {}({}) tc, xdp {}, ingress policy in {}",
+            u.name, u.ifindex, u.xdp, u.ingress_policy
         );
     }
     for c in &s.uplink_counters {

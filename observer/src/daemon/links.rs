@@ -126,7 +126,7 @@ pub(super) fn apply_link(shared: &Shared, dp: &mut Datapath, ev: LinkEvent) {
 }
 
 pub(super) fn attach_uplink(shared: &Shared, dp: &mut Datapath, l: netlink::Link) {
-    match dp.attach_uplink(l.index, &l.name, l.kind == "veth") {
+    match dp.attach_uplink(l.index, &l.name, l.kind == "veth", shared.opts.uplink_xdp) {
         Ok(a) => {
             match &a.xdp_error {
                 None => {
@@ -134,7 +134,7 @@ pub(super) fn attach_uplink(shared: &Shared, dp: &mut Datapath, l: netlink::Link
                 }
                 Some(e) => warn!(
                     ifname = %l.name,
-                    "uplink: tc attached, XDP not ({e}); ingress policy stays at the pod interfaces"
+                    "uplink: tc attached, XDP not ({e}); tc ingress judges local pods' openers"
                 ),
             }
             let mut st = shared.state.lock().unwrap();

@@ -96,8 +96,10 @@ pub struct Options {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Host-side interfaces that are never pod interfaces (the node's uplinks).
     pub uplinks: Vec<String>,
-    /// Attach the uplink programs (tc both ways, XDP on ingress) to the uplinks.
+    /// Attach the uplink programs (tc both ways, XDP on ingress as `uplink_xdp` says) to the
+    /// uplinks.
     pub uplink_programs: bool,
+    pub uplink_xdp: crate::bpf::UplinkXdp,
     /// How tc programs attach; `None`: by kernel version.
     pub attach_mode: Option<crate::bpf::AttachMode>,
     pub model: crate::snat::ModelConfig,
