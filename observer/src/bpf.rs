@@ -294,6 +294,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
             (TcAttachType::Ingress, programs::FROM_POD),
             (TcAttachType::Egress, programs::TO_POD),
             (TcAttachType::Ingress, programs::UPLINK_INGRESS),
+            (TcAttachType::Ingress, programs::UPLINK_INGRESS_POLICY),
             (TcAttachType::Egress, programs::UPLINK_EGRESS),
         ] {
             if tc::qdisc_detach_program(&l.name, t, name).is_ok() {
