@@ -7,6 +7,7 @@ use aya_ebpf::{
     bindings::{__sk_buff, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
+    EbpfContext,
 };
 use observer_common::{
     stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
@@ -17,7 +18,7 @@ use crate::{
     conntrack::{process, Action, Count, Hook},
     datapath::{tc_conn, unparsed_denied},
     maps::{stat_inc, UPLINK},
-    parse::{ip_addrs, observer_parse_tc, parse, parsed, plain_ipv4, PacketCtx},
+    parse::{ip_addrs, observer_parse_tc, parse, parsed, plain_ipv4, Packet, PacketCtx},
     service,
 };
 
@@ -153,7 +154,7 @@ fn count_in_skb(skb: *mut __sk_buff) -> u32 {
         return NOT_POD;
     }
     match plain_ipv4(&ctx) {
-        Some(p) if p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => POD,
+        Some(p) if !opens(p.proto, p.tcp_flags) => POD,
         _ => POD_OPENER,
     }
 }
@@ -195,15 +196,20 @@ pub extern "C" fn observer_uplink_ingress_conn(skb: *mut __sk_buff) -> i32 {
     let Some(pkt) = parsed() else {
         return Action::Drop as i32;
     };
-    if pkt.proto != IPPROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    if !opens(pkt.proto, pkt.tcp_flags) {
         return Action::Pass as i32;
     }
     let ctx = TcContext::new(skb);
     let bytes = (PacketCtx::len(&ctx) - pkt.l3_off as u32) as u64;
-    let ifindex = unsafe { (*skb).ifindex };
-    let pkt = &*pkt;
+    judge_opener(&ctx, pkt, bytes, unsafe { (*skb).ifindex }) as i32
+}
+
+/// The ingress policy of a connection opener for a local pod, before the stack: the same
+/// conntrack and policy maps as the pod's veth; only a packet it drops is counted here.
+#[inline(always)]
+fn judge_opener<C: EbpfContext>(ctx: &C, pkt: &Packet, bytes: u64, ifindex: u32) -> Action {
     process(
-        &ctx,
+        ctx,
         pkt,
         bytes,
         ifindex,
@@ -211,7 +217,13 @@ pub extern "C" fn observer_uplink_ingress_conn(skb: *mut __sk_buff) -> i32 {
         Count::Dropped,
         false,
         || classify::to_pod(pkt.family, &pkt.src),
-    ) as i32
+    )
+}
+
+/// Only a TCP SYN surely opens a connection (see `observe_uplink_xdp`).
+#[inline(always)]
+fn opens(proto: u8, tcp_flags: u8) -> bool {
+    proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// A packet for the node (not one of its pods) that may open a connection to a NodePort or
@@ -284,7 +296,7 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
         }
         // For a pod, a packet that cannot open a connection (see below) from the fixed headers.
         if let Some(p) = plain_ipv4(ctx) {
-            if p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+            if !opens(p.proto, p.tcp_flags) {
                 return pass_counted(ctx, uplink::LOCAL_POD);
             }
         }
@@ -313,20 +325,11 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
     // connection the kernel translated (a Service's backend answering before the kernel
     // reverses the DNAT, SNAT), which XDP cannot attribute: the pod's veth judges it, with
     // the same policy, once the kernel has reversed the translation.
-    if pkt.proto != IPPROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    if !opens(pkt.proto, pkt.tcp_flags) {
         return xdp_action::XDP_PASS;
     }
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    match process(
-        ctx,
-        &pkt,
-        bytes,
-        ifindex,
-        Hook::ToPod,
-        Count::Dropped,
-        false,
-        || classify::to_pod(pkt.family, &pkt.src),
-    ) {
+    match judge_opener(ctx, &pkt, bytes, ifindex) {
         Action::Pass | Action::PassMarked => xdp_action::XDP_PASS,
         Action::Drop => {
             // It never reaches the veth, where packets are counted.

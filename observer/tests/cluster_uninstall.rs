@@ -20,12 +20,26 @@ fn uninstall_as_documented_leaves_nothing() {
             n.name
         );
         // kind's uplink is a veth: tc ingress judges there, XDP stays off.
-        let net = c
-            .node_out(n, &["bpftool", "net", "show", "dev", "eth0"])
+        let pins = c
+            .node_out(n, &["ls", "/sys/fs/bpf/observer/links"])
             .unwrap();
         assert!(
-            net.contains("uplink_ingress") && !net.contains("xdp:\neth0"),
-            "{}'s uplink has observer's tc programs and no XDP: {net}",
+            pins.contains("-uplink-ingress") && pins.contains("-uplink-egress"),
+            "{}'s uplink has observer's tc links: {pins}",
+            n.name
+        );
+        let eth0 = c
+            .node_out(n, &["ip", "-d", "link", "show", "eth0"])
+            .unwrap();
+        assert!(
+            !eth0.contains("xdp") && !pins.contains("xdp"),
+            "{}'s veth uplink has no XDP: {eth0}",
+            n.name
+        );
+        let status = observer_tests::cluster::observer_status(&c, &n.name).unwrap();
+        assert!(
+            status.contains("xdp off, ingress policy in tc"),
+            "{}: {status}",
             n.name
         );
     }
