@@ -126,7 +126,7 @@ pub fn uplink_ingress_policy(ctx: TcContext) -> i32 {
         return unparsed_skb(skb, reason);
     }
     match Action::from_raw(observer_uplink_ingress_conn(skb)) {
-        Action::Drop => early_drop(&ctx, uplink::TC_DROP),
+        Action::Drop => tc_drop(&ctx),
         _ => TC_ACT_UNSPEC,
     }
 }
@@ -168,22 +168,29 @@ fn unparsed_skb(skb: *mut __sk_buff, reason: u32) -> i32 {
     let ctx = TcContext::new(skb);
     if reason != stat::FRAGMENT && unparsed_denied(&ctx, reason, Hook::ToPod) {
         stat_inc(reason);
-        return early_drop(&ctx, uplink::TC_DROP);
+        return tc_drop(&ctx);
     }
     TC_ACT_UNSPEC
 }
 
-/// A packet for a local pod dropped on the uplink: it never reaches the veth, where packets
-/// are counted.
 #[inline(always)]
-fn early_drop(ctx: &TcContext, point: u32) -> i32 {
-    stat_inc(stat::PACKETS);
-    let l3 = PacketCtx::len(ctx).saturating_sub(14);
-    add(
-        uplink::index(point, uplink::LOCAL_POD, uplink::REMOTE_ANY),
-        l3 as u64,
+fn tc_drop(ctx: &TcContext) -> i32 {
+    count_drop(
+        uplink::TC_DROP,
+        PacketCtx::len(ctx).saturating_sub(14) as u64,
     );
     TC_ACT_SHOT
+}
+
+/// A packet for a local pod dropped on the uplink (at `point`): it never reaches the veth,
+/// where packets are counted.
+#[inline(always)]
+fn count_drop(point: u32, bytes: u64) {
+    stat_inc(stat::PACKETS);
+    add(
+        uplink::index(point, uplink::LOCAL_POD, uplink::REMOTE_ANY),
+        bytes,
+    );
 }
 
 /// The ingress policy of a TCP opener for a local pod, as `uplink_xdp` judges it.
@@ -332,12 +339,7 @@ fn observe_uplink_xdp(ctx: &XdpContext) -> u32 {
     match judge_opener(ctx, &pkt, bytes, ifindex) {
         Action::Pass | Action::PassMarked => xdp_action::XDP_PASS,
         Action::Drop => {
-            // It never reaches the veth, where packets are counted.
-            stat_inc(stat::PACKETS);
-            add(
-                uplink::index(uplink::XDP_DROP, uplink::LOCAL_POD, uplink::REMOTE_ANY),
-                bytes,
-            );
+            count_drop(uplink::XDP_DROP, bytes);
             xdp_action::XDP_DROP
         }
     }

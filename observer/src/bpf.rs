@@ -515,8 +515,7 @@ impl Datapath {
         } else {
             programs::UPLINK_INGRESS_POLICY
         };
-        let tc = self.attach_uplink_tc(ifindex, ifname, ingress_prog);
-        let tc = match tc {
+        let tc = match self.attach_uplink_tc(ifindex, ifname, ingress_prog) {
             Ok(tc) => tc,
             Err(e) => {
                 if let Some(x) = xdp {
@@ -526,11 +525,7 @@ impl Datapath {
             }
         };
         // A mode given up (an earlier daemon's XDP, `--uplink-xdp` changed): tc judges now.
-        for mode in ["native", "generic"] {
-            if mode != xdp_mode {
-                let _ = std::fs::remove_file(self.xdp_pin(ifindex, mode));
-            }
-        }
+        self.unpin_xdp_except(ifindex, xdp_mode);
         self.uplinks.insert(ifindex, Uplink { tc, xdp, xdp_mode });
         Ok(UplinkAttach {
             xdp_mode,
@@ -578,6 +573,16 @@ impl Datapath {
             .join(format!("{ifindex}-uplink-xdp-{mode}"))
     }
 
+    /// Releases the uplink's pinned XDP links of every mode but `keep` (the link goes with its
+    /// pin once no process holds it).
+    fn unpin_xdp_except(&self, ifindex: u32, keep: &str) {
+        for mode in ["native", "generic"] {
+            if mode != keep {
+                let _ = std::fs::remove_file(self.xdp_pin(ifindex, mode));
+            }
+        }
+    }
+
     /// XDP in `mode`; a link of that mode left by an earlier daemon is taken over. Driver mode
     /// is never chosen for a veth unasked: a veth runs a driver-mode program on a copy of each
     /// (already built) socket buffer and takes segmentation offload away from its peer, so
@@ -586,11 +591,7 @@ impl Datapath {
         self.load_once(programs::UPLINK_XDP)?;
         let pin = self.xdp_pin(ifindex, name);
         // One XDP mode at a time on an interface: the other one's link goes first.
-        for other in ["native", "generic"] {
-            if other != name {
-                let _ = std::fs::remove_file(self.xdp_pin(ifindex, other));
-            }
-        }
+        self.unpin_xdp_except(ifindex, name);
         let prog = self.xdp(programs::UPLINK_XDP)?;
         if let Ok(old) = PinnedLink::from_pin(&pin) {
             let link = XdpLink::try_from(FdLink::from(old))?;
