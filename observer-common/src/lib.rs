@@ -240,6 +240,9 @@ pub enum EventKind {
     /// A packet of a TCP connection after its close event (the last ACK of a FIN exchange):
     /// the counters the close record waits for, so the daemon need not read the entry back.
     AfterClose = 5,
+    /// A local pod's new IPv4 connection as its opening packet left the node's stack: the
+    /// tuple the pod sent and the tuple on the wire (see [`FlowEvent`] for where each is).
+    Wire = 6,
 }
 
 impl EventKind {
@@ -250,12 +253,19 @@ impl EventKind {
             3 => Some(Self::Close),
             4 => Some(Self::Drop),
             5 => Some(Self::AfterClose),
+            6 => Some(Self::Wire),
             _ => None,
         }
     }
 }
 
 /// A connection-level event on the ring buffer.
+///
+/// A [`EventKind::Wire`] event is not a connection's entry. Its `key` holds the tuple the pod
+/// sent, not in canonical order: `addr_a[0]` and `port_a` its source, `addr_b[0]` and `port_b`
+/// its destination, as the pod addressed it (a Service's frontend). `packets` holds the wire's
+/// source and destination addresses (IPv4, network order, as in a key), `bytes` their ports;
+/// `ifindex` is where the packet left, `first_seen_ns` when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {

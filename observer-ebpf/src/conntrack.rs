@@ -10,6 +10,7 @@ use observer_common::{
 use crate::{
     classify,
     events::{emit, emit_drop_sampled},
+    handoff,
     maps::{stat_inc, CONFIG, CT, NEW_ENTRY},
     parse::{Packet, Plain},
     policy,
@@ -319,6 +320,7 @@ pub fn process<C: EbpfContext>(
     let link = match hook {
         Hook::FromPod => {
             if let Some(svc) = service::frontend(pkt) {
+                created(hook, false);
                 return service::open_alias(&key, pkt, svc, from_a, &cfg);
             }
             Link::None
@@ -418,6 +420,17 @@ pub fn verdict(flags: u32, enforce: u32) -> Action {
         stat_inc(stat::AUDIT_PASSED);
     }
     Action::Pass
+}
+
+/// `from_pod` opens a connection its pod opened: where the packet leaves the stack, its wire
+/// side is reported (`handoff`).
+#[inline(always)]
+fn created(hook: Hook, first_is_reply: bool) {
+    if hook == Hook::FromPod && !first_is_reply {
+        if let Some(s) = handoff::slot() {
+            s.note_created();
+        }
+    }
 }
 
 #[inline(always)]
@@ -523,6 +536,7 @@ fn create<C: EbpfContext>(
             } else {
                 EventKind::New
             };
+            created(hook, first_is_reply);
             emit(kind, key, e);
             verdict(e.flags, cfg.enforce)
         }
@@ -538,6 +552,7 @@ fn create<C: EbpfContext>(
                         } else {
                             EventKind::New
                         };
+                        created(hook, first_is_reply);
                         emit(kind, key, e);
                         return verdict(e.flags, cfg.enforce);
                     }

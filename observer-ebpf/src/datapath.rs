@@ -195,10 +195,12 @@ pub fn tc_conn(skb: *mut __sk_buff, mode: u64, hook: Hook) -> i32 {
             Hook::FromPod | Hook::Uplink => classify::from_pod(pkt.family, &pkt.dst),
         },
     );
-    // Wherever it goes: only a local pod's `to_pod` can take it over.
-    if hook == Hook::FromPod && action == Action::Pass && pkt.family == AF_INET {
+    // Wherever it goes: only a local pod's `to_pod` can take it over. A packet to a Service's
+    // frontend is not taken over (the DNAT changes its tuple), but its wire side may be wanted.
+    let passed = matches!(action, Action::Pass | Action::PassMarked);
+    if hook == Hook::FromPod && passed && pkt.family == AF_INET {
         if let Some(s) = handoff::slot() {
-            s.hand_over_parsed(ifindex, pkt);
+            s.hand_over_parsed(&ctx, ifindex, pkt, action == Action::Pass);
         }
     }
     action as i32
@@ -226,6 +228,8 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 fn observe_to_pod(ctx: &TcContext) -> i32 {
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     if iif != 0 && handoff::taken_over(ctx, iif) {
+        // Unchanged: the wire side of a local pod's connection to another.
+        handoff::prove_wire(ctx.skb.skb);
         stat_inc(stat::HANDED_OVER);
         return TC_ACT_UNSPEC;
     }
@@ -243,10 +247,15 @@ fn observe_to_pod(ctx: &TcContext) -> i32 {
     if reason != 0 {
         return unparsed(ctx, reason, Hook::ToPod);
     }
-    act(
+    let verdict = act(
         ctx,
         Action::from_raw(observer_to_pod_conn(ctx.skb.skb, count as u64 | missing)),
-    )
+    );
+    // After the verdict: a Service connection's `new` event is emitted by the call above.
+    if verdict != TC_ACT_SHOT {
+        handoff::prove_wire(ctx.skb.skb);
+    }
+    verdict
 }
 
 /// Baseline for benchmarks: the cost of running any tc program at all.

@@ -1,5 +1,5 @@
 //! Connection-level events on the ring buffer. A failed reserve is counted, never silent.
-use observer_common::{stat, CtEntry, CtKey, EventKind, FlowEvent};
+use observer_common::{stat, CtEntry, CtKey, EventKind, FlowEvent, AF_INET};
 
 use crate::maps::{stat_inc, DROP_BUDGET, EVENTS, WOKE_AT};
 
@@ -42,6 +42,45 @@ pub fn emit(kind: EventKind, key: &CtKey, e: &CtEntry) -> bool {
             false
         }
     }
+}
+
+/// Reports a new connection's opening packet as it left the stack (`handoff`): `sent`
+/// (protocol, source, port, destination, port) as the pod sent it, `wire` (source, port,
+/// destination, port) as it left on `ifindex`. IPv4, addresses in network order.
+#[inline(always)]
+pub fn emit_wire(sent: (u8, u32, u16, u32, u16), wire: (u32, u16, u32, u16), ifindex: u32) {
+    let Some(mut slot) = EVENTS.reserve::<FlowEvent>(0) else {
+        stat_inc(stat::EVENTS_LOST);
+        return;
+    };
+    let now = crate::clock::now_ns();
+    let ev = slot.as_mut_ptr();
+    unsafe {
+        (*ev).key = CtKey {
+            addr_a: [sent.1, 0, 0, 0],
+            addr_b: [sent.3, 0, 0, 0],
+            port_a: sent.2,
+            port_b: sent.4,
+            proto: sent.0,
+            family: AF_INET,
+            _pad: [0; 2],
+        };
+        (*ev).first_seen_ns = now;
+        (*ev).last_seen_ns = now;
+        (*ev).packets = [wire.0 as u64, wire.2 as u64];
+        (*ev).bytes = [wire.1 as u64, wire.3 as u64];
+        (*ev).ifindex = ifindex;
+        (*ev).flags = 0;
+        (*ev).tcp_flags = 0;
+        (*ev).kind = EventKind::Wire as u8;
+        (*ev).class = 0;
+        (*ev).icmp_type = 0;
+        (*ev).icmp_code = 0;
+        (*ev).egress_rule = 0;
+        (*ev).ingress_rule = 0;
+        (*ev)._pad = 0;
+    }
+    slot.submit(wakeup());
 }
 
 /// Waking the reader costs an irq_work (a self-interrupt, an exit of a virtual machine) and a

@@ -9,10 +9,30 @@
 //! there too it took the destination's ingress verdict. A packet whose tuple changed on the way
 //! (a Service's DNAT, a masquerade) does not match and is looked up in full; the slot is
 //! cleared by every `from_pod` run that does not pass its packet.
+//!
+//! The same slot proves a new connection's wire side for the daemon's SNAT join. When
+//! `from_pod` passes a connection's opening packet, the slot also asks for a proof (`WANT`),
+//! with what NAT leaves of that packet: its IPv4 length and identification, a TCP segment's
+//! sequence number. Where the packet leaves the node's stack (`uplink_egress` toward another
+//! node or the world, `to_pod` toward a local pod: the same run of the stack on the same CPU),
+//! the program that finds that packet reports its tuple as it left, next to the tuple the pod
+//! sent (`EventKind::Wire`): the same tuple proves no translation, a different one is the
+//! translation itself. The kernel's conntrack need not announce its entries to the daemon.
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
+use observer_common::IPPROTO_TCP;
+
 use crate::{
+    events::emit_wire,
     maps::HANDOFF,
-    parse::{plain_ipv4, Packet, PacketCtx, Plain},
+    parse::{ipv4_ident, plain_ipv4, Packet, PacketCtx, Plain},
 };
+
+/// `Handoff::wire` bits: `from_pod`'s conntrack created a connection from this packet ...
+const CREATED: u8 = 1;
+/// ... and the packet's wire side is wanted.
+const WANT: u8 = 2;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -23,9 +43,15 @@ pub struct Handoff {
     dport: u16,
     proto: u8,
     valid: u8,
-    _pad: [u8; 2],
+    /// `CREATED`, `WANT`.
+    wire: u8,
+    _pad: u8,
     /// The veth `from_pod` ran on: the packet's ingress interface at `to_pod`.
     ifindex: u32,
+    /// With `WANT`: the packet's IPv4 total length and identification (raw), and its TCP
+    /// sequence number (0 for UDP).
+    ident: u32,
+    seq: u32,
 }
 
 /// This CPU's slot.
@@ -39,9 +65,17 @@ impl Handoff {
     #[inline(always)]
     pub fn clear(&mut self) {
         // Most packets find it void already: no store then.
-        if self.valid != 0 {
+        if self.valid != 0 || self.wire != 0 {
             self.valid = 0;
+            self.wire = 0;
         }
+    }
+
+    /// `from_pod`'s conntrack created a connection from the packet it handles now, in the
+    /// connection's original direction.
+    #[inline(always)]
+    pub fn note_created(&mut self) {
+        self.wire = CREATED;
     }
 
     /// `from_pod` on `ifindex` passed `p`, a packet of an established, fully judged connection
@@ -49,29 +83,98 @@ impl Handoff {
     #[inline(always)]
     pub fn hand_over(&mut self, ifindex: u32, p: &Plain) {
         self.fill(ifindex, p.src, p.dst, p.sport, p.dport, p.proto);
+        self.wire = 0;
     }
 
     /// `from_pod` on `ifindex` passed `pkt` through the full path: both ends' verdicts are
-    /// taken there too (an IPv4 packet `plain_ipv4` cannot read never matches at `to_pod`).
+    /// taken there too (an IPv4 packet `plain_ipv4` cannot read never matches at `to_pod`),
+    /// except for a Service's frontend (`take_over` false).
+    /// A connection's opening packet (the one that created it, or a TCP SYN: a first SYN
+    /// dropped on the way is sent again) also asks for its wire side. Only an untagged IPv4
+    /// packet carries what tells it apart where it leaves.
     #[inline(always)]
-    pub fn hand_over_parsed(&mut self, ifindex: u32, pkt: &Packet) {
+    pub fn hand_over_parsed<C: PacketCtx>(
+        &mut self,
+        ctx: &C,
+        ifindex: u32,
+        pkt: &Packet,
+        take_over: bool,
+    ) {
+        let syn = pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let opening = self.wire & CREATED != 0 || syn;
         self.fill(
             ifindex, pkt.src[0], pkt.dst[0], pkt.sport, pkt.dport, pkt.proto,
         );
+        self.valid = take_over as u8;
+        self.wire = 0;
+        if opening && pkt.l3_off == 14 {
+            if let Some(ident) = ipv4_ident(ctx) {
+                self.ident = ident;
+                self.seq = if pkt.proto == IPPROTO_TCP { pkt.seq } else { 0 };
+                self.wire = WANT;
+            }
+        }
     }
 
     #[inline(always)]
     fn fill(&mut self, ifindex: u32, src: u32, dst: u32, sport: u16, dport: u16, proto: u8) {
-        *self = Handoff {
-            src,
-            dst,
-            sport,
-            dport,
-            proto,
-            valid: 1,
-            _pad: [0; 2],
-            ifindex,
+        self.src = src;
+        self.dst = dst;
+        self.sport = sport;
+        self.dport = dport;
+        self.proto = proto;
+        self.valid = 1;
+        self.ifindex = ifindex;
+    }
+
+    /// Where a packet leaves the stack on `ifindex`: if it is the one whose wire side this
+    /// slot asks for, reports both tuples (once).
+    #[inline(always)]
+    fn prove_wire<C: PacketCtx>(&mut self, ctx: &C, ifindex: u32) {
+        if self.wire & WANT == 0 {
+            return;
+        }
+        let Some(p) = plain_ipv4(ctx) else {
+            return;
         };
+        let Some(ident) = ipv4_ident(ctx) else {
+            return;
+        };
+        if p.proto != self.proto || ident != self.ident {
+            return;
+        }
+        if p.proto == IPPROTO_TCP && crate::parse::tcp_seq(ctx) != Some(self.seq) {
+            return;
+        }
+        self.wire = 0;
+        emit_wire(
+            (self.proto, self.src, self.sport, self.dst, self.dport),
+            (p.src, p.sport, p.dst, p.dport),
+            ifindex,
+        );
+    }
+}
+
+/// Where a packet leaves the stack (`uplink_egress`, `to_pod`): proves its wire side when this
+/// CPU's slot asks for it. The check is inline; the proof a function of its own, its frame
+/// apart from the hook's (Linux 6.1 counts 512 bytes of stack along a call chain).
+#[inline(always)]
+pub fn prove_wire(skb: *mut __sk_buff) {
+    if let Some(s) = slot() {
+        if s.wire & WANT != 0 {
+            prove_wire_skb(skb);
+        }
+    }
+}
+
+#[inline(never)]
+fn prove_wire_skb(skb: *mut __sk_buff) {
+    if skb.is_null() {
+        return;
+    }
+    let ifindex = unsafe { (*skb).ifindex };
+    if let Some(s) = slot() {
+        s.prove_wire(&TcContext::new(skb), ifindex);
     }
 }
 

@@ -207,6 +207,20 @@ pub fn plain_ipv4<C: PacketCtx>(ctx: &C) -> Option<Plain> {
     })
 }
 
+/// What NAT leaves of an untagged IPv4 packet: its total length and identification, raw.
+#[inline(always)]
+pub fn ipv4_ident<C: PacketCtx>(ctx: &C) -> Option<u32> {
+    let h = hdr::<20, C>(ctx, 14).ok()?;
+    Some(raw32(h, 2))
+}
+
+/// The sequence number of a TCP segment in an untagged IPv4 packet without options.
+#[inline(always)]
+pub fn tcp_seq<C: PacketCtx>(ctx: &C) -> Option<u32> {
+    let t = hdr::<8, C>(ctx, 34).ok()?;
+    Some(u32::from_be_bytes([t[4], t[5], t[6], t[7]]))
+}
+
 /// Parses the packet; on failure returns the stats index that accounts for it.
 #[inline(always)]
 pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, u32> {

@@ -17,6 +17,7 @@ use crate::{
     classify,
     conntrack::{process, Action, Count, Hook},
     datapath::{tc_conn, unparsed_denied},
+    handoff,
     maps::{stat_inc, UPLINK},
     parse::{ip_addrs, observer_parse_tc, parse, parsed, plain_ipv4, Packet, PacketCtx},
     service,
@@ -254,21 +255,22 @@ fn note_opener(ctx: &TcContext) {
 
 #[classifier]
 pub fn uplink_egress(ctx: TcContext) -> i32 {
-    count_tc_skb(ctx.skb.skb, uplink::TC_OUT, false);
+    let skb = ctx.skb.skb;
+    count_tc_skb(skb, uplink::TC_OUT, false);
     // A pod's packet to a Service frontend, now translated to a backend on another node: its
     // egress verdict is taken here, against that backend. Nothing else pays for a lookup.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    if mark & SVC_MARK == 0 {
-        return TC_ACT_UNSPEC;
+    let mark = unsafe { (*skb).mark };
+    if mark & SVC_MARK != 0 {
+        unsafe { (*skb).mark = mark & !SVC_MARK };
+        if observer_parse_tc(skb) == 0
+            && Action::from_raw(observer_uplink_egress_conn(skb, 0)) == Action::Drop
+        {
+            return TC_ACT_SHOT;
+        }
     }
-    unsafe { (*ctx.skb.skb).mark = mark & !SVC_MARK };
-    if observer_parse_tc(ctx.skb.skb) != 0 {
-        return TC_ACT_UNSPEC;
-    }
-    match Action::from_raw(observer_uplink_egress_conn(ctx.skb.skb, 0)) {
-        Action::Drop => TC_ACT_SHOT,
-        _ => TC_ACT_UNSPEC,
-    }
+    // After the verdict: a Service connection's `new` event is emitted by the call above.
+    handoff::prove_wire(skb);
+    TC_ACT_UNSPEC
 }
 
 #[unsafe(no_mangle)]

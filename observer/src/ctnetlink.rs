@@ -1,20 +1,14 @@
 //! The kernel's own connection tracking, read over ctnetlink (`NETLINK_NETFILTER`).
 //!
 //! Our eBPF conntrack sees a pod's connection before the node's netfilter rewrites it; what the
-//! wire sees after MASQUERADE only the kernel's conntrack knows. Every kernel entry carries the
+//! wire sees after MASQUERADE the programs see as the packet leaves (`EventKind::Wire`), and
+//! the kernel's conntrack knows for every connection it tracks. Every kernel entry carries the
 //! original tuple (as the pod sent it) and the reply tuple (as replies arrive, i.e. after NAT),
-//! so the translation is read exactly, by tuple, never guessed from timing. Conntrack kfuncs
-//! cannot give us this (they look up one tuple from a program, and not at NAT time), hence raw
-//! nfnetlink: events for new and destroyed entries, a dump to resync after an overrun, and an
-//! exact GET by original tuple.
-//!
-//! Events are lossy by design: when the socket's receive buffer is full the kernel drops them
-//! and reports `ENOBUFS` (we keep `NETLINK_NO_ENOBUFS` off to hear about it), and the caller
-//! resyncs with [`dump`].
-//!
-//! With the default `net.netfilter.nf_conntrack_events = 2`, the kernel only attaches event
-//! state to entries created while a listener is subscribed: entries older than the first
-//! [`Listener`] never produce a destroy event, which is one more reason to start with a dump.
+//! so the translation is read exactly, by tuple. The SNAT join reads it here for what the
+//! programs cannot prove: a dump of the table at start (connections older than the daemon),
+//! and an exact GET by original tuple for a connection whose opening packet was not seen
+//! leaving. No event subscription: with a listener, the kernel builds a message for every
+//! connection it confirms, about as much CPU per connection as observer's programs.
 use std::{
     fmt, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -22,15 +16,11 @@ use std::{
     time::Duration,
 };
 
-use tokio::io::unix::AsyncFd;
-
 // include/uapi/linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h, linux/netlink.h.
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NFNLGRP_CONNTRACK_NEW: u32 = 1;
-const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
 const NFNETLINK_V0: u8 = 0;
 
 const NLMSG_HDRLEN: usize = 16;
@@ -66,7 +56,6 @@ const CTA_PROTO_ICMPV6_TYPE: u16 = 8;
 const CTA_PROTO_ICMPV6_CODE: u16 = 9;
 
 const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
 const IPPROTO_ICMPV6: u8 = 58;
 /// (echo request, echo reply) per ICMP version.
 const ICMP_ECHO: (u8, u8) = (8, 0);
@@ -75,8 +64,6 @@ const ICMPV6_ECHO: (u8, u8) = (128, 129);
 /// Large enough for any datagram the kernel builds for us: events are one entry each, and dump
 /// skbs are capped at 32 KiB. `MSG_TRUNC` still tells us if that ever stops being true.
 const RECV_BUF: usize = 64 * 1024;
-/// Datagrams one `read_pending` call takes at most, so an event flood cannot starve the caller.
-const MAX_DATAGRAMS_PER_READ: usize = 16 * 1024;
 /// How long a dump or GET waits for the kernel's next datagram.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -410,8 +397,9 @@ fn parse_entry(msg: &Msg<'_>) -> Result<Option<CtEvent>, ParseError> {
     }))
 }
 
-/// Every conntrack event of a multicast datagram into `out`; returns how many messages were
-/// malformed and skipped.
+/// Every conntrack entry of a datagram into `out`; returns how many messages were malformed
+/// and skipped.
+#[cfg(test)]
 fn parse_events(buf: &[u8], out: &mut Vec<CtEvent>) -> u64 {
     let mut bad = 0;
     for m in messages(buf) {
@@ -432,188 +420,6 @@ fn parse_events(buf: &[u8], out: &mut Vec<CtEvent>) -> u64 {
 
 fn socket() -> io::Result<OwnedFd> {
     crate::netlink::open(libc::NETLINK_NETFILTER)
-}
-
-fn setsockopt_int(fd: &OwnedFd, level: i32, name: i32, value: i32) -> io::Result<()> {
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// What a [`Listener`]'s socket filter keeps: the kernel drops the rest before it is queued,
-/// so the reader is neither woken nor copied what it would skip.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Filter {
-    /// Only IPv4 connections whose original source is in this range (inclusive); other
-    /// families pass.
-    pub v4_sources: Option<(Ipv4Addr, Ipv4Addr)>,
-    /// Only TCP connections the kernel translated, the source or the destination
-    /// (`IPS_SRC_NAT`, `IPS_DST_NAT` in the entry's status); other protocols pass.
-    pub tcp_translated_only: bool,
-}
-
-/// `IPS_SRC_NAT` and `IPS_DST_NAT` of `CTA_STATUS` (linux/netfilter/nf_conntrack_common.h):
-/// the kernel set up a translation that changed the tuple (masquerade, SNAT, a clash's port
-/// change; DNAT, a Service, a redirect).
-const IPS_NAT: u32 = (1 << 4) | (1 << 5);
-const CTA_STATUS: u16 = 3;
-
-/// The classic BPF program of a [`Filter`]. The netlink attribute extensions find a top-level
-/// attribute after the message and nfgenmsg headers (`CTA_STATUS`, `CTA_TUPLE_ORIG`) and one
-/// nested in it (`CTA_TUPLE_PROTO` then `CTA_PROTO_NUM`, `CTA_TUPLE_IP` then
-/// `CTA_IP_V4_SRC`); a message without what a test reads (not an entry, another family) is
-/// kept, never dropped on a guess.
-fn filter_program(f: &Filter) -> Vec<libc::sock_filter> {
-    use bpf_asm::*;
-    let base = (NLMSG_HDRLEN + NFGENMSG_LEN) as u32;
-    let mut a = Asm::default();
-    if f.tcp_translated_only {
-        // Translated: on to the source test.
-        a.op(LD_IMM, base);
-        a.op(LDX_IMM, CTA_STATUS.into());
-        a.op(LD_W_ABS, AD_NLATTR);
-        a.jump(JEQ, 0, To::Label("source"), To::Next);
-        a.op(TAX, 0);
-        a.op(LD_W_IND, 4);
-        a.jump(JSET, IPS_NAT, To::Label("source"), To::Next);
-        // Untranslated: dropped if TCP.
-        a.find(
-            base,
-            [CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_PROTO_NUM],
-            To::Label("source"),
-        );
-        a.op(LD_B_IND, 4);
-        a.jump(
-            JEQ,
-            IPPROTO_TCP.into(),
-            To::Label("drop"),
-            To::Label("source"),
-        );
-    }
-    a.label("source");
-    if let Some((lo, hi)) = f.v4_sources {
-        a.find(
-            base,
-            [CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_IP_V4_SRC],
-            To::Label("keep"),
-        );
-        // The address after the attribute's 4-byte header, in network order as loaded.
-        a.op(LD_W_IND, 4);
-        a.jump(JGE, u32::from(lo), To::Next, To::Label("drop"));
-        a.jump(JGT, u32::from(hi), To::Label("drop"), To::Label("keep"));
-    }
-    a.label("keep");
-    a.op(RET, u32::MAX);
-    a.label("drop");
-    a.op(RET, 0);
-    a.finish()
-}
-
-/// A few classic BPF instructions (linux/filter.h, linux/bpf_common.h) and jumps by label,
-/// resolved into the forward offsets the kernel takes.
-mod bpf_asm {
-    pub const LD_IMM: u16 = 0x00;
-    pub const LDX_IMM: u16 = 0x01;
-    pub const LD_W_ABS: u16 = 0x20;
-    pub const LD_W_IND: u16 = 0x40;
-    pub const LD_B_IND: u16 = 0x50;
-    pub const TAX: u16 = 0x07;
-    pub const JEQ: u16 = 0x15;
-    pub const JGT: u16 = 0x25;
-    pub const JGE: u16 = 0x35;
-    pub const JSET: u16 = 0x45;
-    pub const RET: u16 = 0x06;
-    const AD_OFF: u32 = (-0x1000i32) as u32;
-    /// `A` = offset of the first attribute of type `X` from offset `A` on (0: none).
-    pub const AD_NLATTR: u32 = AD_OFF + 12;
-    /// `A` = offset of the attribute of type `X` nested in the attribute at offset `A`.
-    pub const AD_NLATTR_NEST: u32 = AD_OFF + 16;
-
-    #[derive(Clone, Copy)]
-    pub enum To {
-        Next,
-        Label(&'static str),
-    }
-
-    #[derive(Default)]
-    pub struct Asm {
-        ops: Vec<(u16, u32, To, To)>,
-        labels: Vec<(&'static str, usize)>,
-    }
-
-    impl Asm {
-        pub fn op(&mut self, code: u16, k: u32) {
-            self.ops.push((code, k, To::Next, To::Next));
-        }
-        pub fn jump(&mut self, code: u16, k: u32, jt: To, jf: To) {
-            self.ops.push((code, k, jt, jf));
-        }
-        /// `X` = offset of the attribute `path[2]`, nested in `path[1]`, nested in the
-        /// top-level `path[0]` after `base`; on to `missing` when one of them is absent.
-        pub fn find(&mut self, base: u32, path: [u16; 3], missing: To) {
-            self.op(LD_IMM, base);
-            self.op(LDX_IMM, path[0].into());
-            self.op(LD_W_ABS, AD_NLATTR);
-            self.jump(JEQ, 0, missing, To::Next);
-            for attr in &path[1..] {
-                self.op(LDX_IMM, (*attr).into());
-                self.op(LD_W_ABS, AD_NLATTR_NEST);
-                self.jump(JEQ, 0, missing, To::Next);
-            }
-            self.op(TAX, 0);
-        }
-
-        /// Names the next instruction.
-        pub fn label(&mut self, name: &'static str) {
-            self.labels.push((name, self.ops.len()));
-        }
-        /// Panics on a label never placed or behind its jump: a fault of this file's
-        /// programs, caught by their unit tests.
-        pub fn finish(self) -> Vec<libc::sock_filter> {
-            let at = |to: To, i: usize| -> u8 {
-                let target = match to {
-                    To::Next => i + 1,
-                    To::Label(l) => {
-                        self.labels
-                            .iter()
-                            .find(|(n, _)| *n == l)
-                            .unwrap_or_else(|| panic!("label {l} not placed"))
-                            .1
-                    }
-                };
-                u8::try_from(target - (i + 1)).expect("a forward jump of at most 255")
-            };
-            self.ops
-                .iter()
-                .enumerate()
-                .map(|(i, &(code, k, jt, jf))| libc::sock_filter {
-                    code,
-                    jt: at(jt, i),
-                    jf: at(jf, i),
-                    k,
-                })
-                .collect()
-        }
-    }
-}
-
-/// What one [`Listener::read_batch`] found besides its events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Batch {
-    /// Events were lost (`ENOBUFS`, or a datagram too large): resync with [`dump`].
-    pub overrun: bool,
-    /// The socket said it had nothing more (`EAGAIN`).
-    pub emptied: bool,
 }
 
 /// What one `recv` produced.
@@ -659,248 +465,6 @@ impl Recv {
         } else {
             Recv::Data(len)
         }
-    }
-}
-
-/// Event datagrams one `recvmmsg` call takes, and the room for each: an event is one entry, a
-/// few hundred bytes (one system call per event was most of the reader's cost).
-const EVENTS_PER_CALL: usize = 32;
-const EVENT_SLOT: usize = 8 * 1024;
-
-/// Up to `EVENTS_PER_CALL` datagrams into the slots of `buf`, their [`Recv`]s into `got`.
-fn recv_many(fd: RawFd, buf: &mut [u8], got: &mut Vec<Recv>) -> io::Result<()> {
-    let mut addrs: [libc::sockaddr_nl; EVENTS_PER_CALL] = unsafe { std::mem::zeroed() };
-    let mut iov: [libc::iovec; EVENTS_PER_CALL] = unsafe { std::mem::zeroed() };
-    let mut msgs: [libc::mmsghdr; EVENTS_PER_CALL] = unsafe { std::mem::zeroed() };
-    for (i, slot) in buf.chunks_exact_mut(EVENT_SLOT).enumerate() {
-        iov[i] = libc::iovec {
-            iov_base: slot.as_mut_ptr().cast(),
-            iov_len: EVENT_SLOT,
-        };
-        let h = &mut msgs[i].msg_hdr;
-        h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_nl).cast();
-        h.msg_namelen = std::mem::size_of::<libc::sockaddr_nl>() as u32;
-        h.msg_iov = &mut iov[i];
-        h.msg_iovlen = 1;
-    }
-    // MSG_TRUNC: netlink reports a datagram's full length, so a cut one is seen.
-    let n = unsafe {
-        libc::recvmmsg(
-            fd,
-            msgs.as_mut_ptr(),
-            EVENTS_PER_CALL as u32,
-            libc::MSG_TRUNC,
-            std::ptr::null_mut(),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    got.clear();
-    for (m, a) in msgs.iter().zip(&addrs).take(n as usize) {
-        got.push(Recv::of(
-            a.nl_pid,
-            m.msg_len as usize,
-            EVENT_SLOT,
-            m.msg_hdr.msg_flags,
-        ));
-    }
-    Ok(())
-}
-
-/// Which conntrack events a [`Listener`] receives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Events {
-    /// New entries only: half the messages of [`Events::NewAndDestroy`], for a reader that
-    /// only needs to know how each connection was translated.
-    New,
-    NewAndDestroy,
-}
-
-/// A subscription to conntrack events of the current network namespace (the one the calling
-/// thread is in when [`Listener::open`] runs; the socket stays there).
-pub struct Listener {
-    fd: OwnedFd,
-    /// `EVENTS_PER_CALL` slots of `EVENT_SLOT` bytes.
-    buf: Vec<u8>,
-    got: Vec<Recv>,
-    overruns: u64,
-    malformed: u64,
-}
-
-impl Listener {
-    /// `rcvbuf` bytes of receive buffer: `SO_RCVBUFFORCE` (we have `CAP_NET_ADMIN`) so
-    /// `net.core.rmem_max` does not cap it, `SO_RCVBUF` without the capability. The kernel
-    /// doubles the value for its bookkeeping, as for any socket.
-    pub fn open(rcvbuf: usize, events: Events) -> io::Result<Self> {
-        let fd = socket()?;
-        let size = i32::try_from(rcvbuf).unwrap_or(i32::MAX);
-        if setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size).is_err() {
-            setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, size)?;
-        }
-        // Off is the default; set anyway: losing events silently would leave the caller's
-        // view wrong with no reason to resync.
-        setsockopt_int(&fd, libc::SOL_NETLINK, libc::NETLINK_NO_ENOBUFS, 0)?;
-        // Sized before subscribing, so no burst lands in the default buffer.
-        let destroy = match events {
-            Events::New => 0,
-            Events::NewAndDestroy => 1 << (NFNLGRP_CONNTRACK_DESTROY - 1),
-        };
-        crate::netlink::bind(&fd, (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | destroy)?;
-        Ok(Self {
-            fd,
-            buf: vec![0; EVENTS_PER_CALL * EVENT_SLOT],
-            got: Vec::with_capacity(EVENTS_PER_CALL),
-            overruns: 0,
-            malformed: 0,
-        })
-    }
-
-    /// Reads every message currently queued (nonblocking) into `out`, up to a bound per call
-    /// (16 Ki datagrams) so a flood cannot starve the caller. Returns `Ok(true)` if the kernel
-    /// reported an overrun (`ENOBUFS`: events were lost, the caller must resync with [`dump`]),
-    /// `Ok(false)` otherwise. A datagram too large for the buffer counts as an overrun too.
-    pub fn read_pending(&mut self, out: &mut Vec<CtEvent>) -> io::Result<bool> {
-        self.read_batch(out).map(|b| b.overrun)
-    }
-
-    /// [`Self::read_pending`], also saying whether the socket was left empty (`emptied`): then
-    /// every event the kernel queued before the call was read (or, with `overrun`, lost).
-    pub fn read_batch(&mut self, out: &mut Vec<CtEvent>) -> io::Result<Batch> {
-        self.read_some(out)
-            .map(|(overrun, emptied)| Batch { overrun, emptied })
-    }
-
-    /// Blocks until an event is queued (true) or `timeout` passed (false).
-    pub fn wait(&self, timeout: std::time::Duration) -> io::Result<bool> {
-        let mut p = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // Rounded up: a timeout under a millisecond rounded down to 0 made poll return at
-        // once, and a caller waiting out a deadline spun until it passed.
-        let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-        match unsafe { libc::poll(&mut p, 1, ms) } {
-            n if n > 0 => Ok(true),
-            0 => Ok(false),
-            _ => match io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::EINTR) => Ok(false),
-                e => Err(e),
-            },
-        }
-    }
-
-    /// Has the kernel drop, before they are queued, the events `f` does not keep. Replaces any
-    /// filter set before.
-    pub fn set_filter(&self, f: &Filter) -> io::Result<()> {
-        let mut prog = filter_program(f);
-        let fprog = libc::sock_fprog {
-            len: prog.len() as u16,
-            filter: prog.as_mut_ptr(),
-        };
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                (&fprog as *const libc::sock_fprog).cast(),
-                std::mem::size_of::<libc::sock_fprog>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Overruns reported so far. One report can stand for any number of lost events.
-    pub fn overruns(&self) -> u64 {
-        self.overruns
-    }
-
-    /// Messages skipped because they could not be parsed.
-    pub fn malformed(&self) -> u64 {
-        self.malformed
-    }
-
-    /// (overrun, drained): drained when the socket said `EAGAIN`.
-    fn read_some(&mut self, out: &mut Vec<CtEvent>) -> io::Result<(bool, bool)> {
-        let mut overrun = false;
-        for _ in 0..MAX_DATAGRAMS_PER_READ / EVENTS_PER_CALL {
-            match recv_many(self.fd.as_raw_fd(), &mut self.buf, &mut self.got) {
-                Ok(()) => {
-                    for (i, r) in self.got.iter().enumerate() {
-                        match *r {
-                            Recv::Data(n) => {
-                                let at = i * EVENT_SLOT;
-                                self.malformed += parse_events(&self.buf[at..at + n], out);
-                            }
-                            Recv::Foreign => {}
-                            Recv::Truncated => {
-                                overrun = true;
-                                self.overruns += 1;
-                            }
-                        }
-                    }
-                }
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::EAGAIN) => return Ok((overrun, true)),
-                    Some(libc::EINTR) => {}
-                    // The error is cleared by reporting it; what is still queued is intact.
-                    Some(libc::ENOBUFS) => {
-                        overrun = true;
-                        self.overruns += 1;
-                    }
-                    _ => return Err(e),
-                },
-            }
-        }
-        Ok((overrun, false))
-    }
-}
-
-impl AsRawFd for Listener {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-/// A [`Listener`] on the tokio reactor.
-pub struct AsyncListener {
-    inner: AsyncFd<Listener>,
-}
-
-impl AsyncListener {
-    pub fn new(l: Listener) -> io::Result<Self> {
-        // `Listener` owns its socket for its whole life, as `readable` requires.
-        Ok(Self {
-            inner: crate::netlink::readable(l)?,
-        })
-    }
-
-    /// Waits until at least one event arrived or an overrun was reported, then appends what
-    /// is queued to `out`. Returns whether events were lost (resync with [`dump`]).
-    pub async fn next_batch(&mut self, out: &mut Vec<CtEvent>) -> io::Result<bool> {
-        loop {
-            let mut guard = self.inner.readable_mut().await?;
-            let before = out.len();
-            let (overrun, drained) = guard.get_inner_mut().read_some(out)?;
-            if drained {
-                guard.clear_ready();
-            }
-            if overrun || out.len() > before {
-                return Ok(overrun);
-            }
-        }
-    }
-
-    pub fn overruns(&self) -> u64 {
-        self.inner.get_ref().overruns()
-    }
-
-    pub fn malformed(&self) -> u64 {
-        self.inner.get_ref().malformed()
     }
 }
 
@@ -1184,42 +748,6 @@ pub fn get(orig: &Tuple) -> io::Result<Option<CtEvent>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn filter_programs_jump_inside_themselves() {
-        let keep_all = filter_program(&Filter::default());
-        assert_eq!(keep_all.len(), 2);
-        assert_eq!((keep_all[0].code, keep_all[0].k), (0x06, u32::MAX));
-        let lo = "10.244.1.0".parse().unwrap();
-        let hi = "10.244.1.255".parse().unwrap();
-        for f in [
-            Filter {
-                v4_sources: Some((lo, hi)),
-                tcp_translated_only: false,
-            },
-            Filter {
-                v4_sources: None,
-                tcp_translated_only: true,
-            },
-            Filter {
-                v4_sources: Some((lo, hi)),
-                tcp_translated_only: true,
-            },
-        ] {
-            let p = filter_program(&f);
-            let n = p.len();
-            for (i, op) in p.iter().enumerate() {
-                let jump = op.code & 0x07 == 0x05;
-                assert!(
-                    !jump || i + 1 + usize::from(op.jt.max(op.jf)) < n,
-                    "{f:?}: {i}"
-                );
-            }
-            // Ends keeping, then dropping; nothing falls off the end.
-            assert_eq!((p[n - 2].code, p[n - 2].k), (0x06, u32::MAX));
-            assert_eq!((p[n - 1].code, p[n - 1].k), (0x06, 0));
-        }
-    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -384,6 +384,8 @@ pub fn record<'a>(
             // (Never a record: it updates a close's counters.)
             EventKind::Close | EventKind::AfterClose => "close",
             EventKind::Drop => "drop",
+            // (Never a record: it settles a new connection's SNAT.)
+            EventKind::Wire => "new",
         }
         .into(),
         verdict: if e.flags & ct_flags::DENIED != 0 {

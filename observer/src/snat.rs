@@ -221,14 +221,13 @@ pub struct Kernel {
 
 struct NatEntry {
     kernel: Kernel,
+    /// Where it came from: `wire` (observer's programs saw the packet leave) or `dump`.
+    how: &'static str,
     inserted_at: Instant,
-    /// `CLOCK_MONOTONIC` ns when the daemon read the kernel's entry. The kernel creates its
-    /// entry after observer's program saw the connection's first packet (the pod's veth comes
-    /// before the host's netfilter), so an entry read before a connection's first packet
-    /// belongs to an earlier connection on the same tuple, and a reused tuple does not inherit
-    /// an old translation. (The kernel's destroy events used to say so; they were half of
-    /// the reader's messages.)
-    read_ns: u64,
+    /// `CLOCK_MONOTONIC` ns when the connection's opening packet left the stack (or the dump
+    /// was read). An entry from before a connection's first packet belongs to an earlier
+    /// connection on the same tuple: a reused tuple does not inherit an old translation.
+    seen_ns: u64,
 }
 
 /// The wire-side source of a connection when it differs from the original.
@@ -238,6 +237,12 @@ pub type Translation = Option<(IpAddr, u16)>;
 /// follow their connection's first packet within a ring poll (100 ms).
 pub const UNJOINED_TTL: Duration = Duration::from_secs(30);
 
+/// How long after its record was parked a connection's proof is surely on the ring: the
+/// programs emit it in the same pass of the stack as the connection's `new` event,
+/// microseconds later (a packet the stack holds back, waiting for a neighbour's address, sends
+/// no proof in time: its record is looked up).
+pub const PROOF_GRACE: Duration = Duration::from_millis(5);
+
 /// A flow record waiting for the kernel's conntrack entry of its connection.
 pub struct Pending<K> {
     pub rec: FlowRecord,
@@ -246,13 +251,10 @@ pub struct Pending<K> {
     /// The connection's last record (its close, come while its `new` record waited): the
     /// connection's state goes once it is out.
     pub last: bool,
-    /// `CLOCK_MONOTONIC` ns from which the absence of a kernel entry settles the record as
-    /// untranslated (see [`NatTable::read_through`]); `None`: only an entry or a lookup does.
-    pub untranslated_from: Option<u64>,
 }
 
-/// ctnetlink entries of local pods' connections not yet joined to a record, and records
-/// waiting for theirs.
+/// Translations of local pods' connections not yet joined to a record, and records waiting
+/// for theirs.
 pub struct NatTable<K> {
     entries: foldhash::HashMap<FlowTuple, NatEntry>,
     pending: foldhash::HashMap<FlowTuple, Vec<Pending<K>>>,
@@ -260,26 +262,6 @@ pub struct NatTable<K> {
     max_entries: usize,
     /// Entries refused because the table was full (a bound, counted).
     pub overflow_total: u64,
-    absence: Absence,
-}
-
-/// When the absence of a connection's kernel entry says it was not translated.
-#[derive(Clone, Copy, Default)]
-struct Absence {
-    /// Every kernel entry created before this time (`CLOCK_MONOTONIC` ns) has been read.
-    read_through_ns: u64,
-    /// A record whose `untranslated_from` is at or before this is not settled by absence: an
-    /// entry of its time may have been refused (table full), lost (an overrun without a
-    /// dump) or filtered out (before the reader's filter covered its source).
-    distrust_from_ns: u64,
-    /// How long after a connection's first packet its entry is surely queued to the reader.
-    margin_ns: u64,
-}
-
-impl Absence {
-    fn settles(&self, from: u64) -> bool {
-        from <= self.read_through_ns && from > self.distrust_from_ns
-    }
 }
 
 impl<K> NatTable<K> {
@@ -290,7 +272,6 @@ impl<K> NatTable<K> {
             pending_count: 0,
             max_entries,
             overflow_total: 0,
-            absence: Absence::default(),
         }
     }
 
@@ -306,14 +287,15 @@ impl<K> NatTable<K> {
         self.pending_count
     }
 
-    /// A new (or dumped) conntrack entry, read at `now` (`now_ns` monotonic). Returns the
-    /// records that were waiting for it.
+    /// A connection's translation (`how`: `wire` or `dump`), seen at `seen_ns` (monotonic).
+    /// Returns the records that were waiting for it.
     pub fn insert(
         &mut self,
         t: FlowTuple,
         kernel: Kernel,
+        how: &'static str,
         now: Instant,
-        now_ns: u64,
+        seen_ns: u64,
     ) -> Option<Vec<Pending<K>>> {
         if let Some(waiting) = self.pending.remove(&t) {
             self.pending_count -= waiting.len();
@@ -321,27 +303,27 @@ impl<K> NatTable<K> {
         }
         if self.entries.len() >= self.max_entries && !self.entries.contains_key(&t) {
             self.overflow_total += 1;
-            self.distrust_absence(now_ns);
             return None;
         }
         self.entries.insert(
             t,
             NatEntry {
                 kernel,
+                how,
                 inserted_at: now,
-                read_ns: now_ns,
+                seen_ns,
             },
         );
         None
     }
 
-    /// Joins a record's tuple with its entry: `Some` when the kernel's entry of this
-    /// connection (first seen at `first_seen_ns`) is known (consumed: the connection keeps the
-    /// result), `None` when it is not (yet).
-    pub fn take(&mut self, t: &FlowTuple, first_seen_ns: u64) -> Option<Kernel> {
+    /// Joins a record's tuple with its translation: `Some` (with where it came from) when the
+    /// translation of this connection (first seen at `first_seen_ns`) is known (consumed: the
+    /// connection keeps the result), `None` when it is not (yet).
+    pub fn take(&mut self, t: &FlowTuple, first_seen_ns: u64) -> Option<(Kernel, &'static str)> {
         let e = self.entries.remove(t)?;
         // Otherwise an earlier connection on the same tuple.
-        (e.read_ns >= first_seen_ns).then_some(e.kernel)
+        (e.seen_ns >= first_seen_ns).then_some((e.kernel, e.how))
     }
 
     /// Whether records of `t` wait for its entry.
@@ -360,11 +342,22 @@ impl<K> NatTable<K> {
         self.pending.drain().flat_map(|(_, v)| v).collect()
     }
 
-    /// Records that waited longer than `wait`, with the others of their tuple (a `new` and a
-    /// close waiting behind it), in the order they came.
-    pub fn overdue(&mut self, wait: Duration, now: Instant) -> Vec<(FlowTuple, Vec<Pending<K>>)> {
+    /// Records whose translation will not be seen leaving, with the others of their tuple (a
+    /// `new` and a close waiting behind it), in the order they came: those parked at least
+    /// [`PROOF_GRACE`] before `read_through` (the start of a read that emptied the ring: a
+    /// proof, emitted in the same pass of the stack as the connection's first event, would
+    /// have been read by then), and any that waited `wait`.
+    pub fn overdue(
+        &mut self,
+        wait: Duration,
+        now: Instant,
+        read_through: Instant,
+    ) -> Vec<(FlowTuple, Vec<Pending<K>>)> {
         self.take_due(|v| {
-            if v.iter().any(|p| now.duration_since(p.since) >= wait) {
+            let due = |p: &Pending<K>| {
+                now.duration_since(p.since) >= wait || p.since + PROOF_GRACE <= read_through
+            };
+            if v.iter().any(due) {
                 v.len()
             } else {
                 0
@@ -397,56 +390,6 @@ impl<K> NatTable<K> {
             out.push((t, taken));
         }
         out
-    }
-
-    /// The reader has read every entry the kernel created before `ns`: the socket was found
-    /// empty after that time, without an overrun since (or with one, and a dump after it).
-    pub fn set_read_through(&mut self, ns: u64) {
-        let a = &mut self.absence;
-        a.read_through_ns = a.read_through_ns.max(ns);
-    }
-
-    pub fn read_through(&self) -> u64 {
-        self.absence.read_through_ns
-    }
-
-    /// How long after a connection's first packet its kernel entry is surely queued.
-    pub fn set_absence_margin(&mut self, ns: u64) {
-        self.absence.margin_ns = ns;
-    }
-
-    /// `untranslated_from` of a connection first seen at `first_seen_ns`.
-    pub fn absence_from(&self, first_seen_ns: u64) -> u64 {
-        first_seen_ns + self.absence.margin_ns
-    }
-
-    /// Entries of connections first seen before `ns` may be missing without saying anything
-    /// (refused, lost, filtered out): their records wait for a lookup instead.
-    pub fn distrust_absence(&mut self, ns: u64) {
-        let from = self.absence_from(ns);
-        let a = &mut self.absence;
-        a.distrust_from_ns = a.distrust_from_ns.max(from);
-    }
-
-    /// Whether a record with this `untranslated_from` is untranslated, no entry having come.
-    pub fn absence_settles(&self, from: u64) -> bool {
-        self.absence.settles(from)
-    }
-
-    /// Records whose connection would have had its entry read by now if the kernel had made
-    /// one (see [`Pending::untranslated_from`]), with the closes waiting behind them. A later
-    /// connection's record on the tuple waits on for its own time.
-    pub fn untranslated(&mut self) -> Vec<(FlowTuple, Vec<Pending<K>>)> {
-        let absence = self.absence;
-        self.take_due(|v| {
-            // Not a close alone: it follows its `new` record.
-            if v.first().is_none_or(|p| p.last) {
-                return 0;
-            }
-            v.iter()
-                .take_while(|p| p.last || p.untranslated_from.is_some_and(|f| absence.settles(f)))
-                .count()
-        })
     }
 
     /// Drops entries no record claimed within [`UNJOINED_TTL`].
@@ -566,8 +509,8 @@ mod tests {
         let mut table: NatTable<u32> = NatTable::new(10);
         // Entry first, record second.
         let nat = k(Some((ip("10.224.0.4"), 40000)));
-        assert!(table.insert(t, nat, now, 10).is_none());
-        assert_eq!(table.take(&t, 5), Some(nat));
+        assert!(table.insert(t, nat, "wire", now, 10).is_none());
+        assert_eq!(table.take(&t, 5), Some((nat, "wire")));
         assert_eq!(table.take(&t, 5), None);
         // Record first: it waits, and the entry hands it back.
         table.park(
@@ -577,29 +520,30 @@ mod tests {
                 key: 7,
                 since: now,
                 last: false,
-                untranslated_from: None,
             },
         );
         assert_eq!(table.pending_len(), 1);
-        let waiting = table.insert(t, nat, now, 10).expect("the parked record");
+        let waiting = table
+            .insert(t, nat, "wire", now, 10)
+            .expect("the parked record");
         assert_eq!(waiting[0].key, 7);
         assert_eq!((table.pending_len(), table.len()), (0, 0));
-        // An entry read before a connection's first packet is an earlier connection's: not
+        // An entry seen before a connection's first packet is an earlier connection's: not
         // handed to this one, and gone.
-        table.insert(t, nat, now, 100);
+        table.insert(t, nat, "wire", now, 100);
         assert_eq!(table.take(&t, 200), None);
         assert!(table.is_empty());
-        // Read after it (the reader gathers for a while): this connection's.
-        table.insert(t, nat, now, 100);
-        assert_eq!(table.take(&t, 50), Some(nat));
+        // Seen after it: this connection's.
+        table.insert(t, nat, "dump", now, 100);
+        assert_eq!(table.take(&t, 50), Some((nat, "dump")));
         // A reused tuple's new entry replaces the old one.
-        table.insert(t, k(None), now, 100);
-        table.insert(t, nat, now, 300);
-        assert_eq!(table.take(&t, 200), Some(nat));
+        table.insert(t, k(None), "wire", now, 100);
+        table.insert(t, nat, "wire", now, 300);
+        assert_eq!(table.take(&t, 200), Some((nat, "wire")));
         // Bounded.
         let mut small: NatTable<u32> = NatTable::new(1);
-        small.insert(t, k(None), now, 0);
-        small.insert((17, t.1, 1, t.3, 2), k(None), now, 0);
+        small.insert(t, k(None), "wire", now, 0);
+        small.insert((17, t.1, 1, t.3, 2), k(None), "wire", now, 0);
         assert_eq!(small.overflow_total, 1);
         assert_eq!(small.len(), 1);
         // Unclaimed entries go after their TTL.
@@ -610,49 +554,52 @@ mod tests {
     }
 
     #[test]
-    fn absence_settles_only_once_read_through() {
+    fn overdue_records_go_with_their_tuple_in_order() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let t: FlowTuple = (6, ip("10.244.1.10"), 40000, ip("10.244.2.10"), 80);
         let u: FlowTuple = (17, ip("10.244.1.10"), 40001, ip("10.244.2.10"), 53);
-        let p = |key, from| Pending {
+        let now = Instant::now();
+        let p = |key, since, last| Pending {
             rec: new_record(),
             key,
-            since: Instant::now(),
-            last: false,
-            untranslated_from: from,
-        };
-        let close = |key| Pending {
-            last: true,
-            ..p(key, None)
+            since,
+            last,
         };
         let mut table: NatTable<u32> = NatTable::new(10);
-        table.park(t, p(1, Some(1_000)));
-        table.park(t, close(2));
-        // A later connection on the tuple, with a later time of its own.
-        table.park(t, p(4, Some(2_000)));
-        table.park(u, p(3, None));
-        table.set_read_through(999);
-        assert!(table.untranslated().is_empty());
-        table.set_read_through(1_000);
-        let due = table.untranslated();
+        let wait = Duration::from_millis(250);
+        table.park(t, p(1, now, false));
+        // A close that came while its `new` record waited.
+        table.park(t, p(2, now + Duration::from_millis(200), true));
+        table.park(u, p(3, now + Duration::from_millis(100), false));
+        assert!(table
+            .overdue(wait, now + Duration::from_millis(249), now)
+            .is_empty());
+        let due = table.overdue(wait, now + wait, now);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].0, t);
-        // The close waiting behind its `new` record goes with it, the later connection not.
         assert_eq!(due[0].1.iter().map(|p| p.key).collect::<Vec<_>>(), [1, 2]);
-        // A record without a start (UDP: the kernel may hold an older entry) waits on.
-        assert_eq!(table.pending_len(), 2);
-        assert!(table.untranslated().is_empty());
-        // Never moves back.
-        table.set_read_through(5);
-        assert_eq!(table.read_through(), 1_000);
-        // An entry refused (table full) read at 1,500: absence says nothing up to then (with
-        // the margin), so the later connection waits for its lookup.
-        table.set_absence_margin(600);
-        table.distrust_absence(1_500);
-        table.set_read_through(3_000);
-        assert!(table.untranslated().is_empty());
-        assert!(!table.absence_settles(2_000));
-        assert!(table.absence_settles(2_200));
-        assert_eq!(table.pending_len(), 2);
+        assert_eq!(table.pending_len(), 1);
+        // A read of the ring that began well after a record was parked: its proof is not
+        // coming.
+        let later = now + Duration::from_millis(100);
+        assert!(table
+            .overdue(wait, later, later + PROOF_GRACE - Duration::from_millis(1))
+            .is_empty());
+        assert_eq!(table.overdue(wait, later, later + PROOF_GRACE).len(), 1);
+        assert_eq!(table.pending_len(), 0);
+        // A proof that comes after the lookup settled its records waits for nobody.
+        assert!(table
+            .insert(
+                t,
+                Kernel {
+                    translated: None,
+                    dst: t.3
+                },
+                "wire",
+                now,
+                0
+            )
+            .is_none());
+        assert_eq!(table.len(), 1);
     }
 }

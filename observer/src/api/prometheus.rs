@@ -215,22 +215,22 @@ fn snat(p: &mut Prom, s: &Status, st: &State) {
     p.family(
         "observer_snat_settled_total",
         "counter",
-        "How connections' SNAT was settled: event (kernel conntrack event or dump), lookup (exact lookup after waiting), absent (no kernel entry: untranslated), untranslated (a TCP SYN's entry not translated, its event filtered out), late (a translated entry read after the connection was settled untranslated).",
+        "How connections' SNAT was settled: wire (the opening packet seen leaving the node's stack), dump (the kernel's table read at start), lookup (exact lookup after waiting), absent (no kernel entry: untranslated), late (a translation seen after the connection was settled untranslated).",
     );
-    for how in ["event", "lookup", "absent", "untranslated", "late"] {
+    for how in ["wire", "dump", "lookup", "absent", "late"] {
         let n = st.metrics.snat_settled.get(how).copied().unwrap_or(0);
         p.sample("observer_snat_settled_total", &[("how", how)], n);
     }
     p.single(
         "observer_snat_pending",
         "gauge",
-        "Flow records waiting for their kernel conntrack entry.",
+        "Flow records waiting for their connection's translation.",
         st.nat_pending(),
     );
     p.single(
         "observer_snat_table_overflow_total",
         "counter",
-        "Kernel conntrack entries not kept for joining because the table was full (their records are settled by a lookup).",
+        "Translations not kept for joining because the table was full (their records are settled by a lookup).",
         st.nat_overflow(),
     );
     p.single(
@@ -242,19 +242,13 @@ fn snat(p: &mut Prom, s: &Status, st: &State) {
     p.single(
         "observer_kernel_conntrack_events_total",
         "counter",
-        "Kernel conntrack (ctnetlink) events and dumped entries received.",
+        "Kernel conntrack entries read in the dump at start.",
         st.metrics.conntrack_events_total,
-    );
-    p.single(
-        "observer_kernel_conntrack_overruns_total",
-        "counter",
-        "ctnetlink socket overruns (the kernel dropped events); each is followed by a full dump.",
-        st.metrics.conntrack_overruns_total,
     );
     p.single(
         "observer_kernel_conntrack_dumps_total",
         "counter",
-        "Full dumps of the kernel conntrack table (at start and after overruns).",
+        "Dumps of the kernel conntrack table (one, at start).",
         st.metrics.conntrack_dumps_total,
     );
     p.single(

@@ -88,11 +88,11 @@ pub(super) struct DaemonArgs {
         value_delimiter = ','
     )]
     cluster_cidrs: Vec<ipnet::IpNet>,
-    /// Do not follow the kernel's connection tracking: records carry no `snat` object.
+    /// No SNAT join: records carry no `snat` object.
     #[arg(long, env = "OBSERVER_NO_SNAT")]
     no_snat: bool,
-    /// How long a new connection's record waits for the kernel's conntrack entry before an
-    /// exact lookup settles its SNAT.
+    /// How long a new connection's record waits for its translation to be seen leaving the
+    /// node before an exact lookup of the kernel's conntrack settles its SNAT.
     #[arg(long, env = "OBSERVER_SNAT_WAIT", default_value = "250ms", value_parser = humantime::parse_duration)]
     snat_wait: Duration,
     /// Report live connections this often (0 disables reports).

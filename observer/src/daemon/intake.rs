@@ -39,7 +39,6 @@ pub(super) async fn events_task(shared: Arc<Shared>, ring: RingBuf<MapData>) -> 
 /// Reads and handles what the ring holds, [`EVENT_BATCH`] events at a time.
 fn drain(shared: &Shared, ring: &mut RingBuf<MapData>, batch: &mut Vec<FlowEvent>) {
     let began = Instant::now();
-    catch_up_with_reader(shared);
     loop {
         while batch.len() < EVENT_BATCH {
             let Some(item) = ring.next() else { break };
@@ -111,11 +110,12 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
         EventKind::Report => emit(shared, kind, &ev.key, &e),
         EventKind::Close => close_seen(shared, ev.key, e),
         EventKind::AfterClose => after_close_seen(shared, &ev.key, &e),
+        EventKind::Wire => wire_seen(shared, &ev),
     }
 }
 
 /// Publishes a record now, or parks it until the kernel's conntrack entry of its connection
-/// shows up (see `conntrack_task`).
+/// translation is known (see `snat_join`).
 pub(super) fn emit(shared: &Shared, kind: EventKind, key: &CtKey, e: &CtEntry) {
     if let Some(rec) = shared.make_record_snat(kind, key, e) {
         shared.publish(rec);

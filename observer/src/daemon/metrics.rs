@@ -9,14 +9,13 @@ pub type PolicyVerdict = (Arc<str>, Arc<str>, Arc<str>, Word);
 pub struct Metrics {
     /// Connections of local pods by SNAT expectation.
     pub snat_flows: foldhash::HashMap<crate::snat::Expectation, u64>,
-    /// How each connection's SNAT was settled: "event" (ctnetlink event or dump), "lookup"
-    /// (exact GET after waiting), "absent" (the kernel had no entry: untranslated),
-    /// "untranslated" (a TCP SYN's entry not translated: its event filtered out), "late" (a
-    /// translated entry after all, corrected on a later record).
+    /// How each connection's SNAT was settled: "wire" (the opening packet seen leaving the
+    /// stack), "dump" (the table read at start), "lookup" (exact GET after waiting), "absent"
+    /// (the kernel had no entry: untranslated), "late" (a translation after all, corrected on
+    /// a later record).
     pub snat_settled: foldhash::HashMap<&'static str, u64>,
+    /// Entries of the kernel's table read at start.
     pub conntrack_events_total: u64,
-    /// ctnetlink overruns (events lost by the kernel): each is followed by a full dump.
-    pub conntrack_overruns_total: u64,
     pub conntrack_dumps_total: u64,
     pub conntrack_errors_total: u64,
     /// Lookups that found the connection only the other way round (published without snat).

@@ -133,10 +133,11 @@ pub struct Options {
 struct Conn {
     /// Counters already added to the per-pod traffic metrics.
     counted: [u64; 4],
-    /// The connection's SNAT, once joined with the kernel's conntrack entry.
+    /// The connection's SNAT, once joined with its translation.
     snat: Option<crate::snat::SnatInfo>,
-    /// `snat` says untranslated because no kernel entry was read in time (see
-    /// `snat_join::opened_by_syn`); an entry read later corrects it.
+    /// `snat` says untranslated because the kernel had no entry when looked up (its opening
+    /// packet never left, e.g. a first SYN dropped on the way); a translation seen later
+    /// corrects it.
     snat_assumed: bool,
     /// The Service it was opened to (and, from outside, the client before kube-proxy's
     /// masquerade), once read from the kernel's links.
@@ -198,12 +199,6 @@ pub struct Shared {
     /// report this rather than reading a full table (a quarter of a million entries, 0.1 s of
     /// CPU with the datapath lock held) at every scrape.
     pub conntrack_swept: std::sync::atomic::AtomicUsize,
-    /// The span of this node's pods' IPv4 addresses (`lo << 32 | hi`, 0 before the first
-    /// sync), for the ctnetlink reader: the kernel drops the events of other IPv4 sources,
-    /// which the SNAT join never uses.
-    pub local_v4_span: std::sync::atomic::AtomicU64,
-    /// The ctnetlink reader's state, once it runs (see `snat_join::ReaderGate`).
-    conntrack_gate: std::sync::OnceLock<Arc<ReaderGate>>,
 }
 
 impl State {
@@ -254,8 +249,6 @@ pub async fn run(opts: Options) -> Result<()> {
         started: std::time::SystemTime::now(),
         kernel_features: features.summary(),
         conntrack_swept: Default::default(),
-        local_v4_span: Default::default(),
-        conntrack_gate: Default::default(),
     });
 
     // Cluster state before interfaces, so the first flows are already classified.
@@ -395,11 +388,7 @@ impl State {
                 &interface_nets(&opts.uplinks),
                 host_addresses(),
             ),
-            nat: {
-                let mut nat = crate::snat::NatTable::new(NAT_TABLE_MAX);
-                nat.set_absence_margin(entry_queued_within_ns());
-                nat
-            },
+            nat: crate::snat::NatTable::new(NAT_TABLE_MAX),
             snat_live: opts.snat,
             bucket: opts.max_records_per_second as f64,
             bucket_at: Instant::now(),

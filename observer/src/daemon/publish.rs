@@ -45,7 +45,14 @@ impl Shared {
             if st.history.len() >= self.opts.history.max(1) {
                 st.history.pop_front();
             }
-            st.history.push_back(rec.clone());
+            // In time order: a record that waited for its SNAT goes in among those published
+            // meanwhile (found from the back: a few places at most).
+            let at = st
+                .history
+                .iter()
+                .rposition(|r| r.time.0 <= rec.time.0)
+                .map_or(0, |i| i + 1);
+            st.history.insert(at, rec.clone());
         }
         if let Some(log) = &self.flow_log {
             if let Err(e) = log.lock().unwrap().write(&rec) {

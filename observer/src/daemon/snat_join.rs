@@ -1,11 +1,14 @@
-//! The SNAT join: the kernel's conntrack over ctnetlink, matched to local pods' records by
-//! their exact tuple, so records carry both the pod's and the wire's source.
+//! The SNAT join: local pods' records matched, by their exact tuple, to the kernel's
+//! translation of their connection, so records carry both the pod's and the wire's source.
+//! The translation is seen in the kernel as the connection's opening packet leaves the node's
+//! stack (`EventKind::Wire`, see `observer-ebpf/src/handoff.rs`); a connection without that
+//! proof is looked up in the kernel's conntrack over ctnetlink after `--snat-wait`.
 use super::*;
 
 impl Shared {
-    /// A record with its SNAT, or `None` when it was parked to wait for the kernel's
-    /// conntrack entry of its (new) connection; the wait and the lookup happen under one lock,
-    /// so an entry arriving in between cannot be missed.
+    /// A record with its SNAT, or `None` when it was parked to wait for its (new)
+    /// connection's translation; the wait and the lookup happen under one lock, so a proof
+    /// arriving in between cannot be missed.
     pub(super) fn make_record_snat(
         &self,
         kind: EventKind,
@@ -22,18 +25,19 @@ impl Shared {
         };
         if let Some(c) = st.conns.get(key) {
             if let Some(info) = c.snat.clone() {
-                // Settled by absence, and the kernel's entry came after all: it wins.
+                // Settled by the absence of a kernel entry, and a translation came after all
+                // (a first SYN dropped on the way, its retransmission translated): it wins.
                 let late = c.snat_assumed && kind != EventKind::New;
                 match late.then(|| st.nat.take(&t, e.first_seen_ns)).flatten() {
-                    Some(k) => settle(&mut st, key, &mut rec, t, k, "late"),
+                    Some((k, _)) => settle(&mut st, key, &mut rec, t, k, "late"),
                     None => rec.snat = Some(info),
                 }
                 return Some(rec);
             }
         }
         match st.nat.take(&t, e.first_seen_ns) {
-            Some(k) => {
-                settle(&mut st, key, &mut rec, t, k, "event");
+            Some((k, how)) => {
+                settle(&mut st, key, &mut rec, t, k, how);
                 Some(rec)
             }
             // A close read while its connection's `new` record still waits (a short
@@ -41,17 +45,11 @@ impl Shared {
             // the same SNAT and the connection's state goes with it, not before the `new`
             // record's join brings it back for a later connection on the tuple to trip on.
             None if kind == EventKind::Close && st.nat.is_waiting(&t) => {
-                st.nat.park(t, pending(rec, key, true, None));
+                st.nat.park(t, pending(rec, key, true));
                 None
             }
             None if kind == EventKind::New => {
-                let from = opened_by_syn(key, e).then(|| st.nat.absence_from(e.first_seen_ns));
-                if from.is_some_and(|f| st.nat.absence_settles(f)) {
-                    let k = untranslated(&rec, t);
-                    settle(&mut st, key, &mut rec, t, k, "untranslated");
-                    return Some(rec);
-                }
-                st.nat.park(t, pending(rec, key, false, from));
+                st.nat.park(t, pending(rec, key, false));
                 None
             }
             None => Some(rec),
@@ -59,107 +57,16 @@ impl Shared {
     }
 }
 
-fn pending(
-    rec: FlowRecord,
-    key: &CtKey,
-    last: bool,
-    untranslated_from: Option<u64>,
-) -> crate::snat::Pending<CtKey> {
+fn pending(rec: FlowRecord, key: &CtKey, last: bool) -> crate::snat::Pending<CtKey> {
     crate::snat::Pending {
         rec,
         key: *key,
         since: Instant::now(),
         last,
-        untranslated_from,
     }
 }
 
-/// How long after a connection's first packet its kernel entry is surely queued to the
-/// reader, if the kernel made one. The kernel confirms the entry, and queues its event, while
-/// it handles that packet, microseconds after observer's program at the pod's veth saw it;
-/// the packet's time is the programs' coarse clock, up to two ticks behind (`clock.rs`): the
-/// coarse clock's resolution is the tick. 2 ms more for the rest.
-pub(super) fn entry_queued_within_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    let tick = if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } == 0 {
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-    } else {
-        // HZ=100, the coarsest there is.
-        10_000_000
-    };
-    2 * tick + 2_000_000
-}
-
-/// What the events intake needs of the ctnetlink reader to settle a record as untranslated
-/// at once, not after the reader's next pass: that the reader's socket holds nothing and no
-/// read of it was under way. `reads` is odd while the reader reads and applies a batch.
-pub(super) struct ReaderGate {
-    reads: std::sync::atomic::AtomicU64,
-    /// The reader's socket (it lives as long as the daemon).
-    fd: std::os::fd::RawFd,
-}
-
-impl ReaderGate {
-    fn reading(&self) {
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    }
-
-    /// `Some(now)` when every entry the kernel queued before now has been applied to the
-    /// join; `None` when that cannot be told (events queued, a read under way).
-    fn quiet_now(&self) -> Option<u64> {
-        use std::sync::atomic::Ordering;
-        let before = self.reads.load(Ordering::Acquire);
-        if before % 2 == 1 {
-            return None;
-        }
-        let now = flows::mono_now_ns();
-        let mut p = libc::pollfd {
-            fd: self.fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        if unsafe { libc::poll(&mut p, 1, 0) } != 0 {
-            return None;
-        }
-        (self.reads.load(Ordering::Acquire) == before).then_some(now)
-    }
-}
-
-/// Before a batch of the ring's records: lets those whose connection's kernel entry would
-/// have been read by now settle as untranslated without waiting for the reader's next pass.
-pub(super) fn catch_up_with_reader(shared: &Shared) {
-    let Some(now) = shared.conntrack_gate.get().and_then(|g| g.quiet_now()) else {
-        return;
-    };
-    shared.state.lock().unwrap().nat.set_read_through(now);
-}
-
-/// Whether a `new` record may be settled as untranslated when no kernel entry was read in
-/// time (`NatTable::absence_settles`): a TCP connection opened by its SYN, whose first packet
-/// made the kernel's entry (a SYN on a closed tuple replaces the old entry). Not so other
-/// protocols, nor TCP picked up mid-way: the kernel may hold an older entry of the tuple, made
-/// before observer's, that no event announces; those wait for the event or the lookup after
-/// `--snat-wait`. The reader's socket filter drops untranslated TCP entries ([`set_filter`]):
-/// for most connections of a cluster no event is built into a message, queued, or read.
-fn opened_by_syn(key: &CtKey, e: &CtEntry) -> bool {
-    const SYN: u32 = 0x02;
-    const ACK: u32 = 0x10;
-    key.proto == IPPROTO_TCP && e.tcp_flags & (SYN | ACK) == SYN
-}
-
-/// What the kernel's entry would have said of a connection it did not translate: where the
-/// record says it went (a Service's backend, not the frontend of the tuple).
-fn untranslated(rec: &FlowRecord, t: crate::snat::FlowTuple) -> crate::snat::Kernel {
-    crate::snat::Kernel {
-        translated: None,
-        dst: rec.destination.ip.unwrap_or(t.3),
-    }
-}
-
-/// ctnetlink entries kept for joining at most (local pods' connections not yet recorded).
+/// Translations kept for joining at most (local pods' connections not yet recorded).
 pub(super) const NAT_TABLE_MAX: usize = 262_144;
 
 /// The kernel conntrack tuple of a record that gets an `snat` object: a local pod opened the
@@ -234,7 +141,7 @@ pub(super) fn settle(
     *st.metrics.snat_settled.entry(how).or_default() += 1;
     let conn = st.conns.entry(*key).or_default();
     conn.snat = Some(info.clone());
-    conn.snat_assumed = how == "untranslated";
+    conn.snat_assumed = how == "absent";
     rec.snat = Some(info);
 }
 
@@ -257,49 +164,34 @@ pub(super) fn tuple_of(t: &crate::ctnetlink::Tuple) -> crate::snat::FlowTuple {
     (t.proto, t.src, t.sport, t.dst, t.dport)
 }
 
-/// Feeds kernel conntrack entries (events, or a `dump`) into the join; publishes the records
-/// that were waiting for them.
-pub(super) fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEvent], dump: bool) {
-    use crate::ctnetlink::CtEventKind;
+/// A local pod's new connection as its opening packet left the node's stack (see
+/// `FlowEvent` for the fields): both tuples, proven in the kernel. Publishes the records that
+/// waited for it.
+pub(super) fn wire_seen(shared: &Shared, ev: &FlowEvent) {
+    let v4 = |raw: u32| IpAddr::from(std::net::Ipv4Addr::from(raw.to_ne_bytes()));
+    let k = &ev.key;
+    let t = (
+        k.proto,
+        v4(k.addr_a[0]),
+        k.port_a,
+        v4(k.addr_b[0]),
+        k.port_b,
+    );
+    let (src, sport) = (v4(ev.packets[0] as u32), ev.bytes[0] as u16);
+    let kernel = crate::snat::Kernel {
+        translated: ((src, sport) != (t.1, t.2)).then_some((src, sport)),
+        dst: v4(ev.packets[1] as u32),
+    };
     let mut ready = Vec::new();
     {
         let mut st = shared.state.lock().unwrap();
         let now = Instant::now();
-        let now_ns = flows::mono_now_ns();
-        st.metrics.conntrack_events_total += events.len() as u64;
-        for ev in events {
-            let t = tuple_of(&ev.orig);
-            match ev.kind {
-                // Not subscribed to (see `NatTable::take` for how a reused tuple is told).
-                CtEventKind::Destroy => {}
-                CtEventKind::New | CtEventKind::Update => {
-                    // Only connections local pods opened are joined.
-                    let local = st
-                        .by_ip
-                        .get(&ev.orig.src)
-                        .is_some_and(|p| *p.node == *shared.opts.node_name && !p.host_network);
-                    // An event of TCP (the filter keeps translated TCP only) is kept even
-                    // so: its pod may be in the cluster view only by the time its record is
-                    // joined, which would take the absence of its entry for no translation.
-                    if !local && (dump || t.0 != IPPROTO_TCP) {
-                        continue;
-                    }
-                    // Already joined: a dump repeats live connections. Not so an event, a new
-                    // kernel entry: an earlier connection on its tuple may still hold its state
-                    // (its close waits for its grace), and skipping would leave this one's
-                    // record to a lookup.
-                    let key = flows::ct_key(t.1, t.2, t.3, t.4, t.0);
-                    if dump && st.conns.get(&key).is_some_and(|c| c.snat.is_some()) {
-                        continue;
-                    }
-                    let k = kernel_of(ev);
-                    if let Some(waiting) = st.nat.insert(t, k, now, now_ns) {
-                        for mut p in waiting {
-                            settle_waiting(&mut st, &mut p, t, k, "event");
-                            ready.push(p);
-                        }
-                    }
-                }
+        // Stamped with the packet's time: a record of a later connection on the tuple does
+        // not take it (`NatTable::take`).
+        if let Some(waiting) = st.nat.insert(t, kernel, "wire", now, ev.first_seen_ns) {
+            for mut p in waiting {
+                settle_waiting(&mut st, &mut p, t, kernel, "wire");
+                ready.push(p);
             }
         }
         st.nat.gc(now);
@@ -307,22 +199,29 @@ pub(super) fn apply_conntrack(shared: &Shared, events: &[crate::ctnetlink::CtEve
     publish_waited(shared, ready);
 }
 
-/// Every entry the kernel made before `ns` has been read: the records that would have had
-/// theirs by then are untranslated ([`opened_by_syn`]).
-fn read_through(shared: &Shared, ns: u64) {
-    let mut ready = Vec::new();
-    {
-        let mut st = shared.state.lock().unwrap();
-        st.nat.set_read_through(ns);
-        for (t, waiting) in st.nat.untranslated() {
-            for mut p in waiting {
-                let k = untranslated(&p.rec, t);
-                settle_waiting(&mut st, &mut p, t, k, "untranslated");
-                ready.push(p);
-            }
+/// Feeds the kernel's conntrack table, dumped at start, into the join: connections opened
+/// before the daemon ran keep their translation in their later records.
+fn apply_dump(shared: &Shared, entries: &[crate::ctnetlink::CtEvent]) {
+    let mut st = shared.state.lock().unwrap();
+    let now = Instant::now();
+    let now_ns = flows::mono_now_ns();
+    st.metrics.conntrack_events_total += entries.len() as u64;
+    for ev in entries {
+        let local = st
+            .by_ip
+            .get(&ev.orig.src)
+            .is_some_and(|p| *p.node == *shared.opts.node_name && !p.host_network);
+        if !local {
+            continue;
         }
+        let t = tuple_of(&ev.orig);
+        let key = flows::ct_key(t.1, t.2, t.3, t.4, t.0);
+        if st.conns.get(&key).is_some_and(|c| c.snat.is_some()) {
+            continue;
+        }
+        // Nothing waits yet: the daemon has read no events.
+        let _ = st.nat.insert(t, kernel_of(ev), "dump", now, now_ns);
     }
-    publish_waited(shared, ready);
 }
 
 /// Publishes records that waited for their join, in the order they came; a connection's last
@@ -336,12 +235,17 @@ pub(super) fn publish_waited(shared: &Shared, ready: Vec<crate::snat::Pending<Ct
     }
 }
 
-/// Records that waited `snat_wait` without an event: an exact lookup settles them (the
-/// kernel has no entry when the connection was never tracked, e.g. no NAT table loaded).
+/// Records without a proof from the kernel's programs (a connection to the node itself, ICMP,
+/// IPv6, a packet the stack held back or dropped), once the ring has been read past them or
+/// after `--snat-wait`: an exact lookup of the kernel's conntrack settles them (no entry: the
+/// connection was not tracked, or is gone, so it left untranslated if it left at all). The
+/// kernel confirms its entry before the packet waits for a neighbour's address.
 pub(super) fn settle_overdue(shared: &Shared) {
     let overdue = {
         let mut st = shared.state.lock().unwrap();
-        st.nat.overdue(shared.opts.snat_wait, Instant::now())
+        let through = st.ring_read_through;
+        st.nat
+            .overdue(shared.opts.snat_wait, Instant::now(), through)
     };
     if overdue.is_empty() {
         return;
@@ -385,63 +289,36 @@ pub(super) fn settle_overdue(shared: &Shared) {
     publish_waited(shared, ready);
 }
 
-/// Has the kernel keep only the events the join uses: of translated TCP connections (an
-/// untranslated one is settled by the entry's absence, see [`opened_by_syn`]) and of this
-/// node's pods' IPv4 sources (and IPv6 ones), set again when the span of their addresses
-/// changed. A pod new to the span may have its first connections' events dropped until this
-/// runs (within `SETTLE_TICK`): its records then settle by a lookup, or as untranslated. If
-/// the filter cannot be set every event is read, as before.
-fn set_filter(
-    shared: &Shared,
-    l: &crate::ctnetlink::Listener,
-    applied: &mut Option<crate::ctnetlink::Filter>,
-) {
-    let span = shared
-        .local_v4_span
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let f = crate::ctnetlink::Filter {
-        v4_sources: (span != 0)
-            .then(|| ((span >> 32) as u32).into())
-            .map(|lo| (lo, (span as u32).into())),
-        tcp_translated_only: true,
-    };
-    if *applied == Some(f) {
-        return;
-    }
-    // Events of sources the filter before this one dropped and this one keeps (a pod new to
-    // the span) are gone: their connections' records wait for a lookup.
-    if applied.is_some() {
-        let now = flows::mono_now_ns();
-        shared.state.lock().unwrap().nat.distrust_absence(now);
-    }
-    *applied = Some(f);
-    if let Err(e) = l.set_filter(&f) {
-        warn!("filtering conntrack events: {e}; reading them all");
-    }
-}
+/// How often records past `--snat-wait` are settled by a lookup.
+const SETTLE_TICK: Duration = Duration::from_millis(20);
 
-/// Receive buffer of the ctnetlink socket: room for a burst of about 50k events.
-pub(super) const CONNTRACK_RCVBUF: usize = 16 << 20;
-
-/// How long conntrack events gather before a read: at most 100 wake-ups a second, far inside
-/// `--snat-wait`; the socket holds ~50k events (one per new connection: destroys are not
-/// subscribed to), 250k new connections a second for 200 ms.
-const CONNTRACK_GATHER: Duration = Duration::from_millis(10);
-
-/// Follows the kernel's connection tracking (ctnetlink events, a dump at start and after any
-/// overrun) so local pods' records carry their SNAT. If that fails the daemon goes on without
-/// it: records lose `snat`, nothing else.
+/// Reads the kernel's conntrack table once at start, then settles records that waited too
+/// long. A thread of its own: lookups are blocking netlink exchanges. If the first dump fails
+/// the daemon goes on without the join: records lose `snat`, nothing else.
 pub(super) async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let s = shared.clone();
-    // A thread of its own, not a task: see `follow_conntrack`. Never joined; it lives as long
-    // as the daemon.
+    // Never joined; it lives as long as the daemon.
     std::thread::Builder::new()
-        .name("conntrack".into())
+        .name("snat-join".into())
         .spawn(move || {
-            let _ = tx.send(follow_conntrack(&s));
+            let started = crate::ctnetlink::dump().map(|all| {
+                s.state.lock().unwrap().metrics.conntrack_dumps_total += 1;
+                apply_dump(&s, &all);
+            });
+            let ok = started.is_ok();
+            let _ = tx.send(started);
+            if !ok {
+                return;
+            }
+            loop {
+                std::thread::sleep(SETTLE_TICK);
+                if s.state.lock().unwrap().nat.pending_len() > 0 {
+                    settle_overdue(&s);
+                }
+            }
         })
-        .context("starting the conntrack thread")?;
+        .context("starting the SNAT join's thread")?;
     if let Ok(Err(e)) = rx.await {
         warn!("kernel conntrack unavailable, records go without snat: {e:#}");
         let waiting = {
@@ -454,84 +331,4 @@ pub(super) async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
     }
     std::future::pending::<()>().await;
     Ok(())
-}
-
-/// How often records past `--snat-wait` are settled by a lookup.
-const SETTLE_TICK: Duration = Duration::from_millis(20);
-
-/// The ctnetlink reader. Asleep in `poll`, the first event after a quiet spell wakes it; it then
-/// sleeps [`CONNTRACK_GATHER`] before reading, and asleep in that pause nothing wakes it. A task
-/// on the runtime could not pause so: the runtime's epoll is woken by every event on a socket
-/// it watches (one per connection), and those wake-ups cost the daemon more CPU than reading.
-fn follow_conntrack(shared: &Shared) -> Result<()> {
-    let mut l = crate::ctnetlink::Listener::open(CONNTRACK_RCVBUF, crate::ctnetlink::Events::New)
-        .context("subscribing to conntrack events (ctnetlink)")?;
-    // Whether the dump read the whole table: if not, entries lost before it say nothing by
-    // their absence.
-    let dump = |shared: &Shared| match crate::ctnetlink::dump() {
-        Ok(all) => {
-            shared.state.lock().unwrap().metrics.conntrack_dumps_total += 1;
-            apply_conntrack(shared, &all, true);
-            true
-        }
-        Err(e) => {
-            let mut st = shared.state.lock().unwrap();
-            st.metrics.conntrack_errors_total += 1;
-            st.nat.distrust_absence(flows::mono_now_ns());
-            warn!("conntrack dump: {e}");
-            false
-        }
-    };
-    let gate = Arc::new(ReaderGate {
-        // Odd: the dump below is a read under way.
-        reads: 1.into(),
-        fd: std::os::fd::AsRawFd::as_raw_fd(&l),
-    });
-    let _ = shared.conntrack_gate.set(gate.clone());
-    let mut filter = None;
-    set_filter(shared, &l, &mut filter);
-    let started = flows::mono_now_ns();
-    if dump(shared) {
-        read_through(shared, started);
-    }
-    gate.reading();
-    let mut batch = Vec::new();
-    let mut settled = Instant::now();
-    loop {
-        set_filter(shared, &l, &mut filter);
-        let wait = SETTLE_TICK.saturating_sub(settled.elapsed());
-        let quiet_from = flows::mono_now_ns();
-        if l.wait(wait).context("waiting for conntrack events")? {
-            std::thread::sleep(CONNTRACK_GATHER);
-            gate.reading();
-            let from = flows::mono_now_ns();
-            let read = l
-                .read_batch(&mut batch)
-                .context("reading conntrack events")?;
-            apply_conntrack(shared, &batch, false);
-            batch.clear();
-            let mut through = read.emptied;
-            if read.overrun {
-                shared
-                    .state
-                    .lock()
-                    .unwrap()
-                    .metrics
-                    .conntrack_overruns_total += 1;
-                warn!("conntrack events lost (socket overrun); resyncing with a dump");
-                // The dump began after `from`.
-                through = dump(shared);
-            }
-            if through {
-                read_through(shared, from);
-            }
-            gate.reading();
-        } else {
-            read_through(shared, quiet_from);
-        }
-        if settled.elapsed() >= SETTLE_TICK {
-            settled = Instant::now();
-            settle_overdue(shared);
-        }
-    }
 }

@@ -253,25 +253,6 @@ fn publish_cluster(shared: &Shared, src: &mut SourceState, cluster: Cluster) {
     st.model = model;
     st.cluster = Arc::new(cluster);
     st.isolating.clear();
-    shared.local_v4_span.store(
-        local_v4_span(&compiled.desired().endpoints),
-        std::sync::atomic::Ordering::Relaxed,
-    );
-}
-
-/// The span of the IPv4 addresses among this node's pods (the endpoints map's keys), as
-/// [`Shared::local_v4_span`] holds it; a node without any spans 255.255.255.255 alone, which
-/// no pod has.
-fn local_v4_span<V>(endpoints: &std::collections::BTreeMap<IpAddr, V>) -> u64 {
-    let mut v4 = endpoints
-        .range(..IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
-        .filter_map(|(ip, _)| match ip {
-            IpAddr::V4(a) => Some(u32::from(*a)),
-            IpAddr::V6(_) => None,
-        });
-    let lo = v4.next().unwrap_or(u32::MAX);
-    let hi = v4.next_back().unwrap_or(lo);
-    (u64::from(lo) << 32) | u64::from(hi)
 }
 
 pub(super) async fn source_task(shared: Arc<Shared>, mut source: SourceState) -> Result<()> {
