@@ -551,3 +551,48 @@ fn a_translation_read_late_reaches_the_close_record() {
         assert_eq!(metric(&m, &name), 1, "{m}");
     }
 }
+
+/// Between two pods of the node: each connection's opening packet is seen leaving the stack at
+/// the other pod's veth, untranslated, so no connection is looked up; except a first packet
+/// the node held back while it resolved the pod's address (the neighbour entry flushed): it
+/// left in another pass of the stack, and the kernel's entry, made before the packet waited,
+/// settles it by an exact lookup, as soon as the ring was read past it (long before a
+/// `--snat-wait` of 10 s).
+#[test]
+fn local_connections_are_seen_leaving_and_a_held_packet_is_looked_up() {
+    let mut bed = TestBed::new("snp", Model::Overlay).unwrap();
+    bed.add_app_pods("shop", &[("web", "web"), ("api", "api")])
+        .unwrap();
+    let args = bed.model_args();
+    let mut args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    args.extend_from_slice(&["--snat-wait", "10s"]);
+    let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
+    let (web, api) = (bed.pod("web").clone(), bed.pod("api").clone());
+    let servers = Servers::start(&api.netns, api.ip4, 8080);
+    let dst = SocketAddr::new(api.ip4, 8080);
+    let settled = |how: &str| {
+        let m = daemon.get("/metrics").unwrap();
+        metric(&m, &format!("observer_snat_settled_total{{how=\"{how}\"}}"))
+    };
+
+    observer_tests::ns_run(&bed.node_ns, &["ip", "neigh", "flush", "dev", &api.host_if]).unwrap();
+    let t0 = Instant::now();
+    let held = tcp_exchange(&web.netns, dst);
+    let rec = snat_record(&daemon.socket, "TCP", held, dst);
+    check(&rec, held, servers.saw()[0], "none");
+    assert_eq!((settled("lookup"), settled("wire")), (1, 0));
+    // The ring's next read (its poll is 100 ms), not the wait.
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(("TCP", tcp_exchange(&web.netns, dst)));
+        clients.push(("UDP", udp_exchange(&web.netns, dst)));
+    }
+    for (proto, client) in clients {
+        let rec = snat_record(&daemon.socket, proto, client, dst);
+        check(&rec, client, client, "none");
+    }
+    assert_eq!(settled("wire"), 10);
+    assert_eq!((settled("lookup"), settled("absent")), (1, 0));
+}
