@@ -89,8 +89,9 @@ impl Handoff {
     /// `from_pod` on `ifindex` passed `pkt` through the full path: both ends' verdicts are
     /// taken there too (an IPv4 packet `plain_ipv4` cannot read never matches at `to_pod`),
     /// except for a Service's frontend (`take_over` false).
-    /// A connection's opening packet (the one that created it, or a TCP SYN: a first SYN
-    /// dropped on the way is sent again) also asks for its wire side. Only an untagged IPv4
+    /// A connection's opening packet (a TCP SYN, also one sent again after a first SYN was
+    /// dropped on the way; the packet that created a connection of another protocol) also
+    /// asks for its wire side. Only an untagged IPv4
     /// packet carries what tells it apart where it leaves.
     #[inline(always)]
     pub fn hand_over_parsed<C: PacketCtx>(
@@ -100,8 +101,13 @@ impl Handoff {
         pkt: &Packet,
         take_over: bool,
     ) {
-        let syn = pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let opening = self.wire & CREATED != 0 || syn;
+        // TCP: its SYN only, not a connection picked up mid-way (the kernel's entry may be
+        // the other way round: the pod's packet a reply, translated back).
+        let opening = if pkt.proto == IPPROTO_TCP {
+            pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        } else {
+            self.wire & CREATED != 0
+        };
         self.fill(
             ifindex, pkt.src[0], pkt.dst[0], pkt.sport, pkt.dport, pkt.proto,
         );
@@ -127,8 +133,12 @@ impl Handoff {
         self.ifindex = ifindex;
     }
 
-    /// Where a packet leaves the stack on `ifindex`: if it is the one whose wire side this
-    /// slot asks for, reports both tuples (once).
+    /// Where a forwarded packet leaves the stack on `ifindex`: if it is the one whose wire
+    /// side this slot asks for, reports both tuples (once). A slot whose packet never left
+    /// (delivered to the node, dropped) still asks: what tells its packet apart must hold, and
+    /// one end of the tuple must be as the pod sent it (a source NAT keeps the destination, a
+    /// destination NAT the source). A reply to the pod keeps neither; a packet both
+    /// translations changed is not proven here and is looked up instead.
     #[inline(always)]
     fn prove_wire<C: PacketCtx>(&mut self, ctx: &C, ifindex: u32) {
         if self.wire & WANT == 0 {
@@ -141,6 +151,11 @@ impl Handoff {
             return;
         };
         if p.proto != self.proto || ident != self.ident {
+            return;
+        }
+        let same_src = p.src == self.src && p.sport == self.sport;
+        let same_dst = p.dst == self.dst && p.dport == self.dport;
+        if !same_src && !same_dst {
             return;
         }
         if p.proto == IPPROTO_TCP && crate::parse::tcp_seq(ctx) != Some(self.seq) {
@@ -170,6 +185,10 @@ pub fn prove_wire(skb: *mut __sk_buff) {
 #[inline(never)]
 fn prove_wire_skb(skb: *mut __sk_buff) {
     if skb.is_null() {
+        return;
+    }
+    // The node's own packets (no ingress interface) are never a pod's.
+    if unsafe { (*skb).ingress_ifindex } == 0 {
         return;
     }
     let ifindex = unsafe { (*skb).ifindex };

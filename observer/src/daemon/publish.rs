@@ -2,6 +2,9 @@
 //! Hubble API, flow log), and conntrack snapshots for the API.
 use super::*;
 
+/// How far back in the history a record that waited is placed by its time.
+const HISTORY_REORDER: usize = 4096;
+
 impl Shared {
     pub(super) fn publish(&self, rec: FlowRecord) {
         let rec = Arc::new(rec);
@@ -46,12 +49,16 @@ impl Shared {
                 st.history.pop_front();
             }
             // In time order: a record that waited for its SNAT goes in among those published
-            // meanwhile (found from the back: a few places at most).
+            // meanwhile, looked for among the last `HISTORY_REORDER` (beyond that, the
+            // oldest of them: a bound on the work under the lock at high record rates).
+            let len = st.history.len();
             let at = st
                 .history
                 .iter()
-                .rposition(|r| r.time.0 <= rec.time.0)
-                .map_or(0, |i| i + 1);
+                .rev()
+                .take(HISTORY_REORDER)
+                .position(|r| r.time.0 <= rec.time.0)
+                .map_or(len.saturating_sub(HISTORY_REORDER), |back| len - back);
             st.history.insert(at, rec.clone());
         }
         if let Some(log) = &self.flow_log {

@@ -182,19 +182,28 @@ pub(super) fn wire_seen(shared: &Shared, ev: &FlowEvent) {
         translated: ((src, sport) != (t.1, t.2)).then_some((src, sport)),
         dst: v4(ev.packets[1] as u32),
     };
+    // A UDP (or other) flow's first packet may be, in the kernel's eyes, the reply of a flow
+    // it saw the other way (a server pod answering after observer's entry expired), translated
+    // back to a Service's frontend: a masquerade keeps the port where it can, that does not.
+    // Such a record is looked up instead, as one without a proof.
+    if t.0 != IPPROTO_TCP && kernel.translated.is_some_and(|(_, p)| p != t.2) {
+        return;
+    }
     let mut ready = Vec::new();
     {
         let mut st = shared.state.lock().unwrap();
-        let now = Instant::now();
+        if !st.snat_live {
+            return;
+        }
         // Stamped with the packet's time: a record of a later connection on the tuple does
         // not take it (`NatTable::take`).
-        if let Some(waiting) = st.nat.insert(t, kernel, "wire", now, ev.first_seen_ns) {
-            for mut p in waiting {
-                settle_waiting(&mut st, &mut p, t, kernel, "wire");
-                ready.push(p);
-            }
+        let waiting = st
+            .nat
+            .insert(t, kernel, "wire", Instant::now(), ev.first_seen_ns);
+        for mut p in waiting.unwrap_or_default() {
+            settle_waiting(&mut st, &mut p, t, kernel, "wire");
+            ready.push(p);
         }
-        st.nat.gc(now);
     }
     publish_waited(shared, ready);
 }
@@ -202,26 +211,34 @@ pub(super) fn wire_seen(shared: &Shared, ev: &FlowEvent) {
 /// Feeds the kernel's conntrack table, dumped at start, into the join: connections opened
 /// before the daemon ran keep their translation in their later records.
 fn apply_dump(shared: &Shared, entries: &[crate::ctnetlink::CtEvent]) {
-    let mut st = shared.state.lock().unwrap();
-    let now = Instant::now();
-    let now_ns = flows::mono_now_ns();
-    st.metrics.conntrack_events_total += entries.len() as u64;
-    for ev in entries {
-        let local = st
-            .by_ip
-            .get(&ev.orig.src)
-            .is_some_and(|p| *p.node == *shared.opts.node_name && !p.host_network);
-        if !local {
-            continue;
+    let mut ready = Vec::new();
+    {
+        let mut st = shared.state.lock().unwrap();
+        let now = Instant::now();
+        let now_ns = flows::mono_now_ns();
+        st.metrics.conntrack_events_total += entries.len() as u64;
+        for ev in entries {
+            let local = st
+                .by_ip
+                .get(&ev.orig.src)
+                .is_some_and(|p| *p.node == *shared.opts.node_name && !p.host_network);
+            if !local {
+                continue;
+            }
+            let t = tuple_of(&ev.orig);
+            let key = flows::ct_key(t.1, t.2, t.3, t.4, t.0);
+            if st.conns.get(&key).is_some_and(|c| c.snat.is_some()) {
+                continue;
+            }
+            // Records read from the ring while the dump ran may wait for it already.
+            let k = kernel_of(ev);
+            for mut p in st.nat.insert(t, k, "dump", now, now_ns).unwrap_or_default() {
+                settle_waiting(&mut st, &mut p, t, k, "dump");
+                ready.push(p);
+            }
         }
-        let t = tuple_of(&ev.orig);
-        let key = flows::ct_key(t.1, t.2, t.3, t.4, t.0);
-        if st.conns.get(&key).is_some_and(|c| c.snat.is_some()) {
-            continue;
-        }
-        // Nothing waits yet: the daemon has read no events.
-        let _ = st.nat.insert(t, kernel_of(ev), "dump", now, now_ns);
     }
+    publish_waited(shared, ready);
 }
 
 /// Publishes records that waited for their join, in the order they came; a connection's last
@@ -292,6 +309,9 @@ pub(super) fn settle_overdue(shared: &Shared) {
 /// How often records past `--snat-wait` are settled by a lookup.
 const SETTLE_TICK: Duration = Duration::from_millis(20);
 
+/// How often the join's unclaimed translations are checked for their TTL (a walk of them all).
+const NAT_GC_EVERY: Duration = Duration::from_secs(1);
+
 /// Reads the kernel's conntrack table once at start, then settles records that waited too
 /// long. A thread of its own: lookups are blocking netlink exchanges. If the first dump fails
 /// the daemon goes on without the join: records lose `snat`, nothing else.
@@ -311,10 +331,17 @@ pub(super) async fn conntrack_task(shared: Arc<Shared>) -> Result<()> {
             if !ok {
                 return;
             }
+            let mut gc_at = Instant::now();
             loop {
                 std::thread::sleep(SETTLE_TICK);
                 if s.state.lock().unwrap().nat.pending_len() > 0 {
                     settle_overdue(&s);
+                }
+                // Proofs no record claimed (a retransmitted SYN's, a connection with no
+                // record) are kept for their TTL only.
+                if gc_at.elapsed() >= NAT_GC_EVERY {
+                    gc_at = Instant::now();
+                    s.state.lock().unwrap().nat.gc(gc_at);
                 }
             }
         })
