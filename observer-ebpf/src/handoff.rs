@@ -83,16 +83,14 @@ impl Handoff {
     #[inline(always)]
     pub fn hand_over(&mut self, ifindex: u32, p: &Plain) {
         self.fill(ifindex, p.src, p.dst, p.sport, p.dport, p.proto);
-        self.wire = 0;
     }
 
     /// `from_pod` on `ifindex` passed `pkt` through the full path: both ends' verdicts are
     /// taken there too (an IPv4 packet `plain_ipv4` cannot read never matches at `to_pod`),
-    /// except for a Service's frontend (`take_over` false).
-    /// A connection's opening packet (a TCP SYN, also one sent again after a first SYN was
-    /// dropped on the way; the packet that created a connection of another protocol) also
-    /// asks for its wire side. Only an untagged IPv4
-    /// packet carries what tells it apart where it leaves.
+    /// except for a Service's frontend (`take_over` false). A connection's opening packet (a
+    /// TCP SYN, also one sent again after a first SYN was dropped on the way; the packet that
+    /// created a connection of another protocol) also asks for its wire side. Only an untagged
+    /// IPv4 packet carries what tells it apart where it leaves.
     #[inline(always)]
     pub fn hand_over_parsed<C: PacketCtx>(
         &mut self,
@@ -112,7 +110,6 @@ impl Handoff {
             ifindex, pkt.src[0], pkt.dst[0], pkt.sport, pkt.dport, pkt.proto,
         );
         self.valid = take_over as u8;
-        self.wire = 0;
         if opening && pkt.l3_off == 14 {
             if let Some(ident) = ipv4_ident(ctx) {
                 self.ident = ident;
@@ -130,6 +127,7 @@ impl Handoff {
         self.dport = dport;
         self.proto = proto;
         self.valid = 1;
+        self.wire = 0;
         self.ifindex = ifindex;
     }
 
@@ -138,12 +136,10 @@ impl Handoff {
     /// (delivered to the node, dropped) still asks: what tells its packet apart must hold, and
     /// one end of the tuple must be as the pod sent it (a source NAT keeps the destination, a
     /// destination NAT the source). A reply to the pod keeps neither; a packet both
-    /// translations changed is not proven here and is looked up instead.
+    /// translations changed is not proven here and is looked up instead. Called only when the
+    /// slot asks (`prove_wire` below).
     #[inline(always)]
     fn prove_wire<C: PacketCtx>(&mut self, ctx: &C, ifindex: u32) {
-        if self.wire & WANT == 0 {
-            return;
-        }
         let Some(p) = plain_ipv4(ctx) else {
             return;
         };

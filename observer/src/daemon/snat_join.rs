@@ -197,15 +197,35 @@ pub(super) fn wire_seen(shared: &Shared, ev: &FlowEvent) {
         }
         // Stamped with the packet's time: a record of a later connection on the tuple does
         // not take it (`NatTable::take`).
-        let waiting = st
-            .nat
-            .insert(t, kernel, "wire", Instant::now(), ev.first_seen_ns);
-        for mut p in waiting.unwrap_or_default() {
-            settle_waiting(&mut st, &mut p, t, kernel, "wire");
-            ready.push(p);
-        }
+        let now = Instant::now();
+        join(
+            &mut st,
+            t,
+            kernel,
+            "wire",
+            now,
+            ev.first_seen_ns,
+            &mut ready,
+        );
     }
     publish_waited(shared, ready);
+}
+
+/// A connection's translation into the join (`how` it was learnt, when it was seen): the
+/// records that waited for it are settled into `ready`.
+fn join(
+    st: &mut State,
+    t: crate::snat::FlowTuple,
+    k: crate::snat::Kernel,
+    how: &'static str,
+    now: Instant,
+    seen_ns: u64,
+    ready: &mut Vec<crate::snat::Pending<CtKey>>,
+) {
+    for mut p in st.nat.insert(t, k, how, now, seen_ns).unwrap_or_default() {
+        settle_waiting(st, &mut p, t, k, how);
+        ready.push(p);
+    }
 }
 
 /// Feeds the kernel's conntrack table, dumped at start, into the join: connections opened
@@ -231,11 +251,7 @@ fn apply_dump(shared: &Shared, entries: &[crate::ctnetlink::CtEvent]) {
                 continue;
             }
             // Records read from the ring while the dump ran may wait for it already.
-            let k = kernel_of(ev);
-            for mut p in st.nat.insert(t, k, "dump", now, now_ns).unwrap_or_default() {
-                settle_waiting(&mut st, &mut p, t, k, "dump");
-                ready.push(p);
-            }
+            join(&mut st, t, kernel_of(ev), "dump", now, now_ns, &mut ready);
         }
     }
     publish_waited(shared, ready);
