@@ -19,7 +19,13 @@ pub const IPPROTO_SCTP: u8 = 132;
 
 /// Map names, shared so the loader and the programs cannot disagree.
 pub mod maps {
-    pub const CONNTRACK: &str = "OBS_CT";
+    /// IPv4 connections, under a 16-byte key ([`crate::CtKey4`]).
+    pub const CONNTRACK4: &str = "OBS_CT4";
+    /// IPv6 connections, under the full [`crate::CtKey`].
+    pub const CONNTRACK6: &str = "OBS_CT6";
+    /// Before the tables were split by family: one table of both under `CtKey`. A daemon that
+    /// finds it removes it (its connections are picked up again from their next packets).
+    pub const CONNTRACK_BEFORE_SPLIT: &str = "OBS_CT";
     pub const ENDPOINTS: &str = "OBS_ENDPOINTS";
     pub const IPCACHE: &str = "OBS_IPCACHE";
     pub const ATTACHED: &str = "OBS_ATTACHED";
@@ -33,8 +39,9 @@ pub mod maps {
     pub const NODEPORT: &str = "OBS_NODEPORT";
     pub const LOCAL_RANGE: &str = "OBS_LOCAL_RANGE";
     pub const LOCAL_BITS: &str = "OBS_LOCAL_BITS";
-    pub const ALL: [&str; 14] = [
-        CONNTRACK,
+    pub const ALL: [&str; 15] = [
+        CONNTRACK4,
+        CONNTRACK6,
         ENDPOINTS,
         IPCACHE,
         ATTACHED,
@@ -71,7 +78,11 @@ pub mod programs {
     pub const BENCH_NEW_CONN_IN: &str = "bench_new_conn_in";
 }
 
+/// The IPv4 conntrack table.
 pub const CT_MAX_ENTRIES: u32 = 262_144;
+/// The IPv6 table: a quarter, since every entry of an LRU table is allocated when it is
+/// created (about 10 MiB here), and AKS's IPv6 is dual-stack beside IPv4.
+pub const CT6_MAX_ENTRIES: u32 = 65_536;
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
 pub const IPCACHE_MAX_ENTRIES: u32 = 524_288;
 pub const ATTACHED_MAX_ENTRIES: u32 = 65_536;
@@ -111,6 +122,49 @@ pub struct CtKey {
     pub proto: u8,
     pub family: u8,
     pub _pad: [u8; 2],
+}
+
+/// The IPv4 table's key: a [`CtKey`] of family `AF_INET` in 16 bytes, so each lookup hashes
+/// and compares 16 bytes, not 40 (the kernel's hash runs over the whole key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey4 {
+    pub addr_a: u32,
+    pub addr_b: u32,
+    pub port_a: u16,
+    pub port_b: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The IPv4 table's key (meaningful for `family == AF_INET` only).
+    #[inline(always)]
+    pub fn v4(&self) -> CtKey4 {
+        CtKey4 {
+            addr_a: self.addr_a[0],
+            addr_b: self.addr_b[0],
+            port_a: self.port_a,
+            port_b: self.port_b,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+impl CtKey4 {
+    #[inline(always)]
+    pub fn widen(&self) -> CtKey {
+        CtKey {
+            addr_a: [self.addr_a, 0, 0, 0],
+            addr_b: [self.addr_b, 0, 0, 0],
+            port_a: self.port_a,
+            port_b: self.port_b,
+            proto: self.proto,
+            family: AF_INET,
+            _pad: [0; 2],
+        }
+    }
 }
 
 /// `CtEntry::flags` bits.
@@ -644,6 +698,7 @@ mod pod {
     use super::*;
     // SAFETY: all of these are repr(C), Copy, and made only of integers with explicit padding.
     unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for IpKey {}
@@ -668,6 +723,7 @@ mod layout {
     #[test]
     fn sizes_are_fixed() {
         assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtKey4>(), 16);
         assert_eq!(size_of::<CtEntry>(), 88);
         assert_eq!(size_of::<FlowEvent>(), 120);
         assert_eq!(size_of::<PolicyKeyData>(), 12);

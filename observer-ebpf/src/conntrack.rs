@@ -11,7 +11,7 @@ use crate::{
     classify,
     events::{emit, emit_drop_sampled},
     handoff,
-    maps::{stat_inc, CONFIG, CT, NEW_ENTRY},
+    maps::{stat_inc, CONFIG, CT4, CT6, NEW_ENTRY},
     parse::{Packet, Plain},
     policy,
     service::{self, Link},
@@ -80,6 +80,27 @@ pub fn key_of_pair(
         },
         src_first,
     )
+}
+
+/// The connection's entry: IPv4 connections live in `CT4` under their 16-byte key, IPv6 ones
+/// in `CT6`.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
+    if key.family == AF_INET {
+        CT4.get_ptr_mut(key.v4())
+    } else {
+        CT6.get_ptr_mut(key)
+    }
+}
+
+/// Inserts into the connection's table (`lookup`'s).
+#[inline(always)]
+pub fn insert(key: &CtKey, e: &CtEntry, flags: u64) -> Result<(), i32> {
+    if key.family == AF_INET {
+        CT4.insert(key.v4(), e, flags)
+    } else {
+        CT6.insert(key, e, flags)
+    }
 }
 
 #[inline(always)]
@@ -261,7 +282,7 @@ pub fn process<C: EbpfContext>(
 
     // `missing`: the established path's lookup of this tuple just missed; a connection another
     // CPU creates meanwhile is found by the insert below.
-    let hit = if missing { None } else { CT.get_ptr_mut(&key) };
+    let hit = if missing { None } else { lookup(&key) };
     if let Some(e) = hit {
         let e = unsafe { &mut *e };
         if e.flags & ct_flags::SVC_ALIAS != 0 {
@@ -357,7 +378,7 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Established {
         &[p.dst, 0, 0, 0],
         p.dport,
     );
-    let Some(e) = CT.get_ptr_mut(&key) else {
+    let Some(e) = CT4.get_ptr_mut(key.v4()) else {
         return Established::Missing;
     };
     let e = unsafe { &mut *e };
@@ -529,7 +550,7 @@ fn create<C: EbpfContext>(
         emit_drop_sampled(key, e, cfg.drop_events_per_cpu_s, now);
         return verdict(e.flags, cfg.enforce);
     }
-    match CT.insert(key, &*e, BPF_NOEXIST) {
+    match insert(key, e, BPF_NOEXIST) {
         Ok(()) => {
             let kind = if e.flags & ct_flags::DENIED != 0 {
                 EventKind::Drop
@@ -540,13 +561,13 @@ fn create<C: EbpfContext>(
             emit(kind, key, e);
             verdict(e.flags, cfg.enforce)
         }
-        Err(_) => match CT.get_ptr_mut(key) {
+        Err(_) => match lookup(key) {
             // Another CPU created it first: count the packet there.
             Some(existing) => {
                 let existing = unsafe { &mut *existing };
                 if existing.flags & ct_flags::CLOSED != 0 {
                     // Reopened tuple: replace the closed entry.
-                    if CT.insert(key, &*e, 0).is_ok() {
+                    if insert(key, e, 0).is_ok() {
                         let kind = if e.flags & ct_flags::DENIED != 0 {
                             EventKind::Drop
                         } else {

@@ -5,9 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, LocalRange,
+    Config, CtEntry, CtKey, CtKey4, EndpointInfo, IpKey, IpcacheEntry, IpcacheKeyData, LocalRange,
     NodePortLink, PolicyEntry, PolicyKeyData, SvcKey, SvcNat, UplinkCounter, ATTACHED_MAX_ENTRIES,
-    CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES, IPCACHE_MAX_ENTRIES,
+    CT6_MAX_ENTRIES, CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES, IPCACHE_MAX_ENTRIES,
     LOCAL_BITS_WORDS, NODEPORT_MAX_ENTRIES, POLICY_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
     SVC_NAT_MAX_ENTRIES,
 };
@@ -18,8 +18,12 @@ use crate::{
     parse::{FragKey, FragPorts, Packet},
 };
 
-#[map(name = "OBS_CT")]
-pub static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
+/// IPv4 connections under their 16-byte key; IPv6 ones in `CT6` (see `conntrack::table`).
+#[map(name = "OBS_CT4")]
+pub static CT4: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
+
+#[map(name = "OBS_CT6")]
+pub static CT6: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT6_MAX_ENTRIES, 0);
 
 #[map(name = "OBS_ENDPOINTS")]
 pub static ENDPOINTS: HashMap<IpKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX_ENTRIES, 0);

@@ -15,8 +15,8 @@ use observer_common::{
 
 use crate::{
     classify,
-    conntrack::{key_of_pair, update, verdict, Action},
-    maps::{CT, NEW_ENTRY, NODEPORT, SERVICES, SVC_NAT},
+    conntrack::{self, key_of_pair, update, verdict, Action},
+    maps::{NEW_ENTRY, NODEPORT, SERVICES, SVC_NAT},
     parse::Packet,
 };
 
@@ -72,7 +72,7 @@ pub fn open_alias(key: &CtKey, pkt: &Packet, svc_id: u32, from_a: bool, cfg: &Co
         policy_gen: cfg.policy_gen,
         ..CtEntry::default()
     };
-    let _ = CT.insert(key, &*e, 0);
+    let _ = conntrack::insert(key, e, 0);
     let nat = SvcNat {
         frontend: pkt.dst,
         frontend_port: pkt.dport,
@@ -124,7 +124,7 @@ pub fn through_alias(
         &nat.backend,
         nat.backend_port,
     );
-    let t = CT.get_ptr_mut(&tkey);
+    let t = conntrack::lookup(&tkey);
     // A fresh SYN on the client's tuple after its connection closed, or after the closed
     // connection left the table (the alias outlives it by up to a sweep): a new connection,
     // maybe to another backend, linked anew behind the DNAT.

@@ -22,9 +22,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use observer_common::{
-    maps, programs, stat, uplink, Config, CtEntry, CtKey, EndpointInfo, IpKey, IpcacheEntry,
-    IpcacheKeyData, LocalRange, NodePortLink, PolicyEntry, PolicyKeyData, SvcKey, SvcNat,
-    UplinkCounter,
+    maps, programs, stat, uplink, Config, CtEntry, CtKey, CtKey4, EndpointInfo, IpKey,
+    IpcacheEntry, IpcacheKeyData, LocalRange, NodePortLink, PolicyEntry, PolicyKeyData, SvcKey,
+    SvcNat, UplinkCounter, AF_INET,
 };
 use tracing::{info, warn};
 
@@ -159,7 +159,8 @@ pub const LINKS_DIR: &str = "links";
 /// Sizes every pinned map must have to be re-adopted.
 fn expected_layout(name: &str) -> Option<(u32, u32)> {
     Some(match name {
-        maps::CONNTRACK => (size_of::<CtKey>() as u32, size_of::<CtEntry>() as u32),
+        maps::CONNTRACK4 => (size_of::<CtKey4>() as u32, size_of::<CtEntry>() as u32),
+        maps::CONNTRACK6 => (size_of::<CtKey>() as u32, size_of::<CtEntry>() as u32),
         maps::ENDPOINTS => (size_of::<IpKey>() as u32, size_of::<EndpointInfo>() as u32),
         maps::IPCACHE => (
             4 + size_of::<IpcacheKeyData>() as u32,
@@ -354,6 +355,17 @@ fn is_bpffs(path: &Path) -> bool {
 /// Removes pinned maps whose layout does not match this build, so they are recreated instead of
 /// being misread. Returns the names of the maps that will be re-adopted.
 fn check_pins(pin_dir: &Path) -> Result<Vec<String>> {
+    let before_split = pin_dir.join(maps::CONNTRACK_BEFORE_SPLIT);
+    if before_split.exists() {
+        // Nothing enforces from it once the new programs are attached; its connections are
+        // judged again from their next packets, as after an eviction.
+        warn!(
+            map = maps::CONNTRACK_BEFORE_SPLIT,
+            "conntrack table of an earlier version (both families in one); removing it"
+        );
+        std::fs::remove_file(&before_split)
+            .with_context(|| format!("removing stale pin {}", before_split.display()))?;
+    }
     let mut adopted = Vec::new();
     for name in maps::ALL {
         let path = pin_dir.join(name);
@@ -415,7 +427,8 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         if let Some(n) = ct_entries {
-            loader.map_max_entries(maps::CONNTRACK, n);
+            loader.map_max_entries(maps::CONNTRACK4, n);
+            loader.map_max_entries(maps::CONNTRACK6, n.min(observer_common::CT6_MAX_ENTRIES));
         }
         let ebpf = loader.load(OBJECT).context("loading the kernel programs")?;
         // Relocation is done: free its BTF before verification allocates above it.
@@ -908,18 +921,26 @@ impl Datapath {
         Ok(arr.get(&stat::EVENTS_LOST, 0)?.iter().sum())
     }
 
-    /// Removes these connections from the kernel's table, thousands per system call
+    /// Removes these connections from the kernel's tables, thousands per system call
     /// (`BPF_MAP_DELETE_BATCH`, Linux 5.6); one call each where the kernel has no batches.
     /// A key already gone is skipped. Returns how many were removed.
     pub fn remove_conntrack(&mut self, keys: &[CtKey]) -> Result<usize> {
-        let data = match self.ebpf.map_mut(maps::CONNTRACK).context("ct map")? {
-            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
-            _ => bail!("the conntrack map is not a hash map"),
-        };
+        let (v4, v6): (Vec<&CtKey>, Vec<&CtKey>) = keys.iter().partition(|k| k.family == AF_INET);
+        let v4: Vec<CtKey4> = v4.into_iter().map(CtKey::v4).collect();
+        let v6: Vec<CtKey> = v6.into_iter().copied().collect();
+        Ok(self.remove_from(maps::CONNTRACK4, &v4)? + self.remove_from(maps::CONNTRACK6, &v6)?)
+    }
+
+    fn remove_from<K: aya::Pod>(&mut self, table: &str, keys: &[K]) -> Result<usize> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let data = self.conntrack_data(table)?;
         match delete_batch(data, keys) {
             Ok(n) => Ok(n),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let mut ct = self.conntrack_mut()?;
+                let mut ct: aya::maps::HashMap<&mut MapData, K, CtEntry> =
+                    aya::maps::HashMap::try_from(self.ebpf.map_mut(table).context("ct map")?)?;
                 Ok(keys.iter().filter(|k| ct.remove(k).is_ok()).count())
             }
             Err(e) => Err(e).context("removing conntrack entries"),
@@ -933,10 +954,22 @@ impl Datapath {
         Ok(m.keys().next().is_some())
     }
 
-    pub fn conntrack(&self) -> Result<aya::maps::HashMap<&MapData, CtKey, CtEntry>> {
-        Ok(aya::maps::HashMap::try_from(
-            self.ebpf.map(maps::CONNTRACK).context("ct map")?,
-        )?)
+    /// One connection's entry, if the kernel holds it.
+    pub fn conntrack_get(&self, key: &CtKey) -> Result<Option<CtEntry>> {
+        let got = if key.family == AF_INET {
+            let m: aya::maps::HashMap<&MapData, CtKey4, CtEntry> =
+                aya::maps::HashMap::try_from(self.ebpf.map(maps::CONNTRACK4).context("ct map")?)?;
+            m.get(&key.v4(), 0)
+        } else {
+            let m: aya::maps::HashMap<&MapData, CtKey, CtEntry> =
+                aya::maps::HashMap::try_from(self.ebpf.map(maps::CONNTRACK6).context("ct map")?)?;
+            m.get(key, 0)
+        };
+        match got {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading a conntrack entry"),
+        }
     }
 
     /// Every conntrack entry, read in batches of thousands per system call
@@ -949,17 +982,24 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Hands every conntrack entry to `f`, batch by batch: nothing of the table is kept, so a
-    /// sweep of a full table neither allocates nor faults in tens of MiB.
+    /// Hands every conntrack entry, IPv4's then IPv6's, to `f`, batch by batch: nothing of the
+    /// tables is kept, so a sweep of a full table neither allocates nor faults in tens of MiB.
     pub fn visit_conntrack(&self, mut f: impl FnMut(&CtKey, &CtEntry)) -> Result<()> {
-        match lookup_batch(self.conntrack_data()?, |k: &[CtKey], v: &[CtEntry]| {
+        self.visit_table(maps::CONNTRACK4, |k: &CtKey4, e| f(&k.widen(), e))?;
+        self.visit_table(maps::CONNTRACK6, |k: &CtKey, e| f(k, e))
+    }
+
+    fn visit_table<K: aya::Pod>(&self, table: &str, mut f: impl FnMut(&K, &CtEntry)) -> Result<()> {
+        match lookup_batch(self.conntrack_data(table)?, |k: &[K], v: &[CtEntry]| {
             for (k, v) in k.iter().zip(v) {
                 f(k, v);
             }
         }) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                for (k, v) in self.conntrack()?.iter().filter_map(|r| r.ok()) {
+                let m: aya::maps::HashMap<&MapData, K, CtEntry> =
+                    aya::maps::HashMap::try_from(self.ebpf.map(table).context("ct map")?)?;
+                for (k, v) in m.iter().filter_map(|r| r.ok()) {
                     f(&k, &v);
                 }
                 Ok(())
@@ -968,24 +1008,18 @@ impl Datapath {
         }
     }
 
-    /// How many connections the conntrack map holds, counted batch by batch (nothing kept).
+    /// How many connections the conntrack tables hold, counted batch by batch (nothing kept).
     pub fn conntrack_len(&self) -> Result<usize> {
         let mut n = 0;
         self.visit_conntrack(|_, _| n += 1)?;
         Ok(n)
     }
 
-    fn conntrack_data(&self) -> Result<&MapData> {
-        match self.ebpf.map(maps::CONNTRACK).context("ct map")? {
+    fn conntrack_data(&self, table: &str) -> Result<&MapData> {
+        match self.ebpf.map(table).context("ct map")? {
             aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => Ok(d),
-            _ => bail!("the conntrack map is not a hash map"),
+            _ => bail!("the conntrack map {table} is not a hash map"),
         }
-    }
-
-    pub fn conntrack_mut(&mut self) -> Result<aya::maps::HashMap<&mut MapData, CtKey, CtEntry>> {
-        Ok(aya::maps::HashMap::try_from(
-            self.ebpf.map_mut(maps::CONNTRACK).context("ct map")?,
-        )?)
     }
 
     /// Adds or changes a local pod, widening the local address range and marking its bit

@@ -180,7 +180,7 @@ fn a_restarted_daemon_readopts_pinned_maps_and_counters_continue() {
     unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
     bed.stop_daemon(&first);
     assert!(
-        first.pin_dir.join("OBS_CT").exists(),
+        first.pin_dir.join("OBS_CT4").exists(),
         "conntrack map pinned"
     );
 
@@ -200,6 +200,59 @@ fn a_restarted_daemon_readopts_pinned_maps_and_counters_continue() {
     assert_eq!(r["counters"]["packets_out"], 10);
     assert_eq!(r["counters"]["packets_in"], 10);
     assert_eq!(r["counters"]["bytes_out"], 10 * 128);
+}
+
+/// An upgrade from the version with one conntrack table for both families (`OBS_CT`): the new
+/// daemon removes that pin, re-adopts the rest, and picks the open connection up again.
+#[test]
+fn an_upgrade_across_the_conntrack_split_removes_the_old_table() {
+    let mut bed = TestBed::overlay("ctsplit").unwrap();
+    for name in ["a", "b"] {
+        bed.add_pod(PodSpec {
+            namespace: "x",
+            name,
+            labels: &[],
+            ports: &[],
+        })
+        .unwrap();
+    }
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let echo = in_netns(&b.netns, || UdpSocket::bind(("::", 7008)).unwrap()).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        for _ in 0..10 {
+            let (n, from) = echo.recv_from(&mut buf).unwrap();
+            echo.send_to(&buf[..n], from).unwrap();
+        }
+    });
+    let src = SocketAddr::new(a.ip4, 43001);
+    let dst = SocketAddr::new(b.ip4, 7008);
+
+    let first = bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
+    udp_round(&a.netns, src, dst, 4);
+    unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
+    bed.stop_daemon(&first);
+    // The old version's pin, as it would be found: its table under the old name.
+    std::fs::rename(first.pin_dir.join("OBS_CT4"), first.pin_dir.join("OBS_CT")).unwrap();
+
+    let second = bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
+    let log = second.log_text();
+    assert!(
+        log.contains("conntrack table of an earlier version"),
+        "{log}"
+    );
+    assert!(log.contains("re-adopting pinned maps"), "{log}");
+    assert!(!second.pin_dir.join("OBS_CT").exists(), "old table removed");
+    assert!(second.pin_dir.join("OBS_CT4").exists(), "new table pinned");
+    udp_round(&a.netns, src, dst, 6);
+    server.join().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let ct = second.get_lines("/v1/conntrack").unwrap();
+    let r = flow(&ct, "UDP", &a.ip4.to_string(), &b.ip4.to_string())
+        .expect("the connection is picked up again");
+    // Its counters start over in the new table.
+    assert_eq!(r["counters"]["packets_out"], 6);
+    assert_eq!(r["counters"]["packets_in"], 6);
 }
 
 /// Another tool's tc filter on `ifname`'s clsact ingress: observer's `tc_empty` program at a

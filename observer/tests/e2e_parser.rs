@@ -33,12 +33,7 @@ impl Bpf {
     }
 
     fn flows(&self) -> Vec<(CtKey, CtEntry)> {
-        self.dp
-            .conntrack()
-            .unwrap()
-            .iter()
-            .map(|r| r.unwrap())
-            .collect()
+        self.dp.conntrack_entries().unwrap()
     }
 
     fn stat(&self, name: &str) -> u64 {

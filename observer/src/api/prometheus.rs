@@ -63,7 +63,7 @@ fn datapath(p: &mut Prom, s: &Status) {
     p.single(
         "observer_conntrack_entries",
         "gauge",
-        "Connections in the kernel conntrack map, as of the daemon's last sweep of it (every 1-5 s).",
+        "Connections in the kernel conntrack tables (both families), as of the daemon's last sweep of it (every 1-5 s).",
         s.conntrack_entries,
     );
     p.single(
@@ -124,12 +124,17 @@ fn daemon(p: &mut Prom, st: &State) {
         "Records that could not be written to the flow log.",
         st.metrics.flow_log_errors_total,
     );
-    p.single(
+    p.family(
         "observer_conntrack_capacity",
         "gauge",
-        "Size of the kernel conntrack map.",
-        observer_common::CT_MAX_ENTRIES,
+        "Size of the kernel conntrack tables, one per address family.",
     );
+    for (family, n) in [
+        ("ipv4", observer_common::CT_MAX_ENTRIES),
+        ("ipv6", observer_common::CT6_MAX_ENTRIES),
+    ] {
+        p.sample("observer_conntrack_capacity", &[("family", family)], n);
+    }
     if let Some(t) = st.last_sync {
         let age = t.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
         p.single(

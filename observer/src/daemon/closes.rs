@@ -401,13 +401,15 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
     shared.state.lock().unwrap().metrics.closes_read_back_total += read_back.len() as u64;
     let now: Vec<Option<CtEntry>> = {
         let dp = shared.dp.lock().unwrap();
-        match dp.conntrack() {
-            Ok(ct) => read_back.iter().map(|c| ct.get(&c.key, 0).ok()).collect(),
-            Err(e) => {
-                warn!("reading closed connections: {e:#}");
-                vec![None; read_back.len()]
-            }
-        }
+        read_back
+            .iter()
+            .map(|c| {
+                dp.conntrack_get(&c.key).unwrap_or_else(|e| {
+                    warn!("reading a closed connection: {e:#}");
+                    None
+                })
+            })
+            .collect()
     };
     for (c, now) in read_back.iter().zip(now) {
         match now {

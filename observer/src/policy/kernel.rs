@@ -136,12 +136,13 @@ impl KernelEngine {
     }
 
     fn forget_connections(&mut self) -> Result<()> {
-        let keys: Vec<_> = self.dp.conntrack()?.keys().filter_map(|k| k.ok()).collect();
-        let mut ct = self.dp.conntrack_mut()?;
-        for k in keys {
-            let _ = ct.remove(&k);
-        }
-        Ok(())
+        let keys: Vec<_> = self
+            .dp
+            .conntrack_entries()?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        self.dp.remove_conntrack(&keys).map(drop)
     }
 
     /// Runs an arbitrary frame through one program; returns the program's return code.
@@ -178,11 +179,11 @@ impl KernelEngine {
         let ingress =
             !egress && dst_is_pod && self.test_run(programs::TO_POD, &pkt)? == TC_ACT_SHOT;
         let key = crate::flows::ct_key(src, sport, dst, port, proto.number());
-        let entry = self.dp.conntrack()?.get(&key, 0).ok();
+        let entry = self.dp.conntrack_get(&key)?;
         // Each run its own connection: a source port that comes round again must not find the
         // verdict an earlier map state gave.
         if entry.is_some() {
-            let _ = self.dp.conntrack_mut()?.remove(&key);
+            self.dp.remove_conntrack(&[key])?;
         }
         Ok((egress, ingress, entry))
     }
