@@ -22,6 +22,7 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
 
 /// Canonical key and whether the packet travels from endpoint `a` to `b`.
 #[inline(always)]
@@ -283,6 +284,7 @@ pub fn process<C: EbpfContext>(
     // `missing`: the established path's lookup of this tuple just missed; a connection another
     // CPU creates meanwhile is found by the insert below.
     let hit = if missing { None } else { lookup(&key) };
+    let mut reopen = false;
     if let Some(e) = hit {
         let e = unsafe { &mut *e };
         if e.flags & ct_flags::SVC_ALIAS != 0 {
@@ -337,6 +339,7 @@ pub fn process<C: EbpfContext>(
             }
             return action;
         }
+        reopen = true;
     }
     let link = match hook {
         Hook::FromPod => {
@@ -350,7 +353,7 @@ pub fn process<C: EbpfContext>(
     };
     let class = class_of_new();
     create(
-        ctx, &key, from_a, bytes, now, pkt, ifindex, class, hook, count, &cfg, link,
+        ctx, &key, from_a, bytes, now, pkt, ifindex, class, hook, count, &cfg, link, reopen,
     )
 }
 
@@ -469,6 +472,7 @@ fn create<C: EbpfContext>(
     count: Count,
     cfg: &Config,
     link: Link,
+    reopen: bool,
 ) -> Action {
     let flags = pkt.tcp_flags;
     let is_tcp = pkt.proto == IPPROTO_TCP;
@@ -550,7 +554,15 @@ fn create<C: EbpfContext>(
         emit_drop_sampled(key, e, cfg.drop_events_per_cpu_s, now);
         return verdict(e.flags, cfg.enforce);
     }
-    match insert(key, e, BPF_NOEXIST) {
+    // A reused tuple replaces its closed entry at once (one insert; with `BPF_NOEXIST` first it
+    // took a failed insert and a second lookup, on every reuse of a tuple within the closed
+    // entry's linger). Gone meanwhile (the daemon removed it): inserted as new.
+    let placed = if reopen {
+        insert(key, e, BPF_EXIST)
+    } else {
+        Err(0)
+    };
+    match placed.or_else(|_| insert(key, e, BPF_NOEXIST)) {
         Ok(()) => {
             let kind = if e.flags & ct_flags::DENIED != 0 {
                 EventKind::Drop
