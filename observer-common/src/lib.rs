@@ -81,7 +81,7 @@ pub mod programs {
 /// The IPv4 conntrack table.
 pub const CT_MAX_ENTRIES: u32 = 262_144;
 /// The IPv6 table: a quarter, since every entry of an LRU table is allocated when it is
-/// created (about 10 MiB here), and AKS's IPv6 is dual-stack beside IPv4.
+/// created (12.6 MB here, against 44 MB for IPv4), and AKS's IPv6 is dual-stack beside IPv4.
 pub const CT6_MAX_ENTRIES: u32 = 65_536;
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
 pub const IPCACHE_MAX_ENTRIES: u32 = 524_288;

@@ -355,17 +355,6 @@ fn is_bpffs(path: &Path) -> bool {
 /// Removes pinned maps whose layout does not match this build, so they are recreated instead of
 /// being misread. Returns the names of the maps that will be re-adopted.
 fn check_pins(pin_dir: &Path) -> Result<Vec<String>> {
-    let before_split = pin_dir.join(maps::CONNTRACK_BEFORE_SPLIT);
-    if before_split.exists() {
-        // Nothing enforces from it once the new programs are attached; its connections are
-        // judged again from their next packets, as after an eviction.
-        warn!(
-            map = maps::CONNTRACK_BEFORE_SPLIT,
-            "conntrack table of an earlier version (both families in one); removing it"
-        );
-        std::fs::remove_file(&before_split)
-            .with_context(|| format!("removing stale pin {}", before_split.display()))?;
-    }
     let mut adopted = Vec::new();
     for name in maps::ALL {
         let path = pin_dir.join(name);
@@ -443,7 +432,73 @@ impl Datapath {
         for name in [programs::FROM_POD, programs::TO_POD] {
             dp.load_program(name)?;
         }
+        dp.adopt_table_before_split()?;
         Ok(dp)
+    }
+
+    /// A conntrack table pinned by a version before the split by family: its connections are
+    /// copied into the new tables, verdicts, directions and Service aliases with them, and its
+    /// pin removed. Without the copy every open connection would be picked up again from its
+    /// next packet, and one that only its server sends on (a watch, a download) would be
+    /// judged as opened by the server. Runs once the programs verified, so a failed start
+    /// leaves the old table to the version rolled back to.
+    fn adopt_table_before_split(&mut self) -> Result<()> {
+        use aya::maps::Map;
+        let path = self.pin_dir.join(maps::CONNTRACK_BEFORE_SPLIT);
+        if !path.exists() {
+            return Ok(());
+        }
+        let layout_ok = MapInfo::from_pin(&path).is_ok_and(|i| {
+            i.key_size() == size_of::<CtKey>() as u32
+                && i.value_size() == size_of::<CtEntry>() as u32
+        });
+        let (mut copied, mut failed) = (0usize, 0usize);
+        if layout_ok {
+            let open = |name: &str| {
+                MapData::from_pin(self.pin_dir.join(name))
+                    .with_context(|| format!("opening pinned {name}"))
+            };
+            let old = open(maps::CONNTRACK_BEFORE_SPLIT)?;
+            let mut v4: aya::maps::HashMap<MapData, CtKey4, CtEntry> =
+                aya::maps::HashMap::try_from(Map::LruHashMap(open(maps::CONNTRACK4)?))?;
+            let mut v6: aya::maps::HashMap<MapData, CtKey, CtEntry> =
+                aya::maps::HashMap::try_from(Map::LruHashMap(open(maps::CONNTRACK6)?))?;
+            let mut copy = |k: &CtKey, e: &CtEntry| {
+                let r = if k.family == AF_INET {
+                    v4.insert(k.v4(), e, 0)
+                } else {
+                    v6.insert(k, e, 0)
+                };
+                match r {
+                    Ok(()) => copied += 1,
+                    Err(_) => failed += 1,
+                }
+            };
+            let read = lookup_batch(&old, |k: &[CtKey], v: &[CtEntry]| {
+                k.iter().zip(v).for_each(|(k, e)| copy(k, e))
+            });
+            match read {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let m: aya::maps::HashMap<MapData, CtKey, CtEntry> =
+                        aya::maps::HashMap::try_from(Map::LruHashMap(old))?;
+                    for (k, e) in m.iter().filter_map(|r| r.ok()) {
+                        copy(&k, &e);
+                    }
+                }
+                Err(e) => return Err(e).context("reading the conntrack table before the split"),
+            }
+        }
+        warn!(
+            map = maps::CONNTRACK_BEFORE_SPLIT,
+            copied,
+            failed,
+            layout_ok,
+            "conntrack table of an earlier version (both families in one): its connections \
+             copied into the tables by family; removing it"
+        );
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing stale pin {}", path.display()))
     }
 
     /// Verifies and loads every uplink program (benchmarks, tests). The daemon verifies the

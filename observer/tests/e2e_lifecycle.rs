@@ -202,10 +202,13 @@ fn a_restarted_daemon_readopts_pinned_maps_and_counters_continue() {
     assert_eq!(r["counters"]["bytes_out"], 10 * 128);
 }
 
-/// An upgrade from the version with one conntrack table for both families (`OBS_CT`): the new
-/// daemon removes that pin, re-adopts the rest, and picks the open connection up again.
+/// An upgrade from the version with one conntrack table for both families (`OBS_CT`, 40-byte
+/// keys): the new daemon copies its connections into the tables by family and removes it, so
+/// an open connection keeps its entry, its verdicts and its counters.
 #[test]
-fn an_upgrade_across_the_conntrack_split_removes_the_old_table() {
+fn an_upgrade_across_the_conntrack_split_keeps_open_connections() {
+    use aya::maps::{HashMap, Map, MapData};
+    use observer_common::{CtEntry, CtKey, CtKey4};
     let mut bed = TestBed::overlay("ctsplit").unwrap();
     for name in ["a", "b"] {
         bed.add_pod(PodSpec {
@@ -232,27 +235,74 @@ fn an_upgrade_across_the_conntrack_split_removes_the_old_table() {
     udp_round(&a.netns, src, dst, 4);
     unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
     bed.stop_daemon(&first);
-    // The old version's pin, as it would be found: its table under the old name.
-    std::fs::rename(first.pin_dir.join("OBS_CT4"), first.pin_dir.join("OBS_CT")).unwrap();
+
+    // What the old version leaves pinned: one table of both families under the full key, and
+    // none of the new ones.
+    let pins = &first.pin_dir;
+    let held: Vec<(CtKey4, CtEntry)> = {
+        let t = MapData::from_pin(pins.join("OBS_CT4")).unwrap();
+        let t: HashMap<MapData, CtKey4, CtEntry> = HashMap::try_from(Map::LruHashMap(t)).unwrap();
+        t.iter().map(|r| r.unwrap()).collect()
+    };
+    assert!(!held.is_empty(), "the connection is in the table");
+    old_table(&pins.join("OBS_CT"));
+    let mut old: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(
+        MapData::from_pin(pins.join("OBS_CT")).unwrap(),
+    ))
+    .unwrap();
+    for (k, e) in &held {
+        old.insert(k.widen(), e, 0).unwrap();
+    }
+    drop(old);
+    std::fs::remove_file(pins.join("OBS_CT4")).unwrap();
+    std::fs::remove_file(pins.join("OBS_CT6")).unwrap();
 
     let second = bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
     let log = second.log_text();
     assert!(
-        log.contains("conntrack table of an earlier version"),
+        log.contains("conntrack table of an earlier version") && log.contains("copied="),
         "{log}"
     );
-    assert!(log.contains("re-adopting pinned maps"), "{log}");
     assert!(!second.pin_dir.join("OBS_CT").exists(), "old table removed");
-    assert!(second.pin_dir.join("OBS_CT4").exists(), "new table pinned");
     udp_round(&a.netns, src, dst, 6);
     server.join().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let ct = second.get_lines("/v1/conntrack").unwrap();
     let r = flow(&ct, "UDP", &a.ip4.to_string(), &b.ip4.to_string())
-        .expect("the connection is picked up again");
-    // Its counters start over in the new table.
-    assert_eq!(r["counters"]["packets_out"], 6);
-    assert_eq!(r["counters"]["packets_in"], 6);
+        .expect("the connection is in the new table");
+    // 4 before the upgrade and 6 after, one entry: carried over, not picked up again.
+    assert_eq!(r["counters"]["packets_out"], 10);
+    assert_eq!(r["counters"]["packets_in"], 10);
+}
+
+/// Pins at `path` an empty conntrack table of the layout before the split (an LRU hash map of
+/// 40-byte keys and 88-byte entries), as that version's daemon created it.
+fn old_table(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    let mut attr = [0u8; 128];
+    for (at, v) in [(0, BPF_MAP_TYPE_LRU_HASH), (4, 40), (8, 88), (12, 4096)] {
+        attr[at..at + 4].copy_from_slice(&u32::to_ne_bytes(v));
+    }
+    attr[28..34].copy_from_slice(b"OBS_CT");
+    let bpf = |cmd: libc::c_long, attr: &mut [u8; 128]| unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len())
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr);
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(name.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    let r = bpf(BPF_OBJ_PIN, &mut attr);
+    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    unsafe { libc::close(fd as i32) };
 }
 
 /// Another tool's tc filter on `ifname`'s clsact ingress: observer's `tc_empty` program at a

@@ -63,7 +63,7 @@ fn datapath(p: &mut Prom, s: &Status) {
     p.single(
         "observer_conntrack_entries",
         "gauge",
-        "Connections in the kernel conntrack tables (both families), as of the daemon's last sweep of it (every 1-5 s).",
+        "Connections in the kernel conntrack tables (both families), as of the daemon's last sweep of them (every 1-10 s).",
         s.conntrack_entries,
     );
     p.single(
