@@ -1063,11 +1063,15 @@ impl Datapath {
         }
     }
 
-    /// How many connections the conntrack tables hold, counted batch by batch (nothing kept).
-    pub fn conntrack_len(&self) -> Result<usize> {
-        let mut n = 0;
-        self.visit_conntrack(|_, _| n += 1)?;
-        Ok(n)
+    /// How many connections the conntrack tables hold, and of those IPv6, counted batch by
+    /// batch (nothing kept).
+    pub fn conntrack_len(&self) -> Result<(usize, usize)> {
+        let (mut n, mut v6) = (0, 0);
+        self.visit_conntrack(|k, _| {
+            n += 1;
+            v6 += (k.family != AF_INET) as usize;
+        })?;
+        Ok((n, v6))
     }
 
     fn conntrack_data(&self, table: &str) -> Result<&MapData> {

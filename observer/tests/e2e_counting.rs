@@ -478,6 +478,22 @@ fn per_flow_packets_and_bytes_are_exact() {
         }
     }
     let status: Value = serde_json::from_str(&daemon.get("/v1/status").unwrap()).unwrap();
+    // IPv6 connections live in a table of their own; the status counts them apart, and both
+    // tables make the total.
+    let v6_listed = conntrack
+        .iter()
+        .filter(|r| r["ip"]["src"].as_str().is_some_and(|a| a.contains(':')))
+        .count() as u64;
+    let (total, v6) = (
+        status["conntrack_entries"].as_u64().unwrap(),
+        status["conntrack_entries_ipv6"].as_u64().unwrap(),
+    );
+    if v6_listed == 0 || v6 != v6_listed || total != conntrack.len() as u64 {
+        failures.push(format!(
+            "status counts {total} connections, {v6} IPv6; the table lists {}, {v6_listed} IPv6",
+            conntrack.len()
+        ));
+    }
     // Between the two pods, IPv4 TCP and UDP packets passed at the source's veth are handed
     // over to the destination's (`handed_over`), which does not look them up again: nearly all
     // of them (one the stack held back, waiting for the neighbour's address, is looked up in

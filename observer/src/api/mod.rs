@@ -27,6 +27,9 @@ pub struct Status {
     pub pin_dir: String,
     pub interfaces: Vec<(u32, String)>,
     pub conntrack_entries: usize,
+    /// Of `conntrack_entries`, the IPv6 table's.
+    #[serde(default)]
+    pub conntrack_entries_ipv6: usize,
     pub history: usize,
     pub kernel: Vec<(String, u64)>,
     pub pods: usize,
@@ -243,7 +246,7 @@ pub enum Count {
 }
 
 pub fn status_of(shared: &Shared, count: Count) -> Status {
-    let (kernel, ct, mode, uplink) = {
+    let (kernel, (ct, ct6), mode, uplink) = {
         let dp = shared.dp.lock().unwrap();
         let kernel = dp
             .stats()
@@ -252,10 +255,13 @@ pub fn status_of(shared: &Shared, count: Count) -> Status {
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         let ct = match count {
-            Count::Exact => dp.conntrack_len().unwrap_or(0),
-            Count::Swept => shared
-                .conntrack_swept
-                .load(std::sync::atomic::Ordering::Relaxed),
+            Count::Exact => dp.conntrack_len().unwrap_or((0, 0)),
+            Count::Swept => {
+                let n = |a: &std::sync::atomic::AtomicUsize| {
+                    a.load(std::sync::atomic::Ordering::Relaxed)
+                };
+                (n(&shared.conntrack_swept), n(&shared.conntrack_swept_v6))
+            }
         };
         let uplink = dp.uplink_counters().unwrap_or_default();
         (kernel, ct, format!("{:?}", dp.mode).to_lowercase(), uplink)
@@ -292,6 +298,7 @@ pub fn status_of(shared: &Shared, count: Count) -> Status {
         pin_dir: shared.opts.pin_dir.display().to_string(),
         interfaces,
         conntrack_entries: ct,
+        conntrack_entries_ipv6: ct6,
         history: st.history.len(),
         kernel,
         pods: st.cluster.pods.len(),

@@ -60,12 +60,16 @@ fn datapath(p: &mut Prom, s: &Status) {
     for (k, v) in &s.kernel {
         p.sample("observer_datapath_total", &[("kind", k)], v);
     }
-    p.single(
+    p.family(
         "observer_conntrack_entries",
         "gauge",
-        "Connections in the kernel conntrack tables (both families), as of the daemon's last sweep of them (every 1-10 s).",
-        s.conntrack_entries,
+        "Connections in the kernel conntrack tables, one per address family, as of the daemon's last sweep of them (every 1-10 s).",
     );
+    let v6 = s.conntrack_entries_ipv6;
+    let v4 = s.conntrack_entries.saturating_sub(v6);
+    for (family, n) in [("ipv4", v4), ("ipv6", v6)] {
+        p.sample("observer_conntrack_entries", &[("family", family)], n);
+    }
     p.single(
         "observer_attached_interfaces",
         "gauge",

@@ -25,8 +25,8 @@ pub(super) fn run(a: ClientArgs) -> Result<()> {
             .join(" ")
     );
     println!(
-        "conntrack:     {} entries   history: {} records",
-        s.conntrack_entries, s.history
+        "conntrack:     {} entries ({} IPv6)   history: {} records",
+        s.conntrack_entries, s.conntrack_entries_ipv6, s.history
     );
     println!(
         "cluster:       {} pods, {} local endpoints, last sync {}",

@@ -144,10 +144,11 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
     // Only what the sweep acts on is copied out of the kernel's table: connections past their
     // timeout, NodePort connections (their notes). The rest, nearly all of a busy table, is
     // counted and left.
-    let (mut total, mut entries) = (0usize, Vec::new());
+    let (mut total, mut v6, mut entries) = (0usize, 0usize, Vec::new());
     let mut live = prune.then(foldhash::HashSet::<CtKey>::default);
     shared.dp.lock().unwrap().visit_conntrack(|k, e| {
         total += 1;
+        v6 += (k.family != observer_common::AF_INET) as usize;
         if let Some(live) = live.as_mut() {
             live.insert(*k);
         }
@@ -162,6 +163,9 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
     shared
         .conntrack_swept
         .store(total, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .conntrack_swept_v6
+        .store(v6, std::sync::atomic::Ordering::Relaxed);
     sweep_nodeport_notes(shared, &entries, now_ns);
     let mut publish = Vec::new();
     let mut late_closes = Vec::new();

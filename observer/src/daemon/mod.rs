@@ -199,6 +199,8 @@ pub struct Shared {
     /// report this rather than reading a full table (a quarter of a million entries, 0.1 s of
     /// CPU with the datapath lock held) at every scrape.
     pub conntrack_swept: std::sync::atomic::AtomicUsize,
+    /// Of those, IPv6 connections (their own table).
+    pub conntrack_swept_v6: std::sync::atomic::AtomicUsize,
 }
 
 impl State {
@@ -249,6 +251,7 @@ pub async fn run(opts: Options) -> Result<()> {
         started: std::time::SystemTime::now(),
         kernel_features: features.summary(),
         conntrack_swept: Default::default(),
+        conntrack_swept_v6: Default::default(),
     });
 
     // Cluster state before interfaces, so the first flows are already classified.
