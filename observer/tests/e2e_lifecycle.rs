@@ -145,25 +145,23 @@ fn udp_round(ns: &str, src: SocketAddr, dst: SocketAddr, n: usize) {
     .unwrap();
 }
 
-#[test]
-fn a_restarted_daemon_readopts_pinned_maps_and_counters_continue() {
-    let mut bed = TestBed::overlay("rst").unwrap();
-    bed.add_pod(PodSpec {
-        namespace: "x",
-        name: "a",
-        labels: &[],
-        ports: &[],
-    })
-    .unwrap();
-    bed.add_pod(PodSpec {
-        namespace: "x",
-        name: "b",
-        labels: &[],
-        ports: &[],
-    })
-    .unwrap();
+/// Two pods of a node, `b` echoing 10 UDP datagrams on `port` (one connection from `a`), and a
+/// daemon that saw the first 4 of them and was killed (SIGKILL: no chance to clean up).
+struct KilledMidway {
+    bed: TestBed,
+    first: observer_tests::Daemon,
+    a: observer_tests::Pod,
+    b: observer_tests::Pod,
+    src: SocketAddr,
+    dst: SocketAddr,
+    server: std::thread::JoinHandle<()>,
+}
+
+fn killed_midway(tag: &str, port: u16) -> KilledMidway {
+    let mut bed = TestBed::overlay(tag).unwrap();
+    bed.add_app_pods("x", &[("a", "a"), ("b", "b")]).unwrap();
     let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
-    let echo = in_netns(&b.netns, || UdpSocket::bind(("::", 7007)).unwrap()).unwrap();
+    let echo = in_netns(&b.netns, move || UdpSocket::bind(("::", port)).unwrap()).unwrap();
     let server = std::thread::spawn(move || {
         let mut buf = [0u8; 256];
         for _ in 0..10 {
@@ -171,31 +169,50 @@ fn a_restarted_daemon_readopts_pinned_maps_and_counters_continue() {
             echo.send_to(&buf[..n], from).unwrap();
         }
     });
-    let src = SocketAddr::new(a.ip4, 43000);
-    let dst = SocketAddr::new(b.ip4, 7007);
-
+    let src = SocketAddr::new(a.ip4, 43000 + port % 1000);
+    let dst = SocketAddr::new(b.ip4, port);
     let first = bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
     udp_round(&a.netns, src, dst, 4);
-    // SIGKILL: no chance to clean up.
     unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
     bed.stop_daemon(&first);
+    KilledMidway {
+        bed,
+        first,
+        a,
+        b,
+        src,
+        dst,
+        server,
+    }
+}
+
+impl KilledMidway {
+    /// The last 6 datagrams under `second`; the connection's entry as it lists it.
+    fn finish(self, second: &observer_tests::Daemon) -> Value {
+        udp_round(&self.a.netns, self.src, self.dst, 6);
+        self.server.join().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let ct = second.get_lines("/v1/conntrack").unwrap();
+        flow(&ct, "UDP", &self.a.ip4.to_string(), &self.b.ip4.to_string())
+            .expect("the connection is in the table")
+            .clone()
+    }
+}
+
+#[test]
+fn a_restarted_daemon_readopts_pinned_maps_and_counters_continue() {
+    let mut k = killed_midway("rst", 7007);
     assert!(
-        first.pin_dir.join("OBS_CT4").exists(),
+        k.first.pin_dir.join("OBS_CT4").exists(),
         "conntrack map pinned"
     );
-
-    let second = bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
+    let second = k.bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
     assert!(
         second.log_text().contains("re-adopting pinned maps"),
         "{}",
         second.log_text()
     );
-    udp_round(&a.netns, src, dst, 6);
-    server.join().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let ct = second.get_lines("/v1/conntrack").unwrap();
-    let r = flow(&ct, "UDP", &a.ip4.to_string(), &b.ip4.to_string())
-        .expect("flow survives the restart");
+    let r = k.finish(&second);
     // 4 before and 6 after the restart, one entry: 20 + 8 + 100 bytes each.
     assert_eq!(r["counters"]["packets_out"], 10);
     assert_eq!(r["counters"]["packets_in"], 10);
@@ -209,36 +226,11 @@ fn a_restarted_daemon_readopts_pinned_maps_and_counters_continue() {
 fn an_upgrade_across_the_conntrack_split_keeps_open_connections() {
     use aya::maps::{HashMap, Map, MapData};
     use observer_common::{CtEntry, CtKey, CtKey4};
-    let mut bed = TestBed::overlay("ctsplit").unwrap();
-    for name in ["a", "b"] {
-        bed.add_pod(PodSpec {
-            namespace: "x",
-            name,
-            labels: &[],
-            ports: &[],
-        })
-        .unwrap();
-    }
-    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
-    let echo = in_netns(&b.netns, || UdpSocket::bind(("::", 7008)).unwrap()).unwrap();
-    let server = std::thread::spawn(move || {
-        let mut buf = [0u8; 256];
-        for _ in 0..10 {
-            let (n, from) = echo.recv_from(&mut buf).unwrap();
-            echo.send_to(&buf[..n], from).unwrap();
-        }
-    });
-    let src = SocketAddr::new(a.ip4, 43001);
-    let dst = SocketAddr::new(b.ip4, 7008);
-
-    let first = bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
-    udp_round(&a.netns, src, dst, 4);
-    unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
-    bed.stop_daemon(&first);
+    let mut k = killed_midway("ctsplit", 7008);
 
     // What the old version leaves pinned: one table of both families under the full key, and
     // none of the new ones.
-    let pins = &first.pin_dir;
+    let pins = &k.first.pin_dir;
     let held: Vec<(CtKey4, CtEntry)> = {
         let t = MapData::from_pin(pins.join("OBS_CT4")).unwrap();
         let t: HashMap<MapData, CtKey4, CtEntry> = HashMap::try_from(Map::LruHashMap(t)).unwrap();
@@ -257,19 +249,14 @@ fn an_upgrade_across_the_conntrack_split_keeps_open_connections() {
     std::fs::remove_file(pins.join("OBS_CT4")).unwrap();
     std::fs::remove_file(pins.join("OBS_CT6")).unwrap();
 
-    let second = bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
+    let second = k.bed.start_daemon(OBSERVER.as_ref(), &[]).unwrap();
     let log = second.log_text();
     assert!(
         log.contains("conntrack table of an earlier version") && log.contains("copied="),
         "{log}"
     );
     assert!(!second.pin_dir.join("OBS_CT").exists(), "old table removed");
-    udp_round(&a.netns, src, dst, 6);
-    server.join().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let ct = second.get_lines("/v1/conntrack").unwrap();
-    let r = flow(&ct, "UDP", &a.ip4.to_string(), &b.ip4.to_string())
-        .expect("the connection is in the new table");
+    let r = k.finish(&second);
     // 4 before the upgrade and 6 after, one entry: carried over, not picked up again.
     assert_eq!(r["counters"]["packets_out"], 10);
     assert_eq!(r["counters"]["packets_in"], 10);
@@ -354,15 +341,8 @@ fn tc_state(ns: &str, ifname: &str) -> (bool, String) {
 #[test]
 fn uninstall_on_clsact_removes_only_what_observer_added() {
     let mut bed = TestBed::overlay("unc").unwrap();
-    for name in ["a", "b", "c"] {
-        bed.add_pod(PodSpec {
-            namespace: "x",
-            name,
-            labels: &[],
-            ports: &[],
-        })
+    bed.add_app_pods("x", &[("a", "a"), ("b", "b"), ("c", "c")])
         .unwrap();
-    }
     let ns = bed.node_ns.clone();
     let [a, b, c] = ["a", "b", "c"].map(|p| bed.pod(p).host_if.clone());
     // a: another tool's qdisc, empty, there before observer.
