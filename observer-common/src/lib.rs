@@ -24,7 +24,7 @@ pub mod maps {
     /// IPv6 connections, under the full [`crate::CtKey`].
     pub const CONNTRACK6: &str = "OBS_CT6";
     /// Before the tables were split by family: one table of both under `CtKey`. A daemon that
-    /// finds it removes it (its connections are picked up again from their next packets).
+    /// finds it copies its connections into the two tables, then removes it.
     pub const CONNTRACK_BEFORE_SPLIT: &str = "OBS_CT";
     pub const ENDPOINTS: &str = "OBS_ENDPOINTS";
     pub const IPCACHE: &str = "OBS_IPCACHE";

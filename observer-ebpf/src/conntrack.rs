@@ -21,8 +21,8 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
 
 /// Canonical key and whether the packet travels from endpoint `a` to `b`.
 #[inline(always)]
@@ -554,68 +554,48 @@ fn create<C: EbpfContext>(
         emit_drop_sampled(key, e, cfg.drop_events_per_cpu_s, now);
         return verdict(e.flags, cfg.enforce);
     }
-    // A reused tuple replaces its closed entry at once (one insert; with `BPF_NOEXIST` first it
-    // took a failed insert and a second lookup, on every reuse of a tuple within the closed
-    // entry's linger). Gone meanwhile (the daemon removed it): inserted as new.
-    let placed = if reopen {
-        insert(key, e, BPF_EXIST)
-    } else {
-        Err(0)
-    };
-    match placed.or_else(|_| insert(key, e, BPF_NOEXIST)) {
-        Ok(()) => {
-            let kind = if e.flags & ct_flags::DENIED != 0 {
-                EventKind::Drop
-            } else {
-                EventKind::New
-            };
-            created(hook, first_is_reply);
-            emit(kind, key, e);
-            verdict(e.flags, cfg.enforce)
-        }
-        Err(_) => match lookup(key) {
+    // A tuple reused while its closed entry lingers replaces that entry in one insert (made
+    // anew if the daemon removed it meanwhile); a new tuple must not overwrite a connection
+    // another CPU created first.
+    let placing = if reopen { BPF_ANY } else { BPF_NOEXIST };
+    if insert(key, e, placing).is_err() {
+        let Some(existing) = lookup(key) else {
+            insert_failed(ctx, ifindex);
+            return verdict(e.flags, cfg.enforce);
+        };
+        let existing = unsafe { &mut *existing };
+        if existing.flags & ct_flags::CLOSED == 0 {
             // Another CPU created it first: count the packet there.
-            Some(existing) => {
-                let existing = unsafe { &mut *existing };
-                if existing.flags & ct_flags::CLOSED != 0 {
-                    // Reopened tuple: replace the closed entry.
-                    if insert(key, e, 0).is_ok() {
-                        let kind = if e.flags & ct_flags::DENIED != 0 {
-                            EventKind::Drop
-                        } else {
-                            EventKind::New
-                        };
-                        created(hook, first_is_reply);
-                        emit(kind, key, e);
-                        return verdict(e.flags, cfg.enforce);
-                    }
-                    insert_failed(ctx, ifindex);
-                    // Fail closed: the verdict taken above still applies.
-                    verdict(e.flags, cfg.enforce)
-                } else {
-                    let action =
-                        verdict(existing.flags | (e.flags & ct_flags::DENIED), cfg.enforce);
-                    if count.applies(action) {
-                        update(
-                            key,
-                            existing,
-                            from_a,
-                            bytes,
-                            now,
-                            flags,
-                            is_tcp,
-                            cfg.report_interval_ns,
-                        );
-                    }
-                    action
-                }
+            let action = verdict(existing.flags | (e.flags & ct_flags::DENIED), cfg.enforce);
+            if count.applies(action) {
+                update(
+                    key,
+                    existing,
+                    from_a,
+                    bytes,
+                    now,
+                    flags,
+                    is_tcp,
+                    cfg.report_interval_ns,
+                );
             }
-            None => {
-                insert_failed(ctx, ifindex);
-                verdict(e.flags, cfg.enforce)
-            }
-        },
+            return action;
+        }
+        // A reused tuple whose entry closed after this packet's lookup: replaced too.
+        if insert(key, e, BPF_ANY).is_err() {
+            insert_failed(ctx, ifindex);
+            // Fail closed: the verdict taken above still applies.
+            return verdict(e.flags, cfg.enforce);
+        }
     }
+    let kind = if e.flags & ct_flags::DENIED != 0 {
+        EventKind::Drop
+    } else {
+        EventKind::New
+    };
+    created(hook, first_is_reply);
+    emit(kind, key, e);
+    verdict(e.flags, cfg.enforce)
 }
 
 #[inline(always)]

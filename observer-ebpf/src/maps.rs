@@ -18,7 +18,8 @@ use crate::{
     parse::{FragKey, FragPorts, Packet},
 };
 
-/// IPv4 connections under their 16-byte key; IPv6 ones in `CT6` (`conntrack::lookup` and `insert` choose).
+/// IPv4 connections under their 16-byte key; IPv6 ones in `CT6` (`conntrack::lookup` and
+/// `insert` choose).
 #[map(name = "OBS_CT4")]
 pub static CT4: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
 

@@ -474,20 +474,11 @@ impl Datapath {
                     Err(_) => failed += 1,
                 }
             };
-            let read = lookup_batch(&old, |k: &[CtKey], v: &[CtEntry]| {
+            // Batches exist on every kernel observer runs on (Linux 5.6; the floor is 5.15).
+            lookup_batch(&old, |k: &[CtKey], v: &[CtEntry]| {
                 k.iter().zip(v).for_each(|(k, e)| copy(k, e))
-            });
-            match read {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    let m: aya::maps::HashMap<MapData, CtKey, CtEntry> =
-                        aya::maps::HashMap::try_from(Map::LruHashMap(old))?;
-                    for (k, e) in m.iter().filter_map(|r| r.ok()) {
-                        copy(&k, &e);
-                    }
-                }
-                Err(e) => return Err(e).context("reading the conntrack table before the split"),
-            }
+            })
+            .context("reading the conntrack table before the split")?;
         }
         warn!(
             map = maps::CONNTRACK_BEFORE_SPLIT,
@@ -980,9 +971,14 @@ impl Datapath {
     /// (`BPF_MAP_DELETE_BATCH`, Linux 5.6); one call each where the kernel has no batches.
     /// A key already gone is skipped. Returns how many were removed.
     pub fn remove_conntrack(&mut self, keys: &[CtKey]) -> Result<usize> {
-        let (v4, v6): (Vec<&CtKey>, Vec<&CtKey>) = keys.iter().partition(|k| k.family == AF_INET);
-        let v4: Vec<CtKey4> = v4.into_iter().map(CtKey::v4).collect();
-        let v6: Vec<CtKey> = v6.into_iter().copied().collect();
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for k in keys {
+            if k.family == AF_INET {
+                v4.push(k.v4());
+            } else {
+                v6.push(*k);
+            }
+        }
         Ok(self.remove_from(maps::CONNTRACK4, &v4)? + self.remove_from(maps::CONNTRACK6, &v6)?)
     }
 
