@@ -13,9 +13,10 @@ const EVENT_BATCH: usize = 4096;
 
 /// Events handled between yields of the CPU: a batch of a 64 KiB wake-up is about 600 events,
 /// over a millisecond of work, and the scheduler lets a thread run that long before a pod's
-/// thread that woke on its CPU gets it (EEVDF's run to parity); a yield every ~100 µs lets it
-/// in. With nothing else to run, a yield returns at once.
-const YIELD_EVERY: usize = 64;
+/// thread that woke on its CPU gets it (EEVDF's run to parity); a yield every ~25-40 µs lets
+/// it in. With nothing else to run, a yield returns at once. Every 64 events, a pod's p99
+/// latency paid about 4 points more; every 8, the daemon a tenth more CPU (BENCHMARKS.md).
+const YIELD_EVERY: usize = 16;
 
 pub(super) async fn events_task(shared: Arc<Shared>, ring: RingBuf<MapData>) -> Result<()> {
     let mut fd = crate::netlink::readable(ring)?;
