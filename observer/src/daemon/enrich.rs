@@ -59,7 +59,7 @@ impl Shared {
                 None => {
                     let s = link.and_then(|l| service_ref(&st.cluster, l));
                     if s.is_some() {
-                        st.conns.entry(*key).or_default().service = s.clone();
+                        st.conns.at(key).service = s.clone();
                     }
                     s
                 }
@@ -85,7 +85,7 @@ pub(super) fn count_pod_traffic(st: &mut State, opts: &Options, key: &CtKey, rec
     if d.iter().all(|v| *v == 0) {
         return;
     }
-    st.conns.entry(*key).or_default().counted = now;
+    st.conns.at(key).counted = now;
     // [egress packets, egress bytes, ingress packets, ingress bytes] of each local end: the
     // source sends `out` and receives `in`, the destination the reverse.
     let ends = [

@@ -146,6 +146,7 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
     // counted and left.
     let (mut total, mut v6, mut entries) = (0usize, 0usize, Vec::new());
     let mut live = prune.then(foldhash::HashSet::<CtKey>::default);
+    let read = prune.then(|| shared.state.lock().unwrap().conns.begin_read());
     shared.dp.lock().unwrap().visit_conntrack(|k, e| {
         total += 1;
         v6 += (k.family != observer_common::AF_INET) as usize;
@@ -205,8 +206,9 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
             }
             expire.push(*k);
         }
-        if let Some(live) = live {
-            st.conns.retain(|k, _| live.contains(k));
+        if let (Some(live), Some(read)) = (live, read) {
+            st.conns.prune(read, |k| live.contains(k));
+            // Only the sweep adds these, from what its read found.
             st.late_closes.retain(|(k, _)| live.contains(k));
         }
         st.metrics.conntrack_expired_total += expire.len() as u64;

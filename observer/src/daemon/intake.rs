@@ -95,9 +95,7 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
             // the map's growth most of the daemon's work at hundreds of thousands per second.
             {
                 let mut st = shared.state.lock().unwrap();
-                if let Some(c) = st.conns.get_mut(&ev.key) {
-                    *c = Conn::default();
-                }
+                st.conns.restart(&ev.key);
                 reopened(&mut st, &ev.key, ev.first_seen_ns);
             }
             emit(shared, kind, &ev.key, &e);

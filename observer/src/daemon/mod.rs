@@ -6,6 +6,7 @@
 //! the maps), `closes` (a TCP close's record after its grace), `gc` (the conntrack sweep),
 //! `metrics`. This file: options, shared state, `run`.
 mod closes;
+mod conns;
 mod enrich;
 mod gc;
 mod intake;
@@ -128,28 +129,11 @@ pub struct Options {
     pub pod_metrics_max: usize,
 }
 
-/// Per-connection bookkeeping in userspace.
-#[derive(Default)]
-struct Conn {
-    /// Counters already added to the per-pod traffic metrics.
-    counted: [u64; 4],
-    /// The connection's SNAT, once joined with its translation.
-    snat: Option<crate::snat::SnatInfo>,
-    /// `snat` says untranslated because the kernel had no entry when looked up (its opening
-    /// packet never left, e.g. a first SYN dropped on the way); a translation seen later
-    /// corrects it.
-    snat_assumed: bool,
-    /// The Service it was opened to (and, from outside, the client before kube-proxy's
-    /// masquerade), once read from the kernel's links.
-    service: Option<(flows::ServiceRef, Option<std::net::SocketAddr>)>,
-}
-
 pub struct State {
     pub cluster: Arc<Cluster>,
     /// Fast hashers here and below: each record looks its ends up, counts and names them.
     pub by_ip: foldhash::HashMap<IpAddr, Arc<PodInfo>>,
-    /// Keyed with a fast hasher: every kernel event and the sweep's pruning hash into it.
-    conns: foldhash::HashMap<CtKey, Conn>,
+    conns: conns::Conns,
     /// TCP closes waiting for `close_grace`, oldest first.
     closing: CloseQueue,
     /// When the last read of the kernel's event ring that emptied it began: every event the

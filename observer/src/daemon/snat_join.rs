@@ -139,7 +139,7 @@ pub(super) fn settle(
         *st.metrics.snat_flows.entry(info.expectation).or_default() += 1;
     }
     *st.metrics.snat_settled.entry(how).or_default() += 1;
-    let conn = st.conns.entry(*key).or_default();
+    let conn = st.conns.at(key);
     conn.snat = Some(info.clone());
     conn.snat_assumed = how == "absent";
     rec.snat = Some(info);
