@@ -968,7 +968,7 @@ impl Datapath {
     }
 
     /// Removes these connections from the kernel's tables, thousands per system call
-    /// (`BPF_MAP_DELETE_BATCH`, Linux 5.6); one call each where the kernel has no batches.
+    /// (`BPF_MAP_DELETE_BATCH`, Linux 5.6, below the supported floor of 5.15).
     /// A key already gone is skipped. Returns how many were removed.
     pub fn remove_conntrack(&mut self, keys: &[CtKey]) -> Result<usize> {
         let (mut v4, mut v6) = (Vec::new(), Vec::new());
@@ -986,16 +986,7 @@ impl Datapath {
         if keys.is_empty() {
             return Ok(0);
         }
-        let data = self.conntrack_data(table)?;
-        match delete_batch(data, keys) {
-            Ok(n) => Ok(n),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let mut ct: aya::maps::HashMap<&mut MapData, K, CtEntry> =
-                    aya::maps::HashMap::try_from(self.ebpf.map_mut(table).context("ct map")?)?;
-                Ok(keys.iter().filter(|k| ct.remove(k).is_ok()).count())
-            }
-            Err(e) => Err(e).context("removing conntrack entries"),
-        }
+        delete_batch(self.conntrack_data(table)?, keys).context("removing conntrack entries")
     }
 
     /// Whether the kernel holds NodePort client notes (one system call).
@@ -1041,22 +1032,12 @@ impl Datapath {
     }
 
     fn visit_table<K: aya::Pod>(&self, table: &str, mut f: impl FnMut(&K, &CtEntry)) -> Result<()> {
-        match lookup_batch(self.conntrack_data(table)?, |k: &[K], v: &[CtEntry]| {
+        lookup_batch(self.conntrack_data(table)?, |k: &[K], v: &[CtEntry]| {
             for (k, v) in k.iter().zip(v) {
                 f(k, v);
             }
-        }) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let m: aya::maps::HashMap<&MapData, K, CtEntry> =
-                    aya::maps::HashMap::try_from(self.ebpf.map(table).context("ct map")?)?;
-                for (k, v) in m.iter().filter_map(|r| r.ok()) {
-                    f(&k, &v);
-                }
-                Ok(())
-            }
-            Err(e) => Err(e).context("reading the conntrack map"),
-        }
+        })
+        .context("reading the conntrack map")
     }
 
     /// How many connections the conntrack tables hold, and of those IPv6, counted batch by
