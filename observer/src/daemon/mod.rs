@@ -4,7 +4,8 @@
 //! `snat_join` (the kernel's conntrack, for the wire's source) -> `publish` (history, live
 //! stream, metrics counts). Around it: `links` (interfaces), `sources` (the cluster view into
 //! the maps), `closes` (a TCP close's record after its grace), `gc` (the conntrack sweep),
-//! `metrics`. This file: options, shared state, `run`.
+//! `conns` (per-connection state, pruned by the sweep), `metrics`. This file: options, shared
+//! state, `run`.
 mod closes;
 mod conns;
 mod enrich;
