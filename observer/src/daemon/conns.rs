@@ -20,6 +20,16 @@ pub(super) struct Conn {
     read: u64,
 }
 
+impl Conn {
+    /// Empty state, made while `read` was the latest read begun.
+    fn made_in(read: u64) -> Conn {
+        Conn {
+            read,
+            ..Conn::default()
+        }
+    }
+}
+
 /// Connections' state by key. Keyed with a fast hasher: every kernel event and the sweep's
 /// pruning hash into it.
 #[derive(Default)]
@@ -37,19 +47,13 @@ impl Conns {
     /// The connection's state, made empty if it has none.
     pub fn at(&mut self, key: &CtKey) -> &mut Conn {
         let read = self.reads;
-        self.map.entry(*key).or_insert_with(|| Conn {
-            read,
-            ..Conn::default()
-        })
+        self.map.entry(*key).or_insert_with(|| Conn::made_in(read))
     }
 
     /// A reused tuple starts over: its state, if it has any, is emptied.
     pub fn restart(&mut self, key: &CtKey) {
         if let Some(c) = self.map.get_mut(key) {
-            *c = Conn {
-                read: self.reads,
-                ..Conn::default()
-            };
+            *c = Conn::made_in(self.reads);
         }
     }
 

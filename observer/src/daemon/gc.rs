@@ -145,12 +145,15 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
     // timeout, NodePort connections (their notes). The rest, nearly all of a busy table, is
     // counted and left.
     let (mut total, mut v6, mut entries) = (0usize, 0usize, Vec::new());
-    let mut live = prune.then(foldhash::HashSet::<CtKey>::default);
-    let read = prune.then(|| shared.state.lock().unwrap().conns.begin_read());
+    // Pruning: the read's mark, and the keys it finds.
+    let mut pruning = prune.then(|| {
+        let read = shared.state.lock().unwrap().conns.begin_read();
+        (read, foldhash::HashSet::<CtKey>::default())
+    });
     shared.dp.lock().unwrap().visit_conntrack(|k, e| {
         total += 1;
         v6 += (k.family != observer_common::AF_INET) as usize;
-        if let Some(live) = live.as_mut() {
+        if let Some((_, live)) = pruning.as_mut() {
             live.insert(*k);
         }
         let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
@@ -206,7 +209,7 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
             }
             expire.push(*k);
         }
-        if let (Some(live), Some(read)) = (live, read) {
+        if let Some((read, live)) = pruning {
             st.conns.prune(read, |k| live.contains(k));
             // Only the sweep adds these, from what its read found.
             st.late_closes.retain(|(k, _)| live.contains(k));
