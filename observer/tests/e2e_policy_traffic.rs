@@ -9,9 +9,10 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
+use observer::flows::Timestamp;
 use observer::policy::matrix;
 use observer::policy::Protocol;
 use observer_tests::{in_netns, spawn_in_netns, PodSpec, TestBed};
@@ -386,9 +387,34 @@ fn a_kept_denied_connection_on_a_closed_tuple_outlives_the_old_linger() {
         "the kept connection's entry is gone: {records:#?}"
     );
     assert_eq!(table[0]["event"], "report", "{:#}", table[0]);
-    // The same connection (times to the millisecond: each is converted to wall-clock time
-    // when it is rendered).
-    let ms = |v: &Value| v["first_seen"].as_str().unwrap()[..23].to_string();
-    assert_eq!(ms(&table[0]), ms(drop_[0]), "{:#}", table[0]);
+    // The same connection: its first packet's time, as the drop record gave it, not the first
+    // connection's. Each record converts the kernel's time to wall-clock time when it is built,
+    // 12 s apart here, each from its own reading of both clocks: a reading preempted between
+    // its two clocks, or a wall clock stepped meanwhile, moves one against the other, across a
+    // millisecond now and then. So the times are compared with a margin.
+    let first_seen = |v: &Value| -> SystemTime {
+        v["first_seen"]
+            .as_str()
+            .unwrap()
+            .parse::<Timestamp>()
+            .unwrap()
+            .0
+    };
+    let apart = |a: SystemTime, b: SystemTime| {
+        a.duration_since(b)
+            .or_else(|_| b.duration_since(a))
+            .unwrap()
+    };
+    let (entry, second, first) = (
+        first_seen(&table[0]),
+        first_seen(drop_[0]),
+        first_seen(new[0]),
+    );
+    assert!(
+        apart(entry, second) < Duration::from_millis(20)
+            && apart(entry, second) < apart(entry, first),
+        "the entry is not the kept connection's: {:#} {records:#?}",
+        table[0]
+    );
     drop((second, held));
 }
