@@ -284,7 +284,9 @@ pub fn process<C: EbpfContext>(
     // `missing`: the established path's lookup of this tuple just missed; a connection another
     // CPU creates meanwhile is found by the insert below.
     let hit = if missing { None } else { lookup(&key) };
-    let mut reopen = false;
+    // A plain pointer, null when no entry is reopened: an `Option`'s unset payload would be
+    // refused by the verifier.
+    let mut reopen: *mut CtEntry = core::ptr::null_mut();
     if let Some(e) = hit {
         let e = unsafe { &mut *e };
         if e.flags & ct_flags::SVC_ALIAS != 0 {
@@ -339,7 +341,7 @@ pub fn process<C: EbpfContext>(
             }
             return action;
         }
-        reopen = true;
+        reopen = e as *mut CtEntry;
     }
     let link = match hook {
         Hook::FromPod => {
@@ -472,7 +474,7 @@ fn create<C: EbpfContext>(
     count: Count,
     cfg: &Config,
     link: Link,
-    reopen: bool,
+    reopen: *mut CtEntry,
 ) -> Action {
     let flags = pkt.tcp_flags;
     let is_tcp = pkt.proto == IPPROTO_TCP;
@@ -554,11 +556,16 @@ fn create<C: EbpfContext>(
         emit_drop_sampled(key, e, cfg.drop_events_per_cpu_s, now);
         return verdict(e.flags, cfg.enforce);
     }
-    // A tuple reused while its closed entry lingers replaces that entry in one insert (made
-    // anew if the daemon removed it meanwhile); a new tuple must not overwrite a connection
-    // another CPU created first.
-    let placing = if reopen { BPF_ANY } else { BPF_NOEXIST };
-    if insert(key, e, placing).is_err() {
+    // A tuple reused while its closed entry lingers takes that entry over where it is: an
+    // insert would pop a free element off the LRU's lists and push the old one back, a third of
+    // a new connection's time in traffic, where busy clients reuse their ports within the
+    // linger. Inserted after all if the daemon removed the entry meanwhile. A new tuple must
+    // not overwrite a connection another CPU created first.
+    let placed = !reopen.is_null() && {
+        unsafe { *reopen = *e };
+        lookup(key).is_some()
+    };
+    if !placed && insert(key, e, BPF_NOEXIST).is_err() {
         let Some(existing) = lookup(key) else {
             insert_failed(ctx, ifindex);
             return verdict(e.flags, cfg.enforce);
