@@ -459,6 +459,8 @@ fn created(hook: Hook, first_is_reply: bool) {
     }
 }
 
+/// Opens the connection `pkt` starts: judges it and, unless it is dropped, enters it in the
+/// table (`reopen`: the lingering closed entry of its tuple to take over, or null).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn create<C: EbpfContext>(
