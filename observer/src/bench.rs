@@ -343,8 +343,40 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
         ));
     }
     out.push(from_pod_syn_ack(repeat, rounds)?);
+    out.push(from_pod_reopened(rounds)?);
     out.extend(to_pod_local(repeat, rounds)?);
     Ok(out)
+}
+
+/// The source ports `bench_new_conn_out` cycles through: a pass of this many runs takes each
+/// tuple once, in the same order every pass.
+const PORTS: u32 = 64_000;
+
+/// `from_pod` on a TCP opener whose tuple's closed entry still lingers, as a busy client's
+/// reused ports do: it takes the entry over in place. Every round first closes each tuple with
+/// a RST (not measured), then reopens each one. Against the empty program, so the port rewrite
+/// is included, as in `new_connection`.
+fn from_pod_reopened(rounds: usize) -> Result<Measurement> {
+    let syn = packet64(6, 40000, 80, 0x02);
+    let rst = packet64(6, 40000, 80, 0x04);
+    let (subj, base) = with_datapath(None, |dp| {
+        // The port sequence is per CPU.
+        let _pinned = PinnedToCpu::new(0)?;
+        run(dp, programs::BENCH_NEW_CONN_OUT, &syn, PORTS)?;
+        let (mut subj, mut base) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            base.push(run(dp, programs::TC_EMPTY, &syn, PORTS)?);
+            run(dp, programs::BENCH_NEW_CONN_OUT, &rst, PORTS)?;
+            subj.push(run(dp, programs::BENCH_NEW_CONN_OUT, &syn, PORTS)?);
+        }
+        Ok((subj, base))
+    })?;
+    Ok(measurement(
+        "from_pod/tcp/reopened_connection".into(),
+        subj,
+        base,
+        format!("repeat={PORTS} (each source port once), median of {rounds} rounds, each tuple closed by a RST before"),
+    ))
 }
 
 /// A second pod of the node, the destination of the local cases.
@@ -473,6 +505,7 @@ fn with_datapath<T>(
     for p in [
         programs::TC_EMPTY,
         programs::BENCH_NEW_CONN,
+        programs::BENCH_NEW_CONN_OUT,
         programs::BENCH_REWRITE,
     ] {
         dp.load_program(p)?;
