@@ -76,6 +76,9 @@ pub mod programs {
     /// Benchmark only: new connections keeping the destination port, through from_pod / to_pod.
     pub const BENCH_NEW_CONN_OUT: &str = "bench_new_conn_out";
     pub const BENCH_NEW_CONN_IN: &str = "bench_new_conn_in";
+    /// The source ports `bench_new_conn_out` and `bench_new_conn_in` cycle through, from 1024:
+    /// a pass of this many runs takes each once, in the same order every pass.
+    pub const BENCH_SOURCE_PORTS: u32 = 64_000;
 }
 
 /// The IPv4 conntrack table.

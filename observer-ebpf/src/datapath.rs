@@ -298,14 +298,14 @@ pub fn bench_new_conn(ctx: TcContext) -> i32 {
     observe_from_pod(&ctx)
 }
 
-/// Benchmark support: a new source port (1024-65535) per run, keeping the destination port, so
-/// policy rules on that port keep matching.
+/// Benchmark support: the next of `BENCH_SOURCE_PORTS` source ports from 1024 per run, keeping
+/// the destination port, so policy rules on that port keep matching.
 #[inline(always)]
 fn next_sport(ctx: &TcContext) -> bool {
     let Some(seq) = next_seq() else {
         return false;
     };
-    let port = (1024 + seq % 64000) as u16;
+    let port = (1024 + seq % observer_common::programs::BENCH_SOURCE_PORTS) as u16;
     let p = ctx.data() + 34;
     if p + 2 > ctx.data_end() {
         return false;

@@ -348,10 +348,6 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
     Ok(out)
 }
 
-/// The source ports `bench_new_conn_out` cycles through: a pass of this many runs takes each
-/// tuple once, in the same order every pass.
-const PORTS: u32 = 64_000;
-
 /// `from_pod` on a TCP opener whose tuple's closed entry still lingers, as a busy client's
 /// reused ports do: it takes the entry over in place. Every round first closes each tuple with
 /// a RST (not measured), then reopens each one. Against the empty program, so the port rewrite
@@ -359,15 +355,16 @@ const PORTS: u32 = 64_000;
 fn from_pod_reopened(rounds: usize) -> Result<Measurement> {
     let syn = packet64(6, 40000, 80, 0x02);
     let rst = packet64(6, 40000, 80, 0x04);
+    let ports = programs::BENCH_SOURCE_PORTS;
     let (subj, base) = with_datapath(None, |dp| {
         // The port sequence is per CPU.
         let _pinned = PinnedToCpu::new(0)?;
-        run(dp, programs::BENCH_NEW_CONN_OUT, &syn, PORTS)?;
+        run(dp, programs::BENCH_NEW_CONN_OUT, &syn, ports)?;
         let (mut subj, mut base) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
-            base.push(run(dp, programs::TC_EMPTY, &syn, PORTS)?);
-            run(dp, programs::BENCH_NEW_CONN_OUT, &rst, PORTS)?;
-            subj.push(run(dp, programs::BENCH_NEW_CONN_OUT, &syn, PORTS)?);
+            base.push(run(dp, programs::TC_EMPTY, &syn, ports)?);
+            run(dp, programs::BENCH_NEW_CONN_OUT, &rst, ports)?;
+            subj.push(run(dp, programs::BENCH_NEW_CONN_OUT, &syn, ports)?);
         }
         Ok((subj, base))
     })?;
@@ -375,7 +372,7 @@ fn from_pod_reopened(rounds: usize) -> Result<Measurement> {
         "from_pod/tcp/reopened_connection".into(),
         subj,
         base,
-        format!("repeat={PORTS} (each source port once), median of {rounds} rounds, each tuple closed by a RST before"),
+        format!("repeat={ports} (each source port once), median of {rounds} rounds, each tuple closed by a RST before"),
     ))
 }
 
