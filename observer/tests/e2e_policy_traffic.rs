@@ -400,19 +400,14 @@ fn a_kept_denied_connection_on_a_closed_tuple_outlives_the_old_linger() {
             .unwrap()
             .0
     };
-    let apart = |a: SystemTime, b: SystemTime| {
-        a.duration_since(b)
-            .or_else(|_| b.duration_since(a))
-            .unwrap()
-    };
-    let (entry, second, first) = (
+    let apart = |a: SystemTime, b: SystemTime| a.duration_since(b).unwrap_or_else(|e| e.duration());
+    let (entry, kept, first) = (
         first_seen(&table[0]),
         first_seen(drop_[0]),
         first_seen(new[0]),
     );
     assert!(
-        apart(entry, second) < Duration::from_millis(20)
-            && apart(entry, second) < apart(entry, first),
+        apart(entry, kept) < Duration::from_millis(20) && apart(entry, kept) < apart(entry, first),
         "the entry is not the kept connection's: {:#} {records:#?}",
         table[0]
     );
