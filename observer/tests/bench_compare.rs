@@ -9,7 +9,8 @@
 //! last from `app=client` pods. Every new connection is judged against all N.
 //!
 //! Enforcers (a virtual node each; the nodes of one rule count live side by side, so the
-//! connection and throughput rounds interleave: round by round, every enforcer in turn):
+//! connection and throughput rounds interleave: round by round, every enforcer in turn, the
+//! order rotated by one each round so that no enforcer always goes first):
 //! - `none`: the baseline.
 //! - `observer`: the daemon with the policies as YAML (`--source dir:`).
 //! - `npm-iptables`: the shape Azure NPM (iptables mode) writes: an ipset per selector and per
@@ -24,6 +25,8 @@
 //!   to the selected pod goes to a userspace verdict program over NFQUEUE (the bench's own,
 //!   `observer_tests::nfqueue`, walking the same rules); iptables-nft's NFQUEUE target stands
 //!   in for nft's `queue`, which this kernel lacks (`CONFIG_NFT_QUEUE`).
+//! - `none-again`: a second node without enforcement, measured as the others are: its ratios
+//!   to `none` are the run's own noise floor (what two identical nodes read apart).
 //!
 //! Measures, per enforcer, rule count and placement (`local`: client and server on node-1;
 //! `remote`: from node-2): new TCP connections per second from one client thread pinned to one
@@ -73,7 +76,19 @@ use serde_json::json;
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 const PORT: u16 = 8080;
-const ENFORCERS: [&str; 5] = ["none", "observer", "npm-iptables", "nft", "nft-nfqueue"];
+const ENFORCERS: [&str; 6] = [
+    "none",
+    "observer",
+    "npm-iptables",
+    "nft",
+    "nft-nfqueue",
+    "none-again",
+];
+
+/// Nodes without enforcement: the baseline, and its twin for the noise floor.
+fn unenforced(enforcer: &str) -> bool {
+    enforcer == "none" || enforcer == "none-again"
+}
 
 fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
     match std::env::var(name) {
@@ -546,7 +561,7 @@ fn node(enforcer: &'static str, rules: usize) -> Node {
     let mut verdict = None;
     let mut cgroup = None;
     let daemon = match enforcer {
-        "none" => None,
+        "none" | "none-again" => None,
         "observer" => {
             std::fs::write(
                 bed.cluster_dir().join("policies.yaml"),
@@ -622,6 +637,12 @@ fn placements(bed: &TestBed) -> [(&'static str, String); 2] {
     ]
 }
 
+/// The nodes' order in round `round`: rotated by one each round, so that whatever the first
+/// (or last) place of a round brings falls on every enforcer in turn, not always on `none`.
+fn in_turn(round: usize, nodes: usize) -> impl Iterator<Item = usize> {
+    (0..nodes).map(move |k| (k + round) % nodes)
+}
+
 /// New connections through every node of one rule count, a row per enforcer and placement.
 /// Round by round, each node in turn: whatever the machine does meanwhile (the namespaces of
 /// earlier beds torn down in the background, other load) falls on every enforcer alike, and
@@ -640,7 +661,7 @@ fn connections(nodes: &[Node], rules: u64, settings: &Settings) -> Vec<serde_jso
         );
         assert_eq!(
             denied,
-            n.enforcer != "none",
+            !unenforced(n.enforcer),
             "{} at {rules} rules",
             n.enforcer
         );
@@ -658,9 +679,10 @@ fn connections(nodes: &[Node], rules: u64, settings: &Settings) -> Vec<serde_jso
             .map(|d| observer_tests::bench::cpu_ticks(d.pid))
     };
     let ticks0: Vec<_> = nodes.iter().map(ticks).collect();
-    for _ in 0..settings.rounds {
+    for round in 0..settings.rounds {
         for pi in 0..2 {
-            for (n, run) in nodes.iter().zip(&mut runs) {
+            for i in in_turn(round, nodes.len()) {
+                let (n, run) = (&nodes[i], &mut runs[i]);
                 let ns = &placements(&n.bed)[pi].1;
                 let (rate, mut lat) = connect_loop(ns, n.server_addr(), settings.secs);
                 run[pi].0.push(rate);
@@ -708,9 +730,10 @@ fn connections(nodes: &[Node], rules: u64, settings: &Settings) -> Vec<serde_jso
 fn throughput(nodes: &[Node], settings: &Settings, rows: &mut [serde_json::Value]) {
     // Per node and placement: TCP Gbit/s, UDP datagrams/s.
     let mut runs = vec![[(); 2].map(|_| (Vec::new(), Vec::new())); nodes.len()];
-    for _ in 0..settings.rounds {
+    for round in 0..settings.rounds {
         for pi in 0..2 {
-            for (n, run) in nodes.iter().zip(&mut runs) {
+            for i in in_turn(round, nodes.len()) {
+                let (n, run) = (&nodes[i], &mut runs[i]);
                 let server = n.bed.pod("server");
                 let (ns, ip) = (&placements(&n.bed)[pi].1, server.ip4.to_string());
                 run[pi]
@@ -744,7 +767,7 @@ fn flood(
     // Without an enforcer nothing is dropped: the pod answers each SYN, so there is no drop
     // rate to compare. The queued variant's drop rate would be its queue's overflow (the
     // kernel drops what the program has no room for), not a judgement: not measured.
-    if enforcer == "none" || enforcer == "nft-nfqueue" {
+    if unenforced(enforcer) || enforcer == "nft-nfqueue" {
         return Vec::new();
     }
     let mut variants = vec![(enforcer.to_string(), false)];
@@ -845,7 +868,7 @@ fn add_ratios(table: &mut [serde_json::Value], rules: u64) {
             let mut peers = serde_json::Map::new();
             for peer in ENFORCERS
                 .iter()
-                .filter(|e| !["none", "observer"].contains(e))
+                .filter(|e| !unenforced(e) && **e != "observer")
             {
                 if let Some(p) = same(peer) {
                     peers.insert(peer.to_string(), against(r, p));
