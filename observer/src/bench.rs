@@ -283,14 +283,11 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
         let pkt = packet64(proto, 40000, 80, flags);
 
         // Conntrack hit: the first run creates the entry, every later one finds it.
-        let (subj, base, _) = with_datapath(None, |dp| {
+        let (subj, base) = with_datapath(None, |dp| {
             run(dp, programs::FROM_POD, &pkt, 1)?;
-            let (mut subj, mut base) = (Vec::new(), Vec::new());
-            for _ in 0..rounds {
-                base.push(run(dp, programs::TC_EMPTY, &pkt, repeat)?);
-                subj.push(run(dp, programs::FROM_POD, &pkt, repeat)?);
-            }
-            Ok((subj, base, 0.0))
+            against_empty(dp, rounds, &pkt, repeat, |dp| {
+                run(dp, programs::FROM_POD, &pkt, repeat)
+            })
         })?;
         out.push(measurement(
             format!("from_pod/{name}/conntrack_hit"),
@@ -327,13 +324,10 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
 
         // The same with the production table size: past the first 262,144 runs every insert
         // evicts the least recently used entry, as under a flood of new connections.
-        let (subj, base, _) = with_datapath(None, |dp| {
-            let (mut subj, mut base) = (Vec::new(), Vec::new());
-            for _ in 0..rounds {
-                base.push(run(dp, programs::TC_EMPTY, &pkt, repeat)?);
-                subj.push(run(dp, programs::BENCH_NEW_CONN, &pkt, repeat)?);
-            }
-            Ok((subj, base, 0.0))
+        let (subj, base) = with_datapath(None, |dp| {
+            against_empty(dp, rounds, &pkt, repeat, |dp| {
+                run(dp, programs::BENCH_NEW_CONN, &pkt, repeat)
+            })
         })?;
         out.push(measurement(
             format!("from_pod/{name}/new_connection_table_full"),
@@ -360,13 +354,10 @@ fn from_pod_reopened(rounds: usize) -> Result<Measurement> {
         // The port sequence is per CPU.
         let _pinned = PinnedToCpu::new(0)?;
         run(dp, programs::BENCH_NEW_CONN_OUT, &syn, ports)?;
-        let (mut subj, mut base) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            base.push(run(dp, programs::TC_EMPTY, &syn, ports)?);
+        against_empty(dp, rounds, &syn, ports, |dp| {
             run(dp, programs::BENCH_NEW_CONN_OUT, &rst, ports)?;
-            subj.push(run(dp, programs::BENCH_NEW_CONN_OUT, &syn, ports)?);
-        }
-        Ok((subj, base))
+            run(dp, programs::BENCH_NEW_CONN_OUT, &syn, ports)
+        })
     })?;
     Ok(measurement(
         "from_pod/tcp/reopened_connection".into(),
@@ -386,12 +377,9 @@ fn from_pod_syn_ack(repeat: u32, rounds: usize) -> Result<Measurement> {
     let syn_ack = packet64_between(SRC, DST, 6, 8080, 41000, 0x12);
     let (subj, base) = with_datapath(None, |dp| {
         run(dp, programs::TO_POD, &syn, 1)?;
-        let (mut subj, mut base) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            base.push(run(dp, programs::TC_EMPTY, &syn_ack, repeat)?);
-            subj.push(run(dp, programs::FROM_POD, &syn_ack, repeat)?);
-        }
-        Ok((subj, base))
+        against_empty(dp, rounds, &syn_ack, repeat, |dp| {
+            run(dp, programs::FROM_POD, &syn_ack, repeat)
+        })
     })?;
     Ok(measurement(
         "from_pod/tcp/syn_ack_reply".into(),
@@ -445,6 +433,23 @@ fn to_pod_local(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
             method,
         ),
     ])
+}
+
+/// `rounds` rounds of the empty program on `pkt` (`repeat` runs), each followed by `subject`
+/// (which may do unmeasured work before the test run it returns): (subject, baseline) ns.
+fn against_empty(
+    dp: &mut Datapath,
+    rounds: usize,
+    pkt: &[u8],
+    repeat: u32,
+    mut subject: impl FnMut(&mut Datapath) -> Result<f64>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut subj, mut base) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        base.push(run(dp, programs::TC_EMPTY, pkt, repeat)?);
+        subj.push(subject(dp)?);
+    }
+    Ok((subj, base))
 }
 
 /// A tc test run of a packet that entered the node through `ingress_ifindex`.
