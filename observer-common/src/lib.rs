@@ -248,6 +248,16 @@ pub struct CtEntry {
     pub _pad2: u32,
 }
 
+// The kernel programs OR bits into `flags` and `tcp_flags` as one atomic step, through the
+// aligned 8-byte words that hold them: the BPF target has no 32-bit atomic fetch before cpu v3.
+// `flags` is the upper half of its word (little-endian), whose lower half `ifindex` never
+// changes once the entry is made.
+const _: () = {
+    assert!(core::mem::offset_of!(CtEntry, ifindex) % 8 == 0);
+    assert!(core::mem::offset_of!(CtEntry, flags) == core::mem::offset_of!(CtEntry, ifindex) + 4);
+    assert!(core::mem::offset_of!(CtEntry, tcp_flags) % 8 == 0);
+};
+
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TrafficClass {

@@ -115,6 +115,32 @@ pub fn add(p: *mut u64, v: u64) {
     };
 }
 
+/// ORs `bits` into the entry's `flags` as one atomic step; returns the flags before it. Both
+/// directions of a connection may be processed on two CPUs at once (both ends closing
+/// together): a plain read-modify-write lets one CPU's bits overwrite the other's, and a close
+/// whose FIN is lost so is never reported. See `CtEntry`'s layout assertions for the word.
+#[inline(always)]
+fn or_flags(e: &mut CtEntry, bits: u32) -> u32 {
+    let word = core::ptr::addr_of_mut!(e.ifindex).cast::<u64>();
+    (or_word(word, (bits as u64) << 32) >> 32) as u32
+}
+
+/// ORs the TCP flags seen into the entry's `tcp_flags` as one atomic step.
+#[inline(always)]
+fn or_tcp_flags(e: &mut CtEntry, seen: u32) {
+    or_word(
+        core::ptr::addr_of_mut!(e.tcp_flags).cast::<u64>(),
+        seen as u64,
+    );
+}
+
+#[inline(always)]
+fn or_word(p: *mut u64, v: u64) -> u64 {
+    unsafe {
+        core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, v)
+    }
+}
+
 /// Where a packet is being processed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
@@ -631,7 +657,7 @@ pub fn update(
     if is_tcp {
         let seen = (flags as u32) << (dir * 8);
         if e.tcp_flags & seen != seen {
-            e.tcp_flags |= seen;
+            or_tcp_flags(e, seen);
         }
         let mut closing = 0;
         if flags & TCP_RST != 0 {
@@ -645,12 +671,13 @@ pub fn update(
             };
         }
         if closing != 0 && e.flags & ct_flags::CLOSED == 0 {
-            e.flags |= closing;
-            let both_fin = ct_flags::FIN_ORIG | ct_flags::FIN_REPLY;
-            if e.flags & ct_flags::RST != 0 || e.flags & both_fin == both_fin {
-                e.flags |= ct_flags::CLOSED;
+            // Atomic: the two ends' FINs may be counted on two CPUs at once. Both may then see
+            // the close; the one whose OR sets `CLOSED` reports it, the other's packet comes
+            // after it.
+            let now_flags = or_flags(e, closing) | closing;
+            if closed(now_flags) && or_flags(e, ct_flags::CLOSED) & ct_flags::CLOSED == 0 {
                 if emit(EventKind::Close, key, e) {
-                    e.flags |= ct_flags::CLOSE_SENT;
+                    or_flags(e, ct_flags::CLOSE_SENT);
                 }
                 return;
             }
@@ -666,6 +693,13 @@ pub fn update(
     }
 }
 
+/// RST, or FIN in both directions.
+#[inline(always)]
+fn closed(flags: u32) -> bool {
+    let both_fin = ct_flags::FIN_ORIG | ct_flags::FIN_REPLY;
+    flags & ct_flags::RST != 0 || flags & both_fin == both_fin
+}
+
 /// A packet of a connection whose close event went out (the last ACK of its FIN exchange,
 /// retransmissions): the daemon holds the close record for its grace and takes the last
 /// counters from these events instead of reading the entry back, up to
@@ -678,7 +712,7 @@ fn after_close(key: &CtKey, e: &mut CtEntry) {
     }
     e.after_close += 1;
     if e.after_close == AFTER_CLOSE_EVENTS {
-        e.flags |= ct_flags::AFTER_CLOSE_LAST;
+        or_flags(e, ct_flags::AFTER_CLOSE_LAST);
     }
     emit(EventKind::AfterClose, key, e);
 }

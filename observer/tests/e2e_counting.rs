@@ -709,3 +709,88 @@ fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
         "left the table {gone:?} after its close: not when its linger ended"
     );
 }
+
+/// Both ends of a connection closing at the same moment: their FINs are counted on two CPUs at
+/// once, and each connection still gets its one close record.
+#[test]
+fn simultaneous_closes_are_each_reported_once() {
+    use std::sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    };
+    const CONNS: usize = 3000;
+    let mut bed = TestBed::client_and_server("simc", TCP_PORT).expect("test bed");
+    let daemon = bed
+        .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"])
+        .expect("daemon");
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let dst = SocketAddr::new(b.ip4, TCP_PORT);
+    let listener = in_netns(&b.netns, move || TcpListener::bind(dst))
+        .unwrap()
+        .unwrap();
+    // A spin rendezvous per connection: both ends shut down within a few hundred nanoseconds.
+    let gate = Arc::new(AtomicU32::new(0));
+    let g = gate.clone();
+    let server = std::thread::spawn(move || {
+        for i in 0..CONNS as u32 {
+            let (s, _) = listener.accept().unwrap();
+            g.fetch_add(1, Ordering::SeqCst);
+            while g.load(Ordering::SeqCst) < 2 * (i + 1) {
+                std::hint::spin_loop();
+            }
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let _ = (&s).read(&mut [0u8; 1]);
+        }
+    });
+    let g = gate.clone();
+    let ports: Vec<u16> = spawn_in_netns(&a.netns, move || {
+        (0..CONNS as u32)
+            .map(|i| {
+                let s = TcpStream::connect(dst).unwrap();
+                let port = s.local_addr().unwrap().port();
+                while g.load(Ordering::SeqCst) < 2 * i + 1 {
+                    std::hint::spin_loop();
+                }
+                g.fetch_add(1, Ordering::SeqCst);
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let _ = (&s).read(&mut [0u8; 1]);
+                port
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    server.join().unwrap();
+    // Each connection's close record, a grace (1 s) after its close; a port used twice has two.
+    let dst_ip = b.ip4.to_string();
+    let t = std::time::Instant::now();
+    loop {
+        let closes = daemon
+            .flows()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r["event"] == "close" && r["destination"]["ip"] == dst_ip.as_str());
+        let mut per_port = std::collections::HashMap::<u64, i64>::new();
+        for r in closes {
+            *per_port
+                .entry(r["source"]["port"].as_u64().unwrap())
+                .or_default() += 1;
+        }
+        for p in &ports {
+            *per_port.entry(*p as u64).or_default() -= 1;
+        }
+        let wrong: Vec<(u64, i64)> = per_port.into_iter().filter(|(_, n)| *n != 0).collect();
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{} of {CONNS} connections without exactly one close record (port, records \
+             more or fewer): {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(20)]
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
