@@ -317,10 +317,28 @@ fn services_and_dns(mut c: Cluster) {
             assert_eq!(closes.len(), 1, "{closes:#?}");
             break c.clone();
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "no close record for {r}"
-        );
+        if t.elapsed() > Duration::from_secs(5) {
+            // What the daemon did say of the connection's port, and of its losses.
+            let port = &r["l4"]["src_port"];
+            let of_port = d
+                .flows()
+                .unwrap()
+                .into_iter()
+                .filter(|c| c["l4"]["src_port"] == *port || c["l4"]["dst_port"] == *port);
+            let metrics = d.get("/metrics").unwrap_or_default();
+            let counts = metrics.lines().filter(|l| {
+                !l.starts_with('#')
+                    && ["event", "close", "conntrack"]
+                        .iter()
+                        .any(|w| l.contains(w))
+            });
+            let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+            panic!(
+                "no close record for {r}\nits port's records: {:#?}\ncounts:\n{}\nlog:\n{log}",
+                of_port.collect::<Vec<_>>(),
+                counts.collect::<Vec<_>>().join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(close["ip"]["dst"], db_ip.to_string(), "{close}");
