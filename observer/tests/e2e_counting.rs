@@ -8,7 +8,7 @@ use std::{
 };
 
 use observer_tests::{
-    in_netns, nft, nft_counter, spawn_in_netns, PodSpec, TestBed, EXT_IP, EXT_IP6,
+    in_netns, nft, nft_counter, spawn_in_netns, Pod, PodSpec, TestBed, EXT_IP, EXT_IP6,
 };
 use serde_json::Value;
 
@@ -648,14 +648,9 @@ fn inbound_flows_from_the_node_and_the_world_are_classified_and_counted() {
     }
 }
 
-/// A closed connection's entry stays in the kernel's table for its linger (10 s after its last
-/// packet: a retransmitted FIN or a late ACK is still its own, not a new connection to judge),
-/// then leaves it. The close queue removes it when the linger ends, from its events; the sweep,
-/// which reads the whole table, only every 10 s when nothing waits for it, would take up to
-/// 10 s more.
-#[test]
-fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
-    let mut bed = TestBed::client_and_server("lng", TCP_PORT).expect("test bed");
+/// A client pod `a`, a server pod `b` listening on `TCP_PORT`, and a daemon without reports.
+fn served(tag: &str) -> (TestBed, observer_tests::Daemon, Pod, Pod, TcpListener) {
+    let mut bed = TestBed::client_and_server(tag, TCP_PORT).expect("test bed");
     let daemon = bed
         .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"])
         .expect("daemon");
@@ -664,6 +659,18 @@ fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
     let listener = in_netns(&b.netns, move || TcpListener::bind(dst))
         .unwrap()
         .unwrap();
+    (bed, daemon, a, b, listener)
+}
+
+/// A closed connection's entry stays in the kernel's table for its linger (10 s after its last
+/// packet: a retransmitted FIN or a late ACK is still its own, not a new connection to judge),
+/// then leaves it. The close queue removes it when the linger ends, from its events; the sweep,
+/// which reads the whole table, only every 10 s when nothing waits for it, would take up to
+/// 10 s more.
+#[test]
+fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
+    let (_bed, daemon, a, b, listener) = served("lng");
+    let dst = SocketAddr::new(b.ip4, TCP_PORT);
     let server = std::thread::spawn(move || tcp_server(listener, 1));
     let src = SocketAddr::new(a.ip4, 41_900);
     let got = spawn_in_netns(&a.netns, move || tcp_client(src, dst, 100, 100))
@@ -719,15 +726,8 @@ fn simultaneous_closes_are_each_reported_once() {
         Arc,
     };
     const CONNS: usize = 3000;
-    let mut bed = TestBed::client_and_server("simc", TCP_PORT).expect("test bed");
-    let daemon = bed
-        .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"])
-        .expect("daemon");
-    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let (_bed, daemon, a, b, listener) = served("simc");
     let dst = SocketAddr::new(b.ip4, TCP_PORT);
-    let listener = in_netns(&b.netns, move || TcpListener::bind(dst))
-        .unwrap()
-        .unwrap();
     // A spin rendezvous per connection: both ends shut down within a few hundred nanoseconds.
     let gate = Arc::new(AtomicU32::new(0));
     let g = gate.clone();
