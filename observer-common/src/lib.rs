@@ -214,8 +214,8 @@ pub const AFTER_CLOSE_EVENTS: u8 = 4;
 pub const DIR_ORIG: usize = 0;
 pub const DIR_REPLY: usize = 1;
 
-/// Conntrack value. Counters are updated with atomic adds: both directions of a flow can be
-/// processed on different CPUs at once.
+/// Conntrack value. Counters are updated with atomic adds, and the closing and TCP flags with
+/// atomic ORs: both directions of a flow can be processed on different CPUs at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {

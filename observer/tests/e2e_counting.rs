@@ -735,11 +735,8 @@ fn simultaneous_closes_are_each_reported_once() {
         for i in 0..CONNS as u32 {
             let (s, _) = listener.accept().unwrap();
             g.fetch_add(1, Ordering::SeqCst);
-            while g.load(Ordering::SeqCst) < 2 * (i + 1) {
-                std::hint::spin_loop();
-            }
-            s.shutdown(std::net::Shutdown::Write).unwrap();
-            let _ = (&s).read(&mut [0u8; 1]);
+            at_gate(&g, 2 * (i + 1));
+            close_together(&s);
         }
     });
     let g = gate.clone();
@@ -748,12 +745,9 @@ fn simultaneous_closes_are_each_reported_once() {
             .map(|i| {
                 let s = TcpStream::connect(dst).unwrap();
                 let port = s.local_addr().unwrap().port();
-                while g.load(Ordering::SeqCst) < 2 * i + 1 {
-                    std::hint::spin_loop();
-                }
+                at_gate(&g, 2 * i + 1);
                 g.fetch_add(1, Ordering::SeqCst);
-                s.shutdown(std::net::Shutdown::Write).unwrap();
-                let _ = (&s).read(&mut [0u8; 1]);
+                close_together(&s);
                 port
             })
             .collect()
@@ -793,4 +787,25 @@ fn simultaneous_closes_are_each_reported_once() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Spins until `gate` reaches `n` (the other end is there); a stopped other end fails the test
+/// instead of hanging it.
+fn at_gate(gate: &std::sync::atomic::AtomicU32, n: u32) {
+    let t = std::time::Instant::now();
+    while gate.load(std::sync::atomic::Ordering::SeqCst) < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the other end stopped"
+        );
+        std::hint::spin_loop();
+    }
+}
+
+/// Sends this end's FIN, then waits for the other end's.
+fn close_together(s: &TcpStream) {
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let eof = (&*s).read(&mut [0u8; 1]);
+    assert!(matches!(eof, Ok(0)), "the other end's FIN: {eof:?}");
 }
