@@ -4,6 +4,10 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -721,10 +725,6 @@ fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
 /// once, and each connection still gets its one close record.
 #[test]
 fn simultaneous_closes_are_each_reported_once() {
-    use std::sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc,
-    };
     const CONNS: usize = 3000;
     let (_bed, daemon, a, b, listener) = served("simc");
     let dst = SocketAddr::new(b.ip4, TCP_PORT);
@@ -791,9 +791,9 @@ fn simultaneous_closes_are_each_reported_once() {
 
 /// Spins until `gate` reaches `n` (the other end is there); a stopped other end fails the test
 /// instead of hanging it.
-fn at_gate(gate: &std::sync::atomic::AtomicU32, n: u32) {
+fn at_gate(gate: &AtomicU32, n: u32) {
     let t = std::time::Instant::now();
-    while gate.load(std::sync::atomic::Ordering::SeqCst) < n {
+    while gate.load(Ordering::SeqCst) < n {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "the other end stopped"

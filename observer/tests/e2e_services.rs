@@ -332,11 +332,11 @@ fn services_and_dns(mut c: Cluster) {
                         .iter()
                         .any(|w| l.contains(w))
             });
-            let log = std::fs::read_to_string(&d.log).unwrap_or_default();
             panic!(
-                "no close record for {r}\nits port's records: {:#?}\ncounts:\n{}\nlog:\n{log}",
+                "no close record for {r}\nits port's records: {:#?}\ncounts:\n{}\nlog:\n{}",
                 of_port.collect::<Vec<_>>(),
-                counts.collect::<Vec<_>>().join("\n")
+                counts.collect::<Vec<_>>().join("\n"),
+                d.log_text()
             );
         }
         std::thread::sleep(Duration::from_millis(100));
