@@ -73,6 +73,8 @@ pub mod programs {
     /// Benchmark only: `from_pod` on a new connection every run, and its rewrite-only baseline.
     pub const BENCH_NEW_CONN: &str = "bench_new_conn";
     pub const BENCH_REWRITE: &str = "bench_rewrite";
+    /// Benchmark only: one `new` event per run without the datapath's work (the event pipeline).
+    pub const BENCH_NEW_EVENT: &str = "bench_new_event";
     /// Benchmark only: new connections keeping the destination port, through from_pod / to_pod.
     pub const BENCH_NEW_CONN_OUT: &str = "bench_new_conn_out";
     pub const BENCH_NEW_CONN_IN: &str = "bench_new_conn_in";

@@ -1,13 +1,16 @@
 //! The tc entry points. Allowed traffic returns `TC_ACT_UNSPEC` (`TCX_NEXT`), so other programs
 //! on the hook still decide; traffic denied by policy is dropped with `TC_ACT_SHOT`.
 use aya_ebpf::{bindings::__sk_buff, macros::classifier, programs::TcContext};
-use observer_common::{ep_flags, stat, TrafficClass, AF_INET, AF_INET6, NODEPORT_MARK, SVC_MARK};
+use observer_common::{
+    ep_flags, stat, EventKind, TrafficClass, AF_INET, AF_INET6, NODEPORT_MARK, SVC_MARK,
+};
 
 use crate::{
     classify,
-    conntrack::{established, process, Action, Count, Established, Hook},
+    conntrack::{established, key_of, process, Action, Count, Established, Hook},
+    events::emit,
     handoff,
-    maps::{stat_inc, ATTACHED, BENCH_SEQ, CONFIG},
+    maps::{stat_inc, ATTACHED, BENCH_SEQ, CONFIG, NEW_ENTRY},
     parse::{ip_addrs, observer_parse_tc, parsed, plain_ipv4, PacketCtx},
 };
 
@@ -330,6 +333,27 @@ pub fn bench_new_conn_in(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     observe_to_pod(&ctx)
+}
+
+/// Benchmark: the event pipeline apart from the datapath's work. Each run emits the `new` event
+/// of a fresh tuple carrying the entry `from_pod` built for the last connection it opened on
+/// this CPU (run `bench_new_conn` on the CPU first), so the ring and the daemon can be driven
+/// faster than a new connection's conntrack work lets one CPU. Never attached.
+#[classifier]
+pub fn bench_new_event(ctx: TcContext) -> i32 {
+    if !next_ports(&ctx) || observer_parse_tc(ctx.skb.skb) != 0 {
+        return TC_ACT_UNSPEC;
+    }
+    let (Some(pkt), Some(e)) = (parsed(), NEW_ENTRY.get_ptr_mut(0)) else {
+        return TC_ACT_UNSPEC;
+    };
+    let (key, _) = key_of(pkt);
+    // Per-CPU slot: no other writer.
+    let e = unsafe { &mut *e };
+    e.first_seen_ns = crate::clock::now_ns();
+    e.last_seen_ns = e.first_seen_ns;
+    emit(EventKind::New, &key, e);
+    TC_ACT_UNSPEC
 }
 
 /// Benchmark baseline for `bench_new_conn`: the port rewrite alone.

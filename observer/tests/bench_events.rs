@@ -6,6 +6,11 @@
 //!    Rate = events the daemon turned into enriched records / wall time until it caught up;
 //!    losses are the kernel's `events_lost` counter. Baseline: the rate the kernel produced them.
 //!    The daemon's CPU time (utime + stime) gives its cost per 100,000 events.
+//!    Events only: the same, produced by `bench_new_event`, which emits each `new` event without
+//!    the datapath's work (the entry `bench_new_conn` last built, for a fresh tuple): one CPU
+//!    produces events faster than it opens connections, so the daemon's sustained rate beside a
+//!    producer shows past what `from_pod` lets one CPU produce (paced: BENCH_EVENTS_ONLY_RATE,
+//!    2,000,000 a second by default).
 //!    Burst: the same events produced while the daemon is stopped, then the wall time it takes
 //!    to drain them once it runs again: its own rate, where the sustained rate above is the
 //!    producer's on this two-vCPU machine.
@@ -181,13 +186,77 @@ fn follow_under_load(
 
 /// `n` runs of `bench_new_conn` on `pkt`: `n` new connections, one `new` event each.
 fn new_conns(dp: &mut Datapath, pkt: &[u8], n: u32) {
+    run(dp, programs::BENCH_NEW_CONN, pkt, n)
+}
+
+/// `n` runs of `prog` on `pkt`.
+fn run(dp: &mut Datapath, prog: &str, pkt: &[u8], n: u32) {
     let mut opts = aya::programs::TestRunOptions::new();
     opts.data_in = Some(pkt);
     opts.repeat = n;
-    dp.prog(programs::BENCH_NEW_CONN)
-        .unwrap()
-        .test_run(opts)
-        .unwrap();
+    dp.prog(prog).unwrap().test_run(opts).unwrap();
+}
+
+/// Kernel to daemon, sustained: `prog` (one `new` event per run) runs in batches of `batch`
+/// beside the daemon until `events` were produced, as fast as it can or paced to `rate` a
+/// second. The daemon's rate: the records it published over the wall time until it published
+/// the last one; its CPU per 100,000 of them.
+fn sustained(
+    socket: &std::path::Path,
+    dp: &mut Datapath,
+    pid: u32,
+    prog: &str,
+    events: u64,
+    batch: u32,
+    rate: Option<u64>,
+) -> serde_json::Value {
+    let pkt = observer::bench::packet64(17, 40000, 53, 0);
+    let records_before = records(socket);
+    let lost_before = events_lost(dp);
+    let cpu_before = cpu_ticks(pid);
+    let start = Instant::now();
+    let mut produced = 0u64;
+    let mut kernel_ns = 0f64;
+    while produced < events {
+        if let Some(rate) = rate {
+            let slot = start + Duration::from_secs_f64(produced as f64 / rate as f64);
+            if let Some(wait) = slot.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let t = Instant::now();
+        run(dp, prog, &pkt, batch);
+        kernel_ns += t.elapsed().as_nanos() as f64;
+        produced += batch as u64;
+    }
+    let produce_wall = start.elapsed();
+    let lost_n = events_lost(dp) - lost_before;
+    // Wait until the daemon has turned every event that reached the ring into a record.
+    let want = produced - lost_n;
+    let mut last = (0u64, Instant::now());
+    let caught_up = loop {
+        let n = records(socket) - records_before;
+        if n >= want {
+            break start.elapsed();
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        assert!(
+            last.1.elapsed() < Duration::from_secs(10),
+            "daemon stalled at {n} of {want} records ({prog})"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let cpu_s = (cpu_ticks(pid) - cpu_before) as f64 / 100.0;
+    json!({
+        "producer": prog, "rate_asked_per_s": rate,
+        "daemon_events_per_s": want as f64 / caught_up.as_secs_f64(),
+        "kernel_produced_per_s": produced as f64 / produce_wall.as_secs_f64(),
+        "kernel_ns_per_event": kernel_ns / produced as f64,
+        "produced": produced, "lost": lost_n, "records": want,
+        "daemon_cpu_s_per_100k_events": cpu_s / (want as f64 / 100_000.0),
+    })
 }
 
 /// Events the kernel could not put into the ring (`events_lost`).
@@ -306,6 +375,7 @@ fn record_pipeline_throughput() {
     let follow_events = arg("BENCH_FOLLOW_EVENTS", 1_000_000);
     // 128 bytes a `new` event takes in the ring: 100,000 fill 12.8 of its 16 MiB.
     let burst = arg("BENCH_BURST", 100_000) as u32;
+    let events_only_rate = arg("BENCH_EVENTS_ONLY_RATE", 2_000_000);
 
     let bed = TestBed::overlay("be").unwrap();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/observer-bench-{}", bed.prefix));
@@ -346,42 +416,28 @@ fn record_pipeline_throughput() {
     // The daemon's maps, ring included; this process never reads the ring.
     let mut dp = Datapath::load(&pin_dir).unwrap();
     dp.load_program(programs::BENCH_NEW_CONN).unwrap();
-    let pkt = observer::bench::packet64(17, 40000, 53, 0);
+    dp.load_program(programs::BENCH_NEW_EVENT).unwrap();
 
-    let records_before = records(&socket);
-    let lost_before = events_lost(&dp);
-    let cpu_before = cpu_ticks(pid);
-    let start = Instant::now();
-    let mut produced = 0u64;
-    let mut kernel_ns = 0f64;
-    while produced < events {
-        let t = Instant::now();
-        new_conns(&mut dp, &pkt, batch);
-        kernel_ns += t.elapsed().as_nanos() as f64;
-        produced += batch as u64;
-    }
-    let produce_wall = start.elapsed();
-    let lost_n = events_lost(&dp) - lost_before;
-    // Wait until the daemon has turned every event that reached the ring into a record.
-    let want = produced - lost_n;
-    let mut last = (0u64, Instant::now());
-    let caught_up = loop {
-        let n = records(&socket) - records_before;
-        if n >= want {
-            break start.elapsed();
-        }
-        if n != last.0 {
-            last = (n, Instant::now());
-        }
-        assert!(
-            last.1.elapsed() < Duration::from_secs(10),
-            "daemon stalled at {n} of {want} records"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let cpu_s = (cpu_ticks(pid) - cpu_before) as f64 / 100.0;
-    let daemon_rate = want as f64 / caught_up.as_secs_f64();
-    let kernel_rate = produced as f64 / produce_wall.as_secs_f64();
+    let datapath = sustained(
+        &socket,
+        &mut dp,
+        pid,
+        programs::BENCH_NEW_CONN,
+        events,
+        batch,
+        None,
+    );
+    // After `bench_new_conn` ran on this CPU: its last entry is the template of these events.
+    // Paced in slots of 10,000 events: unpaced, one CPU fills the ring faster than any reader.
+    let events_only = sustained(
+        &socket,
+        &mut dp,
+        pid,
+        programs::BENCH_NEW_EVENT,
+        events,
+        10_000,
+        Some(events_only_rate),
+    );
 
     let ring = dp.take_events().unwrap();
     let positions = RingPositions::map(&ring);
@@ -433,14 +489,9 @@ fn record_pipeline_throughput() {
     drop(guard);
 
     let report = json!({
-        "events": produced, "batch": batch,
-        "kernel_to_daemon": {
-            "daemon_events_per_s": daemon_rate,
-            "kernel_produced_per_s": kernel_rate,
-            "kernel_ns_per_event": kernel_ns / produced as f64,
-            "lost": lost_n, "records": want,
-            "daemon_cpu_s_per_100k_events": cpu_s / (want as f64 / 100_000.0),
-        },
+        "events": events, "batch": batch,
+        "kernel_to_daemon": datapath,
+        "kernel_to_daemon_events_only": events_only,
         "burst": {
             "events": burst,
             "daemon_events_per_s": median(&mut burst_rates),
