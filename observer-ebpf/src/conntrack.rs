@@ -125,6 +125,19 @@ fn or_flags(e: &mut CtEntry, bits: u32) -> u32 {
     (or_word(word, (bits as u64) << 32) >> 32) as u32
 }
 
+/// ANDs `mask` into the entry's `flags` as one atomic step (see [`or_flags`]).
+#[inline(always)]
+fn and_flags(e: &mut CtEntry, mask: u32) {
+    let word = core::ptr::addr_of_mut!(e.ifindex).cast::<u64>();
+    // The lower half, `ifindex`, is kept.
+    let mask = ((mask as u64) << 32) | 0xffff_ffff;
+    unsafe {
+        core::intrinsics::atomic_and::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            word, mask,
+        )
+    };
+}
+
 /// ORs the TCP flags seen into the entry's `tcp_flags` as one atomic step.
 #[inline(always)]
 fn or_tcp_flags(e: &mut CtEntry, seen: u32) {
@@ -287,6 +300,62 @@ fn judge_all(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16)
     }
 }
 
+/// Whether `judge_all` at `hook` would take no verdict: the source's egress is taken, and at
+/// a pod's veth the destination's ingress too unless the egress denied.
+#[inline(always)]
+fn judged(flags: u32, hook: Hook) -> bool {
+    flags & ct_flags::EGRESS_DONE != 0
+        && (hook == Hook::Uplink || flags & (ct_flags::DENIED | ct_flags::INGRESS_DONE) != 0)
+}
+
+/// Takes the verdicts a connection in the table still owes at `hook`, or takes them all again
+/// under a newer policy (a NodePort client's from its note; without one, as an unknown outside
+/// client). Judged on a copy in the per-CPU scratch slot, then the verdict bits that changed
+/// are applied as atomic steps: the other direction may be counted on another CPU meanwhile,
+/// and a plain write of the flags read before its FIN was ORed in would undo that FIN (the
+/// close then never seen). Bits gained are ORed in before the ones lost are cleared, so
+/// another CPU never sees fewer verdicts than the old and the new state both hold. Returns
+/// whether the connection is denied now and was not before; `None` without the scratch slot.
+#[inline(always)]
+fn rejudge(
+    e: &mut CtEntry,
+    key: &CtKey,
+    hook: Hook,
+    from_a: bool,
+    pkt: &Packet,
+    cfg: &Config,
+) -> Option<bool> {
+    let c = unsafe { &mut *NEW_ENTRY.get_ptr_mut(0)? };
+    *c = *e;
+    let old = c.flags;
+    if c.policy_gen != cfg.policy_gen && c.flags & ct_flags::NODEPORT != 0 {
+        c.policy_gen = cfg.policy_gen;
+        let client = service::nodeport_link(pkt).map_or([0; 4], |l| l.client);
+        judge_nodeport(c, key, from_a, pkt.dport, &client);
+    }
+    if c.policy_gen != cfg.policy_gen {
+        c.flags &= !(ct_flags::EGRESS_DONE
+            | ct_flags::EGRESS_DENIED
+            | ct_flags::INGRESS_DONE
+            | ct_flags::INGRESS_DENIED
+            | ct_flags::AUDIT);
+        c.policy_gen = cfg.policy_gen;
+    }
+    let before = c.flags & ct_flags::DENIED;
+    judge_all(c, key, hook, from_a, pkt.dport);
+    e.egress_rule = c.egress_rule;
+    e.ingress_rule = c.ingress_rule;
+    e.policy_gen = c.policy_gen;
+    let (gained, lost) = (c.flags & !old, old & !c.flags);
+    if gained != 0 {
+        or_flags(e, gained);
+    }
+    if lost != 0 {
+        and_flags(e, !lost);
+    }
+    Some(before == 0 && c.flags & ct_flags::DENIED != 0)
+}
+
 /// Accounts one packet of `bytes` to its connection (as `count` says: another hook on this node
 /// may count it), creating the connection when new, and enforces policy.
 #[inline(always)]
@@ -330,26 +399,14 @@ pub fn process<C: EbpfContext>(
             is_tcp && e.flags & ct_flags::CLOSED != 0 && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if !reopened {
             let orig = from_a == (e.flags & ct_flags::ORIG_IS_A != 0);
-            if orig {
-                // Policy changed since the verdicts were taken: take them again (a NodePort
-                // client's from its note; without one, as an unknown outside client).
-                if e.policy_gen != cfg.policy_gen && e.flags & ct_flags::NODEPORT != 0 {
-                    e.policy_gen = cfg.policy_gen;
-                    let client = service::nodeport_link(pkt).map_or([0; 4], |l| l.client);
-                    judge_nodeport(e, &key, from_a, pkt.dport, &client);
-                }
-                if e.policy_gen != cfg.policy_gen {
-                    e.flags &= !(ct_flags::EGRESS_DONE
-                        | ct_flags::EGRESS_DENIED
-                        | ct_flags::INGRESS_DONE
-                        | ct_flags::INGRESS_DENIED
-                        | ct_flags::AUDIT);
-                    e.policy_gen = cfg.policy_gen;
-                }
-                let before = e.flags & ct_flags::DENIED;
-                judge_all(e, &key, hook, from_a, pkt.dport);
-                if before == 0 && e.flags & ct_flags::DENIED != 0 {
-                    emit(EventKind::Drop, &key, e);
+            if orig && (e.policy_gen != cfg.policy_gen || !judged(e.flags, hook)) {
+                match rejudge(e, &key, hook, from_a, pkt, &cfg) {
+                    Some(true) => {
+                        emit(EventKind::Drop, &key, e);
+                    }
+                    Some(false) => {}
+                    // Fail closed: no verdict could be taken.
+                    None => return Action::Drop,
                 }
             }
             let action = verdict(e.flags, cfg.enforce);
