@@ -2,7 +2,10 @@
 //! threads pinned apart, each with the programs loaded over the same pinned maps, meet at a
 //! spin rendezvous and run one packet each with BPF_PROG_TEST_RUN. What one CPU writes into the
 //! connection's entry must not undo what the other wrote.
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::{
+    sync::atomic::{AtomicU32, Ordering::SeqCst},
+    time::{Duration, Instant},
+};
 
 use aya::programs::{TestRun, TestRunOptions};
 use observer::bpf::{Datapath, ScratchPins};
@@ -30,10 +33,23 @@ fn run(dp: &mut Datapath, pkt: &[u8]) {
     assert_eq!(r.return_value as i32, -1, "passed");
 }
 
-/// Waits until `v` reads `want`, giving the CPU to the other threads of this two-vCPU machine.
-fn wait_for(v: &AtomicU32, want: u32) {
+/// Waits until `v` reads `want`, giving the CPU to the other threads of this two-vCPU machine
+/// when `yielding`. Fails after 10 s: a thread that stopped must not hang the others.
+fn wait_for(v: &AtomicU32, want: u32, yielding: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut polls = 0u32;
     while v.load(SeqCst) < want {
-        std::thread::yield_now();
+        polls = polls.wrapping_add(1);
+        // The clock every 1,024 polls: a read each time would blur the spin's moment.
+        assert!(
+            polls % 1024 != 0 || Instant::now() < deadline,
+            "another thread stopped at {want}"
+        );
+        if yielding {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -60,11 +76,10 @@ fn a_policy_change_at_a_close_keeps_both_fins() {
             s.spawn(move || {
                 observer_tests::bench::pin_thread(0, cpu);
                 for i in 1..=CONNS {
-                    wait_for(round, i);
+                    wait_for(round, i, true);
                     arrived.fetch_add(1, SeqCst);
-                    while arrived.load(SeqCst) < 2 * i {
-                        std::hint::spin_loop();
-                    }
+                    // Spinning: both leave at the same moment.
+                    wait_for(arrived, 2 * i, false);
                     run(&mut w, &tcp(cpu == 0, 20000 + i as u16, FIN | ACK));
                     done.fetch_add(1, SeqCst);
                 }
@@ -77,7 +92,7 @@ fn a_policy_change_at_a_close_keeps_both_fins() {
             run(&mut dp, &tcp(true, port, ACK));
             dp.bump_policy_gen().unwrap();
             round.store(i, SeqCst);
-            wait_for(&done, 2 * i);
+            wait_for(&done, 2 * i, true);
         }
     });
     let entries = dp.conntrack_entries().unwrap();
@@ -85,7 +100,7 @@ fn a_policy_change_at_a_close_keeps_both_fins() {
     let open: Vec<_> = entries
         .iter()
         .filter(|(_, e)| e.flags & fins != fins || e.flags & ct_flags::CLOSED == 0)
-        .map(|(k, e)| (u16::from_be(k.port_a), u16::from_be(k.port_b), e.flags))
+        .map(|(k, e)| (k.port_a, k.port_b, e.flags))
         .collect();
     assert_eq!(entries.len(), CONNS as usize, "one entry per connection");
     assert!(
