@@ -216,8 +216,9 @@ pub const AFTER_CLOSE_EVENTS: u8 = 4;
 pub const DIR_ORIG: usize = 0;
 pub const DIR_REPLY: usize = 1;
 
-/// Conntrack value. Counters are updated with atomic adds, and the closing and TCP flags with
-/// atomic ORs: both directions of a flow can be processed on different CPUs at once.
+/// Conntrack value. Counters are updated with atomic adds, the closing and TCP flags with
+/// atomic ORs, and verdicts taken again after a policy change with an atomic OR and AND: both
+/// directions of a flow can be processed on different CPUs at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
@@ -250,8 +251,9 @@ pub struct CtEntry {
     pub _pad2: u32,
 }
 
-// The kernel programs OR bits into `flags` and `tcp_flags` as one atomic step, through the
-// aligned 8-byte words that hold them: the BPF target has no 32-bit atomic fetch before cpu v3.
+// The kernel programs OR (and AND) bits into `flags` and `tcp_flags` as one atomic step,
+// through the aligned 8-byte words that hold them: the BPF target has no 32-bit atomic fetch
+// before cpu v3.
 // `flags` is the upper half of its word (little-endian), whose lower half `ifindex` never
 // changes once the entry is made.
 const _: () = {
