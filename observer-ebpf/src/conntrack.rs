@@ -475,12 +475,10 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Established {
     if e.flags & special != 0 || e.policy_gen != cfg.policy_gen {
         return Established::Full;
     }
-    // `judge_all` would take no verdict: the source's egress is taken, and the destination's
-    // ingress too unless the egress denied.
+    // Left to the full path while `judge_all` owes a verdict (at a pod's veth, `FromPod` and
+    // `ToPod` owe the same).
     let orig = from_a == (e.flags & ct_flags::ORIG_IS_A != 0);
-    let judged = e.flags & ct_flags::EGRESS_DONE != 0
-        && e.flags & (ct_flags::DENIED | ct_flags::INGRESS_DONE) != 0;
-    if orig && !judged {
+    if orig && !judged(e.flags, Hook::FromPod) {
         return Established::Full;
     }
     let action = verdict(e.flags, cfg.enforce);

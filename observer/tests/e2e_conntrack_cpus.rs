@@ -2,14 +2,12 @@
 //! threads pinned apart, each with the programs loaded over the same pinned maps, meet at a
 //! spin rendezvous and run one packet each with BPF_PROG_TEST_RUN. What one CPU writes into the
 //! connection's entry must not undo what the other wrote.
-use std::{
-    sync::atomic::{AtomicU32, Ordering::SeqCst},
-    time::{Duration, Instant},
-};
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
 use aya::programs::{TestRun, TestRunOptions};
 use observer::bpf::{Datapath, ScratchPins};
 use observer_common::{ct_flags, programs};
+use observer_tests::bench::wait_until;
 
 const CLIENT: [u8; 4] = [10, 244, 1, 10];
 const SERVER: [u8; 4] = [10, 244, 1, 11];
@@ -31,26 +29,6 @@ fn run(dp: &mut Datapath, pkt: &[u8]) {
     o.data_in = Some(pkt);
     let r = dp.prog(programs::FROM_POD).unwrap().test_run(o).unwrap();
     assert_eq!(r.return_value as i32, -1, "passed");
-}
-
-/// Waits until `v` reads `want`, giving the CPU to the other threads of this two-vCPU machine
-/// when `yielding`. Fails after 10 s: a thread that stopped must not hang the others.
-fn wait_for(v: &AtomicU32, want: u32, yielding: bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut polls = 0u32;
-    while v.load(SeqCst) < want {
-        polls = polls.wrapping_add(1);
-        // The clock every 1,024 polls: a read each time would blur the spin's moment.
-        assert!(
-            polls % 1024 != 0 || Instant::now() < deadline,
-            "another thread stopped at {want}"
-        );
-        if yielding {
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
-        }
-    }
 }
 
 /// A policy change makes the next packet of each direction take the connection's verdicts
@@ -76,10 +54,10 @@ fn a_policy_change_at_a_close_keeps_both_fins() {
             s.spawn(move || {
                 observer_tests::bench::pin_thread(0, cpu);
                 for i in 1..=CONNS {
-                    wait_for(round, i, true);
+                    wait_until(round, i, true);
                     arrived.fetch_add(1, SeqCst);
                     // Spinning: both leave at the same moment.
-                    wait_for(arrived, 2 * i, false);
+                    wait_until(arrived, 2 * i, false);
                     run(&mut w, &tcp(cpu == 0, 20000 + i as u16, FIN | ACK));
                     done.fetch_add(1, SeqCst);
                 }
@@ -92,7 +70,7 @@ fn a_policy_change_at_a_close_keeps_both_fins() {
             run(&mut dp, &tcp(true, port, ACK));
             dp.bump_policy_gen().unwrap();
             round.store(i, SeqCst);
-            wait_for(&done, 2 * i, true);
+            wait_until(&done, 2 * i, true);
         }
     });
     let entries = dp.conntrack_entries().unwrap();

@@ -12,7 +12,8 @@ use std::{
 };
 
 use observer_tests::{
-    in_netns, nft, nft_counter, spawn_in_netns, Pod, PodSpec, TestBed, EXT_IP, EXT_IP6,
+    bench::wait_until, in_netns, nft, nft_counter, spawn_in_netns, Pod, PodSpec, TestBed, EXT_IP,
+    EXT_IP6,
 };
 use serde_json::Value;
 
@@ -735,7 +736,7 @@ fn simultaneous_closes_are_each_reported_once() {
         for i in 0..CONNS as u32 {
             let (s, _) = listener.accept().unwrap();
             g.fetch_add(1, Ordering::SeqCst);
-            at_gate(&g, 2 * (i + 1));
+            wait_until(&g, 2 * (i + 1), false);
             close_together(&s);
         }
     });
@@ -745,7 +746,7 @@ fn simultaneous_closes_are_each_reported_once() {
             .map(|i| {
                 let s = TcpStream::connect(dst).unwrap();
                 let port = s.local_addr().unwrap().port();
-                at_gate(&g, 2 * i + 1);
+                wait_until(&g, 2 * i + 1, false);
                 g.fetch_add(1, Ordering::SeqCst);
                 close_together(&s);
                 port
@@ -786,19 +787,6 @@ fn simultaneous_closes_are_each_reported_once() {
             &wrong[..wrong.len().min(20)]
         );
         std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// Spins until `gate` reaches `n` (the other end is there); a stopped other end fails the test
-/// instead of hanging it.
-fn at_gate(gate: &AtomicU32, n: u32) {
-    let t = std::time::Instant::now();
-    while gate.load(Ordering::SeqCst) < n {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the other end stopped"
-        );
-        std::hint::spin_loop();
     }
 }
 

@@ -50,6 +50,27 @@ pub fn pin_thread(tid: u32, cpu: usize) {
     assert_eq!(rc, 0, "pinning thread {tid} to CPU {cpu}");
 }
 
+/// Waits until `counter` reaches `n`: spinning, so threads released together leave at the same
+/// moment, or giving the CPU to other threads when `yielding`. Fails after 10 s: a thread that
+/// stopped must not hang the others.
+pub fn wait_until(counter: &std::sync::atomic::AtomicU32, n: u32, yielding: bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut polls = 0u32;
+    while counter.load(std::sync::atomic::Ordering::SeqCst) < n {
+        polls = polls.wrapping_add(1);
+        // The clock every 1,024 polls: a read each time would blur the spin's moment.
+        assert!(
+            polls % 1024 != 0 || std::time::Instant::now() < deadline,
+            "another thread stopped short of {n}"
+        );
+        if yielding {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
