@@ -204,6 +204,22 @@ pub mod ct_flags {
     /// On an [`super::EventKind::AfterClose`] event: the connection's last one; the daemon
     /// reads the entry back for packets after it.
     pub const AFTER_CLOSE_LAST: u32 = 1 << 14;
+    /// The original direction's FIN was acknowledged by the other end.
+    pub const FIN_ACKED_ORIG: u32 = 1 << 15;
+    pub const FIN_ACKED_REPLY: u32 = 1 << 16;
+    /// [`super::CtEntry::fin_ack`] holds the acknowledgement number of this direction's FIN.
+    pub const FIN_AWAITED_ORIG: u32 = 1 << 17;
+    pub const FIN_AWAITED_REPLY: u32 = 1 << 18;
+    /// The FINs crossed (each sent before the other arrived): `fin_ack` holds only the first's
+    /// acknowledgement, so the close is reported at the second FIN, not at its last ACK.
+    pub const FINS_CROSSED: u32 = 1 << 19;
+    /// The close event was claimed: exactly one packet sends it.
+    pub const CLOSE_CLAIMED: u32 = 1 << 20;
+    /// On a close event: its counters are final. It came with the ACK of the last FIN (each
+    /// end acknowledged the other's), so no packet of the exchange follows; the daemon
+    /// publishes it at once. Without it (a RST, crossed FINs) the daemon holds the close for
+    /// `--close-grace` for the last ACKs.
+    pub const CLOSE_EXACT: u32 = 1 << 21;
     pub const DENIED: u32 = EGRESS_DENIED | INGRESS_DENIED;
 }
 
@@ -248,7 +264,9 @@ pub struct CtEntry {
     pub ingress_rule: u32,
     /// `Config::policy_gen` when the verdicts were taken; a newer policy re-evaluates them.
     pub policy_gen: u32,
-    pub _pad2: u32,
+    /// TCP: the acknowledgement number that acknowledges the FIN named by
+    /// `ct_flags::FIN_AWAITED_*` (its sequence number, plus its payload, plus one).
+    pub fin_ack: u32,
 }
 
 // The kernel programs OR (and AND) bits into `flags` and `tcp_flags` as one atomic step,

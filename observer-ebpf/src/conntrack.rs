@@ -12,7 +12,7 @@ use crate::{
     events::{emit, emit_drop_sampled},
     handoff,
     maps::{stat_inc, CONFIG, CT4, CT6, NEW_ENTRY},
-    parse::{Packet, Plain},
+    parse::{Packet, Plain, Seg},
     policy,
     service::{self, Link},
 };
@@ -418,6 +418,7 @@ pub fn process<C: EbpfContext>(
                     bytes,
                     now,
                     flags,
+                    pkt.seg,
                     is_tcp,
                     cfg.report_interval_ns,
                 );
@@ -492,6 +493,7 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Established {
             bytes,
             now,
             p.tcp_flags,
+            p.seg,
             is_tcp,
             cfg.report_interval_ns,
         );
@@ -587,7 +589,7 @@ fn create<C: EbpfContext>(
         egress_rule: 0,
         ingress_rule: 0,
         policy_gen: cfg.policy_gen,
-        _pad2: 0,
+        fin_ack: 0,
     };
     if is_tcp && flags & TCP_RST != 0 {
         e.flags |= ct_flags::RST;
@@ -665,6 +667,7 @@ fn create<C: EbpfContext>(
                     bytes,
                     now,
                     flags,
+                    pkt.seg,
                     is_tcp,
                     cfg.report_interval_ns,
                 );
@@ -697,6 +700,7 @@ pub fn update(
     bytes: u64,
     now: u64,
     flags: u8,
+    seg: Seg,
     is_tcp: bool,
     interval: u64,
 ) {
@@ -714,28 +718,14 @@ pub fn update(
         if e.tcp_flags & seen != seen {
             or_tcp_flags(e, seen);
         }
-        let mut closing = 0;
-        if flags & TCP_RST != 0 {
-            closing |= ct_flags::RST;
-        }
-        if flags & TCP_FIN != 0 {
-            closing |= if dir == DIR_ORIG {
-                ct_flags::FIN_ORIG
-            } else {
-                ct_flags::FIN_REPLY
-            };
-        }
-        if closing != 0 && e.flags & ct_flags::CLOSED == 0 {
-            // Atomic: the two ends' FINs may be counted on two CPUs at once. Both may then see
-            // the close; the one whose OR sets `CLOSED` reports it, the other's packet comes
-            // after it.
-            let now_flags = or_flags(e, closing) | closing;
-            if closed(now_flags) && or_flags(e, ct_flags::CLOSED) & ct_flags::CLOSED == 0 {
-                if emit(EventKind::Close, key, e) {
-                    or_flags(e, ct_flags::CLOSE_SENT);
-                }
-                return;
-            }
+        // An established connection's packet passes two tests here: no FIN or RST, no FIN
+        // awaiting its acknowledgement.
+        let awaited = ct_flags::FIN_AWAITED_ORIG | ct_flags::FIN_AWAITED_REPLY;
+        if (flags & (TCP_FIN | TCP_RST) != 0 || e.flags & awaited != 0)
+            && e.flags & ct_flags::CLOSE_CLAIMED == 0
+            && tcp_close(key, e, dir, flags, seg)
+        {
+            return;
         }
         if e.flags & ct_flags::CLOSE_SENT != 0 {
             after_close(key, e);
@@ -746,6 +736,93 @@ pub fn update(
         e.last_report_ns = now;
         emit(EventKind::Report, key, e);
     }
+}
+
+/// The close of a TCP connection, from a packet in direction `dir`: its RST, its FINs, and
+/// the acknowledgements of the FINs. The close event goes out with the packet that
+/// acknowledges the last FIN, so its counters are final (`CLOSE_EXACT`); after a RST, or
+/// FINs that crossed, with the packet that closed it. Returns whether this packet sent it.
+///
+/// Both ends' packets may be processed on two CPUs at once: every step is an atomic OR, and
+/// the decision is taken from the flags the packet's last OR returned. Whichever CPU made the
+/// last of the ORs that decide a close sees all of them, so a close is never left unclaimed;
+/// `CLOSE_CLAIMED` lets only one CPU send it.
+#[inline(always)]
+fn tcp_close(key: &CtKey, e: &mut CtEntry, dir: usize, flags: u8, seg: Seg) -> bool {
+    let (fin, awaited, other_awaited, other_acked) = if dir == DIR_ORIG {
+        (
+            ct_flags::FIN_ORIG,
+            ct_flags::FIN_AWAITED_ORIG,
+            ct_flags::FIN_AWAITED_REPLY,
+            ct_flags::FIN_ACKED_REPLY,
+        )
+    } else {
+        (
+            ct_flags::FIN_REPLY,
+            ct_flags::FIN_AWAITED_REPLY,
+            ct_flags::FIN_AWAITED_ORIG,
+            ct_flags::FIN_ACKED_ORIG,
+        )
+    };
+    // The flags as this packet's last OR left them; 0: no OR, nothing decided.
+    let mut f = 0;
+    // The other end's FIN, acknowledged.
+    let waiting = other_awaited | other_acked | ct_flags::FINS_CROSSED;
+    if flags & TCP_ACK != 0 && e.flags & waiting == other_awaited && seg.ack == e.fin_ack {
+        f = or_flags(e, other_acked) | other_acked;
+    }
+    let mut closing = 0;
+    if flags & TCP_RST != 0 {
+        closing |= ct_flags::RST;
+    }
+    if flags & TCP_FIN != 0 {
+        closing |= fin;
+    }
+    if closing != 0 {
+        let old = or_flags(e, closing);
+        f = old | closing;
+        if old & fin == 0 && closing & fin != 0 {
+            // This end's first FIN: `fin_ack` takes its acknowledgement, unless it holds the
+            // other end's, still unacknowledged (the FINs crossed).
+            let held = or_flags(e, awaited);
+            f = held | awaited;
+            if held & (other_awaited | other_acked) == other_awaited {
+                f = or_flags(e, ct_flags::FINS_CROSSED) | ct_flags::FINS_CROSSED;
+            } else {
+                e.fin_ack = seg.fin_ack;
+            }
+        }
+    }
+    if !closed(f) {
+        return false;
+    }
+    if f & ct_flags::CLOSED == 0 {
+        or_flags(e, ct_flags::CLOSED);
+    }
+    let both_acked = ct_flags::FIN_ACKED_ORIG | ct_flags::FIN_ACKED_REPLY;
+    if f & (ct_flags::RST | ct_flags::FINS_CROSSED) != 0 {
+        claim_close(key, e, false)
+    } else if f & both_acked == both_acked {
+        claim_close(key, e, true)
+    } else {
+        // The last FIN's acknowledgement is still to come.
+        false
+    }
+}
+
+/// Sends the close event unless another packet did. `exact`: the last FIN was acknowledged.
+#[inline(always)]
+fn claim_close(key: &CtKey, e: &mut CtEntry, exact: bool) -> bool {
+    if or_flags(e, ct_flags::CLOSE_CLAIMED) & ct_flags::CLOSE_CLAIMED != 0 {
+        return false;
+    }
+    if exact {
+        or_flags(e, ct_flags::CLOSE_EXACT);
+    }
+    if emit(EventKind::Close, key, e) {
+        or_flags(e, ct_flags::CLOSE_SENT);
+    }
+    true
 }
 
 /// RST, or FIN in both directions.

@@ -66,6 +66,34 @@ pub struct Packet {
     /// TCP: the sequence number, which NAT keeps (a NodePort client's SYN is recognised by it
     /// behind kube-proxy's masquerade).
     pub seq: u32,
+    /// TCP: the acknowledgement number, and the one that would acknowledge this segment's FIN
+    /// (see [`Seg`]).
+    pub seg: Seg,
+}
+
+/// What a TCP segment tells the close of its connection: the acknowledgement it carries, and
+/// the one that acknowledges it (its sequence number plus its payload, plus one for a FIN).
+/// From the IP header's length: a frame's padding is not payload.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Seg {
+    pub ack: u32,
+    pub fin_ack: u32,
+}
+
+impl Seg {
+    /// From a TCP header `h` at `l4`, in an IP packet that ends at `ip_end`. A length that
+    /// does not add up (a GSO packet beyond 64 KiB, whose IPv4 length is 0) gives an
+    /// acknowledgement no end sends: the close is then reported by the sweep, not early.
+    #[inline(always)]
+    fn of(h: &[u8; 20], l4: usize, ip_end: usize) -> Seg {
+        let seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let payload = ip_end.wrapping_sub(l4 + ((h[12] >> 4) as usize) * 4) as u32;
+        Seg {
+            ack: u32::from_be_bytes([h[8], h[9], h[10], h[11]]),
+            fin_ack: seq.wrapping_add(payload).wrapping_add(1),
+        }
+    }
 }
 
 /// What the parser needs from a program context: direct packet access. tc and XDP both give
@@ -174,6 +202,7 @@ pub struct Plain {
     /// Host byte order, as `Packet`'s.
     pub sport: u16,
     pub dport: u16,
+    pub seg: Seg,
 }
 
 /// An untagged IPv4 packet without options or fragmentation, carrying TCP or UDP, its headers
@@ -186,14 +215,15 @@ pub fn plain_ipv4<C: PacketCtx>(ctx: &C) -> Option<Plain> {
         return None;
     }
     let proto = h[23];
-    let (sport, dport, tcp_flags) = match proto {
+    let (sport, dport, tcp_flags, seg) = match proto {
         IPPROTO_TCP => {
             let t = hdr::<20, C>(ctx, 34).ok()?;
-            (be16(t, 0), be16(t, 2), t[13])
+            let seg = Seg::of(t, 34, 14 + be16(h, 16) as usize);
+            (be16(t, 0), be16(t, 2), t[13], seg)
         }
         IPPROTO_UDP => {
             let u = hdr::<8, C>(ctx, 34).ok()?;
-            (be16(u, 0), be16(u, 2), 0)
+            (be16(u, 0), be16(u, 2), 0, Seg::default())
         }
         _ => return None,
     };
@@ -204,6 +234,7 @@ pub fn plain_ipv4<C: PacketCtx>(ctx: &C) -> Option<Plain> {
         tcp_flags,
         sport,
         dport,
+        seg,
     })
 }
 
@@ -280,6 +311,7 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         dport: 0,
         l3_off: l3 as u16,
         seq: 0,
+        seg: Seg { ack: 0, fin_ack: 0 },
     };
     let more_frags = frag & 0x2000 != 0;
     let frag_off = frag & 0x1fff;
@@ -287,7 +319,7 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
     if frag_off != 0 {
         return later_fragment(pkt, id);
     }
-    parse_l4(ctx, &mut pkt, l3 + ihl)?;
+    parse_l4(ctx, &mut pkt, l3 + ihl, l3 + be16(ip, 2) as usize)?;
     if more_frags {
         remember_fragment(&pkt, id);
     }
@@ -301,6 +333,7 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         return Err(stat::TRUNCATED);
     }
     let mut nexthdr = ip[6];
+    let ip_end = l3 + 40 + be16(ip, 4) as usize;
     let mut pkt = Packet {
         family: AF_INET6,
         proto: 0,
@@ -314,6 +347,7 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         dport: 0,
         l3_off: l3 as u16,
         seq: 0,
+        seg: Seg { ack: 0, fin_ack: 0 },
     };
     let mut off = l3 + 40;
     let mut frag: Option<(u32, bool)> = None;
@@ -361,7 +395,7 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
     if nexthdr == NEXTHDR_NONE {
         return Ok(pkt);
     }
-    parse_l4(ctx, &mut pkt, off)?;
+    parse_l4(ctx, &mut pkt, off, ip_end)?;
     if let Some((id, true)) = frag {
         remember_fragment(&pkt, id);
     }
@@ -369,7 +403,7 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
 }
 
 #[inline(always)]
-fn parse_l4<C: PacketCtx>(ctx: &C, pkt: &mut Packet, l4: usize) -> Result<(), u32> {
+fn parse_l4<C: PacketCtx>(ctx: &C, pkt: &mut Packet, l4: usize, ip_end: usize) -> Result<(), u32> {
     if l4 > 1100 {
         return Err(stat::TRUNCATED);
     }
@@ -380,6 +414,7 @@ fn parse_l4<C: PacketCtx>(ctx: &C, pkt: &mut Packet, l4: usize) -> Result<(), u3
             pkt.dport = be16(h, 2);
             pkt.tcp_flags = h[13];
             pkt.seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            pkt.seg = Seg::of(h, l4, ip_end);
         }
         IPPROTO_UDP => {
             let h = hdr::<8, C>(ctx, l4)?;

@@ -153,6 +153,7 @@ pub fn through_alias(
         bytes,
         now,
         pkt.tcp_flags,
+        pkt.seg,
         pkt.proto == IPPROTO_TCP,
         cfg.report_interval_ns,
     );

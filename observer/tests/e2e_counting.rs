@@ -722,6 +722,95 @@ fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
     );
 }
 
+/// A TCP close is reported with the acknowledgement of its last FIN, its counters final: not
+/// held for `--close-grace` (a minute here) for the last ACK to be counted. Over IPv4 (the
+/// established path's header read) and IPv6 (the parser's), with a reply whose last data
+/// segment may carry the server's FIN; the counters are checked against nftables' in the
+/// client pod.
+#[test]
+fn a_close_is_reported_with_its_last_ack() {
+    let mut bed = TestBed::client_and_server("ack", TCP_PORT).expect("test bed");
+    let daemon = bed
+        .start_daemon(
+            OBSERVER.as_ref(),
+            &["--report-interval", "0", "--close-grace", "60s"],
+        )
+        .expect("daemon");
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let flows: Vec<Flow> = [
+        (a.ip4, b.ip4, 41_950, "ack4"),
+        (a.ip6, b.ip6, 41_951, "ack6"),
+    ]
+    .into_iter()
+    .map(|(src, dst, sport, name)| Flow {
+        name,
+        proto: "TCP",
+        src,
+        dst,
+        sport,
+        dport: TCP_PORT,
+        class: "pod-to-pod-local",
+        dst_pod: Some("b"),
+        expect: None,
+    })
+    .collect();
+    nft(&a.netns, &nft_rules(&flows)).expect("reference counters");
+    for f in &flows {
+        let dst = SocketAddr::new(f.dst, TCP_PORT);
+        let listener = in_netns(&b.netns, move || TcpListener::bind(dst))
+            .unwrap()
+            .unwrap();
+        let server = std::thread::spawn(move || tcp_server(listener, 1));
+        let src = SocketAddr::new(f.src, f.sport);
+        let got = spawn_in_netns(&a.netns, move || tcp_client(src, dst, 3000, 20_000))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, 20_000);
+        server.join().unwrap();
+    }
+    let closed = std::time::Instant::now();
+    for f in &flows {
+        let close = loop {
+            let history = daemon.flows().unwrap();
+            if let Some(h) = history
+                .iter()
+                .find(|h| h["event"] == "close" && find(std::slice::from_ref(h), f).is_some())
+            {
+                break h.clone();
+            }
+            assert!(
+                closed.elapsed() < Duration::from_secs(10),
+                "{}: no close record {:?} after the close (grace 60 s)\n{}",
+                f.name,
+                closed.elapsed(),
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let c = &close["counters"];
+        let got = [
+            c["packets_out"].as_u64().unwrap(),
+            c["bytes_out"].as_u64().unwrap(),
+            c["packets_in"].as_u64().unwrap(),
+            c["bytes_in"].as_u64().unwrap(),
+        ];
+        let (o, i) = (
+            nft_counter(&a.netns, "inet", "ref", &format!("{}_out", f.name)).unwrap(),
+            nft_counter(&a.netns, "inet", "ref", &format!("{}_in", f.name)).unwrap(),
+        );
+        assert_eq!(
+            got,
+            [o.0, o.1, i.0, i.1],
+            "{}: close record {close:#}",
+            f.name
+        );
+        let table = daemon.get_lines("/v1/conntrack").unwrap();
+        let entry = find(&table, f).expect("the closed connection in the kernel's table");
+        assert_eq!(entry["counters"], close["counters"], "{}", f.name);
+    }
+}
+
 /// Both ends of a connection closing at the same moment: their FINs are counted on two CPUs at
 /// once, and each connection still gets its one close record.
 #[test]

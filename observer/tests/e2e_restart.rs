@@ -278,8 +278,10 @@ fn kill_9_and_restart(tag: &str, extra: &[&str]) {
 }
 
 /// Closes in flight at a SIGKILL: those the killed daemon had read and was holding for their
-/// grace, and those that happened while no daemon ran (their events wait in the pinned ring).
-/// The next daemon publishes each exactly once, with the final counters.
+/// grace (closed by a RST: the kernel's close event comes before the last packets), and those
+/// that happened while no daemon ran (their events wait in the pinned ring). The next daemon
+/// publishes each exactly once, with the final counters; closes the killed daemon published
+/// as it read them (a FIN exchange's, sent with its last ACK) it does not publish again.
 #[test]
 fn closes_in_flight_at_a_kill_are_published_once() {
     let mut bed = TestBed::overlay("rsclose").unwrap();
@@ -291,9 +293,9 @@ fn closes_in_flight_at_a_kill_are_published_once() {
         TcpListener::bind(("0.0.0.0", 9000)).unwrap()
     })
     .unwrap();
-    // One exchange per connection, then both sides close.
+    // One exchange per connection, then both sides close (or the client resets).
     let echo = std::thread::spawn(move || {
-        for _ in 0..6 {
+        for _ in 0..9 {
             let (mut s, _) = l.accept().unwrap();
             let mut buf = [0u8; 4];
             s.read_exact(&mut buf).unwrap();
@@ -301,7 +303,7 @@ fn closes_in_flight_at_a_kill_are_published_once() {
             let _ = s.read(&mut buf);
         }
     });
-    let exchange = |n: usize| -> Vec<u16> {
+    let exchange = |n: usize, reset: bool| -> Vec<u16> {
         spawn_in_netns(&client.netns, move || {
             (0..n)
                 .map(|_| {
@@ -309,6 +311,24 @@ fn closes_in_flight_at_a_kill_are_published_once() {
                     s.write_all(b"ping").unwrap();
                     let mut buf = [0u8; 4];
                     s.read_exact(&mut buf).unwrap();
+                    if reset {
+                        // A zero linger: the close sends a RST.
+                        let lg = libc::linger {
+                            l_onoff: 1,
+                            l_linger: 0,
+                        };
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+                        let r = unsafe {
+                            libc::setsockopt(
+                                fd,
+                                libc::SOL_SOCKET,
+                                libc::SO_LINGER,
+                                (&lg as *const libc::linger).cast(),
+                                std::mem::size_of::<libc::linger>() as u32,
+                            )
+                        };
+                        assert_eq!(r, 0);
+                    }
                     s.local_addr().unwrap().port()
                 })
                 .collect()
@@ -317,15 +337,35 @@ fn closes_in_flight_at_a_kill_are_published_once() {
         .unwrap()
         .unwrap()
     };
+    let closes = |d: &observer_tests::Daemon| -> Vec<Value> {
+        d.flows()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r["event"] == "close" && r["l4"]["dst_port"] == 9000)
+            .collect()
+    };
+    let of = |got: &[Value], p: u16| -> usize {
+        got.iter().filter(|r| r["l4"]["src_port"] == p).count()
+    };
     let args = ["--source", "none", "--close-grace", "4s"];
     let first = bed.start_daemon(OBSERVER.as_ref(), &args).unwrap();
     // Read by the first daemon and held for their grace when it dies.
-    let mut ports = exchange(3);
-    std::thread::sleep(Duration::from_millis(500));
+    let mut ports = exchange(3, true);
+    // Read and published by the first daemon.
+    let published = exchange(3, false);
+    let t0 = Instant::now();
+    while published.iter().any(|p| of(&closes(&first), *p) == 0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "FIN exchanges not published before their grace (4 s): {:?}",
+            closes(&first)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
     bed.stop_daemon(&first);
     // Closed while no daemon runs.
-    ports.extend(exchange(3));
+    ports.extend(exchange(3, false));
     echo.join().unwrap();
     // The held closes are adopted only if the next daemon starts within their grace: under
     // software emulation (the 6.1 guest) loading alone takes several seconds.
@@ -338,13 +378,6 @@ fn closes_in_flight_at_a_kill_are_published_once() {
     let second_args = ["--source", "none", "--close-grace", &grace_arg];
     let second = bed.start_daemon(OBSERVER.as_ref(), &second_args).unwrap();
 
-    let closes = |d: &observer_tests::Daemon| -> Vec<Value> {
-        d.flows()
-            .unwrap()
-            .into_iter()
-            .filter(|r| r["event"] == "close" && r["l4"]["dst_port"] == 9000)
-            .collect()
-    };
     let t0 = Instant::now();
     while closes(&second).len() < ports.len() && t0.elapsed() < grace + Duration::from_secs(6) {
         std::thread::sleep(Duration::from_millis(200));
@@ -352,20 +385,25 @@ fn closes_in_flight_at_a_kill_are_published_once() {
     // A little longer: a second record of any of them would come now.
     std::thread::sleep(Duration::from_millis(1500));
     let got = closes(&second);
-    for p in &ports {
-        let of: Vec<&Value> = got.iter().filter(|r| r["l4"]["src_port"] == *p).collect();
+    for (i, p) in ports.iter().enumerate() {
+        let recs: Vec<&Value> = got.iter().filter(|r| r["l4"]["src_port"] == *p).collect();
         assert_eq!(
-            of.len(),
+            recs.len(),
             1,
-            "close records of port {p}: {of:?}\nall: {got:?}"
+            "close records of port {p}: {recs:?}\nall: {got:?}"
         );
-        // From the client at least SYN, request, FIN and the last ACK; from the server at
-        // least SYN-ACK, reply and FIN.
-        let c = &of[0]["counters"];
+        // A reset connection: from the client at least SYN, request and RST; from the server
+        // SYN-ACK and reply. A FIN exchange: from the client also its FIN and the last ACK,
+        // from the server its FIN.
+        let c = &recs[0]["counters"];
+        let (out, inn) = if i < 3 { (3, 2) } else { (4, 3) };
         assert!(
-            c["packets_out"].as_u64().unwrap() >= 4 && c["packets_in"].as_u64().unwrap() >= 3,
+            c["packets_out"].as_u64().unwrap() >= out && c["packets_in"].as_u64().unwrap() >= inn,
             "port {p}: {c}"
         );
+    }
+    for p in &published {
+        assert_eq!(of(&got, *p), 0, "port {p} published again: {got:?}");
     }
     bed.stop_daemon(&second);
 }

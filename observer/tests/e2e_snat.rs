@@ -279,15 +279,17 @@ fn both_protocols_to_every_destination(model: Model) {
     let rec = snat_record(&n.daemon.socket, "TCP", client, svc);
     check(&rec, client, client, "none");
 
-    // Replies are attributed to the pod: the connection's live entry counts them.
+    // Replies are attributed to the pod: the connection's close record (published with the
+    // last ACK, the exchange being over) counts them.
     let client = tcp_exchange(&web.netns, format!("{EXT_IP}:8080").parse().unwrap());
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let ct = n.daemon.get_lines("/v1/conntrack").unwrap();
+        let ct = n.daemon.flows().unwrap();
         let e = ct.iter().find(|r| {
-            r["source"]["port"] == client.port() && r["source"]["ip"] == client.ip().to_string()
+            r["event"] == "close"
+                && r["source"]["port"] == client.port()
+                && r["source"]["ip"] == client.ip().to_string()
         });
-        // The live entry gets its snat once the daemon has read the connection's `new` event.
         let done =
             |e: &&Value| e["counters"]["packets_in"].as_u64() >= Some(2) && !e["snat"].is_null();
         if let Some(e) = e.filter(done) {

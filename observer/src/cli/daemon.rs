@@ -107,7 +107,10 @@ pub(super) struct DaemonArgs {
     /// Idle UDP, ICMP and other connections are forgotten after this long.
     #[arg(long, env = "OBSERVER_OTHER_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     other_timeout: Duration,
-    /// Wait this long after a TCP close before reporting it, so the final ACK is counted.
+    /// A TCP close is reported with the acknowledgement of its last FIN. One the kernel cannot
+    /// follow that far (a RST, FINs that crossed) is reported this long after it, so the final
+    /// ACKs are counted; one whose last acknowledgement never comes, this long after its last
+    /// packet.
     #[arg(long, env = "OBSERVER_CLOSE_GRACE", default_value = "1s", value_parser = humantime::parse_duration)]
     close_grace: Duration,
     /// Observe only: report what policy would drop, drop nothing.

@@ -1,8 +1,10 @@
-//! Closed connections: a TCP close's record goes out `--close-grace` after the kernel's close
-//! event, with the connection's counters then: the last ACK of a FIN exchange comes after the
-//! close, and the kernel sends its counters in an `AfterClose` event. The entry itself stays in
-//! the kernel's table [`CLOSED_LINGER`] after its last packet, so late packets of the connection
-//! still find it; then the queue removes it ([`Linger`]), without the sweep.
+//! Closed connections. The kernel sends a TCP close's event with the acknowledgement of its
+//! last FIN, its counters final: its record goes out at once. A close after a RST or crossed
+//! FINs comes earlier, and its record goes out `--close-grace` after the event, with the
+//! connection's counters then: the last ACKs come after it, and the kernel sends their counters
+//! in `AfterClose` events. The entry itself stays in the kernel's table [`CLOSED_LINGER`] after
+//! its last packet, so late packets of the connection still find it; then the queue removes it
+//! ([`Linger`]), without the sweep.
 use super::*;
 
 /// How long a closed connection's entry stays in the kernel's table after its last packet:
@@ -209,9 +211,21 @@ impl CloseQueue {
     }
 }
 
-/// Queues a close event; in arrival order, so the queue is ordered by deadline.
+/// A close event. One with its final counters (`CLOSE_EXACT`: it came with the last FIN's
+/// acknowledgement) is published at once and lingers; any other is queued, in arrival order,
+/// so the queue is ordered by deadline.
 pub(super) fn close_seen(shared: &Shared, key: CtKey, entry: CtEntry) {
     let mut st = shared.state.lock().unwrap();
+    if entry.flags & ct_flags::CLOSE_EXACT != 0 {
+        // The sweep published it already: the acknowledgement came after `--close-grace`.
+        if st.late_closes.contains(&(key, entry.first_seen_ns)) {
+            return;
+        }
+        st.closing.linger.push(key, &entry);
+        drop(st);
+        publish_close(shared, &key, &entry);
+        return;
+    }
     // Adopted from the table at start, and now its event from the ring's backlog: once is
     // enough.
     if !st.adopted.is_empty() && st.adopted.remove(&key) {
@@ -344,8 +358,9 @@ fn adopt_closing(shared: &Shared) -> Result<()> {
     shared.dp.lock().unwrap().visit_conntrack(|k, e| {
         let idle = Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns));
         // Closes whose event never reached the ring are the sweep's (`gc::unsent_close`).
+        // An exact close was published with its event (`close_seen`).
         let sent = ct_flags::CLOSED | ct_flags::CLOSE_SENT;
-        let closed = e.flags & (sent | ct_flags::SVC_ALIAS) == sent;
+        let closed = e.flags & (sent | ct_flags::SVC_ALIAS | ct_flags::CLOSE_EXACT) == sent;
         if closed && idle < grace {
             found.push((*k, *e, idle));
         }

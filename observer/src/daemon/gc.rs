@@ -127,9 +127,10 @@ fn timeout(opts: &Options, k: &CtKey, e: &CtEntry) -> Duration {
     }
 }
 
-/// A closed connection whose close event is not in the ring: lost to a full ring, or from a
-/// daemon before this one whose datapath counted Service connections without events. The
-/// sweep publishes its close once its grace has passed, with the entry's counters.
+/// A closed connection whose close event is not in the ring: the acknowledgement of its last
+/// FIN never came (the kernel sends the event with it), the event was lost to a full ring, or
+/// a daemon before this one counted Service connections without events. The sweep publishes
+/// its close once its grace has passed, with the entry's counters.
 fn unsent_close(e: &CtEntry) -> bool {
     e.flags & (ct_flags::CLOSED | ct_flags::CLOSE_SENT | ct_flags::SVC_ALIAS) == ct_flags::CLOSED
 }

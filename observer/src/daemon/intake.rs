@@ -78,7 +78,7 @@ pub(super) fn entry_of(ev: &FlowEvent) -> CtEntry {
         egress_rule: ev.egress_rule,
         ingress_rule: ev.ingress_rule,
         policy_gen: 0,
-        _pad2: 0,
+        fin_ack: 0,
     }
 }
 
