@@ -809,6 +809,11 @@ fn a_close_is_reported_with_its_last_ack() {
         let entry = find(&table, f).expect("the closed connection in the kernel's table");
         assert_eq!(entry["counters"], close["counters"], "{}", f.name);
     }
+    let m = daemon.get("/metrics").unwrap();
+    for (when, n) in [("last_ack", 2), ("held", 0), ("sweep", 0)] {
+        let line = format!("observer_closes_total{{when=\"{when}\"}} {n}");
+        assert!(m.lines().any(|l| l == line), "{line}\n{m}");
+    }
 }
 
 /// Both ends of a connection closing at the same moment: their FINs are counted on two CPUs at

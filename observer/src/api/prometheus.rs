@@ -166,6 +166,18 @@ fn daemon(p: &mut Prom, st: &State) {
         "TCP closes whose last counters were read back from the kernel's table, not sent by it.",
         st.metrics.closes_read_back_total,
     );
+    p.family(
+        "observer_closes_total",
+        "counter",
+        "TCP close records published, by when: with the last FIN's acknowledgement, held for \
+         the grace after an early close (RST, crossed FINs), or by the sweep.",
+    );
+    for (when, n) in crate::daemon::CLOSES_WHEN
+        .iter()
+        .zip(st.metrics.closes_total)
+    {
+        p.sample("observer_closes_total", &[("when", when)], n);
+    }
     p.single(
         "observer_source_errors",
         "gauge",

@@ -222,6 +222,7 @@ pub(super) fn close_seen(shared: &Shared, key: CtKey, entry: CtEntry) {
             return;
         }
         st.closing.linger.push(key, &entry);
+        st.metrics.closes_total[CLOSE_AT_LAST_ACK] += 1;
         drop(st);
         publish_close(shared, &key, &entry);
         return;
@@ -245,6 +246,7 @@ pub(super) fn close_seen(shared: &Shared, key: CtKey, entry: CtEntry) {
     }
     // Past the queue's bound: published at once, its entry left to the sweep.
     st.closing.linger.left_to_sweep = true;
+    st.metrics.closes_total[CLOSE_HELD] += 1;
     drop(st);
     publish_close(shared, &key, &entry);
 }
@@ -407,6 +409,7 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
         .into_iter()
         .filter(|c| !c.reopened)
         .partition(|c| c.read_back);
+    shared.state.lock().unwrap().metrics.closes_total[CLOSE_HELD] += from_events.len() as u64;
     for c in &from_events {
         publish_close(shared, &c.key, &c.entry);
     }
@@ -432,6 +435,7 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
             Some(e)
                 if e.flags & ct_flags::CLOSED != 0 && e.first_seen_ns == c.entry.first_seen_ns =>
             {
+                shared.state.lock().unwrap().metrics.closes_total[CLOSE_HELD] += 1;
                 publish_close(shared, &c.key, &e);
                 // Its last packet as read (past the after-close events, to the sweep).
                 shared
@@ -449,7 +453,10 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
                 st.closing.linger.reopened(&c.key, e.first_seen_ns);
             }
             // Gone (evicted from a full table, or removed): the events' counters are the last.
-            None => publish_close(shared, &c.key, &c.entry),
+            None => {
+                shared.state.lock().unwrap().metrics.closes_total[CLOSE_HELD] += 1;
+                publish_close(shared, &c.key, &c.entry)
+            }
         }
     }
 }

@@ -216,6 +216,7 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
             st.late_closes.retain(|(k, _)| live.contains(k));
         }
         st.metrics.conntrack_expired_total += expire.len() as u64;
+        st.metrics.closes_total[CLOSE_BY_SWEEP] += late_closes.len() as u64;
     }
     if !expire.is_empty() {
         // What is not removed is found again by the next sweep.

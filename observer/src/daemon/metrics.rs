@@ -37,11 +37,22 @@ pub struct Metrics {
     /// Closes whose last counters were read back from the kernel's table rather than taken
     /// from its after-close events (a loss, a restart, a connection past its events).
     pub closes_read_back_total: u64,
+    /// TCP closes published, by when: [`CLOSES_WHEN`].
+    pub closes_total: [u64; 3],
     /// Local pods left out of the per-pod metrics by `--pod-metrics-max`.
     pub pod_metrics_overflow_total: u64,
     /// API event to maps written, with `--source kube`.
     pub sync_latency: Histogram,
 }
+
+/// When a TCP close was published, the `when` label of `observer_closes_total`: with the
+/// acknowledgement of its last FIN (`last_ack`), held for `--close-grace` after a close the
+/// kernel reports early, a RST or crossed FINs (`held`; past the queue's bound, at once), or by
+/// the sweep, a close without its event (`sweep`).
+pub const CLOSES_WHEN: [&str; 3] = ["last_ack", "held", "sweep"];
+pub const CLOSE_AT_LAST_ACK: usize = 0;
+pub const CLOSE_HELD: usize = 1;
+pub const CLOSE_BY_SWEEP: usize = 2;
 
 /// A Prometheus histogram with fixed buckets (seconds). `counts[i]` is cumulative: the
 /// observations at or below `bounds[i]`; `count` is the `+Inf` bucket.
