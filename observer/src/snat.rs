@@ -333,7 +333,12 @@ impl<K> NatTable<K> {
 
     pub fn park(&mut self, t: FlowTuple, p: Pending<K>) {
         self.pending_count += 1;
-        self.pending.entry(t).or_default().push(p);
+        // Nearly always the tuple's only record: room for one (a record is large, and a
+        // vector's first growth makes room for four).
+        self.pending
+            .entry(t)
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(p);
     }
 
     /// Every waiting record, e.g. at shutdown.

@@ -222,9 +222,17 @@ fn join(
     seen_ns: u64,
     ready: &mut Vec<crate::snat::Pending<CtKey>>,
 ) {
-    for mut p in st.nat.insert(t, k, how, now, seen_ns).unwrap_or_default() {
-        settle_waiting(st, &mut p, t, k, how);
-        ready.push(p);
+    let Some(mut waiting) = st.nat.insert(t, k, how, now, seen_ns) else {
+        return;
+    };
+    for p in &mut waiting {
+        settle_waiting(st, p, t, k, how);
+    }
+    // Most joins settle one record: its vector moves instead of being copied into another.
+    if ready.is_empty() {
+        *ready = waiting;
+    } else {
+        ready.append(&mut waiting);
     }
 }
 
