@@ -667,6 +667,25 @@ fn served(tag: &str) -> (TestBed, observer_tests::Daemon, Pod, Pod, TcpListener)
     (bed, daemon, a, b, listener)
 }
 
+/// One connection from `src` in pod `a` to the server listening on `dst`: `send` bytes up,
+/// `reply` back, then both ends close.
+fn exchange(
+    a: &Pod,
+    listener: TcpListener,
+    src: SocketAddr,
+    dst: SocketAddr,
+    send: usize,
+    reply: usize,
+) {
+    let server = std::thread::spawn(move || tcp_server(listener, 1));
+    let got = spawn_in_netns(&a.netns, move || tcp_client(src, dst, send, reply))
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, reply);
+    server.join().unwrap();
+}
+
 /// A closed connection's entry stays in the kernel's table for its linger (10 s after its last
 /// packet: a retransmitted FIN or a late ACK is still its own, not a new connection to judge),
 /// then leaves it. The close queue removes it when the linger ends, from its events; the sweep,
@@ -675,15 +694,11 @@ fn served(tag: &str) -> (TestBed, observer_tests::Daemon, Pod, Pod, TcpListener)
 #[test]
 fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
     let (_bed, daemon, a, b, listener) = served("lng");
-    let dst = SocketAddr::new(b.ip4, TCP_PORT);
-    let server = std::thread::spawn(move || tcp_server(listener, 1));
-    let src = SocketAddr::new(a.ip4, 41_900);
-    let got = spawn_in_netns(&a.netns, move || tcp_client(src, dst, 100, 100))
-        .join()
-        .unwrap()
-        .unwrap();
-    assert_eq!(got, 100);
-    server.join().unwrap();
+    let (src, dst) = (
+        SocketAddr::new(a.ip4, 41_900),
+        SocketAddr::new(b.ip4, TCP_PORT),
+    );
+    exchange(&a, listener, src, dst, 100, 100);
     let closed = std::time::Instant::now();
 
     let in_table = || -> Option<Value> {
@@ -760,14 +775,14 @@ fn a_close_is_reported_with_its_last_ack() {
         let listener = in_netns(&b.netns, move || TcpListener::bind(dst))
             .unwrap()
             .unwrap();
-        let server = std::thread::spawn(move || tcp_server(listener, 1));
-        let src = SocketAddr::new(f.src, f.sport);
-        let got = spawn_in_netns(&a.netns, move || tcp_client(src, dst, 3000, 20_000))
-            .join()
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, 20_000);
-        server.join().unwrap();
+        exchange(
+            &a,
+            listener,
+            SocketAddr::new(f.src, f.sport),
+            dst,
+            3000,
+            20_000,
+        );
     }
     let closed = std::time::Instant::now();
     for f in &flows {
