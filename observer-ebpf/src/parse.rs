@@ -311,7 +311,7 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         dport: 0,
         l3_off: l3 as u16,
         seq: 0,
-        seg: Seg { ack: 0, fin_ack: 0 },
+        seg: Seg::default(),
     };
     let more_frags = frag & 0x2000 != 0;
     let frag_off = frag & 0x1fff;
@@ -347,7 +347,7 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         dport: 0,
         l3_off: l3 as u16,
         seq: 0,
-        seg: Seg { ack: 0, fin_ack: 0 },
+        seg: Seg::default(),
     };
     let mut off = l3 + 40;
     let mut frag: Option<(u32, bool)> = None;

@@ -222,9 +222,8 @@ pub(super) fn close_seen(shared: &Shared, key: CtKey, entry: CtEntry) {
             return;
         }
         st.closing.linger.push(key, &entry);
-        st.metrics.closes_total[CLOSE_AT_LAST_ACK] += 1;
         drop(st);
-        publish_close(shared, &key, &entry);
+        publish_close(shared, &key, &entry, CLOSE_AT_LAST_ACK);
         return;
     }
     // Adopted from the table at start, and now its event from the ring's backlog: once is
@@ -246,9 +245,8 @@ pub(super) fn close_seen(shared: &Shared, key: CtKey, entry: CtEntry) {
     }
     // Past the queue's bound: published at once, its entry left to the sweep.
     st.closing.linger.left_to_sweep = true;
-    st.metrics.closes_total[CLOSE_HELD] += 1;
     drop(st);
-    publish_close(shared, &key, &entry);
+    publish_close(shared, &key, &entry, CLOSE_HELD);
 }
 
 /// A packet of a closed connection (the last ACK): its counters for the queued close.
@@ -409,9 +407,8 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
         .into_iter()
         .filter(|c| !c.reopened)
         .partition(|c| c.read_back);
-    shared.state.lock().unwrap().metrics.closes_total[CLOSE_HELD] += from_events.len() as u64;
     for c in &from_events {
-        publish_close(shared, &c.key, &c.entry);
+        publish_close(shared, &c.key, &c.entry, CLOSE_HELD);
     }
     if read_back.is_empty() {
         return;
@@ -435,8 +432,7 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
             Some(e)
                 if e.flags & ct_flags::CLOSED != 0 && e.first_seen_ns == c.entry.first_seen_ns =>
             {
-                shared.state.lock().unwrap().metrics.closes_total[CLOSE_HELD] += 1;
-                publish_close(shared, &c.key, &e);
+                publish_close(shared, &c.key, &e, CLOSE_HELD);
                 // Its last packet as read (past the after-close events, to the sweep).
                 shared
                     .state
@@ -453,18 +449,18 @@ fn publish_due(shared: &Shared, due: Vec<Closing>) {
                 st.closing.linger.reopened(&c.key, e.first_seen_ns);
             }
             // Gone (evicted from a full table, or removed): the events' counters are the last.
-            None => {
-                shared.state.lock().unwrap().metrics.closes_total[CLOSE_HELD] += 1;
-                publish_close(shared, &c.key, &c.entry)
-            }
+            None => publish_close(shared, &c.key, &c.entry, CLOSE_HELD),
         }
     }
 }
 
-pub(super) fn publish_close(shared: &Shared, key: &CtKey, e: &CtEntry) {
+/// `when`: how it came to be published, an index of [`CLOSES_WHEN`].
+pub(super) fn publish_close(shared: &Shared, key: &CtKey, e: &CtEntry, when: usize) {
     emit(shared, EventKind::Close, key, e);
     // After the record: it accounts the connection's last counters against this state.
-    shared.state.lock().unwrap().conns.remove(key);
+    let mut st = shared.state.lock().unwrap();
+    st.conns.remove(key);
+    st.metrics.closes_total[when] += 1;
 }
 
 #[cfg(test)]

@@ -216,7 +216,6 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
             st.late_closes.retain(|(k, _)| live.contains(k));
         }
         st.metrics.conntrack_expired_total += expire.len() as u64;
-        st.metrics.closes_total[CLOSE_BY_SWEEP] += late_closes.len() as u64;
     }
     if !expire.is_empty() {
         // What is not removed is found again by the next sweep.
@@ -228,7 +227,7 @@ pub(super) fn gc_once(shared: &Shared, prune: bool, first: bool) -> Result<usize
         emit(shared, EventKind::Close, &k, &e);
     }
     for (k, e) in late_closes {
-        super::closes::publish_close(shared, &k, &e);
+        super::closes::publish_close(shared, &k, &e, CLOSE_BY_SWEEP);
     }
     // After the close records: they account the connections' last counters.
     if !expire.is_empty() {
