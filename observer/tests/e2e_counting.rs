@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use observer::flows::Timestamp;
 use observer_tests::{
     bench::wait_until, in_netns, nft, nft_counter, spawn_in_netns, Pod, PodSpec, TestBed, EXT_IP,
     EXT_IP6,
@@ -826,6 +827,141 @@ fn a_close_is_reported_with_its_last_ack() {
     }
     let m = daemon.get("/metrics").unwrap();
     for (when, n) in [("last_ack", 2), ("held", 0), ("sweep", 0)] {
+        let line = format!("observer_closes_total{{when=\"{when}\"}} {n}");
+        assert!(m.lines().any(|l| l == line), "{line}\n{m}");
+    }
+}
+
+/// A close the kernel cannot follow to its last ACK (a RST here) is held for `--close-grace`
+/// (a minute here). When the client opens its tuple again meanwhile, the held close is
+/// published then, before the new connection's state takes the key, with the first
+/// connection's counters (nftables' in the client pod, read between the two): not lost, and
+/// not mixed with the second's.
+#[test]
+fn a_held_close_is_published_when_its_tuple_is_reused() {
+    let mut bed = TestBed::client_and_server("reu", TCP_PORT).expect("test bed");
+    let daemon = bed
+        .start_daemon(
+            OBSERVER.as_ref(),
+            &["--report-interval", "0", "--close-grace", "60s"],
+        )
+        .expect("daemon");
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let flow = Flow {
+        name: "reu",
+        proto: "TCP",
+        src: a.ip4,
+        dst: b.ip4,
+        sport: 41_960,
+        dport: TCP_PORT,
+        class: "pod-to-pod-local",
+        dst_pod: Some("b"),
+        expect: None,
+    };
+    nft(&a.netns, &nft_rules(std::slice::from_ref(&flow))).expect("reference counters");
+    let (src, dst) = (
+        SocketAddr::new(flow.src, flow.sport),
+        SocketAddr::new(flow.dst, TCP_PORT),
+    );
+    let listener = in_netns(&b.netns, move || TcpListener::bind(dst))
+        .unwrap()
+        .unwrap();
+    // The first connection: 1,000 bytes up, 500 back, then the client's RST.
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.read_exact(&mut [0u8; 1000]).unwrap();
+        s.write_all(&[7u8; 500]).unwrap();
+        let _ = s.read(&mut [0u8; 1]);
+        listener
+    });
+    spawn_in_netns(&a.netns, move || {
+        let fd = socket2_like(libc::AF_INET);
+        bind_fd(fd, src);
+        let mut s = connect_fd(fd, dst);
+        s.write_all(&[1u8; 1000]).unwrap();
+        s.read_exact(&mut [0u8; 500]).unwrap();
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const _ as *const _,
+                std::mem::size_of::<libc::linger>() as u32,
+            )
+        };
+        assert_eq!(rc, 0);
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let listener = server.join().unwrap();
+    let counter = |dir: &str| nft_counter(&a.netns, "inet", "ref", &format!("reu_{dir}")).unwrap();
+    let (o, i) = (counter("out"), counter("in"));
+
+    // The second connection on the same tuple, a whole exchange.
+    exchange(&a, listener, src, dst, 100, 100);
+    let reused = std::time::Instant::now();
+    let closes = loop {
+        let records = daemon.flows().unwrap();
+        let of = |event: &str| -> Vec<Value> {
+            records
+                .iter()
+                .filter(|r| r["event"] == event && find(std::slice::from_ref(r), &flow).is_some())
+                .cloned()
+                .collect()
+        };
+        let (new, closes) = (of("new"), of("close"));
+        if closes.len() >= 2 {
+            assert_eq!(new.len(), 2, "{records:#?}");
+            // Each close is its own connection's: its first packet's time. Each record
+            // converts the kernel's time to wall-clock time when it is built, from its own
+            // reading of both clocks, so the times are compared with a margin.
+            let first_seen = |v: &Value| -> std::time::SystemTime {
+                v["first_seen"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<Timestamp>()
+                    .unwrap()
+                    .0
+            };
+            for (n, c) in new.iter().zip(&closes) {
+                let (n, c) = (first_seen(n), first_seen(c));
+                let apart = n.duration_since(c).unwrap_or_else(|e| e.duration());
+                assert!(apart < Duration::from_micros(100), "{records:#?}");
+            }
+            assert!(first_seen(&new[0]) < first_seen(&new[1]), "{records:#?}");
+            break closes;
+        }
+        assert!(
+            reused.elapsed() < Duration::from_secs(10),
+            "{} close records {:?} after the tuple was reused (grace 60 s): {records:#?}\n{}",
+            closes.len(),
+            reused.elapsed(),
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let c = &closes[0]["counters"];
+    let got = [
+        c["packets_out"].as_u64().unwrap(),
+        c["bytes_out"].as_u64().unwrap(),
+        c["packets_in"].as_u64().unwrap(),
+        c["bytes_in"].as_u64().unwrap(),
+    ];
+    assert_eq!(got, [o.0, o.1, i.0, i.1], "{:#}", closes[0]);
+    assert!(
+        closes[0]["l4"]["tcp_flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "RST")),
+        "{:#}",
+        closes[0]
+    );
+    let m = daemon.get("/metrics").unwrap();
+    for (when, n) in [("last_ack", 1), ("held", 1), ("sweep", 0)] {
         let line = format!("observer_closes_total{{when=\"{when}\"}} {n}");
         assert!(m.lines().any(|l| l == line), "{line}\n{m}");
     }

@@ -26,8 +26,8 @@ pub(super) struct Closing {
     /// connection may be lost (a full ring, a restart) or not sent (past
     /// `AFTER_CLOSE_EVENTS`).
     read_back: bool,
-    /// The tuple was opened again within the grace: the new connection's `new` record stands
-    /// in for this close, and the state under the key is the new connection's.
+    /// The tuple was opened again within the grace: this close was published then, before
+    /// the new connection's state took the key (`reopened`); the queue only drops it.
     reopened: bool,
     /// Another connection may hold the tuple's entry (a `drop` event of it came): the entry is
     /// not this close's to remove when its linger ends; the sweep judges it.
@@ -278,14 +278,19 @@ pub(super) fn after_close_seen(shared: &Shared, key: &CtKey, e: &CtEntry) {
 }
 
 /// A `new` event for `key`, of the connection first seen at `first_seen_ns`: a close waiting for
-/// its grace that is not this connection's belongs to an earlier one on the tuple.
-pub(super) fn reopened(st: &mut State, key: &CtKey, first_seen_ns: u64) {
+/// its grace that is not this connection's belongs to an earlier one on the tuple. It is
+/// returned, to be published before the new connection's state takes the key: its counters
+/// are final, since the tuple's next connection has begun.
+pub(super) fn reopened(st: &mut State, key: &CtKey, first_seen_ns: u64) -> Option<CtEntry> {
+    let mut earlier = None;
     if let Some(c) = st.closing.latest_mut(key) {
-        if c.entry.first_seen_ns != first_seen_ns {
+        if c.entry.first_seen_ns != first_seen_ns && !c.reopened {
             c.reopened = true;
+            earlier = Some(c.entry);
         }
     }
     st.closing.linger.reopened(key, first_seen_ns);
+    earlier
 }
 
 /// A `drop` event for `key`, of the connection first seen at `first_seen_ns`: a denied

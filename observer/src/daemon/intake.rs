@@ -93,11 +93,11 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
             // A reused tuple starts over. A new one gets no state here: most connections
             // never need any (see `count_pod_traffic`), and a map entry per connection made
             // the map's growth most of the daemon's work at hundreds of thousands per second.
-            {
-                let mut st = shared.state.lock().unwrap();
-                st.conns.restart(&ev.key);
-                reopened(&mut st, &ev.key, ev.first_seen_ns);
+            let earlier = reopened(&mut shared.state.lock().unwrap(), &ev.key, ev.first_seen_ns);
+            if let Some(close) = earlier {
+                publish_close(shared, &ev.key, &close, CLOSE_HELD);
             }
+            shared.state.lock().unwrap().conns.restart(&ev.key);
             emit(shared, kind, &ev.key, &e);
         }
         // Not a new connection's entry: a denied SYN leaves a closed connection on the tuple
