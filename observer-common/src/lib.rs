@@ -220,7 +220,13 @@ pub mod ct_flags {
     /// publishes it at once. Without it (a RST, crossed FINs) the daemon holds the close for
     /// `--close-grace` for the last ACKs.
     pub const CLOSE_EXACT: u32 = 1 << 21;
+    /// With [`AUDIT`]: which side's audited policies would have dropped it, so its records
+    /// name them. (An entry from before these bits has only `AUDIT`.)
+    pub const EGRESS_AUDIT: u32 = 1 << 22;
+    pub const INGRESS_AUDIT: u32 = 1 << 23;
     pub const DENIED: u32 = EGRESS_DENIED | INGRESS_DENIED;
+    /// Every audit bit: a verdict taken again clears them all.
+    pub const AUDITS: u32 = AUDIT | EGRESS_AUDIT | INGRESS_AUDIT;
 }
 
 /// [`EventKind::AfterClose`] events per connection at most: a FIN exchange ends with one ACK

@@ -223,13 +223,17 @@ fn config() -> Config {
 /// original direction is judged; replies of an allowed connection pass.
 #[inline(always)]
 fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
-    let (done, denied, dir) = match hook {
-        Hook::FromPod | Hook::Uplink => {
-            (ct_flags::EGRESS_DONE, ct_flags::EGRESS_DENIED, DIR_EGRESS)
-        }
+    let (done, denied, audit, dir) = match hook {
+        Hook::FromPod | Hook::Uplink => (
+            ct_flags::EGRESS_DONE,
+            ct_flags::EGRESS_DENIED,
+            ct_flags::EGRESS_AUDIT,
+            DIR_EGRESS,
+        ),
         Hook::ToPod => (
             ct_flags::INGRESS_DONE,
             ct_flags::INGRESS_DENIED,
+            ct_flags::INGRESS_AUDIT,
             DIR_INGRESS,
         ),
     };
@@ -252,7 +256,7 @@ fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
         e.flags |= denied;
     }
     if v.audit {
-        e.flags |= ct_flags::AUDIT;
+        e.flags |= ct_flags::AUDIT | audit;
     }
     match hook {
         Hook::FromPod | Hook::Uplink => e.egress_rule = v.rule,
@@ -264,7 +268,7 @@ fn judge(e: &mut CtEntry, key: &CtKey, hook: Hook, from_a: bool, dport: u16) {
 /// NodePort or load-balancer frontend: judged against the client, not the node.
 #[inline(always)]
 pub fn judge_nodeport(e: &mut CtEntry, key: &CtKey, from_a: bool, dport: u16, client: &[u32; 4]) {
-    e.flags &= !(ct_flags::INGRESS_DENIED | ct_flags::AUDIT);
+    e.flags &= !(ct_flags::INGRESS_DENIED | ct_flags::AUDITS);
     e.flags |= ct_flags::NODEPORT | ct_flags::EGRESS_DONE | ct_flags::INGRESS_DONE;
     let dst = if from_a { &key.addr_b } else { &key.addr_a };
     let Some(ep) = classify::local_endpoint(key.family, dst) else {
@@ -275,7 +279,7 @@ pub fn judge_nodeport(e: &mut CtEntry, key: &CtKey, from_a: bool, dport: u16, cl
         e.flags |= ct_flags::INGRESS_DENIED;
     }
     if v.audit {
-        e.flags |= ct_flags::AUDIT;
+        e.flags |= ct_flags::AUDIT | ct_flags::INGRESS_AUDIT;
     }
     e.ingress_rule = v.rule;
 }
@@ -338,7 +342,7 @@ fn rejudge(
             | ct_flags::EGRESS_DENIED
             | ct_flags::INGRESS_DONE
             | ct_flags::INGRESS_DENIED
-            | ct_flags::AUDIT);
+            | ct_flags::AUDITS);
         c.policy_gen = cfg.policy_gen;
     }
     let before = c.flags & ct_flags::DENIED;

@@ -6,9 +6,10 @@ use observer::{
     cluster::{self, Cluster},
     policy::{
         kernel::{verdict_of, KernelEngine},
-        Engine, EnginePeer, Options, Protocol,
+        Engine, EnginePeer, Options, Protocol, Side,
     },
 };
+use observer_common::ct_flags;
 use observer_tests::policy_gen::{self as gen, Rng};
 
 fn random_cluster(r: &mut Rng) -> Cluster {
@@ -97,6 +98,21 @@ fn kernel_verdicts_equal_reference_verdicts_on_random_clusters() {
                 checked += 1;
                 denied += u64::from(got == "denied");
                 audit += u64::from(got == "audit");
+                // An audit verdict names the sides whose audited policies would drop it.
+                let audited = |s: &Side| matches!(s, Side::Denied { audit: true, .. });
+                let bits = entry.as_ref().map_or(0, |e| e.flags);
+                let got_sides = (
+                    bits & ct_flags::EGRESS_AUDIT != 0,
+                    bits & ct_flags::INGRESS_AUDIT != 0,
+                );
+                let want_sides = (audited(&want.egress), audited(&want.ingress));
+                if got == "audit" && got_sides != want_sides && failures.len() < 20 {
+                    failures.push(format!(
+                        "cluster {n}: {src} -> {dst} {proto}/{port}: audit sides (egress, \
+                         ingress) kernel {got_sides:?}, reference {want_sides:?} ({})",
+                        want.reason()
+                    ));
+                }
                 if got != want.verdict.as_str() && failures.is_empty() {
                     eprintln!(
                         "first failing cluster {n}: pods {:#?}\nnamespaces {:?}\npolicies {:#?}",

@@ -308,12 +308,14 @@ fn a_denied_syn_on_a_closed_tuple_leaves_its_close_record() {
     );
 }
 
-/// With `--no-enforce`, a denied connection keeps its entry: one that reuses a closed
-/// connection's tuple takes the closed entry's place (its first record a `drop`, not a `new`).
-/// The closed connection's 10 s linger must not remove it: the daemon removes a lingering
-/// entry by its key, so a `drop` of another connection on the key lets the linger go.
+/// With `--no-enforce`, a connection policy would deny passes and is recorded `audit`, never
+/// `dropped`, naming the policy that would have dropped it (as a drop would) in its record and
+/// in `observer_policy_verdicts_total`. One that reuses a closed connection's tuple takes the
+/// closed entry's place; the closed connection's 10 s linger must not remove it: the daemon
+/// removes a lingering entry by its key, so a `new` of another connection on the key lets the
+/// linger go.
 #[test]
-fn a_kept_denied_connection_on_a_closed_tuple_outlives_the_old_linger() {
+fn no_enforce_records_would_be_drops_as_audit_and_keeps_them_past_a_linger() {
     let mut bed = TestBed::client_and_server("polk", 82).unwrap();
     let daemon = bed
         .start_daemon(
@@ -376,10 +378,31 @@ fn a_kept_denied_connection_on_a_closed_tuple_outlives_the_old_linger() {
     let records: Vec<Value> = daemon.flows().unwrap().into_iter().filter(of_src).collect();
     let of =
         |event: &str| -> Vec<&Value> { records.iter().filter(|r| r["event"] == event).collect() };
-    let (new, close, drop_) = (of("new"), of("close"), of("drop"));
+    let (new, close) = (of("new"), of("close"));
     assert!(
-        new.len() == 1 && close.len() == 1 && drop_.len() == 1 && records.len() == 3,
+        new.len() == 2 && close.len() == 1 && records.len() == 3,
         "{records:#?}"
+    );
+    assert_eq!(new[0]["verdict"], "forwarded", "{records:#?}");
+    assert_eq!(close[0]["verdict"], "forwarded", "{records:#?}");
+    let kept = new[1];
+    assert_eq!(kept["verdict"], "audit", "{records:#?}");
+    assert_eq!(
+        kept["isolated_by"],
+        serde_json::json!([{"namespace": "x", "name": "deny-b", "direction": "ingress"}]),
+        "{kept:#}"
+    );
+    assert!(
+        kept.get("drop_reason").is_none_or(Value::is_null),
+        "{kept:#}"
+    );
+    let metrics = daemon.get("/metrics").unwrap();
+    let audited = "observer_policy_verdicts_total{policy=\"x/deny-b\",direction=\"ingress\",\
+                   verdict=\"audit\"} 1";
+    assert!(metrics.lines().any(|l| l == audited), "{metrics}");
+    assert!(
+        !metrics.contains("verdict=\"dropped\""),
+        "nothing was dropped: {metrics}"
     );
     assert_eq!(
         table.len(),
@@ -387,7 +410,7 @@ fn a_kept_denied_connection_on_a_closed_tuple_outlives_the_old_linger() {
         "the kept connection's entry is gone: {records:#?}"
     );
     assert_eq!(table[0]["event"], "report", "{:#}", table[0]);
-    // The same connection: its first packet's time, as the drop record gave it, not the first
+    // The same connection: its first packet's time, as its record gave it, not the first
     // connection's. Each record converts the kernel's time to wall-clock time when it is built,
     // 12 s apart here, each from its own reading of both clocks: a reading preempted between
     // its two clocks, or a wall clock stepped meanwhile, moves one against the other, across a
@@ -401,11 +424,7 @@ fn a_kept_denied_connection_on_a_closed_tuple_outlives_the_old_linger() {
             .0
     };
     let apart = |a: SystemTime, b: SystemTime| a.duration_since(b).unwrap_or_else(|e| e.duration());
-    let (entry, kept, first) = (
-        first_seen(&table[0]),
-        first_seen(drop_[0]),
-        first_seen(new[0]),
-    );
+    let (entry, kept, first) = (first_seen(&table[0]), first_seen(kept), first_seen(new[0]));
     assert!(
         apart(entry, kept) < Duration::from_millis(20) && apart(entry, kept) < apart(entry, first),
         "the entry is not the kept connection's: {:#} {records:#?}",

@@ -99,7 +99,7 @@ fn records(p: &mut Prom, st: &State) {
     p.family(
         "observer_policy_verdicts_total",
         "counter",
-        "Flow records by the policy that allowed them or, for drops, isolated the denying side (direction: ingress or egress).",
+        "Flow records by the policy that allowed them or, for drops and audit verdicts, isolated the denying side (direction: ingress or egress).",
     );
     let mut pv: Vec<_> = st.metrics.policy_verdicts.iter().collect();
     pv.sort();

@@ -113,7 +113,8 @@ pub(super) struct DaemonArgs {
     /// packet.
     #[arg(long, env = "OBSERVER_CLOSE_GRACE", default_value = "1s", value_parser = humantime::parse_duration)]
     close_grace: Duration,
-    /// Observe only: report what policy would drop, drop nothing.
+    /// Observe only: drop nothing. Every policy is audited (as with `--audit`): what policy
+    /// would drop passes, recorded with verdict `audit`.
     #[arg(long, env = "OBSERVER_NO_ENFORCE")]
     no_enforce: bool,
     /// Let ipBlock peers match pod IPs (default: ipBlock selects only non-pod addresses).
@@ -290,7 +291,8 @@ pub(super) fn run(a: DaemonArgs) -> Result<()> {
         enforce: !a.no_enforce,
         policy: observer::policy::Options {
             ipblock_matches_pods: a.ipblock_matches_pods,
-            audit_all: a.audit,
+            // What passes is not dropped, so it is not recorded `dropped` either.
+            audit_all: a.audit || a.no_enforce,
             deny_from_node: a.deny_from_node,
         },
         flow_log: match &a.flow_log {

@@ -49,7 +49,7 @@ impl Shared {
             |ip| st.by_ip.get(&ip).map(|p| &**p),
             |id| st.rules.get(&id).cloned(),
         );
-        if e.flags & ct_flags::DENIED != 0 {
+        if e.flags & (ct_flags::DENIED | ct_flags::AUDITS) != 0 {
             (rec.isolated_by, rec.isolated_by_more) =
                 isolated_by(&mut st, &self.opts, &rec, e.flags);
         }
@@ -173,10 +173,17 @@ pub(super) fn isolated_by(
         out.extend(i.names.iter().cloned());
         more += i.more;
     };
-    if flags & ct_flags::EGRESS_DENIED != 0 {
+    // A drop names the sides that dropped it; an audit verdict, the sides whose audited
+    // policies would have (those isolate it alone: an enforced one would have dropped it).
+    let (egress, ingress) = if flags & ct_flags::DENIED != 0 {
+        (ct_flags::EGRESS_DENIED, ct_flags::INGRESS_DENIED)
+    } else {
+        (ct_flags::EGRESS_AUDIT, ct_flags::INGRESS_AUDIT)
+    };
+    if flags & egress != 0 {
         add(rec.source.ip, false);
     }
-    if flags & ct_flags::INGRESS_DENIED != 0 {
+    if flags & ingress != 0 {
         add(rec.destination.ip, true);
     }
     (out, more)

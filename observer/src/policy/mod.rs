@@ -13,5 +13,5 @@ pub mod kernel;
 pub mod matrix;
 pub mod model;
 
-pub use engine::{Decision, Engine, Options, Peer as EnginePeer, Verdict};
+pub use engine::{Decision, Engine, Options, Peer as EnginePeer, Side, Verdict};
 pub use model::{Policy, PolicyError, Protocol};
