@@ -585,6 +585,10 @@ pub mod config_flags {
     /// Traffic from the node's own addresses to its pods passes ingress isolation (Kubernetes
     /// semantics: kubelet probes).
     pub const ALLOW_NODE: u32 = 1 << 0;
+    /// Packets between two pods of the node, of connections nothing translates, go from the
+    /// source's veth straight into the destination pod (`bpf_redirect_peer`), past the node's
+    /// stack (`--no-local-redirect` clears it).
+    pub const LOCAL_REDIRECT: u32 = 1 << 1;
 }
 
 /// An address, protocol and port: a Service frontend in `OBS_SERVICES`, a Service client in
@@ -715,7 +719,10 @@ pub mod stat {
     /// source veth's conntrack lookup and verdict, without its own (counted once, in
     /// `PACKETS`, at the source).
     pub const HANDED_OVER: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Packets between two pods of the node delivered from the source's veth straight into
+    /// the destination pod, past the node's stack (`config_flags::LOCAL_REDIRECT`).
+    pub const REDIRECTED: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
         "events_lost",
@@ -731,6 +738,7 @@ pub mod stat {
         "audit_passed",
         "drop_events_suppressed",
         "handed_over",
+        "redirected",
     ];
 }
 

@@ -2,16 +2,17 @@
 //! on the hook still decide; traffic denied by policy is dropped with `TC_ACT_SHOT`.
 use aya_ebpf::{bindings::__sk_buff, macros::classifier, programs::TcContext};
 use observer_common::{
-    ep_flags, stat, EventKind, TrafficClass, AF_INET, AF_INET6, NODEPORT_MARK, SVC_MARK,
+    ct_flags, ep_flags, stat, EventKind, TrafficClass, AF_INET, AF_INET6, NODEPORT_MARK, SVC_MARK,
 };
 
 use crate::{
     classify,
-    conntrack::{established, key_of, process, Action, Count, Established, Hook},
+    conntrack::{self, established, key_of, process, Action, Count, Established, Hook},
     events::emit,
     handoff,
     maps::{stat_inc, ATTACHED, BENCH_SEQ, CONFIG, NEW_ENTRY},
-    parse::{ip_addrs, observer_parse_tc, parsed, plain_ipv4, PacketCtx},
+    parse::{ip_addrs, observer_parse_tc, parsed, plain_ipv4, Packet, PacketCtx},
+    redirect,
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
@@ -90,6 +91,7 @@ fn settle_established(ctx: &TcContext, mode: u64) -> Result<i32, u64> {
     match observer_established_tc(ctx.skb.skb, mode) {
         NOT_SETTLED => Err(0),
         MISSING => Err(KNOWN_MISSING),
+        redirect::TC_ACT_REDIRECT => Ok(redirect::TC_ACT_REDIRECT),
         a => Ok(act(ctx, Action::from_raw(a))),
     }
 }
@@ -129,9 +131,14 @@ pub extern "C" fn observer_established_tc(skb: *mut __sk_buff, mode: u64) -> i32
     let bytes = (PacketCtx::len(&ctx) - 14) as u64;
     match established(&p, bytes, mode & COUNT != 0) {
         Established::Settled(a, class) => {
+            // (`established` settles no Service connection: the full path has those.)
             if let Some(s) = slot {
                 if a == Action::Pass && class == TrafficClass::PodToPodLocal as u8 {
-                    s.hand_over(unsafe { (*skb).ifindex }, &p);
+                    let ifindex = unsafe { (*skb).ifindex };
+                    if let Some(r) = redirect::to_local_pod(&ctx, ifindex, p.src, p.dst) {
+                        return r;
+                    }
+                    s.hand_over(ifindex, &p);
                 }
             }
             a as i32
@@ -152,10 +159,13 @@ fn observe_from_pod(ctx: &TcContext) -> i32 {
     if reason != 0 {
         return unparsed(ctx, reason, Hook::FromPod);
     }
-    act(
-        ctx,
-        Action::from_raw(observer_from_pod_conn(ctx.skb.skb, COUNT | missing)),
-    )
+    let action = Action::from_raw(observer_from_pod_conn(ctx.skb.skb, COUNT | missing));
+    if action == Action::Pass
+        && observer_from_pod_redirect(ctx.skb.skb) == redirect::TC_ACT_REDIRECT
+    {
+        return redirect::TC_ACT_REDIRECT;
+    }
+    act(ctx, action)
 }
 
 /// Conntrack and verdicts at `hook` for the packet `observer_parse_tc` parsed; `mode`: `COUNT`
@@ -207,6 +217,48 @@ pub fn tc_conn(skb: *mut __sk_buff, mode: u64, hook: Hook) -> i32 {
         }
     }
     action as i32
+}
+
+/// After the full path at `from_pod` passed the packet it parsed: delivers it straight into
+/// its destination pod if its connection is one between two pods of the node that nothing
+/// translates (`redirect`). Its own global function: the full path's call chain has no stack
+/// left for it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn observer_from_pod_redirect(skb: *mut __sk_buff) -> i32 {
+    if skb.is_null() {
+        return 0;
+    }
+    let Some(pkt) = parsed() else {
+        return 0;
+    };
+    if pkt.family != AF_INET || !direct_local(pkt) {
+        return 0;
+    }
+    let ctx = TcContext::new(skb);
+    let ifindex = unsafe { (*skb).ifindex };
+    match redirect::to_local_pod(&ctx, ifindex, pkt.src[0], pkt.dst[0]) {
+        Some(r) => {
+            // Nothing translates it on the way: the wire side is the pod's own.
+            handoff::prove_wire(skb);
+            r
+        }
+        None => 0,
+    }
+}
+
+/// Whether the packet's connection is one between two pods of the node that nothing
+/// translates: not a Service's (kube-proxy's DNAT, and its replies translated back), not one
+/// the node masqueraded. Only those may skip the node's stack.
+#[inline(always)]
+fn direct_local(pkt: &Packet) -> bool {
+    let (key, _) = key_of(pkt);
+    let Some(e) = conntrack::lookup(&key) else {
+        return false;
+    };
+    let e = unsafe { &*e };
+    let special = ct_flags::SVC_ALIAS | ct_flags::SERVICE | ct_flags::NODEPORT;
+    e.flags & special == 0 && e.class == TrafficClass::PodToPodLocal as u8
 }
 
 #[unsafe(no_mangle)]

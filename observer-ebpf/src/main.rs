@@ -25,6 +25,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod policy;
 #[cfg(target_arch = "bpf")]
+mod redirect;
+#[cfg(target_arch = "bpf")]
 mod service;
 #[cfg(target_arch = "bpf")]
 mod uplink;

@@ -1,6 +1,7 @@
 //! Every map the programs share with userspace. All are pinned by name so a restarted daemon
 //! re-adopts them and the kernel keeps counting while it is away.
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -125,6 +126,11 @@ pub static WOKE_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "OBS_KIND_CACHE")]
 pub static KIND_CACHE: PerCpuArray<KindSlot> =
     PerCpuArray::with_max_entries(classify::KIND_CACHE_SLOTS, 0);
+
+/// Per CPU, the FIB lookup's parameters and answer (see `redirect::to_local_pod`): not
+/// pinned, nothing outlives one program run; off the 512-byte stack.
+#[map(name = "OBS_FIB")]
+pub static FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
 #[map(name = "OBS_BENCH_SEQ")]

@@ -500,25 +500,28 @@ fn per_flow_packets_and_bytes_are_exact() {
             conntrack.len()
         ));
     }
-    // Between the two pods, IPv4 TCP and UDP packets passed at the source's veth are handed
-    // over to the destination's (`handed_over`), which does not look them up again: nearly all
-    // of them (one the stack held back, waiting for the neighbour's address, is looked up in
-    // full), never more, while the counts above stayed exact.
+    // Between the two pods, IPv4 packets passed at the source's veth go straight
+    // into the destination pod (`redirected`), past the node's stack: nearly all of them (one
+    // the pod's stack held back, waiting for the neighbour's address, may take the stack's
+    // path and be handed over to the destination's veth instead), never more, while the
+    // counts above stayed exact.
     let mut local = 0;
     for f in flows
         .iter()
-        .filter(|f| f.class == "pod-to-pod-local" && f.dst.is_ipv4() && f.proto != "ICMP")
+        .filter(|f| f.class == "pod-to-pod-local" && f.dst.is_ipv4())
     {
         if let Some(r) = find(&conntrack, f) {
             let c = &r["counters"];
             local += c["packets_out"].as_u64().unwrap() + c["packets_in"].as_u64().unwrap();
         }
     }
+    let redirected = observer_tests::kernel_stat(&status, "redirected");
     let handed = observer_tests::kernel_stat(&status, "handed_over");
-    eprintln!("handed over {handed} of {local} local IPv4 TCP and UDP packets");
-    if handed > local || handed * 10 < local * 9 {
+    eprintln!("redirected {redirected}, handed over {handed} of {local} local IPv4 packets");
+    if redirected + handed > local || redirected * 10 < local * 9 {
         failures.push(format!(
-            "{handed} packets handed over between the pods' veths, of {local}"
+            "{redirected} packets redirected into the destination pod and {handed} handed over \
+             between the pods' veths, of {local}"
         ));
     }
     let lost = status["kernel"]
@@ -829,6 +832,85 @@ fn a_close_is_reported_with_its_last_ack() {
     for (when, n) in [("last_ack", 2), ("held", 0), ("sweep", 0)] {
         let line = format!("observer_closes_total{{when=\"{when}\"}} {n}");
         assert!(m.lines().any(|l| l == line), "{line}\n{m}");
+    }
+}
+
+/// Packets between two pods of the node go from the source's veth straight into the
+/// destination pod: the node's conntrack never sees the connection, and the destination's veth
+/// hands nothing over. With `--no-local-redirect` they take the node's stack (its conntrack has
+/// the connection) and are handed over between the veths instead. Either way the close record
+/// counts every packet of the exchange.
+#[test]
+fn local_packets_skip_the_node_stack_unless_told_not_to() {
+    for (tag, extra) in [("lrd", None), ("lrs", Some("--no-local-redirect"))] {
+        let mut bed = TestBed::client_and_server(tag, TCP_PORT).expect("test bed");
+        let mut args = vec!["--report-interval", "0"];
+        args.extend(extra);
+        let daemon = bed.start_daemon(OBSERVER.as_ref(), &args).expect("daemon");
+        let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+        let (src, dst) = (
+            SocketAddr::new(a.ip4, 41_970),
+            SocketAddr::new(b.ip4, TCP_PORT),
+        );
+        let listener = in_netns(&b.netns, move || TcpListener::bind(dst))
+            .unwrap()
+            .unwrap();
+        exchange(&a, listener, src, dst, 2000, 30_000);
+        let node_ct = observer_tests::ns_run(
+            &bed.node_ns,
+            &[
+                "conntrack",
+                "-L",
+                "-p",
+                "tcp",
+                "--sport",
+                &src.port().to_string(),
+            ],
+        )
+        .unwrap();
+        let status: Value = serde_json::from_str(&daemon.get("/v1/status").unwrap()).unwrap();
+        let redirected = observer_tests::kernel_stat(&status, "redirected");
+        let handed = observer_tests::kernel_stat(&status, "handed_over");
+        let t = std::time::Instant::now();
+        let close = loop {
+            let records = daemon.flows().unwrap();
+            let close = records
+                .into_iter()
+                .find(|r| r["event"] == "close" && r["source"]["port"] == src.port());
+            if let Some(c) = close {
+                break c;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{tag}: no close record"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let c = &close["counters"];
+        let packets = c["packets_out"].as_u64().unwrap() + c["packets_in"].as_u64().unwrap();
+        let bytes_in = c["bytes_in"].as_u64().unwrap();
+        assert!(bytes_in > 30_000, "{tag}: {close:#}");
+        assert_eq!(close["snat"]["expectation"], "none", "{tag}: {close:#}");
+        if extra.is_none() {
+            // Settled by the kernel's proof of its first packet, untranslated since it never
+            // passed the node's stack, not by a lookup in the node's conntrack.
+            let m = daemon.get("/metrics").unwrap();
+            let wire = "observer_snat_settled_total{how=\"wire\"} 1";
+            assert!(m.lines().any(|l| l == wire), "{tag}: {m}");
+        }
+        if extra.is_none() {
+            assert!(!node_ct.contains(&a.ip4.to_string()), "{tag}: {node_ct}");
+            assert!(
+                redirected >= packets && handed == 0,
+                "{tag}: redirected {redirected}, handed over {handed}, {packets} packets"
+            );
+        } else {
+            assert!(node_ct.contains(&a.ip4.to_string()), "{tag}: {node_ct}");
+            assert!(
+                redirected == 0 && handed * 10 >= packets * 9,
+                "{tag}: redirected {redirected}, handed over {handed}, {packets} packets"
+            );
+        }
     }
 }
 

@@ -554,12 +554,13 @@ fn a_translation_read_late_reaches_the_close_record() {
     }
 }
 
-/// Between two pods of the node: each connection's opening packet is seen leaving the stack at
-/// the other pod's veth, untranslated, so no connection is looked up; except a first packet
-/// the node held back while it resolved the pod's address (the neighbour entry flushed): it
-/// left in another pass of the stack, and the kernel's entry, made before the packet waited,
-/// settles it by an exact lookup, as soon as the ring was read past it (long before a
-/// `--snat-wait` of 10 s).
+/// Between two pods of the node, on the node's stack (`--no-local-redirect`; by default such
+/// packets skip it, see `e2e_counting`): each connection's opening packet is seen leaving the
+/// stack at the other pod's veth, untranslated, so no connection is looked up; except a first
+/// packet the node held back while it resolved the pod's address (the neighbour entry
+/// flushed): it left in another pass of the stack, and the kernel's entry, made before the
+/// packet waited, settles it by an exact lookup, as soon as the ring was read past it (long
+/// before a `--snat-wait` of 10 s).
 #[test]
 fn local_connections_are_seen_leaving_and_a_held_packet_is_looked_up() {
     let mut bed = TestBed::new("snp", Model::Overlay).unwrap();
@@ -567,7 +568,7 @@ fn local_connections_are_seen_leaving_and_a_held_packet_is_looked_up() {
         .unwrap();
     let args = bed.model_args();
     let mut args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    args.extend_from_slice(&["--snat-wait", "10s"]);
+    args.extend_from_slice(&["--snat-wait", "10s", "--no-local-redirect"]);
     let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
     let (web, api) = (bed.pod("web").clone(), bed.pod("api").clone());
     let servers = Servers::start(&api.netns, api.ip4, 8080);

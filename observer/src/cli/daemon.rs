@@ -113,6 +113,11 @@ pub(super) struct DaemonArgs {
     /// packet.
     #[arg(long, env = "OBSERVER_CLOSE_GRACE", default_value = "1s", value_parser = humantime::parse_duration)]
     close_grace: Duration,
+    /// Keep packets between two pods of this node on the node's stack (routing, netfilter,
+    /// the destination veth's qdisc). By default those of connections nothing translates
+    /// (not a Service's) go from the source's veth straight into the destination pod.
+    #[arg(long, env = "OBSERVER_NO_LOCAL_REDIRECT")]
+    no_local_redirect: bool,
     /// Observe only: drop nothing. Every policy is audited (as with `--audit`): what policy
     /// would drop passes, recorded with verdict `audit`.
     #[arg(long, env = "OBSERVER_NO_ENFORCE")]
@@ -289,6 +294,7 @@ pub(super) fn run(a: DaemonArgs) -> Result<()> {
         close_grace: a.close_grace,
         source_poll: a.source_poll,
         enforce: !a.no_enforce,
+        local_redirect: !a.no_local_redirect,
         policy: observer::policy::Options {
             ipblock_matches_pods: a.ipblock_matches_pods,
             // What passes is not dropped, so it is not recorded `dropped` either.

@@ -117,6 +117,9 @@ pub struct Options {
     pub source_poll: Duration,
     /// Drop what policy denies (otherwise verdicts are only reported).
     pub enforce: bool,
+    /// Deliver packets between two local pods of connections nothing translates straight
+    /// into the destination pod (`config_flags::LOCAL_REDIRECT`).
+    pub local_redirect: bool,
     pub policy: crate::policy::Options,
     pub flow_log: Option<crate::flowlog::Config>,
     /// Node-wide budget of flow records per second (0: unlimited).
@@ -332,10 +335,19 @@ fn load_datapath(
         report_interval_ns: opts.report_interval.as_nanos() as u64,
         policy_gen,
         enforce: u32::from(opts.enforce),
-        flags: if opts.policy.deny_from_node {
-            0
-        } else {
-            observer_common::config_flags::ALLOW_NODE
+        flags: {
+            use observer_common::config_flags::{ALLOW_NODE, LOCAL_REDIRECT};
+            let allow_node = if opts.policy.deny_from_node {
+                0
+            } else {
+                ALLOW_NODE
+            };
+            allow_node
+                | if opts.local_redirect {
+                    LOCAL_REDIRECT
+                } else {
+                    0
+                }
         },
         drop_events_per_cpu_s: opts.drop_events_per_cpu_second,
     })?;
