@@ -1107,13 +1107,29 @@ fn simultaneous_closes_are_each_reported_once() {
         if wrong.is_empty() {
             break;
         }
+        // Published a grace after each close on this machine; in the Linux 6.1 guest (a debug
+        // build under software emulation, each poll of the whole history competing with the
+        // daemon) the last ones came more than 10 s after the last connection.
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < Duration::from_secs(30),
             "{} of {CONNS} connections without exactly one close record (port, records \
              more or fewer): {:?}\n{}",
             wrong.len(),
             &wrong[..wrong.len().min(20)],
-            daemon.get("/metrics").unwrap()
+            {
+                // Every record of the first two such ports, either way round.
+                let of: Vec<u64> = wrong.iter().take(2).map(|w| w.0).collect();
+                let records: Vec<Value> = daemon
+                    .flows()
+                    .unwrap()
+                    .into_iter()
+                    .filter(|r| {
+                        of.contains(&r["source"]["port"].as_u64().unwrap_or(0))
+                            || of.contains(&r["destination"]["port"].as_u64().unwrap_or(0))
+                    })
+                    .collect();
+                format!("{records:#?}\n{}", daemon.get("/metrics").unwrap())
+            }
         );
         std::thread::sleep(Duration::from_millis(500));
     }
