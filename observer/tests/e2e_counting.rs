@@ -657,13 +657,19 @@ fn inbound_flows_from_the_node_and_the_world_are_classified_and_counted() {
     }
 }
 
+/// A client pod `a`, a server pod `b` and a daemon without reports, with `extra` arguments.
+fn client_and_server(tag: &str, extra: &[&str]) -> (TestBed, observer_tests::Daemon, Pod, Pod) {
+    let mut bed = TestBed::client_and_server(tag, TCP_PORT).expect("test bed");
+    let mut args = vec!["--report-interval", "0"];
+    args.extend_from_slice(extra);
+    let daemon = bed.start_daemon(OBSERVER.as_ref(), &args).expect("daemon");
+    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    (bed, daemon, a, b)
+}
+
 /// A client pod `a`, a server pod `b` listening on `TCP_PORT`, and a daemon without reports.
 fn served(tag: &str) -> (TestBed, observer_tests::Daemon, Pod, Pod, TcpListener) {
-    let mut bed = TestBed::client_and_server(tag, TCP_PORT).expect("test bed");
-    let daemon = bed
-        .start_daemon(OBSERVER.as_ref(), &["--report-interval", "0"])
-        .expect("daemon");
-    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let (bed, daemon, a, b) = client_and_server(tag, &[]);
     let dst = SocketAddr::new(b.ip4, TCP_PORT);
     let listener = in_netns(&b.netns, move || TcpListener::bind(dst))
         .unwrap()
@@ -748,14 +754,7 @@ fn a_closed_connection_leaves_the_table_when_its_linger_ends() {
 /// client pod.
 #[test]
 fn a_close_is_reported_with_its_last_ack() {
-    let mut bed = TestBed::client_and_server("ack", TCP_PORT).expect("test bed");
-    let daemon = bed
-        .start_daemon(
-            OBSERVER.as_ref(),
-            &["--report-interval", "0", "--close-grace", "60s"],
-        )
-        .expect("daemon");
-    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let (_bed, daemon, a, b) = client_and_server("ack", &["--close-grace", "60s"]);
     let flows: Vec<Flow> = [
         (a.ip4, b.ip4, 41_950, "ack4"),
         (a.ip6, b.ip6, 41_951, "ack6"),
@@ -843,11 +842,7 @@ fn a_close_is_reported_with_its_last_ack() {
 #[test]
 fn local_packets_skip_the_node_stack_unless_told_not_to() {
     for (tag, extra) in [("lrd", None), ("lrs", Some("--no-local-redirect"))] {
-        let mut bed = TestBed::client_and_server(tag, TCP_PORT).expect("test bed");
-        let mut args = vec!["--report-interval", "0"];
-        args.extend(extra);
-        let daemon = bed.start_daemon(OBSERVER.as_ref(), &args).expect("daemon");
-        let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+        let (bed, daemon, a, b) = client_and_server(tag, extra.as_slice());
         let (src, dst) = (
             SocketAddr::new(a.ip4, 41_970),
             SocketAddr::new(b.ip4, TCP_PORT),
@@ -922,14 +917,7 @@ fn local_packets_skip_the_node_stack_unless_told_not_to() {
 /// not mixed with the second's.
 #[test]
 fn a_held_close_is_published_when_its_tuple_is_reused() {
-    let mut bed = TestBed::client_and_server("reu", TCP_PORT).expect("test bed");
-    let daemon = bed
-        .start_daemon(
-            OBSERVER.as_ref(),
-            &["--report-interval", "0", "--close-grace", "60s"],
-        )
-        .expect("daemon");
-    let (a, b) = (bed.pod("a").clone(), bed.pod("b").clone());
+    let (_bed, daemon, a, b) = client_and_server("reu", &["--close-grace", "60s"]);
     let flow = Flow {
         name: "reu",
         proto: "TCP",
