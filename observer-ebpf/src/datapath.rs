@@ -232,7 +232,8 @@ pub extern "C" fn observer_from_pod_redirect(skb: *mut __sk_buff) -> i32 {
     let Some(pkt) = parsed() else {
         return 0;
     };
-    if pkt.family != AF_INET || !direct_local(pkt) {
+    // Off (`--no-local-redirect`): no second lookup of the connection either.
+    if pkt.family != AF_INET || !redirect::enabled() || !direct_local(pkt) {
         return 0;
     }
     let ctx = TcContext::new(skb);

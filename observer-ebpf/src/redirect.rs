@@ -29,7 +29,7 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 
 /// Whether local delivery is on (`--no-local-redirect` turns it off).
 #[inline(always)]
-fn enabled() -> bool {
+pub fn enabled() -> bool {
     CONFIG
         .get(0)
         .is_some_and(|c| c.flags & config_flags::LOCAL_REDIRECT != 0)

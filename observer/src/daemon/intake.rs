@@ -93,11 +93,19 @@ pub(super) fn handle_event(shared: &Shared, ev: FlowEvent) {
             // A reused tuple starts over. A new one gets no state here: most connections
             // never need any (see `count_pod_traffic`), and a map entry per connection made
             // the map's growth most of the daemon's work at hundreds of thousands per second.
-            let earlier = reopened(&mut shared.state.lock().unwrap(), &ev.key, ev.first_seen_ns);
+            let earlier = {
+                let mut st = shared.state.lock().unwrap();
+                let earlier = reopened(&mut st, &ev.key, ev.first_seen_ns);
+                if earlier.is_none() {
+                    st.conns.restart(&ev.key);
+                }
+                earlier
+            };
+            // A held close of the tuple's last connection goes out first, with that
+            // connection's state, which its publishing then removes.
             if let Some(close) = earlier {
                 publish_close(shared, &ev.key, &close, CLOSE_HELD);
             }
-            shared.state.lock().unwrap().conns.restart(&ev.key);
             emit(shared, kind, &ev.key, &e);
         }
         // Not a new connection's entry: a denied SYN leaves a closed connection on the tuple
