@@ -39,7 +39,9 @@ pub mod maps {
     pub const NODEPORT: &str = "OBS_NODEPORT";
     pub const LOCAL_RANGE: &str = "OBS_LOCAL_RANGE";
     pub const LOCAL_BITS: &str = "OBS_LOCAL_BITS";
-    pub const ALL: [&str; 15] = [
+    /// The uplinks observer is attached to, by ifindex.
+    pub const UPLINKS: &str = "OBS_UPLINKS";
+    pub const ALL: [&str; 16] = [
         CONNTRACK4,
         CONNTRACK6,
         ENDPOINTS,
@@ -55,6 +57,7 @@ pub mod maps {
         NODEPORT,
         LOCAL_RANGE,
         LOCAL_BITS,
+        UPLINKS,
     ];
 }
 
@@ -91,6 +94,13 @@ pub const CT6_MAX_ENTRIES: u32 = 65_536;
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
 pub const IPCACHE_MAX_ENTRIES: u32 = 524_288;
 pub const ATTACHED_MAX_ENTRIES: u32 = 65_536;
+/// `OBS_ATTACHED`'s value for a pod veth enslaved to a bridge (kubenet's `cbr0`), or recorded
+/// by a version that did not tell: its pod is reached through the bridge.
+pub const ATTACHED_BRIDGED: u32 = 1;
+/// `OBS_ATTACHED`'s value for a routed pod veth (no master): the node routes its pod's
+/// address to it, as Azure CNI and other point-to-point plugins do.
+pub const ATTACHED_ROUTED: u32 = 2;
+pub const UPLINKS_MAX_ENTRIES: u32 = 64;
 pub const EVENTS_RING_BYTES: u32 = 16 * 1024 * 1024;
 pub const POLICY_MAX_ENTRIES: u32 = 1_048_576;
 pub const SERVICES_MAX_ENTRIES: u32 = 65_536;
@@ -224,6 +234,13 @@ pub mod ct_flags {
     /// name them. (An entry from before these bits has only `AUDIT`.)
     pub const EGRESS_AUDIT: u32 = 1 << 22;
     pub const INGRESS_AUDIT: u32 = 1 << 23;
+    /// The connection was opened where observer sees packets as their ends address them,
+    /// before this node translates anything: by a pod at its veth (`from_pod`), or by a TCP
+    /// SYN from another node for a pod's own address at the uplink. Only such a connection's
+    /// packets may skip the node's stack: one first seen behind a translation observer does
+    /// not know of (a `hostPort`, a Service not synced yet) needs netfilter to translate its
+    /// replies back.
+    pub const DIRECT: u32 = 1 << 24;
     pub const DENIED: u32 = EGRESS_DENIED | INGRESS_DENIED;
     /// Every audit bit: a verdict taken again clears them all.
     pub const AUDITS: u32 = AUDIT | EGRESS_AUDIT | INGRESS_AUDIT;
@@ -589,6 +606,11 @@ pub mod config_flags {
     /// source's veth straight into the destination pod (`bpf_redirect_peer`), past the node's
     /// stack (`--no-local-redirect` clears it).
     pub const LOCAL_REDIRECT: u32 = 1 << 1;
+    /// Packets between a pod of the node on a routed veth and a pod of another node, of
+    /// connections nothing translates, skip the node's stack both ways: from the pod's veth
+    /// to the uplink (`bpf_redirect_neigh`), from the uplink into the pod
+    /// (`bpf_redirect_peer`) (`--no-remote-redirect` clears it).
+    pub const REMOTE_REDIRECT: u32 = 1 << 2;
 }
 
 /// An address, protocol and port: a Service frontend in `OBS_SERVICES`, a Service client in
@@ -722,7 +744,13 @@ pub mod stat {
     /// Packets between two pods of the node delivered from the source's veth straight into
     /// the destination pod, past the node's stack (`config_flags::LOCAL_REDIRECT`).
     pub const REDIRECTED: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// Packets from a pod of the node to a pod of another node sent from the pod's veth
+    /// straight to the uplink (`config_flags::REMOTE_REDIRECT`).
+    pub const REDIRECTED_TO_UPLINK: u32 = 15;
+    /// Packets from a pod of another node delivered from the uplink straight into the pod
+    /// (`config_flags::REMOTE_REDIRECT`); counted in `PACKETS` there.
+    pub const REDIRECTED_FROM_UPLINK: u32 = 16;
+    pub const COUNT: u32 = 17;
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
         "events_lost",
@@ -739,6 +767,8 @@ pub mod stat {
         "drop_events_suppressed",
         "handed_over",
         "redirected",
+        "redirected_to_uplink",
+        "redirected_from_uplink",
     ];
 }
 

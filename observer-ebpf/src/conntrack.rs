@@ -11,7 +11,7 @@ use crate::{
     classify,
     events::{emit, emit_drop_sampled},
     handoff,
-    maps::{stat_inc, CONFIG, CT4, CT6, NEW_ENTRY},
+    maps::{stat_inc, CONFIG, CT4, CT6, NEW_ENTRY, UPLINKS},
     parse::{Packet, Plain, Seg},
     policy,
     service::{self, Link},
@@ -457,7 +457,7 @@ pub fn process<C: EbpfContext>(
 /// `count`: whether this hook adds the packet to the connection's counters. Returns the
 /// action and the connection's `TrafficClass`.
 #[inline(always)]
-pub fn established(p: &Plain, bytes: u64, count: bool) -> Established {
+pub fn established(p: &Plain, bytes: u64, count: bool, only_direct: bool) -> Established {
     // An opener is nearly always a new connection (a reused tuple is `process`'s case): spare
     // it a lookup that would miss. Its SYN-ACK is a reply like any other.
     if p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -477,7 +477,10 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Established {
     let e = unsafe { &mut *e };
     let cfg = config();
     let special = ct_flags::SVC_ALIAS | ct_flags::SERVICE | ct_flags::NODEPORT;
-    if e.flags & special != 0 || e.policy_gen != cfg.policy_gen {
+    if e.flags & special != 0 || (only_direct && e.flags & ct_flags::DIRECT == 0) {
+        return Established::Special;
+    }
+    if e.policy_gen != cfg.policy_gen {
         return Established::Full;
     }
     // Left to the full path while `judge_all` owes a verdict (at a pod's veth, `FromPod` and
@@ -502,17 +505,39 @@ pub fn established(p: &Plain, bytes: u64, count: bool) -> Established {
             cfg.report_interval_ns,
         );
     }
-    Established::Settled(action, e.class)
+    Established::Settled(action, e.class, e.flags & ct_flags::DIRECT != 0)
+}
+
+/// For a TCP SYN from the uplink: whether its tuple has no connection, or one that may skip
+/// the node's stack (`ct_flags::DIRECT`), or a closed one the SYN opens again.
+#[inline(always)]
+pub fn direct_or_absent(p: &Plain) -> bool {
+    let (key, _) = key_of_pair(
+        AF_INET,
+        p.proto,
+        &[p.src, 0, 0, 0],
+        p.sport,
+        &[p.dst, 0, 0, 0],
+        p.dport,
+    );
+    match CT4.get_ptr_mut(key.v4()) {
+        None => true,
+        Some(e) => unsafe { (*e).flags & (ct_flags::DIRECT | ct_flags::CLOSED) != 0 },
+    }
 }
 
 /// What [`established`] made of a packet.
 pub enum Established {
-    /// Settled: the action, and the connection's `TrafficClass`.
-    Settled(Action, u8),
+    /// Settled: the action, the connection's `TrafficClass`, and whether it may skip the
+    /// node's stack (`ct_flags::DIRECT`).
+    Settled(Action, u8, bool),
     /// No connection on the tuple: the full path need not look it up again.
     Missing,
     /// Left to the full path.
     Full,
+    /// Left to the full path: a connection netfilter translates (a Service's, a NodePort's),
+    /// or, when only those are wanted, one that is not `ct_flags::DIRECT`.
+    Special,
 }
 
 /// Rare (the LRU map makes room by evicting): counted, and logged through aya-log.
@@ -544,6 +569,26 @@ fn created(hook: Hook, first_is_reply: bool) {
             s.note_created();
         }
     }
+}
+
+/// Whether a connection `pkt` opens at `hook` on `ifindex` is `ct_flags::DIRECT`: its first
+/// packet an opener (a TCP SYN, any other protocol's first packet) seen before this node
+/// translates anything (at a pod's veth as the pod sent it, or from the uplink, for a pod's
+/// own address, before the stack's DNAT). A connection picked up mid-way is not: its opener
+/// may have been translated.
+#[inline(always)]
+fn direct_opener(pkt: &Packet, hook: Hook, ifindex: u32) -> bool {
+    let opener = if pkt.proto == IPPROTO_TCP {
+        pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    } else {
+        true
+    };
+    opener
+        && match hook {
+            Hook::FromPod => true,
+            Hook::ToPod => pkt.proto == IPPROTO_TCP && unsafe { UPLINKS.get(&ifindex) }.is_some(),
+            Hook::Uplink => false,
+        }
 }
 
 /// Opens the connection `pkt` starts: judges it and, unless it is dropped, enters it in the
@@ -612,7 +657,11 @@ fn create<C: EbpfContext>(
             e.class = TrafficClass::WorldToPod as u8;
             judge_nodeport(e, key, from_a, pkt.dport, &[0; 4]);
         }
-        Link::None => {}
+        Link::None => {
+            if direct_opener(pkt, hook, ifindex) {
+                e.flags |= ct_flags::DIRECT;
+            }
+        }
     }
     // A connection picked up from its reply side is judged when its next original packet
     // comes by; replies pass.

@@ -101,9 +101,9 @@ const NOT_SETTLED: i32 = -1;
 const MISSING: i32 = -2;
 /// The full path's conntrack functions: the established path's lookup of the tuple missed, so
 /// `process` does not look again.
-const KNOWN_MISSING: u64 = 4;
+pub const KNOWN_MISSING: u64 = 4;
 /// The hook adds the packet to the connection's counters.
-const COUNT: u64 = 1;
+pub const COUNT: u64 = 1;
 /// `from_pod`: a packet it passes is handed over to `to_pod` (see `handoff`).
 const HAND_OVER: u64 = 2;
 
@@ -129,22 +129,30 @@ pub extern "C" fn observer_established_tc(skb: *mut __sk_buff, mode: u64) -> i32
         return NOT_SETTLED;
     };
     let bytes = (PacketCtx::len(&ctx) - 14) as u64;
-    match established(&p, bytes, mode & COUNT != 0) {
-        Established::Settled(a, class) => {
+    match established(&p, bytes, mode & COUNT != 0, false) {
+        Established::Settled(a, class, direct) => {
             // (`established` settles no Service connection: the full path has those.)
             if let Some(s) = slot {
-                if a == Action::Pass && class == TrafficClass::PodToPodLocal as u8 {
+                if a == Action::Pass {
                     let ifindex = unsafe { (*skb).ifindex };
-                    if let Some(r) = redirect::to_local_pod(&ctx, ifindex, p.src, p.dst) {
-                        return r;
+                    if class == TrafficClass::PodToPodLocal as u8 {
+                        if direct {
+                            if let Some(r) = redirect::to_local_pod(&ctx, ifindex, p.src, p.dst) {
+                                return r;
+                            }
+                        }
+                        s.hand_over(ifindex, &p);
+                    } else if direct && class == TrafficClass::PodToPodRemote as u8 {
+                        if let Some(r) = redirect::to_uplink(&ctx, ifindex, p.src, p.dst) {
+                            return r;
+                        }
                     }
-                    s.hand_over(ifindex, &p);
                 }
             }
             a as i32
         }
         Established::Missing => MISSING,
-        Established::Full => NOT_SETTLED,
+        Established::Full | Established::Special => NOT_SETTLED,
     }
 }
 
@@ -219,10 +227,10 @@ pub fn tc_conn(skb: *mut __sk_buff, mode: u64, hook: Hook) -> i32 {
     action as i32
 }
 
-/// After the full path at `from_pod` passed the packet it parsed: delivers it straight into
-/// its destination pod if its connection is one between two pods of the node that nothing
-/// translates (`redirect`). Its own global function: the full path's call chain has no stack
-/// left for it.
+/// After the full path at `from_pod` passed the packet it parsed: delivers it past the node's
+/// stack if its connection is one between two pods that nothing translates (`redirect`):
+/// straight into a pod of the node, or to the uplink toward a pod of another node. Its own
+/// global function: the full path's call chain has no stack left for it.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn observer_from_pod_redirect(skb: *mut __sk_buff) -> i32 {
@@ -232,34 +240,49 @@ pub extern "C" fn observer_from_pod_redirect(skb: *mut __sk_buff) -> i32 {
     let Some(pkt) = parsed() else {
         return 0;
     };
-    // Off (`--no-local-redirect`): no second lookup of the connection either.
-    if pkt.family != AF_INET || !redirect::enabled() || !direct_local(pkt) {
+    // Off (`--no-local-redirect`, `--no-remote-redirect`): no second lookup of the connection.
+    let (local, remote) = (redirect::enabled(), redirect::remote_enabled());
+    if pkt.family != AF_INET || !(local || remote) {
         return 0;
     }
+    let class = direct_class(pkt);
     let ctx = TcContext::new(skb);
     let ifindex = unsafe { (*skb).ifindex };
-    match redirect::to_local_pod(&ctx, ifindex, pkt.src[0], pkt.dst[0]) {
-        Some(r) => {
+    if local && class == TrafficClass::PodToPodLocal as u8 {
+        if let Some(r) = redirect::to_local_pod(&ctx, ifindex, pkt.src[0], pkt.dst[0]) {
             // Nothing translates it on the way: the wire side is the pod's own.
             handoff::prove_wire(skb);
-            r
+            return r;
         }
-        None => 0,
+    } else if remote && class == TrafficClass::PodToPodRemote as u8 {
+        // Only what the uplink delivers past the stack the other way (`plain_ipv4`): the
+        // node's conntrack sees both directions of a connection or neither. The wire side is
+        // proven where it leaves, at `uplink_egress`, as on the stack's path.
+        if plain_ipv4(&ctx).is_some() {
+            if let Some(r) = redirect::to_uplink(&ctx, ifindex, pkt.src[0], pkt.dst[0]) {
+                return r;
+            }
+        }
     }
+    0
 }
 
-/// Whether the packet's connection is one between two pods of the node that nothing
-/// translates: not a Service's (kube-proxy's DNAT, and its replies translated back), not one
-/// the node masqueraded. Only those may skip the node's stack.
+/// The class of the packet's connection if it is one that may skip the node's stack
+/// (`ct_flags::DIRECT`: opened where nothing was translated yet) and nothing translates: not a
+/// Service's (kube-proxy's DNAT, and its replies translated back). `TrafficClass::Unknown`
+/// otherwise.
 #[inline(always)]
-fn direct_local(pkt: &Packet) -> bool {
+fn direct_class(pkt: &Packet) -> u8 {
     let (key, _) = key_of(pkt);
     let Some(e) = conntrack::lookup(&key) else {
-        return false;
+        return TrafficClass::Unknown as u8;
     };
     let e = unsafe { &*e };
     let special = ct_flags::SVC_ALIAS | ct_flags::SERVICE | ct_flags::NODEPORT;
-    e.flags & special == 0 && e.class == TrafficClass::PodToPodLocal as u8
+    if e.flags & (special | ct_flags::DIRECT) != ct_flags::DIRECT {
+        return TrafficClass::Unknown as u8;
+    }
+    e.class
 }
 
 #[unsafe(no_mangle)]

@@ -10,7 +10,7 @@ use observer_common::{
     NodePortLink, PolicyEntry, PolicyKeyData, SvcKey, SvcNat, UplinkCounter, ATTACHED_MAX_ENTRIES,
     CT6_MAX_ENTRIES, CT_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, EVENTS_RING_BYTES, IPCACHE_MAX_ENTRIES,
     LOCAL_BITS_WORDS, NODEPORT_MAX_ENTRIES, POLICY_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
-    SVC_NAT_MAX_ENTRIES,
+    SVC_NAT_MAX_ENTRIES, UPLINKS_MAX_ENTRIES,
 };
 
 use crate::{
@@ -35,9 +35,15 @@ pub static ENDPOINTS: HashMap<IpKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_M
 pub static IPCACHE: LpmTrie<IpcacheKeyData, IpcacheEntry> = LpmTrie::pinned(IPCACHE_MAX_ENTRIES, 1);
 
 /// Ifindexes where `from_pod` is attached: a packet that entered through one of them was
-/// already counted, so `to_pod` leaves its counters alone.
+/// already counted, so `to_pod` leaves its counters alone. The value says how the node reaches
+/// the pod (`ATTACHED_ROUTED`, `ATTACHED_BRIDGED`).
 #[map(name = "OBS_ATTACHED")]
 pub static ATTACHED: HashMap<u32, u32> = HashMap::pinned(ATTACHED_MAX_ENTRIES, 0);
+
+/// The uplinks observer is attached to (ifindex -> 1): where a pod's packet for another node
+/// may be sent straight (`redirect::to_uplink`).
+#[map(name = "OBS_UPLINKS")]
+pub static UPLINKS: HashMap<u32, u32> = HashMap::pinned(UPLINKS_MAX_ENTRIES, 0);
 
 /// Per endpoint and direction: (remote identity, protocol, port prefix) -> rule.
 #[map(name = "OBS_POLICY")]

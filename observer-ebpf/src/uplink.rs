@@ -10,17 +10,17 @@ use aya_ebpf::{
     EbpfContext,
 };
 use observer_common::{
-    stat, uplink, RemoteKind, UplinkCounter, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
+    stat, uplink, RemoteKind, UplinkCounter, AF_INET, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
 };
 
 use crate::{
     classify,
-    conntrack::{process, Action, Count, Hook},
-    datapath::{tc_conn, unparsed_denied},
+    conntrack::{direct_or_absent, established, process, Action, Count, Established, Hook},
+    datapath::{tc_conn, unparsed_denied, COUNT},
     handoff,
     maps::{stat_inc, UPLINK},
-    parse::{ip_addrs, observer_parse_tc, parse, parsed, plain_ipv4, Packet, PacketCtx},
-    service,
+    parse::{ip_addrs, observer_parse_tc, parse, parsed, plain_ipv4, Packet, PacketCtx, Plain},
+    redirect, service,
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
@@ -99,10 +99,13 @@ fn count_tc_skb(skb: *mut __sk_buff, point: u32, ingress: bool) -> u32 {
 /// Ingress next to an XDP program that judges the local pods' openers (`uplink_xdp`).
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    if count_tc_skb(ctx.skb.skb, uplink::TC_IN, true) != uplink::LOCAL_POD {
-        note_opener(&ctx);
+    let skb = ctx.skb.skb;
+    if count_tc_skb(skb, uplink::TC_IN, true) != uplink::LOCAL_POD {
+        // In a frame of its own, as everything here: `deliver` calls the conntrack functions.
+        note_opener_skb(skb);
+        return TC_ACT_UNSPEC;
     }
-    TC_ACT_UNSPEC
+    deliver(skb).unwrap_or(TC_ACT_UNSPEC)
 }
 
 /// Ingress where no XDP program judges (a veth, a NIC without driver-mode XDP): what
@@ -114,13 +117,16 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn uplink_ingress_policy(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
-    match count_in_skb(skb) {
-        POD_OPENER => {}
-        POD => return TC_ACT_UNSPEC,
-        _ => {
-            note_opener_skb(skb);
-            return TC_ACT_UNSPEC;
-        }
+    let kind = count_in_skb(skb);
+    if kind == NOT_POD {
+        note_opener_skb(skb);
+        return TC_ACT_UNSPEC;
+    }
+    if let Some(verdict) = deliver(skb) {
+        return verdict;
+    }
+    if kind == POD {
+        return TC_ACT_UNSPEC;
     }
     let reason = observer_parse_tc(skb);
     if reason != 0 {
@@ -130,6 +136,114 @@ pub fn uplink_ingress_policy(ctx: TcContext) -> i32 {
         Action::Drop => tc_drop(&ctx),
         _ => TC_ACT_UNSPEC,
     }
+}
+
+/// A packet from a pod of another node for a pod of this node on a routed veth: the pod's
+/// ingress verdict taken here, as `to_pod` would take it (the same lookups, counters and
+/// events), and the packet delivered straight into the pod (`redirect`). `None`: the stack
+/// delivers it to `to_pod`, untouched and uncounted here. Each step is a global function of
+/// its own, as at the pod's veth.
+#[inline(always)]
+fn deliver(skb: *mut __sk_buff) -> Option<i32> {
+    let mode = match observer_uplink_settle(skb) {
+        NOT_DELIVERED => return None,
+        FULL => COUNT,
+        verdict => return Some(verdict),
+    };
+    if observer_parse_tc(skb) != 0 {
+        return None;
+    }
+    Some(observer_uplink_deliver_conn(skb, mode))
+}
+
+const NOT_DELIVERED: i32 = -100;
+/// Left to the full path.
+const FULL: i32 = -101;
+
+/// The plain IPv4 packet from a pod of another node and the routed pod veth it is delivered
+/// to past the stack, if it is one (`redirect::uplink_target`).
+#[inline(always)]
+fn target(ctx: &TcContext) -> Option<(Plain, u32)> {
+    if !redirect::remote_enabled() {
+        return None;
+    }
+    let p = plain_ipv4(ctx)?;
+    if classify::cached_kind(AF_INET, &[p.src, 0, 0, 0]) != RemoteKind::RemotePod as u32 {
+        return None;
+    }
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let out = redirect::uplink_target(ctx, ifindex, p.src, p.dst)?;
+    Some((p, out))
+}
+
+/// `deliver`'s established path: a packet of a connection whose verdicts are taken is
+/// counted and delivered (or dropped) here. A Service's connection (the pod is its client:
+/// this is a backend's reply, which netfilter translates back) is left to the stack.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn observer_uplink_settle(skb: *mut __sk_buff) -> i32 {
+    if skb.is_null() {
+        return NOT_DELIVERED;
+    }
+    let ctx = TcContext::new(skb);
+    let Some((p, out)) = target(&ctx) else {
+        return NOT_DELIVERED;
+    };
+    // A SYN is not looked up by `established`; one for a tuple whose connection was opened
+    // behind a translation is not delivered either.
+    if opens(p.proto, p.tcp_flags) {
+        return if direct_or_absent(&p) {
+            FULL
+        } else {
+            NOT_DELIVERED
+        };
+    }
+    let bytes = (PacketCtx::len(&ctx) - 14) as u64;
+    match established(&p, bytes, true, true) {
+        Established::Settled(action, _, _) => {
+            stat_inc(stat::PACKETS);
+            if action == Action::Drop {
+                return delivery_dropped(&ctx);
+            }
+            // No hop left: the stack drops it too, before `to_pod`.
+            redirect::into_pod(&ctx, out).unwrap_or(TC_ACT_UNSPEC)
+        }
+        Established::Full => FULL,
+        // A packet without a connection that is not a SYN may be the reply of one the node
+        // translated (a Service observer does not know yet): netfilter's to handle.
+        Established::Missing | Established::Special => NOT_DELIVERED,
+    }
+}
+
+/// `deliver`'s full path: `to_pod`'s conntrack and verdicts for the packet
+/// `observer_parse_tc` parsed, then the delivery.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn observer_uplink_deliver_conn(skb: *mut __sk_buff, mode: u64) -> i32 {
+    if skb.is_null() {
+        return TC_ACT_SHOT;
+    }
+    stat_inc(stat::PACKETS);
+    let ctx = TcContext::new(skb);
+    if Action::from_raw(tc_conn(skb, mode, Hook::ToPod)) == Action::Drop {
+        return delivery_dropped(&ctx);
+    }
+    match target(&ctx) {
+        Some((_, out)) => redirect::into_pod(&ctx, out).unwrap_or(TC_ACT_UNSPEC),
+        // The route changed in between: the stack delivers it.
+        None => TC_ACT_UNSPEC,
+    }
+}
+
+/// A packet `deliver` took over (counted in `PACKETS`) and policy drops: on the uplink's
+/// counters as `tc_drop` would count it.
+#[inline(always)]
+fn delivery_dropped(ctx: &TcContext) -> i32 {
+    add(
+        uplink::index(uplink::TC_DROP, uplink::LOCAL_POD, uplink::REMOTE_ANY),
+        PacketCtx::len(ctx).saturating_sub(14) as u64,
+    );
+    TC_ACT_SHOT
 }
 
 #[inline(never)]

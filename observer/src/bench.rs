@@ -400,7 +400,7 @@ fn to_pod_local(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
     let (handed, looked, base) = with_datapath(None, |dp| {
         dp.insert_endpoint(PEER.into(), EndpointInfo { id: 2, flags: 0 })?;
         dp.settle_local_range_from_endpoints()?;
-        dp.mark_attached(1)?;
+        dp.mark_attached(1, false)?;
         // The handoff is per CPU: every run on one.
         let _pinned = PinnedToCpu::new(0)?;
         // The first packet of each opens its connection (picked up mid-way), the second is

@@ -24,7 +24,7 @@ use aya::{
 use observer_common::{
     maps, programs, stat, uplink, Config, CtEntry, CtKey, CtKey4, EndpointInfo, IpKey,
     IpcacheEntry, IpcacheKeyData, LocalRange, NodePortLink, PolicyEntry, PolicyKeyData, SvcKey,
-    SvcNat, UplinkCounter, AF_INET,
+    SvcNat, UplinkCounter, AF_INET, ATTACHED_BRIDGED, ATTACHED_ROUTED,
 };
 use tracing::{info, warn};
 
@@ -180,6 +180,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         maps::NODEPORT => (size_of::<SvcKey>() as u32, size_of::<NodePortLink>() as u32),
         maps::LOCAL_RANGE => (4, size_of::<LocalRange>() as u32),
         maps::LOCAL_BITS => (4, 8),
+        maps::UPLINKS => (4, 4),
         _ => return None,
     })
 }
@@ -586,6 +587,7 @@ impl Datapath {
         // A mode given up (an earlier daemon's XDP, `--uplink-xdp` changed): tc judges now.
         self.unpin_xdp_except(ifindex, xdp_mode);
         self.uplinks.insert(ifindex, Uplink { tc, xdp, xdp_mode });
+        self.mark_uplink(ifindex, true)?;
         Ok(UplinkAttach {
             xdp_mode,
             xdp_error,
@@ -680,6 +682,7 @@ impl Datapath {
 
     /// Forgets an uplink that went away and releases its pins.
     pub fn detach_uplink(&mut self, ifindex: u32) {
+        let _ = self.mark_uplink(ifindex, false);
         if let Some(u) = self.uplinks.remove(&ifindex) {
             let name = crate::netlink::ifname(ifindex).unwrap_or_default();
             let [i, e] = u.tc;
@@ -761,10 +764,11 @@ impl Datapath {
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to a host-side pod interface. An
     /// attachment left by an earlier daemon is taken over by swapping the program inside it
     /// (`BPF_LINK_UPDATE` for TCX, an in-place filter change for clsact): the interface is never
-    /// without a program, not even for one packet.
-    pub fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+    /// without a program, not even for one packet. `routed`: the node routes the pod's address
+    /// to this veth (it is no bridge's port), see [`Datapath::mark_attached`].
+    pub fn attach(&mut self, ifindex: u32, ifname: &str, routed: bool) -> Result<()> {
         if self.links.contains_key(&ifindex) {
-            return Ok(());
+            return self.mark_attached(ifindex, routed);
         }
         if self.mode == AttachMode::Clsact {
             ensure_clsact(&self.pin_dir, ifindex, ifname)?;
@@ -781,14 +785,37 @@ impl Datapath {
             }
         };
         self.links.insert(ifindex, [ingress, egress]);
-        self.mark_attached(ifindex)
+        self.mark_attached(ifindex, routed)
     }
 
-    /// Tells `to_pod` that packets entering through `ifindex` passed `from_pod` there.
-    pub fn mark_attached(&mut self, ifindex: u32) -> Result<()> {
+    /// Tells `to_pod` that packets entering through `ifindex` passed `from_pod` there, and the
+    /// programs whether the node routes the pod's address to it (`routed`, the veth has no
+    /// master): only then are its packets to and from other nodes delivered past the node's
+    /// stack, both ways (a bridge's port would send them but not get the replies).
+    pub fn mark_attached(&mut self, ifindex: u32, routed: bool) -> Result<()> {
         let mut attached: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut(maps::ATTACHED).context("attached map")?)?;
-        attached.insert(ifindex, 1, 0)?;
+        let kind = if routed {
+            ATTACHED_ROUTED
+        } else {
+            ATTACHED_BRIDGED
+        };
+        if attached.get(&ifindex, 0).ok() != Some(kind) {
+            attached.insert(ifindex, kind, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the programs which interfaces are uplinks observer is attached to (`present`) or
+    /// no longer.
+    fn mark_uplink(&mut self, ifindex: u32, present: bool) -> Result<()> {
+        let mut uplinks: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut(maps::UPLINKS).context("uplinks map")?)?;
+        if present {
+            uplinks.insert(ifindex, 1, 0)?;
+        } else {
+            let _ = uplinks.remove(&ifindex);
+        }
         Ok(())
     }
 

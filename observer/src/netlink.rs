@@ -27,6 +27,7 @@ const CLSACT_HANDLE: u32 = 0xFFFF_0000;
 const CLSACT_INGRESS: u32 = 0xFFFF_FFF2;
 const CLSACT_EGRESS: u32 = 0xFFFF_FFF3;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const NLA_TYPE_MASK: u16 = 0x3fff;
@@ -38,6 +39,8 @@ pub struct Link {
     /// `IFLA_INFO_KIND`: "veth", "bridge", ... or empty for physical devices.
     pub kind: String,
     pub up: bool,
+    /// `IFLA_MASTER`: the bridge (or bond, VRF) the link is enslaved to; 0: none.
+    pub master: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,9 +155,11 @@ fn parse_link(ty: u16, payload: &[u8]) -> Option<LinkEvent> {
         name: String::new(),
         kind: String::new(),
         up: flags & libc::IFF_UP as u32 != 0,
+        master: 0,
     };
     attrs(&payload[16..], |t, v| match t {
         IFLA_IFNAME => link.name = cstr(v),
+        IFLA_MASTER if v.len() >= 4 => link.master = u32::from_ne_bytes([v[0], v[1], v[2], v[3]]),
         IFLA_LINKINFO => attrs(v, |t, v| {
             if t == IFLA_INFO_KIND {
                 link.kind = cstr(v);

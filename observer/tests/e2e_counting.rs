@@ -1130,3 +1130,153 @@ fn close_together(s: &TcpStream) {
     let eof = (&*s).read(&mut [0u8; 1]);
     assert!(matches!(eof, Ok(0)), "the other end's FIN: {eof:?}");
 }
+
+/// Packets between a pod of the node and a pod of another node skip the node's stack both
+/// ways: from the pod's veth to the uplink, and from the uplink into the pod. An nftables
+/// counter on the node's forward hook stays at 0 for a connection the local pod opens and for
+/// one the remote pod opens, and the close records count every packet. A connection the node
+/// translated (a DNAT of a node port to the local pod, which observer does not know of: a
+/// `hostPort`) keeps the stack's path, or its replies would leave untranslated. With
+/// `--no-remote-redirect`, and on kubenet's bridge (whose pods the uplink could not deliver
+/// past the stack), every packet takes the stack.
+#[test]
+fn remote_packets_skip_the_node_stack_both_ways_unless_told_not_to() {
+    for (tag, kubenet, extra) in [
+        ("rrd", false, None),
+        ("rrs", false, Some("--no-remote-redirect")),
+        ("rrk", true, None),
+    ] {
+        let mut bed = if kubenet {
+            TestBed::kubenet(tag)
+        } else {
+            TestBed::overlay(tag)
+        }
+        .expect("test bed");
+        let serving = [("serve", TCP_PORT, "TCP")];
+        bed.add_pod(PodSpec {
+            namespace: "x",
+            name: "a",
+            labels: &[("pod", "a")],
+            ports: &serving,
+        })
+        .unwrap();
+        bed.add_remote_pod(PodSpec {
+            namespace: "x",
+            name: "r",
+            labels: &[("pod", "r")],
+            ports: &serving,
+        })
+        .unwrap();
+        let model = bed.model_args();
+        let mut args: Vec<&str> = model.iter().map(|s| s.as_str()).collect();
+        args.extend(["--report-interval", "0"]);
+        args.extend(extra);
+        let daemon = bed.start_daemon(OBSERVER.as_ref(), &args).expect("daemon");
+        let (a, r) = (bed.pod("a").clone(), bed.remote_pod("r").clone());
+        let node_ip: IpAddr = observer_tests::NODE_IP.parse().unwrap();
+        const HOST_PORT: u16 = 18_080;
+        // The forward hook's view: the two direct connections by their client ports, and the
+        // translated one by its client port.
+        nft(
+            &bed.node_ns,
+            &format!(
+                "table ip fwdprobe {{\n counter direct {{}}\n counter translated {{}}\n \
+                 chain probe {{\n  type filter hook forward priority filter; policy accept;\n  \
+                 tcp sport {{ 41990, 41991 }} counter name direct\n  \
+                 tcp dport {{ 41990, 41991 }} counter name direct\n  \
+                 tcp sport 41992 counter name translated\n  \
+                 tcp dport 41992 counter name translated\n }}\n}}\n\
+                 table ip hostport {{\n chain pre {{\n  \
+                 type nat hook prerouting priority dstnat;\n  \
+                 ip daddr {node_ip} tcp dport {HOST_PORT} dnat to {a}:{TCP_PORT}\n }}\n}}\n",
+                a = a.ip4
+            ),
+        )
+        .unwrap();
+        let listen = |p: &Pod| {
+            let at = SocketAddr::new(p.ip4, TCP_PORT);
+            in_netns(&p.netns, move || TcpListener::bind(at))
+                .unwrap()
+                .unwrap()
+        };
+        let (la, lr) = (listen(&a), listen(&r));
+        let server_a = std::thread::spawn(move || tcp_server(la, 2));
+        let server_r = std::thread::spawn(move || tcp_server(lr, 1));
+        let cases = [
+            (
+                &a,
+                SocketAddr::new(a.ip4, 41_990),
+                SocketAddr::new(r.ip4, TCP_PORT),
+            ),
+            (
+                &r,
+                SocketAddr::new(r.ip4, 41_991),
+                SocketAddr::new(a.ip4, TCP_PORT),
+            ),
+            (
+                &r,
+                SocketAddr::new(r.ip4, 41_992),
+                SocketAddr::new(node_ip, HOST_PORT),
+            ),
+        ];
+        for (client, src, dst) in cases {
+            let got = spawn_in_netns(&client.netns, move || tcp_client(src, dst, 2000, 30_000))
+                .join()
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, 30_000, "{tag}: {src} -> {dst}");
+        }
+        server_a.join().unwrap();
+        server_r.join().unwrap();
+        let (direct, _) = nft_counter(&bed.node_ns, "ip", "fwdprobe", "direct").unwrap();
+        let (translated, _) = nft_counter(&bed.node_ns, "ip", "fwdprobe", "translated").unwrap();
+        // The close records of the two direct connections, each with the 30 KB reply.
+        let mut packets = 0;
+        for port in [41_990, 41_991] {
+            let close = wait_for_close(&daemon, tag, port);
+            let c = &close["counters"];
+            assert!(c["bytes_in"].as_u64().unwrap() > 30_000, "{tag}: {close:#}");
+            packets += c["packets_out"].as_u64().unwrap() + c["packets_in"].as_u64().unwrap();
+        }
+        let status: Value = serde_json::from_str(&daemon.get("/v1/status").unwrap()).unwrap();
+        let to = observer_tests::kernel_stat(&status, "redirected_to_uplink");
+        let from = observer_tests::kernel_stat(&status, "redirected_from_uplink");
+        eprintln!(
+            "{tag}: forwarded {direct} of {packets} direct packets, {translated} translated; \
+             redirected to the uplink {to}, from it {from}"
+        );
+        assert!(
+            translated > 0,
+            "{tag}: the translated connection left the stack"
+        );
+        if extra.is_none() && !kubenet {
+            // Every packet, the first included (the next hop's MAC resolved for it): the
+            // node's conntrack sees neither connection, not even by halves.
+            assert_eq!(direct, 0, "{tag}: forwarded by the node");
+            assert_eq!(to + from, packets, "{tag}: redirected {to} + {from}");
+        } else {
+            assert_eq!(direct, packets, "{tag}: forwarded by the node");
+            assert_eq!((to, from), (0, 0), "{tag}: redirected");
+        }
+    }
+}
+
+/// The close record of the connection from client port `port`, within 10 s.
+fn wait_for_close(daemon: &observer_tests::Daemon, tag: &str, port: u16) -> Value {
+    let t = std::time::Instant::now();
+    loop {
+        let close = daemon
+            .flows()
+            .unwrap()
+            .into_iter()
+            .find(|r| r["event"] == "close" && r["source"]["port"] == port);
+        if let Some(c) = close {
+            return c;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{tag}: no close record for port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

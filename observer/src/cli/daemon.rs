@@ -118,6 +118,12 @@ pub(super) struct DaemonArgs {
     /// (not a Service's) go from the source's veth straight into the destination pod.
     #[arg(long, env = "OBSERVER_NO_LOCAL_REDIRECT")]
     no_local_redirect: bool,
+    /// Keep packets between pods of this node and pods of other nodes on the node's stack. By
+    /// default, for a pod on a routed veth (not a bridge), those of connections nothing
+    /// translates go from the pod's veth straight to the uplink, and from the uplink straight
+    /// into the pod.
+    #[arg(long, env = "OBSERVER_NO_REMOTE_REDIRECT")]
+    no_remote_redirect: bool,
     /// Observe only: drop nothing. Every policy is audited (as with `--audit`): what policy
     /// would drop passes, recorded with verdict `audit`.
     #[arg(long, env = "OBSERVER_NO_ENFORCE")]
@@ -295,6 +301,7 @@ pub(super) fn run(a: DaemonArgs) -> Result<()> {
         source_poll: a.source_poll,
         enforce: !a.no_enforce,
         local_redirect: !a.no_local_redirect,
+        remote_redirect: !a.no_remote_redirect,
         policy: observer::policy::Options {
             ipblock_matches_pods: a.ipblock_matches_pods,
             // What passes is not dropped, so it is not recorded `dropped` either.

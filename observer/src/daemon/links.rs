@@ -92,10 +92,15 @@ pub(super) fn apply_link(shared: &Shared, dp: &mut Datapath, ev: LinkEvent) {
             if !is_pod_interface(&l, &shared.opts.uplinks) {
                 return;
             }
+            // A veth already attached may have joined or left a bridge.
+            let routed = l.master == 0;
             if dp.attached().contains(&l.index) {
+                if let Err(e) = dp.mark_attached(l.index, routed) {
+                    warn!(ifname = %l.name, "marking attached interface failed: {e:#}");
+                }
                 return;
             }
-            match dp.attach(l.index, &l.name) {
+            match dp.attach(l.index, &l.name, routed) {
                 Ok(()) => {
                     info!(ifindex = l.index, ifname = %l.name, "attached to pod interface");
                     let mut st = shared.state.lock().unwrap();

@@ -120,6 +120,10 @@ pub struct Options {
     /// Deliver packets between two local pods of connections nothing translates straight
     /// into the destination pod (`config_flags::LOCAL_REDIRECT`).
     pub local_redirect: bool,
+    /// Deliver packets between a local pod on a routed veth and a pod of another node, of
+    /// connections nothing translates, past the node's stack both ways
+    /// (`config_flags::REMOTE_REDIRECT`).
+    pub remote_redirect: bool,
     pub policy: crate::policy::Options,
     pub flow_log: Option<crate::flowlog::Config>,
     /// Node-wide budget of flow records per second (0: unlimited).
@@ -336,18 +340,11 @@ fn load_datapath(
         policy_gen,
         enforce: u32::from(opts.enforce),
         flags: {
-            use observer_common::config_flags::{ALLOW_NODE, LOCAL_REDIRECT};
-            let allow_node = if opts.policy.deny_from_node {
-                0
-            } else {
-                ALLOW_NODE
-            };
-            allow_node
-                | if opts.local_redirect {
-                    LOCAL_REDIRECT
-                } else {
-                    0
-                }
+            use observer_common::config_flags::{ALLOW_NODE, LOCAL_REDIRECT, REMOTE_REDIRECT};
+            let flag = |on: bool, f: u32| if on { f } else { 0 };
+            flag(!opts.policy.deny_from_node, ALLOW_NODE)
+                | flag(opts.local_redirect, LOCAL_REDIRECT)
+                | flag(opts.remote_redirect, REMOTE_REDIRECT)
         },
         drop_events_per_cpu_s: opts.drop_events_per_cpu_second,
     })?;
@@ -429,7 +426,14 @@ fn adopt_links(shared: &Arc<Shared>, links: &[crate::netlink::Link]) {
         info!(pin = %pin.display(), "released the attachment of a vanished interface");
     }
     let live: Vec<u32> = dp.attached();
-    if let Some(m) = dp.ebpf.map_mut(observer_common::maps::ATTACHED) {
+    retain_ifindexes(&mut dp, observer_common::maps::ATTACHED, &live);
+    let uplinks: Vec<u32> = dp.uplinks().into_iter().map(|(i, _)| i).collect();
+    retain_ifindexes(&mut dp, observer_common::maps::UPLINKS, &uplinks);
+}
+
+/// Removes the entries of an ifindex-keyed map other than `live`.
+fn retain_ifindexes(dp: &mut Datapath, map: &str, live: &[u32]) {
+    if let Some(m) = dp.ebpf.map_mut(map) {
         if let Ok(mut att) = aya::maps::HashMap::<&mut MapData, u32, u32>::try_from(m) {
             let stale: Vec<u32> = att
                 .keys()
