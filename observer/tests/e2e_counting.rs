@@ -1135,8 +1135,9 @@ fn close_together(s: &TcpStream) {
 /// ways: from the pod's veth to the uplink, and from the uplink into the pod. An nftables
 /// counter on the node's forward hook stays at 0 for a connection the local pod opens and for
 /// one the remote pod opens, and the close records count every packet. A connection the node
-/// translated (a DNAT of a node port to the local pod, which observer does not know of: a
-/// `hostPort`) keeps the stack's path, or its replies would leave untranslated. With
+/// translated (a DNAT of an address in the pod CIDR to the local pod, which observer does not
+/// know of, as a Service it has not synced yet) keeps the stack's path, or its replies would
+/// leave untranslated. With
 /// `--no-remote-redirect`, and on kubenet's bridge (whose pods the uplink could not deliver
 /// past the stack), every packet takes the stack.
 #[test]
@@ -1173,8 +1174,9 @@ fn remote_packets_skip_the_node_stack_both_ways_unless_told_not_to() {
         args.extend(extra);
         let daemon = bed.start_daemon(OBSERVER.as_ref(), &args).expect("daemon");
         let (a, r) = (bed.pod("a").clone(), bed.remote_pod("r").clone());
-        let node_ip: IpAddr = observer_tests::NODE_IP.parse().unwrap();
-        const HOST_PORT: u16 = 18_080;
+        // Inside the cluster CIDR, so node-2 does not masquerade its pod's packets to it.
+        let vip: IpAddr = "10.244.1.250".parse().unwrap();
+        const VIP_PORT: u16 = 18_080;
         // The forward hook's view: the two direct connections by their client ports, and the
         // translated one by its client port.
         nft(
@@ -1186,9 +1188,9 @@ fn remote_packets_skip_the_node_stack_both_ways_unless_told_not_to() {
                  tcp dport {{ 41990, 41991 }} counter name direct\n  \
                  tcp sport 41992 counter name translated\n  \
                  tcp dport 41992 counter name translated\n }}\n}}\n\
-                 table ip hostport {{\n chain pre {{\n  \
+                 table ip unsynced {{\n chain pre {{\n  \
                  type nat hook prerouting priority dstnat;\n  \
-                 ip daddr {node_ip} tcp dport {HOST_PORT} dnat to {a}:{TCP_PORT}\n }}\n}}\n",
+                 ip daddr {vip} tcp dport {VIP_PORT} dnat to {a}:{TCP_PORT}\n }}\n}}\n",
                 a = a.ip4
             ),
         )
@@ -1216,7 +1218,7 @@ fn remote_packets_skip_the_node_stack_both_ways_unless_told_not_to() {
             (
                 &r,
                 SocketAddr::new(r.ip4, 41_992),
-                SocketAddr::new(node_ip, HOST_PORT),
+                SocketAddr::new(vip, VIP_PORT),
             ),
         ];
         for (client, src, dst) in cases {
