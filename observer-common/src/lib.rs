@@ -611,6 +611,10 @@ pub mod config_flags {
     /// to the uplink (`bpf_redirect_neigh`), from the uplink into the pod
     /// (`bpf_redirect_peer`) (`--no-remote-redirect` clears it).
     pub const REMOTE_REDIRECT: u32 = 1 << 2;
+    /// Some pod veth observer watches is routed (`ATTACHED_ROUTED`): without one (kubenet's
+    /// bridge) no packet can be delivered past the stack, and none pays a FIB lookup to find
+    /// that out. Set by the daemon when it attaches the first.
+    pub const ROUTED_PODS: u32 = 1 << 3;
 }
 
 /// An address, protocol and port: a Service frontend in `OBS_SERVICES`, a Service client in

@@ -49,9 +49,11 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 const IP_TTL_OFF: usize = 22;
 const IP_CSUM_OFF: usize = 24;
 
+/// Whether `flag` is on and some pod veth is routed (`config_flags::ROUTED_PODS`).
 #[inline(always)]
 fn on(flag: u32) -> bool {
-    CONFIG.get(0).is_some_and(|c| c.flags & flag != 0)
+    let both = flag | config_flags::ROUTED_PODS;
+    CONFIG.get(0).is_some_and(|c| c.flags & both == both)
 }
 
 /// Whether local delivery is on (`--no-local-redirect` turns it off).

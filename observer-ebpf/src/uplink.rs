@@ -2,7 +2,9 @@
 //! ingress policy for packets addressed straight to a local pod (the flat model, routed
 //! cross-node pod traffic) with the same conntrack and policy maps as the pod veths, so a
 //! denied packet dies before the stack allocates anything for it. tc on both directions counts
-//! the wire-side traffic after (ingress) and before (egress) the stack, NAT included.
+//! the wire-side traffic after (ingress) and before (egress) the stack, NAT included. tc
+//! ingress also delivers a packet from a pod of another node straight into a pod on a routed
+//! veth, its ingress verdict taken there as `to_pod` would take it (`deliver`, `redirect`).
 use aya_ebpf::{
     bindings::{__sk_buff, xdp_action},
     macros::{classifier, xdp},

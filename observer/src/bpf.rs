@@ -22,9 +22,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use observer_common::{
-    maps, programs, stat, uplink, Config, CtEntry, CtKey, CtKey4, EndpointInfo, IpKey,
-    IpcacheEntry, IpcacheKeyData, LocalRange, NodePortLink, PolicyEntry, PolicyKeyData, SvcKey,
-    SvcNat, UplinkCounter, AF_INET, ATTACHED_BRIDGED, ATTACHED_ROUTED,
+    config_flags, maps, programs, stat, uplink, Config, CtEntry, CtKey, CtKey4, EndpointInfo,
+    IpKey, IpcacheEntry, IpcacheKeyData, LocalRange, NodePortLink, PolicyEntry, PolicyKeyData,
+    SvcKey, SvcNat, UplinkCounter, AF_INET, ATTACHED_BRIDGED, ATTACHED_ROUTED,
 };
 use tracing::{info, warn};
 
@@ -802,6 +802,11 @@ impl Datapath {
         };
         if attached.get(&ifindex, 0).ok() != Some(kind) {
             attached.insert(ifindex, kind, 0)?;
+        }
+        let mut c = self.config()?;
+        if routed && c.flags & config_flags::ROUTED_PODS == 0 {
+            c.flags |= config_flags::ROUTED_PODS;
+            self.set_config(c)?;
         }
         Ok(())
     }

@@ -32,7 +32,9 @@ use {closes::*, gc::*, intake::*, links::*, snat_join::*, sources::*};
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use observer_common::{ct_flags, Config, CtEntry, CtKey, EventKind, FlowEvent, IPPROTO_TCP};
+use observer_common::{
+    config_flags, ct_flags, Config, CtEntry, CtKey, EventKind, FlowEvent, IPPROTO_TCP,
+};
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
@@ -334,15 +336,21 @@ fn load_datapath(
     }
     info!(pin_dir = %opts.pin_dir.display(), mode = ?dp.mode, "kernel programs loaded");
     // A re-adopted config map keeps its generation: connections already judged stay judged.
-    let policy_gen = dp.config().map(|c| c.policy_gen).unwrap_or(0);
+    // And whether a routed pod veth was seen: delivery past the stack goes on while the links
+    // are attached again.
+    let (policy_gen, routed) = dp
+        .config()
+        .map(|c| (c.policy_gen, c.flags & config_flags::ROUTED_PODS))
+        .unwrap_or((0, 0));
     dp.set_config(Config {
         report_interval_ns: opts.report_interval.as_nanos() as u64,
         policy_gen,
         enforce: u32::from(opts.enforce),
         flags: {
-            use observer_common::config_flags::{ALLOW_NODE, LOCAL_REDIRECT, REMOTE_REDIRECT};
+            use config_flags::{ALLOW_NODE, LOCAL_REDIRECT, REMOTE_REDIRECT};
             let flag = |on: bool, f: u32| if on { f } else { 0 };
-            flag(!opts.policy.deny_from_node, ALLOW_NODE)
+            routed
+                | flag(!opts.policy.deny_from_node, ALLOW_NODE)
                 | flag(opts.local_redirect, LOCAL_REDIRECT)
                 | flag(opts.remote_redirect, REMOTE_REDIRECT)
         },
