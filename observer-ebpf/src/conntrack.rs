@@ -454,8 +454,9 @@ pub fn process<C: EbpfContext>(
 /// closed one it reopens the tuple), a Service or NodePort one, an original-direction packet
 /// whose verdicts are not all taken, or taken under an older policy. A closed connection's
 /// last ACKs and retransmissions are settled here: `process` takes the same steps for them.
-/// `count`: whether this hook adds the packet to the connection's counters. Returns the
-/// action and the connection's `TrafficClass`.
+/// `count`: whether this hook adds the packet to the connection's counters; `only_direct`:
+/// a connection that is not `ct_flags::DIRECT` is left alone (`Special`), uncounted. Returns
+/// the action, the connection's `TrafficClass` and whether it is `DIRECT`.
 #[inline(always)]
 pub fn established(p: &Plain, bytes: u64, count: bool, only_direct: bool) -> Established {
     // An opener is nearly always a new connection (a reused tuple is `process`'s case): spare

@@ -101,7 +101,7 @@ const NOT_SETTLED: i32 = -1;
 const MISSING: i32 = -2;
 /// The full path's conntrack functions: the established path's lookup of the tuple missed, so
 /// `process` does not look again.
-pub const KNOWN_MISSING: u64 = 4;
+const KNOWN_MISSING: u64 = 4;
 /// The hook adds the packet to the connection's counters.
 pub const COUNT: u64 = 1;
 /// `from_pod`: a packet it passes is handed over to `to_pod` (see `handoff`).
