@@ -464,14 +464,7 @@ pub fn established(p: &Plain, bytes: u64, count: bool, only_direct: bool) -> Est
     if p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return Established::Full;
     }
-    let (key, from_a) = key_of_pair(
-        AF_INET,
-        p.proto,
-        &[p.src, 0, 0, 0],
-        p.sport,
-        &[p.dst, 0, 0, 0],
-        p.dport,
-    );
+    let (key, from_a) = plain_key(p);
     let Some(e) = CT4.get_ptr_mut(key.v4()) else {
         return Established::Missing;
     };
@@ -513,18 +506,24 @@ pub fn established(p: &Plain, bytes: u64, count: bool, only_direct: bool) -> Est
 /// the node's stack (`ct_flags::DIRECT`), or a closed one the SYN opens again.
 #[inline(always)]
 pub fn direct_or_absent(p: &Plain) -> bool {
-    let (key, _) = key_of_pair(
+    let (key, _) = plain_key(p);
+    match CT4.get_ptr_mut(key.v4()) {
+        None => true,
+        Some(e) => unsafe { (*e).flags & (ct_flags::DIRECT | ct_flags::CLOSED) != 0 },
+    }
+}
+
+/// The key of a plain IPv4 packet's connection, and whether its source is end `a`.
+#[inline(always)]
+fn plain_key(p: &Plain) -> (CtKey, bool) {
+    key_of_pair(
         AF_INET,
         p.proto,
         &[p.src, 0, 0, 0],
         p.sport,
         &[p.dst, 0, 0, 0],
         p.dport,
-    );
-    match CT4.get_ptr_mut(key.v4()) {
-        None => true,
-        Some(e) => unsafe { (*e).flags & (ct_flags::DIRECT | ct_flags::CLOSED) != 0 },
-    }
+    )
 }
 
 /// What [`established`] made of a packet.

@@ -867,21 +867,7 @@ fn local_packets_skip_the_node_stack_unless_told_not_to() {
         let status: Value = serde_json::from_str(&daemon.get("/v1/status").unwrap()).unwrap();
         let redirected = observer_tests::kernel_stat(&status, "redirected");
         let handed = observer_tests::kernel_stat(&status, "handed_over");
-        let t = std::time::Instant::now();
-        let close = loop {
-            let records = daemon.flows().unwrap();
-            let close = records
-                .into_iter()
-                .find(|r| r["event"] == "close" && r["source"]["port"] == src.port());
-            if let Some(c) = close {
-                break c;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "{tag}: no close record"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let close = wait_for_close(&daemon, tag, src.port());
         let c = &close["counters"];
         let packets = c["packets_out"].as_u64().unwrap() + c["packets_in"].as_u64().unwrap();
         let bytes_in = c["bytes_in"].as_u64().unwrap();
