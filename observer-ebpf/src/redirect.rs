@@ -149,12 +149,10 @@ pub fn to_local_pod(ctx: &TcContext, ifindex: u32, src: u32, dst: u32) -> Option
 }
 
 /// The pod veth a packet that entered on the uplink `ifindex` goes to when delivered past the
-/// stack: a routed pod veth observer watches (`None`: the stack delivers it).
+/// stack: a routed pod veth observer watches (`None`: the stack delivers it). The caller has
+/// checked `remote_enabled`.
 #[inline(always)]
 pub fn uplink_target(ctx: &TcContext, ifindex: u32, src: u32, dst: u32) -> Option<u32> {
-    if !remote_enabled() {
-        return None;
-    }
     match pod_veth(ctx, ifindex, src, dst)? {
         (out, kind) if kind == ATTACHED_ROUTED => Some(out),
         _ => None,

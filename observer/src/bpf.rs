@@ -803,10 +803,12 @@ impl Datapath {
         if attached.get(&ifindex, 0).ok() != Some(kind) {
             attached.insert(ifindex, kind, 0)?;
         }
-        let mut c = self.config()?;
-        if routed && c.flags & config_flags::ROUTED_PODS == 0 {
-            c.flags |= config_flags::ROUTED_PODS;
-            self.set_config(c)?;
+        if routed {
+            let mut c = self.config()?;
+            if c.flags & config_flags::ROUTED_PODS == 0 {
+                c.flags |= config_flags::ROUTED_PODS;
+                self.set_config(c)?;
+            }
         }
         Ok(())
     }
