@@ -120,6 +120,14 @@ pub const SVC_MARK: u32 = 0x0040_0000;
 /// node. Only this bit is ever set.
 pub const NODEPORT_MARK: u32 = 0x0020_0000;
 
+/// Set by the uplink's tc ingress on a UDP packet from a pod of another node for a pod of this
+/// node that has no connection yet, its tuple noted (per CPU) as it arrived. The pod's veth,
+/// where the stack delivers it, then knows whether the node translated it on the way: a
+/// connection whose opener arrived untranslated may skip the stack after (`ct_flags::DIRECT`),
+/// one whose opener was translated (a reply of a connection the node DNAT'd, a DNAT observer
+/// does not know) may not. Only this bit is ever set; the veth clears it.
+pub const UNTRANSLATED_MARK: u32 = 0x0010_0000;
+
 /// Rule id of a connection allowed because it comes from the node itself (kubelet probes).
 pub const RULE_NODE: u32 = u32::MAX;
 
@@ -236,10 +244,11 @@ pub mod ct_flags {
     pub const INGRESS_AUDIT: u32 = 1 << 23;
     /// The connection was opened where observer sees packets as their ends address them,
     /// before this node translates anything: by a pod at its veth (`from_pod`), or by a TCP
-    /// SYN from another node for a pod's own address at the uplink. Only such a connection's
-    /// packets may skip the node's stack: one first seen behind a translation observer does
-    /// not know of (a `hostPort`, a Service not synced yet) needs netfilter to translate its
-    /// replies back.
+    /// SYN from another node for a pod's own address at the uplink, or by a UDP packet from
+    /// another node that reached its pod's veth as it arrived on the uplink (see
+    /// [`crate::UNTRANSLATED_MARK`]). Only such a connection's packets may skip the node's
+    /// stack: one first seen behind a translation observer does not know of (a `hostPort`, a
+    /// Service not synced yet) needs netfilter to translate its replies back.
     pub const DIRECT: u32 = 1 << 24;
     pub const DENIED: u32 = EGRESS_DENIED | INGRESS_DENIED;
     /// Every audit bit: a verdict taken again clears them all.

@@ -454,11 +454,17 @@ pub fn process<C: EbpfContext>(
 /// closed one it reopens the tuple), a Service or NodePort one, an original-direction packet
 /// whose verdicts are not all taken, or taken under an older policy. A closed connection's
 /// last ACKs and retransmissions are settled here: `process` takes the same steps for them.
-/// `count`: whether this hook adds the packet to the connection's counters; `only_direct`:
-/// a connection that is not `ct_flags::DIRECT` is left alone (`Special`), uncounted. Returns
-/// the action, the connection's `TrafficClass` and whether it is `DIRECT`.
+/// `count`: whether this hook adds the packet to the connection's counters; `takes`: given
+/// whether the connection is `ct_flags::DIRECT`, whether the caller takes it at all (one it
+/// does not is left alone, `Special`, uncounted, before any other step). Returns the action,
+/// the connection's `TrafficClass` and whether it is `DIRECT`.
 #[inline(always)]
-pub fn established(p: &Plain, bytes: u64, count: bool, only_direct: bool) -> Established {
+pub fn established<F: FnOnce(bool) -> bool>(
+    p: &Plain,
+    bytes: u64,
+    count: bool,
+    takes: F,
+) -> Established {
     // An opener is nearly always a new connection (a reused tuple is `process`'s case): spare
     // it a lookup that would miss. Its SYN-ACK is a reply like any other.
     if p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -471,7 +477,7 @@ pub fn established(p: &Plain, bytes: u64, count: bool, only_direct: bool) -> Est
     let e = unsafe { &mut *e };
     let cfg = config();
     let special = ct_flags::SVC_ALIAS | ct_flags::SERVICE | ct_flags::NODEPORT;
-    if e.flags & special != 0 || (only_direct && e.flags & ct_flags::DIRECT == 0) {
+    if e.flags & special != 0 || !takes(e.flags & ct_flags::DIRECT != 0) {
         return Established::Special;
     }
     if e.policy_gen != cfg.policy_gen {
@@ -536,7 +542,7 @@ pub enum Established {
     /// Left to the full path.
     Full,
     /// Left to the full path: a connection netfilter translates (a Service's, a NodePort's),
-    /// or, when only those are wanted, one that is not `ct_flags::DIRECT`.
+    /// or one the caller does not take.
     Special,
 }
 
@@ -574,8 +580,8 @@ fn created(hook: Hook, first_is_reply: bool) {
 /// Whether a connection `pkt` opens at `hook` on `ifindex` is `ct_flags::DIRECT`: its first
 /// packet an opener (a TCP SYN, any other protocol's first packet) seen before this node
 /// translates anything (at a pod's veth as the pod sent it, or from the uplink, for a pod's
-/// own address, before the stack's DNAT). A connection picked up mid-way is not: its opener
-/// may have been translated.
+/// own address, before the stack's DNAT; from the uplink through the stack, untranslated). A
+/// connection picked up mid-way is not: its opener may have been translated.
 #[inline(always)]
 fn direct_opener(pkt: &Packet, hook: Hook, ifindex: u32) -> bool {
     let opener = if pkt.proto == IPPROTO_TCP {
@@ -586,7 +592,9 @@ fn direct_opener(pkt: &Packet, hook: Hook, ifindex: u32) -> bool {
     opener
         && match hook {
             Hook::FromPod => true,
-            Hook::ToPod => pkt.proto == IPPROTO_TCP && unsafe { UPLINKS.get(&ifindex) }.is_some(),
+            // A UDP packet from the uplink: seen there as here (`UNTRANSLATED_MARK`).
+            Hook::ToPod if pkt.proto != IPPROTO_TCP => pkt.untranslated != 0,
+            Hook::ToPod => unsafe { UPLINKS.get(&ifindex) }.is_some(),
             Hook::Uplink => false,
         }
 }

@@ -129,7 +129,7 @@ pub extern "C" fn observer_established_tc(skb: *mut __sk_buff, mode: u64) -> i32
         return NOT_SETTLED;
     };
     let bytes = (PacketCtx::len(&ctx) - 14) as u64;
-    match established(&p, bytes, mode & COUNT != 0, false) {
+    match established(&p, bytes, mode & COUNT != 0, |_| true) {
         Established::Settled(a, class, direct) => {
             // (`established` settles no Service connection: the full path has those.)
             if let Some(s) = slot {
@@ -195,6 +195,7 @@ pub fn tc_conn(skb: *mut __sk_buff, mode: u64, hook: Hook) -> i32 {
     let ifindex = unsafe { (*skb).ifindex };
     if hook == Hook::ToPod {
         pkt.outside = (unsafe { (*skb).mark } & NODEPORT_MARK != 0) as u8;
+        pkt.untranslated = redirect::arrived_untranslated(skb, pkt) as u8;
     }
     let missing = mode & KNOWN_MISSING != 0;
     let count = if mode & COUNT != 0 {

@@ -138,6 +138,12 @@ pub static KIND_CACHE: PerCpuArray<KindSlot> =
 #[map(name = "OBS_FIB")]
 pub static FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU, the tuple of the UDP packet the uplink last marked `UNTRANSLATED_MARK`: source,
+/// destination, ports (see `redirect::note_arrival`). Read where the stack delivers that
+/// packet, within the same softirq on the same CPU; not pinned.
+#[map(name = "OBS_ARRIVED")]
+pub static ARRIVED: PerCpuArray<[u32; 3]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU sequence for the benchmark programs (see `datapath::bench_new_conn`).
 #[map(name = "OBS_BENCH_SEQ")]
 pub static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

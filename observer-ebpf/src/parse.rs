@@ -69,6 +69,9 @@ pub struct Packet {
     /// TCP: the acknowledgement number, and the one that would acknowledge this segment's FIN
     /// (see [`Seg`]).
     pub seg: Seg,
+    /// Set by `to_pod` for a UDP packet that reached it as it arrived on the uplink (see
+    /// `redirect::arrived_untranslated`).
+    pub untranslated: u8,
 }
 
 /// What a TCP segment tells the close of its connection: the acknowledgement it carries, and
@@ -305,6 +308,7 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         icmp_type: 0,
         icmp_code: 0,
         outside: 0,
+        untranslated: 0,
         src: [raw32(ip, 12), 0, 0, 0],
         dst: [raw32(ip, 16), 0, 0, 0],
         sport: 0,
@@ -341,6 +345,7 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<Packet, u32> {
         icmp_type: 0,
         icmp_code: 0,
         outside: 0,
+        untranslated: 0,
         src: [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)],
         dst: [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)],
         sport: 0,

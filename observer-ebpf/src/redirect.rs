@@ -25,8 +25,8 @@
 //! from its first packet to its last, so none of its entries is left half-seen.
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
+        __sk_buff, bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::{
         bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh,
@@ -35,9 +35,14 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext,
 };
-use observer_common::{config_flags, stat, ATTACHED_ROUTED};
+use observer_common::{
+    config_flags, stat, AF_INET, ATTACHED_ROUTED, IPPROTO_UDP, UNTRANSLATED_MARK,
+};
 
-use crate::maps::{stat_inc, ATTACHED, CONFIG, FIB, UPLINKS};
+use crate::{
+    maps::{stat_inc, ARRIVED, ATTACHED, CONFIG, FIB, UPLINKS},
+    parse::{Packet, Plain},
+};
 
 /// The kernel's AF_INET (observer's own family numbers are 4 and 6).
 const KERNEL_AF_INET: u8 = 2;
@@ -234,4 +239,41 @@ pub fn to_uplink(ctx: &TcContext, ifindex: u32, src: u32, dst: u32) -> Option<i3
     }
     stat_inc(stat::REDIRECTED_TO_UPLINK);
     Some(TC_ACT_REDIRECT)
+}
+
+/// A UDP packet from a pod of another node for a pod of this node, with no connection yet: the
+/// stack delivers it, which may translate it (the reply of a connection the node DNAT'd, a DNAT
+/// observer does not know). Its tuple as it arrived is noted on this CPU and the packet marked,
+/// for the pod's veth to compare (`arrived_untranslated`).
+#[inline(always)]
+pub fn note_arrival(ctx: &TcContext, p: &Plain) {
+    if let Some(slot) = ARRIVED.get_ptr_mut(0) {
+        unsafe {
+            *slot = [p.src, p.dst, ports(p.sport, p.dport)];
+            (*ctx.skb.skb).mark |= UNTRANSLATED_MARK;
+        }
+    }
+}
+
+/// At a pod's veth: whether the packet is a UDP packet the uplink marked (`note_arrival`) and
+/// reaches the veth as it arrived there, untranslated. Clears the mark and the note.
+#[inline(always)]
+pub fn arrived_untranslated(skb: *mut __sk_buff, pkt: &Packet) -> bool {
+    let mark = unsafe { (*skb).mark };
+    if mark & UNTRANSLATED_MARK == 0 {
+        return false;
+    }
+    unsafe { (*skb).mark = mark & !UNTRANSLATED_MARK };
+    let Some(slot) = ARRIVED.get_ptr_mut(0) else {
+        return false;
+    };
+    let noted = unsafe { core::mem::replace(&mut *slot, [0; 3]) };
+    pkt.family == AF_INET
+        && pkt.proto == IPPROTO_UDP
+        && noted == [pkt.src[0], pkt.dst[0], ports(pkt.sport, pkt.dport)]
+}
+
+#[inline(always)]
+fn ports(sport: u16, dport: u16) -> u32 {
+    (sport as u32) << 16 | dport as u32
 }

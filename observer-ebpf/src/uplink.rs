@@ -12,7 +12,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use observer_common::{
-    stat, uplink, RemoteKind, UplinkCounter, AF_INET, IPPROTO_TCP, NODEPORT_MARK, SVC_MARK,
+    stat, uplink, RemoteKind, UplinkCounter, AF_INET, IPPROTO_TCP, IPPROTO_UDP, NODEPORT_MARK,
+    SVC_MARK,
 };
 
 use crate::{
@@ -147,94 +148,114 @@ pub fn uplink_ingress_policy(ctx: TcContext) -> i32 {
 /// its own, as at the pod's veth.
 #[inline(always)]
 fn deliver(skb: *mut __sk_buff) -> Option<i32> {
-    let mode = match observer_uplink_settle(skb) {
-        NOT_DELIVERED => return None,
-        FULL => COUNT,
-        verdict => return Some(verdict),
-    };
+    let settled = observer_uplink_settle(skb);
+    if settled == NOT_DELIVERED {
+        return None;
+    }
+    if settled < FULL_TO {
+        return Some(settled as i32);
+    }
     if observer_parse_tc(skb) != 0 {
         return None;
     }
-    Some(observer_uplink_deliver_conn(skb, mode))
+    Some(observer_uplink_deliver_conn(
+        skb,
+        (settled - FULL_TO) as u64,
+    ))
 }
 
-const NOT_DELIVERED: i32 = -100;
-/// Left to the full path.
-const FULL: i32 = -101;
+const NOT_DELIVERED: i64 = -100;
+/// Left to the full path, then delivered to the veth `FULL_TO + ifindex`.
+const FULL_TO: i64 = 1 << 32;
 
-/// The plain IPv4 packet from a pod of another node and the routed pod veth it is delivered
-/// to past the stack, if it is one (`redirect::uplink_target`).
+/// The plain IPv4 packet from a pod of another node, if delivery across nodes is on.
 #[inline(always)]
-fn target(ctx: &TcContext) -> Option<(Plain, u32)> {
+fn from_remote_pod(ctx: &TcContext) -> Option<Plain> {
     if !redirect::remote_enabled() {
         return None;
     }
     let p = plain_ipv4(ctx)?;
-    if classify::cached_kind(AF_INET, &[p.src, 0, 0, 0]) != RemoteKind::RemotePod as u32 {
-        return None;
-    }
+    let kind = classify::cached_kind(AF_INET, &[p.src, 0, 0, 0]);
+    (kind == RemoteKind::RemotePod as u32).then_some(p)
+}
+
+/// The routed pod veth `p` is delivered to past the stack, if there is one
+/// (`redirect::uplink_target`).
+#[inline(always)]
+fn target(ctx: &TcContext, p: &Plain) -> Option<u32> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let out = redirect::uplink_target(ctx, ifindex, p.src, p.dst)?;
-    Some((p, out))
+    redirect::uplink_target(ctx, ifindex, p.src, p.dst)
 }
 
 /// `deliver`'s established path: a packet of a connection whose verdicts are taken is
-/// counted and delivered (or dropped) here. A Service's connection (the pod is its client:
-/// this is a backend's reply, which netfilter translates back) is left to the stack.
+/// counted and delivered (or dropped) here. The route is looked up only for a connection that
+/// may skip the stack: a Service's (the pod is its client: this is a backend's reply, which
+/// netfilter translates back) and any other not `DIRECT` are left to the stack at the cost of
+/// the lookup of their connection alone.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn observer_uplink_settle(skb: *mut __sk_buff) -> i32 {
+pub extern "C" fn observer_uplink_settle(skb: *mut __sk_buff) -> i64 {
     if skb.is_null() {
         return NOT_DELIVERED;
     }
     let ctx = TcContext::new(skb);
-    let Some((p, out)) = target(&ctx) else {
+    let Some(p) = from_remote_pod(&ctx) else {
         return NOT_DELIVERED;
     };
     // A SYN is not looked up by `established`; one for a tuple whose connection was opened
     // behind a translation is not delivered either.
     if opens(p.proto, p.tcp_flags) {
-        return if direct_or_absent(&p) {
-            FULL
-        } else {
-            NOT_DELIVERED
-        };
+        if !direct_or_absent(&p) {
+            return NOT_DELIVERED;
+        }
+        return target(&ctx, &p).map_or(NOT_DELIVERED, |out| FULL_TO + out as i64);
     }
     let bytes = (PacketCtx::len(&ctx) - 14) as u64;
-    match established(&p, bytes, true, true) {
+    let mut out = 0;
+    let takes = |direct| {
+        direct
+            && target(&ctx, &p).is_some_and(|o| {
+                out = o;
+                true
+            })
+    };
+    match established(&p, bytes, true, takes) {
         Established::Settled(action, _, _) => {
             stat_inc(stat::PACKETS);
             if action == Action::Drop {
-                return delivery_dropped(&ctx);
+                return delivery_dropped(&ctx) as i64;
             }
             // No hop left: the stack drops it too, before `to_pod`.
-            redirect::into_pod(&ctx, out).unwrap_or(TC_ACT_UNSPEC)
+            redirect::into_pod(&ctx, out).unwrap_or(TC_ACT_UNSPEC) as i64
         }
-        Established::Full => FULL,
+        Established::Full => FULL_TO + out as i64,
         // A packet without a connection that is not a SYN may be the reply of one the node
-        // translated (a Service observer does not know yet): netfilter's to handle.
-        Established::Missing | Established::Special => NOT_DELIVERED,
+        // translated (a Service observer does not know yet): netfilter's to handle. A UDP
+        // packet's connection may skip the stack after it if the stack leaves it untranslated.
+        Established::Missing => {
+            if p.proto == IPPROTO_UDP {
+                redirect::note_arrival(&ctx, &p);
+            }
+            NOT_DELIVERED
+        }
+        Established::Special => NOT_DELIVERED,
     }
 }
 
 /// `deliver`'s full path: `to_pod`'s conntrack and verdicts for the packet
-/// `observer_parse_tc` parsed, then the delivery.
+/// `observer_parse_tc` parsed, then the delivery to the veth `out`.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn observer_uplink_deliver_conn(skb: *mut __sk_buff, mode: u64) -> i32 {
+pub extern "C" fn observer_uplink_deliver_conn(skb: *mut __sk_buff, out: u64) -> i32 {
     if skb.is_null() {
         return TC_ACT_SHOT;
     }
     stat_inc(stat::PACKETS);
     let ctx = TcContext::new(skb);
-    if Action::from_raw(tc_conn(skb, mode, Hook::ToPod)) == Action::Drop {
+    if Action::from_raw(tc_conn(skb, COUNT, Hook::ToPod)) == Action::Drop {
         return delivery_dropped(&ctx);
     }
-    match target(&ctx) {
-        Some((_, out)) => redirect::into_pod(&ctx, out).unwrap_or(TC_ACT_UNSPEC),
-        // The route changed in between: the stack delivers it.
-        None => TC_ACT_UNSPEC,
-    }
+    redirect::into_pod(&ctx, out as u32).unwrap_or(TC_ACT_UNSPEC)
 }
 
 /// A packet `deliver` took over (counted in `PACKETS`) and policy drops: on the uplink's

@@ -112,14 +112,16 @@ fn udp_echo(sock: UdpSocket, datagrams: usize) {
     }
 }
 
+/// Connected to `dst`: an echo from any other address is not taken.
 fn udp_client(src: SocketAddr, dst: SocketAddr, count: usize, size: usize) -> usize {
     let s = UdpSocket::bind(src).unwrap();
+    s.connect(dst).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut echoed = 0;
     let mut buf = [0u8; 2048];
     for _ in 0..count {
-        s.send_to(&vec![3u8; size], dst).unwrap();
-        let (n, _) = s.recv_from(&mut buf).unwrap();
+        s.send(&vec![3u8; size]).unwrap();
+        let n = s.recv(&mut buf).unwrap();
         assert_eq!(n, size);
         echoed += 1;
     }
@@ -1247,6 +1249,92 @@ fn remote_packets_skip_the_node_stack_both_ways_unless_told_not_to() {
             assert_eq!((to, from), (0, 0), "{tag}: redirected");
         }
     }
+}
+
+/// UDP opened by a pod of another node: its first packet takes the node's stack (the only way
+/// to learn that nothing translates it), every packet after it, both ways, skips the stack. A
+/// UDP flow the node translates (a DNAT observer does not know, of another port of the pod's
+/// own address) keeps the stack's path: its replies are translated back.
+#[test]
+fn udp_from_another_node_skips_the_stack_after_its_first_packet_unless_translated() {
+    let tag = "rru";
+    let mut bed = TestBed::overlay(tag).expect("test bed");
+    let serving = [("serve", UDP_PORT, "UDP")];
+    bed.add_pod(PodSpec {
+        namespace: "x",
+        name: "a",
+        labels: &[("pod", "a")],
+        ports: &serving,
+    })
+    .unwrap();
+    bed.add_remote_pod(PodSpec {
+        namespace: "x",
+        name: "r",
+        labels: &[("pod", "r")],
+        ports: &serving,
+    })
+    .unwrap();
+    let model = bed.model_args();
+    let mut args: Vec<&str> = model.iter().map(|s| s.as_str()).collect();
+    args.extend(["--report-interval", "0"]);
+    let daemon = bed.start_daemon(OBSERVER.as_ref(), &args).expect("daemon");
+    let (a, r) = (bed.pod("a").clone(), bed.remote_pod("r").clone());
+    // Another port of the pod's address: the uplink sees a packet for a local pod.
+    const DNAT_PORT: u16 = 19_090;
+    nft(
+        &bed.node_ns,
+        &format!(
+            "table ip fwdprobe {{\n counter direct {{}}\n counter translated {{}}\n \
+             chain probe {{\n  type filter hook forward priority filter; policy accept;\n  \
+             udp sport 41993 counter name direct\n  udp dport 41993 counter name direct\n  \
+             udp sport 41994 counter name translated\n  \
+             udp dport 41994 counter name translated\n }}\n}}\n\
+             table ip unsynced {{\n chain pre {{\n  \
+             type nat hook prerouting priority dstnat;\n  \
+             ip daddr {a} udp dport {DNAT_PORT} dnat to {a}:{UDP_PORT}\n }}\n}}\n",
+            a = a.ip4
+        ),
+    )
+    .unwrap();
+    const EXCHANGES: usize = 32;
+    let at = SocketAddr::new(a.ip4, UDP_PORT);
+    let echo = in_netns(&a.netns, move || UdpSocket::bind(at))
+        .unwrap()
+        .unwrap();
+    let server = std::thread::spawn(move || udp_echo(echo, 2 * EXCHANGES));
+    for (sport, dst) in [(41_993, at), (41_994, SocketAddr::new(a.ip4, DNAT_PORT))] {
+        let src = SocketAddr::new(r.ip4, sport);
+        // A connected socket: an echo from any address but the one it sent to is not taken.
+        let got = spawn_in_netns(&r.netns, move || udp_client(src, dst, EXCHANGES, 64))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, EXCHANGES, "{src} -> {dst}");
+    }
+    server.join().unwrap();
+    let (direct, _) = nft_counter(&bed.node_ns, "ip", "fwdprobe", "direct").unwrap();
+    let (translated, _) = nft_counter(&bed.node_ns, "ip", "fwdprobe", "translated").unwrap();
+    let status: Value = serde_json::from_str(&daemon.get("/v1/status").unwrap()).unwrap();
+    let to = observer_tests::kernel_stat(&status, "redirected_to_uplink");
+    let from = observer_tests::kernel_stat(&status, "redirected_from_uplink");
+    eprintln!(
+        "{tag}: forwarded {direct} direct packets, {translated} translated; redirected to the \
+         uplink {to}, from it {from}"
+    );
+    assert_eq!(
+        direct, 1,
+        "{tag}: the direct flow's packets forwarded by the node"
+    );
+    assert_eq!(
+        translated,
+        2 * EXCHANGES as u64,
+        "{tag}: the translated flow's packets forwarded by the node"
+    );
+    assert_eq!(
+        (to, from),
+        (EXCHANGES as u64, EXCHANGES as u64 - 1),
+        "{tag}: redirected"
+    );
 }
 
 /// The close record of the connection from client port `port`, within 10 s.
