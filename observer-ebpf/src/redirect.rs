@@ -22,7 +22,10 @@
 //! Only packets of a connection that never needs netfilter: not a Service's (kube-proxy DNATs
 //! it and translates its replies back), not one the node masquerades (only traffic between
 //! pods, which the node never masquerades). The node's conntrack never sees such a connection,
-//! from its first packet to its last, so none of its entries is left half-seen.
+//! from its first packet to its last, so none of its entries is left half-seen. One exception:
+//! UDP from a pod of another node, whose first packet takes the stack, the only way to learn
+//! that the node does not translate it (`note_arrival`); netfilter calls no UDP packet invalid
+//! for the ones it no longer sees.
 use aya_ebpf::{
     bindings::{
         __sk_buff, bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
