@@ -23,6 +23,16 @@ const NODE2: &str = "node-2";
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
+/// A kernel counter of `observer status`'s text (`name=value`).
+fn kernel_counter(status: &str, name: &str) -> u64 {
+    let key = format!("{name}=");
+    status
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no kernel counter {name} in:\n{status}"))
+}
+
 fn node_ip(c: &Layout, node: &str) -> String {
     c.node(node).ip.clone()
 }
@@ -416,6 +426,20 @@ fn services_and_dns_under_default_deny() {
         http_get(&c, &web2, &format!("http://{}:8080/", db.ip), 3).as_deref(),
         Some("db")
     );
+    // That connection, between two pods across nodes: past both nodes' stacks where each pod
+    // has a routed veth (the ptp CNI, Azure CNI's shape); never for a bridge's ports.
+    let to = kernel_counter(&observer_status(&c, NODE2).unwrap(), "redirected_to_uplink");
+    let from = kernel_counter(
+        &observer_status(&c, NODE1).unwrap(),
+        "redirected_from_uplink",
+    );
+    match c.cni {
+        Cni::Ptp => assert!(
+            to > 0 && from > 0,
+            "redirected: {to} to, {from} from the uplink"
+        ),
+        Cni::Bridge => assert_eq!((to, from), (0, 0), "redirected on a bridge"),
+    }
     // Hairpin: db through its own Service (kube-proxy masquerades it; a pod talking to
     // itself is always allowed, though db's egress is default-deny).
     let hairpin = http_get(&c, &db, &by_vip, 3);

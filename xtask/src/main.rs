@@ -124,8 +124,10 @@ fn e2e_targets() -> Result<Vec<String>> {
 }
 
 /// The cluster end-to-end tests (`observer/tests/cluster_*.rs`) on a real two-node cluster,
-/// brought up for them and torn down after, whatever the outcome. In order: the tests that
-/// share the cluster, then the DaemonSet restart, then the uninstall.
+/// brought up for them and torn down after, whatever the outcome. First kubenet's shape
+/// (bridge, kube-proxy in iptables mode): the tests that share the cluster, then the DaemonSet
+/// restart, then the uninstall. Then Azure CNI's shape (a routed veth per pod, where packets
+/// between pods skip the nodes' stacks) with kube-proxy in nftables mode: the shared tests.
 fn cluster_e2e() -> Result<()> {
     if cluster::binaries::find().is_none() {
         eprintln!();
@@ -141,23 +143,47 @@ fn cluster_e2e() -> Result<()> {
         return Ok(());
     }
     setup::cluster()?;
-    let result = cluster::up(&cluster::UpOptions {
-        cni: cluster::Cni::Bridge,
-        proxy: cluster::ProxyMode::Iptables,
-        observer: true,
-    })
-    .and_then(|_| {
-        let shared = ["cluster_deploy", "cluster_policy", "cluster_services"];
-        let mut args = vec!["test", "-p", "observer"];
-        for t in shared {
-            args.extend(["--test", t]);
-        }
-        cargo(&args)?;
+    on_cluster(cluster::Cni::Bridge, cluster::ProxyMode::Iptables, || {
+        shared_cluster_tests()?;
         // Each of these changes the DaemonSet: one at a time.
         cargo(&["test", "-p", "observer", "--test", "cluster_restart"])?;
         cargo(&["test", "-p", "observer", "--test", "cluster_hubble"])?;
         cargo(&["test", "-p", "observer", "--test", "cluster_uninstall"])
-    });
+    })?;
+    on_cluster(
+        cluster::Cni::Ptp,
+        cluster::ProxyMode::Nftables,
+        shared_cluster_tests,
+    )
+}
+
+/// The cluster tests that share one cluster, each in namespaces of its own.
+fn shared_cluster_tests() -> Result<()> {
+    let mut args = vec!["test", "-p", "observer"];
+    for t in ["cluster_deploy", "cluster_policy", "cluster_services"] {
+        args.extend(["--test", t]);
+    }
+    cargo(&args)
+}
+
+/// Runs `tests` on a cluster of this shape, observer deployed, and takes it down after; on a
+/// failure the logs are kept in `target/cluster-logs`.
+fn on_cluster(
+    cni: cluster::Cni,
+    proxy: cluster::ProxyMode,
+    tests: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    eprintln!(
+        "cluster: --cni {} --proxy-mode {}",
+        cni.as_str(),
+        proxy.as_str()
+    );
+    let result = cluster::up(&cluster::UpOptions {
+        cni,
+        proxy,
+        observer: true,
+    })
+    .and_then(|_| tests());
     if result.is_err() {
         cluster::save_logs(&workspace_root().join("target/cluster-logs"));
     }
