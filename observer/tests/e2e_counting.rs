@@ -1135,54 +1135,17 @@ fn remote_packets_skip_the_node_stack_both_ways_unless_told_not_to() {
         ("rrs", false, Some("--no-remote-redirect")),
         ("rrk", true, None),
     ] {
-        let mut bed = if kubenet {
-            TestBed::kubenet(tag)
-        } else {
-            TestBed::overlay(tag)
-        }
-        .expect("test bed");
-        let serving = [("serve", TCP_PORT, "TCP")];
-        bed.add_pod(PodSpec {
-            namespace: "x",
-            name: "a",
-            labels: &[("pod", "a")],
-            ports: &serving,
-        })
-        .unwrap();
-        bed.add_remote_pod(PodSpec {
-            namespace: "x",
-            name: "r",
-            labels: &[("pod", "r")],
-            ports: &serving,
-        })
-        .unwrap();
-        let model = bed.model_args();
-        let mut args: Vec<&str> = model.iter().map(|s| s.as_str()).collect();
-        args.extend(["--report-interval", "0"]);
-        args.extend(extra);
-        let daemon = bed.start_daemon(OBSERVER.as_ref(), &args).expect("daemon");
+        let mut bed = pods_on_two_nodes(tag, kubenet, &[("serve", TCP_PORT, "TCP")]);
+        let daemon = start_reporting(&mut bed, extra);
         let (a, r) = (bed.pod("a").clone(), bed.remote_pod("r").clone());
         // Inside the cluster CIDR, so node-2 does not masquerade its pod's packets to it.
         let vip: IpAddr = "10.244.1.250".parse().unwrap();
         const VIP_PORT: u16 = 18_080;
-        // The forward hook's view: the two direct connections by their client ports, and the
-        // translated one by its client port.
-        nft(
-            &bed.node_ns,
-            &format!(
-                "table ip fwdprobe {{\n counter direct {{}}\n counter translated {{}}\n \
-                 chain probe {{\n  type filter hook forward priority filter; policy accept;\n  \
-                 tcp sport {{ 41990, 41991 }} counter name direct\n  \
-                 tcp dport {{ 41990, 41991 }} counter name direct\n  \
-                 tcp sport 41992 counter name translated\n  \
-                 tcp dport 41992 counter name translated\n }}\n}}\n\
-                 table ip unsynced {{\n chain pre {{\n  \
-                 type nat hook prerouting priority dstnat;\n  \
-                 ip daddr {vip} tcp dport {VIP_PORT} dnat to {a}:{TCP_PORT}\n }}\n}}\n",
-                a = a.ip4
-            ),
-        )
-        .unwrap();
+        let dnat = format!(
+            "ip daddr {vip} tcp dport {VIP_PORT} dnat to {}:{TCP_PORT}",
+            a.ip4
+        );
+        forward_probe(&bed, "tcp", "41990, 41991", 41_992, &dnat);
         let listen = |p: &Pod| {
             let at = SocketAddr::new(p.ip4, TCP_PORT);
             in_netns(&p.netns, move || TcpListener::bind(at))
@@ -1258,44 +1221,16 @@ fn remote_packets_skip_the_node_stack_both_ways_unless_told_not_to() {
 #[test]
 fn udp_from_another_node_skips_the_stack_after_its_first_packet_unless_translated() {
     let tag = "rru";
-    let mut bed = TestBed::overlay(tag).expect("test bed");
-    let serving = [("serve", UDP_PORT, "UDP")];
-    bed.add_pod(PodSpec {
-        namespace: "x",
-        name: "a",
-        labels: &[("pod", "a")],
-        ports: &serving,
-    })
-    .unwrap();
-    bed.add_remote_pod(PodSpec {
-        namespace: "x",
-        name: "r",
-        labels: &[("pod", "r")],
-        ports: &serving,
-    })
-    .unwrap();
-    let model = bed.model_args();
-    let mut args: Vec<&str> = model.iter().map(|s| s.as_str()).collect();
-    args.extend(["--report-interval", "0"]);
-    let daemon = bed.start_daemon(OBSERVER.as_ref(), &args).expect("daemon");
+    let mut bed = pods_on_two_nodes(tag, false, &[("serve", UDP_PORT, "UDP")]);
+    let daemon = start_reporting(&mut bed, None);
     let (a, r) = (bed.pod("a").clone(), bed.remote_pod("r").clone());
     // Another port of the pod's address: the uplink sees a packet for a local pod.
     const DNAT_PORT: u16 = 19_090;
-    nft(
-        &bed.node_ns,
-        &format!(
-            "table ip fwdprobe {{\n counter direct {{}}\n counter translated {{}}\n \
-             chain probe {{\n  type filter hook forward priority filter; policy accept;\n  \
-             udp sport 41993 counter name direct\n  udp dport 41993 counter name direct\n  \
-             udp sport 41994 counter name translated\n  \
-             udp dport 41994 counter name translated\n }}\n}}\n\
-             table ip unsynced {{\n chain pre {{\n  \
-             type nat hook prerouting priority dstnat;\n  \
-             ip daddr {a} udp dport {DNAT_PORT} dnat to {a}:{UDP_PORT}\n }}\n}}\n",
-            a = a.ip4
-        ),
-    )
-    .unwrap();
+    let dnat = format!(
+        "ip daddr {0} udp dport {DNAT_PORT} dnat to {0}:{UDP_PORT}",
+        a.ip4
+    );
+    forward_probe(&bed, "udp", "41993", 41_994, &dnat);
     const EXCHANGES: usize = 32;
     let at = SocketAddr::new(a.ip4, UDP_PORT);
     let echo = in_netns(&a.netns, move || UdpSocket::bind(at))
@@ -1335,6 +1270,60 @@ fn udp_from_another_node_skips_the_stack_after_its_first_packet_unless_translate
         (EXCHANGES as u64, EXCHANGES as u64 - 1),
         "{tag}: redirected"
     );
+}
+
+/// A test bed (the overlay, or kubenet's bridge) with pod `a` on node-1 and pod `r` on node-2,
+/// each serving `serving`.
+fn pods_on_two_nodes(tag: &str, kubenet: bool, serving: &[(&str, u16, &str)]) -> TestBed {
+    let mut bed = if kubenet {
+        TestBed::kubenet(tag)
+    } else {
+        TestBed::overlay(tag)
+    }
+    .expect("test bed");
+    for (name, remote) in [("a", false), ("r", true)] {
+        let spec = PodSpec {
+            namespace: "x",
+            name,
+            labels: &[("pod", name)],
+            ports: serving,
+        };
+        if remote {
+            bed.add_remote_pod(spec).unwrap();
+        } else {
+            bed.add_pod(spec).unwrap();
+        }
+    }
+    bed
+}
+
+/// observer on `bed`, reporting without delay, with `extra`'s flag.
+fn start_reporting(bed: &mut TestBed, extra: Option<&str>) -> observer_tests::Daemon {
+    let model = bed.model_args();
+    let mut args: Vec<&str> = model.iter().map(|s| s.as_str()).collect();
+    args.extend(["--report-interval", "0"]);
+    args.extend(extra);
+    bed.start_daemon(OBSERVER.as_ref(), &args).expect("daemon")
+}
+
+/// The node's forward hook, counted by nftables: counter `direct` for the packets of the
+/// client ports `direct` (an nft set's elements), counter `translated` for those of client
+/// port `translated`; and `dnat`, a prerouting DNAT rule observer is not told of.
+fn forward_probe(bed: &TestBed, proto: &str, direct: &str, translated: u16, dnat: &str) {
+    nft(
+        &bed.node_ns,
+        &format!(
+            "table ip fwdprobe {{\n counter direct {{}}\n counter translated {{}}\n \
+             chain probe {{\n  type filter hook forward priority filter; policy accept;\n  \
+             {proto} sport {{ {direct} }} counter name direct\n  \
+             {proto} dport {{ {direct} }} counter name direct\n  \
+             {proto} sport {translated} counter name translated\n  \
+             {proto} dport {translated} counter name translated\n }}\n}}\n\
+             table ip unsynced {{\n chain pre {{\n  \
+             type nat hook prerouting priority dstnat;\n  {dnat}\n }}\n}}\n"
+        ),
+    )
+    .unwrap();
 }
 
 /// The close record of the connection from client port `port`, within 10 s.
