@@ -208,6 +208,17 @@ fn node_with(tag: &str, model: Model, extra: &[&str]) -> Node {
     let mut args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     args.extend_from_slice(extra);
     let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
+    // The tests count how each connection's translation was settled: none of theirs may be in
+    // the kernel's table the daemon reads once at start (its own thread, after readiness).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &daemon.get("/metrics").unwrap(),
+        "observer_kernel_conntrack_dumps_total",
+    ) < 1
+    {
+        assert!(Instant::now() < deadline, "no conntrack dump at start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Node { bed, daemon }
 }
 
