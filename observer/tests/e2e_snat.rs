@@ -210,15 +210,16 @@ fn node_with(tag: &str, model: Model, extra: &[&str]) -> Node {
     let daemon = bed.start_daemon(Path::new(OBSERVER), &args).unwrap();
     // The tests count how each connection's translation was settled: none of theirs may be in
     // the kernel's table the daemon reads once at start (its own thread, after readiness).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(
-        &daemon.get("/metrics").unwrap(),
-        "observer_kernel_conntrack_dumps_total",
-    ) < 1
-    {
-        assert!(Instant::now() < deadline, "no conntrack dump at start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    observer_tests::cluster::eventually(
+        "the daemon's start-up conntrack read",
+        Duration::from_secs(10),
+        || {
+            Ok(metric(
+                &daemon.get("/metrics")?,
+                "observer_kernel_conntrack_dumps_total",
+            ) >= 1)
+        },
+    );
     Node { bed, daemon }
 }
 
