@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions};
-use observer_common::{programs, Config, EndpointInfo, IpcacheEntry, RemoteKind};
+use observer_common::{programs, Config, CtKey, EndpointInfo, IpcacheEntry, RemoteKind};
 use serde::Serialize;
 
 use crate::{
@@ -335,11 +335,57 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Measurement>> {
             base,
             format!("repeat={repeat}, median of {rounds} rounds, LRU evicting"),
         ));
+        out.push(new_connection_steady(&pkt, name, rounds)?);
     }
     out.push(from_pod_syn_ack(repeat, rounds)?);
     out.push(from_pod_reopened(rounds)?);
     out.extend(to_pod_local(repeat, rounds)?);
     Ok(out)
+}
+
+/// Connections a busy node's table holds in [`new_connection_steady`], and how many come and
+/// go between two sweeps: 10,000 connections a second, each lingering about 13 s, swept
+/// every second.
+const STEADY_LIVE: usize = 131_072;
+const STEADY_BATCH: u32 = 10_000;
+
+/// `from_pod` opening connections on a node in steady state, in the production table: it
+/// holds `STEADY_LIVE` connections, and before each round the oldest `STEADY_BATCH` are
+/// removed as the daemon's sweep removes expired ones (in batches, untimed: the sweep's cost
+/// is the daemon's). Unlike `new_connection`, whose table only grows and so hands each insert
+/// an element never used, each insert here reuses one the sweep freed, as on a node that has
+/// run for a while.
+fn new_connection_steady(pkt: &[u8], name: &str, rounds: usize) -> Result<Measurement> {
+    let (subj, base) = with_datapath(None, |dp| {
+        run(dp, programs::BENCH_NEW_CONN, pkt, STEADY_LIVE as u32)?;
+        against_empty(dp, rounds, pkt, STEADY_BATCH, |dp| {
+            sweep_oldest(dp, STEADY_BATCH as usize)?;
+            run(dp, programs::BENCH_NEW_CONN, pkt, STEADY_BATCH)
+        })
+    })?;
+    Ok(measurement(
+        format!("from_pod/{name}/new_connection_steady"),
+        subj,
+        base,
+        format!(
+            "repeat={STEADY_BATCH}, median of {rounds} rounds, {STEADY_LIVE} connections \
+             held, the oldest {STEADY_BATCH} removed before each round"
+        ),
+    ))
+}
+
+/// Removes the `n` oldest connections of the table, as the sweep removes expired ones.
+fn sweep_oldest(dp: &mut Datapath, n: usize) -> Result<()> {
+    let mut all = dp.conntrack_entries()?;
+    all.sort_by_key(|(_, e)| e.first_seen_ns);
+    let oldest: Vec<CtKey> = all.iter().take(n).map(|(k, _)| *k).collect();
+    let removed = dp.remove_conntrack(&oldest)?;
+    anyhow::ensure!(
+        removed == oldest.len(),
+        "the sweep removed {removed} of {}",
+        oldest.len()
+    );
+    Ok(())
 }
 
 /// `from_pod` on a TCP opener whose tuple's closed entry still lingers, as a busy client's
