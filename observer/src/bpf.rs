@@ -38,12 +38,15 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 /// unique per call and removed on drop.
 pub struct ScratchPins(PathBuf);
 
+const SCRATCH_ROOT: &str = "/sys/fs/bpf";
+
 impl ScratchPins {
     pub fn new(tag: &str) -> Self {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        remove_orphans(tag);
         let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/observer-{tag}-{}-{n}",
+            "{SCRATCH_ROOT}/observer-{tag}-{}-{n}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&dir);
@@ -59,6 +62,37 @@ impl Drop for ScratchPins {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Removes the scratch directories of `tag` whose process is gone: one killed before its drop
+/// ran (an interrupted `observer bench`) left its maps pinned, a benchmark's conntrack tables
+/// hundreds of MiB of kernel memory, until removed by hand. Only the same tag, and only where
+/// no process of that id runs: another process's live directory is never touched.
+fn remove_orphans(tag: &str) {
+    let Ok(entries) = std::fs::read_dir(SCRATCH_ROOT) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| scratch_owner(n, tag)) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// The process that made a scratch directory of `tag`, from its name
+/// (`observer-{tag}-{pid}-{n}`); `None` for any other name.
+fn scratch_owner(name: &str, tag: &str) -> Option<u32> {
+    let rest = name
+        .strip_prefix("observer-")?
+        .strip_prefix(tag)?
+        .strip_prefix('-')?;
+    let (pid, n) = rest.split_once('-')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
 }
 
 /// How a program is attached to an interface.
@@ -1667,5 +1701,27 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(
             return Ok(());
         }
         token_in = Some(token_out);
+    }
+}
+
+#[cfg(test)]
+mod scratch_tests {
+    use super::scratch_owner;
+
+    #[test]
+    fn a_scratch_directory_names_its_process_only_under_its_own_tag() {
+        assert_eq!(scratch_owner("observer-bench-4242-0", "bench"), Some(4242));
+        assert_eq!(
+            scratch_owner("observer-bench-policy-4242-3", "bench-policy"),
+            Some(4242)
+        );
+        // Another tag's, the daemon's own and anything else are not this tag's scratch.
+        assert_eq!(scratch_owner("observer-bench-policy-4242-3", "bench"), None);
+        assert_eq!(scratch_owner("observer-bench-4242-0", "bench-policy"), None);
+        assert_eq!(scratch_owner("observer", "bench"), None);
+        assert_eq!(scratch_owner("observer-bench", "bench"), None);
+        assert_eq!(scratch_owner("observer-bench-4242", "bench"), None);
+        assert_eq!(scratch_owner("observer-bench-x-0", "bench"), None);
+        assert_eq!(scratch_owner("observer-bench-4242-0-1", "bench"), None);
     }
 }

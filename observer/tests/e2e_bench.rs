@@ -1,10 +1,12 @@
 //! `observer bench datapath`, as BENCHMARKS.md runs it, in few and short rounds: every case is
 //! measured in the real kernel and reported once as a JSON line, `--only` keeps to its
-//! programs, and the bench's maps leave bpffs with it. The figures themselves are not checked:
-//! timings belong to the benchmark, not to a test.
+//! programs, and the bench's maps leave bpffs with it, those of a run killed midway with the
+//! next run. The figures themselves are not checked: timings belong to the benchmark, not to
+//! a test. One test: the runs share the scratch directories' names and clean-up.
 use std::{
     collections::BTreeSet,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -48,6 +50,45 @@ fn bench(only: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The scratch pin directories of process `pid` (`bpf::ScratchPins`: named for their process).
+fn pins_of(pid: u32) -> Vec<String> {
+    let prefix = format!("observer-bench-{pid}-");
+    std::fs::read_dir("/sys/fs/bpf")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
+/// A run killed (`kill -9`, no clean-up of its own) once its maps are pinned: its pid.
+fn interrupted_run() -> u32 {
+    observer_tests::ensure_root().unwrap();
+    let child = Command::new(OBSERVER)
+        .args(["bench", "datapath", "--only", "from-pod", "--rounds", "50"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = Killed(child);
+    let pid = run.0.id();
+    observer_tests::cluster::eventually("the bench's pins", Duration::from_secs(60), || {
+        Ok(!pins_of(pid).is_empty())
+    });
+    drop(run);
+    pid
+}
+
+/// Kills and reaps its process when dropped, a failed wait included.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn cases(ms: &[Value]) -> Vec<String> {
     ms.iter()
         .map(|m| m["case"].as_str().unwrap().to_string())
@@ -65,7 +106,22 @@ fn assert_measured(ms: &[Value]) {
 }
 
 #[test]
-fn the_pod_programs_report_every_case_once() {
+fn every_case_is_reported_once_and_no_pins_are_left() {
+    let killed = interrupted_run();
+    assert!(
+        !pins_of(killed).is_empty(),
+        "a killed run's maps stay pinned until the next run"
+    );
+    pod_programs_report_every_case_once();
+    assert_eq!(
+        pins_of(killed),
+        Vec::<String>::new(),
+        "the next run removes a killed one's"
+    );
+    uplink_programs_report_only_theirs();
+}
+
+fn pod_programs_report_every_case_once() {
     let ms = bench("from-pod");
     let got = cases(&ms);
     let mut want = Vec::new();
@@ -92,8 +148,7 @@ fn the_pod_programs_report_every_case_once() {
     assert_measured(&ms);
 }
 
-#[test]
-fn the_uplink_programs_report_only_theirs() {
+fn uplink_programs_report_only_theirs() {
     let ms = bench("uplink");
     let got = cases(&ms);
     assert!(!got.is_empty());
