@@ -67,7 +67,9 @@ impl Drop for ScratchPins {
 /// Removes the scratch directories of `tag` whose process is gone: one killed before its drop
 /// ran (an interrupted `observer bench`) left its maps pinned, a benchmark's conntrack tables
 /// hundreds of MiB of kernel memory, until removed by hand. Only the same tag, and only where
-/// no process of that id runs: another process's live directory is never touched.
+/// no process of that id runs: another process's live directory is never touched. (From
+/// another PID namespace sharing the bpffs, a live process may look gone: its run goes on on
+/// the maps it holds open, only their pins go.)
 fn remove_orphans(tag: &str) {
     let Ok(entries) = std::fs::read_dir(SCRATCH_ROOT) else {
         return;

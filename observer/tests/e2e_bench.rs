@@ -25,20 +25,14 @@ fn bench(only: &str) -> Vec<Value> {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // `bpf::ScratchPins`: named for the process that made them.
-    let pins = format!("observer-bench-{}-", child.id());
+    let pid = child.id();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "bench datapath --only {only}: {stderr}"
     );
-    let left: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&pins))
-        .collect();
+    let left = pins_of(pid);
     assert!(
         left.is_empty(),
         "bench datapath --only {only} left {left:?} in bpffs"
