@@ -33,12 +33,12 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/observer";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// Where bpffs is mounted on a node: the pins of the daemon and every scratch directory.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
 /// A bpffs pin directory private to this process (benchmarks, the kernel engine, tests),
 /// unique per call and removed on drop.
 pub struct ScratchPins(PathBuf);
-
-const SCRATCH_ROOT: &str = "/sys/fs/bpf";
 
 impl ScratchPins {
     pub fn new(tag: &str) -> Self {
@@ -46,7 +46,7 @@ impl ScratchPins {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         remove_orphans(tag);
         let dir = PathBuf::from(format!(
-            "{SCRATCH_ROOT}/observer-{tag}-{}-{n}",
+            "{BPFFS_ROOT}/observer-{tag}-{}-{n}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&dir);
@@ -71,7 +71,7 @@ impl Drop for ScratchPins {
 /// another PID namespace sharing the bpffs, a live process may look gone: its run goes on on
 /// the maps it holds open, only their pins go.)
 fn remove_orphans(tag: &str) {
-    let Ok(entries) = std::fs::read_dir(SCRATCH_ROOT) else {
+    let Ok(entries) = std::fs::read_dir(BPFFS_ROOT) else {
         return;
     };
     for e in entries.flatten() {
@@ -351,11 +351,11 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
 
 /// Mounts bpffs on `/sys/fs/bpf` when nothing is mounted there yet.
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
-    let root = Path::new("/sys/fs/bpf");
+    let root = Path::new(BPFFS_ROOT);
     if pin_dir.starts_with(root) && !is_bpffs(root) {
         std::fs::create_dir_all(root).ok();
         let src = CString::new("bpf")?;
-        let target = CString::new("/sys/fs/bpf")?;
+        let target = CString::new(BPFFS_ROOT)?;
         let rc = unsafe {
             libc::mount(
                 src.as_ptr(),
