@@ -92,6 +92,9 @@ fn kill_9_and_restart(tag: &str, extra: &[&str]) {
     );
     let dst = SocketAddr::new(server.ip4, 9000);
     let stop = Arc::new(AtomicBool::new(false));
+    // The server stops only after every client has: a connection opened as the clients stop
+    // would otherwise meet a closed port and read as a failure of the datapath.
+    let server_stop = Arc::new(AtomicBool::new(false));
 
     // Echo server: every accepted connection echoes until closed.
     let l = in_netns(&server.netns, || {
@@ -99,7 +102,7 @@ fn kill_9_and_restart(tag: &str, extra: &[&str]) {
     })
     .unwrap();
     l.set_nonblocking(true).unwrap();
-    let st = stop.clone();
+    let st = server_stop.clone();
     let echo = std::thread::spawn(move || {
         while !st.load(Ordering::Relaxed) {
             match l.accept() {
@@ -226,6 +229,7 @@ fn kill_9_and_restart(tag: &str, extra: &[&str]) {
     for t in [established, intruder_t, client_t] {
         t.join().unwrap().unwrap();
     }
+    server_stop.store(true, Ordering::Relaxed);
     echo.join().unwrap();
 
     let log = second.log_text();
