@@ -283,6 +283,27 @@ fn connect_loop(ns: &str, dst: SocketAddr, secs: f64) -> (f64, Vec<f64>) {
     .unwrap()
 }
 
+/// Waits until a TCP socket listens on `port` in `ns`. Not by connecting: `iperf3 -s -1` would
+/// take the probe for its one client and the test client would then wait for ever.
+fn wait_listening(ns: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let filter = format!("sport = :{port}");
+    loop {
+        if !ns_run(ns, &["ss", "-Hltn", &filter])
+            .unwrap()
+            .trim()
+            .is_empty()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {ns} port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One iperf3 test from `client_ns` to the server pod's port (the policies allow it): TCP with
 /// 1,460-byte segments (1,500-byte packets), or UDP with 64-byte payloads at full speed.
 /// Returns bits per second received (TCP) or datagrams per second received (UDP).
@@ -296,7 +317,7 @@ fn iperf(server_ns: &str, client_ns: &str, server_ip: &str, udp: bool, secs: f64
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("iperf3 (cargo xtask setup installs it)");
-    std::thread::sleep(Duration::from_millis(200));
+    wait_listening(server_ns, PORT);
     let t = format!("{secs}");
     let mut args = vec![
         "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-p", &port, "-t", &t, "-J",
@@ -604,8 +625,7 @@ fn node(enforcer: &'static str, rules: usize) -> Node {
                 stop,
                 thread: Some(thread),
             });
-            // Bound before the rule that queues to it: nothing waits on an empty queue.
-            std::thread::sleep(Duration::from_millis(200));
+            // `start` returns once the queue is bound: the rule that queues to it comes after.
             restore(
                 &node_ns,
                 &["iptables-restore", "--noflush"],

@@ -163,15 +163,20 @@ pub fn judge(rules: &[Rule], ip: &[u8]) -> u32 {
 }
 
 /// Runs the verdict program for queue `queue` in namespace `ns` until `stop` (checked every
-/// 100 ms). Returns how many packets it judged.
+/// 100 ms). Returns once the queue is bound (or binding failed: the handle then gives the
+/// error), so a rule queueing to it never meets an empty queue, which drops. The handle gives
+/// how many packets it judged.
 pub fn start(
     ns: &str,
     queue: u16,
     rules: Vec<Rule>,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<Result<Result<u64>>> {
-    spawn_in_netns(ns, move || -> Result<u64> {
-        let fd = bind(queue)?;
+    let (bound_tx, bound) = std::sync::mpsc::channel();
+    let handle = spawn_in_netns(ns, move || -> Result<u64> {
+        let fd = bind(queue);
+        let _ = bound_tx.send(());
+        let fd = fd?;
         let tv = libc::timeval {
             tv_sec: 0,
             tv_usec: 100_000,
@@ -236,7 +241,10 @@ pub fn start(
         }
         unsafe { libc::close(fd) };
         Ok(judged)
-    })
+    });
+    // A thread that failed before binding drops the sender: recv returns at once.
+    let _ = bound.recv();
+    handle
 }
 
 #[cfg(test)]
