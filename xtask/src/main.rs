@@ -128,38 +128,48 @@ fn e2e_targets() -> Result<Vec<String>> {
 /// (bridge, kube-proxy in iptables mode): the tests that share the cluster, then the DaemonSet
 /// restart, then the uninstall. Then Azure CNI's shape (a routed veth per pod, where packets
 /// between pods skip the nodes' stacks) with kube-proxy in nftables mode: the shared tests.
-/// The README's `cargo xtask demo`, run as a user runs it, for a few seconds: it shows live
-/// records of each kind it is there to show, stops by itself and leaves no namespace behind.
+/// The README's `cargo xtask demo`, run as a user runs it, for a few seconds in each network
+/// model: it shows live records of each kind it is there to show, no SNAT against its model,
+/// stops by itself and leaves no namespace behind.
 fn demo_runs() -> Result<()> {
-    eprintln!("+ cargo xtask demo --duration 15");
-    let child = Command::new(std::env::current_exe()?)
-        .args(["demo", "--duration", "15"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
-    let out = child.wait_with_output()?;
-    let shown = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("`cargo xtask demo` failed ({}):\n{shown}", out.status);
-    }
-    for (what, mark) in [
-        ("an allowed connection with its policy", " FORWARDED by "),
-        ("a denied connection with its policy", " DROPPED by "),
-        ("a connection through a Service", " via service "),
-        ("a connection SNAT'd as the model predicts", " (expected) "),
-    ] {
-        if !shown.lines().any(|l| l.contains(mark)) {
-            bail!("`cargo xtask demo` showed no record of {what} ({mark:?}):\n{shown}");
+    for model in ["overlay", "flat"] {
+        let cmd = format!("cargo xtask demo --model {model} --duration 15");
+        eprintln!("+ {cmd}");
+        let child = Command::new(std::env::current_exe()?)
+            .args(["demo", "--model", model, "--duration", "15"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let out = child.wait_with_output()?;
+        let shown = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("`{cmd}` failed ({}):\n{shown}", out.status);
         }
-    }
-    // Its virtual node's names start `obdemo{pid}-` (`observer_tests::unique_prefix`).
-    let left = Command::new("ip").args(["netns", "list"]).output()?;
-    let prefix = format!("obdemo{}-", pid % 100_000);
-    if let Some(ns) = String::from_utf8_lossy(&left.stdout)
-        .lines()
-        .find(|l| l.starts_with(&prefix))
-    {
-        bail!("`cargo xtask demo` left its namespace {ns} behind");
+        for (what, mark) in [
+            ("an allowed connection with its policy", " FORWARDED by "),
+            ("a denied connection with its policy", " DROPPED by "),
+            ("a connection through a Service", " via service "),
+            ("a connection SNAT'd as the model predicts", " (expected) "),
+        ] {
+            if !shown.lines().any(|l| l.contains(mark)) {
+                bail!("`{cmd}` showed no record of {what} ({mark:?}):\n{shown}");
+            }
+        }
+        if let Some(l) = shown
+            .lines()
+            .find(|l| l.contains(" (unexpected) ") || l.contains(" (missing) "))
+        {
+            bail!("`{cmd}` showed an SNAT against its own model:\n{l}");
+        }
+        // Its virtual node's names start `obdemo{pid}-` (`observer_tests::unique_prefix`).
+        let left = Command::new("ip").args(["netns", "list"]).output()?;
+        let prefix = format!("obdemo{}-", pid % 100_000);
+        if let Some(ns) = String::from_utf8_lossy(&left.stdout)
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+        {
+            bail!("`{cmd}` left its namespace {ns} behind");
+        }
     }
     Ok(())
 }
