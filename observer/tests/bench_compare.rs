@@ -286,22 +286,12 @@ fn connect_loop(ns: &str, dst: SocketAddr, secs: f64) -> (f64, Vec<f64>) {
 /// Waits until a TCP socket listens on `port` in `ns`. Not by connecting: `iperf3 -s -1` would
 /// take the probe for its one client and the test client would then wait for ever.
 fn wait_listening(ns: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
     let filter = format!("sport = :{port}");
-    loop {
-        if !ns_run(ns, &["ss", "-Hltn", &filter])
-            .unwrap()
-            .trim()
-            .is_empty()
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {ns} port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    observer_tests::cluster::eventually(
+        &format!("a listener on {ns} port {port}"),
+        Duration::from_secs(10),
+        || Ok(!ns_run(ns, &["ss", "-Hltn", &filter])?.trim().is_empty()),
+    );
 }
 
 /// One iperf3 test from `client_ns` to the server pod's port (the policies allow it): TCP with

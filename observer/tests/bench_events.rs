@@ -134,18 +134,17 @@ fn follow_under_load(
         )
     };
     let pkt = observer::bench::packet64(17, 41000, 53, 0);
-    // Subscribed once it has a record: a marker connection every 100 ms until one arrives, the
+    // Subscribed once it has a record: a marker connection at each poll until one arrives, the
     // pipeline left to settle, then the count starts. A follow asks for no history, so what is
     // published before it subscribes never reaches it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while received.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the follower never received a record"
-        );
-        new_conns(dp, &pkt, 1);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    observer_tests::cluster::eventually(
+        "the follower's first record",
+        Duration::from_secs(10),
+        || {
+            new_conns(dp, &pkt, 1);
+            Ok(received.load(std::sync::atomic::Ordering::Relaxed) > 0)
+        },
+    );
     std::thread::sleep(Duration::from_millis(500));
     let (before, marker) = (
         published(),
